@@ -1,0 +1,33 @@
+# The two commands of the README:  make demo  (set up + main job)  and  make test.
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   := .venv
+BIN    := $(VENV)/bin
+SHARED := ../shared
+
+.PHONY: demo test test-slow setup clean
+
+setup: $(VENV)/.installed
+
+# torch first, CPU build from the local wheel; then the project (editable) with its test extras.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+	@if [ -f $(SHARED)/tools/conformance.py ]; then \
+		$(BIN)/python $(SHARED)/tools/conformance.py --python $(BIN)/python; \
+	else echo "conformance: $(SHARED) not found, skipped"; fi
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,829 @@
+"""Name resolution and static shape inference: AST -> CheckedCell.
+
+The checker walks a cell once, in source order, with an environment of what each name
+is (dim, hyper-parameter, input, param, state, edge/pair input, local, loop index). It
+annotates every expression node with `ty` (recdsl.types.Type) and raises RecError at
+the first mistake, always with the span of the offending node and, where possible, a
+hint (the nearest known name, the primed form of an update, the rule that was broken).
+"""
+from __future__ import annotations
+
+import difflib
+import keyword
+from dataclasses import dataclass, field, replace
+
+from . import ast as A
+from .builtins import BUILTINS, DISTRIBUTIONS, LANGUAGE_KEYWORDS, NEIGHBOURS, OVER_KINDS
+from .errors import RecError, Span
+from .types import ONE, SCALAR, Dim, TupleType, Type, broadcast, fmt_shape
+
+DECL_KINDS = ("input", "param", "state", "edge", "pair")
+
+
+@dataclass
+class Var:
+    """What a name stands for."""
+    name: str
+    kind: str                 # dim | hyper | input | param | state | edge | pair | local | loop
+    type: Type
+    span: Span | None
+    decl: A.DeclVar | None = None
+    default: A.Expr | None = None      # dims with a default, hyper-parameters
+    loop_count: Dim | None = None     # loop indices: range(n)
+
+    @property
+    def shape(self):
+        return self.type.shape
+
+
+@dataclass
+class OutputInfo:
+    name: str
+    type: Type
+    node: A.Output
+
+
+@dataclass
+class CheckedCell:
+    """A cell that passed the checker: every name resolved, every expression typed."""
+    ast: A.Cell
+    name: str
+    doc: str | None
+    dims: dict[str, Var]             # integer dimensions (int hyper-parameters included)
+    hypers: dict[str, Var]           # hyper-parameters with a default (int ones are also dims)
+    heads: A.Expr | None
+    over: str
+    inputs: dict[str, Var]
+    params: dict[str, Var]
+    states: dict[str, Var]
+    edges: dict[str, Var]
+    pairs: dict[str, Var]
+    locals: dict[str, Var]
+    outputs: list[OutputInfo]
+    updates: dict[str, A.Assign]     # state -> its `s' = ...`
+    body: list                       # statements (Assign, Output, For) in order
+
+    @property
+    def span(self) -> Span | None:
+        return self.ast.span
+
+    def summary(self) -> str:
+        """A one-screen, human-readable description (what `recdsl check` prints)."""
+        def shapes(vs):
+            return ", ".join(f"{v.name}{fmt_shape(v.shape)}" for v in vs.values()) or "-"
+        dims = ", ".join(n if v.default is None else f"{n}={_printer().expr(v.default)}"
+                         for n, v in self.dims.items())
+        hypers = ", ".join(f"{n}={_printer().expr(v.default)}" for n, v in self.hypers.items()
+                           if n not in self.dims)
+        lines = [f"cell {self.name}" + (f" -- {self.doc.splitlines()[0]}" if self.doc else "")]
+        lines.append(f"  dims     {dims or '-'}" + (f"   hyper {hypers}" if hypers else ""))
+        if self.heads is not None or self.over != "seq":
+            extra = []
+            if self.heads is not None:
+                extra.append(f"heads {_printer().expr(self.heads)}")
+            if self.over != "seq":
+                extra.append(f"over {self.over}")
+            lines.append("  layout   " + ", ".join(extra))
+        lines.append(f"  inputs   {shapes(self.inputs)}")
+        if self.edges or self.pairs:
+            lines.append(f"  edge     {shapes(self.edges)}   pair {shapes(self.pairs)}")
+        lines.append(f"  params   {shapes(self.params)}")
+        st = ", ".join(f"{v.name}{fmt_shape(v.shape)}" + (" on edge" if v.decl.on_edge else "")
+                       for v in self.states.values())
+        lines.append(f"  states   {st or '-'}")
+        lines.append("  outputs  " + (", ".join(f"{o.name}{fmt_shape(o.type.shape)}" for o in self.outputs) or "-"))
+        return "\n".join(lines)
+
+
+def _printer():
+    from . import printer
+    return printer
+
+
+def check(module: A.Module) -> list[CheckedCell]:
+    seen: dict[str, A.Cell] = {}
+    out = []
+    for cell in module.cells:
+        if cell.name in seen:
+            raise RecError(f"a cell named {cell.name} is already defined", cell.span,
+                           notes=[("first defined here", seen[cell.name].span)])
+        seen[cell.name] = cell
+        out.append(Checker(cell).run())
+    return out
+
+
+class Checker:
+    def __init__(self, cell: A.Cell):
+        self.cell = cell
+        self.env: dict[str, Var] = {}
+        self.over = "seq"
+        self.heads: A.Expr | None = None
+        self.dims: dict[str, Var] = {}
+        self.hypers: dict[str, Var] = {}
+        self.decls: dict[str, dict[str, Var]] = {k: {} for k in DECL_KINDS}
+        self.locals: dict[str, Var] = {}
+        self.outputs: list[OutputInfo] = []
+        self.updates: dict[str, A.Assign] = {}
+        self.body: list = []
+        self.in_sum_in = False
+        self.neighbour_ok = False     # inside s.left / s.up / s.prev
+        self.const_only: str | None = None   # why only constants are allowed here
+        self.loop_depth = 0
+
+    # ------------------------------------------------------------------ entry
+    def run(self) -> CheckedCell:
+        c = self.cell
+        check_identifier(c.name, c.span, "a cell")
+        self._cell_args(c.args)
+        phase = "clause"
+        for item in c.items:
+            if isinstance(item, (A.Heads, A.Over)):
+                if phase != "clause":
+                    raise RecError(f"'{'heads' if isinstance(item, A.Heads) else 'over'}' must come right "
+                                   "after the cell line", item.span,
+                                   hint="clause lines (heads, over) go before declarations and statements")
+                self._clause(item)
+            elif isinstance(item, A.Decl):
+                phase = "decl"
+                self._decl(item)
+            else:
+                phase = "body"
+                self.body.append(item)
+                self._stmt(item)
+        self._finish()
+        return CheckedCell(c, c.name, c.doc, self.dims, self.hypers, self.heads, self.over,
+                           self.decls["input"], self.decls["param"], self.decls["state"],
+                           self.decls["edge"], self.decls["pair"], self.locals, self.outputs,
+                           self.updates, self.body)
+
+    def _finish(self):
+        for name, var in self.decls["state"].items():
+            if name not in self.updates:
+                raise RecError(f"state {name} is never updated", var.span,
+                               hint=f"add a line `{name}' = ...` (write `{name}' = {name}` for a constant state)")
+        if not self.outputs:
+            raise RecError(f"cell {self.cell.name} has no output", self.cell.span,
+                           hint="add `output NAME = expr` (or `output h'`)")
+
+    # ------------------------------------------------------------------ header
+    def _cell_args(self, args: list[A.CellArg]):
+        seen_default = None
+        for a in args:
+            check_identifier(a.name, a.span, "a dimension")
+            self._fresh(a.name, a.span)
+            if a.default is None:
+                if seen_default is not None:
+                    raise RecError(f"dimension {a.name} comes after hyper-parameter {seen_default.name}",
+                                   a.span, hint="list the dimensions (no '=') first, then name=default")
+                var = Var(a.name, "dim", SCALAR, a.span)
+                self.dims[a.name] = var
+            else:
+                seen_default = a
+                self.const_only = "a hyper-parameter's default"
+                ty = self.expr(a.default)
+                self.const_only = None
+                if ty.shape:
+                    raise RecError(f"the default of {a.name} must be a scalar, not {ty}", a.default.span)
+                is_int = isinstance(a.default, A.Num) and isinstance(a.default.value, int)
+                var = Var(a.name, "dim" if is_int else "hyper", SCALAR, a.span, default=a.default)
+                self.hypers[a.name] = var
+                if is_int:
+                    self.dims[a.name] = var
+            self.env[a.name] = var
+
+    def _clause(self, item):
+        if isinstance(item, A.Heads):
+            if self.heads is not None:
+                raise RecError("a second 'heads' line", item.span)
+            self.static_dim(item.count, "the number of heads")
+            self.heads = item.count
+        else:
+            if item.kind not in OVER_KINDS:
+                raise RecError(f"unknown recurrence domain '{item.kind}'", item.span,
+                               hint="write `over seq`, `over grid2d` or `over dag`" + _suggest(item.kind, OVER_KINDS))
+            self.over = item.kind
+
+    # ------------------------------------------------------------------ declarations
+    def _decl(self, d: A.Decl):
+        if d.kind in ("edge", "pair") and self.over != "dag":
+            raise RecError(f"'{d.kind}' inputs exist only in a cell that runs `over dag`", d.span,
+                           hint="add `over dag` right after the cell line, or declare it as `input`")
+        for v in d.vars:
+            check_identifier(v.name, v.span, f"a {d.kind}")
+            self._fresh(v.name, v.span)
+            shape = tuple(self.static_dim(e, f"a dimension of {v.name}") for e in v.shape)
+            var = Var(v.name, d.kind, Type(shape), v.span, decl=v)
+            if v.on_edge and not (d.kind == "state" and self.over == "dag"):
+                raise RecError("only a state of a cell `over dag` can live `on edge`", v.span)
+            self._init(d.kind, v, var)
+            self.decls[d.kind][v.name] = var
+            self.env[v.name] = var
+
+    def _init(self, kind: str, v: A.DeclVar, var: Var):
+        init = v.init
+        if kind in ("input", "edge", "pair"):
+            if init is not None:
+                raise RecError(f"{kind} {v.name} takes no initial value; its value comes with the data",
+                               init.span)
+            return
+        if kind == "param" and init is None:
+            raise RecError(f"param {v.name} needs an initialiser", v.span,
+                           hint=f"e.g. `param {v.name}[...] ~ normal(0, 0.02)` or `= 0`")
+        if init is None:
+            return  # a state without `= ...` starts at 0
+        if isinstance(init, A.RandomInit):
+            if kind != "param":
+                raise RecError(f"a state starts from a value, not a random draw", init.span,
+                               hint="make it a param (`param h0[H] ~ normal(0, 1)`) and write `= h0`")
+            if init.dist not in DISTRIBUTIONS:
+                raise RecError(f"unknown initialiser '{init.dist}'", init.span,
+                               hint="use " + " or ".join(f"{k}({', '.join(a)})" for k, a in DISTRIBUTIONS.items())
+                               + _suggest(init.dist, DISTRIBUTIONS))
+            names = DISTRIBUTIONS[init.dist]
+            pos = [a for a in init.args if not isinstance(a, A.Keyword)]
+            kws = [a for a in init.args if isinstance(a, A.Keyword)]
+            given = [n for n, _ in zip(names, pos)]
+            for k in kws:
+                if k.name not in names or k.name in given:
+                    raise RecError(f"{init.dist}() has no argument '{k.name}' here", k.span,
+                                   hint=f"{init.dist}({', '.join(names)})")
+                given.append(k.name)
+            if len(pos) > len(names) or len(given) != len(names):
+                raise RecError(f"{init.dist} takes {len(names)} arguments ({', '.join(names)})", init.span)
+            self.const_only = f"the initialiser of {v.name}"
+            for a in init.args:
+                ty = self.expr(a.value if isinstance(a, A.Keyword) else a)
+                if ty.shape:
+                    raise RecError(f"an argument of {init.dist}() must be a scalar, not {ty}",
+                                   (a.value if isinstance(a, A.Keyword) else a).span)
+            self.const_only = None
+            return
+        value = init.value
+        if kind == "state" and isinstance(value, A.Name) and value.id in self.decls["param"]:
+            ty = self.expr(value)  # a learned initial state
+        else:
+            self.const_only = f"the initial value of {v.name}"
+            ty = self.expr(value)
+            self.const_only = None
+        if broadcast(ty.shape, var.shape) != var.shape:
+            raise RecError(f"the initial value {ty} does not broadcast to {v.name}'s shape {fmt_shape(var.shape)}",
+                           value.span)
+
+    # ------------------------------------------------------------------ statements
+    def _stmt(self, s):
+        if isinstance(s, A.Assign):
+            self._assign(s)
+        elif isinstance(s, A.Output):
+            self._output(s)
+        elif isinstance(s, A.For):
+            self._for(s)
+        else:  # pragma: no cover - the parser makes no other statements
+            raise RecError(f"unexpected statement {type(s).__name__}", s.span)
+
+    def _assign(self, s: A.Assign):
+        ty = self.expr(s.value)
+        targets = s.targets
+        if isinstance(ty, TupleType):
+            if len(targets) != len(ty.items):
+                raise RecError(f"{len(ty.items)} values to unpack into {len(targets)} names", s.span,
+                               hint=f"write {len(ty.items)} names on the left, separated by commas")
+            types = list(ty.items)
+        elif len(targets) > 1:
+            raise RecError(f"{len(targets)} names on the left but the right side is one value of shape {ty}",
+                           s.span, hint="only split(x, n) returns several values")
+        else:
+            types = [ty]
+        for t, tty in zip(targets, types):
+            if isinstance(t, A.Primed):
+                self._update(t, tty, s)
+            else:
+                self._bind_local(t, tty)
+
+    def _update(self, t: A.Primed, ty: Type, s: A.Assign):
+        var = self.env.get(t.id)
+        if var is None:
+            raise RecError(f"{t.id}' updates {t.id}, which is not declared", t.span,
+                           hint=f"declare it: `state {t.id}[...] = 0`" + _suggest(t.id, self.decls["state"]))
+        if var.kind != "state":
+            raise RecError(f"{t.id} is {_kind_phrase(var)}; only a state has a next value ({t.id}')", t.span,
+                           hint=f"to name a new value write `{t.id}_new = ...`" if var.kind == "local" else None)
+        if self.loop_depth:
+            raise RecError(f"the update {t.id}' = ... is inside a for body", t.span,
+                           hint=f"accumulate in a local inside the loop and write `{t.id}' = local` after it")
+        if t.id in self.updates:
+            raise RecError(f"state {t.id} is updated twice", t.span,
+                           notes=[("first update here", self.updates[t.id].span)],
+                           hint="each state has exactly one `s' = ...`; combine the two expressions")
+        if ty.is_bool:
+            raise RecError(f"{t.id}' would be a mask (a comparison result)", s.value.span,
+                           hint="use where(mask, a, b) to select values")
+        if ty.shape != var.shape and broadcast(ty.shape, var.shape) != var.shape:
+            raise RecError(f"{t.id}' has shape {fmt_shape(ty.shape)} but state {t.id} is {fmt_shape(var.shape)}",
+                           s.value.span)
+        if self.over == "dag":
+            on_edge = var.decl.on_edge
+            if ty_per_edge(ty) and not on_edge:
+                raise RecError(f"{t.id} lives on nodes, but its new value depends on the out-edge "
+                               "(an edge input outside sum_in, or a pair input)", s.value.span,
+                               hint=f"declare `state {t.id}[...] on edge`, or read edge inputs inside sum_in(...)")
+        self.updates[t.id] = s
+
+    def _bind_local(self, t: A.Name, ty):
+        name = t.id
+        var = self.env.get(name)
+        if var is not None and var.kind == "state":
+            raise RecError(f"{name} is a state: assign its next value with a prime", t.span,
+                           hint=f"did you mean {name}' = ...?")
+        if var is not None and var.kind != "local":
+            raise RecError(f"{name} is {_kind_phrase(var)} and cannot be assigned", t.span,
+                           notes=[("declared here", var.span)] if var.span else None,
+                           hint="choose another name for the new value")
+        if var is not None and not self.loop_depth:
+            raise RecError(f"{name} is already defined", t.span, notes=[("first defined here", var.span)],
+                           hint="a name is assigned once (only a for body may rebind it); choose a new name")
+        if var is not None and var.type.shape != ty.shape:
+            raise RecError(f"{name} is rebound with shape {fmt_shape(ty.shape)}, but it was {fmt_shape(var.shape)}",
+                           t.span, notes=[("first defined here", var.span)])
+        check_identifier(name, t.span, "a value")
+        if name in BUILTINS:
+            raise RecError(f"'{name}' is a builtin function and cannot name a value", t.span,
+                           hint=f"choose another name, e.g. {name}_")
+        t.ty = ty
+        if var is None:
+            var = Var(name, "local", ty, t.span)
+            self.locals[name] = var
+            self.env[name] = var
+
+    def _output(self, s: A.Output):
+        if self.loop_depth:
+            raise RecError("output inside a for body", s.span, hint="compute it in a local, output it after the loop")
+        ty = self.expr(s.value)
+        if isinstance(ty, TupleType):
+            raise RecError("an output is one value, not the parts of split(...)", s.value.span)
+        name = s.name
+        if name is None:
+            name = s.value.id if isinstance(s.value, (A.Name, A.Primed)) else f"out{len(self.outputs)}"
+        else:
+            check_identifier(name, s.span, "an output")
+        if any(o.name == name for o in self.outputs):
+            raise RecError(f"a second output named {name}", s.span, hint="give it another name: output y2 = ...")
+        if self.over == "dag" and ty_per_edge(ty):
+            raise RecError("an output is per node, but this value depends on the out-edge", s.value.span,
+                           hint="read edge inputs inside sum_in(...)")
+        self.outputs.append(OutputInfo(name, ty, s))
+
+    def _for(self, s: A.For):
+        check_identifier(s.var, s.span, "a loop index")
+        if s.func != "range":
+            raise RecError(f"a for loop runs over range(n), not {s.func}(...)", s.span,
+                           hint="write `for j in range(n):` with n a dimension or a literal")
+        if len(s.args) != 1 or isinstance(s.args[0], A.Keyword):
+            raise RecError("range takes one argument here: the number of iterations", s.span,
+                           hint="write `for j in range(n):` with n a dimension or a literal")
+        count = self.static_dim(s.args[0], "the loop count")
+        if s.var in self.env:
+            raise RecError(f"loop index {s.var} is already defined", s.span,
+                           notes=[("defined here", self.env[s.var].span)])
+        var = Var(s.var, "loop", SCALAR, s.span, loop_count=count)
+        self.env[s.var] = var
+        self.loop_depth += 1
+        for inner in s.body:
+            self._stmt(inner)
+        self.loop_depth -= 1
+        del self.env[s.var]
+
+    # ------------------------------------------------------------------ helpers
+    def _fresh(self, name: str, span: Span):
+        if name in self.env:
+            prev = self.env[name]
+            raise RecError(f"{name} is already declared as {_kind_phrase(prev)}", span,
+                           notes=[("declared here", prev.span)] if prev.span else None)
+
+    def static_dim(self, e: A.Expr, what: str) -> Dim:
+        """Evaluate an expression that must be an integer polynomial of the dimensions."""
+        def bad(msg=None):
+            return RecError(msg or f"{what} must be an integer expression of the dimensions", e.span,
+                            hint="use literals, dimension names, + - * and ** with a literal exponent")
+        if isinstance(e, A.Num):
+            if not isinstance(e.value, int):
+                raise bad(f"{what} must be an integer, not {e.text}")
+            return Dim.const(e.value)
+        if isinstance(e, A.Name):
+            var = self.env.get(e.id)
+            if var is None:
+                raise RecError(f"unknown dimension {e.id}", e.span,
+                               hint=f"add it to the cell's parameters: cell {self.cell.name}(..., {e.id})"
+                               + _suggest(e.id, self.dims))
+            if var.kind != "dim":
+                raise bad(f"{what}: {e.id} is {_kind_phrase(var)}, not a dimension")
+            e.ty = SCALAR
+            return Dim.sym(e.id)
+        if isinstance(e, A.UnaryOp):
+            d = self.static_dim(e.operand, what)
+            return -d if e.op == "-" else d
+        if isinstance(e, A.BinOp) and e.op in "+-*":
+            a, b = self.static_dim(e.left, what), self.static_dim(e.right, what)
+            return a + b if e.op == "+" else a - b if e.op == "-" else a * b
+        if isinstance(e, A.BinOp) and e.op == "**":
+            base = self.static_dim(e.left, what)
+            if isinstance(e.right, A.Num) and isinstance(e.right.value, int) and e.right.value >= 0:
+                out = ONE
+                for _ in range(e.right.value):
+                    out = out * base
+                return out
+            raise bad()
+        raise bad()
+
+    # ------------------------------------------------------------------ expressions
+    def expr(self, e: A.Expr):
+        method = getattr(self, "_e_" + type(e).__name__)
+        ty = method(e)
+        e.ty = ty
+        return ty
+
+    def _e_Num(self, e: A.Num):
+        return SCALAR
+
+    def _e_NoneLit(self, e):
+        raise RecError("None only appears inside an index, as a new axis: x[:, None]", e.span)
+
+    def _e_ListExpr(self, e):
+        raise RecError("a list [...] only appears as the shape argument of reshape", e.span,
+                       hint="e.g. reshape(x, [NH, K])")
+
+    def _e_Name(self, e: A.Name):
+        var = self.env.get(e.id)
+        if var is None:
+            if e.id in BUILTINS:
+                raise RecError(f"{e.id} is a function; call it: {e.id}(...)", e.span)
+            raise RecError(f"unknown name {e.id}", e.span, hint=self._name_hint(e.id))
+        if self.const_only and var.kind not in ("dim", "hyper"):
+            raise RecError(f"{self.const_only} may only use constants and dimensions, not {_kind_phrase(var)} {e.id}",
+                           e.span)
+        if var.kind == "state":
+            return self._state_read(e, var)
+        if var.kind == "edge":
+            if not self.in_sum_in:
+                return _edge(var.type)
+        if var.kind == "pair":
+            if not self.in_sum_in:
+                raise RecError(f"pair input {e.id} belongs to an (in-edge, out-edge) pair and is read inside "
+                               "sum_in(...)", e.span, hint=f"e.g. sum_in({e.id} * C)")
+            return _edge(var.type)
+        return var.type
+
+    def _state_read(self, e: A.Name, var: Var) -> Type:
+        if self.neighbour_ok:
+            return var.type
+        if self.over == "grid2d":
+            raise RecError(f"over grid2d a state is read from a neighbour: {e.id}.left or {e.id}.up", e.span)
+        if self.over == "dag":
+            if not self.in_sum_in:
+                raise RecError(f"over dag the state {e.id} is read from the incoming edges, inside sum_in(...)",
+                               e.span, hint=f"e.g. sum_in({e.id})")
+            return var.type
+        if var.decl.on_edge:  # pragma: no cover - on edge is only accepted over dag
+            raise RecError("an edge state outside a dag", e.span)
+        return var.type
+
+    def _e_Primed(self, e: A.Primed):
+        var = self.env.get(e.id)
+        if var is None:
+            raise RecError(f"unknown name {e.id}'", e.span, hint=self._name_hint(e.id))
+        if var.kind != "state":
+            raise RecError(f"{e.id} is {_kind_phrase(var)}; only a state has a next value ({e.id}')", e.span,
+                           hint=f"write {e.id} without the prime")
+        if self.const_only:
+            raise RecError(f"{self.const_only} may only use constants and dimensions", e.span)
+        if e.id not in self.updates:
+            raise RecError(f"{e.id}' is read before it is defined", e.span,
+                           hint=f"move `{e.id}' = ...` above this line, or read the previous value {e.id}")
+        if self.over == "dag" and var.decl.on_edge and not self.in_sum_in:
+            return _edge(var.type)
+        return var.type
+
+    def _name_hint(self, name: str) -> str:
+        close = difflib.get_close_matches(name, list(self.env) + list(BUILTINS), n=1, cutoff=0.6)
+        if close:
+            return f"did you mean {close[0]}?"
+        return "declare it (input, param, state), add it to the cell's dimensions, or assign it first"
+
+    def _e_Attr(self, e: A.Attr):
+        if e.attr == "T":
+            ty = self.expr(e.value)
+            if ty.rank != 2:
+                raise RecError(f".T transposes a matrix; this value has shape {ty}", e.span)
+            return replace(ty, shape=(ty.shape[1], ty.shape[0]))
+        allowed = NEIGHBOURS.get(self.over, ())
+        if e.attr in ("left", "up", "prev"):
+            if e.attr not in allowed:
+                where = {"left": "over grid2d", "up": "over grid2d", "prev": "over seq"}[e.attr]
+                raise RecError(f"the neighbour read .{e.attr} exists only in a cell that runs {where}", e.span,
+                               hint="this cell runs " + f"over {self.over}"
+                               + ("; read the previous value as the bare state name" if self.over == "seq" else ""))
+            if not isinstance(e.value, A.Name) or self.env.get(e.value.id) is None \
+                    or self.env[e.value.id].kind != "state":
+                raise RecError(f".{e.attr} reads a state's value at a neighbour; this is not a state", e.value.span)
+            self.neighbour_ok = True
+            try:
+                return self.expr(e.value)
+            finally:
+                self.neighbour_ok = False
+        raise RecError(f"unknown attribute .{e.attr}", e.span,
+                       hint="attributes are .T (transpose)" + (", " + ", ".join("." + a for a in allowed) if allowed else ""))
+
+    def _e_UnaryOp(self, e: A.UnaryOp):
+        ty = self._value(e.operand)
+        return replace(ty, is_bool=False)
+
+    def _e_BinOp(self, e: A.BinOp):
+        a, b = self._value(e.left), self._value(e.right)
+        if e.op == "@":
+            return self._matmul(e, a, b)
+        shape = broadcast(a.shape, b.shape)
+        if shape is None:
+            raise RecError(f"shapes {a} and {b} do not broadcast in '{e.op}'", e.span,
+                           hint=_bcast_hint(a.shape, b.shape))
+        return Type(shape, False, a.per_edge or b.per_edge) if _has_edge(a, b) else Type(shape)
+
+    def _matmul(self, e, a: Type, b: Type) -> Type:
+        if a.rank == 0 or b.rank == 0 or a.rank > 2 or b.rank > 2:
+            raise RecError(f"'@' needs vectors or matrices, got {a} @ {b}", e.span,
+                           hint="use '*' to scale by a scalar")
+        if a.shape[-1] != b.shape[0]:
+            raise RecError(f"'@' needs the inner dimensions to agree: {a} @ {b}", e.span,
+                           hint=f"{a.shape[-1]} != {b.shape[0]}" + ("; transpose with .T?" if a.rank == 2 and
+                                                                     a.shape[0] == b.shape[0] else ""))
+        shape = a.shape[:-1] + b.shape[1:]
+        return Type(shape, False, a.per_edge or b.per_edge) if _has_edge(a, b) else Type(shape)
+
+    def _e_Compare(self, e: A.Compare):
+        a, b = self._value(e.left), self._value(e.right)
+        shape = broadcast(a.shape, b.shape)
+        if shape is None:
+            raise RecError(f"shapes {a} and {b} do not broadcast in '{e.op}'", e.span)
+        return Type(shape, True, a.per_edge or b.per_edge) if _has_edge(a, b) else Type(shape, True)
+
+    def _value(self, e: A.Expr) -> Type:
+        ty = self.expr(e)
+        if isinstance(ty, TupleType):
+            raise RecError(f"split(...) returns {len(ty.items)} values; unpack them before using them", e.span,
+                           hint="a, b = split(x, 2)")
+        return ty
+
+    def _e_Index(self, e: A.Index):
+        ty = self._value(e.value)
+        shape = list(ty.shape)
+        out: list[Dim] = []
+        axis = 0
+        for sub in e.subs:
+            if isinstance(sub, A.NoneLit):
+                out.append(ONE)
+                continue
+            if axis >= len(shape):
+                raise RecError(f"too many indices for a value of shape {ty}", sub.span)
+            size = shape[axis]
+            if isinstance(sub, A.Slice):
+                lo = self.static_dim(sub.lo, "a slice bound") if sub.lo is not None else Dim.const(0)
+                hi = self.static_dim(sub.hi, "a slice bound") if sub.hi is not None else size
+                length = hi - lo
+                if length.constant is not None and length.constant <= 0:
+                    raise RecError(f"the slice is empty ({lo}:{hi})", sub.span)
+                if size.constant is not None and hi.constant is not None and hi.constant > size.constant:
+                    raise RecError(f"slice end {hi} is past the axis size {size}", sub.span)
+                out.append(length)
+            else:
+                self._int_index(sub, size)
+            axis += 1
+        out.extend(shape[axis:])
+        return Type(tuple(out), ty.is_bool, ty.per_edge) if ty.per_edge else Type(tuple(out), ty.is_bool)
+
+    def _int_index(self, sub: A.Expr, size: Dim):
+        if isinstance(sub, A.Name) and self.env.get(sub.id) is not None and self.env[sub.id].kind == "loop":
+            sub.ty = SCALAR
+            count = self.env[sub.id].loop_count
+            if count.constant is not None and size.constant is not None and count.constant > size.constant:
+                raise RecError(f"{sub.id} runs to {count} but the axis has size {size}", sub.span)
+            return
+        if isinstance(sub, A.UnaryOp) and sub.op == "-" and isinstance(sub.operand, A.Num):
+            idx = -self.static_dim(sub.operand, "an index").constant
+        else:
+            idx_dim = self.static_dim(sub, "an index")
+            sub.ty = SCALAR
+            idx = idx_dim.constant
+        sub.ty = SCALAR
+        if idx is not None and size.constant is not None and not -size.constant <= idx < size.constant:
+            raise RecError(f"index {idx} is out of range for an axis of size {size}", sub.span)
+
+    # --- calls
+    def _e_Call(self, e: A.Call):
+        b = BUILTINS.get(e.func)
+        if b is None:
+            if e.func in DISTRIBUTIONS:
+                raise RecError(f"{e.func}(...) draws a param's initial value: `param W[...] ~ {e.func}(...)`", e.span)
+            raise RecError(f"unknown function {e.func}", e.span,
+                           hint=(_suggest(e.func, BUILTINS).lstrip("; ") or
+                                 "see `recdsl builtins` for the list of functions"))
+        lo, hi = b.nargs
+        n = len(e.args)
+        if n < lo or (hi >= 0 and n > hi):
+            want = f"{lo}" if lo == hi else (f"at least {lo}" if hi < 0 else f"{lo} to {hi}")
+            hint = "amax(x) reduces over an axis; max(a, b) compares two values" if e.func in ("max", "min") else None
+            raise RecError(f"{e.func} takes {want} argument{'s' if want != '1' else ''}, got {n}", e.span, hint=hint)
+        for k in e.kwargs:
+            if k.name not in b.kwargs:
+                raise RecError(f"{e.func} has no keyword argument '{k.name}'", k.span,
+                               hint=f"it takes {', '.join(b.kwargs)}" if b.kwargs else f"{e.func} takes no keywords")
+        if self.const_only and e.func in ("sum_in",):
+            raise RecError(f"{self.const_only} may only use constants and dimensions", e.span)
+        special = getattr(self, "_call_" + e.func, None)
+        if special is not None:
+            return special(e)
+        types = [self._value(a) for a in e.args]
+        if b.rule == "unary":
+            return replace(types[0], is_bool=False)
+        if b.rule in ("bcast", "where"):
+            if b.rule == "where" and not types[0].is_bool:
+                raise RecError("the first argument of where is a mask", e.args[0].span,
+                               hint="compare something: where(x > 0, a, b)")
+            shape = types[0].shape
+            for a, t in zip(e.args[1:], types[1:]):
+                new = broadcast(shape, t.shape)
+                if new is None:
+                    raise RecError(f"the arguments of {e.func} do not broadcast: {fmt_shape(shape)} and {t}",
+                                   a.span)
+                shape = new
+            return Type(shape, False, any(t.per_edge for t in types)) if any(t.per_edge for t in types) \
+                else Type(shape)
+        if b.rule == "reduce":
+            return self._reduce(e, types[0])
+        if b.rule == "lastaxis":
+            if types[0].rank == 0:
+                raise RecError(f"{e.func} works along the last axis; this value is a scalar", e.args[0].span)
+            return replace(types[0], is_bool=False)
+        raise AssertionError(b.rule)  # pragma: no cover
+
+    def _reduce(self, e: A.Call, ty: Type) -> Type:
+        axis = -1
+        for k in e.kwargs:
+            if isinstance(k.value, A.NoneLit):
+                return replace(ty, shape=())
+            v = k.value
+            neg = isinstance(v, A.UnaryOp) and v.op == "-"
+            num = v.operand if neg else v
+            if not (isinstance(num, A.Num) and isinstance(num.value, int)):
+                raise RecError("axis must be an integer literal (or None)", k.value.span)
+            k.value.ty = SCALAR
+            num.ty = SCALAR
+            axis = -num.value if neg else num.value
+        if ty.rank == 0:
+            raise RecError(f"{e.func} reduces an axis; this value is a scalar", e.args[0].span)
+        if not -ty.rank <= axis < ty.rank:
+            raise RecError(f"axis {axis} is out of range for shape {ty}", e.span)
+        shape = list(ty.shape)
+        del shape[axis]
+        return replace(ty, shape=tuple(shape), is_bool=False)
+
+    def _vector(self, e: A.Expr, fname: str) -> Type:
+        ty = self._value(e)
+        if ty.rank != 1:
+            raise RecError(f"{fname} takes vectors; this argument has shape {ty}", e.span)
+        return ty
+
+    def _call_outer(self, e):
+        a, b = self._vector(e.args[0], "outer"), self._vector(e.args[1], "outer")
+        return _merge_edge(Type((a.shape[0], b.shape[0])), a, b)
+
+    def _call_dot(self, e):
+        a, b = self._vector(e.args[0], "dot"), self._vector(e.args[1], "dot")
+        if a.shape != b.shape:
+            raise RecError(f"dot needs vectors of the same length: {a} and {b}", e.span)
+        return _merge_edge(SCALAR, a, b)
+
+    def _call_eye(self, e):
+        n = self.static_dim(e.args[0], "the size of eye")
+        e.args[0].ty = SCALAR
+        return Type((n, n))
+
+    def _call_diag(self, e):
+        a = self._vector(e.args[0], "diag")
+        return _merge_edge(Type((a.shape[0], a.shape[0])), a)
+
+    def _call_arange(self, e):
+        ds = [self.static_dim(a, "an arange bound") for a in e.args]
+        for a in e.args:
+            a.ty = SCALAR
+        lo, hi = (Dim.const(0), ds[0]) if len(ds) == 1 else ds
+        n = hi - lo
+        if n.constant is not None and n.constant <= 0:
+            raise RecError("arange is empty", e.span)
+        return Type((n,))
+
+    def _call_split(self, e):
+        ty = self._value(e.args[0])
+        if ty.rank == 0:
+            raise RecError("split divides the last axis; this value is a scalar", e.args[0].span)
+        nd = e.args[1]
+        if not (isinstance(nd, A.Num) and isinstance(nd.value, int) and nd.value >= 1):
+            raise RecError("the number of parts must be a positive integer literal", nd.span)
+        nd.ty = SCALAR
+        part = ty.shape[-1].divide(nd.value)
+        if part is None:
+            raise RecError(f"cannot split an axis of size {ty.shape[-1]} into {nd.value} equal parts", e.span,
+                           hint=f"declare the size as a multiple of {nd.value}, e.g. [{nd.value}*H]")
+        return TupleType(tuple(replace(ty, shape=ty.shape[:-1] + (part,)) for _ in range(nd.value)))
+
+    def _call_concat(self, e):
+        types = [self._value(a) for a in e.args]
+        first = types[0]
+        if first.rank == 0:
+            raise RecError("concat joins along the last axis; scalars have none", e.args[0].span,
+                           hint="index a vector x[None] to make a length-1 vector")
+        last = first.shape[-1]
+        for a, t in zip(e.args[1:], types[1:]):
+            if t.rank != first.rank or t.shape[:-1] != first.shape[:-1]:
+                raise RecError(f"concat needs equal leading shapes: {first} and {t}", a.span)
+            last = last + t.shape[-1]
+        return _merge_edge(Type(first.shape[:-1] + (last,)), *types)
+
+    def _call_reshape(self, e):
+        ty = self._value(e.args[0])
+        target = e.args[1]
+        if not isinstance(target, A.ListExpr):
+            raise RecError("reshape's second argument is a list of dimensions", target.span,
+                           hint="e.g. reshape(x, [NH, K])")
+        dims = tuple(self.static_dim(d, "a reshape dimension") for d in target.items)
+        target.ty = SCALAR
+        size_in, size_out = ONE, ONE
+        for d in ty.shape:
+            size_in = size_in * d
+        for d in dims:
+            size_out = size_out * d
+        if size_in != size_out:
+            raise RecError(f"cannot reshape {ty} ({size_in} elements) to {fmt_shape(dims)} ({size_out})", e.span)
+        return replace(ty, shape=dims)
+
+    def _call_sum_in(self, e):
+        if self.over != "dag":
+            raise RecError("sum_in(...) sums over incoming edges and exists only in a cell `over dag`", e.span)
+        if self.in_sum_in:
+            raise RecError("sum_in(...) inside sum_in(...)", e.span)
+        self.in_sum_in = True
+        try:
+            ty = self._value(e.args[0])
+        finally:
+            self.in_sum_in = False
+        # Inside, edge inputs and states are the in-edge's; pair inputs make the sum per out-edge.
+        uses_pair = any(isinstance(n, A.Name) and self.env.get(n.id) is not None and self.env[n.id].kind == "pair"
+                        for n in e.args[0].walk())
+        return Type(ty.shape, ty.is_bool, uses_pair) if uses_pair else Type(ty.shape, ty.is_bool)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _edge(ty: Type) -> Type:
+    return Type(ty.shape, ty.is_bool, True)
+
+
+def _has_edge(*types) -> bool:
+    return any(t.per_edge for t in types)
+
+
+def _merge_edge(out: Type, *types) -> Type:
+    return Type(out.shape, out.is_bool, True) if _has_edge(*types) else out
+
+
+def ty_per_edge(ty) -> bool:
+    return bool(getattr(ty, "per_edge", False))
+
+
+def _kind_phrase(var: Var) -> str:
+    return {"dim": "a dimension", "hyper": "a hyper-parameter", "input": "an input", "param": "a param",
+            "state": "a state", "edge": "an edge input", "pair": "a pair input", "local": "a local value",
+            "loop": "a loop index"}[var.kind]
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _bcast_hint(a, b) -> str:
+    if len(a) == 1 and len(b) == 2 and a[0] == b[0]:
+        return "to scale the rows of a matrix by a vector v write v[:, None]"
+    if len(a) == 1 and len(b) == 1:
+        return "the sizes differ; did you mean outer(a, b) or a different variable?"
+    return "numpy broadcasting: sizes must match or be 1, aligned from the right; add axes with x[:, None]"
+
+
+def check_identifier(name: str, span: Span | None, what: str) -> None:
+    """Names reach generated code, so they are restricted: no Python keywords, no dunders."""
+    if keyword.iskeyword(name):
+        raise RecError(f"'{name}' is a Python keyword and cannot name {what}", span,
+                       hint=f"choose another name, e.g. {name}_")
+    if name.startswith("__"):
+        raise RecError(f"'{name}' cannot name {what}: names starting with '__' are reserved", span,
+                       hint="drop the leading underscores")
+    if name in LANGUAGE_KEYWORDS:
+        raise RecError(f"'{name}' is a word of the .rec language and cannot name {what}", span,
+                       hint=f"choose another name, e.g. {name}_")
