@@ -43,6 +43,17 @@ class CellSpec:
     def summary(self) -> str:
         return self.cell.summary()
 
+    def __call__(self, backend: str = "auto", heads: int | None = None, reverse: bool = False,
+                 dtype=None, device=None, **dims):
+        """Instantiate: dims and hyper-parameters by name -> a torch.nn.Module (RecModule)."""
+        from .runtime import RecModule
+        return RecModule(self, dims, heads=heads, backend=backend, reverse=reverse, dtype=dtype, device=device)
+
+    def lower(self, **dims):
+        """The IR of one step for these dims (defaults where the cell gives them)."""
+        from .ir import lower
+        return lower(self.cell, dims)
+
     def __repr__(self) -> str:
         return f"<CellSpec {self.name} from {self.filename}>"
 

@@ -1,0 +1,95 @@
+"""The `reference` backend: a plain per-step torch loop over the IR.
+
+Slow and obviously right: it runs every sequence cell and is the oracle of every test.
+`emit_step(ir)` writes the step as Python text (what `recdsl inspect --stage reference`
+shows), one line per IR node, each annotated with the .rec line it came from; the
+runtime compiles that text once and loops it over time."""
+from __future__ import annotations
+
+from recdsl.errors import RecError
+from recdsl.ir import IRCell, Node, Op
+
+from .emit import TorchExpr
+
+NAME = "reference"
+
+
+def supports(ir: IRCell) -> str | None:
+    """None if this backend runs the cell, else why not (one sentence naming the construct)."""
+    if ir.over != "seq":
+        return (f"the reference backend runs sequences; `over {ir.over}` "
+                f"(line {ir.checked.ast.span.line}) arrives with the grid/DAG backend")
+    return None
+
+
+def _safe_comment(text: str) -> str:
+    """Source text shown in a generated comment: printable ASCII only, one line."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text).strip()
+
+
+def emit_step(ir: IRCell) -> str:
+    why = supports(ir)
+    if why:
+        raise RecError(why, ir.checked.span)
+    names: dict[int, str] = {}
+
+    def name_of(n: Node) -> str:
+        return names[n.id]
+
+    expr = TorchExpr(name_of)
+    file = ir.checked.span.file.rsplit("/", 1)[-1] if ir.checked.span else "<cell>"
+    lines = [
+        f"# recdsl reference backend -- cell {ir.name} ({file}), dims "
+        + ", ".join(f"{k}={v}" for k, v in ir.dims.items()),
+        "# One step of the recurrence; the runtime loops it over time.",
+        "# X: inputs at this step, S: previous states, P: params; every tensor has NB prefix axes.",
+        "def step(X, S, P, NB, DT, DEV):",
+    ]
+    shown_lines: set[int] = set()
+    update_of = {n.id: s for s, n in ir.updates.items()}
+    output_of = {n.id: o for o, n in ir.outputs.items()}
+    for n in ir.nodes():
+        if n.op == Op.CONST and not n.shape:
+            names[n.id] = expr.operand(n, 0)
+            continue
+        if n.op == Op.INPUT:
+            var, rhs = f"in_{n.arg}", f"X[{n.arg!r}]"
+        elif n.op == Op.PARAM:
+            var, rhs = f"p_{n.arg}", f"P[{n.arg!r}]"
+        elif n.op == Op.STATE:
+            var, rhs = f"s_{n.arg[0]}", f"S[{n.arg[0]!r}]"
+        else:
+            if n.id in update_of:
+                var = f"{update_of[n.id]}_next"
+            elif n.name and n.name.isidentifier():
+                var = f"{n.name}_{n.id}"
+            else:
+                var = f"t{n.id}"
+            rhs = expr(n)
+        names[n.id] = var
+        code = f"    {var} = {rhs}"
+        note = ""
+        if n.span is not None:
+            note = f"{file}:{n.span.line}"
+            if n.span.line not in shown_lines and n.op not in (Op.INPUT, Op.PARAM, Op.STATE):
+                shown_lines.add(n.span.line)
+                note += "  " + _safe_comment(n.span.source.line(n.span.line) if n.span.source else "")
+        if n.id in output_of:
+            note += f"  -> output {output_of[n.id]}"
+        lines.append(f"{code:<60}  # {note}" if note else code)
+    new_states = ", ".join(f"{s!r}: {names[n.id]}" for s, n in ir.updates.items())
+    outs = ", ".join(f"{o!r}: {names[n.id]}" for o, n in ir.outputs.items())
+    lines.append(f"    return {{{new_states}}}, {{{outs}}}")
+    return "\n".join(lines) + "\n"
+
+
+def build_step(ir: IRCell):
+    """Compile the emitted text (built only from the validated IR) into a function."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import rt
+    src = emit_step(ir)
+    namespace = {"torch": torch, "F": F, "rt": rt}
+    exec(compile(src, f"<recdsl reference {ir.name}>", "exec"), namespace)
+    return namespace["step"], src

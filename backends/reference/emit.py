@@ -1,0 +1,109 @@
+"""IR node -> one line of torch code, shared by the backends that emit torch.
+
+Convention: every tensor carries the same number of leading "prefix" axes (batch, heads,
+...; params carry 1s there) followed by the node's own axes, so per-node rules can
+address node axes from the right (`...` first) and never need to know the prefix."""
+from __future__ import annotations
+
+from recdsl.ir import COMPARE, Node, Op
+
+UNARY_TORCH = {
+    Op.EXP: "torch.exp", Op.LOG: "torch.log", Op.LOG1P: "torch.log1p", Op.EXPM1: "torch.expm1",
+    Op.SIGMOID: "torch.sigmoid", Op.LOGSIGMOID: "F.logsigmoid", Op.TANH: "torch.tanh",
+    Op.SOFTPLUS: "F.softplus", Op.RELU: "torch.relu", Op.SILU: "F.silu", Op.GELU: "F.gelu", Op.ELU: "F.elu",
+    Op.ABS: "torch.abs", Op.SIGN: "torch.sign", Op.SQRT: "torch.sqrt", Op.RSQRT: "torch.rsqrt",
+    Op.SIN: "torch.sin", Op.COS: "torch.cos",
+}
+INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "**", Op.LT: "<", Op.LE: "<=",
+         Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!="}
+FUNC2 = {Op.MAX: "torch.maximum", Op.MIN: "torch.minimum", Op.LOGADDEXP: "torch.logaddexp"}
+REDUCE = {Op.SUM: "torch.sum", Op.AMAX: "torch.amax", Op.LOGSUMEXP: "torch.logsumexp"}
+
+
+def index_text(items) -> str:
+    def one(i):
+        if i is None:
+            return "None"
+        if isinstance(i, slice):
+            if i.start is None and i.stop is None:
+                return ":"
+            return f"{'' if i.start is None else i.start}:{'' if i.stop is None else i.stop}"
+        return str(int(i))
+    return "[..., " + ", ".join(one(i) for i in items) + "]"
+
+
+def const_text(node: Node) -> str:
+    """A scalar constant as a Python literal (repr of a float is always valid Python)."""
+    v = float(node.arg)
+    if v != v or v in (float("inf"), float("-inf")):
+        return f"float({str(v)!r})"
+    return repr(v)
+
+
+class TorchExpr:
+    """Emits the right-hand side for a node given the names of its sources."""
+
+    def __init__(self, name_of):
+        self.name_of = name_of  # Node -> the Python expression holding its value
+
+    def operand(self, src: Node, rank: int, as_tensor: bool = False) -> str:
+        """src's value lifted to `rank` node axes (new axes right after the prefix)."""
+        if src.op == Op.CONST and not src.shape:
+            text = const_text(src)
+            return f"torch.tensor({text}, dtype=DT, device=DEV)" if as_tensor else text
+        text = self.name_of(src)
+        if src.is_bool and not as_tensor:
+            text = f"{text}.to(DT)"
+        k = rank - src.rank
+        if k > 0:
+            text = f"{text}[..., {', '.join(['None'] * k + [':'] * src.rank)}]"
+        return text
+
+    def __call__(self, n: Node) -> str:
+        op, s = n.op, n.srcs
+        if op in UNARY_TORCH:
+            return f"{UNARY_TORCH[op]}({self.operand(s[0], n.rank)})"
+        if op == Op.NEG:
+            return f"-{self.operand(s[0], n.rank)}"
+        if op in INFIX:
+            if op in COMPARE:
+                return f"({self.operand(s[0], n.rank)} {INFIX[op]} {self.operand(s[1], n.rank)})"
+            a, b = self.operand(s[0], n.rank), self.operand(s[1], n.rank)
+            return f"({a} {INFIX[op]} {b})"
+        if op in FUNC2:
+            return f"{FUNC2[op]}({self.operand(s[0], n.rank, True)}, {self.operand(s[1], n.rank, True)})"
+        if op == Op.WHERE:
+            c = self.operand(s[0], n.rank, True)
+            return f"torch.where({c}, {self.operand(s[1], n.rank, True)}, {self.operand(s[2], n.rank, True)})"
+        if op == Op.MATMUL:
+            a, b = self.name_of(s[0]), self.name_of(s[1])
+            if s[0].rank == 2 and s[1].rank == 1:
+                return f"({a} @ {b}[..., None])[..., 0]"
+            if s[0].rank == 1 and s[1].rank == 2:
+                return f"({a}[..., None, :] @ {b})[..., 0, :]"
+            return f"({a} @ {b})"
+        if op == Op.OUTER:
+            return f"({self.name_of(s[0])}[..., :, None] * {self.name_of(s[1])}[..., None, :])"
+        if op == Op.DOT:
+            return f"({self.name_of(s[0])} * {self.name_of(s[1])}).sum(-1)"
+        if op in REDUCE:
+            axis, keep = n.arg
+            r = s[0].rank
+            dims = tuple(range(-r, 0)) if axis is None else (axis - r,)
+            return f"{REDUCE[op]}({self.name_of(s[0])}, dim={dims}, keepdim={keep})"
+        if op == Op.INDEX:
+            return self.name_of(s[0]) + index_text(n.arg)
+        if op == Op.TRANSPOSE:
+            return f"{self.name_of(s[0])}.transpose(-1, -2)"
+        if op == Op.RESHAPE:
+            x, r = self.name_of(s[0]), s[0].rank
+            head = f"{x}.shape[:-{r}]" if r else f"{x}.shape"
+            return f"{x}.reshape({head} + {tuple(n.arg)!r})"
+        if op == Op.CONCAT:
+            return f"torch.cat(rt.broadcast_prefix([{', '.join(self.name_of(x) for x in s)}], NB), dim=-1)"
+        if op == Op.EYE:
+            size = n.arg if n.arg is not None else None
+            return f"rt.with_prefix(torch.eye({size}, dtype=DT, device=DEV), NB)"
+        if op == Op.CONST:
+            return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), NB)"
+        raise NotImplementedError(f"no torch form for {op.name}")

@@ -1,0 +1,15 @@
+"""Small runtime helpers the generated torch code calls (kept out of the generated text)."""
+from __future__ import annotations
+
+import torch
+
+
+def with_prefix(t: torch.Tensor, nb: int) -> torch.Tensor:
+    """t with nb leading axes of size 1, so it broadcasts against prefixed tensors."""
+    return t.reshape((1,) * nb + tuple(t.shape))
+
+
+def broadcast_prefix(xs: list[torch.Tensor], nb: int) -> list[torch.Tensor]:
+    """Expand the prefix axes of xs to a common shape (torch.cat does not broadcast)."""
+    prefix = torch.broadcast_shapes(*(tuple(x.shape[:nb]) for x in xs))
+    return [x.expand(prefix + tuple(x.shape[nb:])) for x in xs]

@@ -1,0 +1,563 @@
+"""The IR: one step of a cell as a graph of typed, shaped nodes.
+
+One node class (`Node`), an op enum (`Op`) and op property sets (ELEMENTWISE, LINEAR,
+BILINEAR, ...), as in tinygrad. Leaves are INPUT, PARAM, STATE (a state's previous
+value, or a neighbour's) and CONST. Lowering from the checked AST expands the language's
+sugar (split -> slices, for -> unrolled, l2norm/rmsnorm/layernorm/softmax/norm/mean,
+clamp, diag, concat) so that later passes see a small op set. Every node keeps the span
+of the .rec text it came from, and the name of the local it was bound to, if any.
+
+The IR is built for concrete dimension values (for loops are unrolled, so their counts
+must be known); shapes stay symbolic (`Dim`) so that dumps read like the source.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from . import ast as A
+from .checker import CheckedCell
+from .errors import RecError, Span
+from .types import Dim, ONE, broadcast
+
+
+class Op(Enum):
+    # leaves
+    INPUT = auto(); PARAM = auto(); STATE = auto(); CONST = auto()
+    # elementwise unary
+    NEG = auto(); EXP = auto(); LOG = auto(); LOG1P = auto(); EXPM1 = auto(); SIGMOID = auto()
+    LOGSIGMOID = auto(); TANH = auto(); SOFTPLUS = auto(); RELU = auto(); SILU = auto(); GELU = auto()
+    ELU = auto(); ABS = auto(); SIGN = auto(); SQRT = auto(); RSQRT = auto(); SIN = auto(); COS = auto()
+    # elementwise binary / ternary
+    ADD = auto(); SUB = auto(); MUL = auto(); DIV = auto(); POW = auto(); MAX = auto(); MIN = auto()
+    LOGADDEXP = auto(); LT = auto(); LE = auto(); GT = auto(); GE = auto(); EQ = auto(); NE = auto()
+    WHERE = auto()
+    # contractions
+    MATMUL = auto(); OUTER = auto(); DOT = auto()
+    # reductions (arg: (axis or None, keepdim))
+    SUM = auto(); AMAX = auto(); LOGSUMEXP = auto()
+    # structure
+    INDEX = auto()       # arg: tuple of int | slice | None over the node axes
+    TRANSPOSE = auto(); RESHAPE = auto(); CONCAT = auto(); EYE = auto()
+    SUM_IN = auto()      # over dag: sum over incoming edges
+
+
+UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.LOG1P, Op.EXPM1, Op.SIGMOID, Op.LOGSIGMOID, Op.TANH, Op.SOFTPLUS,
+         Op.RELU, Op.SILU, Op.GELU, Op.ELU, Op.ABS, Op.SIGN, Op.SQRT, Op.RSQRT, Op.SIN, Op.COS}
+COMPARE = {Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
+BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAX, Op.MIN, Op.LOGADDEXP} | COMPARE
+ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
+LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.EYE}
+# Linear in their (single) tensor argument / in the sum of their arguments.
+LINEAR = {Op.NEG, Op.ADD, Op.SUB, Op.SUM, Op.INDEX, Op.TRANSPOSE, Op.RESHAPE, Op.CONCAT, Op.SUM_IN}
+# Linear in each argument separately.
+BILINEAR = {Op.MUL, Op.MATMUL, Op.OUTER, Op.DOT}
+TRANSCENDENTAL = {Op.EXP, Op.LOG, Op.LOG1P, Op.EXPM1, Op.SIGMOID, Op.LOGSIGMOID, Op.TANH, Op.SOFTPLUS,
+                  Op.SILU, Op.GELU, Op.ELU, Op.SQRT, Op.RSQRT, Op.SIN, Op.COS, Op.LOGADDEXP, Op.LOGSUMEXP}
+COMMUTATIVE = {Op.ADD, Op.MUL, Op.MAX, Op.MIN, Op.LOGADDEXP}
+ASSOCIATIVE = {Op.ADD, Op.MUL, Op.MAX, Op.MIN, Op.LOGADDEXP}
+
+EPS = 1e-6  # of l2norm / rmsnorm / layernorm
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Node:
+    op: Op
+    srcs: tuple["Node", ...]
+    shape: tuple[Dim, ...]
+    arg: object = None
+    span: Span | None = field(default=None, repr=False)
+    name: str | None = None          # the .rec local this value was bound to
+    is_bool: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"%{self.id}:{self.op.name}"
+
+
+@dataclass
+class IRCell:
+    """One step of a cell for given dims: leaves, updates and outputs as IR nodes."""
+    checked: CheckedCell
+    dims: dict[str, int]
+    hypers: dict[str, float]
+    inputs: dict[str, Node]
+    params: dict[str, Node]
+    states: dict[str, Node]                # previous value of each state (seq)
+    neighbours: dict[tuple[str, str], Node]  # (state, left|up|in) leaves, grids and dags
+    updates: dict[str, Node]               # state -> its new value
+    outputs: dict[str, Node]
+    edge_inputs: dict[str, Node] = field(default_factory=dict)
+    over: str = "seq"
+
+    @property
+    def name(self) -> str:
+        return self.checked.name
+
+    def state_leaves(self) -> list[Node]:
+        return list(self.states.values()) + list(self.neighbours.values())
+
+    def nodes(self) -> list[Node]:
+        """All nodes reachable from the updates and outputs, in topological order."""
+        return toposort(list(self.updates.values()) + list(self.outputs.values()))
+
+    def shape_of(self, node: Node) -> tuple[int, ...]:
+        return tuple(d.evaluate(self.dims) for d in node.shape)
+
+    def concrete(self, shape) -> tuple[int, ...]:
+        return tuple(d.evaluate(self.dims) for d in shape)
+
+
+def toposort(roots: list[Node]) -> list[Node]:
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack = [(r, False) for r in reversed(roots)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if node.id in seen:
+            continue
+        seen.add(node.id)
+        stack.append((node, True))
+        for s in reversed(node.srcs):
+            if s.id not in seen:
+                stack.append((s, False))
+    return order
+
+
+# --------------------------------------------------------------------------- dims
+
+def bind_dims(cell: CheckedCell, given: dict[str, int] | None) -> tuple[dict[str, int], dict[str, float]]:
+    """Values for every dimension and hyper-parameter: given ones, else defaults."""
+    given = dict(given or {})
+    values: dict[str, float] = {}
+    unknown = [k for k in given if k not in cell.dims and k not in cell.hypers]
+    if unknown:
+        raise RecError(f"cell {cell.name} has no dimension or hyper-parameter {', '.join(unknown)}",
+                       cell.span, hint="its parameters are " + ", ".join(list(cell.dims) + [h for h in cell.hypers
+                                                                                         if h not in cell.dims]))
+    for name, var in list(cell.dims.items()) + [(h, v) for h, v in cell.hypers.items() if h not in cell.dims]:
+        if name in given:
+            v = given[name]
+            if var.kind == "dim":
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise RecError(f"dimension {name} must be a positive integer, got {v!r}", cell.span)
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise RecError(f"hyper-parameter {name} must be a number, got {v!r}", cell.span)
+            values[name] = v
+        elif var.default is not None:
+            values[name] = _const_value(var.default, values)
+        else:
+            raise RecError(f"cell {cell.name} needs a value for dimension {name}", cell.span,
+                           hint=f"e.g. spec({', '.join(f'{d}=16' for d in cell.dims if cell.dims[d].default is None)})")
+    dims = {k: int(v) for k, v in values.items() if k in cell.dims}
+    for k in dims:
+        if values[k] != dims[k]:
+            raise RecError(f"dimension {k} must be an integer, got {values[k]}", cell.span)
+    return dims, values
+
+
+def _const_value(e: A.Expr, values: dict[str, float]) -> float:
+    """Evaluate a constant expression of literals and dimension/hyper values (no eval)."""
+    import math
+    if isinstance(e, A.Num):
+        return e.value
+    if isinstance(e, A.Name):
+        return values[e.id]
+    if isinstance(e, A.UnaryOp):
+        v = _const_value(e.operand, values)
+        return -v if e.op == "-" else v
+    if isinstance(e, A.BinOp) and e.op in _CONST_BINOPS:
+        a, b = _const_value(e.left, values), _const_value(e.right, values)
+        if e.op == "/" and b == 0:
+            raise RecError("division by zero in a constant", e.span)
+        return _CONST_BINOPS[e.op](a, b)
+    if isinstance(e, A.Call) and e.func in _SCALAR_FUNCS and len(e.args) == 1:
+        return _SCALAR_FUNCS[e.func](math, _const_value(e.args[0], values))
+    return _bad_const(e)
+
+
+def _bad_const(e):
+    raise RecError("this default must be a constant expression of numbers and dimensions", e.span)
+
+
+_CONST_BINOPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+                 "/": lambda a, b: a / b, "**": lambda a, b: a ** b}
+_SCALAR_FUNCS = {"sqrt": lambda m, x: m.sqrt(x), "exp": lambda m, x: m.exp(x), "log": lambda m, x: m.log(x),
+                 "abs": lambda m, x: abs(x), "rsqrt": lambda m, x: 1 / m.sqrt(x)}
+
+
+# --------------------------------------------------------------------------- lowering
+
+UNARY_OPS = {n: Op[n.upper()] for n in ("exp log log1p expm1 sigmoid logsigmoid tanh softplus relu silu gelu "
+                                         "elu abs sign sqrt rsqrt sin cos").split()}
+BIN_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "**": Op.POW}
+CMP_OPS = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": Op.NE}
+
+
+def lower(cell: CheckedCell, dims: dict[str, int] | None = None) -> IRCell:
+    """Checked cell + dimension values -> IRCell."""
+    dim_values, values = bind_dims(cell, dims)
+    return _Lowerer(cell, dim_values, values).run()
+
+
+class _Lowerer:
+    def __init__(self, cell: CheckedCell, dims: dict[str, int], values: dict[str, float]):
+        self.cell, self.dims, self.values = cell, dims, values
+        self.env: dict[str, Node] = {}
+        self.primed: dict[str, Node] = {}
+        self.neighbours: dict[tuple[str, str], Node] = {}
+        self.in_sum_in = False
+        self.span: Span | None = None
+        self.memo: dict = {}
+
+    def node(self, op: Op, srcs, shape, arg=None, is_bool=False) -> Node:
+        """A new node, or the existing one for the same op, sources and argument (CSE by
+        hash-consing: `lf + m` written twice is one node)."""
+        key = (op, tuple(s.id for s in srcs), _arg_key(arg), tuple(shape))
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        n = Node(op, tuple(srcs), tuple(shape), arg, self.span, None, is_bool)
+        self.memo[key] = n
+        return n
+
+    def const(self, value: float) -> Node:
+        return self.node(Op.CONST, (), (), float(value))
+
+
+    def run(self) -> IRCell:
+        c = self.cell
+        inputs = {n: Node(Op.INPUT, (), v.shape, n, v.span, n) for n, v in c.inputs.items()}
+        edges = {n: Node(Op.INPUT, (), v.shape, n, v.span, n) for n, v in {**c.edges, **c.pairs}.items()}
+        params = {n: Node(Op.PARAM, (), v.shape, n, v.span, n) for n, v in c.params.items()}
+        states = {n: Node(Op.STATE, (), v.shape, (n, "prev"), v.span, n) for n, v in c.states.items()}
+        self.inputs, self.edges, self.params, self.states = inputs, edges, params, states
+        for n, v in c.dims.items():
+            self.env[n] = Node(Op.CONST, (), (), float(self.dims[n]), v.span, n)
+        for n in c.hypers:
+            if n not in self.env:
+                self.env[n] = Node(Op.CONST, (), (), float(self.values[n]), c.hypers[n].span, n)
+        self.env.update(inputs)
+        self.env.update(edges)
+        self.env.update(params)
+        outputs: dict[str, Node] = {}
+        for stmt in c.body:
+            self.stmt(stmt, outputs)
+        return IRCell(c, self.dims, self.values, inputs, params, states, self.neighbours, dict(self.primed),
+                      outputs, edges, c.over)
+
+    # --- statements
+    def stmt(self, s, outputs):
+        self.span = s.span
+        if isinstance(s, A.Assign):
+            value = self.expr(s.value)
+            values = value if isinstance(value, tuple) else (value,)
+            for t, v in zip(s.targets, values):
+                if isinstance(t, A.Primed):
+                    self.primed[t.id] = v
+                    if v.name is None:
+                        v.name = t.id + "'"
+                else:
+                    if v.name is None and v.op not in LEAVES:
+                        v.name = t.id
+                    self.env[t.id] = v
+        elif isinstance(s, A.Output):
+            info = next(o for o in self.cell.outputs if o.node is s)
+            outputs[info.name] = self.expr(s.value)
+        elif isinstance(s, A.For):
+            count = self.cell_static(s.args[0])
+            for j in range(count):
+                self.env[s.var] = Node(Op.CONST, (), (), float(j), s.span, s.var)
+                for inner in s.body:
+                    self.stmt(inner, outputs)
+            self.env.pop(s.var, None)
+
+    def cell_static(self, e: A.Expr) -> int:
+        return int(round(_const_value(e, self.values)))
+
+    # --- expressions
+    def expr(self, e: A.Expr):
+        old, self.span = self.span, e.span
+        try:
+            return getattr(self, "_" + type(e).__name__)(e)
+        finally:
+            self.span = old
+
+    def _Num(self, e):
+        return self.const(e.value)
+
+    def _Name(self, e: A.Name):
+        if e.id in self.states:
+            if self.in_sum_in:
+                return self._neighbour(e.id, "in")
+            return self.states[e.id]
+        return self.env[e.id]
+
+    def _Primed(self, e: A.Primed):
+        return self.primed[e.id]
+
+    def _neighbour(self, name: str, where: str) -> Node:
+        key = (name, where)
+        if key not in self.neighbours:
+            st = self.states[name]
+            self.neighbours[key] = Node(Op.STATE, (), st.shape, key, st.span, f"{name}.{where}")
+        return self.neighbours[key]
+
+    def _Attr(self, e: A.Attr):
+        if e.attr == "T":
+            x = self.expr(e.value)
+            return self.node(Op.TRANSPOSE, [x], (x.shape[1], x.shape[0]), is_bool=x.is_bool)
+        if e.attr == "prev":
+            return self.states[e.value.id]
+        return self._neighbour(e.value.id, e.attr)
+
+    def _UnaryOp(self, e: A.UnaryOp):
+        x = self.expr(e.operand)
+        return x if e.op == "+" else self.neg(x)
+
+    def neg(self, x: Node) -> Node:
+        if x.op == Op.CONST and not x.shape:
+            return self.const(-x.arg)
+        return self.node(Op.NEG, [x], x.shape)
+
+    def _BinOp(self, e: A.BinOp):
+        a, b = self.expr(e.left), self.expr(e.right)
+        if e.op == "@":
+            return self.matmul(a, b)
+        return self.binary(BIN_OPS[e.op], a, b)
+
+    def binary(self, op: Op, a: Node, b: Node) -> Node:
+        if a.op == Op.CONST and b.op == Op.CONST and not a.shape and not b.shape and op in _FOLD:
+            return self.const(_FOLD[op](a.arg, b.arg))
+        return self.node(op, [a, b], broadcast(a.shape, b.shape), is_bool=op in COMPARE)
+
+    def matmul(self, a: Node, b: Node) -> Node:
+        if a.rank == 1 and b.rank == 1:
+            return self.node(Op.DOT, [a, b], ())
+        return self.node(Op.MATMUL, [a, b], a.shape[:-1] + b.shape[1:])
+
+    def _Compare(self, e: A.Compare):
+        return self.binary(CMP_OPS[e.op], self.expr(e.left), self.expr(e.right))
+
+    def _Index(self, e: A.Index):
+        x = self.expr(e.value)
+        items, axis = [], 0
+        for sub in e.subs:
+            if isinstance(sub, A.NoneLit):
+                items.append(None)
+                continue
+            size = x.shape[axis]
+            if isinstance(sub, A.Slice):
+                lo = self.cell_static(sub.lo) if sub.lo is not None else 0
+                hi = self.cell_static(sub.hi) if sub.hi is not None else size.evaluate(self.dims)
+                items.append(slice(lo, hi))
+            else:
+                idx = self.cell_static(sub) if not (isinstance(sub, A.Name) and sub.id in self.env
+                                                    and self.env[sub.id].op == Op.CONST) else int(self.env[sub.id].arg)
+                n = size.evaluate(self.dims)
+                if not -n <= idx < n:
+                    raise RecError(f"index {idx} is out of range for an axis of size {n}", sub.span)
+                items.append(idx % n)
+            axis += 1
+        items.extend([slice(None)] * (x.rank - axis))
+        return self.node(Op.INDEX, [x], e.ty.shape, tuple(items), is_bool=x.is_bool)
+
+    def _Call(self, e: A.Call):
+        f = e.func
+        if f in UNARY_OPS:
+            x = self.expr(e.args[0])
+            if x.op == Op.CONST and not x.shape and f in ("exp", "log", "sqrt", "abs", "rsqrt"):
+                import math
+                return self.const(_SCALAR_FUNCS[f](math, x.arg))
+            return self.node(UNARY_OPS[f], [x], x.shape)
+        method = getattr(self, "_call_" + f)
+        return method(e, *[self.expr(a) for a in e.args] if f != "sum_in" else [])
+
+    def _axis(self, e: A.Call, x: Node):
+        for k in e.kwargs:
+            if k.name == "axis":
+                if isinstance(k.value, A.NoneLit):
+                    return None
+                return self.cell_static(k.value) % x.rank
+        return x.rank - 1
+
+    def reduce(self, op: Op, x: Node, axis, keepdim=False) -> Node:
+        if axis is None:
+            shape = tuple(ONE for _ in x.shape) if keepdim else ()
+        else:
+            shape = tuple(ONE if i == axis else d for i, d in enumerate(x.shape) if keepdim or i != axis)
+        return self.node(op, [x], shape, (axis, keepdim))
+
+    def _call_max(self, e, a, b):
+        return self.binary(Op.MAX, a, b)
+
+    def _call_min(self, e, a, b):
+        return self.binary(Op.MIN, a, b)
+
+    def _call_logaddexp(self, e, a, b):
+        return self.binary(Op.LOGADDEXP, a, b)
+
+    def _call_clamp(self, e, x, lo, hi):
+        return self.binary(Op.MIN, self.binary(Op.MAX, x, lo), hi)
+
+    def _call_where(self, e, c, a, b):
+        shape = broadcast(broadcast(c.shape, a.shape), b.shape)
+        return self.node(Op.WHERE, [c, a, b], shape)
+
+    def _call_sum(self, e, x):
+        return self.reduce(Op.SUM, x, self._axis(e, x))
+
+    def _call_amax(self, e, x):
+        return self.reduce(Op.AMAX, x, self._axis(e, x))
+
+    def _call_logsumexp(self, e, x):
+        return self.reduce(Op.LOGSUMEXP, x, self._axis(e, x))
+
+    def _count(self, x: Node, axis) -> float:
+        dims = x.shape if axis is None else (x.shape[axis],)
+        n = 1
+        for d in dims:
+            n *= d.evaluate(self.dims)
+        return float(n)
+
+    def _call_mean(self, e, x):
+        axis = self._axis(e, x)
+        return self.binary(Op.DIV, self.reduce(Op.SUM, x, axis), self.const(self._count(x, axis)))
+
+    def _call_norm(self, e, x):
+        ss = self.reduce(Op.SUM, self.binary(Op.MUL, x, x), self._axis(e, x))
+        return self.node(Op.SQRT, [ss], ss.shape)
+
+    def _call_l2norm(self, e, x):
+        ss = self.reduce(Op.SUM, self.binary(Op.MUL, x, x), x.rank - 1, keepdim=True)
+        inv = self.node(Op.RSQRT, [self.binary(Op.ADD, ss, self.const(EPS))], ss.shape)
+        return self.binary(Op.MUL, x, inv)
+
+    def _call_rmsnorm(self, e, x):
+        n = self._count(x, x.rank - 1)
+        ms = self.binary(Op.DIV, self.reduce(Op.SUM, self.binary(Op.MUL, x, x), x.rank - 1, True), self.const(n))
+        inv = self.node(Op.RSQRT, [self.binary(Op.ADD, ms, self.const(EPS))], ms.shape)
+        return self.binary(Op.MUL, x, inv)
+
+    def _call_layernorm(self, e, x):
+        n = self._count(x, x.rank - 1)
+        mu = self.binary(Op.DIV, self.reduce(Op.SUM, x, x.rank - 1, True), self.const(n))
+        xc = self.binary(Op.SUB, x, mu)
+        var = self.binary(Op.DIV, self.reduce(Op.SUM, self.binary(Op.MUL, xc, xc), x.rank - 1, True), self.const(n))
+        inv = self.node(Op.RSQRT, [self.binary(Op.ADD, var, self.const(EPS))], var.shape)
+        return self.binary(Op.MUL, xc, inv)
+
+    def _call_softmax(self, e, x):
+        m = self.reduce(Op.AMAX, x, x.rank - 1, True)
+        ex = self.node(Op.EXP, [self.binary(Op.SUB, x, m)], x.shape)
+        return self.binary(Op.DIV, ex, self.reduce(Op.SUM, ex, x.rank - 1, True))
+
+    def _call_outer(self, e, a, b):
+        return self.node(Op.OUTER, [a, b], (a.shape[0], b.shape[0]))
+
+    def _call_dot(self, e, a, b):
+        return self.node(Op.DOT, [a, b], ())
+
+    def _call_eye(self, e, n):
+        return self.node(Op.EYE, [], e.ty.shape, e.ty.shape[0].evaluate(self.dims))
+
+    def _call_diag(self, e, v):
+        d = v.shape[0]
+        col = self.node(Op.INDEX, [v], (d, ONE), (slice(None), None))
+        return self.binary(Op.MUL, col, self.node(Op.EYE, [], (d, d), d.evaluate(self.dims)))
+
+    def _call_split(self, e, x, n):
+        parts = int(n.arg)
+        size = x.shape[-1].evaluate(self.dims) // parts
+        part_dim = x.shape[-1].divide(parts)
+        out = []
+        for p in range(parts):
+            items = tuple([slice(None)] * (x.rank - 1) + [slice(p * size, (p + 1) * size)])
+            out.append(self.node(Op.INDEX, [x], x.shape[:-1] + (part_dim,), items))
+        return tuple(out)
+
+    def _call_concat(self, e, *xs):
+        last = xs[0].shape[-1]
+        for x in xs[1:]:
+            last = last + x.shape[-1]
+        return self.node(Op.CONCAT, xs, xs[0].shape[:-1] + (last,))
+
+    def _call_reshape(self, e, x, _shape_list=None):
+        return self.node(Op.RESHAPE, [x], e.ty.shape, tuple(d.evaluate(self.dims) for d in e.ty.shape))
+
+    def _ListExpr(self, e):
+        return None  # only reshape's shape argument; read from the AST there
+
+    def _call_arange(self, e, *bounds):
+        import numpy as np
+        vals = [int(b.arg) for b in bounds]
+        lo, hi = (0, vals[0]) if len(vals) == 1 else vals
+        d = e.ty.shape[0]
+        return self.node(Op.CONST, [], (d,), tuple(float(v) for v in np.arange(lo, hi)))
+
+    def _call_sum_in(self, e):
+        self.in_sum_in = True
+        try:
+            x = self.expr(e.args[0])
+        finally:
+            self.in_sum_in = False
+        return self.node(Op.SUM_IN, [x], x.shape)
+
+
+def _arg_key(arg):
+    if isinstance(arg, slice):
+        return ("slice", arg.start, arg.stop)
+    if isinstance(arg, tuple):
+        return tuple(_arg_key(a) for a in arg)
+    return arg
+
+
+_FOLD = {Op.MAX: max, Op.MIN: min, Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
+         Op.DIV: lambda a, b: a / b if b != 0 else float("inf"), Op.POW: lambda a, b: a ** b}
+
+
+# --------------------------------------------------------------------------- dump
+
+def fmt_arg(node: Node) -> str:
+    a = node.arg
+    if node.op == Op.INDEX:
+        def one(i):
+            if i is None:
+                return "None"
+            if isinstance(i, slice):
+                return ":" if i.start is None and i.stop is None else f"{i.start}:{i.stop}"
+            return str(i)
+        return "[" + ", ".join(one(i) for i in a) + "]"
+    if node.op == Op.STATE:
+        return a[0] if a[1] == "prev" else f"{a[0]}.{a[1]}"
+    if node.op == Op.CONST:
+        return repr(a) if not isinstance(a, tuple) else f"[{a[0]:g} .. {a[-1]:g}]"
+    if node.op in (Op.SUM, Op.AMAX, Op.LOGSUMEXP):
+        return f"axis={a[0]}" + (", keepdim" if a[1] else "")
+    return "" if a is None else str(a)
+
+
+def dump(ir: IRCell) -> str:
+    """The IR as text: one line per node, `%id = OP(srcs) [shape]  name  # file:line`."""
+    lines = [f"ir {ir.name}  dims " + ", ".join(f"{k}={v}" for k, v in ir.dims.items())]
+    roots = {n.id: f"{s}'" for s, n in ir.updates.items()}
+    roots.update({n.id: f"output {o}" for o, n in ir.outputs.items()})
+    for n in ir.nodes():
+        args = ", ".join(repr(s) for s in n.srcs)
+        extra = fmt_arg(n)
+        inside = ", ".join(x for x in (args, extra) if x)
+        shape = "[" + ", ".join(str(d) for d in n.shape) + "]"
+        label = roots.get(n.id) or n.name or ""
+        where = f"  # {n.span.file.rsplit('/', 1)[-1]}:{n.span.line}" if n.span else ""
+        lines.append(f"  {repr(n):<16} = {n.op.name}({inside}) {shape}{'  ' + label if label else ''}{where}")
+    return "\n".join(lines)

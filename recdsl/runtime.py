@@ -1,0 +1,324 @@
+"""The compiled cell as a torch.nn.Module.
+
+    layer = recdsl.load("gla")(K=16, V=16, heads=2)
+    o, state = layer(q=q, k=k, v=v, gk=gk)             # inputs [B, T, (heads,) *shape]
+    o, state = layer(q=q, k=k, v=v, gk=gk, state=state) # continue
+    o_t, state = layer.step(q=q_t, ..., state=state)    # one step: inputs [B, (heads,) *shape]
+
+Parameters are registered under their .rec names ([heads, *shape] when the module has
+heads) and initialised by the .rec initialisers. Computation and states are fp32 (fp64
+after `.double()` or with fp64 inputs); bf16/fp16 inputs give outputs of their dtype.
+`reverse=True` runs right to left; `cu_seqlens` packs variable-length sequences into a
+batch of one, as flash-linear-attention does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ast as A
+from .builtins import DISTRIBUTIONS
+from .errors import RecError
+from .ir import IRCell, lower
+
+BACKENDS = ("auto", "reference", "torch", "triton", "newton")
+RESERVED_INPUTS = {"state", "reverse", "cu_seqlens"}
+
+
+class RecModule(nn.Module):
+    def __init__(self, spec, dims: dict, heads: int | None = None, backend: str = "auto",
+                 reverse: bool = False, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        cell = spec.cell
+        self.spec = spec
+        self.default_reverse = bool(reverse)
+        dims = dict(dims)
+        self.heads = self._resolve_heads(cell, dims, heads)
+        self.ir: IRCell = lower(cell, dims)
+        self.dims = dict(self.ir.dims)
+        for name in list(cell.inputs) + list(cell.edges) + list(cell.pairs):
+            if name in RESERVED_INPUTS:
+                raise RecError(f"input {name} shares its name with an option of forward()",
+                               cell.inputs[name].span, hint=f"rename it, e.g. {name}_")
+        self.backend_name = self._pick_backend(backend)
+        self._backend = _backend_module(self.backend_name)
+        why = self._backend.supports(self.ir)
+        if why:
+            raise RecError(why, cell.span)
+        self._step_fn, self.generated = self._backend.build_step(self.ir)
+        self._plan = None
+        for name, var in cell.params.items():
+            shape = self._param_shape(var)
+            p = nn.Parameter(torch.empty(shape, dtype=dtype or torch.float32, device=device))
+            self.register_parameter(name, p)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _resolve_heads(cell, dims: dict, heads: int | None) -> int | None:
+        if cell.heads is None:
+            if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+                raise RecError(f"heads must be a positive integer, got {heads!r}")
+            return heads
+        count = cell.heads
+        if isinstance(count, A.Name):
+            if heads is not None:
+                if dims.get(count.id, heads) != heads:
+                    raise RecError(f"heads={heads} disagrees with {count.id}={dims[count.id]}", cell.span)
+                dims[count.id] = heads
+            if count.id not in dims and cell.dims[count.id].default is None:
+                raise RecError(f"cell {cell.name} runs `heads {count.id}`: give {count.id}= (or heads=)", cell.span)
+            from .ir import _const_value
+            return int(dims.get(count.id) or _const_value(cell.dims[count.id].default, {}))
+        from .ir import _const_value
+        return int(_const_value(count, dims))
+
+    def _pick_backend(self, backend: str) -> str:
+        if backend not in BACKENDS:
+            raise RecError(f"unknown backend '{backend}'", hint="backends: " + ", ".join(BACKENDS))
+        if backend == "auto":
+            return "reference"  # the only backend so far; `auto` picks the fastest that runs the cell
+        if backend != "reference":
+            raise RecError(f"the {backend} backend is not built yet; use backend='reference' (or 'auto')")
+        return backend
+
+    def _param_shape(self, var) -> tuple[int, ...]:
+        shape = self.ir.concrete(var.shape)
+        return ((self.heads,) if self.heads else ()) + shape
+
+    def _node_shape(self, var) -> tuple[int, ...]:
+        return self.ir.concrete(var.shape)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)draw every param from its .rec initialiser."""
+        for name, var in self.spec.cell.params.items():
+            p = getattr(self, name)
+            init = var.decl.init
+            if isinstance(init, A.RandomInit):
+                pos = [a for a in init.args if not isinstance(a, A.Keyword)]
+                vals = {n: float(_const(a, self.ir.hypers, p)) for n, a in zip(DISTRIBUTIONS[init.dist], pos)}
+                vals.update({a.name: float(_const(a.value, self.ir.hypers, p))
+                             for a in init.args if isinstance(a, A.Keyword)})
+                if init.dist == "normal":
+                    p.normal_(vals["mean"], vals["std"])
+                else:
+                    p.uniform_(vals["low"], vals["high"])
+            else:
+                value = _const(init.value, self.ir.hypers, p)
+                p.copy_(torch.as_tensor(value, dtype=p.dtype).expand(p.shape))
+
+    @property
+    def plan(self):
+        if self._plan is None:
+            from .analysis import analyze
+            self._plan = analyze(self.ir)
+        return self._plan
+
+    # ------------------------------------------------------------------ running
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict[str, torch.Tensor]:
+        out = {}
+        lead = (batch,) + ((self.heads,) if self.heads else ())
+        for name, var in self.spec.cell.states.items():
+            shape = lead + self._node_shape(var)
+            init = var.decl.init
+            if init is None:
+                out[name] = torch.zeros(shape, dtype=dtype, device=device)
+            elif isinstance(init.value, A.Name) and init.value.id in self.spec.cell.params:
+                # A learned initial state: the param, broadcast over the batch (gradients flow to it).
+                out[name] = getattr(self, init.value.id).to(dtype).expand(shape)
+            else:
+                v = _const(init.value, self.ir.hypers, None)
+                out[name] = torch.as_tensor(v, dtype=dtype, device=device).expand(shape).clone()
+        return out
+
+    def _compute_dtype(self, tensors) -> torch.dtype:
+        dts = [p.dtype for p in self.parameters()] + [t.dtype for t in tensors]
+        return torch.float64 if torch.float64 in dts else torch.float32
+
+    def _check_inputs(self, inputs: dict, per_step: bool):
+        cell = self.spec.cell
+        missing = [n for n in cell.inputs if n not in inputs]
+        unknown = [n for n in inputs if n not in cell.inputs]
+        if unknown:
+            import difflib
+            close = difflib.get_close_matches(unknown[0], list(cell.inputs), n=1)
+            raise RecError(f"cell {cell.name} has no input {unknown[0]}",
+                           hint=(f"did you mean {close[0]}? " if close else "") + "inputs: " + ", ".join(cell.inputs))
+        if missing:
+            raise RecError(f"missing input{'s' if len(missing) > 1 else ''} {', '.join(missing)} for cell {cell.name}",
+                           hint="inputs: " + ", ".join(f"{n}{list(self._node_shape(v))}" for n, v in cell.inputs.items()))
+        lead = None
+        nlead = 1 if per_step else 2
+        heads = (self.heads,) if self.heads else ()
+        for name, var in cell.inputs.items():
+            x = inputs[name]
+            if not isinstance(x, torch.Tensor):
+                raise RecError(f"input {name} must be a torch.Tensor, got {type(x).__name__}")
+            want = heads + self._node_shape(var)
+            layout = "[B" + ("" if per_step else ", T") + (", heads" if heads else "") + \
+                     "".join(f", {d}" for d in var.shape) + "]"
+            if x.dim() != nlead + len(want) or tuple(x.shape[nlead:]) != want:
+                raise RecError(f"input {name} has shape {list(x.shape)}, expected {layout} = "
+                               f"[{', '.join(['B'] + ([] if per_step else ['T']) + [str(w) for w in want])}]")
+            if lead is None:
+                lead = tuple(x.shape[:nlead])
+            elif tuple(x.shape[:nlead]) != lead:
+                raise RecError(f"input {name} has leading dims {list(x.shape[:nlead])}, others {list(lead)}",
+                               hint="all inputs share [B, T]")
+            if not x.is_floating_point():
+                raise RecError(f"input {name} must be floating point, got {x.dtype}")
+        return lead
+
+    def _check_state(self, state, batch: int, dtype, device) -> dict[str, torch.Tensor]:
+        init = self.initial_state(batch, dtype, device)
+        if state is None:
+            return init
+        if not isinstance(state, dict):
+            raise RecError("state must be a dict {name: tensor}, as returned by forward")
+        out = {}
+        for name, t0 in init.items():
+            if name not in state:
+                raise RecError(f"state dict lacks {name}", hint="states: " + ", ".join(init))
+            t = state[name]
+            if tuple(t.shape) != tuple(t0.shape):
+                raise RecError(f"state {name} has shape {list(t.shape)}, expected {list(t0.shape)}")
+            out[name] = t.to(dtype)
+        extra = [n for n in state if n not in init]
+        if extra:
+            raise RecError(f"state dict has unknown entries {', '.join(extra)}")
+        return out
+
+    def _params(self, dtype) -> dict[str, torch.Tensor]:
+        # One leading axis of 1 for the batch: every tensor in the step has the same prefix rank.
+        return {n: getattr(self, n).to(dtype)[None] for n in self.spec.cell.params}
+
+    def forward(self, state: dict | None = None, reverse: bool | None = None, cu_seqlens=None, **inputs):
+        (B, T) = self._check_inputs(inputs, per_step=False)
+        reverse = self.default_reverse if reverse is None else bool(reverse)
+        first = next(iter(inputs.values()))
+        out_dtype = first.dtype
+        dtype = self._compute_dtype(inputs.values())
+        xs = {n: x.to(dtype) for n, x in inputs.items()}
+        if cu_seqlens is not None:
+            return self._forward_varlen(xs, state, reverse, cu_seqlens, dtype, out_dtype)
+        st = self._check_state(state, B, dtype, first.device)
+        outs, st = self._run(xs, st, reverse, dtype)
+        return self._pack(outs, out_dtype), st
+
+    def _run(self, xs, st, reverse: bool, dtype):
+        P = self._params(dtype)
+        nb = 2 if self.heads else 1
+        T = next(iter(xs.values())).shape[1]
+        device = next(iter(xs.values())).device
+        steps = range(T - 1, -1, -1) if reverse else range(T)
+        per_t: dict[str, list] = {o: [None] * T for o in self.ir.outputs}
+        for t in steps:
+            X = {n: x[:, t] for n, x in xs.items()}
+            st, outs = self._step_fn(X, st, P, nb, dtype, device)
+            for o, v in outs.items():
+                per_t[o][t] = v
+        stacked = {}
+        for o, vals in per_t.items():
+            ref_shape = torch.broadcast_shapes(*(v.shape for v in vals))
+            stacked[o] = torch.stack([v.expand(ref_shape) for v in vals], dim=1) if T else None
+        return stacked, st
+
+    def _forward_varlen(self, xs, state, reverse, cu_seqlens, dtype, out_dtype):
+        cu = torch.as_tensor(cu_seqlens).tolist()
+        B, T = next(iter(xs.values())).shape[:2]
+        if B != 1:
+            raise RecError(f"with cu_seqlens the inputs are packed into a batch of one, got B={B}",
+                           hint="concatenate the sequences along T: [1, sum(lengths), ...]")
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+            raise RecError(f"cu_seqlens must rise from 0 to T={T}, got {cu}")
+        n = len(cu) - 1
+        device = next(iter(xs.values())).device
+        st_all = self._check_state(state, n, dtype, device)
+        outs, finals = [], []
+        for i in range(n):
+            a, b = cu[i], cu[i + 1]
+            seg = {k: x[:, a:b] for k, x in xs.items()}
+            st = {k: v[i:i + 1] for k, v in st_all.items()}
+            if b > a:
+                o, st = self._run(seg, st, reverse, dtype)
+            else:
+                o = None
+            outs.append(o)
+            finals.append(st)
+        merged = {}
+        for name in self.ir.outputs:
+            parts = [o[name] for o in outs if o is not None]
+            merged[name] = torch.cat(parts, dim=1)
+        final = {k: torch.cat([f[k] for f in finals], dim=0) for k in st_all}
+        return self._pack(merged, out_dtype), final
+
+    def _pack(self, outs: dict, out_dtype):
+        vals = []
+        for o in self.ir.outputs:
+            v = outs[o]
+            if out_dtype in (torch.float16, torch.bfloat16):
+                v = v.to(out_dtype)
+            vals.append(v)
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
+    def step(self, state: dict | None = None, **inputs):
+        """One step: inputs [B, (heads,) *shape]; returns (outputs, new state)."""
+        (B,) = self._check_inputs(inputs, per_step=True)
+        first = next(iter(inputs.values()))
+        dtype = self._compute_dtype(inputs.values())
+        st = self._check_state(state, B, dtype, first.device)
+        nb = 2 if self.heads else 1
+        X = {n: x.to(dtype) for n, x in inputs.items()}
+        st, outs = self._step_fn(X, st, self._params(dtype), nb, dtype, first.device)
+        shaped = {}
+        for o, v in outs.items():
+            want = (B,) + ((self.heads,) if self.heads else ()) + self.ir.shape_of(self.ir.outputs[o])
+            shaped[o] = v.expand(want)
+        return self._pack(shaped, first.dtype), st
+
+    def extra_repr(self) -> str:
+        dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
+        return f"cell={self.spec.name}, {dims}" + (f", heads={self.heads}" if self.heads else "") + \
+            f", backend={self.backend_name}"
+
+
+def _backend_module(name: str):
+    if name == "reference":
+        from .backends import reference
+        return reference
+    raise RecError(f"no backend {name}")  # pragma: no cover
+
+
+def _const(e: A.Expr, values: dict, like):
+    """Evaluate an initialiser expression (constants, dims, hyper-parameters, math, arange)
+    with torch, never eval: the result is a float or a tensor to broadcast."""
+    if isinstance(e, A.Num):
+        return float(e.value)
+    if isinstance(e, A.Name):
+        return float(values[e.id])
+    if isinstance(e, A.UnaryOp):
+        v = _const(e.operand, values, like)
+        return -v if e.op == "-" else v
+    if isinstance(e, A.BinOp):
+        a, b = _const(e.left, values, like), _const(e.right, values, like)
+        ops = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
+               "**": lambda: a ** b}
+        if e.op not in ops:
+            raise RecError(f"'{e.op}' in an initialiser", e.span)
+        return ops[e.op]()
+    if isinstance(e, A.Call):
+        if e.func == "arange":
+            bounds = [int(round(_const(a, values, like))) for a in e.args]
+            lo, hi = (0, bounds[0]) if len(bounds) == 1 else bounds
+            return torch.arange(lo, hi, dtype=torch.float64)
+        fn = getattr(torch, e.func, None) if e.func in _INIT_FUNCS else None
+        if fn is None:
+            raise RecError(f"{e.func}(...) is not available in an initialiser", e.span,
+                           hint="use numbers, dimensions, arithmetic, arange and elementwise math")
+        v = _const(e.args[0], values, like)
+        return fn(torch.as_tensor(v, dtype=torch.float64))
+    raise RecError("this initialiser is not a constant expression", e.span)
+
+
+_INIT_FUNCS = {"exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "abs", "log1p", "expm1"}
