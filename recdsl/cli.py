@@ -43,44 +43,92 @@ def main():
     """recdsl: compile recurrent cells written in .rec files."""
 
 
+def _parse_dims(text: str | None) -> dict:
+    """--dims K=16,V=16 -> {"K": 16, "V": 16} (ints, or floats for hyper-parameters)."""
+    out: dict = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip().isidentifier():
+            raise RecError(f"--dims expects NAME=VALUE pairs separated by commas, got {part!r}")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                raise RecError(f"--dims: {value!r} is not a number") from None
+    return out
+
+
+DIMS_HELP = "Dimension values, e.g. K=16,V=16 (default: the cell's defaults, else small distinct sizes)."
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True)
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
-def check(files, quiet):
-    """Parse and check .rec FILES (or stdlib names); print a summary of each cell."""
+@click.option("--dims", default=None, help=DIMS_HELP)
+@click.option("--no-plan", is_flag=True, help="Only parse and check; skip the analysis.")
+def check(files, quiet, dims, no_plan):
+    """Parse, check and analyse .rec FILES (or stdlib names): a summary and the plan of each cell."""
+    from .plan import render
     from .spec import load_all
+    given = _parse_dims(dims)
     failed = 0
     for f in files:
         try:
             specs = load_all(Path(f) if Path(f).exists() else f)
+            plans = [None if no_plan else s.plan(**{k: v for k, v in given.items()
+                                                   if k in s.cell.dims or k in s.cell.hypers}) for s in specs]
         except RecError as e:
             click.echo(str(e), err=True)
             failed += 1
             continue
         if not quiet:
-            for s in specs:
+            for s, p in zip(specs, plans):
                 click.echo(s.summary())
+                if p is not None:
+                    click.echo(render(p, verbose=False))
             click.echo(f"{f}: ok ({len(specs)} cell{'s' if len(specs) != 1 else ''})")
     sys.exit(1 if failed else 0)
 
 
-STAGES = ("ast", "source")
+STAGES = ("ast", "source", "ir", "passes", "plan", "reference")
 
 
 @main.command()
 @click.argument("file")
-@click.option("--stage", type=click.Choice(STAGES), default="ast", show_default=True,
-              help="ast: the syntax tree with spans; source: the tree printed back as .rec text.")
-def inspect(file, stage):
-    """Print one compilation stage of FILE."""
+@click.option("--stage", type=click.Choice(STAGES), default="plan", show_default=True,
+              help="ast: syntax tree with spans; source: the tree printed back; ir: one step as a graph; "
+                   "passes: each analysis pass; plan: classes, coefficients, checks; reference: generated code.")
+@click.option("--dims", default=None, help=DIMS_HELP)
+def inspect(file, stage, dims):
+    """Print one compilation stage of FILE (a .rec path or a stdlib name)."""
     from . import printer
     from .spec import load_all
     specs = load_all(Path(file) if Path(file).exists() else file)
+    given = _parse_dims(dims)
     for s in specs:
+        mine = {k: v for k, v in given.items() if k in s.cell.dims or k in s.cell.hypers}
         if stage == "ast":
             click.echo(_dump_ast(s.cell.ast))
-        else:
+        elif stage == "source":
             click.echo(printer.to_source(s.cell.ast), nl=False)
+        elif stage == "ir":
+            from .ir import dump
+            click.echo(dump(s.lower(**s.analysis_dims(**mine))))
+        elif stage == "passes":
+            trace: dict = {}
+            s.plan(trace, **mine)
+            for name, text in trace.items():
+                click.echo(f"== {name}")
+                click.echo(text)
+        elif stage == "plan":
+            click.echo(str(s.plan(**mine)))
+        else:
+            from .backends import reference
+            click.echo(reference.emit_step(s.lower(**s.analysis_dims(**mine))), nl=False)
 
 
 def _dump_ast(node, indent: int = 0) -> str:

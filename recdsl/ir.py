@@ -357,7 +357,9 @@ class _Lowerer:
                 items.append(None)
                 continue
             size = x.shape[axis]
-            if isinstance(sub, A.Slice):
+            if isinstance(sub, A.Slice) and sub.lo is None and sub.hi is None:
+                items.append(slice(None))
+            elif isinstance(sub, A.Slice):
                 lo = self.cell_static(sub.lo) if sub.lo is not None else 0
                 hi = self.cell_static(sub.hi) if sub.hi is not None else size.evaluate(self.dims)
                 items.append(slice(lo, hi))

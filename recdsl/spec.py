@@ -49,6 +49,24 @@ class CellSpec:
         from .runtime import RecModule
         return RecModule(self, dims, heads=heads, backend=backend, reverse=reverse, dtype=dtype, device=device)
 
+    def analysis_dims(self, **given) -> dict:
+        """Dims for analysing without an instantiation: given ones, defaults, else small
+        distinct sizes (3, 4, 5, ...) so that no two dimensions coincide by accident."""
+        out, size = {}, 3
+        for name, var in self.cell.dims.items():
+            if name in given:
+                out[name] = given[name]
+            elif var.default is None:
+                out[name] = size
+                size += 1
+        out.update({k: v for k, v in given.items() if k not in out})
+        return out
+
+    def plan(self, trace: dict | None = None, **dims):
+        """Analyse the cell (for these dims, else analysis dims) -> Plan."""
+        from .analysis import analyze
+        return analyze(self.lower(**self.analysis_dims(**dims)), trace)
+
     def lower(self, **dims):
         """The IR of one step for these dims (defaults where the cell gives them)."""
         from .ir import lower

@@ -9,7 +9,7 @@ from __future__ import annotations
 from recdsl.errors import RecError
 from recdsl.ir import IRCell, Node, Op
 
-from .emit import TorchExpr
+from recdsl.torch_expr import TorchExpr
 
 NAME = "reference"
 
@@ -88,7 +88,7 @@ def build_step(ir: IRCell):
     import torch
     import torch.nn.functional as F
 
-    from . import rt
+    from recdsl import torch_rt as rt
     src = emit_step(ir)
     namespace = {"torch": torch, "F": F, "rt": rt}
     exec(compile(src, f"<recdsl reference {ir.name}>", "exec"), namespace)

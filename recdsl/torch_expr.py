@@ -1,11 +1,12 @@
-"""IR node -> one line of torch code, shared by the backends that emit torch.
+"""The torch meaning of every IR op: IR node -> one torch expression (text). Shared by the
+backends that emit torch code and by the analysis's numeric checks.
 
 Convention: every tensor carries the same number of leading "prefix" axes (batch, heads,
 ...; params carry 1s there) followed by the node's own axes, so per-node rules can
 address node axes from the right (`...` first) and never need to know the prefix."""
 from __future__ import annotations
 
-from recdsl.ir import COMPARE, Node, Op
+from .ir import COMPARE, Node, Op
 
 UNARY_TORCH = {
     Op.EXP: "torch.exp", Op.LOG: "torch.log", Op.LOG1P: "torch.log1p", Op.EXPM1: "torch.expm1",
@@ -107,3 +108,30 @@ class TorchExpr:
         if op == Op.CONST:
             return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), NB)"
         raise NotImplementedError(f"no torch form for {op.name}")
+
+
+def compile_nodes(roots: list[Node], leaves: list[Node]):
+    """A function f(values: list of tensors for `leaves`, NB, DT, DEV) -> list of tensors for
+    `roots`, generated from the IR with the same emitter as the backends."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import torch_rt as rt
+    from .ir import toposort
+    names: dict[int, str] = {n.id: f"L[{i}]" for i, n in enumerate(leaves)}
+    expr = TorchExpr(lambda n: names[n.id])
+    lines = ["def f(L, NB, DT, DEV):"]
+    for n in toposort(roots):
+        if n.id in names:
+            continue
+        if n.op == Op.CONST and not n.shape:
+            names[n.id] = expr.operand(n, 0)
+            continue
+        if n.op in (Op.INPUT, Op.PARAM, Op.STATE):
+            raise ValueError(f"leaf {n!r} has no value")
+        lines.append(f"    t{n.id} = {expr(n)}")
+        names[n.id] = f"t{n.id}"
+    lines.append("    return [" + ", ".join(names[r.id] if r.id in names else "None" for r in roots) + "]")
+    ns = {"torch": torch, "F": F, "rt": rt}
+    exec(compile("\n".join(lines) + "\n", "<recdsl nodes>", "exec"), ns)
+    return ns["f"]

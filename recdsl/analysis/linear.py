@@ -1,0 +1,286 @@
+"""Abstract interpretation of the IR with respect to one stage's states.
+
+Three small domains, each a function from IR node to an abstract value, memoised:
+
+- `degree`: 0 (free of the stage's states), 1 (affine in them), 2 (nonlinear).
+- `affine_form`: for degree-1 nodes, the value as a sum of *terms* plus a free offset.
+  A term says how the node depends on one state:
+      diag      scale ⊙ s                     (elementwise decay; scale free, broadcastable)
+      contract  scale ⊙ (w @ s)               (a vector read out of a matrix state)
+      lowrank   scale ⊙ outer(u, w @ s)       (rank-1 left update, as in the delta rule)
+      dense     any other linear map          (with the construct that made it so)
+  Composition rules follow the algebra: w @ (a ⊙ S) with scalar a is a contraction,
+  outer(u, scale ⊙ w@S) is a rank-1 update, sums concatenate terms, free factors scale.
+- `mixing`: for nonlinear stages, whether output element i depends only on element i of
+  the states (ELEM: diagonal / block-diagonal Jacobian) or on others (DENSE).
+Scales and offsets are IR nodes built on the fly (never executed by the analysis itself)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir import BINARY, COMPARE, ELEMENTWISE, UNARY, Node, Op
+from ..types import ONE, broadcast
+
+FREE, AFFINE, NONLINEAR = 0, 1, 2
+
+
+def _mk(op: Op, srcs, shape=None, arg=None, span=None) -> Node:
+    if shape is None:
+        shape = srcs[0].shape
+        for s in srcs[1:]:
+            shape = broadcast(shape, s.shape) or shape
+    return Node(op, tuple(srcs), tuple(shape), arg, span)
+
+
+def const(v: float) -> Node:
+    return Node(Op.CONST, (), (), float(v))
+
+
+def mul(a: Node | None, b: Node | None) -> Node | None:
+    """a * b where None means 1."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return _mk(Op.MUL, [a, b])
+
+
+def add(a: Node | None, b: Node | None) -> Node | None:
+    """a + b where None means 0."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return _mk(Op.ADD, [a, b])
+
+
+def neg(a: Node | None) -> Node:
+    return const(-1.0) if a is None else _mk(Op.NEG, [a])
+
+
+@dataclass
+class Term:
+    kind: str                 # diag | contract | lowrank | dense
+    state: tuple[str, str]    # (state name, prev | left | up | in)
+    scale: Node | None = None
+    u: Node | None = None
+    w: Node | None = None
+    why: str = ""             # for dense: the construct, e.g. "W_hh @ h (line 12)"
+
+    def scaled(self, f: Node | None) -> "Term":
+        return Term(self.kind, self.state, mul(self.scale, f), self.u, self.w, self.why)
+
+
+@dataclass
+class Affine:
+    terms: list[Term] = field(default_factory=list)
+    offset: Node | None = None
+    offset_known: bool = True
+
+
+def _where(n: Node) -> str:
+    return f"line {n.span.line}" if n.span is not None else "generated"
+
+
+def _describe(n: Node) -> str:
+    src = ""
+    if n.span is not None and n.span.source is not None:
+        line = n.span.source.line(n.span.line)
+        if n.span.end_line == n.span.line:
+            src = line[n.span.col - 1:n.span.end_col - 1].strip()
+    return f"{src or n.op.name.lower()} ({_where(n)})"
+
+
+class StageAnalysis:
+    """Abstract interpretation for one stage: its state leaves are the variables."""
+
+    def __init__(self, state_leaves: list[Node], stop: dict[int, Node] | None = None):
+        # stop: nodes treated as variables too (the new values of a stage, for readouts)
+        self.vars = {n.id: n for n in state_leaves}
+        self.stop = stop or {}
+        self._deg: dict[int, int] = {}
+        self._form: dict[int, Affine] = {}
+        self._mix: dict[int, str] = {}
+
+    def key(self, n: Node) -> tuple[str, str]:
+        if n.id in self.stop:
+            return (self.stop[n.id].name or f"%{n.id}", "new")
+        return tuple(n.arg) if isinstance(n.arg, tuple) else (str(n.arg), "prev")
+
+    # ------------------------------------------------------------------ degree
+    def degree(self, n: Node) -> int:
+        if n.id in self._deg:
+            return self._deg[n.id]
+        if n.id in self.vars or n.id in self.stop:
+            d = AFFINE
+        elif not n.srcs:
+            d = FREE
+        else:
+            ds = [self.degree(s) for s in n.srcs]
+            op = n.op
+            if max(ds) == FREE:
+                d = FREE
+            elif op in (Op.ADD, Op.SUB, Op.NEG, Op.SUM, Op.INDEX, Op.TRANSPOSE, Op.RESHAPE, Op.CONCAT, Op.SUM_IN):
+                d = max(ds)
+            elif op in (Op.MUL, Op.MATMUL, Op.OUTER, Op.DOT):
+                d = min(NONLINEAR, ds[0] + ds[1])
+            elif op == Op.DIV:
+                d = ds[0] if ds[1] == FREE else NONLINEAR
+            elif op == Op.WHERE:
+                d = NONLINEAR if ds[0] != FREE else max(ds[1], ds[2])
+            else:
+                d = NONLINEAR
+        self._deg[n.id] = d
+        return d
+
+    def is_free(self, n: Node) -> bool:
+        return self.degree(n) == FREE
+
+    # ------------------------------------------------------------------ affine form
+    def form(self, n: Node) -> Affine:
+        """The affine form of a node of degree <= 1."""
+        if n.id in self._form:
+            return self._form[n.id]
+        f = self._form_uncached(n)
+        self._form[n.id] = f
+        return f
+
+    def _form_uncached(self, n: Node) -> Affine:
+        deg = self.degree(n)
+        if deg == FREE:
+            return Affine([], n)
+        if deg == NONLINEAR:
+            raise ValueError("affine_form of a nonlinear node")
+        if n.id in self.vars or n.id in self.stop:
+            return Affine([Term("diag", self.key(n))])
+        op, s = n.op, n.srcs
+        if op in (Op.ADD, Op.SUB):
+            a, b = self.form(s[0]), self.form(s[1])
+            if op == Op.SUB:
+                b = Affine([t.scaled(const(-1.0)) for t in b.terms],
+                           None if b.offset is None else _mk(Op.NEG, [b.offset]), b.offset_known)
+            terms = [self._broadcast_term(t, n) for t in a.terms + b.terms]
+            return Affine(terms, add(a.offset, b.offset), a.offset_known and b.offset_known)
+        if op == Op.NEG:
+            a = self.form(s[0])
+            return Affine([t.scaled(const(-1.0)) for t in a.terms],
+                          None if a.offset is None else _mk(Op.NEG, [a.offset]), a.offset_known)
+        if op in (Op.MUL, Op.DIV):
+            x, f = (s[0], s[1]) if self.degree(s[0]) == AFFINE else (s[1], s[0])
+            if op == Op.DIV:
+                f = _mk(Op.DIV, [const(1.0), s[1]])
+            a = self.form(x)
+            terms = [self._broadcast_term(t.scaled(f), n) for t in a.terms]
+            off = None if a.offset is None else _mk(Op.MUL, [a.offset, f])
+            return Affine(terms, off, a.offset_known)
+        if op == Op.MATMUL and self.is_free(s[0]) and s[0].rank == 1 and s[1].rank == 2:
+            a = self.form(s[1])
+            terms = [self._contract(t, s[0], n) for t in a.terms]
+            off = None if a.offset is None else _mk(Op.MATMUL, [s[0], a.offset], n.shape)
+            return Affine(terms, off, a.offset_known)
+        if op == Op.OUTER and self.is_free(s[0]):
+            a = self.form(s[1])
+            terms = [self._outer(t, s[0], n) for t in a.terms]
+            off = None if a.offset is None else _mk(Op.OUTER, [s[0], a.offset], n.shape)
+            return Affine(terms, off, a.offset_known)
+        # Any other linear construct: the map is not one of the structured kinds.
+        terms = []
+        for src in s:
+            if self.degree(src) == AFFINE:
+                terms += [Term("dense", t.state, why=_describe(n)) for t in self.form(src).terms]
+        return Affine(terms, None, False)
+
+    def _broadcast_term(self, t: Term, n: Node) -> Term:
+        """A diag term whose state is broadcast to a bigger shape is no longer diagonal."""
+        if t.kind == "diag" and self._state_shape(t) != n.shape:
+            return Term("dense", t.state, why=f"{t.state[0]} broadcast to a larger shape ({_where(n)})")
+        return t
+
+    def _state_shape(self, t: Term):
+        for v in list(self.vars.values()) + list(self.stop.values()):
+            if self.key(v) == t.state:
+                return v.shape
+        return None
+
+    def _contract(self, t: Term, w: Node, n: Node) -> Term:
+        if t.kind == "diag" and (t.scale is None or t.scale.rank == 0):
+            return Term("contract", t.state, t.scale, w=w)
+        if t.kind == "lowrank" and (t.scale is None or t.scale.rank == 0):
+            coef = _mk(Op.DOT, [w, t.u], ())
+            return Term("contract", t.state, mul(t.scale, coef), w=t.w)
+        return Term("dense", t.state, why=_describe(n))
+
+    def _outer(self, t: Term, u: Node, n: Node) -> Term:
+        if t.kind == "contract" and (t.scale is None or t.scale.rank == 0):
+            return Term("lowrank", t.state, t.scale, u=u, w=t.w)
+        return Term("dense", t.state, why=_describe(n))
+
+    # ------------------------------------------------------------------ semiring
+    def semiring(self, n: Node, state_key) -> tuple[str | None, Node | None, Node | None] | None:
+        """n == max(s + a, b) (max-plus) or logaddexp(s + a, b): (kind, a, b); a None means
+        the state does not appear (a = -inf), b None means no free branch (b = -inf)."""
+        if self.is_free(n):
+            return (None, None, n)
+        if n.id in self.vars and self.key(n) == state_key:
+            return (None, const(0.0), None)
+        op, s = n.op, n.srcs
+        if op in (Op.ADD, Op.SUB) and not n.shape:
+            x, f = (s[0], s[1]) if not self.is_free(s[0]) else (s[1], s[0])
+            if not self.is_free(f) or (op == Op.SUB and x is s[1]):
+                return None
+            r = self.semiring(x, state_key)
+            if r is None:
+                return None
+            kind, a, b = r
+            g = f if op == Op.ADD else _mk(Op.NEG, [f])
+            return (kind, None if a is None else add(a, g), None if b is None else add(b, g))
+        if op in (Op.MAX, Op.LOGADDEXP):
+            kind = "maxplus" if op == Op.MAX else "logsumexp"
+            r1, r2 = self.semiring(s[0], state_key), self.semiring(s[1], state_key)
+            if r1 is None or r2 is None or (r1[0] not in (None, kind)) or (r2[0] not in (None, kind)):
+                return None
+            a = _join(op, r1[1], r2[1])
+            b = _join(op, r1[2], r2[2])
+            return (kind, a, b)
+        return None
+
+    # ------------------------------------------------------------------ mixing (Jacobian)
+    def mixing(self, n: Node) -> str:
+        """NONE, ELEM (element i depends on element i of the states only) or DENSE."""
+        if n.id in self._mix:
+            return self._mix[n.id]
+        if n.id in self.vars:
+            m = "ELEM"
+        elif self.is_free(n):
+            m = "NONE"
+        elif n.op in ELEMENTWISE:
+            ms = [self.mixing(s) for s in n.srcs]
+            if "DENSE" in ms:
+                m = "DENSE"
+            elif any(mm == "ELEM" and s.shape != n.shape for mm, s in zip(ms, n.srcs)):
+                m = "DENSE"  # a state-dependent value broadcast over other elements
+            else:
+                m = "ELEM"
+        else:
+            m = "DENSE"
+        self._mix[n.id] = m
+        return m
+
+    def first_dense(self, n: Node) -> Node | None:
+        """The first construct (in dependency order) that mixes state elements."""
+        from ..ir import toposort
+        for x in toposort([n]):
+            if self.mixing(x) == "DENSE" and all(self.mixing(s) != "DENSE" for s in x.srcs):
+                return x
+        return None
+
+
+def _join(op: Op, a: Node | None, b: Node | None) -> Node | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return _mk(op, [a, b])
+
+
+__all__ = ["StageAnalysis", "Affine", "Term", "FREE", "AFFINE", "NONLINEAR", "UNARY", "BINARY", "COMPARE", "ONE"]

@@ -1,0 +1,228 @@
+"""sympy for the analysis: readable coefficient formulas, a symbolic proof that the
+extracted coefficients reproduce the update, and proofs that each class's combine
+operator is associative. Plus numeric spot checks in float64 on random values.
+
+Non-elementwise sub-expressions that read no state (W @ x, outer(k, v), x[0]) become
+opaque symbols named by their source-like text, so the formulas stay small."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import sympy as sp
+import torch
+
+from ..ir import Node, Op, toposort
+
+_DISPLAY_FUNCS = {Op.SIGMOID: "sigmoid", Op.LOGSIGMOID: "logsigmoid", Op.SOFTPLUS: "softplus", Op.GELU: "gelu",
+                  Op.ELU: "elu", Op.SIGN: "sign", Op.SILU: "silu", Op.RELU: "relu", Op.LOG1P: "log1p",
+                  Op.EXPM1: "expm1", Op.RSQRT: "rsqrt", Op.LOGADDEXP: "logaddexp"}
+
+
+class NotElementwise(Exception):
+    pass
+
+
+def node_text(n: Node) -> str:
+    """Source-like text of a (small) node, for opaque symbols."""
+    if n.op in (Op.INPUT, Op.PARAM):
+        return n.arg
+    if n.op == Op.STATE:
+        return n.arg[0] if n.arg[1] == "prev" else f"{n.arg[0]}.{n.arg[1]}"
+    if n.op == Op.CONST:
+        return f"{n.arg:g}" if not isinstance(n.arg, tuple) else "arange"
+    if n.name and n.op not in (Op.INDEX,):
+        return n.name
+    s = [node_text(x) for x in n.srcs]
+    if n.op == Op.MATMUL:
+        return f"({s[0]} @ {s[1]})"
+    if n.op == Op.OUTER:
+        return f"outer({s[0]}, {s[1]})"
+    if n.op == Op.DOT:
+        return f"dot({s[0]}, {s[1]})"
+    if n.op == Op.INDEX:
+        from ..ir import fmt_arg
+        return f"{s[0]}{fmt_arg(n)}"
+    if n.op == Op.TRANSPOSE:
+        return f"{s[0]}.T"
+    if n.op in _INFIX:
+        return f"({s[0]} {_INFIX[n.op]} {s[1]})"
+    if n.op == Op.NEG:
+        return f"-{s[0]}"
+    return f"{n.op.name.lower()}({', '.join(s)})"
+
+
+_INFIX = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "**"}
+
+
+def _const(v: float):
+    if float(v).is_integer():
+        return sp.Integer(int(v))
+    r = sp.Rational(repr(float(v)))
+    return r if r.q <= 10 ** 6 else sp.Float(v)
+
+
+def to_sympy(root: Node, variables: dict[int, sp.Symbol], expand_defs: bool,
+             depends=lambda n: False):
+    """The elementwise expression of root. `variables` maps node ids to symbols (the
+    states); `depends(n)` says whether n reads a state (such nodes must be elementwise)."""
+    memo: dict[int, sp.Expr] = {}
+    for n in toposort([root]):
+        if n.id in variables:
+            memo[n.id] = variables[n.id]
+            continue
+        op = n.op
+        if n.srcs and op == Op.INDEX and all(i is None or (isinstance(i, slice) and i.start is None and i.stop is None)
+                                             for i in n.arg):
+            memo[n.id] = memo[n.srcs[0].id]  # a broadcast view: elementwise it is the same value
+            continue
+        elementwise = op in _SYMPY_UNARY or op in _SYMPY_BINARY or op == Op.CONST and not n.shape
+        if not elementwise:
+            if depends(n):
+                raise NotElementwise(node_text(n))
+            memo[n.id] = sp.Symbol(node_text(n), real=True)
+            continue
+        if op == Op.CONST:
+            memo[n.id] = _const(n.arg)
+            continue
+        args = [memo[s.id] for s in n.srcs]
+        if not expand_defs and op in _DISPLAY_FUNCS:
+            memo[n.id] = sp.Function(_DISPLAY_FUNCS[op])(*args)
+        elif op in _SYMPY_UNARY:
+            memo[n.id] = _SYMPY_UNARY[op](args[0])
+        else:
+            memo[n.id] = _SYMPY_BINARY[op](*args)
+    return memo[root.id]
+
+
+_SYMPY_UNARY = {
+    Op.NEG: lambda x: -x, Op.EXP: sp.exp, Op.LOG: sp.log, Op.LOG1P: lambda x: sp.log(1 + x),
+    Op.EXPM1: lambda x: sp.exp(x) - 1, Op.SIGMOID: lambda x: 1 / (1 + sp.exp(-x)),
+    Op.LOGSIGMOID: lambda x: -sp.log(1 + sp.exp(-x)), Op.TANH: sp.tanh,
+    Op.SOFTPLUS: lambda x: sp.log(1 + sp.exp(x)), Op.RELU: lambda x: sp.Max(x, 0),
+    Op.SILU: lambda x: x / (1 + sp.exp(-x)), Op.GELU: sp.Function("gelu"), Op.ELU: sp.Function("elu"),
+    Op.ABS: sp.Abs, Op.SIGN: sp.sign, Op.SQRT: sp.sqrt, Op.RSQRT: lambda x: 1 / sp.sqrt(x),
+    Op.SIN: sp.sin, Op.COS: sp.cos,
+}
+_SYMPY_BINARY = {
+    Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
+    Op.DIV: lambda a, b: a / b, Op.POW: lambda a, b: a ** b, Op.MAX: sp.Max, Op.MIN: sp.Min,
+    Op.LOGADDEXP: lambda a, b: sp.log(sp.exp(a) + sp.exp(b)),
+}
+
+
+def show(node: Node | None, default: str = "0") -> str:
+    if node is None:
+        return default
+    try:
+        return str(to_sympy(node, {}, expand_defs=False))
+    except NotElementwise:  # pragma: no cover - coefficients are free of states
+        return node_text(node)
+
+
+def is_zero(expr) -> bool:
+    e = sp.expand(expr)
+    if e == 0:
+        return True
+    try:
+        return sp.simplify(e) == 0
+    except Exception:  # pragma: no cover - sympy gave up
+        return False
+
+
+# --------------------------------------------------------------------------- associativity
+
+@lru_cache(maxsize=None)
+def combine_is_associative(kind: str, k: int = 2) -> bool:
+    """Prove, with sympy, that the combine operator of a class is associative (and, for the
+    affine classes, that it composes the step maps: combine(e1, e2) = e2 after e1)."""
+    if kind in ("diagonal", "lowrank", "dense", "block"):
+        n = 1 if kind == "diagonal" else k
+        As = [sp.Matrix(n, n, lambda i, j, t=t: sp.Symbol(f"A{t}_{i}{j}")) for t in range(3)]
+        bs = [sp.Matrix(n, 1, lambda i, j, t=t: sp.Symbol(f"b{t}_{i}")) for t in range(3)]
+        h = sp.Matrix(n, 1, lambda i, j: sp.Symbol(f"h{i}"))
+
+        def comb(e1, e2):
+            (A1, b1), (A2, b2) = e1, e2
+            return (A2 * A1, A2 * b1 + b2)
+        e = list(zip(As, bs))
+        left, right = comb(comb(e[0], e[1]), e[2]), comb(e[0], comb(e[1], e[2]))
+        A12, b12 = comb(e[0], e[1])
+        composed = As[1] * (As[0] * h + bs[0]) + bs[1]
+        return all(is_zero(x) for x in list(left[0] - right[0]) + list(left[1] - right[1])
+                   + list(composed - (A12 * h + b12)))
+    if kind == "maxplus":
+        a = sp.symbols("a0:3", real=True)
+        b = sp.symbols("b0:3", real=True)
+        h = sp.Symbol("h", real=True)
+
+        def comb(e1, e2):
+            return (e1[0] + e2[0], sp.Max(e1[1] + e2[0], e2[1]))
+        e = list(zip(a, b))
+        left, right = comb(comb(e[0], e[1]), e[2]), comb(e[0], comb(e[1], e[2]))
+        step = lambda x, t: sp.Max(x + a[t], b[t])  # noqa: E731
+        c12 = comb(e[0], e[1])
+        return (is_zero(left[0] - right[0]) and _distribute_max(left[1]) == _distribute_max(right[1])
+                and _distribute_max(step(step(h, 0), 1)) == _distribute_max(sp.Max(h + c12[0], c12[1])))
+    if kind == "logsumexp":
+        a = sp.symbols("a0:3", real=True)
+        b = sp.symbols("b0:3", real=True)
+        h = sp.Symbol("h", real=True)
+        lae = lambda x, y: sp.log(sp.exp(x) + sp.exp(y))  # noqa: E731
+
+        def comb(e1, e2):
+            return (e1[0] + e2[0], lae(e1[1] + e2[0], e2[1]))
+        e = list(zip(a, b))
+        left, right = comb(comb(e[0], e[1]), e[2]), comb(e[0], comb(e[1], e[2]))
+        c12 = comb(e[0], e[1])
+        composed = lae(lae(h + a[0], b[0]) + a[1], b[1])
+        same = lambda x, y: is_zero(sp.expand(sp.exp(x), power_exp=True) - sp.expand(sp.exp(y), power_exp=True))  # noqa
+        return is_zero(left[0] - right[0]) and same(left[1], right[1]) and same(composed, lae(h + c12[0], c12[1]))
+    raise ValueError(kind)
+
+
+def _distribute_max(e):
+    """Push additions into Max (Max(x, y) + z -> Max(x + z, y + z)) until none is left."""
+    while True:
+        new = e.replace(lambda x: x.is_Add and any(isinstance(t, sp.Max) for t in x.args),
+                        lambda x: _push(x))
+        if new == e:
+            return sp.Max(*sorted(new.args, key=str)) if isinstance(new, sp.Max) else new
+        e = new
+
+
+def _push(add):
+    mx = next(t for t in add.args if isinstance(t, sp.Max))
+    rest = add - mx
+    return sp.Max(*[arg + rest for arg in mx.args])
+
+
+# --------------------------------------------------------------------------- numeric
+
+def random_leaves(leaves: list[Node], shape_of, batch: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """Positive random values in [0.1, 1) (logs and square roots stay defined), with one
+    batch axis, float64."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in leaves:
+        shape = (batch,) + tuple(shape_of(n))
+        out.append(torch.rand(shape, generator=g, dtype=torch.float64) * 0.9 + 0.1)
+    return out
+
+
+def lift(t, rank: int):
+    """A value with one batch axis lifted to `rank` node axes (new axes after the batch)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    while t.dim() < 1 + rank:
+        t = t.unsqueeze(1)
+    return t
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.broadcast_tensors(a.to(torch.float64), b.to(torch.float64))
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(finite.any()):
+        return 0.0 if bool((a == b).all()) else float("inf")
+    if bool((torch.isfinite(a) != torch.isfinite(b)).any()):
+        return float("inf")
+    return float((a[finite] - b[finite]).abs().max())
