@@ -1,47 +1,65 @@
-"""The main job (`make demo`): load every stdlib cell and the example cells, check them,
-print each one's summary, and show that printing and re-parsing gives the same tree.
+"""The main job (`make demo`): every stdlib cell and example is parsed, checked and
+analysed; the sequence cells are compiled to torch modules and run on random data; the
+plans are printed, with the time each stage of the pipeline took.
 
-Later stages (IR, analysis, backends) extend this script as they land."""
+Later issues add the fast backends here (compare against `reference`, time them)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 import recdsl
 from recdsl.parser import parse
+from recdsl.plan import render
 from recdsl.printer import to_source
 from recdsl.spec import stdlib_files
 
 HERE = Path(__file__).resolve().parent
+SHOW_PLANS = ("mlstm", "gated_deltanet", "lru", "lstm")
 
 
 def main() -> None:
     console = Console()
-    table = Table("cell", "file", "states", "outputs", "check ms", "round trip")
+    torch.manual_seed(0)
+    table = Table("cell", "classes (stage: states)", "check ms", "analyse ms", "run (B=2, T=64)", "round trip")
     paths = list(stdlib_files().values()) + sorted(HERE.glob("*.rec"))
     t_all = time.perf_counter()
     for path in paths:
         t0 = time.perf_counter()
-        specs = recdsl.load_all(path)
-        ms = (time.perf_counter() - t0) * 1e3
+        spec = recdsl.load(path)
+        t1 = time.perf_counter()
+        plan = spec.plan()
+        t2 = time.perf_counter()
         tree = parse(path.read_text(), str(path))
         same = parse(to_source(tree)) == tree
-        for s in specs:
-            states = ", ".join(f"{n}{_shape(v)}" for n, v in s.cell.states.items())
-            outs = ", ".join(o.name for o in s.cell.outputs)
-            table.add_row(s.name, str(path.relative_to(HERE.parent)), states, outs, f"{ms:.1f}",
-                          "ok" if same else "[red]DIFFERS[/red]")
+        classes = "; ".join(f"{s.cls}: {', '.join(s.states)}" for s in plan.stages)
+        run = _run(spec)
+        table.add_row(spec.name, classes, f"{(t1 - t0) * 1e3:.1f}", f"{(t2 - t1) * 1e3:.1f}", run,
+                      "ok" if same else "[red]DIFFERS[/red]")
     console.print(table)
-    console.print(f"{len(paths)} files parsed and checked in {(time.perf_counter() - t_all) * 1e3:.0f} ms")
-    console.print("\nOne cell in full:\n")
-    console.print(recdsl.load("mlstm").summary(), markup=False)
+    console.print(f"{len(paths)} cells parsed, checked, analysed and run in {time.perf_counter() - t_all:.2f} s\n")
+    for name in SHOW_PLANS:
+        console.print(render(recdsl.load(name).plan()), markup=False, highlight=False)
+        console.print()
 
 
-def _shape(var) -> str:
-    return "[" + ", ".join(str(d) for d in var.shape) + "]"
+def _run(spec) -> str:
+    if spec.cell.over != "seq":
+        return "grid/DAG backend: later"
+    dims = spec.analysis_dims()
+    layer = spec(backend="reference", **dims)
+    heads = (layer.heads,) if layer.heads else ()
+    xs = {n: torch.randn((2, 64) + heads + layer.ir.concrete(v.shape)) * 0.5 for n, v in spec.cell.inputs.items()}
+    t0 = time.perf_counter()
+    out, state = layer(**xs)
+    ms = (time.perf_counter() - t0) * 1e3
+    outs = out if isinstance(out, tuple) else (out,)
+    finite = all(torch.isfinite(o).all() for o in outs)
+    return f"{ms:.0f} ms reference" + ("" if finite else " [red]NaN![/red]")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from .errors import RecError, Span
 from .types import ONE, SCALAR, Dim, TupleType, Type, broadcast, fmt_shape
 
 DECL_KINDS = ("input", "param", "state", "edge", "pair")
+MAX_DIM_EXPONENT = 64      # `K**2` is a dimension; `2**1000000` is a typo (and would take forever)
+MAX_DIM_TERMS = 256        # the expanded polynomial of one dimension expression
 
 
 @dataclass
@@ -199,7 +201,10 @@ class Checker:
             self.heads = item.count
         else:
             if item.kind not in OVER_KINDS:
-                raise RecError(f"unknown recurrence domain '{item.kind}'", item.span,
+                sp = item.span
+                word = Span(sp.end_line, sp.end_col - len(item.kind), sp.end_line, sp.end_col, sp.source) \
+                    if sp is not None and sp.end_col > len(item.kind) else sp
+                raise RecError(f"unknown recurrence domain '{item.kind}'", word,
                                hint="write `over seq`, `over grid2d` or `over dag`" + _suggest(item.kind, OVER_KINDS))
             self.over = item.kind
 
@@ -427,9 +432,14 @@ class Checker:
         if isinstance(e, A.BinOp) and e.op == "**":
             base = self.static_dim(e.left, what)
             if isinstance(e.right, A.Num) and isinstance(e.right.value, int) and e.right.value >= 0:
+                if e.right.value > MAX_DIM_EXPONENT:
+                    raise RecError(f"the exponent {e.right.value} is too large for a dimension", e.right.span,
+                                   hint=f"a dimension's exponent is at most {MAX_DIM_EXPONENT}")
                 out = ONE
                 for _ in range(e.right.value):
                     out = out * base
+                    if len(out.terms) > MAX_DIM_TERMS:
+                        raise bad(f"{what} expands to more than {MAX_DIM_TERMS} terms")
                 return out
             raise bad()
         raise bad()
@@ -665,6 +675,7 @@ class Checker:
 
     def _reduce(self, e: A.Call, ty: Type) -> Type:
         axis = -1
+        axis_span = e.span
         for k in e.kwargs:
             if isinstance(k.value, A.NoneLit):
                 return replace(ty, shape=())
@@ -676,10 +687,13 @@ class Checker:
             k.value.ty = SCALAR
             num.ty = SCALAR
             axis = -num.value if neg else num.value
+            axis_span = k.span
         if ty.rank == 0:
             raise RecError(f"{e.func} reduces an axis; this value is a scalar", e.args[0].span)
         if not -ty.rank <= axis < ty.rank:
-            raise RecError(f"axis {axis} is out of range for shape {ty}", e.span)
+            raise RecError(f"axis {axis} is out of range for a value of shape {ty}", axis_span,
+                           hint=f"its axes are {', '.join(str(i) for i in range(ty.rank))} "
+                                f"(or {', '.join(str(i) for i in range(-ty.rank, 0))} from the end)")
         shape = list(ty.shape)
         del shape[axis]
         return replace(ty, shape=tuple(shape), is_bool=False)
@@ -729,8 +743,10 @@ class Checker:
         nd.ty = SCALAR
         part = ty.shape[-1].divide(nd.value)
         if part is None:
-            raise RecError(f"cannot split an axis of size {ty.shape[-1]} into {nd.value} equal parts", e.span,
-                           hint=f"declare the size as a multiple of {nd.value}, e.g. [{nd.value}*H]")
+            size = ty.shape[-1]
+            example = f"{nd.value}*{size}" if len(size.terms) == 1 and size.constant is None else f"{nd.value}*H"
+            raise RecError(f"cannot split an axis of size {size} into {nd.value} equal parts", e.span,
+                           hint=f"declare the size as a multiple of {nd.value}, e.g. [{example}]")
         return TupleType(tuple(replace(ty, shape=ty.shape[:-1] + (part,)) for _ in range(nd.value)))
 
     def _call_concat(self, e):
@@ -765,7 +781,9 @@ class Checker:
 
     def _call_sum_in(self, e):
         if self.over != "dag":
-            raise RecError("sum_in(...) sums over incoming edges and exists only in a cell `over dag`", e.span)
+            raise RecError("sum_in(...) sums over incoming edges and exists only in a cell `over dag`", e.span,
+                           hint=f"this cell runs over {self.over}; add `over dag` right after the cell line"
+                           + (", or read the previous state value directly" if self.over == "seq" else ""))
         if self.in_sum_in:
             raise RecError("sum_in(...) inside sum_in(...)", e.span)
         self.in_sum_in = True

@@ -554,12 +554,15 @@ def dump(ir: IRCell) -> str:
     lines = [f"ir {ir.name}  dims " + ", ".join(f"{k}={v}" for k, v in ir.dims.items())]
     roots = {n.id: f"{s}'" for s, n in ir.updates.items()}
     roots.update({n.id: f"output {o}" for o, n in ir.outputs.items()})
-    for n in ir.nodes():
-        args = ", ".join(repr(s) for s in n.srcs)
+    nodes = ir.nodes()
+    num = {n.id: i for i, n in enumerate(nodes)}  # stable numbering: position in the order
+    ref = lambda n: f"%{num[n.id]}"  # noqa: E731
+    for n in nodes:
+        args = ", ".join(ref(s) for s in n.srcs)
         extra = fmt_arg(n)
         inside = ", ".join(x for x in (args, extra) if x)
         shape = "[" + ", ".join(str(d) for d in n.shape) + "]"
         label = roots.get(n.id) or n.name or ""
         where = f"  # {n.span.file.rsplit('/', 1)[-1]}:{n.span.line}" if n.span else ""
-        lines.append(f"  {repr(n):<16} = {n.op.name}({inside}) {shape}{'  ' + label if label else ''}{where}")
+        lines.append(f"  {ref(n):<5} = {n.op.name}({inside}) {shape}{'  ' + label if label else ''}{where}")
     return "\n".join(lines)

@@ -34,7 +34,8 @@ def _grammar_text() -> str:
 
 
 class RecIndenter(Indenter):
-    """lark's Indenter, but a bad dedent is a located RecError instead of a bare exception."""
+    """lark's Indenter, but a bad dedent is a located RecError instead of a bare exception,
+    and the open brackets are remembered (for "'(' is never closed")."""
     NL_type = "_NL"
     OPEN_PAREN_types = ["LPAR", "LSQB"]
     CLOSE_PAREN_types = ["RPAR", "RSQB"]
@@ -42,6 +43,32 @@ class RecIndenter(Indenter):
     DEDENT_type = "_DEDENT"
     tab_len = 8
     source: Source | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.brackets: list[Token] = []
+
+    def process(self, stream):
+        self.brackets = []
+        return super().process(stream)
+
+    def _process(self, stream):
+        # lark's Indenter._process, keeping the open bracket tokens instead of a bare count.
+        token = None
+        for token in stream:
+            if token.type == self.NL_type:
+                yield from self.handle_NL(token)
+            else:
+                yield token
+            if token.type in self.OPEN_PAREN_types:
+                self.brackets.append(token)
+            elif token.type in self.CLOSE_PAREN_types and self.brackets:
+                self.brackets.pop()
+            self.paren_level = len(self.brackets)
+        while len(self.indent_level) > 1:
+            self.indent_level.pop()
+            yield Token.new_borrow_pos(self.DEDENT_type, "", token) if token else \
+                Token(self.DEDENT_type, "", 0, 1, 1, 1, 1, 0)
 
     def handle_NL(self, token):
         if self.paren_level > 0:
@@ -60,7 +87,7 @@ class RecIndenter(Indenter):
                 line = token.end_line
                 raise RecError(
                     f"this line is indented to column {indent + 1}, which matches no enclosing block",
-                    Span(line, 1, line, indent + 1, self.source),
+                    Span(line, 1, line, len(indent_str) + 1, self.source),
                     hint=f"indent it like the lines around it (column {self.indent_level[-1] + 1})")
 
 
@@ -70,70 +97,271 @@ def _lark() -> Lark:
                 maybe_placeholders=True, postlex=RecIndenter(), cache=False)
 
 
+# Deeper expression (or for) nesting than this is refused with a RecError: the builder, the
+# checker and the printer recurse over the tree, and no cell needs a tenth of it.
+MAX_DEPTH = 200
+
+
 def parse(text: str, filename: str = "<string>") -> A.Module:
     """Parse .rec source into an AST. Raises RecError on any syntax error."""
     source = Source(filename, text)
     if not text.endswith("\n"):
         text += "\n"
     parser = _lark()
-    parser.options.postlex.source = source
+    indenter = parser.options.postlex
+    indenter.source = source
     try:
         tree = parser.parse(text)
     except RecError:
         raise
     except UnexpectedInput as e:
-        raise _syntax_error(e, source) from None
+        raise _syntax_error(e, source, list(indenter.brackets)) from None
+    _check_depth(tree, source)
     return _Builder(source).build(tree)
 
 
-def _syntax_error(e: UnexpectedInput, source: Source) -> RecError:
+def _check_depth(tree: Tree, source: Source) -> None:
+    """Refuse absurdly deep nesting before anything recurses over the tree (iteratively)."""
+    stack = [(tree, 1)]
+    while stack:
+        t, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            m = t.meta
+            line, col = (m.line, m.column) if not getattr(m, "empty", True) else (1, 1)
+            raise RecError(f"this expression is nested more than {MAX_DEPTH} levels deep", Span(line, col, line, col + 1,
+                                                                                              source),
+                           hint="split it into several named values: a = ...; b = ...")
+        stack.extend((c, depth + 1) for c in t.children if isinstance(c, Tree))
+
+
+# --------------------------------------------------------------------------- syntax errors
+
+STATEMENT_WORDS = ["cell", "input", "param", "state", "edge", "pair", "output", "heads", "over", "for"]
+NOT_IN_LANGUAGE = {
+    "if": "there is no 'if'; select values with where(mask, a, b)",
+    "elif": "there is no 'if'; select values with where(mask, a, b)",
+    "else": "there is no 'if'; select values with where(mask, a, b)",
+    "while": "there is no 'while'; a loop is `for j in range(n):` with n a dimension or a literal",
+    "def": "there are no functions to define; write the expression inline or name it with `name = expr`",
+    "return": "a cell returns its outputs: `output y = expr`",
+    "import": "there is nothing to import; the builtin functions are always available",
+    "from": "there is nothing to import; the builtin functions are always available",
+    "print": "there is no print; `recdsl inspect` shows what a cell computes",
+}
+OPENERS = {"(": ")", "[": "]"}
+EXPR_START = {"NAME", "PRIMED", "NUMBER", "LPAR", "LSQB", "ADD_OP", "NONE"}
+OPERATORS = {"ADD_OP", "MUL_OP", "POW", "COMP_OP"}
+WORD_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.")
+
+
+def _syntax_error(e: UnexpectedInput, source: Source, brackets: list[Token]) -> RecError:
     line, col = max(getattr(e, "line", 1) or 1, 1), max(getattr(e, "column", 1) or 1, 1)
     if isinstance(e, UnexpectedCharacters):
-        ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else "?"
-        span = Span(line, col, line, col + 1, source)
-        if ch == '"':
-            return RecError("unexpected '\"'", span,
-                            hint='the only string is a docstring: """text""" right under the cell line')
-        if ch == "'":
-            return RecError("a prime (') must directly follow a state name", span,
-                            hint="write s' = ... with no space between the name and the prime")
-        if not ch.isascii():
-            return RecError(f"unexpected character {ch!r} (U+{ord(ch):04X})", span,
-                            hint="names are ASCII letters, digits and _; operators are + - * / @ **")
-        return RecError(f"unexpected character {ch!r}", span, hint=_expected_hint(e.allowed))
-    if isinstance(e, UnexpectedEOF):
+        return _bad_character(e, source, line, col)
+    if isinstance(e, UnexpectedEOF):  # pragma: no cover - LALR reports the end as a $END token
         last = len(source.text.splitlines()) or 1
         return RecError("unexpected end of file", Span(last, 1, last, 2, source),
-                        hint=_expected_hint(e.expected))
+                        hint=_expected_hint(_expected(e)))
     if isinstance(e, UnexpectedToken):
-        tok = e.token
-        if tok.type == "$END":
-            last = len(source.text.rstrip("\n").splitlines()) or 1
-            return RecError("unexpected end of file", Span(last, 1, last, 2, source),
-                            hint=_unclosed_hint(e) or _expected_hint(e.expected))
-        span = Span(tok.line, tok.column, tok.end_line or tok.line,
-                    tok.end_column or tok.column + max(len(tok), 1), source)
-        return RecError(_describe(tok, e), span, hint=_token_hint(tok, e, source))
-    return RecError(str(e).splitlines()[0], Span(line, col, line, col + 1, source))
+        return _bad_token(e, source, brackets)
+    return RecError(str(e).splitlines()[0], Span(line, col, line, col + 1, source))  # pragma: no cover
 
 
-def _describe(tok: Token, e: UnexpectedToken) -> str:
+def _bad_character(e: UnexpectedCharacters, source: Source, line: int, col: int) -> RecError:
+    text = source.text
+    pos = e.pos_in_stream
+    ch = text[pos] if pos < len(text) else "?"
+    span = Span(line, col, line, col + 1, source)
+    if text.startswith('"""', pos) and '"""' not in text[pos + 3:]:
+        return RecError("this docstring is never closed", Span(line, col, line, col + 3, source),
+                        hint='end it with """ (a docstring may span several lines)')
+    if ch == '"':
+        return RecError("unexpected '\"'", span,
+                        hint='the only string is a docstring: """text""" right under the cell line')
+    if ch == "'":
+        return RecError("a prime (') must directly follow a state name", span,
+                        hint="write s' = ... with no space between the name and the prime")
+    if ch == "\t" or ch == "\r":  # only reached where whitespace is not ignored (never, today)
+        return RecError(f"unexpected {ch!r}", span)  # pragma: no cover
+    if not ch.isascii() or not ch.isprintable():
+        if ch.isprintable():
+            return RecError(f"unexpected character {ch!r} (U+{ord(ch):04X})", span,
+                            hint="names are ASCII letters, digits and _; operators are + - * / @ **")
+        return RecError(f"unexpected control character U+{ord(ch):04X}", span,
+                        hint="remove it (the file should be plain text)")
+    if ch == "\\":
+        return RecError("a '\\' continues a line only at its very end", span,
+                        hint="inside ( ) or [ ] a line may simply be broken, without '\\'")
+    number = _bad_number(source, pos, pos + 1)
+    if number is not None:
+        return number
+    return RecError(f"unexpected character {ch!r}", span,
+                    hint="operators are + - * / @ ** and the comparisons < <= > >= == !=; comments start with #")
+
+
+def _expected(e: UnexpectedInput) -> set[str]:
+    """The terminals the parser could take here, read from the LALR table. (lark's own
+    `expected` is the contextual lexer's set when the lexer refused the token, which always
+    includes end of line.)"""
+    state = getattr(e, "state", None)
+    try:
+        actions = state.parse_conf.parse_table.states[state.position]
+        terminals = {t.name for t in _lark().terminals} | {"_INDENT", "_DEDENT", "$END"}
+        return {k for k in actions if k in terminals}
+    except Exception:
+        return set(getattr(e, "expected", None) or ())
+
+
+def _previous_token(e: UnexpectedToken) -> Token | None:
+    """The token before the offending one: lark's history, else the last token on the parser's
+    value stack."""
+    history = getattr(e, "token_history", None)
+    if history and history[-1] is not None:
+        return history[-1]
+    try:
+        item = e.state.value_stack[-1]
+    except Exception:
+        return None
+    while isinstance(item, Tree):
+        kids = [c for c in item.children if c is not None]
+        if not kids:
+            return None
+        item = kids[-1]
+    return item if isinstance(item, Token) else None
+
+
+def _first_on_line(tok: Token, source: Source) -> bool:
+    return not source.line(tok.line)[: tok.column - 1].strip()
+
+
+def _bad_token(e: UnexpectedToken, source: Source, brackets: list[Token]) -> RecError:
+    tok = e.token
+    expected = _expected(e)
+    prev = _previous_token(e)
+    at_end = tok.type == "$END" or (tok.type == "_DEDENT" and not tok.value and tok.end_pos is not None
+                                    and not source.text[tok.end_pos:].strip())
+
+    # An unclosed bracket swallows the line breaks after it; the error then shows up at the end
+    # of the file or at the start of a later line. Report the bracket.
+    if brackets and (at_end or tok.type in ("_DEDENT", "_INDENT")
+                     or (tok.line is not None and tok.line > brackets[-1].line and _first_on_line(tok, source))):
+        b = brackets[-1]
+        close = OPENERS.get(b.value, ")")
+        later = "" if at_end else f"; line breaks inside brackets are ignored, so line {tok.line} was read " \
+                                  "as part of the same expression"
+        return RecError(f"this '{b.value}' is never closed", Span(b.line, b.column, b.line, b.column + 1, source),
+                        hint=f"close it with '{close}'" + later)
+
+    if at_end:
+        last = _last_line(source)
+        span = Span(last, 1, last, len(source.line(last)) + 1, source)
+        if "_INDENT" in expected:
+            return RecError("expected an indented block after this line", span,
+                            hint="a cell (or a for loop) needs at least one indented line under it")
+        if expected <= {"CELL", "_NL", "$END"}:
+            return RecError("no cell in this file", Span(1, 1, 1, 1, source) if not source.text.strip() else span,
+                            hint="a .rec file defines cells: `cell NAME(D, H):` followed by its indented lines")
+        return RecError("unexpected end of file", span, hint=_expected_hint(expected))
+
     if tok.type == "_INDENT":
-        return "unexpected indent"
+        line = tok.end_line
+        return RecError("unexpected indent", Span(line, 1, line, len(tok.value) + 1, source),
+                        hint="only the lines of a cell or a for body are indented, all by the same amount")
     if tok.type == "_DEDENT":
-        return "unexpected end of block"
+        line = tok.end_line
+        return RecError("unexpected end of block", Span(line, 1, line, len(tok.value) + 1, source),
+                        hint=_expected_hint(expected))
+
+    span = Span(tok.line, tok.column, tok.end_line or tok.line,
+                tok.end_column or tok.column + max(len(tok), 1), source)
+    if "_INDENT" in expected:
+        return RecError("expected an indented block", span,
+                        hint="the lines of a cell or a for loop are indented under its ':' line")
+    number = _bad_number(source, tok.start_pos, tok.end_pos)
+    if number is not None:
+        return number
+    if tok.type == "DOCSTRING":
+        end = tok.column + (tok.value.index("\n") if "\n" in tok.value else len(tok.value))
+        return RecError("a docstring is only allowed right under the cell line", Span(tok.line, tok.column, tok.line,
+                                                                                      end, source),
+                        hint="use # for comments elsewhere")
+    if expected and expected <= {"CELL", "_NL", "$END"}:
+        return RecError(f"{_describe(tok)} outside a cell", span,
+                        hint="a .rec file is a sequence of cells; the lines of a cell are indented under "
+                             "`cell NAME(...):`")
+    if tok.type == "_NL":
+        if "COLON" in expected:
+            return RecError("missing ':' at the end of the line", span, hint="a cell or for line ends with ':'")
+        if expected & EXPR_START and prev is not None and prev.type in OPERATORS | {"EQUAL", "COMMA", "TILDE"}:
+            return RecError("unexpected end of line", span, hint=f"expected an expression after {prev.value!r}")
+        return RecError("unexpected end of line", span, hint=_expected_hint(expected))
+    if not brackets and prev is not None and prev.type == "NAME" and prev.line == tok.line \
+            and tok.type in ("NAME", "PRIMED", "NUMBER", "LSQB") and _first_on_line(prev, source):
+        word = prev.value
+        pspan = Span(prev.line, prev.column, prev.line, prev.column + len(word), source)
+        close = difflib.get_close_matches(word, STATEMENT_WORDS, n=1, cutoff=0.7)
+        hint = NOT_IN_LANGUAGE.get(word) or (f"did you mean '{close[0]}'?" if close else
+                                             "a line of a cell is a declaration (input, param, state, edge, "
+                                             "pair), `name = expr`, `s' = expr`, `output ...` or `for ...:`")
+        return RecError(f"'{word}' does not start a declaration or a statement", pspan, hint=hint)
+    return RecError(_describe(tok), span, hint=_token_hint(tok, prev, expected, brackets))
+
+
+def _describe(tok: Token) -> str:
     if tok.type == "_NL":
         return "unexpected end of line"
     return f"unexpected {tok.value!r}"
 
 
+def _last_line(source: Source) -> int:
+    lines = source.text.splitlines()
+    for i in range(len(lines), 0, -1):
+        if lines[i - 1].strip():
+            return i
+    return 1
+
+
+def _bad_number(source: Source, start: int | None, end: int | None) -> RecError | None:
+    """A run of letters, digits and dots glued to a number (`1.2.3`, `3x`, `1e`) is a
+    malformed number. None when the text around [start, end) is not one."""
+    if start is None or end is None:
+        return None
+    text = source.text
+    if start == 0 or start >= len(text) or text[start - 1] not in WORD_CHARS or text[start] not in WORD_CHARS:
+        return None  # the offending token does not touch what comes before it
+    a = start
+    while a > 0 and (text[a - 1] in WORD_CHARS or (text[a - 1] in "+-" and a > 1 and text[a - 2] in "eE")):
+        a -= 1
+    b = end
+    while b < len(text) and text[b] in WORD_CHARS:
+        b += 1
+    word = text[a:b]
+    if not (word[0].isdigit() or (word[0] == "." and len(word) > 1 and word[1].isdigit())):
+        return None
+    line = text.count("\n", 0, a) + 1
+    col = a - (text.rfind("\n", 0, a) + 1) + 1
+    hint = "numbers are written 3, 0.5, 1e-5"
+    lead = word.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+    if lead != word and lead and lead[-1].isdigit() and "e" not in word[len(lead):len(lead) + 1].lower():
+        hint += f"; for a product write {lead}*{word[len(lead):]}"
+    return RecError(f"'{word}' is not a number", Span(line, col, line, col + len(word), source), hint=hint)
+
+
 def _expected_hint(expected) -> str | None:
-    names = sorted({TOKEN_NAMES.get(t, repr(_literal(t))) for t in expected or ()})
+    exp = set(expected or ())
+    names = []
+    if {"NAME", "NUMBER"} <= exp:  # an expression may start here
+        exp -= EXPR_START
+        names.append("an expression")
+    if {"ADD_OP", "MUL_OP"} <= exp:  # an expression may continue here
+        exp -= OPERATORS | {"LSQB", "DOT", "LPAR"}
+        names.append("an operator")
+    names += sorted({TOKEN_NAMES.get(t, repr(_literal(t))) for t in exp if t not in ("$END",)})
     if not names:
         return None
     if len(names) > 6:
         names = names[:6] + ["..."]
-    return "expected " + ", ".join(names)
+    return "expected " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0])
 
 
 def _literal(terminal: str) -> str:
@@ -145,40 +373,24 @@ def _literal(terminal: str) -> str:
         return terminal
 
 
-def _unclosed_hint(e: UnexpectedToken) -> str | None:
-    if "RPAR" in e.expected:
-        return "a '(' is not closed"
-    if "RSQB" in e.expected:
-        return "a '[' is not closed"
-    return None
-
-
-def _token_hint(tok: Token, e: UnexpectedToken, source: Source) -> str | None:
-    expected = set(e.expected)
-    prev = getattr(e, "token_history", None)
-    prev = prev[-1] if prev else None
-    if prev is not None and prev.type == "NUMBER" and prev.end_pos == tok.start_pos \
-            and tok.type in ("NAME", "NUMBER", "DOT"):
-        return f"{prev.value + tok.value!r} is not a number; write 2*x for a product, 1.5e-3 for a float"
-    if tok.type == "_INDENT":
-        return "only the lines of a cell or a for body are indented, all by the same amount"
-    if tok.type == "_NL" and ("RPAR" in expected or "RSQB" in expected):
-        return _unclosed_hint(e)
-    if tok.type == "_NL" and "COLON" in expected:
-        return "a cell or for line ends with ':'"
-    if tok.type == "EQUAL" and prev is not None and prev.type == "EQUAL":
-        return "comparison is '=='"
-    if tok.type == "NAME" and "_NL" in expected and prev is not None:
+def _token_hint(tok: Token, prev: Token | None, expected: set[str], brackets: list[Token]) -> str | None:
+    if tok.type == "EQUAL" and "COMP_OP" in expected:
+        return "'=' assigns, once per statement; to compare write '=='"
+    if tok.type in ("NAME", "PRIMED", "NUMBER") and "_NL" in expected and prev is not None:
         return "two expressions in a row: is an operator or a ',' missing?"
     if tok.type == "NAME":
-        keywords = ["cell", "input", "param", "state", "edge", "pair", "output", "heads", "over", "for"]
-        close = difflib.get_close_matches(tok.value, keywords, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(tok.value, STATEMENT_WORDS, n=1, cutoff=0.75)
         if close and close[0] != tok.value:
             return f"did you mean '{close[0]}'?"
-    if tok.type == "RPAR" and "RPAR" not in expected:
-        return "this ')' closes nothing"
-    if tok.type == "RSQB" and "RSQB" not in expected:
-        return "this ']' closes nothing"
+    if tok.type in ("RPAR", "RSQB") and tok.type not in expected:
+        opener = "(" if tok.type == "RPAR" else "["
+        if not brackets:
+            return f"this '{tok.value}' closes nothing"
+        if brackets[-1].value != opener:
+            b = brackets[-1]
+            return f"the '{b.value}' at {b.line}:{b.column} is closed by '{OPENERS[b.value]}', not '{tok.value}'"
+    if tok.type == "COLON" and "RSQB" in expected:
+        return "a slice is lo:hi; there is no step"
     return _expected_hint(expected)
 
 
@@ -196,9 +408,15 @@ class _Builder:
             return Span(1, 1, 1, 1, self.source)
         return Span(m.line, m.column, m.end_line, m.end_column, self.source)
 
+    def upto(self, t: Tree, last) -> Span:
+        """The span of t, ended at `last` (a node or token) rather than at the line break that
+        lark counts into a line-based rule."""
+        end = last if isinstance(last, Span) else (self.span(last) if isinstance(last, Token) else last.span)
+        return self.span(t).to(end)
+
     def build(self, tree: Tree) -> A.Module:
         cells = [self.cell(c) for c in tree.children if isinstance(c, Tree)]
-        return A.Module(cells, span=self.span(tree))
+        return A.Module(cells, span=self.upto(tree, cells[-1]) if cells else self.span(tree))
 
     # --- structure ---
     def cell(self, t: Tree) -> A.Cell:
@@ -210,18 +428,20 @@ class _Builder:
         out = []
         for item in items:
             out.extend(self.item(item))
-        return A.Cell(str(name), arglist, docstring, out, span=self.span(t))
+        return A.Cell(str(name), arglist, docstring, out, span=self.upto(t, out[-1]))
 
     def item(self, t: Tree) -> list:
         kind = t.data
         if kind == "clause":
             kw, value = t.children
             if kw.type == "HEADS":
-                return [A.Heads(self.expr(value), span=self.span(t))]
-            return [A.Over(str(value), span=self.span(t))]
+                count = self.expr(value)
+                return [A.Heads(count, span=self.upto(t, count))]
+            return [A.Over(str(value), span=self.upto(t, value))]
         if kind == "decl":
             kind_tree, *vars_ = t.children
-            return [A.Decl(str(kind_tree.children[0]), [self.decl_var(v) for v in vars_], span=self.span(t))]
+            dvars = [self.decl_var(v) for v in vars_]
+            return [A.Decl(str(kind_tree.children[0]), dvars, span=self.upto(t, dvars[-1]))]
         if kind == "simple_line":
             return [self.small_stmt(s) for s in t.children]
         if kind == "for_stmt":
@@ -229,7 +449,8 @@ class _Builder:
             stmts = []
             for b in body:
                 stmts.extend(self.item(b))
-            return [A.For(str(var), str(func), self.args(args)[0], stmts, span=self.span(t))]
+            pos, kw = self.args(args)
+            return [A.For(str(var), str(func), pos + kw, stmts, span=self.upto(t, stmts[-1]))]
         raise AssertionError(kind)
 
     def decl_var(self, t: Tree) -> A.DeclVar:

@@ -44,7 +44,7 @@ def _item(item: A.Node, ind: str) -> list[str]:
         named = f"{item.name} = " if item.name is not None else ""
         return [f"{ind}output {named}{expr(item.value)}"]
     if isinstance(item, A.For):
-        head = f"{ind}for {item.var} in {item.func}({', '.join(expr(a) for a in item.args)}):"
+        head = f"{ind}for {item.var} in {item.func}({', '.join(_arg(a) for a in item.args)}):"
         return [head] + [line for s in item.body for line in _item(s, ind + INDENT)]
     raise TypeError(f"cannot print {type(item).__name__}")
 

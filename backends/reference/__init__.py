@@ -48,7 +48,9 @@ def emit_step(ir: IRCell) -> str:
     shown_lines: set[int] = set()
     update_of = {n.id: s for s, n in ir.updates.items()}
     output_of = {n.id: o for o, n in ir.outputs.items()}
-    for n in ir.nodes():
+    nodes = ir.nodes()
+    num = {n.id: i for i, n in enumerate(nodes)}  # stable names: position in the order
+    for n in nodes:
         if n.op == Op.CONST and not n.shape:
             names[n.id] = expr.operand(n, 0)
             continue
@@ -62,9 +64,9 @@ def emit_step(ir: IRCell) -> str:
             if n.id in update_of:
                 var = f"{update_of[n.id]}_next"
             elif n.name and n.name.isidentifier():
-                var = f"{n.name}_{n.id}"
+                var = f"{n.name}_{num[n.id]}"
             else:
-                var = f"t{n.id}"
+                var = f"t{num[n.id]}"
             rhs = expr(n)
         names[n.id] = var
         code = f"    {var} = {rhs}"
