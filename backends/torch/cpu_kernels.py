@@ -1,0 +1,161 @@
+"""The CPU recurrent core: scans compiled from csrc/scans.c, loaded with ctypes.
+
+Why C and not a torch loop: a per-step torch loop over T is bound by op dispatch (tens of
+microseconds per op), and torch.compile does not help scans on CPU. The scans are generic
+(the cell's gate math runs vectorised in torch before them), so one small library serves
+every cell: it is compiled once per machine (cc -O3 -fopenmp, about a second), cached
+under ~/.cache/recdsl keyed by the source hash and the compiler/CPU, and written
+atomically. Without a C compiler (or with RECDSL_NO_CC=1) `available()` is False and the
+backend uses the pure-torch scans in scans.py instead.
+
+Each scan is a torch.autograd.Function whose backward is the adjoint scan (MATH.md §1-2).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "scans.c"
+_lock = threading.Lock()
+_lib = None
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RECDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "recdsl")
+    return Path(root)
+
+
+def _compiler() -> str | None:
+    if os.environ.get("RECDSL_NO_CC"):
+        return None
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc/clang) found")
+    src = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+    key = hashlib.sha256(src + " ".join([cc] + flags + [platform.machine(), platform.node()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"scans-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_so = Path(tmp) / "scans.so"
+            r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[:500]}")
+            os.replace(tmp_so, out)  # atomic: concurrent builders never see half a file
+    return ctypes.CDLL(str(out))
+
+
+def library():
+    """The loaded library, or None (and the reason in `unavailable_reason()`)."""
+    global _lib, _error
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _build()
+            except Exception as e:  # no compiler, no OpenMP, read-only cache: fall back to torch
+                _error = str(e)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _error
+
+
+_SFX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _call(name: str, dtype, *args):
+    fn = getattr(library(), f"{name}_{_SFX[dtype]}")
+    conv = [_ptr(a) if isinstance(a, torch.Tensor) else ctypes.c_int64(int(a)) for a in args]
+    fn(*conv)
+
+
+def _prep(*ts):
+    return [t.contiguous() for t in ts]
+
+
+class _ElementScan(torch.autograd.Function):
+    """diag / maxplus / lse over [B, T, C] with h0 [B, C]."""
+
+    @staticmethod
+    def forward(ctx, kind, a, x, h0):
+        a, x, h0 = _prep(a, x, h0)
+        B, T, C = x.shape
+        h = torch.empty_like(x)
+        _call(f"{kind}_fwd", x.dtype, a, x, h0, h, B, T, C)
+        ctx.kind = kind
+        ctx.save_for_backward(a, x, h0, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, gh):
+        a, x, h0, h = ctx.saved_tensors
+        B, T, C = x.shape
+        gh = gh.contiguous()
+        gT = torch.zeros_like(h0)
+        dx, da, dh0 = torch.empty_like(x), torch.empty_like(x), torch.empty_like(h0)
+        if ctx.kind == "diag":
+            _call("diag_bwd", x.dtype, a, h, h0, gh, gT, dx, da, dh0, B, T, C)
+        else:
+            _call(f"{ctx.kind}_bwd", x.dtype, a, x, h, h0, gh, gT, dx, da, dh0, B, T, C)
+        return None, da, dx, dh0
+
+
+class _BlockScan(torch.autograd.Function):
+    """h_t[c] = A_t[c] h_{t-1}[c] + x_t[c]: A [B, T, C, K, K], x [B, T, C, K], h0 [B, C, K]."""
+
+    @staticmethod
+    def forward(ctx, A, x, h0):
+        A, x, h0 = _prep(A, x, h0)
+        B, T, C, K = x.shape
+        h = torch.empty_like(x)
+        _call("block_fwd", x.dtype, A, x, h0, h, B, T, C, K)
+        ctx.save_for_backward(A, h0, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, gh):
+        A, h0, h = ctx.saved_tensors
+        B, T, C, K = h.shape
+        gh = gh.contiguous()
+        dx, dA, dh0 = torch.empty_like(h), torch.empty_like(A), torch.empty_like(h0)
+        _call("block_bwd", h.dtype, A, h, h0, gh, torch.zeros_like(h0), dx, dA, dh0, B, T, C, K)
+        return dA, dx, dh0
+
+
+def element_scan(kind: str, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """All h_t of the scan `kind` (diag | maxplus | lse); a, x [B, T, C], h0 [B, C]."""
+    return _ElementScan.apply(kind, a, x, h0)
+
+
+def block_scan(A: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] > 16:
+        raise ValueError("block scans take blocks of at most 16")
+    return _BlockScan.apply(A, x, h0)

@@ -1,0 +1,188 @@
+/* Linear-recurrence scans for the recdsl `torch` backend on CPU.
+ *
+ * A per-step torch loop is bound by op dispatch; these loops run the recurrence over
+ * time inside one call, vectorised over channels (the innermost, contiguous axis) and
+ * parallel over batch and channel blocks with OpenMP. Layout: [B, T, C] row-major,
+ * everything contiguous, T >= 1. Forward and backward (the adjoint is the reverse scan
+ * with the coefficients shifted by one step; see MATH.md §1-2).
+ *
+ *   diag     h_t = a_t * h_{t-1} + x_t
+ *   maxplus  h_t = max(h_{t-1} + a_t, x_t)
+ *   lse      h_t = logaddexp(h_{t-1} + a_t, x_t)
+ *   block    h_t[c] = A_t[c] h_{t-1}[c] + x_t[c]     (A_t[c]: K x K, h[c]: K)
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CB 64 /* channels per task */
+
+#define DEFINE_SCANS(T_, SFX)                                                                 \
+void diag_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
+    int64_t nblk = (C + CB - 1) / CB;                                                        \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * nblk; job++) {                                            \
+        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+        T_ acc[CB];                                                                           \
+        for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
+        for (int64_t t = 0; t < T; t++) {                                                     \
+            int64_t o = (b * T + t) * C + c0;                                                 \
+            for (int64_t c = 0; c < n; c++) { acc[c] = a[o + c] * acc[c] + x[o + c]; h[o + c] = acc[c]; } \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* gh: dL/dh_t, gT: dL/dh_T (final state). Out: dx = lambda, da, dh0. */                      \
+void diag_bwd_##SFX(const T_* a, const T_* h, const T_* h0, const T_* gh, const T_* gT,     \
+                    T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {               \
+    int64_t nblk = (C + CB - 1) / CB;                                                        \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * nblk; job++) {                                            \
+        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+        T_ lam[CB];                                                                           \
+        for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
+        for (int64_t t = T - 1; t >= 0; t--) {                                                \
+            int64_t o = (b * T + t) * C + c0;                                                 \
+            int64_t on = o + C; /* t + 1 */                                                   \
+            for (int64_t c = 0; c < n; c++) {                                                 \
+                if (t < T - 1) lam[c] = lam[c] * a[on + c];                                   \
+                lam[c] += gh[o + c];                                                          \
+                dx[o + c] = lam[c];                                                           \
+                T_ prev = t > 0 ? h[o - C + c] : h0[b * C + c0 + c];                          \
+                da[o + c] = lam[c] * prev;                                                    \
+            }                                                                                 \
+        }                                                                                     \
+        for (int64_t c = 0; c < n; c++) dh0[b * C + c0 + c] = lam[c] * a[(b * T) * C + c0 + c]; \
+    }                                                                                         \
+}                                                                                             \
+void maxplus_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
+    int64_t nblk = (C + CB - 1) / CB;                                                        \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * nblk; job++) {                                            \
+        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+        T_ acc[CB];                                                                           \
+        for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
+        for (int64_t t = 0; t < T; t++) {                                                     \
+            int64_t o = (b * T + t) * C + c0;                                                 \
+            for (int64_t c = 0; c < n; c++) {                                                 \
+                T_ s = acc[c] + a[o + c]; acc[c] = s >= x[o + c] ? s : x[o + c]; h[o + c] = acc[c]; } \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+void maxplus_bwd_##SFX(const T_* a, const T_* x, const T_* h, const T_* h0, const T_* gh, const T_* gT, \
+                       T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {            \
+    int64_t nblk = (C + CB - 1) / CB;                                                        \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * nblk; job++) {                                            \
+        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+        T_ lam[CB];                                                                           \
+        for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
+        for (int64_t t = T - 1; t >= 0; t--) {                                                \
+            int64_t o = (b * T + t) * C + c0;                                                 \
+            for (int64_t c = 0; c < n; c++) {                                                 \
+                if (t < T - 1) {                                                              \
+                    int64_t on = o + C;                                                       \
+                    int from_state = h[o + c] + a[on + c] >= x[on + c];                       \
+                    lam[c] = from_state ? lam[c] : 0;                                         \
+                }                                                                             \
+                lam[c] += gh[o + c];                                                          \
+                T_ prev = t > 0 ? h[o - C + c] : h0[b * C + c0 + c];                          \
+                int mine = prev + a[o + c] >= x[o + c];                                       \
+                da[o + c] = mine ? lam[c] : 0; dx[o + c] = mine ? 0 : lam[c];                 \
+            }                                                                                 \
+        }                                                                                     \
+        for (int64_t c = 0; c < n; c++) {                                                     \
+            int64_t o = (b * T) * C + c0 + c;                                                 \
+            dh0[b * C + c0 + c] = (h0[b * C + c0 + c] + a[o] >= x[o]) ? lam[c] : 0;           \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+void lse_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
+    int64_t nblk = (C + CB - 1) / CB;                                                        \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * nblk; job++) {                                            \
+        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+        T_ acc[CB];                                                                           \
+        for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
+        for (int64_t t = 0; t < T; t++) {                                                     \
+            int64_t o = (b * T + t) * C + c0;                                                 \
+            for (int64_t c = 0; c < n; c++) {                                                 \
+                T_ s = acc[c] + a[o + c], y = x[o + c];                                       \
+                T_ hi = s > y ? s : y, lo = s > y ? y : s;                                    \
+                acc[c] = isinf(hi) && hi < 0 ? hi : hi + log1p(exp(lo - hi));                 \
+                h[o + c] = acc[c]; }                                                          \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+void lse_bwd_##SFX(const T_* a, const T_* x, const T_* h, const T_* h0, const T_* gh, const T_* gT, \
+                   T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {                \
+    int64_t nblk = (C + CB - 1) / CB;                                                        \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * nblk; job++) {                                            \
+        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+        T_ lam[CB];                                                                           \
+        for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
+        for (int64_t t = T - 1; t >= 0; t--) {                                                \
+            int64_t o = (b * T + t) * C + c0;                                                 \
+            for (int64_t c = 0; c < n; c++) {                                                 \
+                if (t < T - 1) { int64_t on = o + C; lam[c] *= exp(h[o + c] + a[on + c] - h[on + c]); } \
+                lam[c] += gh[o + c];                                                          \
+                T_ prev = t > 0 ? h[o - C + c] : h0[b * C + c0 + c];                          \
+                T_ w = exp(prev + a[o + c] - h[o + c]);                                       \
+                da[o + c] = lam[c] * w; dx[o + c] = lam[c] * exp(x[o + c] - h[o + c]);        \
+            }                                                                                 \
+        }                                                                                     \
+        for (int64_t c = 0; c < n; c++) {                                                     \
+            int64_t o = (b * T) * C + c0 + c;                                                 \
+            dh0[b * C + c0 + c] = lam[c] * exp(h0[b * C + c0 + c] + a[o] - h[o]);             \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* Block scan: A [B, T, C, K, K], x, h [B, T, C, K], h0 [B, C, K]. */                         \
+void block_fwd_##SFX(const T_* A, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C, int64_t K) { \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * C; job++) {                                               \
+        int64_t b = job / C, c = job % C;                                                     \
+        T_ acc[16], nxt[16];                                                                  \
+        for (int64_t i = 0; i < K; i++) acc[i] = h0[(b * C + c) * K + i];                     \
+        for (int64_t t = 0; t < T; t++) {                                                     \
+            const T_* At = A + (((b * T + t) * C + c) * K) * K;                               \
+            int64_t o = ((b * T + t) * C + c) * K;                                            \
+            for (int64_t i = 0; i < K; i++) {                                                 \
+                T_ s = x[o + i];                                                              \
+                for (int64_t j = 0; j < K; j++) s += At[i * K + j] * acc[j];                  \
+                nxt[i] = s;                                                                   \
+            }                                                                                 \
+            for (int64_t i = 0; i < K; i++) { acc[i] = nxt[i]; h[o + i] = nxt[i]; }           \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+void block_bwd_##SFX(const T_* A, const T_* h, const T_* h0, const T_* gh, const T_* gT,    \
+                     T_* dx, T_* dA, T_* dh0, int64_t B, int64_t T, int64_t C, int64_t K) {   \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * C; job++) {                                               \
+        int64_t b = job / C, c = job % C;                                                     \
+        T_ lam[16], nxt[16];                                                                  \
+        for (int64_t i = 0; i < K; i++) lam[i] = gT[(b * C + c) * K + i];                     \
+        for (int64_t t = T - 1; t >= 0; t--) {                                                \
+            int64_t o = ((b * T + t) * C + c) * K;                                            \
+            if (t < T - 1) {                                                                  \
+                const T_* An = A + (((b * T + t + 1) * C + c) * K) * K;                       \
+                for (int64_t j = 0; j < K; j++) { T_ s = 0;                                   \
+                    for (int64_t i = 0; i < K; i++) s += An[i * K + j] * lam[i];              \
+                    nxt[j] = s; }                                                             \
+                for (int64_t i = 0; i < K; i++) lam[i] = nxt[i];                              \
+            }                                                                                 \
+            for (int64_t i = 0; i < K; i++) { lam[i] += gh[o + i]; dx[o + i] = lam[i]; }      \
+            const T_* prev = t > 0 ? h + o - C * K : h0 + (b * C + c) * K;                    \
+            T_* dAt = dA + (((b * T + t) * C + c) * K) * K;                                   \
+            for (int64_t i = 0; i < K; i++) for (int64_t j = 0; j < K; j++) dAt[i * K + j] = lam[i] * prev[j]; \
+        }                                                                                     \
+        const T_* A0 = A + (((b * T) * C + c) * K) * K;                                       \
+        for (int64_t j = 0; j < K; j++) { T_ s = 0;                                           \
+            for (int64_t i = 0; i < K; i++) s += A0[i * K + j] * lam[i];                      \
+            dh0[(b * C + c) * K + j] = s; }                                                   \
+    }                                                                                         \
+}
+
+DEFINE_SCANS(float, f32)
+DEFINE_SCANS(double, f64)

@@ -1,0 +1,197 @@
+"""Whole-sequence recurrences in torch: the kernels the `torch` backend's generated code
+calls. Element scans go to the C library when it is available (cpu_kernels), else to
+log-depth doubling scans in torch; matrix states with diagonal decay and the delta rule
+use the chunkwise forms of MATH.md §3-4 (matmuls inside chunks, a short loop over chunks).
+
+Layouts: sequences [B, T, *shape] (B may include heads), initial states [B, *shape]."""
+from __future__ import annotations
+
+import torch
+
+from . import cpu_kernels
+
+
+def use_c(*ts) -> bool:
+    return all(t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu" for t in ts) \
+        and cpu_kernels.available()
+
+
+def _flat(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    return x.reshape(B, T, -1)
+
+
+def element_scan(kind: str, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + x_t (diag), max(h_{t-1} + a_t, x_t) (maxplus) or
+    logaddexp(h_{t-1} + a_t, x_t) (lse). a broadcasts to x: [B, T, *shape]."""
+    shape = torch.broadcast_shapes(a.shape, x.shape)
+    B, T = shape[:2]
+    a, x = a.expand(shape), x.expand(shape)
+    h0 = h0.expand((B,) + tuple(shape[2:]))
+    if T == 0:
+        return x.clone()
+    if use_c(a, x, h0):
+        h = cpu_kernels.element_scan(kind, _flat(a, B, T), _flat(x, B, T), h0.reshape(B, -1))
+    else:
+        h = doubling_scan(kind, _flat(a, B, T), _flat(x, B, T), h0.reshape(B, -1))
+    return h.reshape(shape)
+
+
+def doubling_scan(kind: str, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The same scans in log2(T) rounds of whole-tensor ops (Hillis-Steele), for when no C
+    compiler is available. Differentiable by autograd. Combine of (a1, x1) then (a2, x2):
+    diag (a1 a2, a2 x1 + x2); maxplus (a1 + a2, max(x1 + a2, x2)); lse likewise."""
+    first = {"diag": lambda a0, x0: a0 * h0 + x0,
+             "maxplus": lambda a0, x0: torch.maximum(h0 + a0, x0),
+             "lse": lambda a0, x0: torch.logaddexp(h0 + a0, x0)}[kind]
+    x = torch.cat([first(a[:, :1].squeeze(1), x[:, :1].squeeze(1))[:, None], x[:, 1:]], 1)
+    T = x.shape[1]
+    d = 1
+    while d < T:
+        a_hi, x_hi, x_lo, a_lo = a[:, d:], x[:, d:], x[:, :-d], a[:, :-d]
+        if kind == "diag":
+            x = torch.cat([x[:, :d], a_hi * x_lo + x_hi], 1)
+            a = torch.cat([a[:, :d], a_hi * a_lo], 1)
+        elif kind == "maxplus":
+            x = torch.cat([x[:, :d], torch.maximum(x_lo + a_hi, x_hi)], 1)
+            a = torch.cat([a[:, :d], a_hi + a_lo], 1)
+        else:
+            x = torch.cat([x[:, :d], torch.logaddexp(x_lo + a_hi, x_hi)], 1)
+            a = torch.cat([a[:, :d], a_hi + a_lo], 1)
+        d *= 2
+    return x
+
+
+def block_scan(A: list[list[torch.Tensor | None]], xs: list[torch.Tensor], h0s: list[torch.Tensor]):
+    """k coupled states with elementwise coefficients: h_i' = sum_j A[i][j] * h_j + x_i.
+    Returns the k sequences [B, T, *shape]."""
+    k = len(xs)
+    shape = xs[0].shape
+    for x in xs[1:]:
+        shape = torch.broadcast_shapes(shape, x.shape)
+    for row in A:
+        for a in row:
+            if a is not None:
+                shape = torch.broadcast_shapes(shape, a.shape)
+    B, T = shape[:2]
+    ref = xs[0]
+    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
+    Am = torch.stack([torch.stack([(a if a is not None else zero).expand(shape) for a in row], -1) for row in A], -2)
+    X = torch.stack([x.expand(shape) for x in xs], -1)
+    H0 = torch.stack([h.expand((B,) + tuple(shape[2:])) for h in h0s], -1)
+    C = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+    Am, X, H0 = Am.reshape(B, T, C, k, k), X.reshape(B, T, C, k), H0.reshape(B, C, k)
+    if T == 0:
+        H = X
+    elif use_c(Am, X, H0) and k <= 16:
+        H = cpu_kernels.block_scan(Am, X, H0)
+    else:
+        H = _block_doubling(Am, X, H0)
+    H = H.reshape(tuple(shape) + (k,))
+    return [H[..., i] for i in range(k)]
+
+
+def _block_doubling(A, X, H0):
+    X = torch.cat([(A[:, 0] @ H0[..., None])[..., 0][:, None] + X[:, :1], X[:, 1:]], 1)
+    T, d = X.shape[1], 1
+    while d < T:
+        X = torch.cat([X[:, :d], (A[:, d:] @ X[:, :-d, ..., None])[..., 0] + X[:, d:]], 1)
+        A = torch.cat([A[:, :d], A[:, d:] @ A[:, :-d]], 1)
+        d *= 2
+    return X
+
+
+def _pad_t(x: torch.Tensor, T_pad: int) -> torch.Tensor:
+    if x.shape[1] == T_pad:
+        return x
+    pad = torch.zeros((x.shape[0], T_pad - x.shape[1]) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], 1)
+
+
+def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+               S0: torch.Tensor, chunk: int | None = None):
+    """Matrix state with diagonal decay, S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, read out
+    as q_t^T S_t (inclusive) or q_t^T S_{t-1} (exclusive), without materialising S_t.
+
+    readouts: [(q [B, T, K], inclusive)]; k [B, T, K]; v [B, T, V]; g [B, T] (scalar decay)
+    or [B, T, K] (vector decay over keys), log space, <= 0 in practice; S0 [B, K, V].
+    Returns ([o [B, T, V] per readout], S_T). Inside a chunk every exponent is <= 0 for
+    non-positive g (MATH.md §3): scalar decay uses two matmuls per chunk, vector decay the
+    exact C x C x K contraction with small chunks."""
+    B, T, K = k.shape
+    V = v.shape[-1]
+    scalar = g.dim() == 2
+    C = chunk or (64 if scalar else 16)
+    N = (T + C - 1) // C
+    Tp = N * C
+    k, v, g = _pad_t(k, Tp), _pad_t(v, Tp), _pad_t(g, Tp)
+    kc, vc = k.reshape(B, N, C, K), v.reshape(B, N, C, V)
+    gc = g.reshape(B, N, C) if scalar else g.reshape(B, N, C, K)
+    b = gc.cumsum(2)                                     # within-chunk cumulative log decay
+    bC = b[:, :, -1]                                     # [B, N] or [B, N, K]
+    # chunk-local state contributions and the decay across whole chunks
+    if scalar:
+        wk = kc * torch.exp(bC[..., None] - b)[..., None]    # exp(b_C - b_j) <= 1
+        decay_c = torch.exp(bC)[..., None, None]             # [B, N, 1, 1]
+    else:
+        wk = kc * torch.exp(bC[:, :, None, :] - b)
+        decay_c = torch.exp(bC)[..., None]                   # [B, N, K, 1]
+    U = wk.transpose(-1, -2) @ vc                            # [B, N, K, V]
+    states = []                                              # S before each chunk
+    S = S0
+    for n in range(N):
+        states.append(S)
+        S = decay_c[:, n] * S + U[:, n]
+    S_prev = torch.stack(states, 1)                          # [B, N, K, V]
+    idx = torch.arange(C, device=k.device)
+    outs = []
+    for q, inclusive in readouts:
+        qc = _pad_t(q, Tp).reshape(B, N, C, K)
+        bq = b if inclusive else b - gc                      # the query sees S_t or S_{t-1}
+        mask = (idx[None, :] <= idx[:, None]) if inclusive else (idx[None, :] < idx[:, None])
+        if scalar:
+            expo = (bq[..., :, None] - b[..., None, :]).masked_fill(~mask, float("-inf"))
+            A = (qc @ kc.transpose(-1, -2)) * torch.exp(expo)                          # [B, N, C, C]
+            o = A @ vc + (qc * torch.exp(bq)[..., None]) @ S_prev
+        else:
+            expo = (bq[..., :, None, :] - b[..., None, :, :]).masked_fill(~mask[..., None], float("-inf"))
+            A = torch.einsum("bnik,bnjk,bnijk->bnij", qc, kc, torch.exp(expo))
+            o = A @ vc + (qc * torch.exp(bq)) @ S_prev
+        outs.append(o.reshape(B, Tp, V)[:, :T])
+    return outs, S
+
+
+def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
+                S0: torch.Tensor, chunk: int = 64):
+    """Gated delta rule S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T with
+    readout o_t = q_t^T S_t, in the WY/UT chunkwise form of MATH.md §4.
+    q, k [B, T, K]; v [B, T, V]; beta, g [B, T] (g None: ungated); S0 [B, K, V]."""
+    B, T, K = k.shape
+    V = v.shape[-1]
+    C = min(chunk, max(T, 1))
+    N = (T + C - 1) // C
+    Tp = N * C
+    if g is None:
+        g = torch.zeros_like(beta)
+    q, k, v, beta, g = (_pad_t(x, Tp) for x in (q, k, v, beta, g))
+    qc, kc, vc = q.reshape(B, N, C, K), k.reshape(B, N, C, K), v.reshape(B, N, C, V)
+    bc, b = beta.reshape(B, N, C), g.reshape(B, N, C).cumsum(2)
+    idx = torch.arange(C, device=k.device)
+    incl = idx[None, :] <= idx[:, None]
+    D = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~incl, float("-inf")))  # [B, N, C, C]
+    KK = kc @ kc.transpose(-1, -2)
+    A = torch.tril(bc[..., :, None] * KK * D, diagonal=-1)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    Tm = torch.linalg.solve_triangular(eye + A, torch.diag_embed(bc), upper=False, unitriangular=True)
+    U = Tm @ vc                                           # [B, N, C, V]
+    W = Tm @ (kc * torch.exp(b)[..., None])               # [B, N, C, K]
+    QK = (qc @ kc.transpose(-1, -2)) * D                  # [B, N, C, C]
+    wk = kc * torch.exp(b[..., -1:] - b)[..., None]       # K ⊙ exp(b_C - b)
+    qe = qc * torch.exp(b)[..., None]
+    decay = torch.exp(b[..., -1])[..., None, None]        # [B, N, 1, 1]
+    S, outs = S0, []
+    for n in range(N):
+        R = U[:, n] - W[:, n] @ S                         # Û - Ŵ S_0
+        outs.append(qe[:, n] @ S + QK[:, n] @ R)
+        S = decay[:, n] * S + wk[:, n].transpose(-1, -2) @ R
+    o = torch.stack(outs, 1).reshape(B, Tp, V)[:, :T]
+    return o, S
