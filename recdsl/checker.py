@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import keyword
+import re
 from dataclasses import dataclass, field, replace
 
 from . import ast as A
@@ -110,7 +111,11 @@ def check(module: A.Module) -> list[CheckedCell]:
             raise RecError(f"a cell named {cell.name} is already defined", cell.span,
                            notes=[("first defined here", seen[cell.name].span)])
         seen[cell.name] = cell
-        out.append(Checker(cell).run())
+        try:
+            out.append(Checker(cell).run())
+        except RecursionError:  # the parser refuses deep nesting; a tree built by hand may not
+            raise RecError(f"cell {cell.name} nests expressions too deeply to check", cell.span,
+                           hint="split long expressions into several named values") from None
     return out
 
 
@@ -135,7 +140,7 @@ class Checker:
     # ------------------------------------------------------------------ entry
     def run(self) -> CheckedCell:
         c = self.cell
-        check_identifier(c.name, c.span, "a cell")
+        check_identifier(c.name, _word_span(c.span, c.name), "a cell")
         self._cell_args(c.args)
         phase = "clause"
         for item in c.items:
@@ -171,7 +176,8 @@ class Checker:
     def _cell_args(self, args: list[A.CellArg]):
         seen_default = None
         for a in args:
-            check_identifier(a.name, a.span, "a dimension")
+            check_identifier(a.name, _word_span(a.span, a.name), "a dimension" if a.default is None
+                             else "a hyper-parameter")
             self._fresh(a.name, a.span)
             if a.default is None:
                 if seen_default is not None:
@@ -214,9 +220,13 @@ class Checker:
             raise RecError(f"'{d.kind}' inputs exist only in a cell that runs `over dag`", d.span,
                            hint="add `over dag` right after the cell line, or declare it as `input`")
         for v in d.vars:
-            check_identifier(v.name, v.span, f"a {d.kind}")
+            check_identifier(v.name, _word_span(v.span, v.name), KIND_PHRASES[d.kind])
             self._fresh(v.name, v.span)
             shape = tuple(self.static_dim(e, f"a dimension of {v.name}") for e in v.shape)
+            for size, e in zip(shape, v.shape):
+                if size.sign in (0, -1):
+                    raise RecError(f"a dimension of {v.name} is {size}; dimensions are positive", e.span,
+                                   hint="write [] for a scalar")
             var = Var(v.name, d.kind, Type(shape), v.span, decl=v)
             if v.on_edge and not (d.kind == "state" and self.over == "dag"):
                 raise RecError("only a state of a cell `over dag` can live `on edge`", v.span)
@@ -310,8 +320,12 @@ class Checker:
             raise RecError(f"{t.id}' updates {t.id}, which is not declared", t.span,
                            hint=f"declare it: `state {t.id}[...] = 0`" + _suggest(t.id, self.decls["state"]))
         if var.kind != "state":
+            hint = {"local": f"to name a new value write `{t.id}_new = ...`",
+                    "input": "an input's value comes with the data at every step; to carry a value from step "
+                             "to step, declare a state (`state s[...] = 0`) and write `s' = ...`",
+                    "param": "params are learned, not updated by the cell; carry a value in a state instead"}
             raise RecError(f"{t.id} is {_kind_phrase(var)}; only a state has a next value ({t.id}')", t.span,
-                           hint=f"to name a new value write `{t.id}_new = ...`" if var.kind == "local" else None)
+                           hint=hint.get(var.kind, f"name the new value `{t.id}_new = ...`"))
         if self.loop_depth:
             raise RecError(f"the update {t.id}' = ... is inside a for body", t.span,
                            hint=f"accumulate in a local inside the loop and write `{t.id}' = local` after it")
@@ -369,7 +383,7 @@ class Checker:
         if name is None:
             name = s.value.id if isinstance(s.value, (A.Name, A.Primed)) else f"out{len(self.outputs)}"
         else:
-            check_identifier(name, s.span, "an output")
+            check_identifier(name, _word_span(s.span, name, after="output"), "an output")
         if any(o.name == name for o in self.outputs):
             raise RecError(f"a second output named {name}", s.span, hint="give it another name: output y2 = ...")
         if self.over == "dag" and ty_per_edge(ty):
@@ -378,7 +392,7 @@ class Checker:
         self.outputs.append(OutputInfo(name, ty, s))
 
     def _for(self, s: A.For):
-        check_identifier(s.var, s.span, "a loop index")
+        check_identifier(s.var, _word_span(s.span, s.var, after="for"), "a loop index")
         if s.func != "range":
             raise RecError(f"a for loop runs over range(n), not {s.func}(...)", s.span,
                            hint="write `for j in range(n):` with n a dimension or a literal")
@@ -562,8 +576,9 @@ class Checker:
                            hint="use '*' to scale by a scalar")
         if a.shape[-1] != b.shape[0]:
             raise RecError(f"'@' needs the inner dimensions to agree: {a} @ {b}", e.span,
-                           hint=f"{a.shape[-1]} != {b.shape[0]}" + ("; transpose with .T?" if a.rank == 2 and
-                                                                     a.shape[0] == b.shape[0] else ""))
+                           hint=f"the last dimension on the left ({a.shape[-1]}) must equal the first on the right "
+                                f"({b.shape[0]})" + ("; transpose the left with .T?" if a.rank == 2 and
+                                                     a.shape[0] == b.shape[0] else ""))
         shape = a.shape[:-1] + b.shape[1:]
         return Type(shape, False, a.per_edge or b.per_edge) if _has_edge(a, b) else Type(shape)
 
@@ -596,10 +611,16 @@ class Checker:
             if isinstance(sub, A.Slice):
                 lo = self.static_dim(sub.lo, "a slice bound") if sub.lo is not None else Dim.const(0)
                 hi = self.static_dim(sub.hi, "a slice bound") if sub.hi is not None else size
+                for bound, node in ((lo, sub.lo), (hi, sub.hi)):
+                    if bound.sign == -1:
+                        raise RecError(f"a slice bound is negative ({bound})", node.span,
+                                       hint=f"slices count from 0: write the bound as an offset from the start, "
+                                            f"e.g. {size} - 1")
                 length = hi - lo
-                if length.constant is not None and length.constant <= 0:
-                    raise RecError(f"the slice is empty ({lo}:{hi})", sub.span)
-                if size.constant is not None and hi.constant is not None and hi.constant > size.constant:
+                if length.sign in (0, -1):
+                    raise RecError(f"the slice is empty ({lo}:{hi})", sub.span,
+                                   hint="the end of a slice lo:hi must be after its start")
+                if (hi - size).sign == 1:
                     raise RecError(f"slice end {hi} is past the axis size {size}", sub.span)
                 out.append(length)
             else:
@@ -612,18 +633,19 @@ class Checker:
         if isinstance(sub, A.Name) and self.env.get(sub.id) is not None and self.env[sub.id].kind == "loop":
             sub.ty = SCALAR
             count = self.env[sub.id].loop_count
-            if count.constant is not None and size.constant is not None and count.constant > size.constant:
+            if (count - size).sign == 1:
                 raise RecError(f"{sub.id} runs to {count} but the axis has size {size}", sub.span)
             return
-        if isinstance(sub, A.UnaryOp) and sub.op == "-" and isinstance(sub.operand, A.Num):
-            idx = -self.static_dim(sub.operand, "an index").constant
-        else:
-            idx_dim = self.static_dim(sub, "an index")
-            sub.ty = SCALAR
-            idx = idx_dim.constant
+        idx = self.static_dim(sub, "an index")
         sub.ty = SCALAR
-        if idx is not None and size.constant is not None and not -size.constant <= idx < size.constant:
-            raise RecError(f"index {idx} is out of range for an axis of size {size}", sub.span)
+        # In range: 0 <= idx < size, or -size <= idx < 0 (from the end), where that can be decided.
+        if idx.sign == -1:
+            out = (idx + size).sign == -1
+        else:
+            out = (idx - size).sign in (0, 1)
+        if out:
+            raise RecError(f"index {idx} is out of range for an axis of size {size}", sub.span,
+                           hint=f"indices run from 0 to {size - Dim.const(1)} (or -1 down to {-size} from the end)")
 
     # --- calls
     def _e_Call(self, e: A.Call):
@@ -631,8 +653,8 @@ class Checker:
         if b is None:
             if e.func in DISTRIBUTIONS:
                 raise RecError(f"{e.func}(...) draws a param's initial value: `param W[...] ~ {e.func}(...)`", e.span)
-            raise RecError(f"unknown function {e.func}", e.span,
-                           hint=(_suggest(e.func, BUILTINS).lstrip("; ") or
+            raise RecError(f"unknown function {e.func}", _word_span(e.span, e.func),
+                           hint=(_suggest(e.func, BUILTINS, cutoff=0.65).lstrip("; ") or
                                  "see `recdsl builtins` for the list of functions"))
         lo, hi = b.nargs
         n = len(e.args)
@@ -815,14 +837,33 @@ def ty_per_edge(ty) -> bool:
     return bool(getattr(ty, "per_edge", False))
 
 
+KIND_PHRASES = {"dim": "a dimension", "hyper": "a hyper-parameter", "input": "an input", "param": "a param",
+                "state": "a state", "edge": "an edge input", "pair": "a pair input", "local": "a local value",
+                "loop": "a loop index"}
+
+
 def _kind_phrase(var: Var) -> str:
-    return {"dim": "a dimension", "hyper": "a hyper-parameter", "input": "an input", "param": "a param",
-            "state": "a state", "edge": "an edge input", "pair": "a pair input", "local": "a local value",
-            "loop": "a loop index"}[var.kind]
+    return KIND_PHRASES[var.kind]
 
 
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+def _word_span(span: Span | None, word: str, after: str | None = None) -> Span | None:
+    """The span of `word` on the first line of `span` (after the keyword `after`, if given),
+    for pointing at a name rather than at the whole declaration or statement."""
+    if span is None or span.source is None:
+        return span
+    text = span.source.line(span.line)
+    start = span.col - 1
+    if after is not None:
+        m = re.compile(rf"\b{re.escape(after)}\b").search(text, start)
+        start = m.end() if m else start
+    m = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_'])").search(text, start)
+    if m is None:
+        return span
+    return Span(span.line, m.start() + 1, span.line, m.end() + 1, span.source)
+
+
+def _suggest(name: str, options, cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=cutoff)
     return f"; did you mean {close[0]}?" if close else ""
 
 

@@ -20,8 +20,10 @@ class Source:
     text: str
 
     def line(self, n: int) -> str:
-        lines = self.text.splitlines()
-        return lines[n - 1] if 1 <= n <= len(lines) else ""
+        """Line n (1-based), counted as the parser counts them: only '\n' ends a line (str.splitlines
+        would also split at form feeds, '\x1c'..'\x1e', '\x85', U+2028, ...)."""
+        lines = self.text.split("\n")
+        return lines[n - 1].removesuffix("\r") if 1 <= n <= len(lines) else ""
 
 
 @dataclass(frozen=True)

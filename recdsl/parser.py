@@ -33,6 +33,9 @@ def _grammar_text() -> str:
     return (Path(__file__).resolve().parent.parent / "grammar" / "rec.lark").read_text()
 
 
+TAB_NOTE = "; a tab counts as 8 spaces, so indent with spaces only"
+
+
 class RecIndenter(Indenter):
     """lark's Indenter, but a bad dedent is a located RecError instead of a bare exception,
     and the open brackets are remembered (for "'(' is never closed")."""
@@ -88,7 +91,8 @@ class RecIndenter(Indenter):
                 raise RecError(
                     f"this line is indented to column {indent + 1}, which matches no enclosing block",
                     Span(line, 1, line, len(indent_str) + 1, self.source),
-                    hint=f"indent it like the lines around it (column {self.indent_level[-1] + 1})")
+                    hint=f"indent it like the lines around it (column {self.indent_level[-1] + 1})"
+                    + (TAB_NOTE if "\t" in indent_str else ""))
 
 
 @lru_cache(maxsize=1)
@@ -121,17 +125,21 @@ def parse(text: str, filename: str = "<string>") -> A.Module:
 
 
 def _check_depth(tree: Tree, source: Source) -> None:
-    """Refuse absurdly deep nesting before anything recurses over the tree (iteratively)."""
-    stack = [(tree, 1)]
+    """Refuse absurdly deep nesting before anything recurses over the tree (iteratively).
+    The error points at the statement that holds the deep expression."""
+    stack = [(tree, 1, tree)]
     while stack:
-        t, depth = stack.pop()
+        t, depth, anchor = stack.pop()
+        if t.data in ("assign", "output", "decl", "clause", "for_stmt", "cell_arg"):
+            anchor = t
         if depth > MAX_DEPTH:
-            m = t.meta
+            m = anchor.meta
             line, col = (m.line, m.column) if not getattr(m, "empty", True) else (1, 1)
-            raise RecError(f"this expression is nested more than {MAX_DEPTH} levels deep", Span(line, col, line, col + 1,
-                                                                                              source),
+            end = m.end_column if not getattr(m, "empty", True) and m.end_line == line else col + 1
+            raise RecError(f"an expression here is nested more than {MAX_DEPTH} levels deep",
+                           Span(line, col, line, end, source),
                            hint="split it into several named values: a = ...; b = ...")
-        stack.extend((c, depth + 1) for c in t.children if isinstance(c, Tree))
+        stack.extend((c, depth + 1, anchor) for c in t.children if isinstance(c, Tree))
 
 
 # --------------------------------------------------------------------------- syntax errors
@@ -159,7 +167,7 @@ def _syntax_error(e: UnexpectedInput, source: Source, brackets: list[Token]) -> 
     if isinstance(e, UnexpectedCharacters):
         return _bad_character(e, source, line, col)
     if isinstance(e, UnexpectedEOF):  # pragma: no cover - LALR reports the end as a $END token
-        last = len(source.text.splitlines()) or 1
+        last = source.text.count("\n") or 1
         return RecError("unexpected end of file", Span(last, 1, last, 2, source),
                         hint=_expected_hint(_expected(e)))
     if isinstance(e, UnexpectedToken):
@@ -254,7 +262,8 @@ def _bad_token(e: UnexpectedToken, source: Source, brackets: list[Token]) -> Rec
 
     if at_end:
         last = _last_line(source)
-        span = Span(last, 1, last, len(source.line(last)) + 1, source)
+        text = source.line(last)
+        span = Span(last, len(text) - len(text.lstrip()) + 1, last, len(text.rstrip()) + 1, source)
         if "_INDENT" in expected:
             return RecError("expected an indented block after this line", span,
                             hint="a cell (or a for loop) needs at least one indented line under it")
@@ -266,7 +275,8 @@ def _bad_token(e: UnexpectedToken, source: Source, brackets: list[Token]) -> Rec
     if tok.type == "_INDENT":
         line = tok.end_line
         return RecError("unexpected indent", Span(line, 1, line, len(tok.value) + 1, source),
-                        hint="only the lines of a cell or a for body are indented, all by the same amount")
+                        hint="only the lines of a cell or a for body are indented, all by the same amount"
+                        + (TAB_NOTE if "\t" in source.line(line)[: len(tok.value)] else ""))
     if tok.type == "_DEDENT":
         line = tok.end_line
         return RecError("unexpected end of block", Span(line, 1, line, len(tok.value) + 1, source),
@@ -314,7 +324,7 @@ def _describe(tok: Token) -> str:
 
 
 def _last_line(source: Source) -> int:
-    lines = source.text.splitlines()
+    lines = source.text.split("\n")
     for i in range(len(lines), 0, -1):
         if lines[i - 1].strip():
             return i
@@ -360,7 +370,7 @@ def _expected_hint(expected) -> str | None:
     if not names:
         return None
     if len(names) > 6:
-        names = names[:6] + ["..."]
+        return "expected " + ", ".join(names[:6]) + ", ..."
     return "expected " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0])
 
 
@@ -382,6 +392,11 @@ def _token_hint(tok: Token, prev: Token | None, expected: set[str], brackets: li
         close = difflib.get_close_matches(tok.value, STATEMENT_WORDS, n=1, cutoff=0.75)
         if close and close[0] != tok.value:
             return f"did you mean '{close[0]}'?"
+    if brackets and tok.type not in ("RPAR", "RSQB"):
+        b = brackets[-1]
+        close = OPENERS[b.value]
+        if ("RPAR" if close == ")" else "RSQB") in expected:
+            return f"is a '{close}' missing? the '{b.value}' at {b.line}:{b.column} is still open"
     if tok.type in ("RPAR", "RSQB") and tok.type not in expected:
         opener = "(" if tok.type == "RPAR" else "["
         if not brackets:
@@ -535,7 +550,7 @@ def _number(text: str) -> int | float:
 
 def _docstring_text(raw: str) -> str:
     body = raw[3:-3]
-    lines = body.splitlines()
+    lines = body.replace("\r\n", "\n").split("\n")
     if len(lines) > 1:  # strip the common indentation of continuation lines
         rest = [ln for ln in lines[1:] if ln.strip()]
         cut = min((len(ln) - len(ln.lstrip()) for ln in rest), default=0)

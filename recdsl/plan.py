@@ -36,6 +36,7 @@ class StagePlan:
     rank: int | None = None           # low-rank stages
     decay: str | None = None          # scalar | vector | elementwise | identity
     backends: dict[str, str] = field(default_factory=dict)      # backend -> lowering or "cannot: why"
+    nodes: dict = field(default_factory=dict, repr=False)       # the coefficients as IR nodes, for backends
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Plan:
     hoisted: list[str]                # descriptions of what is computed for all steps at once
     backends: dict[str, str | None]   # backend -> None if it runs the whole cell, else why not
     seconds: float = 0.0
+    ir: object = field(default=None, repr=False)   # the (rewritten) IR the plan describes
 
     def stage_of(self, state: str) -> StagePlan:
         for s in self.stages:

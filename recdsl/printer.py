@@ -25,10 +25,19 @@ def _cell(c: A.Cell) -> str:
     args = ", ".join(a.name if a.default is None else f"{a.name}={expr(a.default)}" for a in c.args)
     lines = [f"cell {c.name}({args}):"]
     if c.doc is not None:
-        lines.append(INDENT + '"""' + c.doc.replace("\n", "\n" + INDENT) + '"""')
+        lines.extend(_docstring(c.doc))
     for item in c.items:
         lines.extend(_item(item, INDENT))
     return "\n".join(lines)
+
+
+def _docstring(doc: str) -> list[str]:
+    if "\n" not in doc and not doc.endswith('"'):
+        return [INDENT + '"""' + doc + '"""']
+    # On lines of their own, so that the parser's stripping of the common indentation (and of
+    # the surrounding blank space) gives back exactly `doc`, and a closing quote of the text
+    # does not run into the closing """.
+    return [INDENT + '"""'] + [(INDENT + ln) if ln else ln for ln in doc.split("\n")] + [INDENT + '"""']
 
 
 def _item(item: A.Node, ind: str) -> list[str]:
@@ -102,7 +111,9 @@ def expr(e: A.Expr) -> str:
     if isinstance(e, A.Index):
         return f"{_wrap(e.value, PRECEDENCE['postfix'])}[{', '.join(_sub(s) for s in e.subs)}]"
     if isinstance(e, A.Attr):
-        return f"{_wrap(e.value, PRECEDENCE['postfix'])}.{e.attr}"
+        # `2.T` would lex as the number `2.` and the name T
+        value = f"({expr(e.value)})" if isinstance(e.value, A.Num) else _wrap(e.value, PRECEDENCE['postfix'])
+        return f"{value}.{e.attr}"
     if isinstance(e, A.ListExpr):
         return "[" + ", ".join(expr(i) for i in e.items) + "]"
     raise TypeError(f"cannot print {type(e).__name__}")

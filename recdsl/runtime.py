@@ -41,12 +41,15 @@ class RecModule(nn.Module):
                 raise RecError(f"input {name} shares its name with an option of forward()",
                                cell.inputs[name].span, hint=f"rename it, e.g. {name}_")
         self.backend_name = self._pick_backend(backend)
-        self._backend = _backend_module(self.backend_name)
-        why = self._backend.supports(self.ir)
+        backend_mod = _backend_module(self.backend_name)
+        why = backend_mod.supports(self.ir)
         if why:
             raise RecError(why, cell.span)
-        self._step_fn, self.generated = self._backend.build_step(self.ir)
+        from .backends import reference
+        self._step_fn, step_source = reference.build_step(self.ir)   # step(): one step, for decoding
         self._plan = None
+        self._program = backend_mod.build(self.ir)
+        self.generated = getattr(self._program, "source", step_source)
         for name, var in cell.params.items():
             shape = self._param_shape(var)
             p = nn.Parameter(torch.empty(shape, dtype=dtype or torch.float32, device=device))
@@ -76,10 +79,14 @@ class RecModule(nn.Module):
     def _pick_backend(self, backend: str) -> str:
         if backend not in BACKENDS:
             raise RecError(f"unknown backend '{backend}'", hint="backends: " + ", ".join(BACKENDS))
-        if backend == "auto":
-            return "reference"  # the only backend so far; `auto` picks the fastest that runs the cell
-        if backend != "reference":
-            raise RecError(f"the {backend} backend is not built yet; use backend='reference' (or 'auto')")
+        if backend == "auto":  # the fastest built backend that runs the cell
+            for name in ("torch", "reference"):
+                if _backend_module(name).supports(self.ir) is None:
+                    return name
+            return "reference"
+        if backend not in BUILT:
+            raise RecError(f"the {backend} backend is not built yet",
+                           hint="built: " + ", ".join(BUILT) + " (or 'auto')")
         return backend
 
     def _param_shape(self, var) -> tuple[int, ...]:
@@ -207,22 +214,16 @@ class RecModule(nn.Module):
         return self._pack(outs, out_dtype), st
 
     def _run(self, xs, st, reverse: bool, dtype):
-        P = self._params(dtype)
-        nb = 2 if self.heads else 1
-        T = next(iter(xs.values())).shape[1]
+        if next(iter(xs.values())).shape[1] == 0:
+            raise RecError("the inputs have no time steps (T = 0)")
+        if reverse:  # right to left: run on the flipped sequence, flip the outputs back
+            xs = {n: x.flip(1) for n, x in xs.items()}
+        params = {n: getattr(self, n).to(dtype) for n in self.spec.cell.params}
         device = next(iter(xs.values())).device
-        steps = range(T - 1, -1, -1) if reverse else range(T)
-        per_t: dict[str, list] = {o: [None] * T for o in self.ir.outputs}
-        for t in steps:
-            X = {n: x[:, t] for n, x in xs.items()}
-            st, outs = self._step_fn(X, st, P, nb, dtype, device)
-            for o, v in outs.items():
-                per_t[o][t] = v
-        stacked = {}
-        for o, vals in per_t.items():
-            ref_shape = torch.broadcast_shapes(*(v.shape for v in vals))
-            stacked[o] = torch.stack([v.expand(ref_shape) for v in vals], dim=1) if T else None
-        return stacked, st
+        outs, st = self._program.run(xs, st, params, self.heads, dtype, device)
+        if reverse:
+            outs = {o: v.flip(1) for o, v in outs.items()}
+        return outs, st
 
     def _forward_varlen(self, xs, state, reverse, cu_seqlens, dtype, out_dtype):
         cu = torch.as_tensor(cu_seqlens).tolist()
@@ -283,10 +284,16 @@ class RecModule(nn.Module):
             f", backend={self.backend_name}"
 
 
+BUILT = ("reference", "torch")
+
+
 def _backend_module(name: str):
     if name == "reference":
         from .backends import reference
         return reference
+    if name == "torch":
+        from .backends import torch as torch_backend
+        return torch_backend
     raise RecError(f"no backend {name}")  # pragma: no cover
 
 

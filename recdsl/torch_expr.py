@@ -44,8 +44,9 @@ def const_text(node: Node) -> str:
 class TorchExpr:
     """Emits the right-hand side for a node given the names of its sources."""
 
-    def __init__(self, name_of):
+    def __init__(self, name_of, nb: str = "NB"):
         self.name_of = name_of  # Node -> the Python expression holding its value
+        self.nb = nb            # the name of the prefix rank in the generated code
 
     def operand(self, src: Node, rank: int, as_tensor: bool = False) -> str:
         """src's value lifted to `rank` node axes (new axes right after the prefix)."""
@@ -101,12 +102,12 @@ class TorchExpr:
             head = f"{x}.shape[:-{r}]" if r else f"{x}.shape"
             return f"{x}.reshape({head} + {tuple(n.arg)!r})"
         if op == Op.CONCAT:
-            return f"torch.cat(rt.broadcast_prefix([{', '.join(self.name_of(x) for x in s)}], NB), dim=-1)"
+            return f"torch.cat(rt.broadcast_prefix([{', '.join(self.name_of(x) for x in s)}], {self.nb}), dim=-1)"
         if op == Op.EYE:
             size = n.arg if n.arg is not None else None
-            return f"rt.with_prefix(torch.eye({size}, dtype=DT, device=DEV), NB)"
+            return f"rt.with_prefix(torch.eye({size}, dtype=DT, device=DEV), {self.nb})"
         if op == Op.CONST:
-            return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), NB)"
+            return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), {self.nb})"
         raise NotImplementedError(f"no torch form for {op.name}")
 
 

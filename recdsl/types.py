@@ -64,6 +64,19 @@ class Dim:
         return None
 
     @property
+    def sign(self) -> int | None:
+        """1 / -1 when the dim is positive / negative for every size of its names (all sizes
+        are >= 1), 0 when it is zero, None when that depends on the sizes."""
+        if not self.terms:
+            return 0
+        coeffs = list(self.terms.values())
+        if all(c >= 0 for c in coeffs):
+            return 1
+        if all(c <= 0 for c in coeffs):
+            return -1
+        return None
+
+    @property
     def names(self) -> set[str]:
         return {n for m in self.terms for n in m}
 

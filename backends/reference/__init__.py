@@ -95,3 +95,31 @@ def build_step(ir: IRCell):
     namespace = {"torch": torch, "F": F, "rt": rt}
     exec(compile(src, f"<recdsl reference {ir.name}>", "exec"), namespace)
     return namespace["step"], src
+
+
+class Program:
+    """The per-step loop: the generated step applied for t = 0 .. T-1."""
+
+    def __init__(self, ir: IRCell, plan=None):
+        self.step, self.source = build_step(ir)
+        self.ir = ir
+
+    def run(self, xs, st, params, heads, dtype, device):
+        import torch
+        P = {n: p[None] for n, p in params.items()}
+        nb = 2 if heads else 1
+        T = next(iter(xs.values())).shape[1]
+        per_t: dict[str, list] = {o: [] for o in self.ir.outputs}
+        for t in range(T):
+            st, outs = self.step({n: x[:, t] for n, x in xs.items()}, st, P, nb, dtype, device)
+            for o, v in outs.items():
+                per_t[o].append(v)
+        stacked = {}
+        for o, vals in per_t.items():
+            shape = torch.broadcast_shapes(*(v.shape for v in vals))
+            stacked[o] = torch.stack([v.expand(shape) for v in vals], dim=1)
+        return stacked, st
+
+
+def build(ir: IRCell, plan=None) -> Program:
+    return Program(ir, plan)

@@ -48,7 +48,7 @@ def analyze(ir: IRCell, trace: dict | None = None, verify: bool = True) -> P.Pla
     trace["readouts"] = "\n".join(f"{o.name}: {o.kind} {o.stages}" for o in outputs)
     backends = _backends(ir, stage_plans)
     trace["backends"] = "\n".join(f"{b}: {why or 'runs'}" for b, why in backends.items())
-    plan = P.Plan(ir.name, dict(ir.dims), ir.over, stage_plans, outputs, hoisted, backends)
+    plan = P.Plan(ir.name, dict(ir.dims), ir.over, stage_plans, outputs, hoisted, backends, ir=ir)
     plan.seconds = time.perf_counter() - t0
     return plan
 
@@ -195,7 +195,8 @@ def _diagonal_plan(ir, plan, s, a, b, verify):
     lowering = "chunkwise (matrix state from outer products)" if chunk else LOWERINGS[P.DIAGONAL]
     if chunk:
         reason += "; the state is a matrix built from outer products"
-    return plan(P.DIAGONAL, detail, reason, lowering=lowering, coefficients=coeffs, checks=checks, decay=kind)
+    return plan(P.DIAGONAL, detail, reason, lowering=lowering, coefficients=coeffs, checks=checks, decay=kind,
+                nodes={"a": a, "b": b, "log_a": g})
 
 
 def _has_outer(n: Node | None) -> bool:
@@ -268,7 +269,8 @@ def _semiring_plan(ir, plan, an, s, sr, verify):
         checks.append(f"combine of the {name} semiring is associative and composes steps (sympy)"
                       if combine_is_associative(kind) else "combine NOT proven associative")
     return plan(P.SEMIRING, name, f"{s}' = {'max' if kind == 'maxplus' else 'logaddexp'}({s} + a, b) "
-                f"with a, b free of {s}", coefficients=coeffs, checks=checks)
+                f"with a, b free of {s}", coefficients=coeffs, checks=checks,
+                nodes={"kind": kind, "a": a, "b": b})
 
 
 def _lowrank_plan(ir, plan, s, a, low, offset, verify, leaves, updates):
@@ -292,7 +294,8 @@ def _lowrank_plan(ir, plan, s, a, low, offset, verify, leaves, updates):
         checks.append("combine = composition of affine maps (matrix products) is associative (sympy)"
                       if combine_is_associative("lowrank") else "combine NOT proven associative")
     return plan(P.LOW_RANK, f"rank {rank}, {gate}", f"{s}' = decay * {s} + sum of rank-1 updates "
-                f"outer(u, w @ {s}) plus free terms", coefficients=coeffs, checks=checks, rank=rank, decay=kind)
+                f"outer(u, w @ {s}) plus free terms", coefficients=coeffs, checks=checks, rank=rank, decay=kind,
+                nodes={"decay": a, "terms": low, "b": offset})
 
 
 def _lowrank_numeric(ir, state, a, low, offset) -> float:
@@ -368,7 +371,8 @@ def _block_plan(ir, plan, states, forms, verify, leaves, updates):
                       if combine_is_associative("block", k) else "combine NOT proven associative")
     return plan(P.BLOCK_DIAGONAL, f"{k}x{k} blocks", f"each of {', '.join(s + chr(39) for s in states)} is an "
                 f"elementwise combination of {', '.join(states)}: per element a {k}x{k} matrix",
-                coefficients=coeffs, checks=checks, block=k)
+                coefficients=coeffs, checks=checks, block=k,
+                nodes={"A": A, "b": {s: forms[s].offset for s in states}})
 
 
 def _check_affine(ir, leaves, updates) -> list[str]:

@@ -47,7 +47,7 @@ def mul(a: Node | None, b: Node | None) -> Node | None:
 
 def add(a: Node | None, b: Node | None) -> Node | None:
     """a + b where None means 0."""
-    if a is None:
+    if a is None or (a.op == Op.CONST and a.arg == 0.0 and not a.shape and b is not None and b.rank == 0):
         return b
     if b is None:
         return a

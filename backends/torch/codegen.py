@@ -1,0 +1,255 @@
+"""Plan -> the text of one `forward` function in torch, per cell (what `recdsl inspect
+--stage torch` prints). Everything that reads no state, or only states of finished
+stages, runs over the whole sequence at once (tensors [B, T, (heads,) *shape]); each
+stage runs its kernel (scan, chunkwise form, or a tight loop over just its recurrent
+core); outputs are computed after the last stage they read. Every line carries the .rec
+line it came from."""
+from __future__ import annotations
+
+from recdsl.analysis import stages as S
+from recdsl.ir import IRCell, Node, Op, toposort
+from recdsl.plan import Plan
+from recdsl.torch_expr import TorchExpr, const_text
+
+from .lowering import StageLowering, consumers, lower_stage, stage_core
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text).strip()
+
+
+class Emitter:
+    def __init__(self, ir: IRCell, plan: Plan):
+        self.ir, self.plan = ir, plan
+        self.lines: list[str] = []
+        self.seq: dict[int, str] = {}        # node id -> name of its whole-sequence value
+        self.counter = 0
+        self.file = ir.checked.span.file.rsplit("/", 1)[-1] if ir.checked.span else "<cell>"
+        self.shown: set[int] = set()
+        self.expr_seq = TorchExpr(self.seq_name, nb="NS")
+        self.place = S.placement(ir, [s.states for s in plan.stages])
+        self.users = consumers(ir)
+        self.final: dict[str, str] = {}
+        self.lowerings: list[StageLowering] = []
+        self.cse: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def fresh(self, base: str) -> str:
+        self.counter += 1
+        return f"{base}_{self.counter}"
+
+    def note(self, n: Node | None) -> str:
+        if n is None or n.span is None:
+            return ""
+        text = f"{self.file}:{n.span.line}"
+        if n.span.line not in self.shown and n.span.source is not None:
+            self.shown.add(n.span.line)
+            text += "  " + _safe(n.span.source.line(n.span.line))
+        return text
+
+    def emit(self, code: str, node: Node | None = None, indent: int = 1):
+        line = "    " * indent + code
+        note = self.note(node)
+        self.lines.append(f"{line:<64}  # {note}" if note else line)
+
+    def seq_name(self, n: Node) -> str:
+        """Name of n's value over the whole sequence, emitting it (and its sources) first."""
+        if n.id in self.seq:
+            return self.seq[n.id]
+        for x in self._pending(n):
+            if x.id in self.seq:
+                continue
+            if x.op == Op.CONST and not x.shape:
+                self.seq[x.id] = const_text(x)
+                continue
+            if x.op == Op.INPUT:
+                self.seq[x.id] = f"X[{x.arg!r}]"
+                continue
+            if x.op == Op.PARAM:
+                self.seq[x.id] = f"P2[{x.arg!r}]"
+                continue
+            if x.op == Op.STATE:
+                name = self.fresh(f"{x.arg[0]}_prev")
+                seq_new = self.seq[self.ir.updates[x.arg[0]].id]
+                self.emit(f"{name} = rt.shift({seq_new}, S0[{x.arg[0]!r}])", x)
+                self.seq[x.id] = name
+                continue
+            rhs = self.expr_seq(x)
+            if rhs in self.cse:  # the same expression built twice (e.g. by the analysis)
+                self.seq[x.id] = self.cse[rhs]
+                continue
+            name = self.fresh(x.name if x.name and x.name.isidentifier() else "t")
+            self.emit(f"{name} = {rhs}", x)
+            self.seq[x.id] = self.cse[rhs] = name
+        return self.seq[n.id]
+
+    def _pending(self, n: Node) -> list[Node]:
+        """n and the sources it needs that have no value yet, sources first (the search
+        stops at values already bound, e.g. fused readouts, so their inputs are not built)."""
+        order, seen, stack = [], set(), [(n, False)]
+        while stack:
+            x, done = stack.pop()
+            if done:
+                order.append(x)
+                continue
+            if x.id in seen or x.id in self.seq:
+                continue
+            seen.add(x.id)
+            stack.append((x, True))
+            stack.extend((s, False) for s in reversed(x.srcs) if s.id not in self.seq)
+        return order
+
+    # ------------------------------------------------------------------ program
+    def program(self) -> str:
+        ir = self.ir
+        head = [
+            f"# recdsl torch backend -- cell {ir.name} ({self.file}), dims "
+            + ", ".join(f"{k}={v}" for k, v in ir.dims.items()),
+            "# X: inputs [B, T, (heads,) *shape]; S0: initial states [B, (heads,) *shape];",
+            "# P1/P2: params with 1/2 leading axes; P0: params as stored; NB: per-step prefix rank.",
+            "def forward(X, S0, P0, P1, P2, NB, DT, DEV):",
+            "    NS = NB + 1",
+            "    X0 = next(iter(X.values()))",
+        ]
+        for sp in self.plan.stages:
+            low = lower_stage(ir, sp, self.place, self.users)
+            self.lowerings.append(low)
+            self.emit(f"# --- stage {sp.index}: {', '.join(sp.states)} ({sp.cls}) -> {low.describe}")
+            getattr(self, "_stage_" + low.kind)(low)
+        self.emit("# --- outputs")
+        outs = {o: self.seq_name(n) for o, n in ir.outputs.items()}
+        for s in ir.states:
+            if s not in self.final:
+                self.final[s] = f"{self.seq[ir.updates[s].id]}[:, -1]"
+        finals = ", ".join(f"{s!r}: {v}" for s, v in self.final.items())
+        self.emit(f"return {{{', '.join(f'{o!r}: {v}' for o, v in outs.items())}}}, {{{finals}}}")
+        return "\n".join(head + self.lines) + "\n"
+
+    # ------------------------------------------------------------------ stage kernels
+    def _stage_vectorised(self, low: StageLowering):
+        for s in low.stage.states:
+            self.seq_name(self.ir.updates[s])
+
+    def _lifted(self, n: Node | None, rank: int, default: str) -> str:
+        if n is None:
+            return default
+        name = self.seq_name(n)
+        if n.op == Op.CONST and not n.shape:
+            return f"torch.tensor({name}, dtype=DT, device=DEV)"
+        return f"rt.lift({name}, {n.rank}, {rank})"
+
+    def _stage_element(self, low: StageLowering):
+        s = low.stage.states[0]
+        st = self.ir.states[s]
+        upd = self.ir.updates[s]
+        a = self._lifted(low.nodes["a"], st.rank, "torch.ones((), dtype=DT, device=DEV)")
+        b = self._lifted(low.nodes["b"], st.rank, "torch.zeros((), dtype=DT, device=DEV)"
+                         if low.nodes["kind"] == "diag" else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
+        name = self.fresh(f"{s}_seq")
+        self.emit(f"{name} = K.element_scan({low.nodes['kind']!r}, rt.full_seq({a}, X0, NS, {st.rank}), "
+                  f"rt.full_seq({b}, X0, NS, {st.rank}), S0[{s!r}])", upd)
+        self.seq[upd.id] = name
+
+    def _stage_block(self, low: StageLowering):
+        states = low.stage.states
+        r = self.ir.states[states[0]].rank
+        A, bs = low.nodes["A"], low.nodes["b"]
+        rows = []
+        for i in range(len(states)):
+            row = [self._lifted(A.get((i, j)), r, "None") for j in range(len(states))]
+            rows.append("[" + ", ".join(row) + "]")
+        xs = [f"rt.full_seq({self._lifted(bs[s], r, 'torch.zeros((), dtype=DT, device=DEV)')}, X0, NS, {r})"
+              for s in states]
+        names = [self.fresh(f"{s}_seq") for s in states]
+        self.emit(f"{', '.join(names)}, = K.block_scan([{', '.join(rows)}], [{', '.join(xs)}], "
+                  f"[{', '.join(f'S0[{s!r}]' for s in states)}])", self.ir.updates[states[0]])
+        for s, n in zip(states, names):
+            self.seq[self.ir.updates[s].id] = n
+
+    def _chunk_inputs(self, low: StageLowering, names: list[str]) -> list[str]:
+        out = []
+        for key in names:
+            n = low.nodes.get(key)
+            if n is None:
+                out.append("None")
+                continue
+            out.append(f"rt.to_bt({self.seq_name(n)}, {n.rank}, X0, NS)")
+        return out
+
+    def _stage_chunk_diag(self, low: StageLowering):
+        s = low.stage.states[0]
+        k, v, g = self._chunk_inputs(low, ["k", "v", "g"])
+        qs = [f"(rt.to_bt({self.seq_name(q)}, 1, X0, NS), {inc})" for _, q, inc in low.readouts]
+        outs, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        self.emit(f"{outs}, {fin} = K.chunk_diag([{', '.join(qs)}], {k}, {v}, {g}, rt.to_b(S0[{s!r}], NB))",
+                  self.ir.updates[s])
+        self._bind_readouts(low, outs)
+        self.final[s] = f"rt.from_b({fin}, S0[{s!r}])"
+
+    def _stage_chunk_delta(self, low: StageLowering):
+        s = low.stage.states[0]
+        k, v, beta, g = self._chunk_inputs(low, ["k", "v", "beta", "g"])
+        (_, q, _), = low.readouts or [(None, None, True)]
+        qn = f"rt.to_bt({self.seq_name(q)}, 1, X0, NS)" if q is not None else k
+        o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        self.emit(f"{o}, {fin} = K.chunk_delta({qn}, {k}, {v}, {beta}, {g}, rt.to_b(S0[{s!r}], NB))",
+                  self.ir.updates[s])
+        self._bind_readouts(low, f"[{o}]")
+        self.final[s] = f"rt.from_b({fin}, S0[{s!r}])"
+
+    def _bind_readouts(self, low: StageLowering, outs: str):
+        for i, (node, _, _) in enumerate(low.readouts):
+            name = self.fresh("readout")
+            self.emit(f"{name} = rt.from_bt({outs}[{i}], X0, NS)", node)
+            self.seq[node.id] = name
+
+    def _stage_loop(self, low: StageLowering):
+        """A tight loop over the stage's recurrent core; everything else is precomputed."""
+        ir, states = self.ir, low.stage.states
+        core = stage_core(ir, states, self.place, low.stage.index)
+        core_ids = {n.id for n in core}
+        step: dict[int, str] = {}
+        pre: list[tuple[str, str, Node]] = []    # (step name, whole-sequence name) to slice per step
+        for n in core:
+            if n.op == Op.STATE:
+                step[n.id] = f"s_{n.arg[0]}"
+        for n in core:
+            for src in n.srcs:
+                if src.id in core_ids or src.id in step:
+                    continue
+                if src.op == Op.STATE and src.arg[0] in states:
+                    step[src.id] = f"s_{src.arg[0]}"
+                elif src.op == Op.CONST and not src.shape:
+                    step[src.id] = const_text(src)
+                elif src.op == Op.PARAM:
+                    step[src.id] = f"P1[{src.arg!r}]"
+                elif src.op in (Op.CONST, Op.EYE):
+                    nm = self.fresh("c")
+                    self.emit(f"{nm} = {TorchExpr(lambda x: step[x.id])(src)}", src)
+                    step[src.id] = nm
+                else:
+                    seq = self.seq_name(src)
+                    nm = self.fresh(f"{src.name}_t" if src.name and src.name.isidentifier() else "in_t")
+                    step[src.id] = nm
+                    pre.append((nm, seq, src))
+        expr = TorchExpr(lambda x: step[x.id])
+        for s in states:
+            self.emit(f"s_{s} = S0[{s!r}]")
+            self.emit(f"acc_{s} = []")
+        self.emit(f"for t in range(X0.shape[1]):")
+        for nm, seq, src in pre:
+            self.emit(f"{nm} = rt.at({seq}, t, NS)", src, indent=2)
+        for n in core:
+            if n.op == Op.STATE:
+                continue
+            nm = self.fresh(n.name if n.name and n.name.isidentifier() else "t")
+            self.emit(f"{nm} = {expr(n)}", n, indent=2)
+            step[n.id] = nm
+        for s in states:
+            self.emit(f"s_{s} = {step[ir.updates[s].id]}", indent=2)
+            self.emit(f"acc_{s}.append(s_{s})", indent=2)
+        for s in states:
+            nm = self.fresh(f"{s}_seq")
+            self.emit(f"{nm} = rt.stack_t(acc_{s}, S0[{s!r}])")
+            self.seq[ir.updates[s].id] = nm
+            self.final[s] = f"s_{s}"
