@@ -94,14 +94,14 @@ def check(files, quiet, dims, no_plan):
     sys.exit(1 if failed else 0)
 
 
-STAGES = ("ast", "source", "ir", "passes", "plan", "reference")
+STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch")
 
 
 @main.command()
 @click.argument("file")
 @click.option("--stage", type=click.Choice(STAGES), default="plan", show_default=True,
               help="ast: syntax tree with spans; source: the tree printed back; ir: one step as a graph; "
-                   "passes: each analysis pass; plan: classes, coefficients, checks; reference: generated code.")
+                   "passes: each analysis pass; plan: classes, coefficients, checks; reference/torch: generated code.")
 @click.option("--dims", default=None, help=DIMS_HELP)
 def inspect(file, stage, dims):
     """Print one compilation stage of FILE (a .rec path or a stdlib name)."""
@@ -126,9 +126,16 @@ def inspect(file, stage, dims):
                 click.echo(text)
         elif stage == "plan":
             click.echo(str(s.plan(**mine)))
-        else:
+        elif stage == "reference":
             from .backends import reference
             click.echo(reference.emit_step(s.lower(**s.analysis_dims(**mine))), nl=False)
+        else:
+            from .backends import torch as torch_backend
+            ir = s.lower(**s.analysis_dims(**mine))
+            why = torch_backend.supports(ir)
+            if why:
+                raise RecError(why, s.cell.span)
+            click.echo(torch_backend.emit(ir)[0], nl=False)
 
 
 def _dump_ast(node, indent: int = 0) -> str:

@@ -22,3 +22,54 @@ def language_examples() -> dict[str, str]:
         m = re.search(r"^cell\s+(\w+)", p.read_text(), flags=re.M)
         out[m.group(1)] = p.read_text()
     return out
+
+
+def random_inputs(spec, layer, B, T, dtype, seed=0, scale=0.5):
+    """Random inputs for a module: N(0, scale^2), except inputs whose name suggests a log
+    gate (gk, g, lf, w...) which are made negative so decays stay below one."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    heads = (layer.heads,) if layer.heads else ()
+    xs = {}
+    for name, var in spec.cell.inputs.items():
+        shape = (B, T) + heads + layer.ir.concrete(var.shape)
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+        if name in ("gk", "g", "gv", "w", "log_decay"):
+            x = -x.abs()
+        xs[name] = x.to(dtype)
+    return xs
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def compare_backends(spec, dims, backend, B=2, T=11, dtype=None, seed=0, grads=True, heads=None, **call):
+    """Run `backend` and `reference` on the same random data; return the max abs errors of
+    outputs, final states and gradients (inputs and params)."""
+    import torch
+    dtype = dtype or torch.float64
+    torch.manual_seed(seed)
+    ref = spec(backend="reference", heads=heads, **dims).to(dtype)
+    other = spec(backend=backend, heads=heads, **dims).to(dtype)
+    other.load_state_dict(ref.state_dict())
+    xs = random_inputs(spec, ref, B, T, dtype, seed)
+    xs = {k: v.requires_grad_() for k, v in xs.items()} if grads else xs
+    o1, s1 = ref(**xs, **call)
+    o2, s2 = other(**xs, **call)
+    o1, o2 = as_tuple(o1), as_tuple(o2)
+    errs = {"out": max(float((a - b).detach().abs().max()) for a, b in zip(o1, o2)),
+            "state": max(float((s1[k] - s2[k]).detach().abs().max()) for k in s1)}
+    if grads:
+        w = [torch.randn(a.shape, dtype=dtype, generator=torch.Generator().manual_seed(seed + 1)) for a in o1]
+        l1 = sum((a * c).sum() for a, c in zip(o1, w)) + sum(v.sum() for v in s1.values())
+        l2 = sum((a * c).sum() for a, c in zip(o2, w)) + sum(v.sum() for v in s2.values())
+        p1 = [p for p in ref.parameters()]
+        p2 = [p for p in other.parameters()]
+        g1 = torch.autograd.grad(l1, list(xs.values()) + p1, allow_unused=True)
+        g2 = torch.autograd.grad(l2, list(xs.values()) + p2, allow_unused=True)
+        errs["grad"] = max((float((a - b).abs().max()) for a, b in zip(g1, g2) if a is not None and b is not None),
+                           default=0.0)
+    scale = max(float(a.detach().abs().max()) for a in o1) if o1 else 1.0
+    errs["scale"] = scale
+    return errs

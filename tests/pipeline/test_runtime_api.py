@@ -116,5 +116,8 @@ def test_hyper_parameter_override_changes_the_step():
 
 def test_plan_property_and_generated_code():
     layer = recdsl.load("mingru")(D=3, H=4)
+    assert layer.backend_name == "torch"  # auto picks the fastest backend that runs the cell
     assert layer.plan.classes() == {"h": "diagonal affine"}
-    assert "def step(" in layer.generated and "mingru.rec:" in layer.generated
+    assert "def forward(" in layer.generated and "mingru.rec:" in layer.generated
+    ref = recdsl.load("mingru")(D=3, H=4, backend="reference")
+    assert "def step(" in ref.generated
