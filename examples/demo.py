@@ -23,7 +23,7 @@ SHOW_PLANS = ("mlstm", "gated_deltanet", "lru", "lstm")
 
 
 def main() -> None:
-    console = Console()
+    console = Console(width=150)
     torch.manual_seed(0)
     table = Table("cell", "classes (stage: states)", "check ms", "analyse ms", "run (B=2, T=64)", "round trip")
     paths = list(stdlib_files().values()) + sorted(HERE.glob("*.rec"))

@@ -44,9 +44,10 @@ def const_text(node: Node) -> str:
 class TorchExpr:
     """Emits the right-hand side for a node given the names of its sources."""
 
-    def __init__(self, name_of, nb: str = "NB"):
+    def __init__(self, name_of, nb: str = "NB", raw_param=None):
         self.name_of = name_of  # Node -> the Python expression holding its value
         self.nb = nb            # the name of the prefix rank in the generated code
+        self.raw_param = raw_param  # PARAM node -> its unprefixed tensor's name (one GEMM for W @ x)
 
     def operand(self, src: Node, rank: int, as_tensor: bool = False) -> str:
         """src's value lifted to `rank` node axes (new axes right after the prefix)."""
@@ -77,6 +78,9 @@ class TorchExpr:
         if op == Op.WHERE:
             c = self.operand(s[0], n.rank, True)
             return f"torch.where({c}, {self.operand(s[1], n.rank, True)}, {self.operand(s[2], n.rank, True)})"
+        if op == Op.MATMUL and self.raw_param is not None and s[0].op == Op.PARAM and s[0].rank == 2 \
+                and s[1].rank == 1:
+            return f"rt.param_matvec({self.raw_param(s[0])}, {self.name_of(s[1])})"
         if op == Op.MATMUL:
             a, b = self.name_of(s[0]), self.name_of(s[1])
             if s[0].rank == 2 and s[1].rank == 1:

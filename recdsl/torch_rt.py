@@ -13,3 +13,11 @@ def broadcast_prefix(xs: list[torch.Tensor], nb: int) -> list[torch.Tensor]:
     """Expand the prefix axes of xs to a common shape (torch.cat does not broadcast)."""
     prefix = torch.broadcast_shapes(*(tuple(x.shape[:nb]) for x in xs))
     return [x.expand(prefix + tuple(x.shape[nb:])) for x in xs]
+
+
+def param_matvec(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """W @ x for a param W [m, n] (or [heads, m, n]) and x [..., (heads,) n] as one GEMM,
+    instead of a batched matmul that would expand W over the batch."""
+    if W.dim() == 2:
+        return x @ W.T
+    return torch.einsum("...hn,hmn->...hm", x, W)

@@ -14,6 +14,10 @@ from recdsl.torch_expr import TorchExpr, const_text
 from .lowering import StageLowering, consumers, lower_stage, stage_core
 
 
+def _raw(n: Node) -> str:
+    return f"P0[{n.arg!r}]"
+
+
 def _safe(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text).strip()
 
@@ -26,7 +30,7 @@ class Emitter:
         self.counter = 0
         self.file = ir.checked.span.file.rsplit("/", 1)[-1] if ir.checked.span else "<cell>"
         self.shown: set[int] = set()
-        self.expr_seq = TorchExpr(self.seq_name, nb="NS")
+        self.expr_seq = TorchExpr(self.seq_name, nb="NS", raw_param=_raw)
         self.place = S.placement(ir, [s.states for s in plan.stages])
         self.users = consumers(ir)
         self.final: dict[str, str] = {}
@@ -232,7 +236,7 @@ class Emitter:
                     nm = self.fresh(f"{src.name}_t" if src.name and src.name.isidentifier() else "in_t")
                     step[src.id] = nm
                     pre.append((nm, seq, src))
-        expr = TorchExpr(lambda x: step[x.id])
+        expr = TorchExpr(lambda x: step[x.id], raw_param=_raw)
         for s in states:
             self.emit(f"s_{s} = S0[{s!r}]")
             self.emit(f"acc_{s} = []")
