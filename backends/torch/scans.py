@@ -120,7 +120,7 @@ def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: to
     B, T, K = k.shape
     V = v.shape[-1]
     scalar = g.dim() == 2
-    C = chunk or (64 if scalar else 16)
+    C = chunk or 64
     N = (T + C - 1) // C
     Tp = N * C
     k, v, g = _pad_t(k, Tp), _pad_t(v, Tp), _pad_t(g, Tp)
@@ -153,8 +153,7 @@ def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: to
             A = (qc @ kc.transpose(-1, -2)) * torch.exp(expo)                          # [B, N, C, C]
             o = A @ vc + (qc * torch.exp(bq)[..., None]) @ S_prev
         else:
-            expo = (bq[..., :, None, :] - b[..., None, :, :]).masked_fill(~mask[..., None], float("-inf"))
-            A = torch.einsum("bnik,bnjk,bnijk->bnij", qc, kc, torch.exp(expo))
+            A = _vector_decay_scores(qc, kc, bq, b, mask)
             o = A @ vc + (qc * torch.exp(bq)) @ S_prev
         outs.append(o.reshape(B, Tp, V)[:, :T])
     return outs, S
@@ -195,3 +194,37 @@ def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
         S = decay[:, n] * S + wk[:, n].transpose(-1, -2) @ R
     o = torch.stack(outs, 1).reshape(B, Tp, V)[:, :T]
     return o, S
+
+
+SUB = 16  # sub-block of the vector-decay score matrix
+
+
+def _vector_decay_scores(qc, kc, bq, b, mask):
+    """A_ij = sum_k q_ik k_jk exp(bq_ik - b_jk) for the allowed (i, j) of a chunk, with every
+    exponent <= 0: sub-blocks below the diagonal factor through the key sub-block's last
+    cumulative decay r (exp(bq_i - r) and exp(r - b_j) are both <= 1, so two matmuls);
+    the diagonal sub-blocks use the exact C x C x K contraction (MATH.md §3)."""
+    B, N, C, K = qc.shape
+    c = SUB if C % SUB == 0 and C > SUB else C
+    M = C // c
+    qs, ks = qc.reshape(B, N, M, c, K), kc.reshape(B, N, M, c, K)
+    bqs, bs = bq.reshape(B, N, M, c, K), b.reshape(B, N, M, c, K)
+    # diagonal sub-blocks: exact
+    expo = (bqs[..., :, None, :] - bs[..., None, :, :])
+    sub_mask = mask[:c, :c]
+    expo = expo.masked_fill(~sub_mask[..., None], float("-inf"))
+    diag = torch.einsum("bnmik,bnmjk,bnmijk->bnmij", qs, ks, torch.exp(expo))       # [B, N, M, c, c]
+    A = torch.zeros(B, N, M, c, M, c, dtype=qc.dtype, device=qc.device)
+    idx = torch.arange(M, device=qc.device)
+    A[:, :, idx, :, idx, :] = diag.permute(2, 0, 1, 3, 4)
+    if M > 1:
+        r = bs[..., -1, :]                                                           # [B, N, M, K]
+        kr = ks * torch.exp(r[..., None, :] - bs)                                    # exp <= 1
+        # query sub-block I against key sub-block J < I: exp(bq_I - r_J) <= 1
+        lower = (idx[:, None] > idx[None, :])                                        # [M(I), M(J)]
+        expo_q = bqs[:, :, :, None] - r[:, :, None, :, None, :]                      # [B, N, I, J, c, K]
+        expo_q = expo_q.masked_fill(~lower[:, :, None, None], float("-inf"))
+        qr = qs[:, :, :, None] * torch.exp(expo_q)
+        off = torch.einsum("bnIJik,bnJjk->bnIiJj", qr, kr)
+        A = A + off
+    return A.reshape(B, N, C, C)

@@ -70,7 +70,7 @@ def test_block_scan(impl, monkeypatch):
 
 @pytest.mark.parametrize("scalar", [True, False])
 @pytest.mark.parametrize("inclusive", [True, False])
-@pytest.mark.parametrize("T, chunk", [(37, 8), (16, 16), (5, 64)])
+@pytest.mark.parametrize("T, chunk", [(37, 8), (16, 16), (5, 64), (150, 64)])
 def test_chunk_diag(scalar, inclusive, T, chunk):
     torch.manual_seed(1)
     B, K, V = 2, 4, 3
