@@ -221,6 +221,10 @@ class RecModule(nn.Module):
         params = {n: getattr(self, n).to(dtype) for n in self.spec.cell.params}
         device = next(iter(xs.values())).device
         outs, st = self._program.run(xs, st, params, self.heads, dtype, device)
+        B, T = next(iter(xs.values())).shape[:2]
+        heads = (self.heads,) if self.heads else ()
+        # an output that reads only params is computed once; give it the full [B, T, ...] shape
+        outs = {o: v.expand((B, T) + heads + self.ir.shape_of(self.ir.outputs[o])) for o, v in outs.items()}
         if reverse:
             outs = {o: v.flip(1) for o, v in outs.items()}
         return outs, st

@@ -436,8 +436,8 @@ def _readouts(ir: IRCell, stage_list, place) -> list[P.OutputPlan]:
         if not ks:
             out.append(P.OutputPlan(name, "hoisted", [], "reads no state"))
             continue
-        last = ks[-1]
-        st = stage_list[last]
+        # Linear jointly in every state it reads (previous and new values): a readout.
+        st = [s for k in ks for s in stage_list[k]]
         stop = {ir.updates[s].id: ir.updates[s] for s in st}
         an = StageAnalysis(_stage_leaves(ir, st), stop)
         d = an.degree(node)

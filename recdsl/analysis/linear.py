@@ -173,6 +173,16 @@ class StageAnalysis:
             terms = [self._broadcast_term(t.scaled(f), n) for t in a.terms]
             off = None if a.offset is None else _mk(Op.MUL, [a.offset, f])
             return Affine(terms, off, a.offset_known)
+        if op == Op.WHERE:  # where(m, x, y) = m * x + (1 - m) * y for a state-free mask m
+            on = _mk(Op.WHERE, [s[0], const(1.0), const(0.0)], s[0].shape)
+            off = _mk(Op.WHERE, [s[0], const(0.0), const(1.0)], s[0].shape)
+            fx, fy = self.form(s[1]), self.form(s[2])
+            terms = [self._broadcast_term(t.scaled(on), n) for t in fx.terms] + \
+                    [self._broadcast_term(t.scaled(off), n) for t in fy.terms]
+            offset = None
+            if fx.offset is not None or fy.offset is not None:
+                offset = _mk(Op.WHERE, [s[0], fx.offset or const(0.0), fy.offset or const(0.0)], n.shape)
+            return Affine(terms, offset, fx.offset_known and fy.offset_known)
         if op == Op.MATMUL and self.is_free(s[0]) and s[0].rank == 1 and s[1].rank == 2:
             a = self.form(s[1])
             terms = [self._contract(t, s[0], n) for t in a.terms]
@@ -203,11 +213,18 @@ class StageAnalysis:
         return None
 
     def _contract(self, t: Term, w: Node, n: Node) -> Term:
-        if t.kind == "diag" and (t.scale is None or t.scale.rank == 0):
+        """w @ term. A scale that is a scalar passes through; a key-side column scale c
+        ([K, 1]) folds into the contraction: w @ (c * S) = (w * c[:, 0]) @ S."""
+        scalar = t.scale is None or t.scale.rank == 0
+        col = t.scale is not None and t.scale.rank == 2 and t.scale.shape[1] == ONE
+        if t.kind == "diag" and scalar:
             return Term("contract", t.state, t.scale, w=w)
-        if t.kind == "lowrank" and (t.scale is None or t.scale.rank == 0):
-            coef = _mk(Op.DOT, [w, t.u], ())
-            return Term("contract", t.state, mul(t.scale, coef), w=t.w)
+        if t.kind == "diag" and col:
+            return Term("contract", t.state, None, w=_mk(Op.MUL, [w, _column(t.scale)], w.shape))
+        if t.kind == "lowrank" and (scalar or col):
+            wc = w if scalar else _mk(Op.MUL, [w, _column(t.scale)], w.shape)
+            coef = _mk(Op.DOT, [wc, t.u], ())
+            return Term("contract", t.state, coef if col else mul(t.scale, coef), w=t.w)
         return Term("dense", t.state, why=_describe(n))
 
     def _outer(self, t: Term, u: Node, n: Node) -> Term:
@@ -224,7 +241,8 @@ class StageAnalysis:
         if n.id in self.vars and self.key(n) == state_key:
             return (None, const(0.0), None)
         op, s = n.op, n.srcs
-        if op in (Op.ADD, Op.SUB) and not n.shape:
+        state_shape = next(v.shape for v in self.vars.values() if self.key(v) == state_key)
+        if op in (Op.ADD, Op.SUB) and n.shape == state_shape:
             x, f = (s[0], s[1]) if not self.is_free(s[0]) else (s[1], s[0])
             if not self.is_free(f) or (op == Op.SUB and x is s[1]):
                 return None
@@ -234,7 +252,7 @@ class StageAnalysis:
             kind, a, b = r
             g = f if op == Op.ADD else _mk(Op.NEG, [f])
             return (kind, None if a is None else add(a, g), None if b is None else add(b, g))
-        if op in (Op.MAX, Op.LOGADDEXP):
+        if op in (Op.MAX, Op.LOGADDEXP) and n.shape == state_shape:
             kind = "maxplus" if op == Op.MAX else "logsumexp"
             r1, r2 = self.semiring(s[0], state_key), self.semiring(s[1], state_key)
             if r1 is None or r2 is None or (r1[0] not in (None, kind)) or (r2[0] not in (None, kind)):
@@ -273,6 +291,11 @@ class StageAnalysis:
             if self.mixing(x) == "DENSE" and all(self.mixing(s) != "DENSE" for s in x.srcs):
                 return x
         return None
+
+
+def _column(c: Node) -> Node:
+    """c[:, 0] of a [K, 1] node."""
+    return Node(Op.INDEX, (c,), (c.shape[0],), (slice(None), 0))
 
 
 def _join(op: Op, a: Node | None, b: Node | None) -> Node | None:

@@ -17,6 +17,8 @@ def _cells():
         out[f"stdlib:{name}"] = path
     for path in sorted((ROOT / "examples").glob("*.rec")):
         out[f"example:{path.stem}"] = path
+    for path in sorted((ROOT / "tests" / "analysis" / "cells").glob("*.rec")):  # cells written by others
+        out[f"unseen:{path.stem}"] = path
     return {k: v for k, v in out.items() if recdsl.load(v).cell.over == "seq"}
 
 
