@@ -400,6 +400,9 @@ class Checker:
             raise RecError("range takes one argument here: the number of iterations", s.span,
                            hint="write `for j in range(n):` with n a dimension or a literal")
         count = self.static_dim(s.args[0], "the loop count")
+        if count.sign in (0, -1):
+            raise RecError(f"range({count}) never runs", s.args[0].span,
+                           hint="the loop count is a positive dimension or literal")
         if s.var in self.env:
             raise RecError(f"loop index {s.var} is already defined", s.span,
                            notes=[("defined here", self.env[s.var].span)])
@@ -662,7 +665,9 @@ class Checker:
             want = f"{lo}" if lo == hi else (f"at least {lo}" if hi < 0 else f"{lo} to {hi}")
             hint = "amax(x) reduces over an axis; max(a, b) compares two values" if e.func in ("max", "min") else None
             raise RecError(f"{e.func} takes {want} argument{'s' if want != '1' else ''}, got {n}", e.span, hint=hint)
-        for k in e.kwargs:
+        for i, k in enumerate(e.kwargs):
+            if any(other.name == k.name for other in e.kwargs[:i]):
+                raise RecError(f"keyword argument '{k.name}' is given twice", k.span)
             if k.name not in b.kwargs:
                 raise RecError(f"{e.func} has no keyword argument '{k.name}'", k.span,
                                hint=f"it takes {', '.join(b.kwargs)}" if b.kwargs else f"{e.func} takes no keywords")

@@ -87,6 +87,8 @@ def _excerpt(span: Span) -> list[str]:
     text = span.source.line(span.line).rstrip("\n")
     if not text.strip():
         return []
+    # Control characters (a stray \r, \x00, ...) would garble the terminal: show them as spaces.
+    text = "".join(ch if ch == "\t" or ch.isprintable() else " " for ch in text)
     # Tabs are expanded the same way on both lines so that the caret stays aligned.
     prefix = "".join("\t" if ch == "\t" else " " for ch in text[: span.col - 1])
     end = span.end_col if span.end_line == span.line and span.end_col > span.col else span.col + 1

@@ -189,8 +189,9 @@ def _bad_character(e: UnexpectedCharacters, source: Source, line: int, col: int)
     if ch == "'":
         return RecError("a prime (') must directly follow a state name", span,
                         hint="write s' = ... with no space between the name and the prime")
-    if ch == "\t" or ch == "\r":  # only reached where whitespace is not ignored (never, today)
-        return RecError(f"unexpected {ch!r}", span)  # pragma: no cover
+    if ch == "\r":
+        return RecError("a carriage return (\\r) that does not end a line", span,
+                        hint="save the file with \\n (or \\r\\n) line endings")
     if not ch.isascii() or not ch.isprintable():
         if ch.isprintable():
             return RecError(f"unexpected character {ch!r} (U+{ord(ch):04X})", span,
@@ -302,7 +303,7 @@ def _bad_token(e: UnexpectedToken, source: Source, brackets: list[Token]) -> Rec
     if tok.type == "_NL":
         if "COLON" in expected:
             return RecError("missing ':' at the end of the line", span, hint="a cell or for line ends with ':'")
-        if expected & EXPR_START and prev is not None and prev.type in OPERATORS | {"EQUAL", "COMMA", "TILDE"}:
+        if "NUMBER" in expected and prev is not None and prev.type in OPERATORS | {"EQUAL", "COMMA"}:
             return RecError("unexpected end of line", span, hint=f"expected an expression after {prev.value!r}")
         return RecError("unexpected end of line", span, hint=_expected_hint(expected))
     if not brackets and prev is not None and prev.type == "NAME" and prev.line == tok.line \
@@ -386,7 +387,7 @@ def _literal(terminal: str) -> str:
 def _token_hint(tok: Token, prev: Token | None, expected: set[str], brackets: list[Token]) -> str | None:
     if tok.type == "EQUAL" and "COMP_OP" in expected:
         return "'=' assigns, once per statement; to compare write '=='"
-    if tok.type in ("NAME", "PRIMED", "NUMBER") and "_NL" in expected and prev is not None:
+    if tok.type in ("NAME", "PRIMED", "NUMBER") and prev is not None and ("_NL" in expected or "COMMA" in expected):
         return "two expressions in a row: is an operator or a ',' missing?"
     if tok.type == "NAME":
         close = difflib.get_close_matches(tok.value, STATEMENT_WORDS, n=1, cutoff=0.75)
