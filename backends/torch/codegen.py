@@ -148,7 +148,7 @@ class Emitter:
         upd = self.ir.updates[s]
         a = self._lifted(low.nodes["a"], st.rank, "torch.ones((), dtype=DT, device=DEV)")
         b = self._lifted(low.nodes["b"], st.rank, "torch.zeros((), dtype=DT, device=DEV)"
-                         if low.nodes["kind"] == "diag" else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
+                         if low.nodes["kind"] in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
         name = self.fresh(f"{s}_seq")
         self.emit(f"{name} = K.element_scan({low.nodes['kind']!r}, rt.full_seq({a}, X0, NS, {st.rank}), "
                   f"rt.full_seq({b}, X0, NS, {st.rank}), S0[{s!r}])", upd)

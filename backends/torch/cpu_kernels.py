@@ -102,7 +102,7 @@ def _prep(*ts):
 
 
 class _ElementScan(torch.autograd.Function):
-    """diag / maxplus / lse over [B, T, C] with h0 [B, C]."""
+    """diag / diagexp (decay given as its log) / maxplus / lse over [B, T, C], h0 [B, C]."""
 
     @staticmethod
     def forward(ctx, kind, a, x, h0):
@@ -121,8 +121,8 @@ class _ElementScan(torch.autograd.Function):
         gh = gh.contiguous()
         gT = torch.zeros_like(h0)
         dx, da, dh0 = torch.empty_like(x), torch.empty_like(x), torch.empty_like(h0)
-        if ctx.kind == "diag":
-            _call("diag_bwd", x.dtype, a, h, h0, gh, gT, dx, da, dh0, B, T, C)
+        if ctx.kind in ("diag", "diagexp"):
+            _call(f"{ctx.kind}_bwd", x.dtype, a, h, h0, gh, gT, dx, da, dh0, B, T, C)
         else:
             _call(f"{ctx.kind}_bwd", x.dtype, a, x, h, h0, gh, gT, dx, da, dh0, B, T, C)
         return None, da, dx, dh0
@@ -151,7 +151,7 @@ class _BlockScan(torch.autograd.Function):
 
 
 def element_scan(kind: str, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """All h_t of the scan `kind` (diag | maxplus | lse); a, x [B, T, C], h0 [B, C]."""
+    """All h_t of the scan `kind` (diag | diagexp | maxplus | lse); a, x [B, T, C], h0 [B, C]."""
     return _ElementScan.apply(kind, a, x, h0)
 
 

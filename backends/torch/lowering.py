@@ -148,8 +148,9 @@ def lower_stage(ir: IRCell, sp: P.StagePlan, place: dict[int, int], users) -> St
                 return StageLowering("chunk_diag", sp, "chunkwise (intra-chunk matmuls, state passed between chunks)",
                                      {"k": u, "v": w, "g": g}, reads)
             return StageLowering("element", sp, f"element scan over the flattened state ({why})",
-                                 {"kind": "diag", "a": a, "b": b})
-        return StageLowering("element", sp, "element scan", {"kind": "diag", "a": a, "b": b})
+                                 _diag_nodes(sp, a, b))
+        return StageLowering("element", sp, "element scan" + (" (decay in log space)" if sp.nodes.get("log_a")
+                                                               is not None else ""), _diag_nodes(sp, a, b))
     if sp.cls == P.SEMIRING:
         return StageLowering("element", sp, f"element scan ({sp.detail})",
                              {"kind": sp.nodes["kind"], "a": sp.nodes["a"], "b": sp.nodes["b"]})
@@ -162,6 +163,15 @@ def lower_stage(ir: IRCell, sp: P.StagePlan, place: dict[int, int], users) -> St
         return StageLowering("loop", sp, f"sequential loop ({low})")
     return StageLowering("loop", sp, "sequential loop over the stage's step"
                          + (" (hoisted work precomputed)" if sp.cls in (P.NONLINEAR, P.DENSE) else ""))
+
+
+def _diag_nodes(sp, a, b) -> dict:
+    """A decay written exp(g) / sigmoid(u) / 1 - sigmoid(u) is scanned from its log: the
+    exponential happens inside the scan, one pass over memory less."""
+    g = sp.nodes.get("log_a")
+    if a is not None and g is not None:
+        return {"kind": "diagexp", "a": g, "b": b}
+    return {"kind": "diag", "a": a, "b": b}
 
 
 def _delta_rule(ir, sp, core, users):

@@ -21,7 +21,8 @@ def _flat(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 
 def element_scan(kind: str, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """h_t = a_t * h_{t-1} + x_t (diag), max(h_{t-1} + a_t, x_t) (maxplus) or
+    """h_t = a_t * h_{t-1} + x_t (diag), exp(a_t) * h_{t-1} + x_t (diagexp: the decay in log
+    space, exponentiated inside the scan), max(h_{t-1} + a_t, x_t) (maxplus) or
     logaddexp(h_{t-1} + a_t, x_t) (lse). a broadcasts to x: [B, T, *shape]."""
     shape = torch.broadcast_shapes(a.shape, x.shape)
     B, T = shape[:2]
@@ -32,6 +33,8 @@ def element_scan(kind: str, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) 
     if use_c(a, x, h0):
         h = cpu_kernels.element_scan(kind, _flat(a, B, T), _flat(x, B, T), h0.reshape(B, -1))
     else:
+        if kind == "diagexp":
+            kind, a = "diag", torch.exp(a)
         h = doubling_scan(kind, _flat(a, B, T), _flat(x, B, T), h0.reshape(B, -1))
     return h.reshape(shape)
 

@@ -13,6 +13,8 @@ def _loop(kind, a, x, h0):
     for t in range(x.shape[1]):
         if kind == "diag":
             h = a[:, t] * h + x[:, t]
+        elif kind == "diagexp":
+            h = torch.exp(a[:, t]) * h + x[:, t]
         elif kind == "maxplus":
             h = torch.maximum(h + a[:, t], x[:, t])
         else:
@@ -25,7 +27,7 @@ def test_c_library_builds_here():
     assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
 
 
-@pytest.mark.parametrize("kind", ["diag", "maxplus", "lse"])
+@pytest.mark.parametrize("kind", ["diag", "diagexp", "maxplus", "lse"])
 @pytest.mark.parametrize("impl", ["c", "doubling"])
 @pytest.mark.parametrize("T", [1, 2, 37, 130])
 def test_element_scans(kind, impl, T):
@@ -37,7 +39,10 @@ def test_element_scans(kind, impl, T):
     g = torch.randn(B, T, C, dtype=DT)
     ref = _loop(kind, a, x, h0)
     gr = torch.autograd.grad((ref * g).sum(), [a, x, h0])
-    h = cpu_kernels.element_scan(kind, a, x, h0) if impl == "c" else scans.doubling_scan(kind, a, x, h0)
+    if impl == "c":
+        h = cpu_kernels.element_scan(kind, a, x, h0)
+    else:
+        h = scans.doubling_scan("diag", torch.exp(a), x, h0) if kind == "diagexp" else scans.doubling_scan(kind, a, x, h0)
     gh = torch.autograd.grad((h * g).sum(), [a, x, h0])
     assert torch.allclose(h, ref, atol=1e-12)
     for p, q in zip(gh, gr):
@@ -115,3 +120,14 @@ def test_chunk_diag_is_stable_under_strong_decay():
     (o,), S = scans.chunk_diag([(torch.randn(B, T, K), True)], torch.randn(B, T, K), torch.randn(B, T, V), g,
                                torch.zeros(B, K, V))
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
+
+
+def test_float32_exp_inside_the_scan_matches_torch_exp():
+    g = torch.linspace(-100, 90, 20001)[None, :, None]
+    # one step at a time (x = 0, h0 = 1): the scan's output is exp(g_t) itself
+    one = torch.stack([cpu_kernels.element_scan("diagexp", g[:, t:t + 1], torch.zeros(1, 1, 1), torch.ones(1, 1))[0, 0, 0]
+                       for t in range(0, 20001, 97)])
+    ref = torch.exp(g[0, ::97, 0])
+    finite = torch.isfinite(ref) & (ref > 1e-37)
+    assert torch.allclose(one[finite], ref[finite], rtol=3e-7)
+    assert (one[ref == 0] == 0).all() and torch.isinf(one[torch.isinf(ref)]).all()
