@@ -49,7 +49,10 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) found")
     src = SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+    # -fno-trapping-math / -fno-math-errno let loops with floorf and selects vectorise; unlike
+    # -ffast-math they keep inf and NaN semantics (the semiring scans use -inf).
+    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
+             "-std=c99"]
     key = hashlib.sha256(src + " ".join([cc] + flags + [platform.machine(), platform.node()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"scans-{key}.so"
     if not out.exists():

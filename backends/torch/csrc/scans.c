@@ -19,7 +19,8 @@
 
 /* exp for float that the compiler can vectorise (Cephes' range reduction and polynomial,
  * about 1 ulp on [-87, 88]; 0 below, inf above). libm's expf is not vectorised without
- * -ffast-math, which would also break the -inf identities the semiring scans rely on. */
+ * -ffast-math, which would also break the -inf identities the semiring scans rely on; this
+ * one vectorises with -fno-trapping-math -fno-math-errno, which keep IEEE inf and NaN. */
 static inline float vexpf(float x) {
     float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     float n = floorf(xc * 1.44269504088896341f + 0.5f);
@@ -28,9 +29,10 @@ static inline float vexpf(float x) {
     float y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
                 + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
     y = y * z + r + 1.0f;
-    union { int32_t i; float f; } u;
-    u.i = ((int32_t)n + 127) << 23;
-    float out = y * u.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float out = y * scale;
     out = x > 88.0f ? INFINITY : out;
     return x < -87.0f ? 0.0f : out;
 }
@@ -215,8 +217,9 @@ void diagexp_fwd_##SFX(const T_* g, const T_* x, const T_* h0, T_* h, int64_t B,
         for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
         for (int64_t t = 0; t < T; t++) {                                                     \
             int64_t o = (b * T + t) * C + c0;                                                 \
-            _Pragma("omp simd")                                                               \
-            for (int64_t c = 0; c < n; c++) { acc[c] = EXPF(g[o + c]) * acc[c] + x[o + c]; h[o + c] = acc[c]; } \
+            T_ ev[CB];                                                                        \
+            for (int64_t c = 0; c < n; c++) ev[c] = EXPF(g[o + c]);                           \
+            for (int64_t c = 0; c < n; c++) { acc[c] = ev[c] * acc[c] + x[o + c]; h[o + c] = acc[c]; } \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
