@@ -62,8 +62,41 @@ class TorchExpr:
             text = f"{text}[..., {', '.join(['None'] * k + [':'] * src.rank)}]"
         return text
 
+    def deps(self, n: Node) -> tuple[Node, ...]:
+        """The nodes whose values the emitted expression reads (fewer than n.srcs when a
+        fused form skips intermediate values)."""
+        lin = self.linear_parts(n)
+        if lin is not None:
+            return (lin[1],)
+        return n.srcs
+
+    def linear_parts(self, n: Node):
+        """n == W @ x + b1 + b2 + ... with W a matrix param and b's vector params: one
+        F.linear instead of a matmul and adds. Returns (W, x, [b...]) or None."""
+        if self.raw_param is None or n.op != Op.ADD:
+            return None
+        leaves, stack = [], [n]
+        while stack:
+            m = stack.pop()
+            if m.op == Op.ADD and m is not n and m.name is not None:
+                return None  # an intermediate with a name may be used elsewhere; keep it
+            if m.op == Op.ADD:
+                stack.extend(m.srcs)
+            else:
+                leaves.append(m)
+        mms = [m for m in leaves if m.op == Op.MATMUL and m.srcs[0].op == Op.PARAM and m.srcs[0].rank == 2
+               and m.srcs[1].rank == 1]
+        biases = [m for m in leaves if m.op == Op.PARAM and m.rank == 1]
+        if len(mms) != 1 or len(biases) + 1 != len(leaves) or any(b.shape != n.shape for b in biases):
+            return None
+        return mms[0].srcs[0], mms[0].srcs[1], biases
+
     def __call__(self, n: Node) -> str:
         op, s = n.op, n.srcs
+        lin = self.linear_parts(n)
+        if lin is not None:
+            W, x, bs = lin
+            return f"rt.param_linear({self.raw_param(W)}, {self.name_of(x)}, {', '.join(self.raw_param(b) for b in bs)})"
         if op in UNARY_TORCH:
             return f"{UNARY_TORCH[op]}({self.operand(s[0], n.rank)})"
         if op == Op.NEG:

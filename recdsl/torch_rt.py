@@ -21,3 +21,13 @@ def param_matvec(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if W.dim() == 2:
         return x @ W.T
     return torch.einsum("...hn,hmn->...hm", x, W)
+
+
+def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor) -> torch.Tensor:
+    """W @ x + sum(biases) for params W [m, n] (or [heads, m, n]) as one fused GEMM."""
+    b = biases[0]
+    for other in biases[1:]:
+        b = b + other
+    if W.dim() == 2:
+        return torch.nn.functional.linear(x, W, b)
+    return torch.einsum("...hn,hmn->...hm", x, W) + b

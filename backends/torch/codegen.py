@@ -36,6 +36,7 @@ class Emitter:
         self.final: dict[str, str] = {}
         self.lowerings: list[StageLowering] = []
         self.cse: dict[str, str] = {}
+        self.lazy: dict[int, tuple[str, str]] = {}   # values emitted only if something reads them
 
     # ------------------------------------------------------------------ helpers
     def fresh(self, base: str) -> str:
@@ -62,6 +63,11 @@ class Emitter:
             return self.seq[n.id]
         for x in self._pending(n):
             if x.id in self.seq:
+                continue
+            if x.id in self.lazy:  # a state sequence the loop kept: stack it now that it is needed
+                name, code = self.lazy.pop(x.id)
+                self.emit(code)
+                self.seq[x.id] = name
                 continue
             if x.op == Op.CONST and not x.shape:
                 self.seq[x.id] = const_text(x)
@@ -100,7 +106,9 @@ class Emitter:
                 continue
             seen.add(x.id)
             stack.append((x, True))
-            stack.extend((s, False) for s in reversed(x.srcs) if s.id not in self.seq)
+            if x.id in self.lazy:
+                continue
+            stack.extend((s, False) for s in reversed(self.expr_seq.deps(x)) if s.id not in self.seq)
         return order
 
     # ------------------------------------------------------------------ program
@@ -254,6 +262,5 @@ class Emitter:
             self.emit(f"acc_{s}.append(s_{s})", indent=2)
         for s in states:
             nm = self.fresh(f"{s}_seq")
-            self.emit(f"{nm} = rt.stack_t(acc_{s}, S0[{s!r}])")
-            self.seq[ir.updates[s].id] = nm
+            self.lazy[ir.updates[s].id] = (nm, f"{nm} = rt.stack_t(acc_{s}, S0[{s!r}])")
             self.final[s] = f"s_{s}"

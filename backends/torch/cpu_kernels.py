@@ -162,3 +162,23 @@ def block_scan(A: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tens
     if x.shape[-1] > 16:
         raise ValueError("block scans take blocks of at most 16")
     return _BlockScan.apply(A, x, h0)
+
+
+def matdiag(readouts, k, v, g, S0):
+    """Inference kernel for a matrix state with key-side decay (see csrc/scans.c):
+    readouts [(q [B, T, K], inclusive)], k/g [B, T, K], v [B, T, V], S0 [B, K, V] ->
+    ([o [B, T, V]], S_T). No autograd."""
+    B, T, K = k.shape
+    V = v.shape[-1]
+    R = len(readouts)
+    dt = k.dtype
+    if R == 1:
+        q = readouts[0][0].contiguous()
+    else:
+        q = torch.stack([x for x, _ in readouts]).contiguous() if R else torch.zeros(1, dtype=dt)
+    incl = torch.tensor([int(i) for _, i in readouts] or [0], dtype=torch.int32)
+    out = torch.empty((max(R, 1), B, T, V), dtype=dt)
+    ST = torch.empty((B, K, V), dtype=dt)
+    g, k, v, S0 = _prep(g, k, v, S0)
+    _call("matdiag_fwd", dt, g, k, v, S0, q, incl, R, out, ST, B, T, K, V)
+    return list(out[:R]), ST

@@ -103,6 +103,10 @@ def _block_doubling(A, X, H0):
     return X
 
 
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def _pad_t(x: torch.Tensor, T_pad: int) -> torch.Tensor:
     if x.shape[1] == T_pad:
         return x
@@ -123,6 +127,10 @@ def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: to
     B, T, K = k.shape
     V = v.shape[-1]
     scalar = g.dim() == 2
+    if chunk is None and not _needs_grad(k, v, g, S0, *(q for q, _ in readouts)) and use_c(k, v, g, S0):
+        # inference: one pass per step with the state in cache beats chunk matmuls on CPU
+        g_full = g[..., None].expand(B, T, K) if scalar else g
+        return cpu_kernels.matdiag([(q.expand(B, T, K), inc) for q, inc in readouts], k, v, g_full, S0)
     C = chunk or 64
     N = (T + C - 1) // C
     Tp = N * C
