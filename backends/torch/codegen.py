@@ -178,41 +178,33 @@ class Emitter:
         for s, n in zip(states, names):
             self.seq[self.ir.updates[s].id] = n
 
-    def _chunk_inputs(self, low: StageLowering, names: list[str]) -> list[str]:
-        out = []
-        for key in names:
-            n = low.nodes.get(key)
-            if n is None:
-                out.append("None")
-                continue
-            out.append(f"rt.to_bt({self.seq_name(n)}, {n.rank}, X0, NS)")
-        return out
+    def _inputs(self, low: StageLowering, names: list[str]) -> list[str]:
+        return ["None" if low.nodes.get(key) is None else self.seq_name(low.nodes[key]) for key in names]
 
     def _stage_chunk_diag(self, low: StageLowering):
         s = low.stage.states[0]
-        k, v, g = self._chunk_inputs(low, ["k", "v", "g"])
-        qs = [f"(rt.to_bt({self.seq_name(q)}, 1, X0, NS), {inc})" for _, q, inc in low.readouts]
+        k, v, g = self._inputs(low, ["k", "v", "g"])
+        qs = [f"({self.seq_name(q)}, {inc})" for _, q, inc in low.readouts]
         outs, fin = self.fresh("reads"), self.fresh(f"{s}_final")
-        self.emit(f"{outs}, {fin} = K.chunk_diag([{', '.join(qs)}], {k}, {v}, {g}, rt.to_b(S0[{s!r}], NB))",
+        self.emit(f"{outs}, {fin} = K.diag_matrix_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}], X0, NS)",
                   self.ir.updates[s])
         self._bind_readouts(low, outs)
-        self.final[s] = f"rt.from_b({fin}, S0[{s!r}])"
+        self.final[s] = fin
 
     def _stage_chunk_delta(self, low: StageLowering):
         s = low.stage.states[0]
-        k, v, beta, g = self._chunk_inputs(low, ["k", "v", "beta", "g"])
+        k, v, beta, g = self._inputs(low, ["k", "v", "beta", "g"])
         (_, q, _), = low.readouts or [(None, None, True)]
-        qn = f"rt.to_bt({self.seq_name(q)}, 1, X0, NS)" if q is not None else k
+        qn = self.seq_name(q) if q is not None else k
         o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
-        self.emit(f"{o}, {fin} = K.chunk_delta({qn}, {k}, {v}, {beta}, {g}, rt.to_b(S0[{s!r}], NB))",
-                  self.ir.updates[s])
+        self.emit(f"{o}, {fin} = K.delta_stage({qn}, {k}, {v}, {beta}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
         self._bind_readouts(low, f"[{o}]")
-        self.final[s] = f"rt.from_b({fin}, S0[{s!r}])"
+        self.final[s] = fin
 
     def _bind_readouts(self, low: StageLowering, outs: str):
         for i, (node, _, _) in enumerate(low.readouts):
             name = self.fresh("readout")
-            self.emit(f"{name} = rt.from_bt({outs}[{i}], X0, NS)", node)
+            self.emit(f"{name} = {outs}[{i}]", node)
             self.seq[node.id] = name
 
     def _stage_loop(self, low: StageLowering):

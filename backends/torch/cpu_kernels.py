@@ -164,21 +164,54 @@ def block_scan(A: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) -> torch.Tens
     return _BlockScan.apply(A, x, h0)
 
 
-def matdiag(readouts, k, v, g, S0):
-    """Inference kernel for a matrix state with key-side decay (see csrc/scans.c):
-    readouts [(q [B, T, K], inclusive)], k/g [B, T, K], v [B, T, V], S0 [B, K, V] ->
-    ([o [B, T, V]], S_T). No autograd."""
-    B, T, K = k.shape
+
+class View(ctypes.Structure):
+    """A sequence tensor [B, T, H, F] read in place: base pointer and element strides."""
+    _fields_ = [("p", ctypes.c_void_p), ("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64),
+                ("sf", ctypes.c_int64)]
+
+
+def _view(x: torch.Tensor) -> View:
+    """x: [B, T, H, F] (any strides, 0 for broadcast axes)."""
+    sb, st, sh, sf = x.stride()
+    return View(x.data_ptr(), sb, sh, st, sf)
+
+
+def _bthf(x: torch.Tensor, B: int, T: int, H: int, F: int) -> torch.Tensor:
+    while x.dim() < 4:
+        x = x.unsqueeze(-1)
+    return x.expand(B, T, H, F)
+
+
+def matdiag(q, incl: bool, k, v, g, S0):
+    """Inference kernel (csrc/scans.c): q, k [B, T, H, K], g [B, T, H, K] or [B, T, H] (scalar
+    decay), v [B, T, H, V], S0 [B, H, K, V] -> (o [B, T, H, V], S_T). No autograd."""
+    B, T, H, K = k.shape
     V = v.shape[-1]
-    R = len(readouts)
     dt = k.dtype
-    if R == 1:
-        q = readouts[0][0].contiguous()
-    else:
-        q = torch.stack([x for x, _ in readouts]).contiguous() if R else torch.zeros(1, dtype=dt)
-    incl = torch.tensor([int(i) for _, i in readouts] or [0], dtype=torch.int32)
-    out = torch.empty((max(R, 1), B, T, V), dtype=dt)
-    ST = torch.empty((B, K, V), dtype=dt)
-    g, k, v, S0 = _prep(g, k, v, S0)
-    _call("matdiag_fwd", dt, g, k, v, S0, q, incl, R, out, ST, B, T, K, V)
-    return list(out[:R]), ST
+    views = [_view(_bthf(x, B, T, H, F)) for x, F in ((g, K), (k, K), (v, V), (q, K))]
+    out = torch.empty((B, T, H, V), dtype=dt)
+    ST = torch.empty((B, H, K, V), dtype=dt)
+    S0 = S0.contiguous()
+    getattr(library(), f"matdiag_fwd_{_SFX[dt]}")(*[ctypes.byref(w) for w in views], ctypes.c_int32(int(incl)),
+                                                  _ptr(S0), _ptr(out), _ptr(ST), *[ctypes.c_int64(n) for n in
+                                                                                    (B, H, T, K, V)])
+    return out, ST
+
+
+def delta(q, k, v, beta, g, S0):
+    """Inference kernel for the (gated) delta rule: q, k [B, T, H, K], v [B, T, H, V],
+    beta, g [B, T, H] (g None: ungated), S0 [B, H, K, V] -> (o [B, T, H, V], S_T)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dt = k.dtype
+    gated = g is not None
+    g = g if gated else beta
+    views = [_view(_bthf(x, B, T, H, F)) for x, F in ((g, 1), (beta, 1), (k, K), (v, V), (q, K))]
+    out = torch.empty((B, T, H, V), dtype=dt)
+    ST = torch.empty((B, H, K, V), dtype=dt)
+    S0 = S0.contiguous()
+    getattr(library(), f"delta_fwd_{_SFX[dt]}")(*[ctypes.byref(w) for w in views], ctypes.c_int32(int(gated)),
+                                                _ptr(S0), _ptr(out), _ptr(ST), *[ctypes.c_int64(n) for n in
+                                                                                  (B, H, T, K, V)])
+    return out, ST

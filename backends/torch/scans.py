@@ -127,10 +127,6 @@ def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: to
     B, T, K = k.shape
     V = v.shape[-1]
     scalar = g.dim() == 2
-    if chunk is None and not _needs_grad(k, v, g, S0, *(q for q, _ in readouts)) and use_c(k, v, g, S0):
-        # inference: one pass per step with the state in cache beats chunk matmuls on CPU
-        g_full = g[..., None].expand(B, T, K) if scalar else g
-        return cpu_kernels.matdiag([(q.expand(B, T, K), inc) for q, inc in readouts], k, v, g_full, S0)
     C = chunk or 64
     N = (T + C - 1) // C
     Tp = N * C
@@ -239,3 +235,57 @@ def _vector_decay_scores(qc, kc, bq, b, mask):
         off = torch.einsum("bnIJik,bnJjk->bnIiJj", qr, kr)
         A = A + off
     return A.reshape(B, N, C, C)
+
+
+
+def _grad_free(*ts) -> bool:
+    return not _needs_grad(*ts)
+
+
+def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
+    """A matrix-state stage with key-side decay, from the generated code's whole-sequence
+    values (prefix [B, T] or [B, T, heads]): the inference kernel reads them in place; with
+    gradients (or without the C library) the chunkwise form runs on [B*heads, T, ...]."""
+    from . import seq_rt as rt
+    heads = ns == 3
+    tensors = [k, v, S0] + ([g] if g is not None else []) + [q for q, _ in reads]
+    if _grad_free(*tensors) and use_c(*tensors):
+        def bthf(x, rank):
+            x = rt.full_seq(x, X0, ns, rank)
+            return x if heads else x.unsqueeze(2)
+        kk, vv = bthf(k, 1), bthf(v, 1)
+        gg = bthf(g, g.dim() - ns) if g is not None else torch.zeros((), dtype=k.dtype).expand(kk.shape[:3])
+        S = S0 if heads else S0.unsqueeze(1)
+        outs, ST = [], S
+        for q, incl in reads:
+            o, ST_ = cpu_kernels.matdiag(bthf(q, 1), incl, kk, vv, gg, S)
+            outs.append(o if heads else o[:, :, 0])
+            ST = ST_
+        if not reads:
+            _, ST = cpu_kernels.matdiag(kk, True, kk, vv, gg, S)
+        return outs, (ST if heads else ST[:, 0])
+    g_rank = None if g is None else g.dim() - ns
+    gb = None if g is None else rt.to_bt(g, g_rank, X0, ns)
+    kb, vb = rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns)
+    if gb is None:
+        gb = torch.zeros(kb.shape[:2], dtype=kb.dtype, device=kb.device)
+    outs, ST = chunk_diag([(rt.to_bt(q, 1, X0, ns), incl) for q, incl in reads], kb, vb, gb, rt.to_b(S0, ns - 1))
+    return [rt.from_bt(o, X0, ns) for o in outs], rt.from_b(ST, S0)
+
+
+def delta_stage(q, k, v, beta, g, S0, X0, ns: int):
+    """The (gated) delta-rule stage: inference kernel in place, or chunkwise with gradients."""
+    from . import seq_rt as rt
+    heads = ns == 3
+    tensors = [q, k, v, beta, S0] + ([g] if g is not None else [])
+    if _grad_free(*tensors) and use_c(*tensors):
+        def bthf(x, rank):
+            x = rt.full_seq(x, X0, ns, rank)
+            return x if heads else x.unsqueeze(2)
+        o, ST = cpu_kernels.delta(bthf(q, 1), bthf(k, 1), bthf(v, 1), bthf(beta, 0),
+                                  None if g is None else bthf(g, 0), S0 if heads else S0.unsqueeze(1))
+        return (o if heads else o[:, :, 0]), (ST if heads else ST[:, 0])
+    o, ST = chunk_delta(rt.to_bt(q, 1, X0, ns), rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns),
+                        rt.to_bt(beta, 0, X0, ns), None if g is None else rt.to_bt(g, 0, X0, ns),
+                        rt.to_b(S0, ns - 1))
+    return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)

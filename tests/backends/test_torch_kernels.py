@@ -134,28 +134,32 @@ def test_float32_exp_inside_the_scan_matches_torch_exp():
 
 
 @pytest.mark.parametrize("scalar", [True, False])
-def test_matdiag_inference_kernel_matches_chunkwise(scalar):
-    torch.manual_seed(4)
-    B, T, K, V = 3, 50, 5, 7
-    q1, q2 = torch.randn(B, T, K, dtype=DT), torch.randn(B, T, K, dtype=DT)
-    k, v = torch.randn(B, T, K, dtype=DT), torch.randn(B, T, V, dtype=DT)
-    g = -torch.rand(B, T, dtype=DT) if scalar else -torch.rand(B, T, K, dtype=DT)
-    S0 = torch.randn(B, K, V, dtype=DT)
-    reads = [(q1, True), (q2, False)]
-    with torch.no_grad():
-        fast, S_fast = scans.chunk_diag(reads, k, v, g, S0)          # C kernel
-        slow, S_slow = scans.chunk_diag(reads, k, v, g, S0, chunk=16)  # chunkwise
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(fast, slow))
-    assert torch.allclose(S_fast, S_slow, atol=1e-12)
-
-
 @pytest.mark.parametrize("inclusive", [True, False])
-def test_matdiag_single_readout(inclusive):
-    torch.manual_seed(5)
-    B, T, K, V = 2, 30, 4, 6
-    q, k, v = torch.randn(B, T, K, dtype=DT), torch.randn(B, T, K, dtype=DT), torch.randn(B, T, V, dtype=DT)
-    g, S0 = -torch.rand(B, T, K, dtype=DT), torch.randn(B, K, V, dtype=DT)
-    with torch.no_grad():
-        (fast,), S1 = scans.chunk_diag([(q, inclusive)], k, v, g, S0)
-        (slow,), S2 = scans.chunk_diag([(q, inclusive)], k, v, g, S0, chunk=8)
-    assert torch.allclose(fast, slow, atol=1e-12) and torch.allclose(S1, S2, atol=1e-12)
+def test_matdiag_inference_kernel_matches_chunkwise(scalar, inclusive):
+    torch.manual_seed(4)
+    B, T, H, K, V = 2, 50, 3, 5, 7
+    q, k, v = (torch.randn(B, T, H, n, dtype=DT) for n in (K, K, V))
+    g = -torch.rand(B, T, H, dtype=DT) if scalar else -torch.rand(B, T, H, K, dtype=DT)
+    S0 = torch.randn(B, H, K, V, dtype=DT)
+    fast, S_fast = cpu_kernels.matdiag(q.transpose(1, 2).contiguous().transpose(1, 2), inclusive, k, v, g, S0)
+    flat = lambda x: x.transpose(1, 2).reshape((B * H, T) + tuple(x.shape[3:]))  # noqa: E731
+    (slow,), S_slow = scans.chunk_diag([(flat(q), inclusive)], flat(k), flat(v), flat(g), S0.reshape(B * H, K, V),
+                                       chunk=16)
+    assert torch.allclose(fast, slow.reshape(B, H, T, V).transpose(1, 2), atol=1e-12)
+    assert torch.allclose(S_fast, S_slow.reshape(B, H, K, V), atol=1e-12)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_delta_inference_kernel_matches_chunkwise(gated):
+    torch.manual_seed(6)
+    B, T, H, K, V = 2, 45, 2, 4, 5
+    q, v = torch.randn(B, T, H, K, dtype=DT), torch.randn(B, T, H, V, dtype=DT)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, dtype=DT), dim=-1)
+    beta, S0 = torch.rand(B, T, H, dtype=DT), torch.randn(B, H, K, V, dtype=DT)
+    g = -torch.rand(B, T, H, dtype=DT) if gated else None
+    fast, S_fast = cpu_kernels.delta(q, k, v, beta, g, S0)
+    flat = lambda x: x.transpose(1, 2).reshape((B * H, T) + tuple(x.shape[3:]))  # noqa: E731
+    slow, S_slow = scans.chunk_delta(flat(q), flat(k), flat(v), flat(beta), None if g is None else flat(g),
+                                     S0.reshape(B * H, K, V), chunk=16)
+    assert torch.allclose(fast, slow.reshape(B, H, T, V).transpose(1, 2), atol=1e-11)
+    assert torch.allclose(S_fast, S_slow.reshape(B, H, K, V), atol=1e-11)

@@ -250,59 +250,72 @@ DEFINE_SCANS(double, f64)
 DEFINE_DIAGEXP(float, f32, vexpf)
 DEFINE_DIAGEXP(double, f64, vexp)
 
+/* Strided views of sequence tensors [B, T, H, F] (any layout: the kernels below read their
+ * inputs in place, with the strides torch reports, 0 for broadcast axes). */
+typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;
+#define AT(T_, vw, b, h, t, f) (((const T_*)(vw).p)[(b) * (vw).sb + (h) * (vw).sh + (t) * (vw).st + (f) * (vw).sf])
+
 /* Matrix state with a decay over keys and an outer-product input, read out without ever
  * writing the state to memory (the state of one sequence stays in cache):
- *     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,     o_t^r = S_t^T q_t^r  (or S_{t-1}^T q_t^r)
- * g, k: [B, T, K]; v: [B, T, V]; q: [R, B, T, K]; incl: [R] (1: reads S_t, 0: S_{t-1});
- * out: [R, B, T, V]; S0, ST: [B, K, V]. Forward only (inference); training uses the
- * chunkwise form, whose backward autograd derives. */
+ *     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,     o_t = S_t^T q_t  (incl) or S_{t-1}^T q_t
+ * Inference only; training uses the chunkwise form, whose backward autograd derives.
+ * out: [B, T, H, V] contiguous; S0, ST: [B, H, K, V] contiguous. */
 #define DEFINE_MATDIAG(T_, SFX, EXPF)                                                         \
-void matdiag_fwd_##SFX(const T_* g, const T_* k, const T_* v, const T_* S0, const T_* q,     \
-                       const int32_t* incl, int64_t R, T_* out, T_* ST,                       \
-                       int64_t B, int64_t T, int64_t K, int64_t V) {                          \
+void matdiag_fwd_##SFX(const view_t* g, const view_t* k, const view_t* v, const view_t* q,   \
+                       int32_t incl, const T_* S0, T_* out, T_* ST,                           \
+                       int64_t B, int64_t H, int64_t T, int64_t K, int64_t V) {               \
     _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t b = 0; b < B; b++) {                                                         \
-        T_* restrict S = ST + b * K * V;                                                      \
-        memcpy(S, S0 + b * K * V, sizeof(T_) * K * V);                                        \
-        T_ acc_buf[R > 0 ? R * V : 1];                                                        \
-        T_* restrict acc = acc_buf;                                                           \
+    for (int64_t bh = 0; bh < B * H; bh++) {                                                  \
+        int64_t b = bh / H, hh = bh % H;                                                      \
+        T_* restrict S = ST + bh * K * V;                                                     \
+        memcpy(S, S0 + bh * K * V, sizeof(T_) * K * V);                                       \
+        T_ vt[V], acc[V];                                                                     \
         for (int64_t t = 0; t < T; t++) {                                                     \
-            const T_* gt = g + (b * T + t) * K;                                               \
-            const T_* kt = k + (b * T + t) * K;                                               \
-            const T_* restrict vt = v + (b * T + t) * V;                                      \
-            for (int64_t i = 0; i < R * V; i++) acc[i] = 0;                                   \
-            if (R == 1) { /* the common case: update and read out in one pass over each row */ \
-                const T_* qt = q + (b * T + t) * K; int in1 = incl[0];                        \
-                for (int64_t kk = 0; kk < K; kk++) {                                          \
-                    T_* restrict row = S + kk * V;                                            \
-                    T_ d = EXPF(gt[kk]), kv = kt[kk], qk = qt[kk];                            \
-                    if (in1) {                                                                \
-                        _Pragma("omp simd")                                                   \
-                        for (int64_t j = 0; j < V; j++) { T_ x = d * row[j] + kv * vt[j]; row[j] = x; acc[j] += qk * x; } \
-                    } else {                                                                  \
-                        _Pragma("omp simd")                                                   \
-                        for (int64_t j = 0; j < V; j++) { T_ x = row[j]; acc[j] += qk * x; row[j] = d * x + kv * vt[j]; } \
-                    }                                                                         \
-                }                                                                             \
-                memcpy(out + (b * T + t) * V, acc, sizeof(T_) * V);                           \
-                continue;                                                                     \
-            }                                                                                 \
+            for (int64_t j = 0; j < V; j++) { vt[j] = AT(T_, *v, b, hh, t, j); acc[j] = 0; }  \
             for (int64_t kk = 0; kk < K; kk++) {                                              \
                 T_* restrict row = S + kk * V;                                                \
-                for (int64_t r = 0; r < R; r++) if (!incl[r]) {                               \
-                    T_ qk = q[((r * B + b) * T + t) * K + kk]; T_* restrict a = acc + r * V;   \
+                T_ d = EXPF(AT(T_, *g, b, hh, t, kk)), kv = AT(T_, *k, b, hh, t, kk);         \
+                T_ qk = AT(T_, *q, b, hh, t, kk);                                             \
+                if (incl) {                                                                   \
                     _Pragma("omp simd")                                                       \
-                    for (int64_t j = 0; j < V; j++) a[j] += qk * row[j]; }                    \
-                T_ d = EXPF(gt[kk]), kv = kt[kk];                                             \
-                _Pragma("omp simd")                                                           \
-                for (int64_t j = 0; j < V; j++) row[j] = d * row[j] + kv * vt[j];             \
-                for (int64_t r = 0; r < R; r++) if (incl[r]) {                                \
-                    T_ qk = q[((r * B + b) * T + t) * K + kk]; T_* restrict a = acc + r * V;   \
+                    for (int64_t j = 0; j < V; j++) { T_ x = d * row[j] + kv * vt[j]; row[j] = x; acc[j] += qk * x; } \
+                } else {                                                                      \
                     _Pragma("omp simd")                                                       \
-                    for (int64_t j = 0; j < V; j++) a[j] += qk * row[j]; }                    \
+                    for (int64_t j = 0; j < V; j++) { T_ x = row[j]; acc[j] += qk * x; row[j] = d * x + kv * vt[j]; } \
+                }                                                                             \
             }                                                                                 \
-            for (int64_t r = 0; r < R; r++)                                                   \
-                memcpy(out + ((r * B + b) * T + t) * V, acc + r * V, sizeof(T_) * V);         \
+            memcpy(out + ((b * T + t) * H + hh) * V, acc, sizeof(T_) * V);                    \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+/* Gated delta rule, S_t = exp(g_t) (S_{t-1} - beta_t k_t (k_t^T S_{t-1})) + beta_t k_t v_t^T,   \
+ * o_t = S_t^T q_t: two passes over the state per step (u = S^T k, then update + read out). */ \
+void delta_fwd_##SFX(const view_t* g, const view_t* beta, const view_t* k, const view_t* v,  \
+                     const view_t* q, int32_t gated, const T_* S0, T_* out, T_* ST,          \
+                     int64_t B, int64_t H, int64_t T, int64_t K, int64_t V) {                 \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t bh = 0; bh < B * H; bh++) {                                                  \
+        int64_t b = bh / H, hh = bh % H;                                                      \
+        T_* restrict S = ST + bh * K * V;                                                     \
+        memcpy(S, S0 + bh * K * V, sizeof(T_) * K * V);                                       \
+        T_ u[V], acc[V];                                                                      \
+        for (int64_t t = 0; t < T; t++) {                                                     \
+            T_ d = gated ? EXPF(AT(T_, *g, b, hh, t, 0)) : (T_)1, bt = AT(T_, *beta, b, hh, t, 0); \
+            for (int64_t j = 0; j < V; j++) { u[j] = 0; acc[j] = 0; }                         \
+            for (int64_t kk = 0; kk < K; kk++) {                                              \
+                T_* restrict row = S + kk * V; T_ kv = AT(T_, *k, b, hh, t, kk);              \
+                _Pragma("omp simd")                                                           \
+                for (int64_t j = 0; j < V; j++) u[j] += kv * row[j];                          \
+            }                                                                                 \
+            /* S' = d S + k (beta (v - d u))^T */                                             \
+            for (int64_t j = 0; j < V; j++) u[j] = bt * (AT(T_, *v, b, hh, t, j) - d * u[j]); \
+            for (int64_t kk = 0; kk < K; kk++) {                                              \
+                T_* restrict row = S + kk * V;                                                \
+                T_ kv = AT(T_, *k, b, hh, t, kk), qk = AT(T_, *q, b, hh, t, kk);              \
+                _Pragma("omp simd")                                                           \
+                for (int64_t j = 0; j < V; j++) { T_ x = d * row[j] + kv * u[j]; row[j] = x; acc[j] += qk * x; } \
+            }                                                                                 \
+            memcpy(out + ((b * T + t) * H + hh) * V, acc, sizeof(T_) * V);                    \
         }                                                                                     \
     }                                                                                         \
 }
