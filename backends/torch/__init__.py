@@ -26,7 +26,8 @@ def emit(ir: IRCell, plan=None):
     from .codegen import Emitter
     plan = plan or analyze(ir, verify=False)
     em = Emitter(plan.ir, plan)
-    return em.program(), em.lowerings
+    src = em.program()
+    return src, em.lowerings, em.fused
 
 
 class Program:
@@ -36,9 +37,9 @@ class Program:
         import torch
         import torch.nn.functional as F
 
-        from . import scans, seq_rt
-        self.source, self.lowerings = emit(ir, plan)
-        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans}
+        from . import fused_loop, scans, seq_rt
+        self.source, self.lowerings, fused = emit(ir, plan)
+        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": fused, "FUSED": fused_loop}
         exec(compile(self.source, f"<recdsl torch {ir.name}>", "exec"), ns)
         self.fn = ns["forward"]
 

@@ -37,6 +37,7 @@ class Emitter:
         self.lowerings: list[StageLowering] = []
         self.cse: dict[str, str] = {}
         self.lazy: dict[int, tuple[str, str]] = {}   # values emitted only if something reads them
+        self.fused: list = []                         # FusedLoop runners of eligible loop stages
 
     # ------------------------------------------------------------------ helpers
     def fresh(self, base: str) -> str:
@@ -237,22 +238,49 @@ class Emitter:
                     step[src.id] = nm
                     pre.append((nm, seq, src))
         expr = TorchExpr(lambda x: step[x.id], raw_param=_raw)
+        fused = self._fused(states, core)
+        indent = 1
+        fvar = None
+        if fused is not None:
+            k, fl = fused
+            fvar = self.fresh("fused")
+            args = ", ".join(self.seq_name(n) for n in fl.seqs)
+            params = [self.seq_name(n) for n in fl.leaves if n.op == Op.PARAM]  # noqa: F841 (P0 is passed)
+            self.emit(f"{fvar} = None")
+            self.emit(f"if FUSED.usable(DT, *X.values(), *P0.values(), *S0.values()):  # one C call per step")
+            self.emit(f"{fvar}, {fvar}_final = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
+            for s in states:
+                self.emit(f"s_{s} = {fvar}_final[{s!r}]", indent=2)
+            self.emit("else:")
+            indent = 2
         for s in states:
-            self.emit(f"s_{s} = S0[{s!r}]")
-            self.emit(f"acc_{s} = []")
-        self.emit(f"for t in range(X0.shape[1]):")
+            self.emit(f"s_{s} = S0[{s!r}]", indent=indent)
+            self.emit(f"acc_{s} = []", indent=indent)
+        self.emit(f"for t in range(X0.shape[1]):", indent=indent)
         for nm, seq, src in pre:
-            self.emit(f"{nm} = rt.at({seq}, t, NS)", src, indent=2)
+            self.emit(f"{nm} = rt.at({seq}, t, NS)", src, indent=indent + 1)
         for n in core:
             if n.op == Op.STATE:
                 continue
             nm = self.fresh(n.name if n.name and n.name.isidentifier() else "t")
-            self.emit(f"{nm} = {expr(n)}", n, indent=2)
+            self.emit(f"{nm} = {expr(n)}", n, indent=indent + 1)
             step[n.id] = nm
         for s in states:
-            self.emit(f"s_{s} = {step[ir.updates[s].id]}", indent=2)
-            self.emit(f"acc_{s}.append(s_{s})", indent=2)
+            self.emit(f"s_{s} = {step[ir.updates[s].id]}", indent=indent + 1)
+            self.emit(f"acc_{s}.append(s_{s})", indent=indent + 1)
         for s in states:
             nm = self.fresh(f"{s}_seq")
-            self.lazy[ir.updates[s].id] = (nm, f"{nm} = rt.stack_t(acc_{s}, S0[{s!r}])")
+            stack = f"rt.stack_t(acc_{s}, S0[{s!r}])"
+            code = f"{nm} = {fvar}[{s!r}] if {fvar} is not None else {stack}" if fvar else f"{nm} = {stack}"
+            self.lazy[ir.updates[s].id] = (nm, code)
             self.final[s] = f"s_{s}"
+
+    def _fused(self, states, core):
+        """The fused C step for this loop stage, if it is eligible (else None)."""
+        from .fused_loop import FusedLoop, NotEligible
+        try:
+            fl = FusedLoop(self.ir, states, core)
+        except NotEligible:
+            return None
+        self.fused.append(fl)
+        return len(self.fused) - 1, fl

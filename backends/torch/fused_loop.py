@@ -1,0 +1,325 @@
+"""Sequential stages without op dispatch: per step, torch runs the recurrent GEMMs
+(W @ h for params W) and ONE generated C function runs everything elementwise (the gates),
+reading the hoisted inputs in place and writing the new states straight into the output
+sequences. This is what makes an LSTM loop competitive with torch.nn.LSTM on CPU, where
+a step of ~15 small torch ops costs more than the GEMM.
+
+Inference only (no autograd): with gradients the backend runs the torch loop.
+
+Eligible stages: every state is a vector of one length H; every core node other than the
+GEMMs is elementwise (or a slice of the last axis) on vectors or scalars; GEMM inputs are
+states of the stage. A vector of another length (the 4H pre-activations of an LSTM) is
+only read through slices of length H; it is computed per lane at each slice's offset."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from recdsl.ir import BINARY, COMPARE, IRCell, Node, Op
+
+from . import cpu_kernels
+
+C_UNARY = {
+    Op.NEG: "(-{0})", Op.EXP: "EXP({0})", Op.LOG: "LOG({0})", Op.LOG1P: "LOG1P({0})", Op.EXPM1: "EXPM1({0})",
+    Op.SIGMOID: "(ONE / (ONE + EXP(-({0}))))", Op.TANH: "TANH({0})", Op.ABS: "FABS({0})",
+    Op.SQRT: "SQRT({0})", Op.RSQRT: "(ONE / SQRT({0}))", Op.SIN: "SIN({0})", Op.COS: "COS({0})",
+    Op.RELU: "({0} > 0 ? {0} : 0)", Op.SIGN: "(T_)(({0} > 0) - ({0} < 0))",
+    Op.SILU: "({0} / (ONE + EXP(-({0}))))",
+    Op.LOGSIGMOID: "({0} < 0 ? {0} - LOG1P(EXP({0})) : -LOG1P(EXP(-({0}))))",
+    Op.SOFTPLUS: "({0} > 20 ? {0} : LOG1P(EXP({0})))",
+    Op.ELU: "({0} > 0 ? {0} : EXPM1({0}))",
+    Op.GELU: "((T_)0.5 * {0} * (ONE + ERF({0} * (T_)0.70710678118654752)))",
+}
+C_BINARY = {
+    Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})", Op.DIV: "({0} / {1})",
+    Op.POW: "POW({0}, {1})", Op.MAX: "({0} > {1} ? {0} : {1})", Op.MIN: "({0} < {1} ? {0} : {1})",
+    Op.LOGADDEXP: "LAE({0}, {1})", Op.LT: "(T_)({0} < {1})", Op.LE: "(T_)({0} <= {1})",
+    Op.GT: "(T_)({0} > {1})", Op.GE: "(T_)({0} >= {1})", Op.EQ: "(T_)({0} == {1})", Op.NE: "(T_)({0} != {1})",
+}
+
+
+# float exp/tanh the compiler vectorises across lanes (libm's are scalar calls; the gates of
+# a 4096-lane step would cost more than the step's GEMM). ~1 ulp exp; tanh via exp (absolute
+# error ~1e-7). float64 keeps libm.
+VEC_MATH = r"""
+static inline float vexpf(float x) {
+    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float z = r * r;
+    float y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+                + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+    y = y * z + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale; memcpy(&scale, &bits, sizeof scale);
+    float out = y * scale;
+    out = x > 88.0f ? INFINITY : out;
+    return x < -87.0f ? 0.0f : out;
+}
+static inline float vtanhf(float x) { return 1.0f - 2.0f / (vexpf(2.0f * x) + 1.0f); }
+"""
+
+
+class NotEligible(Exception):
+    pass
+
+
+def plan_stage(ir: IRCell, states: list[str], core: list[Node]):
+    """(gemms, region, leaves) of a loop stage, or NotEligible with the reason."""
+    H = ir.states[states[0]].shape
+    if any(ir.states[s].shape != H or ir.states[s].rank != 1 for s in states):
+        raise NotEligible("the states are not vectors of one length")
+    core_ids = {n.id for n in core}
+    gemms = [n for n in core if n.op == Op.MATMUL and n.srcs[0].op == Op.PARAM and n.srcs[0].rank == 2
+             and n.srcs[1].rank == 1]
+    for g in gemms:
+        x = g.srcs[1]
+        if not (x.op == Op.STATE and x.arg[0] in states):
+            raise NotEligible("a recurrent matmul reads a computed value, not a state")
+    gemm_ids = {g.id for g in gemms}
+    region = [n for n in core if n.id not in gemm_ids and n.op != Op.STATE]
+    for n in region:
+        if n.rank > 1:
+            raise NotEligible(f"{n.op.name.lower()} on a matrix")
+        if n.op in BINARY or n.op in COMPARE or n.op == Op.WHERE or n.op in C_UNARY or n.op == Op.CONST:
+            continue
+        if n.op == Op.INDEX and len(n.arg) == 1 and isinstance(n.arg[0], slice) and n.rank == 1:
+            continue
+        raise NotEligible(f"{n.op.name.lower()} is not elementwise")
+    leaves = []
+    seen = set()
+    for n in region:
+        for s in n.srcs:
+            if s.id not in core_ids and s.id not in seen and not (s.op == Op.CONST and not s.shape):
+                if s.rank > 1:
+                    raise NotEligible("a matrix input")
+                seen.add(s.id)
+                leaves.append(s)
+    return gemms, region, leaves
+
+
+class _Gen:
+    """C code for one step of the region, one lane (element i of the states) at a time."""
+
+    def __init__(self, ir, states, gemms, leaves):
+        self.ir, self.states = ir, states
+        self.H = ir.shape_of(ir.states[states[0]])[0]
+        self.gemm = {g.id: k for k, g in enumerate(gemms)}
+        self.gemm_len = [ir.shape_of(g)[0] for g in gemms]
+        params = [n for n in leaves if n.op == Op.PARAM]
+        seqs = [n for n in leaves if n.op != Op.PARAM]
+        self.leaf = {n.id: k for k, n in enumerate(params)} | {n.id: k for k, n in enumerate(seqs)}
+        self.kinds = {n.id: ("param" if n.op == Op.PARAM else "seq") for n in leaves}
+        self.memo: dict = {}
+        self.lines: list[str] = []
+        self.count = 0
+
+    def length(self, n: Node) -> int:
+        return self.ir.shape_of(n)[0] if n.rank == 1 else 1
+
+    def val(self, n: Node, off: int) -> str:
+        """C expression for element (i + off) of n (scalars ignore the lane)."""
+        if n.rank == 0:
+            off = 0
+        key = (n.id, off)
+        if key in self.memo:
+            return self.memo[key]
+        idx = f"(i + {off})" if n.rank == 1 else "0"
+        if n.op == Op.CONST and not n.shape:
+            v = float(n.arg)
+            expr = f"(T_){v!r}" if v == v and abs(v) != float("inf") else ("(T_)NAN" if v != v else
+                                                                         ("(T_)INFINITY" if v > 0 else "(-(T_)INFINITY)"))
+        elif n.op == Op.STATE and n.arg[0] in self.states:
+            expr = f"row_prev_{self.states.index(n.arg[0])}[i]"
+        elif n.id in self.gemm:
+            L = self.length(n)
+            expr = f"row_gm_{self.gemm[n.id]}[{idx}]"
+        elif n.id in self.leaf:
+            k = self.leaf[n.id]
+            if self.kinds[n.id] == "param":
+                L = self.length(n)
+                expr = f"((const T_*)pp_{k})[hd * {L if n.rank else 1} + {idx}]"
+            else:
+                expr = f"row_in_{k}[{idx}]"
+        elif n.op == Op.INDEX:
+            expr = self.val(n.srcs[0], off + (n.arg[0].start or 0))
+        elif n.op in C_UNARY:
+            expr = C_UNARY[n.op].format(self.val(n.srcs[0], off))
+        elif n.op in C_BINARY:
+            expr = C_BINARY[n.op].format(self.val(n.srcs[0], off), self.val(n.srcs[1], off))
+        elif n.op == Op.WHERE:
+            expr = f"({self.val(n.srcs[0], off)} ? {self.val(n.srcs[1], off)} : {self.val(n.srcs[2], off)})"
+        else:  # pragma: no cover - plan_stage filters
+            raise NotEligible(n.op.name)
+        name = f"v{self.count}"
+        self.count += 1
+        self.lines.append(f"        T_ {name} = {expr};")
+        self.memo[key] = name
+        return name
+
+    def source(self, updates: list[Node], nparams: int, nseq: int, ngemm: int) -> str:
+        outs = [self.val(u, 0) for u in updates]
+        sig = ", ".join([f"const T_* restrict prev_{k}" for k in range(len(updates))]
+                        + [f"T_* restrict out_{k}" for k in range(len(updates))]
+                        + [f"T_* restrict next_{k}" for k in range(len(updates))]
+                        + [f"const T_* gm_{k}" for k in range(ngemm)]
+                        + [f"const void* pp_{k}" for k in range(nparams)]
+                        + [f"view_t in_{k}" for k in range(nseq)]
+                        + ["int64_t t", "int64_t B", "int64_t NH", "int64_t out_sb", "int64_t out_sh"])
+        body = "\n".join(self.lines)
+        stores = "\n".join(f"        row_out_{k}[i] = {v}; row_next_{k}[i] = {v};" for k, v in enumerate(outs))
+        rows = "\n".join(
+            [f"      const T_* restrict row_prev_{k} = prev_{k} + bh * H;" for k in range(len(updates))]
+            + [f"      T_* restrict row_out_{k} = out_{k} + b * out_sb + hd * out_sh;" for k in range(len(updates))]
+            + [f"      T_* restrict row_next_{k} = next_{k} + bh * H;" for k in range(len(updates))]
+            + [f"      const T_* restrict row_gm_{k} = gm_{k} + bh * {self.gemm_len[k]};" for k in range(ngemm)]
+            + [f"      const T_* restrict row_in_{k} = (const T_*)in_{k}.p + b * in_{k}.sb + hd * in_{k}.sh"
+               f" + t * in_{k}.st;" for k in range(nseq)])
+        fn = f"""
+void step_SFX({sig}) {{
+    const int64_t H = {self.H};
+    #pragma omp parallel for schedule(static) if (B * NH * H > 16384)
+    for (int64_t bh = 0; bh < B * NH; bh++) {{
+      int64_t b = bh / NH, hd = bh % NH;
+{rows}
+      #pragma omp simd
+      for (int64_t i = 0; i < H; i++) {{
+{body}
+{stores}
+      }}
+    }}
+}}
+"""
+        f32 = fn.replace("SFX", "f32").replace("T_", "float")
+        f64 = fn.replace("SFX", "f64").replace("T_", "double")
+        macros32 = ("#define EXP vexpf\n#define LOG logf\n#define LOG1P log1pf\n#define EXPM1 expm1f\n#define TANH vtanhf\n"
+                    "#define FABS fabsf\n#define SQRT sqrtf\n#define SIN sinf\n#define COS cosf\n#define POW powf\n"
+                    "#define ERF erff\n#define ONE 1.0f\n")
+        macros64 = ("#define EXP exp\n#define LOG log\n#define LOG1P log1p\n#define EXPM1 expm1\n#define TANH tanh\n"
+                    "#define FABS fabs\n#define SQRT sqrt\n#define SIN sin\n#define COS cos\n#define POW pow\n"
+                    "#define ERF erf\n#define ONE 1.0\n")
+        undef = "".join(f"#undef {m}\n" for m in ("EXP", "LOG", "LOG1P", "EXPM1", "TANH", "FABS", "SQRT", "SIN", "COS",
+                                                 "POW", "ERF", "ONE"))
+        lae32 = "static inline float LAE_f(float a, float b) { float m = a > b ? a : b; " \
+                "return isinf(m) && m < 0 ? m : m + log1pf(expf(-(a > b ? a - b : b - a))); }\n"
+        lae64 = "static inline double LAE_d(double a, double b) { double m = a > b ? a : b; " \
+                "return isinf(m) && m < 0 ? m : m + log1p(exp(-(a > b ? a - b : b - a))); }\n"
+        return ("#include <math.h>\n#include <stdint.h>\n#include <string.h>\n"
+                "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n" + VEC_MATH + lae32 + lae64
+                + macros32 + "#define LAE LAE_f\n" + f32 + undef + "#undef LAE\n"
+                + macros64 + "#define LAE LAE_d\n" + f64)
+
+
+_cache: dict[str, ctypes.CDLL] = {}
+
+
+def _compile(src: str) -> ctypes.CDLL:
+    key = hashlib.sha256(src.encode()).hexdigest()[:20]
+    if key in _cache:
+        return _cache[key]
+    cc = cpu_kernels._compiler()
+    if cc is None:
+        raise NotEligible("no C compiler")
+    out = cpu_kernels.cache_dir() / f"loop-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            c = Path(tmp) / "loop.c"
+            c.write_text(src)
+            so = Path(tmp) / "loop.so"
+            r = subprocess.run([cc, "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+                                "-shared", "-fPIC",
+                                "-std=c99", str(c), "-o", str(so), "-lm"], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise NotEligible(f"the generated step did not compile: {r.stderr[:300]}")
+            os.replace(so, out)
+    lib = ctypes.CDLL(str(out))
+    _cache[key] = lib
+    return lib
+
+
+def usable(dtype, *tensors) -> bool:
+    """The fused path runs without gradients, on CPU, in fp32/fp64, with a C compiler."""
+    grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+    return not grad and dtype in (torch.float32, torch.float64) and cpu_kernels._compiler() is not None \
+        and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+
+
+class FusedLoop:
+    """The runner the generated forward calls for an eligible loop stage."""
+
+    def __init__(self, ir: IRCell, states: list[str], core: list[Node]):
+        self.gemms, region, self.leaves = plan_stage(ir, states, core)
+        self.states = states
+        self.params = [n for n in self.leaves if n.op == Op.PARAM]
+        self.seqs = [n for n in self.leaves if n.op != Op.PARAM]
+        gen = _Gen(ir, states, self.gemms, self.params + self.seqs)
+        self.source = gen.source([ir.updates[s] for s in states], len(self.params), len(self.seqs), len(self.gemms))
+        self.lib = None
+
+    def run(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
+        """seq_values: whole-sequence tensors of self.seqs (prefix [B, T, (heads)]).
+        Returns ({state: sequence [B, T, (heads), H]}, {state: final})."""
+        if self.lib is None:
+            self.lib = _compile(self.source)
+        fn = getattr(self.lib, "step_f32" if dtype == torch.float32 else "step_f64")
+        heads = ns == 3
+        B, T = X0.shape[:2]
+        NH = X0.shape[2] if heads else 1
+        H = S0[self.states[0]].shape[-1]
+        outs = {s: torch.empty((B, T, NH, H), dtype=dtype) for s in self.states}
+        prevs = {s: S0[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B, NH, H).contiguous()
+                 for s in self.states}
+        params = [P0[n.arg].to(dtype).contiguous() for n in self.params]
+        views = []
+        keep = []
+        for x, node in zip(seq_values, self.seqs):
+            x = x.to(dtype)
+            while x.dim() < ns + 1:
+                x = x.unsqueeze(-1)
+            if not heads:
+                x = x.unsqueeze(2)
+            L = node.shape and int(x.shape[3]) or 1
+            if node.rank == 1 and (x.shape[3] != L or x.stride(3) != 1):
+                x = x.contiguous()  # the generated code reads the feature axis with stride 1
+            keep.append(x)
+            sb, st, sh, sf = x.stride()
+            sb = sb if x.shape[0] > 1 else 0
+            st = st if x.shape[1] > 1 else 0
+            sh = sh if x.shape[2] > 1 else 0
+            sf = sf if x.shape[3] > 1 else 0
+            views.append(cpu_kernels.View(x.data_ptr(), sb, sh, st, sf))
+        # Double-buffered contiguous states for the GEMMs; preallocated GEMM outputs; the
+        # ctypes arguments built once, so a step is one GEMM per recurrent matrix and one call.
+        bufs = [[prevs[s].reshape(B * NH, H), torch.empty(B * NH, H, dtype=dtype)] for s in self.states]
+        gemm_w = [P0[g.srcs[0].arg].to(dtype) for g in self.gemms]
+        gemm_wt = [(w.T if w.dim() == 2 else w.transpose(1, 2)).contiguous() for w in gemm_w]  # row-major B operand
+        gemm_x = [self.states.index(g.srcs[1].arg[0]) for g in self.gemms]
+        gms = [torch.empty((B, NH, w.shape[-2]), dtype=dtype) for w in gemm_w]
+        vp = ctypes.c_void_p
+        c_int = ctypes.c_int64
+        fixed_tail = [*[vp(g.data_ptr()) for g in gms], *[vp(p.data_ptr()) for p in params], *views]
+        out_sb, out_sh = T * NH * H, H
+        row = [outs[s].stride(1) * outs[s].element_size() for s in self.states]
+        base = [outs[s].data_ptr() for s in self.states]
+        for t in range(T):
+            cur = [b[t % 2] for b in bufs]
+            nxt = [b[(t + 1) % 2] for b in bufs]
+            for g_out, w, wt, j in zip(gms, gemm_w, gemm_wt, gemm_x):
+                if w.dim() == 2:
+                    torch.mm(cur[j], wt, out=g_out.view(B * NH, -1))
+                else:
+                    torch.bmm(cur[j].view(B, NH, H).transpose(0, 1), wt, out=g_out.transpose(0, 1))
+            fn(*[vp(c.data_ptr()) for c in cur], *[vp(bs + t * r) for bs, r in zip(base, row)],
+               *[vp(n.data_ptr()) for n in nxt], *fixed_tail,
+               c_int(t), c_int(B), c_int(NH), c_int(out_sb), c_int(out_sh))
+        del keep
+        seqs = {s: (outs[s] if heads else outs[s][:, :, 0]) for s in self.states}
+        finals = {s: (outs[s][:, -1] if heads else outs[s][:, -1, 0]) for s in self.states}
+        return seqs, finals
