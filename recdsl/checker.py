@@ -19,6 +19,7 @@ from .errors import RecError, Span
 from .types import ONE, SCALAR, Dim, TupleType, Type, broadcast, fmt_shape
 
 DECL_KINDS = ("input", "param", "state", "edge", "pair")
+FORWARD_OPTIONS = ("reverse", "cu_seqlens")  # keyword options of the compiled module's forward()
 MAX_DIM_EXPONENT = 64      # `K**2` is a dimension; `2**1000000` is a typo (and would take forever)
 MAX_DIM_TERMS = 256        # the expanded polynomial of one dimension expression
 
@@ -221,6 +222,12 @@ class Checker:
                            hint="add `over dag` right after the cell line, or declare it as `input`")
         for v in d.vars:
             check_identifier(v.name, _word_span(v.span, v.name), KIND_PHRASES[d.kind])
+            if v.name in BUILTINS:
+                raise RecError(f"'{v.name}' is a builtin function and cannot name {KIND_PHRASES[d.kind]}",
+                               _word_span(v.span, v.name), hint=f"choose another name, e.g. {v.name}_")
+            if d.kind in ("input", "edge", "pair") and v.name in FORWARD_OPTIONS:
+                raise RecError(f"input {v.name} would share its name with an option of forward()",
+                               _word_span(v.span, v.name), hint=f"rename it, e.g. {v.name}_")
             self._fresh(v.name, v.span)
             shape = tuple(self.static_dim(e, f"a dimension of {v.name}") for e in v.shape)
             for size, e in zip(shape, v.shape):

@@ -40,6 +40,7 @@ class Op(Enum):
     # structure
     INDEX = auto()       # arg: tuple of int | slice | None over the node axes
     TRANSPOSE = auto(); RESHAPE = auto(); CONCAT = auto(); EYE = auto()
+    EXPAND = auto()      # broadcast to a larger node shape; arg: the concrete target shape
     SUM_IN = auto()      # over dag: sum over incoming edges
 
 
@@ -50,7 +51,7 @@ BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MAX, Op.MIN, Op.LOGADDEXP} 
 ELEMENTWISE = UNARY | BINARY | {Op.WHERE}
 LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.EYE}
 # Linear in their (single) tensor argument / in the sum of their arguments.
-LINEAR = {Op.NEG, Op.ADD, Op.SUB, Op.SUM, Op.INDEX, Op.TRANSPOSE, Op.RESHAPE, Op.CONCAT, Op.SUM_IN}
+LINEAR = {Op.NEG, Op.ADD, Op.SUB, Op.SUM, Op.INDEX, Op.TRANSPOSE, Op.RESHAPE, Op.CONCAT, Op.SUM_IN, Op.EXPAND}
 # Linear in each argument separately.
 BILINEAR = {Op.MUL, Op.MATMUL, Op.OUTER, Op.DOT}
 TRANSCENDENTAL = {Op.EXP, Op.LOG, Op.LOG1P, Op.EXPM1, Op.SIGMOID, Op.LOGSIGMOID, Op.TANH, Op.SOFTPLUS,
@@ -264,6 +265,9 @@ class _Lowerer:
             values = value if isinstance(value, tuple) else (value,)
             for t, v in zip(s.targets, values):
                 if isinstance(t, A.Primed):
+                    want = self.cell.states[t.id].shape
+                    if tuple(v.shape) != tuple(want):  # e.g. h' = 0 for a vector state: broadcast it
+                        v = self.node(Op.EXPAND, [v], want, tuple(d.evaluate(self.dims) for d in want))
                     self.primed[t.id] = v
                     if v.name is None:
                         v.name = t.id + "'"

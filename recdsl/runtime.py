@@ -225,6 +225,8 @@ class RecModule(nn.Module):
         heads = (self.heads,) if self.heads else ()
         # an output that reads only params is computed once; give it the full [B, T, ...] shape
         outs = {o: v.expand((B, T) + heads + self.ir.shape_of(self.ir.outputs[o])) for o, v in outs.items()}
+        # a state whose update reads no input (s' = 2) comes back without the batch axes
+        st = {s: v.expand((B,) + heads + self.ir.shape_of(self.ir.states[s])) for s, v in st.items()}
         if reverse:
             outs = {o: v.flip(1) for o, v in outs.items()}
         return outs, st

@@ -132,6 +132,11 @@ class TorchExpr:
             return f"{REDUCE[op]}({self.name_of(s[0])}, dim={dims}, keepdim={keep})"
         if op == Op.INDEX:
             return self.name_of(s[0]) + index_text(n.arg)
+        if op == Op.EXPAND:
+            src = self.operand(s[0], s[0].rank, as_tensor=True)
+            if s[0].op == Op.CONST and not s[0].shape:  # a bare constant has no prefix axes yet
+                src = f"rt.with_prefix({src}, {self.nb})"
+            return f"rt.expand_to({src}, {s[0].rank}, {tuple(n.arg)!r})"
         if op == Op.TRANSPOSE:
             return f"{self.name_of(s[0])}.transpose(-1, -2)"
         if op == Op.RESHAPE:

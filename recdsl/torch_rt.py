@@ -31,3 +31,10 @@ def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor) -> tor
     if W.dim() == 2:
         return torch.nn.functional.linear(x, W, b)
     return torch.einsum("...hn,hmn->...hm", x, W) + b
+
+
+def expand_to(x: torch.Tensor, rank: int, shape: tuple) -> torch.Tensor:
+    """Broadcast a value of `rank` node axes to the node shape `shape` (prefix kept)."""
+    k = len(shape) - rank
+    x = x[(Ellipsis,) + (None,) * k + (slice(None),) * rank] if k > 0 else x
+    return x.expand(tuple(x.shape[:x.dim() - len(shape)]) + tuple(shape))

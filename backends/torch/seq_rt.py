@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from recdsl.torch_rt import broadcast_prefix, param_linear, param_matvec, with_prefix  # noqa: F401  (used by generated code)
+from recdsl.torch_rt import broadcast_prefix, expand_to, param_linear, param_matvec, with_prefix  # noqa: F401  (used by generated code)
 
 
 def lift(x: torch.Tensor, r_from: int, r_to: int) -> torch.Tensor:

@@ -120,7 +120,8 @@ class StageAnalysis:
             op = n.op
             if max(ds) == FREE:
                 d = FREE
-            elif op in (Op.ADD, Op.SUB, Op.NEG, Op.SUM, Op.INDEX, Op.TRANSPOSE, Op.RESHAPE, Op.CONCAT, Op.SUM_IN):
+            elif op in (Op.ADD, Op.SUB, Op.NEG, Op.SUM, Op.INDEX, Op.TRANSPOSE, Op.RESHAPE, Op.CONCAT, Op.SUM_IN,
+                        Op.EXPAND):
                 d = max(ds)
             elif op in (Op.MUL, Op.MATMUL, Op.OUTER, Op.DOT):
                 d = min(NONLINEAR, ds[0] + ds[1])

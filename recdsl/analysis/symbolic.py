@@ -71,6 +71,9 @@ def to_sympy(root: Node, variables: dict[int, sp.Symbol], expand_defs: bool,
             memo[n.id] = variables[n.id]
             continue
         op = n.op
+        if op == Op.EXPAND:
+            memo[n.id] = memo[n.srcs[0].id]  # a broadcast: elementwise it is the same value
+            continue
         if n.srcs and op == Op.INDEX and all(i is None or (isinstance(i, slice) and i.start is None and i.stop is None)
                                              for i in n.arg):
             memo[n.id] = memo[n.srcs[0].id]  # a broadcast view: elementwise it is the same value

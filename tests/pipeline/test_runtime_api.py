@@ -121,3 +121,32 @@ def test_plan_property_and_generated_code():
     assert "def forward(" in layer.generated and "mingru.rec:" in layer.generated
     ref = recdsl.load("mingru")(D=3, H=4, backend="reference")
     assert "def step(" in ref.generated
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_scalar_update_of_a_vector_state_broadcasts(backend):
+    spec = recdsl.load("""
+cell Reset(H):
+    input x[H], r[]
+    state h[H] = 0
+    state c[H] = 1
+    h' = sigmoid(r) * h + x
+    c' = 2
+    output y = h' + c'
+""")
+    assert spec.plan().classes() == {"h": "diagonal affine", "c": "hoisted"}
+    layer = spec(H=3, backend=backend).double()
+    y, st = layer(x=torch.zeros(2, 4, 3, dtype=torch.float64), r=torch.zeros(2, 4, dtype=torch.float64))
+    assert y.shape == (2, 4, 3) and st["c"].shape == (2, 3) and torch.equal(st["c"], torch.full((2, 3), 2.0,
+                                                                                                   dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["reverse", "cu_seqlens"])
+def test_inputs_cannot_shadow_forward_options(name):
+    with pytest.raises(RecError, match="option of forward"):
+        recdsl.load(f"cell X(H):\n    input {name}[H]\n    state h[H] = 0\n    h' = h + {name}\n    output h'\n")
+
+
+def test_declarations_cannot_take_builtin_names():
+    with pytest.raises(RecError, match="builtin function"):
+        recdsl.load("cell X(H):\n    input exp[H]\n    state h[H] = 0\n    h' = h + exp\n    output h'\n")
