@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from .. import plan as P
 from ..ir import IRCell, Node, Op
 from ..types import ONE
@@ -224,6 +222,7 @@ def _verify_diagonal(ir, state, update, a, b) -> list[str]:
 
 def _numeric(ir, updates, coefs, model, states, seed=0) -> float:
     """max |update - model(coefs, states)| on random leaves (float64, batch of 3)."""
+    import torch  # only when a numeric check runs: plain analyses do not import torch
     from ..torch_expr import compile_nodes
     leaves = list(ir.inputs.values()) + list(ir.params.values()) + ir.state_leaves()
     roots = list(updates) + [c for c in coefs if c is not None]
@@ -240,6 +239,7 @@ def _numeric(ir, updates, coefs, model, states, seed=0) -> float:
 
 
 def _semiring_plan(ir, plan, an, s, sr, verify):
+    import torch  # only when a numeric check runs: plain analyses do not import torch
     kind, a, b = sr
     name = "max-plus" if kind == "maxplus" else "log-sum-exp"
     coeffs = {"a": show(a), "b": show(b, "-inf")}
@@ -299,6 +299,7 @@ def _lowrank_plan(ir, plan, s, a, low, offset, verify, leaves, updates):
 
 
 def _lowrank_numeric(ir, state, a, low, offset) -> float:
+    import torch  # only when a numeric check runs: plain analyses do not import torch
     from ..torch_expr import compile_nodes
     leaves = list(ir.inputs.values()) + list(ir.params.values()) + ir.state_leaves()
     roots = [ir.updates[state.arg[0]]]
@@ -327,6 +328,7 @@ def _lowrank_numeric(ir, state, a, low, offset) -> float:
 
 
 def _block_plan(ir, plan, states, forms, verify, leaves, updates):
+    import torch  # only when a numeric check runs: plain analyses do not import torch
     k = len(states)
     coeffs = {}
     A = {}
@@ -377,6 +379,7 @@ def _block_plan(ir, plan, states, forms, verify, leaves, updates):
 
 def _check_affine(ir, leaves, updates) -> list[str]:
     """Numerically: f(t*S1 + (1-t)*S2) == t*f(S1) + (1-t)*f(S2)."""
+    import torch  # only when a numeric check runs: plain analyses do not import torch
     from ..torch_expr import compile_nodes
     leaves_all = list(ir.inputs.values()) + list(ir.params.values()) + ir.state_leaves()
     ups = list(updates.values())

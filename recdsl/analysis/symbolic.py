@@ -9,7 +9,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import sympy as sp
-import torch
 
 from ..ir import Node, Op, toposort
 
@@ -201,9 +200,10 @@ def _push(add):
 
 # --------------------------------------------------------------------------- numeric
 
-def random_leaves(leaves: list[Node], shape_of, batch: int = 3, seed: int = 0) -> list[torch.Tensor]:
+def random_leaves(leaves: list[Node], shape_of, batch: int = 3, seed: int = 0) -> list:
     """Positive random values in [0.1, 1) (logs and square roots stay defined), with one
     batch axis, float64."""
+    import torch
     g = torch.Generator().manual_seed(seed)
     out = []
     for n in leaves:
@@ -214,6 +214,7 @@ def random_leaves(leaves: list[Node], shape_of, batch: int = 3, seed: int = 0) -
 
 def lift(t, rank: int):
     """A value with one batch axis lifted to `rank` node axes (new axes after the batch)."""
+    import torch
     if not isinstance(t, torch.Tensor):
         return t
     while t.dim() < 1 + rank:
@@ -221,7 +222,8 @@ def lift(t, rank: int):
     return t
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def max_err(a, b) -> float:
+    import torch
     a, b = torch.broadcast_tensors(a.to(torch.float64), b.to(torch.float64))
     finite = torch.isfinite(a) & torch.isfinite(b)
     if not bool(finite.any()):
