@@ -41,6 +41,34 @@ def const_text(node: Node) -> str:
     return repr(v)
 
 
+class SourceNotes:
+    """The comment generated code carries on each line: `file:line`, plus the .rec line's
+    text the first time it appears (reduced to printable ASCII, so it can never end the
+    comment or smuggle code into the generated text)."""
+
+    def __init__(self, ir):
+        span = ir.checked.span
+        self.file = span.file.rsplit("/", 1)[-1] if span else "<cell>"
+        self.shown: set[int] = set()
+
+    def header(self, ir, backend: str) -> str:
+        return f"# recdsl {backend} backend -- cell {ir.name} ({self.file}), dims " + \
+            ", ".join(f"{k}={v}" for k, v in ir.dims.items())
+
+    def __call__(self, n: Node | None, with_text: bool = True) -> str:
+        if n is None or n.span is None:
+            return ""
+        text = f"{self.file}:{n.span.line}"
+        if with_text and n.span.line not in self.shown and n.span.source is not None:
+            self.shown.add(n.span.line)
+            text += "  " + safe_comment(n.span.source.line(n.span.line))
+        return text
+
+
+def safe_comment(text: str) -> str:
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text).strip()
+
+
 class TorchExpr:
     """Emits the right-hand side for a node given the names of its sources."""
 

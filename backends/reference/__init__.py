@@ -9,7 +9,7 @@ from __future__ import annotations
 from recdsl.errors import RecError
 from recdsl.ir import IRCell, Node, Op
 
-from recdsl.torch_expr import TorchExpr
+from recdsl.torch_expr import SourceNotes, TorchExpr
 
 NAME = "reference"
 
@@ -22,11 +22,6 @@ def supports(ir: IRCell) -> str | None:
     return None
 
 
-def _safe_comment(text: str) -> str:
-    """Source text shown in a generated comment: printable ASCII only, one line."""
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text).strip()
-
-
 def emit_step(ir: IRCell) -> str:
     why = supports(ir)
     if why:
@@ -37,15 +32,13 @@ def emit_step(ir: IRCell) -> str:
         return names[n.id]
 
     expr = TorchExpr(name_of)
-    file = ir.checked.span.file.rsplit("/", 1)[-1] if ir.checked.span else "<cell>"
+    notes = SourceNotes(ir)
     lines = [
-        f"# recdsl reference backend -- cell {ir.name} ({file}), dims "
-        + ", ".join(f"{k}={v}" for k, v in ir.dims.items()),
+        notes.header(ir, "reference"),
         "# One step of the recurrence; the runtime loops it over time.",
         "# X: inputs at this step, S: previous states, P: params; every tensor has NB prefix axes.",
         "def step(X, S, P, NB, DT, DEV):",
     ]
-    shown_lines: set[int] = set()
     update_of = {n.id: s for s, n in ir.updates.items()}
     output_of = {n.id: o for o, n in ir.outputs.items()}
     nodes = ir.nodes()
@@ -70,12 +63,7 @@ def emit_step(ir: IRCell) -> str:
             rhs = expr(n)
         names[n.id] = var
         code = f"    {var} = {rhs}"
-        note = ""
-        if n.span is not None:
-            note = f"{file}:{n.span.line}"
-            if n.span.line not in shown_lines and n.op not in (Op.INPUT, Op.PARAM, Op.STATE):
-                shown_lines.add(n.span.line)
-                note += "  " + _safe_comment(n.span.source.line(n.span.line) if n.span.source else "")
+        note = notes(n, with_text=n.op not in (Op.INPUT, Op.PARAM, Op.STATE))
         if n.id in output_of:
             note += f"  -> output {output_of[n.id]}"
         lines.append(f"{code:<60}  # {note}" if note else code)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from recdsl.analysis import stages as S
 from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.plan import Plan
-from recdsl.torch_expr import TorchExpr, const_text
+from recdsl.torch_expr import SourceNotes, TorchExpr, const_text
 
 from .lowering import StageLowering, consumers, lower_stage, stage_core
 
@@ -18,18 +18,13 @@ def _raw(n: Node) -> str:
     return f"P0[{n.arg!r}]"
 
 
-def _safe(text: str) -> str:
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text).strip()
-
-
 class Emitter:
     def __init__(self, ir: IRCell, plan: Plan):
         self.ir, self.plan = ir, plan
         self.lines: list[str] = []
         self.seq: dict[int, str] = {}        # node id -> name of its whole-sequence value
         self.counter = 0
-        self.file = ir.checked.span.file.rsplit("/", 1)[-1] if ir.checked.span else "<cell>"
-        self.shown: set[int] = set()
+        self.note = SourceNotes(ir)
         self.expr_seq = TorchExpr(self.seq_name, nb="NS", raw_param=_raw)
         self.place = S.placement(ir, [s.states for s in plan.stages])
         self.users = consumers(ir)
@@ -43,15 +38,6 @@ class Emitter:
     def fresh(self, base: str) -> str:
         self.counter += 1
         return f"{base}_{self.counter}"
-
-    def note(self, n: Node | None) -> str:
-        if n is None or n.span is None:
-            return ""
-        text = f"{self.file}:{n.span.line}"
-        if n.span.line not in self.shown and n.span.source is not None:
-            self.shown.add(n.span.line)
-            text += "  " + _safe(n.span.source.line(n.span.line))
-        return text
 
     def emit(self, code: str, node: Node | None = None, indent: int = 1):
         line = "    " * indent + code
@@ -116,8 +102,7 @@ class Emitter:
     def program(self) -> str:
         ir = self.ir
         head = [
-            f"# recdsl torch backend -- cell {ir.name} ({self.file}), dims "
-            + ", ".join(f"{k}={v}" for k, v in ir.dims.items()),
+            self.note.header(ir, "torch"),
             "# X: inputs [B, T, (heads,) *shape]; S0: initial states [B, (heads,) *shape];",
             "# P1/P2: params with 1/2 leading axes; P0: params as stored; NB: per-step prefix rank.",
             "def forward(X, S0, P0, P1, P2, NB, DT, DEV):",

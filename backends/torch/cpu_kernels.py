@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "scans.c"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "scans.c"
 _lock = threading.Lock()
 _lib = None
 _error: str | None = None
@@ -48,7 +49,7 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) found")
-    src = SOURCE.read_bytes()
+    src = SOURCE.read_bytes() + (CSRC / "vmath.h").read_bytes()
     # -fno-trapping-math / -fno-math-errno let loops with floorf and selects vectorise; unlike
     # -ffast-math they keep inf and NaN semantics (the semiring scans use -inf).
     flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
@@ -59,7 +60,8 @@ def _build() -> ctypes.CDLL:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / "scans.so"
-            r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
+            r = subprocess.run([cc, *flags, f"-I{CSRC}", str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True,
+                               text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[:500]}")
             os.replace(tmp_so, out)  # atomic: concurrent builders never see half a file
@@ -190,12 +192,17 @@ def matdiag(q, incl: bool, k, v, g, S0):
     V = v.shape[-1]
     dt = k.dtype
     views = [_view(_bthf(x, B, T, H, F)) for x, F in ((g, K), (k, K), (v, V), (q, K))]
+    return _matrix_kernel("matdiag_fwd", views, incl, S0, B, H, T, K, V, dt)
+
+
+def _matrix_kernel(name, views, flag, S0, B, H, T, K, V, dt):
+    """Call a matrix-state kernel: (views..., flag, S0, out, ST, B, H, T, K, V)."""
     out = torch.empty((B, T, H, V), dtype=dt)
     ST = torch.empty((B, H, K, V), dtype=dt)
-    S0 = S0.contiguous()
-    getattr(library(), f"matdiag_fwd_{_SFX[dt]}")(*[ctypes.byref(w) for w in views], ctypes.c_int32(int(incl)),
-                                                  _ptr(S0), _ptr(out), _ptr(ST), *[ctypes.c_int64(n) for n in
-                                                                                    (B, H, T, K, V)])
+    S0 = S0.to(dt).contiguous()
+    getattr(library(), f"{name}_{_SFX[dt]}")(*[ctypes.byref(w) for w in views], ctypes.c_int32(int(flag)),
+                                             _ptr(S0), _ptr(out), _ptr(ST),
+                                             *[ctypes.c_int64(n) for n in (B, H, T, K, V)])
     return out, ST
 
 
@@ -208,10 +215,4 @@ def delta(q, k, v, beta, g, S0):
     gated = g is not None
     g = g if gated else beta
     views = [_view(_bthf(x, B, T, H, F)) for x, F in ((g, 1), (beta, 1), (k, K), (v, V), (q, K))]
-    out = torch.empty((B, T, H, V), dtype=dt)
-    ST = torch.empty((B, H, K, V), dtype=dt)
-    S0 = S0.contiguous()
-    getattr(library(), f"delta_fwd_{_SFX[dt]}")(*[ctypes.byref(w) for w in views], ctypes.c_int32(int(gated)),
-                                                _ptr(S0), _ptr(out), _ptr(ST), *[ctypes.c_int64(n) for n in
-                                                                                  (B, H, T, K, V)])
-    return out, ST
+    return _matrix_kernel("delta_fwd", views, gated, S0, B, H, T, K, V, dt)

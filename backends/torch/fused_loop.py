@@ -44,28 +44,6 @@ C_BINARY = {
 }
 
 
-# float exp/tanh the compiler vectorises across lanes (libm's are scalar calls; the gates of
-# a 4096-lane step would cost more than the step's GEMM). ~1 ulp exp; tanh via exp (absolute
-# error ~1e-7). float64 keeps libm.
-VEC_MATH = r"""
-static inline float vexpf(float x) {
-    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = floorf(xc * 1.44269504088896341f + 0.5f);
-    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float z = r * r;
-    float y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
-                + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-    y = y * z + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale; memcpy(&scale, &bits, sizeof scale);
-    float out = y * scale;
-    out = x > 88.0f ? INFINITY : out;
-    return x < -87.0f ? 0.0f : out;
-}
-static inline float vtanhf(float x) { return 1.0f - 2.0f / (vexpf(2.0f * x) + 1.0f); }
-"""
-
-
 class NotEligible(Exception):
     pass
 
@@ -210,8 +188,10 @@ void step_SFX({sig}) {{
                 "return isinf(m) && m < 0 ? m : m + log1pf(expf(-(a > b ? a - b : b - a))); }\n"
         lae64 = "static inline double LAE_d(double a, double b) { double m = a > b ? a : b; " \
                 "return isinf(m) && m < 0 ? m : m + log1p(exp(-(a > b ? a - b : b - a))); }\n"
-        return ("#include <math.h>\n#include <stdint.h>\n#include <string.h>\n"
-                "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n" + VEC_MATH + lae32 + lae64
+        # vmath.h: vexpf / vtanhf, which vectorise across lanes (libm's are scalar calls, and
+        # the gates of a 4096-lane step would cost more than the step's GEMM)
+        return ('#include "vmath.h"\n'
+                "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n" + lae32 + lae64
                 + macros32 + "#define LAE LAE_f\n" + f32 + undef + "#undef LAE\n"
                 + macros64 + "#define LAE LAE_d\n" + f64)
 
@@ -220,7 +200,7 @@ _cache: dict[str, ctypes.CDLL] = {}
 
 
 def _compile(src: str) -> ctypes.CDLL:
-    key = hashlib.sha256(src.encode()).hexdigest()[:20]
+    key = hashlib.sha256(src.encode() + (cpu_kernels.CSRC / "vmath.h").read_bytes()).hexdigest()[:20]
     if key in _cache:
         return _cache[key]
     cc = cpu_kernels._compiler()
@@ -234,7 +214,7 @@ def _compile(src: str) -> ctypes.CDLL:
             c.write_text(src)
             so = Path(tmp) / "loop.so"
             r = subprocess.run([cc, "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
-                                "-shared", "-fPIC",
+                                f"-I{cpu_kernels.CSRC}", "-shared", "-fPIC",
                                 "-std=c99", str(c), "-o", str(so), "-lm"], capture_output=True, text=True)
             if r.returncode != 0:
                 raise NotEligible(f"the generated step did not compile: {r.stderr[:300]}")
