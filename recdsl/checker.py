@@ -19,7 +19,7 @@ from .errors import RecError, Span
 from .types import ONE, SCALAR, Dim, TupleType, Type, broadcast, fmt_shape
 
 DECL_KINDS = ("input", "param", "state", "edge", "pair")
-FORWARD_OPTIONS = ("reverse", "cu_seqlens")  # keyword options of the compiled module's forward()
+FORWARD_OPTIONS = ("reverse", "cu_seqlens", "edges")  # keyword options of the compiled module's forward()
 MAX_DIM_EXPONENT = 64      # `K**2` is a dimension; `2**1000000` is a typo (and would take forever)
 MAX_DIM_TERMS = 256        # the expanded polynomial of one dimension expression
 

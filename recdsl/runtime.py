@@ -22,7 +22,7 @@ from .errors import RecError
 from .ir import IRCell, lower
 
 BACKENDS = ("auto", "reference", "torch", "triton", "newton")
-RESERVED_INPUTS = {"state", "reverse", "cu_seqlens"}
+RESERVED_INPUTS = {"state", "reverse", "cu_seqlens", "edges"}
 
 
 class RecModule(nn.Module):
@@ -46,7 +46,12 @@ class RecModule(nn.Module):
         if why:
             raise RecError(why, cell.span)
         from .backends import reference
-        self._step_fn, step_source = reference.build_step(self.ir)   # step(): one step, for decoding
+        if self.ir.over == "seq":
+            self._step_fn, step_source = reference.build_step(self.ir)   # step(): one step, for decoding
+        else:
+            self._step_fn, step_source = None, ""
+            if self.heads:
+                raise RecError(f"heads are not supported over {self.ir.over} yet", cell.span)
         self._plan = None
         self._program = backend_mod.build(self.ir)
         self.generated = getattr(self._program, "source", step_source)
@@ -200,7 +205,12 @@ class RecModule(nn.Module):
         # One leading axis of 1 for the batch: every tensor in the step has the same prefix rank.
         return {n: getattr(self, n).to(dtype)[None] for n in self.spec.cell.params}
 
-    def forward(self, state: dict | None = None, reverse: bool | None = None, cu_seqlens=None, **inputs):
+    def forward(self, state: dict | None = None, reverse: bool | None = None, cu_seqlens=None, edges=None,
+                **inputs):
+        if self.ir.over != "seq":
+            return self._forward_graph(inputs, edges)
+        if edges is not None:
+            raise RecError("edges= is for cells that run `over dag`")
         (B, T) = self._check_inputs(inputs, per_step=False)
         reverse = self.default_reverse if reverse is None else bool(reverse)
         first = next(iter(inputs.values()))
@@ -269,8 +279,43 @@ class RecModule(nn.Module):
             vals.append(v)
         return vals[0] if len(vals) == 1 else tuple(vals)
 
+    def _forward_graph(self, inputs: dict, edges):
+        """Grids and DAGs (reference backend): see backends/reference/graph.py for layouts."""
+        from .backends.reference import graph
+        cell = self.spec.cell
+        names = list(cell.inputs) + list(cell.edges) + list(cell.pairs)
+        missing = [n for n in names if n not in inputs]
+        unknown = [n for n in inputs if n not in names]
+        if missing or unknown:
+            raise RecError(f"cell {cell.name}: " + (f"missing inputs {', '.join(missing)}" if missing else
+                                                     f"unknown inputs {', '.join(unknown)}"),
+                           hint="inputs: " + ", ".join(names))
+        first = inputs[next(iter(cell.inputs))] if cell.inputs else next(iter(inputs.values()))
+        dtype = self._compute_dtype(inputs.values())
+        xs = {n: x.to(dtype) for n, x in inputs.items()}
+        B = first.shape[0]
+        init = self.initial_state(B, dtype, first.device)
+        params = {n: getattr(self, n).to(dtype) for n in cell.params}
+        if self.ir.over == "grid2d":
+            for n, var in cell.inputs.items():
+                want = self.ir.concrete(var.shape)
+                if xs[n].dim() != 3 + len(want) or tuple(xs[n].shape[3:]) != want or xs[n].shape[:3] != first.shape[:3]:
+                    raise RecError(f"input {n} has shape {list(xs[n].shape)}, expected [B, X, Y"
+                                   + "".join(f", {d}" for d in var.shape) + "]")
+            outs, states = graph.run_grid(self.ir, xs, params, init, dtype, bool(self.heads))
+        else:
+            if edges is None:
+                raise RecError(f"cell {cell.name} runs over a DAG: give its edges, forward(..., edges=[[src, dst], ...])")
+            edges = torch.as_tensor(edges, dtype=torch.long)
+            if edges.dim() != 2 or edges.shape[-1] != 2:
+                raise RecError(f"edges must be [E, 2] (source, target), got shape {list(edges.shape)}")
+            outs, states = graph.run_dag(self.ir, xs, params, init, edges, dtype)
+        return self._pack(outs, first.dtype), states
+
     def step(self, state: dict | None = None, **inputs):
         """One step: inputs [B, (heads,) *shape]; returns (outputs, new state)."""
+        if self._step_fn is None:
+            raise RecError(f"step() runs sequence cells; this one runs over {self.ir.over}")
         (B,) = self._check_inputs(inputs, per_step=True)
         first = next(iter(inputs.values()))
         dtype = self._compute_dtype(inputs.values())

@@ -188,11 +188,19 @@ def compile_nodes(roots: list[Node], leaves: list[Node]):
     import torch.nn.functional as F
 
     from . import torch_rt as rt
-    from .ir import toposort
     names: dict[int, str] = {n.id: f"L[{i}]" for i, n in enumerate(leaves)}
     expr = TorchExpr(lambda n: names[n.id])
     lines = ["def f(L, NB, DT, DEV):"]
-    for n in toposort(roots):
+    order, seen, stack = [], set(names), [(r, False) for r in reversed(roots)]
+    while stack:  # sources first, not below the given leaves
+        n, done = stack.pop()
+        if done:
+            order.append(n)
+        elif n.id not in seen:
+            seen.add(n.id)
+            stack.append((n, True))
+            stack.extend((x, False) for x in reversed(n.srcs) if x.id not in seen)
+    for n in order:
         if n.id in names:
             continue
         if n.op == Op.CONST and not n.shape:

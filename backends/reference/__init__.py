@@ -15,17 +15,15 @@ NAME = "reference"
 
 
 def supports(ir: IRCell) -> str | None:
-    """None if this backend runs the cell, else why not (one sentence naming the construct)."""
-    if ir.over != "seq":
-        return (f"the reference backend runs sequences; `over {ir.over}` "
-                f"(line {ir.checked.ast.span.line}) arrives with the grid/DAG backend")
+    """None if this backend runs the cell, else why not (one sentence naming the construct).
+    The reference runs every cell: sequences here, grids and DAGs in graph.py."""
     return None
 
 
 def emit_step(ir: IRCell) -> str:
-    why = supports(ir)
-    if why:
-        raise RecError(why, ir.checked.span)
+    if ir.over != "seq":
+        raise RecError(f"a cell `over {ir.over}` has no per-step code: the reference evaluates it cell by cell "
+                       "(backends/reference/graph.py)", ir.checked.span)
     names: dict[int, str] = {}
 
     def name_of(n: Node) -> str:
@@ -89,8 +87,12 @@ class Program:
     """The per-step loop: the generated step applied for t = 0 .. T-1."""
 
     def __init__(self, ir: IRCell, plan=None):
-        self.step, self.source = build_step(ir)
         self.ir = ir
+        if ir.over == "seq":
+            self.step, self.source = build_step(ir)
+        else:
+            from recdsl.ir import dump
+            self.step, self.source = None, "# evaluated cell by cell over the " + ir.over + "\n" + dump(ir)
 
     def run(self, xs, st, params, heads, dtype, device):
         import torch

@@ -152,8 +152,9 @@ def lower_stage(ir: IRCell, sp: P.StagePlan, place: dict[int, int], users) -> St
         return StageLowering("element", sp, "element scan" + (" (decay in log space)" if sp.nodes.get("log_a")
                                                                is not None else ""), _diag_nodes(sp, a, b))
     if sp.cls == P.SEMIRING:
+        kind = {"maxplus": "maxplus", "logsumexp": "lse"}[sp.nodes["kind"]]  # the scan kernels' names
         return StageLowering("element", sp, f"element scan ({sp.detail})",
-                             {"kind": sp.nodes["kind"], "a": sp.nodes["a"], "b": sp.nodes["b"]})
+                             {"kind": kind, "a": sp.nodes["a"], "b": sp.nodes["b"]})
     if sp.cls == P.BLOCK_DIAGONAL:
         return StageLowering("block", sp, f"block scan ({sp.detail})", dict(sp.nodes))
     if sp.cls == P.LOW_RANK:

@@ -11,6 +11,12 @@ import torch
 from . import cpu_kernels
 
 
+# A step's log decay below this wipes the state anyway (exp(-80) ~ 2e-35); clamping it keeps
+# cumulative sums inside a chunk free of cancellation (a decay of -1e9 used as a reset would
+# otherwise cost 1e9 * eps of absolute precision in every later exponent of the chunk).
+LOG_DECAY_FLOOR = -80.0
+
+
 def use_c(*ts) -> bool:
     return all(t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu" for t in ts) \
         and cpu_kernels.available()
@@ -127,6 +133,7 @@ def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: to
     B, T, K = k.shape
     V = v.shape[-1]
     scalar = g.dim() == 2
+    g = g.clamp(min=LOG_DECAY_FLOOR)
     C = chunk or 64
     N = (T + C - 1) // C
     Tp = N * C
@@ -176,8 +183,7 @@ def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
     C = min(chunk, max(T, 1))
     N = (T + C - 1) // C
     Tp = N * C
-    if g is None:
-        g = torch.zeros_like(beta)
+    g = torch.zeros_like(beta) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
     q, k, v, beta, g = (_pad_t(x, Tp) for x in (q, k, v, beta, g))
     qc, kc, vc = q.reshape(B, N, C, K), k.reshape(B, N, C, K), v.reshape(B, N, C, V)
     bc, b = beta.reshape(B, N, C), g.reshape(B, N, C).cumsum(2)

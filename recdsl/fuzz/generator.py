@@ -509,3 +509,57 @@ def render(c: _Cell) -> str:
     lines += ["    " + s for s in c.stmts]
     lines += ["    " + o for o in c.outputs]
     return "\n".join(lines) + "\n"
+
+
+# ---- frontend mutants -----------------------------------------------------------------
+# Mutations of valid sources (as tests/frontend/test_mutation.py): tokens or lines deleted,
+# duplicated, swapped or replaced, junk inserted, indentation broken. A mutant must be
+# accepted or rejected with a RecError, never any other exception.
+
+JUNK = list("()[]{}:;,.=~+-*/@<>!'\"\\#\t \n\r_0123456789eE") + [
+    "**", "'''", '"""', "λ", "é", "\u00a0", "\u200b", "\x00", "None", "on", "edge", "cell", "for", "output",
+    "state", "lambda", "__import__", "1.2.3", "3x", "1e", "sum_in", "split", "outer", "[:, None]", "[0:2]",
+    "range", "heads", "over", "dag", "param", "input", "T", "prev", "axis", "-1", "1e400", "2**70"]
+_TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*'?|\d+\.?\d*(?:[eE][+-]?\d+)?|\*\*|\"\"\"|[^\sA-Za-z0-9_]|\n[ \t]*")
+
+
+def mutate(source: str, rng: random.Random, max_mutations: int = 4) -> str:
+    src = source
+    for _ in range(rng.randint(1, max_mutations)):
+        kind = rng.choice(["del_tok", "dup_tok", "swap_tok", "del_line", "dup_line", "swap_line", "insert",
+                           "replace_tok", "copy_tok", "indent"])
+        toks = [m.span() for m in _TOKEN_RE.finditer(src)]
+        lines = src.split("\n")
+        if kind.endswith("_tok") and toks:
+            a, b = rng.choice(toks)
+            if kind == "del_tok":
+                src = src[:a] + src[b:]
+            elif kind == "dup_tok":
+                src = src[:b] + src[a:b] + src[b:]
+            elif kind == "replace_tok":
+                src = src[:a] + rng.choice(JUNK) + src[b:]
+            elif kind == "copy_tok":
+                c, d = rng.choice(toks)
+                src = src[:a] + src[c:d] + src[b:]
+            else:
+                (a, b), (c, d) = sorted([(a, b), rng.choice(toks)])
+                if b <= c:
+                    src = src[:a] + src[c:d] + src[b:c] + src[a:b] + src[d:]
+        elif kind.endswith("_line") and lines:
+            i = rng.randrange(len(lines))
+            if kind == "del_line":
+                del lines[i]
+            elif kind == "dup_line":
+                lines.insert(i, lines[i])
+            else:
+                j = rng.randrange(len(lines))
+                lines[i], lines[j] = lines[j], lines[i]
+            src = "\n".join(lines)
+        elif kind == "indent" and lines:
+            i = rng.randrange(len(lines))
+            lines[i] = rng.choice([" ", "  ", "\t", "        ", ""]) + lines[i].lstrip(" " if rng.random() < 0.5 else "")
+            src = "\n".join(lines)
+        else:
+            pos = rng.randint(0, len(src))
+            src = src[:pos] + rng.choice(JUNK) + src[pos:]
+    return src

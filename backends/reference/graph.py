@@ -1,0 +1,175 @@
+"""The reference backend over grids and DAGs (LANGUAGE.md §6): plain loops over cells or
+nodes in dependency order, each evaluating the IR with the torch meaning of every op.
+
+grid2d: inputs [B, X, Y, (heads,) *shape]; cell (x, y) reads `s.left` = the state at
+(x-1, y) and `s.up` = the state at (x, y-1), or the initial value off the grid. Returns
+outputs [B, X, Y, ...] and the state of every cell, [B, X, Y, ...].
+
+dag: forward(edges=LongTensor [E, 2] of (source, target) node pairs) with node inputs
+[B, N, ...], `edge` inputs [B, E, ...] and `pair` inputs [B, E, E, ...] indexed (in-edge,
+out-edge). Nodes run in topological order. Inside sum_in(...) a node state is the
+predecessor's, an `on edge` state and edge inputs are the in-edge's, pair inputs the
+(in-edge, out-edge) pair's; an `on edge` state's update runs once per out-edge (edge
+inputs outside sum_in are the out-edge's); a node with no in-edges sees sum_in = 0.
+Returns node outputs [B, N, ...] and states: node states [B, N, ...], edge states [B, E, ...]."""
+from __future__ import annotations
+
+import torch
+
+from recdsl.errors import RecError
+from recdsl.ir import IRCell, Node, Op, toposort
+from recdsl.torch_expr import compile_nodes
+
+
+class _Eval:
+    """Evaluates IR nodes one op at a time; each op compiled once from the shared emitter."""
+
+    def __init__(self, ir: IRCell):
+        self.ir = ir
+        self.fns: dict[int, object] = {}
+
+    def op(self, n: Node, args: list, dtype, device):
+        fn = self.fns.get(n.id)
+        if fn is None:
+            fn = self.fns[n.id] = compile_nodes([n], list(n.srcs))
+        return fn(args, 1, dtype, device)[0]
+
+
+def run_grid(ir: IRCell, xs: dict, params: dict, init: dict, dtype, heads: bool):
+    ev = _Eval(ir)
+    X0 = next(iter(xs.values()))
+    B, NX, NY = X0.shape[:3]
+    device = X0.device
+    P = {n: p[None] for n, p in params.items()}
+    grid: dict[tuple, dict] = {}
+    outs = {o: [[None] * NY for _ in range(NX)] for o in ir.outputs}
+    order = toposort(list(ir.updates.values()) + list(ir.outputs.values()))
+    for x in range(NX):
+        for y in range(NY):
+            vals: dict[int, torch.Tensor] = {}
+            for n in order:
+                if n.op == Op.INPUT:
+                    vals[n.id] = xs[n.arg][:, x, y]
+                elif n.op == Op.PARAM:
+                    vals[n.id] = P[n.arg]
+                elif n.op == Op.STATE:
+                    name, where = n.arg
+                    src = (x - 1, y) if where == "left" else (x, y - 1) if where == "up" else None
+                    if src is None:
+                        raise RecError(f"over grid2d a state is read as {name}.left or {name}.up")
+                    vals[n.id] = grid[src][name] if src in grid else init[name]
+                elif n.op == Op.CONST and not n.shape:
+                    vals[n.id] = torch.tensor(n.arg, dtype=dtype, device=device)
+                else:
+                    vals[n.id] = ev.op(n, [vals[s.id] for s in n.srcs], dtype, device)
+            grid[(x, y)] = {s: vals[u.id] for s, u in ir.updates.items()}
+            for o, n in ir.outputs.items():
+                outs[o][x][y] = vals[n.id]
+    def stack(cells):
+        shape = torch.broadcast_shapes(*(c.shape for row in cells for c in row))
+        return torch.stack([torch.stack([c.expand(shape) for c in row], 1) for row in cells], 1)
+    out = {o: stack(v) for o, v in outs.items()}
+    states = {s: stack([[grid[(x, y)][s] for y in range(NY)] for x in range(NX)]) for s in ir.updates}
+    return out, states
+
+
+def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor, dtype):
+    ev = _Eval(ir)
+    cell = ir.checked
+    node_inputs = [n for n in cell.inputs]
+    if not node_inputs:
+        raise RecError(f"cell {cell.name} runs over a DAG but has no node input to give the node count")
+    X0 = xs[node_inputs[0]]
+    B, N = X0.shape[:2]
+    device = X0.device
+    edges = torch.as_tensor(edges, dtype=torch.long).tolist()
+    E = len(edges)
+    for e, (u, v) in enumerate(edges):
+        if not (0 <= u < N and 0 <= v < N) or u == v:
+            raise RecError(f"edge {e} = ({u}, {v}) is not between two distinct nodes of 0..{N - 1}")
+    ins = [[] for _ in range(N)]
+    outs_e = [[] for _ in range(N)]
+    for e, (u, v) in enumerate(edges):
+        ins[v].append(e)
+        outs_e[u].append(e)
+    order = _topo(N, edges)
+    P = {n: p[None] for n, p in params.items()}
+    on_edge = {s for s, var in cell.states.items() if var.decl.on_edge}
+    node_state: dict[int, dict] = {}
+    edge_state: dict[int, dict] = {}
+    node_out: dict[int, dict] = {}
+    pair_names = set(cell.pairs)
+    edge_names = set(cell.edges)
+
+    def evaluate(root: Node, node: int, out_edge: int | None, in_edge: int | None, memo: dict):
+        key = (root.id, in_edge)
+        if key in memo:
+            return memo[key]
+        n = root
+        if n.op == Op.INPUT:
+            if n.arg in edge_names:
+                e = in_edge if in_edge is not None else out_edge
+                val = xs[n.arg][:, e]
+            elif n.arg in pair_names:
+                val = xs[n.arg][:, in_edge, out_edge]
+            else:
+                val = xs[n.arg][:, node]
+        elif n.op == Op.PARAM:
+            val = P[n.arg]
+        elif n.op == Op.STATE:
+            name = n.arg[0]
+            if name in on_edge:
+                val = edge_state[in_edge][name]
+            else:
+                val = node_state[edges[in_edge][0]][name]
+        elif n.op == Op.CONST and not n.shape:
+            val = torch.tensor(n.arg, dtype=dtype, device=device)
+        elif n.op == Op.SUM_IN:
+            acc = None
+            for e in ins[node]:
+                part = evaluate(n.srcs[0], node, out_edge, e, memo)
+                acc = part if acc is None else acc + part
+            if acc is None:
+                shape = (B,) + ir.shape_of(n)
+                acc = torch.zeros(shape, dtype=dtype, device=device)
+            val = acc
+        else:
+            val = ev.op(n, [evaluate(s, node, out_edge, in_edge, memo) for s in n.srcs], dtype, device)
+        memo[key] = val
+        return val
+
+    for v in order:
+        memo: dict = {}
+        node_state[v] = {s: evaluate(u, v, None, None, memo) for s, u in ir.updates.items() if s not in on_edge}
+        node_out[v] = {o: evaluate(n, v, None, None, memo) for o, n in ir.outputs.items()}
+        for o in outs_e[v]:
+            m2: dict = {}
+            edge_state[o] = {s: evaluate(u, v, o, None, m2) for s, u in ir.updates.items() if s in on_edge}
+
+    def stack(vals, shape_of):
+        shape = torch.broadcast_shapes(*(x.shape for x in vals)) if vals else None
+        return torch.stack([x.expand(shape) for x in vals], 1) if vals else None
+    out = {o: stack([node_out[v][o] for v in range(N)], None) for o in ir.outputs}
+    states = {s: stack([node_state[v][s] for v in range(N)], None) for s in ir.updates if s not in on_edge}
+    states.update({s: stack([edge_state[e][s] for e in range(E)], None) for s in on_edge})
+    return out, states
+
+
+def _topo(N: int, edges: list) -> list[int]:
+    indeg = [0] * N
+    succ = [[] for _ in range(N)]
+    for u, v in edges:
+        indeg[v] += 1
+        succ[u].append(v)
+    ready = [v for v in range(N) if indeg[v] == 0]
+    order = []
+    while ready:
+        v = ready.pop(0)
+        order.append(v)
+        for w in succ[v]:
+            indeg[w] -= 1
+            if indeg[w] == 0:
+                ready.append(w)
+    if len(order) != N:
+        raise RecError("the edges contain a cycle: over dag the graph must be acyclic")
+    return order
