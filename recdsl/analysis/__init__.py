@@ -187,7 +187,7 @@ def _diagonal_plan(ir, plan, s, a, b, verify):
         checks += _verify_diagonal(ir, state, ir.updates[s], a, b)
         checks.append("combine (a1*a2, a2*b1 + b2) is associative and composes steps (sympy)"
                       if combine_is_associative("diagonal") else "combine NOT proven associative")
-    chunk = state.rank == 2 and kind in ("scalar", "vector") and _has_outer(b)
+    chunk = state.rank == 2 and kind in ("identity", "scalar", "vector") and _has_outer(b)
     detail = f"{kind} decay" + (", log space" if g is not None else "")
     reason = f"{s}' = a * {s} + b with a, b free of {s}"
     lowering = "chunkwise (matrix state from outer products)" if chunk else LOWERINGS[P.DIAGONAL]
@@ -458,10 +458,23 @@ def _readouts(ir: IRCell, stage_list, place) -> list[P.OutputPlan]:
 # --------------------------------------------------------------------------- backends
 
 def _backends(ir: IRCell, stage_plans) -> dict[str, str | None]:
+    """What each built backend does with each stage (the class's ideal lowering is a
+    promise only where a backend implements it; a fallback says why)."""
     from ..backends import reference
-    out = {"reference": reference.supports(ir)}
+    from ..backends import torch as torch_backend
+    out = {"reference": reference.supports(ir), "torch": torch_backend.supports(ir)}
     for s in stage_plans:
-        s.backends["reference"] = "per-step loop" if out["reference"] is None else f"cannot: {out['reference']}"
+        s.backends["reference"] = ("per-step loop" if ir.over == "seq" else f"loop over the {ir.over}") \
+            if out["reference"] is None else f"cannot: {out['reference']}"
+    if out["torch"] is None:
+        from ..backends.torch.lowering import consumers, lower_stage
+        place = S.placement(ir, [s.states for s in stage_plans])
+        users = consumers(ir)
+        for s in stage_plans:
+            s.backends["torch"] = lower_stage(ir, s, place, users).describe
+    else:
+        for s in stage_plans:
+            s.backends["torch"] = f"cannot: {out['torch']}"
     return out
 
 
