@@ -1,4 +1,4 @@
-"""The `recdsl` command line: check, inspect, stdlib, builtins.
+"""The `recdsl` command line: check, inspect, stdlib, builtins, fuzz.
 
 Every user mistake is printed as a located RecError and exits 1; an internal error prints
 one line asking for a report (RECDSL_DEBUG=1 shows the traceback) and exits 2."""
@@ -167,23 +167,32 @@ def _dump_ast(node, indent: int = 0) -> str:
 
 
 @main.command()
-def stdlib():
-    """List the cells of the standard library."""
+@click.option("--no-plan", is_flag=True, help="Skip the analysis (faster): names and families only.")
+def stdlib(no_plan):
+    """List the standard library: name, family, classes found, lowering per backend."""
     from rich.console import Console
+    from rich.progress import track
     from rich.table import Table
     from .spec import load_all, stdlib_dir, stdlib_files
-    table = Table("name", "family", "cell", "states", "summary")
+    table = Table("name", "family", "cell", "classes (per stage)", "reference", "torch")
     root = stdlib_dir()
-    for name, path in stdlib_files().items():
+    files = stdlib_files()
+    for name, path in track(list(files.items()), description="analysing", transient=True, disable=no_plan):
+        family = str(path.parent.relative_to(root))
         try:
             specs = load_all(path)
         except RecError as e:
-            table.add_row(name, path.parent.name, "-", "-", f"[red]error: {e.message}[/red]")
+            table.add_row(name, family, "-", f"[red]error: {e.message}[/red]", "", "")
             continue
         for s in specs:
-            states = ", ".join(s.cell.states)
-            doc = (s.doc or "").splitlines()[0] if s.doc else ""
-            table.add_row(name, str(path.parent.relative_to(root)), s.name, states, doc)
+            if no_plan:
+                table.add_row(name, family, s.name, ", ".join(s.cell.states), "", "")
+                continue
+            plan = s.plan()
+            classes = "; ".join(f"{', '.join(st.states)}: {st.cls}" for st in plan.stages)
+            ref = "; ".join(sorted({st.backends.get("reference", "") for st in plan.stages}))
+            fast = "; ".join(f"{st.backends.get('torch', '')}" for st in plan.stages)
+            table.add_row(name, family, s.name, classes, ref, fast)
     Console().print(table)
 
 
@@ -201,3 +210,66 @@ def builtins():
             n += " (" + ", ".join(f"{k}=" for k in b.kwargs) + ")"
         table.add_row(b.name, n, b.rule, b.doc)
     Console().print(table)
+
+
+@main.command()
+@click.argument("files", nargs=-1)
+@click.option("--seconds", type=float, default=60.0, show_default=True, help="Time budget (generated cells).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cells and the data.")
+@click.option("--backends", "backend_list", default=None,
+              help="Backends to compare with reference, comma-separated (default: every built one).")
+@click.option("--cells", "cells", multiple=True,
+              help="Fuzz these .rec files (random inputs and shapes) instead of generated cells; "
+                   "a file written by the shrinker replays its recorded case.")
+@click.option("--out", default="fuzz-out", show_default=True, help="Where shrunk reproducers are written.")
+@click.option("--max-cells", type=int, default=None, help="Stop after this many cells.")
+@click.option("--trials", type=int, default=8, show_default=True, help="Random configurations per --cells file.")
+@click.option("--no-shrink", is_flag=True, help="Report disagreements without shrinking them.")
+@click.option("--shrink-seconds", type=float, default=60.0, show_default=True, help="Budget per shrink.")
+@click.option("--frontend/--no-frontend", default=True, show_default=True,
+              help="Also fuzz the frontend with mutated sources (accepted, or rejected with a RecError).")
+def fuzz(files, seconds, seed, backend_list, cells, out, max_cells, trials, no_shrink, shrink_seconds, frontend):
+    """Differential fuzzing: random well-typed cells (or your .rec FILES) on every backend,
+    compared with reference (outputs, final states, gradients). Exit code 1 on any
+    disagreement; each one is shrunk to a minimal .rec file in --out with its replay command."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .fuzz.runner import fuzz as run_fuzz
+    paths = list(cells) + list(files)
+    backends = [b.strip() for b in backend_list.split(",") if b.strip()] if backend_list else None
+    err = Console(stderr=True)
+    with Progress(TextColumn("[bold]fuzz[/bold] {task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("", total=seconds if not paths else None)
+
+        def progress(elapsed, report):
+            bar.update(task, completed=min(elapsed, seconds),
+                       description=f"{report.cells} cells, {report.runs} runs, {report.disagreements} disagreements")
+
+        report = run_fuzz(seconds=seconds, seed=seed, backends=backends, files=paths, out=out, max_cells=max_cells,
+                          shrink=not no_shrink, shrink_budget=shrink_seconds, frontend=frontend, trials=trials,
+                          progress=progress)
+    for line in report.class_lines():
+        click.echo(line)
+    if report.declined:
+        click.echo("declined: " + ", ".join(f"{b} {n} cells" for b, n in report.declined.items()))
+    if report.skipped:
+        click.echo(f"skipped: {report.skipped} cells (reference not finite)")
+    if frontend:
+        click.echo(f"frontend: {report.mutants} mutants, {report.mutants_accepted} accepted, "
+                   f"{report.mutants - report.mutants_accepted - len(report.frontend_crashes)} rejected with a "
+                   f"RecError, {len(report.frontend_crashes)} crashes")
+    for src, what, path in report.frontend_crashes:
+        click.echo(f"frontend crash: {what}" + (f" ({path})" if path else ""), err=True)
+    for f in report.failures:
+        best = f.shrunk or f.case
+        click.echo(f"disagreement: {f.summary()}", err=True)
+        click.echo(f"  case: {best.describe()}" + (f" (shrunk from {f.case.describe()})" if f.shrunk else ""),
+                   err=True)
+        if f.path:
+            click.echo(f"  replay: recdsl fuzz --cells {f.path} --seed {seed} --backends {f.backend}", err=True)
+    click.echo(f"{report.distinct} distinct cells in {report.seconds:.1f} s, seed {seed}, backends "
+               + ",".join(report.backends))
+    click.echo(report.summary_line())
+    sys.exit(0 if report.ok else 1)
