@@ -172,6 +172,10 @@ class Checker:
         if not self.outputs:
             raise RecError(f"cell {self.cell.name} has no output", self.cell.span,
                            hint="add `output NAME = expr` (or `output h'`)")
+        if not self.decls["input"]:
+            raise RecError(f"cell {self.cell.name} has no input", self.cell.span,
+                           hint="a recurrence runs along its inputs (they give the batch and the time axes); "
+                                "declare one, e.g. `input x[D]`")
 
     # ------------------------------------------------------------------ header
     def _cell_args(self, args: list[A.CellArg]):

@@ -211,5 +211,7 @@ def _delta_rule(ir, sp, core, users):
     reads = _readouts(ir, s, core, users)
     if reads is None or any(not inc for _, _, inc in reads):
         return "the state is used other than through q @ S'"
+    if len(reads) != 1:
+        return f"the state is read out {len(reads)} times; the chunkwise form here fuses exactly one readout"
     return StageLowering("chunk_delta", sp, "chunkwise delta rule (WY/UT form)",
                          {"k": t.u, "v": v, "beta": beta, "g": g}, reads)

@@ -40,6 +40,7 @@ class _Cell:
     inputs: dict = field(default_factory=dict)        # name -> shape
     earlier: list = field(default_factory=list)       # (expr, shape) of earlier states' values
     n_states: int = 0
+    bare_outputs: set = field(default_factory=set)
     counter: int = 0
 
     # ---- names ----------------------------------------------------------------------
@@ -102,10 +103,14 @@ class _Cell:
         return name
 
     def output(self, expr: str) -> None:
-        if self.rng.random() < 0.5:
+        base = expr.rstrip("'")
+        bare = re.fullmatch(r"[A-Za-z_]\w*", base) is not None
+        if self.rng.random() < 0.5 or (bare and base in self.bare_outputs):
             self.outputs.append(f"output {self.fresh('y')} = {expr}")
         else:
             self.outputs.append(f"output {expr}")
+            if bare:
+                self.bare_outputs.add(base)
 
     # ---- free expressions (no state of the motif being built) --------------------------
     def leaf(self, shape: Shape) -> str:

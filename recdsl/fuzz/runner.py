@@ -223,7 +223,11 @@ def load_spec(case: Case):
 def stage_classes(spec, case: Case) -> list[str]:
     from recdsl.analysis import analyze
     plan = analyze(spec.lower(**case.dims), verify=False)
-    return [f"{s.cls}: {s.lowering}" for s in plan.stages]
+    out = []
+    for s in plan.stages:
+        detail = s.detail.split(",")[0] if s.detail and "(line" not in s.detail else ""
+        out.append(f"{s.cls}: {s.lowering}" + (f" [{detail}]" if detail else ""))
+    return out
 
 
 def run_case(case: Case, backends: list[str], classes: bool = True) -> Result:
@@ -454,11 +458,11 @@ def _record(report: Report, res: Result, shrink_budget: float, out, seed: int, d
 
 def fuzz(seconds: float = 60.0, seed: int = 0, backends: list[str] | None = None, files: list = (),
          out=None, max_cells: int | None = None, shrink: bool = True, shrink_budget: float = 60.0,
-         frontend: bool = True, mutants_per_cell: int = 3, trials: int = 8, stop_on_first: bool = False,
-         progress: Callable | None = None) -> Report:
+         frontend: bool = True, mutants_per_cell: int = 3, trials: int = 8,
+         stop_when: Callable | None = None, progress: Callable | None = None) -> Report:
     """Generate cells (or take `files`) and run them on every backend against `reference`
-    until `seconds` have passed (or `max_cells`). progress(elapsed_s, cells) is called
-    after each cell."""
+    until `seconds` have passed (or `max_cells`, or stop_when(report) is true after a cell).
+    progress(elapsed_s, report) is called after each cell."""
     from pathlib import Path
 
     from . import inject
@@ -521,7 +525,7 @@ def fuzz(seconds: float = 60.0, seed: int = 0, backends: list[str] | None = None
             _frontend(report, case.source, rng, mutants_per_cell, out)
         if progress is not None:
             progress(time.monotonic() - t0, report)
-        if stop_on_first and (report.failures or report.frontend_crashes):
+        if stop_when is not None and stop_when(report):
             break
     if frontend and files:
         for f in files:

@@ -150,3 +150,8 @@ def test_inputs_cannot_shadow_forward_options(name):
 def test_declarations_cannot_take_builtin_names():
     with pytest.raises(RecError, match="builtin function"):
         recdsl.load("cell X(H):\n    input exp[H]\n    state h[H] = 0\n    h' = h + exp\n    output h'\n")
+
+
+def test_a_cell_needs_an_input():
+    with pytest.raises(RecError, match="has no input"):
+        recdsl.load("cell Clock(H):\n    state h[H] = 0\n    h' = h + 1\n    output h'\n")
