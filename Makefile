@@ -22,6 +22,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m slow   # the long suites (20k frontend mutants, a 2-minute fuzz run): ~4 min
 	@if [ -f $(SHARED)/tools/conformance.py ]; then \
 		$(BIN)/python $(SHARED)/tools/conformance.py --python $(BIN)/python; \
 	else echo "conformance: $(SHARED) not found, skipped"; fi
