@@ -17,15 +17,21 @@
 
 #define CB 64 /* channels per task */
 
+/* The work split of the element scans: one task per (batch row, block of CB channels);
+ * inside, b is the row, c0 the block's first channel and n its width. */
+#define FOR_CHANNEL_BLOCKS                                                                    \
+    int64_t nblk = (C + CB - 1) / CB;                                                        \
+    _Pragma("omp parallel for schedule(static)")                                              \
+    for (int64_t job = 0; job < B * nblk; job++)                                              \
+        for (int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB,  \
+             once = 1; once; once = 0)
+
 #include "vmath.h"
 static inline double vexp(double x) { return exp(x); }
 
 #define DEFINE_SCANS(T_, SFX)                                                                 \
 void diag_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ acc[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
         for (int64_t t = 0; t < T; t++) {                                                     \
@@ -37,10 +43,7 @@ void diag_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, in
 /* gh: dL/dh_t, gT: dL/dh_T (final state). Out: dx = lambda, da, dh0. */                      \
 void diag_bwd_##SFX(const T_* a, const T_* h, const T_* h0, const T_* gh, const T_* gT,     \
                     T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {               \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ lam[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
         for (int64_t t = T - 1; t >= 0; t--) {                                                \
@@ -58,10 +61,7 @@ void diag_bwd_##SFX(const T_* a, const T_* h, const T_* h0, const T_* gh, const 
     }                                                                                         \
 }                                                                                             \
 void maxplus_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ acc[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
         for (int64_t t = 0; t < T; t++) {                                                     \
@@ -73,10 +73,7 @@ void maxplus_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B,
 }                                                                                             \
 void maxplus_bwd_##SFX(const T_* a, const T_* x, const T_* h, const T_* h0, const T_* gh, const T_* gT, \
                        T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {            \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ lam[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
         for (int64_t t = T - 1; t >= 0; t--) {                                                \
@@ -100,10 +97,7 @@ void maxplus_bwd_##SFX(const T_* a, const T_* x, const T_* h, const T_* h0, cons
     }                                                                                         \
 }                                                                                             \
 void lse_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ acc[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
         for (int64_t t = 0; t < T; t++) {                                                     \
@@ -118,10 +112,7 @@ void lse_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int
 }                                                                                             \
 void lse_bwd_##SFX(const T_* a, const T_* x, const T_* h, const T_* h0, const T_* gh, const T_* gT, \
                    T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {                \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ lam[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
         for (int64_t t = T - 1; t >= 0; t--) {                                                \
@@ -191,10 +182,7 @@ void block_bwd_##SFX(const T_* A, const T_* h, const T_* h0, const T_* gh, const
  * of exp then scan); the backward returns dg = lambda * h_{t-1} * exp(g). */
 #define DEFINE_DIAGEXP(T_, SFX, EXPF)                                                         \
 void diagexp_fwd_##SFX(const T_* g, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ acc[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
         for (int64_t t = 0; t < T; t++) {                                                     \
@@ -207,10 +195,7 @@ void diagexp_fwd_##SFX(const T_* g, const T_* x, const T_* h0, T_* h, int64_t B,
 }                                                                                             \
 void diagexp_bwd_##SFX(const T_* g, const T_* h, const T_* h0, const T_* gh, const T_* gT,   \
                        T_* dx, T_* dg, T_* dh0, int64_t B, int64_t T, int64_t C) {            \
-    int64_t nblk = (C + CB - 1) / CB;                                                        \
-    _Pragma("omp parallel for schedule(static)")                                              \
-    for (int64_t job = 0; job < B * nblk; job++) {                                            \
-        int64_t b = job / nblk, c0 = (job % nblk) * CB, n = C - c0 < CB ? C - c0 : CB;        \
+    FOR_CHANNEL_BLOCKS {                                                                      \
         T_ lam[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
         for (int64_t t = T - 1; t >= 0; t--) {                                                \
