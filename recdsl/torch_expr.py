@@ -48,7 +48,8 @@ class SourceNotes:
 
     def __init__(self, ir):
         span = ir.checked.span
-        self.file = span.file.rsplit("/", 1)[-1] if span else "<cell>"
+        # the file name is the user's too: reduced like source text (no newline can end the comment)
+        self.file = safe_comment(span.file.rsplit("/", 1)[-1]).replace("*/", "*_") if span else "<cell>"
         self.shown: set[int] = set()
 
     def header(self, ir, backend: str) -> str:

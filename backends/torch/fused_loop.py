@@ -97,6 +97,8 @@ class _Gen:
         self.memo: dict = {}
         self.lines: list[str] = []
         self.count = 0
+        from recdsl.torch_expr import SourceNotes
+        self.notes = SourceNotes(ir)   # every generated line names the .rec line it came from
 
     def length(self, n: Node) -> int:
         return self.ir.shape_of(n)[0] if n.rank == 1 else 1
@@ -137,7 +139,8 @@ class _Gen:
             raise NotEligible(n.op.name)
         name = f"v{self.count}"
         self.count += 1
-        self.lines.append(f"        T_ {name} = {expr};")
+        where = self.notes(n, with_text=False)
+        self.lines.append(f"        T_ {name} = {expr};" + (f"  /* {where} */" if where else ""))
         self.memo[key] = name
         return name
 
