@@ -238,25 +238,29 @@ class Emitter:
                 self.emit(f"s_{s} = {fvar}_final[{s!r}]", indent=2)
             self.emit("else:")
             indent = 2
-        for s in states:
-            self.emit(f"s_{s} = S0[{s!r}]", indent=indent)
-            self.emit(f"acc_{s} = []", indent=indent)
-        self.emit(f"for t in range(X0.shape[1]):", indent=indent)
-        for nm, seq, src in pre:
-            self.emit(f"{nm} = rt.at({seq}, t, NS)", src, indent=indent + 1)
+        # The recurrent core as a function of (inputs at t, states at t-1, params): run_loop
+        # runs it over time; with gradients its backward is a reverse loop of the core's
+        # vector-Jacobian products (recomputed per step), not a graph kept for every step.
+        cname = self.fresh("core")
+        self.emit(f"def {cname}(ins, st, P0, P1):", indent=indent)
+        if pre:
+            self.emit(f"{', '.join(nm for nm, _, _ in pre)}, = ins", indent=indent + 1)
+        self.emit(f"{', '.join(f's_{s}' for s in states)}, = st", indent=indent + 1)
         for n in core:
             if n.op == Op.STATE:
                 continue
             nm = self.fresh(n.name if n.name and n.name.isidentifier() else "t")
             self.emit(f"{nm} = {expr(n)}", n, indent=indent + 1)
             step[n.id] = nm
-        for s in states:
-            self.emit(f"s_{s} = {step[ir.updates[s].id]}", indent=indent + 1)
-            self.emit(f"acc_{s}.append(s_{s})", indent=indent + 1)
-        for s in states:
+        self.emit(f"return ({', '.join(step[ir.updates[s].id] for s in states)},)", indent=indent + 1)
+        seqs = self.fresh("seqs")
+        self.emit(f"{seqs} = rt.run_loop({cname}, [{', '.join(seq for _, seq, _ in pre)}], "
+                  f"[{', '.join(f'S0[{s!r}]' for s in states)}], P0, X0.shape[1], NS)", indent=indent)
+        for i, s in enumerate(states):
+            self.emit(f"s_{s} = {seqs}[{i}][:, -1]", indent=indent)
+        for i, s in enumerate(states):
             nm = self.fresh(f"{s}_seq")
-            stack = f"rt.stack_t(acc_{s}, S0[{s!r}])"
-            code = f"{nm} = {fvar}[{s!r}] if {fvar} is not None else {stack}" if fvar else f"{nm} = {stack}"
+            code = f"{nm} = {fvar}[{s!r}] if {fvar} is not None else {seqs}[{i}]" if fvar else f"{nm} = {seqs}[{i}]"
             self.lazy[ir.updates[s].id] = (nm, code)
             self.final[s] = f"s_{s}"
 

@@ -68,3 +68,88 @@ def from_bt(o: torch.Tensor, X0: torch.Tensor, ns: int) -> torch.Tensor:
 
 def from_b(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(like.shape)
+
+
+def run_loop(core, ins: list, s0: list, P0: dict, T: int, ns: int):
+    """Run a sequential stage's core over time: core(inputs at t, states, P0, P1) -> new
+    states. Returns the state sequences [B, T, ...]. With gradients, a custom backward
+    walks time in reverse, recomputing one step at a time to get its vector-Jacobian
+    product, so memory is the states, not a graph per step."""
+    names = list(P0)
+    params = [P0[n] for n in names]
+    s0 = [s for s in s0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in list(ins) + s0 + params):
+        return _LoopFunction.apply(core, names, len(ins), len(s0), T, ns, *ins, *s0, *params)
+    return _forward_loop(core, names, ins, s0, params, T, ns)
+
+
+def _param_dicts(names, params):
+    P0 = dict(zip(names, params))
+    return P0, {n: p[None] for n, p in P0.items()}
+
+
+def _step(core, names, ins, st, params, t, ns):
+    return _step_at(core, names, [at(x, t, ns) for x in ins], st, params)
+
+
+def _forward_loop(core, names, ins, s0, params, T, ns):
+    st, seqs = list(s0), [[] for _ in s0]
+    for t in range(T):
+        st = _step(core, names, ins, st, params, t, ns)
+        for acc, s in zip(seqs, st):
+            acc.append(s)
+    return tuple(torch.stack(acc, 1) for acc in seqs)
+
+
+class _LoopFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, core, names, n_in, n_s, T, ns, *tensors):
+        ins, s0, params = list(tensors[:n_in]), list(tensors[n_in:n_in + n_s]), list(tensors[n_in + n_s:])
+        with torch.no_grad():
+            seqs = _forward_loop(core, names, ins, s0, params, T, ns)
+        ctx.core, ctx.names, ctx.n_in, ctx.n_s, ctx.T, ctx.ns = core, names, n_in, n_s, T, ns
+        ctx.save_for_backward(*ins, *s0, *params, *seqs)
+        return seqs
+
+    @staticmethod
+    def backward(ctx, *g_seqs):
+        saved = ctx.saved_tensors
+        n_in, n_s = ctx.n_in, ctx.n_s
+        ins, s0 = list(saved[:n_in]), list(saved[n_in:n_in + n_s])
+        n_p = len(saved) - n_in - 2 * n_s
+        params = list(saved[n_in + n_s:n_in + n_s + n_p])
+        seqs = list(saved[n_in + n_s + n_p:])
+        leaves_p = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        g_in = [torch.zeros_like(x) for x in ins]
+        g_p = [torch.zeros_like(p) for p in params]
+        lam = [torch.zeros_like(s[:, -1]) for s in seqs]
+        for t in range(ctx.T - 1, -1, -1):
+            lam = [l + g[:, t] if g is not None else l for l, g in zip(lam, g_seqs)]
+            prev = [(s0[i] if t == 0 else seqs[i][:, t - 1]).detach().requires_grad_() for i in range(n_s)]
+            x_t = [at(x, t, ctx.ns).detach().requires_grad_(x.requires_grad) for x in ins]
+            with torch.enable_grad():
+                out = _step_at(ctx.core, ctx.names, x_t, prev, leaves_p)
+                wrt = prev + [x for x in x_t if x.requires_grad] + [p for p in leaves_p if p.requires_grad]
+                grads = torch.autograd.grad(out, wrt, grad_outputs=lam, allow_unused=True)
+            it = iter(grads)
+            lam = [g if g is not None else torch.zeros_like(p) for g, p in zip([next(it) for _ in prev], prev)]
+            for j, x in enumerate(x_t):
+                if x.requires_grad:
+                    g = next(it)
+                    if g is not None:
+                        idx = t if ins[j].shape[1] > 1 else 0
+                        g_in[j][:, idx] += g.expand_as(g_in[j][:, idx]) if g.shape != g_in[j][:, idx].shape else g
+            for j, p in enumerate(leaves_p):
+                if p.requires_grad:
+                    g = next(it)
+                    if g is not None:
+                        g_p[j] += g
+        g_s0 = [l if s.requires_grad else None for l, s in zip(lam, s0)]
+        return (None,) * 6 + tuple(g if x.requires_grad else None for g, x in zip(g_in, ins)) + tuple(g_s0) + \
+            tuple(g if p.requires_grad else None for g, p in zip(g_p, params))
+
+
+def _step_at(core, names, x_t, prev, params):
+    P0, P1 = _param_dicts(names, params)
+    out = core(x_t, prev, P0, P1)
+    return [o.expand_as(s) if o.shape != s.shape else o for o, s in zip(out, prev)]
