@@ -45,16 +45,16 @@ class RecModule(nn.Module):
         why = backend_mod.supports(self.ir)
         if why:
             raise RecError(why, cell.span)
-        from .backends import reference
-        if self.ir.over == "seq":
-            self._step_fn, step_source = reference.build_step(self.ir)   # step(): one step, for decoding
-        else:
-            self._step_fn, step_source = None, ""
-            if self.heads:
-                raise RecError(f"heads are not supported over {self.ir.over} yet", cell.span)
+        if self.ir.over != "seq" and self.heads:
+            raise RecError(f"heads are not supported over {self.ir.over} yet", cell.span)
         self._plan = None
         self._program = backend_mod.build(self.ir)
-        self.generated = getattr(self._program, "source", step_source)
+        self.generated = self._program.source
+        # step() (one step, for decoding) runs the reference's generated step; reuse it if built
+        self._step_fn = getattr(self._program, "step", None)
+        if self._step_fn is None and self.ir.over == "seq":
+            from .backends import reference
+            self._step_fn, _ = reference.build_step(self.ir)
         for name, var in cell.params.items():
             shape = self._param_shape(var)
             p = nn.Parameter(torch.empty(shape, dtype=dtype or torch.float32, device=device))
@@ -98,9 +98,6 @@ class RecModule(nn.Module):
         shape = self.ir.concrete(var.shape)
         return ((self.heads,) if self.heads else ()) + shape
 
-    def _node_shape(self, var) -> tuple[int, ...]:
-        return self.ir.concrete(var.shape)
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """(Re)draw every param from its .rec initialiser."""
@@ -132,7 +129,7 @@ class RecModule(nn.Module):
         out = {}
         lead = (batch,) + ((self.heads,) if self.heads else ())
         for name, var in self.spec.cell.states.items():
-            shape = lead + self._node_shape(var)
+            shape = lead + self.ir.concrete(var.shape)
             init = var.decl.init
             if init is None:
                 out[name] = torch.zeros(shape, dtype=dtype, device=device)
@@ -159,7 +156,7 @@ class RecModule(nn.Module):
                            hint=(f"did you mean {close[0]}? " if close else "") + "inputs: " + ", ".join(cell.inputs))
         if missing:
             raise RecError(f"missing input{'s' if len(missing) > 1 else ''} {', '.join(missing)} for cell {cell.name}",
-                           hint="inputs: " + ", ".join(f"{n}{list(self._node_shape(v))}" for n, v in cell.inputs.items()))
+                           hint="inputs: " + ", ".join(f"{n}{list(self.ir.concrete(v.shape))}" for n, v in cell.inputs.items()))
         lead = None
         nlead = 1 if per_step else 2
         heads = (self.heads,) if self.heads else ()
@@ -167,7 +164,7 @@ class RecModule(nn.Module):
             x = inputs[name]
             if not isinstance(x, torch.Tensor):
                 raise RecError(f"input {name} must be a torch.Tensor, got {type(x).__name__}")
-            want = heads + self._node_shape(var)
+            want = heads + self.ir.concrete(var.shape)
             layout = "[B" + ("" if per_step else ", T") + (", heads" if heads else "") + \
                      "".join(f", {d}" for d in var.shape) + "]"
             if x.dim() != nlead + len(want) or tuple(x.shape[nlead:]) != want:

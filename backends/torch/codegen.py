@@ -230,7 +230,6 @@ class Emitter:
             k, fl = fused
             fvar = self.fresh("fused")
             args = ", ".join(self.seq_name(n) for n in fl.seqs)
-            params = [self.seq_name(n) for n in fl.leaves if n.op == Op.PARAM]  # noqa: F841 (P0 is passed)
             self.emit(f"{fvar} = None")
             self.emit(f"if FUSED.usable(DT, *X.values(), *P0.values(), *S0.values()):  # one C call per step")
             self.emit(f"{fvar}, {fvar}_final = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)

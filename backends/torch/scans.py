@@ -244,10 +244,6 @@ def _vector_decay_scores(qc, kc, bq, b, mask):
 
 
 
-def _grad_free(*ts) -> bool:
-    return not _needs_grad(*ts)
-
-
 def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
     """A matrix-state stage with key-side decay, from the generated code's whole-sequence
     values (prefix [B, T] or [B, T, heads]): the inference kernel reads them in place; with
@@ -255,7 +251,7 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
     from . import seq_rt as rt
     heads = ns == 3
     tensors = [k, v, S0] + ([g] if g is not None else []) + [q for q, _ in reads]
-    if _grad_free(*tensors) and use_c(*tensors):
+    if not _needs_grad(*tensors) and use_c(*tensors):
         def bthf(x, rank):
             x = rt.full_seq(x, X0, ns, rank)
             return x if heads else x.unsqueeze(2)
@@ -284,7 +280,7 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int):
     from . import seq_rt as rt
     heads = ns == 3
     tensors = [q, k, v, beta, S0] + ([g] if g is not None else [])
-    if _grad_free(*tensors) and use_c(*tensors):
+    if not _needs_grad(*tensors) and use_c(*tensors):
         def bthf(x, rank):
             x = rt.full_seq(x, X0, ns, rank)
             return x if heads else x.unsqueeze(2)

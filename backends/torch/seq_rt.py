@@ -77,7 +77,6 @@ def run_loop(core, ins: list, s0: list, P0: dict, T: int, ns: int):
     product, so memory is the states, not a graph per step."""
     names = list(P0)
     params = [P0[n] for n in names]
-    s0 = [s for s in s0]
     if torch.is_grad_enabled() and any(t.requires_grad for t in list(ins) + s0 + params):
         return _LoopFunction.apply(core, names, len(ins), len(s0), T, ns, *ins, *s0, *params)
     return _forward_loop(core, names, ins, s0, params, T, ns)

@@ -6,7 +6,7 @@
  * everything contiguous, T >= 1. Forward and backward (the adjoint is the reverse scan
  * with the coefficients shifted by one step; see MATH.md §1-2).
  *
- *   diag     h_t = a_t * h_{t-1} + x_t
+ *   diag     h_t = a_t * h_{t-1} + x_t         (diagexp: exp(a_t) * h_{t-1} + x_t)
  *   maxplus  h_t = max(h_{t-1} + a_t, x_t)
  *   lse      h_t = logaddexp(h_{t-1} + a_t, x_t)
  *   block    h_t[c] = A_t[c] h_{t-1}[c] + x_t[c]     (A_t[c]: K x K, h[c]: K)
@@ -30,36 +30,6 @@
 static inline double vexp(double x) { return exp(x); }
 
 #define DEFINE_SCANS(T_, SFX)                                                                 \
-void diag_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
-    FOR_CHANNEL_BLOCKS {                                                                      \
-        T_ acc[CB];                                                                           \
-        for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
-        for (int64_t t = 0; t < T; t++) {                                                     \
-            int64_t o = (b * T + t) * C + c0;                                                 \
-            for (int64_t c = 0; c < n; c++) { acc[c] = a[o + c] * acc[c] + x[o + c]; h[o + c] = acc[c]; } \
-        }                                                                                     \
-    }                                                                                         \
-}                                                                                             \
-/* gh: dL/dh_t, gT: dL/dh_T (final state). Out: dx = lambda, da, dh0. */                      \
-void diag_bwd_##SFX(const T_* a, const T_* h, const T_* h0, const T_* gh, const T_* gT,     \
-                    T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {               \
-    FOR_CHANNEL_BLOCKS {                                                                      \
-        T_ lam[CB];                                                                           \
-        for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
-        for (int64_t t = T - 1; t >= 0; t--) {                                                \
-            int64_t o = (b * T + t) * C + c0;                                                 \
-            int64_t on = o + C; /* t + 1 */                                                   \
-            for (int64_t c = 0; c < n; c++) {                                                 \
-                if (t < T - 1) lam[c] = lam[c] * a[on + c];                                   \
-                lam[c] += gh[o + c];                                                          \
-                dx[o + c] = lam[c];                                                           \
-                T_ prev = t > 0 ? h[o - C + c] : h0[b * C + c0 + c];                          \
-                da[o + c] = lam[c] * prev;                                                    \
-            }                                                                                 \
-        }                                                                                     \
-        for (int64_t c = 0; c < n; c++) dh0[b * C + c0 + c] = lam[c] * a[(b * T) * C + c0 + c]; \
-    }                                                                                         \
-}                                                                                             \
 void maxplus_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
     FOR_CHANNEL_BLOCKS {                                                                      \
         T_ acc[CB];                                                                           \
@@ -178,44 +148,49 @@ void block_bwd_##SFX(const T_* A, const T_* h, const T_* h0, const T_* gh, const
     }                                                                                         \
 }
 
-/* diag with the decay given in log space: h_t = exp(g_t) * h_{t-1} + x_t (one pass instead
- * of exp then scan); the backward returns dg = lambda * h_{t-1} * exp(g). */
-#define DEFINE_DIAGEXP(T_, SFX, EXPF)                                                         \
-void diagexp_fwd_##SFX(const T_* g, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
+/* diag: h_t = d(a_t) * h_{t-1} + x_t with d the identity (diag: a is the decay) or exp
+ * (diagexp: a is the log decay, exponentiated here, one pass over memory less). The
+ * backward is the adjoint scan: lambda_t = gh_t + d(a_{t+1}) lambda_{t+1}, dx = lambda,
+ * da = lambda * h_{t-1} * d'(a) (d' = 1 or exp), dh0 = d(a_0) lambda_0. */
+#define IDENTITY(v) (v)
+#define UNIT(v) 1
+#define DEFINE_DIAG(T_, SFX, NAME, DECAY, DDECAY)                                            \
+void NAME##_fwd_##SFX(const T_* a, const T_* x, const T_* h0, T_* h, int64_t B, int64_t T, int64_t C) { \
     FOR_CHANNEL_BLOCKS {                                                                      \
-        T_ acc[CB];                                                                           \
+        T_ acc[CB], d[CB];                                                                    \
         for (int64_t c = 0; c < n; c++) acc[c] = h0[b * C + c0 + c];                          \
         for (int64_t t = 0; t < T; t++) {                                                     \
             int64_t o = (b * T + t) * C + c0;                                                 \
-            T_ ev[CB];                                                                        \
-            for (int64_t c = 0; c < n; c++) ev[c] = EXPF(g[o + c]);                           \
-            for (int64_t c = 0; c < n; c++) { acc[c] = ev[c] * acc[c] + x[o + c]; h[o + c] = acc[c]; } \
+            for (int64_t c = 0; c < n; c++) d[c] = DECAY(a[o + c]); /* vectorises */          \
+            for (int64_t c = 0; c < n; c++) { acc[c] = d[c] * acc[c] + x[o + c]; h[o + c] = acc[c]; } \
         }                                                                                     \
     }                                                                                         \
 }                                                                                             \
-void diagexp_bwd_##SFX(const T_* g, const T_* h, const T_* h0, const T_* gh, const T_* gT,   \
-                       T_* dx, T_* dg, T_* dh0, int64_t B, int64_t T, int64_t C) {            \
+void NAME##_bwd_##SFX(const T_* a, const T_* h, const T_* h0, const T_* gh, const T_* gT,    \
+                      T_* dx, T_* da, T_* dh0, int64_t B, int64_t T, int64_t C) {             \
     FOR_CHANNEL_BLOCKS {                                                                      \
         T_ lam[CB];                                                                           \
         for (int64_t c = 0; c < n; c++) lam[c] = gT[b * C + c0 + c];                          \
         for (int64_t t = T - 1; t >= 0; t--) {                                                \
             int64_t o = (b * T + t) * C + c0;                                                 \
             for (int64_t c = 0; c < n; c++) {                                                 \
-                if (t < T - 1) lam[c] = lam[c] * EXPF(g[o + C + c]);                          \
+                if (t < T - 1) lam[c] = lam[c] * DECAY(a[o + C + c]);                         \
                 lam[c] += gh[o + c];                                                          \
                 dx[o + c] = lam[c];                                                           \
                 T_ prev = t > 0 ? h[o - C + c] : h0[b * C + c0 + c];                          \
-                dg[o + c] = lam[c] * prev * EXPF(g[o + c]);                                   \
+                da[o + c] = lam[c] * prev * DDECAY(a[o + c]);                                 \
             }                                                                                 \
         }                                                                                     \
-        for (int64_t c = 0; c < n; c++) dh0[b * C + c0 + c] = lam[c] * EXPF(g[(b * T) * C + c0 + c]); \
+        for (int64_t c = 0; c < n; c++) dh0[b * C + c0 + c] = lam[c] * DECAY(a[(b * T) * C + c0 + c]); \
     }                                                                                         \
 }
 
 DEFINE_SCANS(float, f32)
 DEFINE_SCANS(double, f64)
-DEFINE_DIAGEXP(float, f32, vexpf)
-DEFINE_DIAGEXP(double, f64, vexp)
+DEFINE_DIAG(float, f32, diag, IDENTITY, UNIT)
+DEFINE_DIAG(double, f64, diag, IDENTITY, UNIT)
+DEFINE_DIAG(float, f32, diagexp, vexpf, vexpf)
+DEFINE_DIAG(double, f64, diagexp, vexp, vexp)
 
 /* Strided views of sequence tensors [B, T, H, F] (any layout: the kernels below read their
  * inputs in place, with the strides torch reports, 0 for broadcast axes). */
