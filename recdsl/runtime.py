@@ -332,7 +332,7 @@ class RecModule(nn.Module):
             f", backend={self.backend_name}"
 
 
-BUILT = ("reference", "torch")
+BUILT = ("reference", "torch", "triton")
 
 
 def _backend_module(name: str):
@@ -342,6 +342,9 @@ def _backend_module(name: str):
     if name == "torch":
         from .backends import torch as torch_backend
         return torch_backend
+    if name == "triton":
+        from .backends import triton as triton_backend
+        return triton_backend
     raise RecError(f"no backend {name}")  # pragma: no cover
 
 

@@ -1,0 +1,84 @@
+"""The `triton` backend: generated Triton kernels for the GPU, run here (no GPU) in Triton's
+interpreter on CPU tensors and compiled ahead of time for sm_80 / sm_90 (`aot.py`).
+
+`emit(ir, plan)` gives the kernel module's text (`recdsl inspect --stage triton`) and the
+torch driver that launches it; `build(ir)` execs both. See codegen.py for what runs each
+stage, scan_kernels.py / seq_kernels.py for the kernels, launch.py for the autograd
+wrappers."""
+from __future__ import annotations
+
+import linecache
+import zlib
+
+from recdsl.ir import IRCell
+
+NAME = "triton"
+
+
+def supports(ir: IRCell) -> str | None:
+    if ir.over != "seq":
+        return f"the triton backend runs sequences; `over {ir.over}` runs on the reference backend"
+    try:
+        from . import launch
+        launch.import_triton()
+    except ImportError:  # pragma: no cover - triton is a dependency
+        return "triton is not installed"
+    return None
+
+
+def emit(ir: IRCell, plan=None):
+    """(kernel module text, driver source, emitter)."""
+    from recdsl.analysis import analyze
+
+    from .codegen import TritonEmitter
+    plan = plan or analyze(ir, verify=False)
+    em = TritonEmitter(plan.ir, plan)
+    driver = em.program()
+    return em.kernel_module(), driver, em
+
+
+def exec_source(text: str, tag: str, ns: dict) -> dict:
+    """exec generated text under a file name that linecache knows (triton.jit reads a
+    kernel's source back through inspect)."""
+    fname = f"<recdsl {tag} {zlib.crc32(text.encode()):08x}>"
+    linecache.cache[fname] = (len(text), None, text.splitlines(True), fname)
+    exec(compile(text, fname, "exec"), ns)
+    return ns
+
+
+class Program:
+    def __init__(self, ir: IRCell, plan=None):
+        import torch
+        import torch.nn.functional as F
+
+        from ..torch import fused_loop, scans, seq_rt
+
+        from . import launch
+        triton = launch.import_triton()
+        self.kernels_source, self.source, em = emit(ir, plan)
+        self.emitter = em
+        kns = exec_source(self.kernels_source, f"triton {ir.name}", {"triton": triton, "tl": triton.language})
+        self.stages = []
+        for k in em.kernels:
+            handle = k.handle()
+            handle.bind(kns)
+            self.stages.append(handle)
+        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
+              "TK": launch, "KS": self.stages}
+        exec_source(self.source, f"triton-driver {ir.name}", ns)
+        self.fn = ns["forward"]
+
+    def run(self, xs, st, params, heads, dtype, device):
+        from . import launch
+        if device.type != "cuda" and not launch.interpreting():
+            from recdsl.errors import RecError
+            raise RecError("the triton backend runs CPU tensors only in Triton's interpreter",
+                           hint="set TRITON_INTERPRET=1 before triton is first imported, or use a GPU")
+        nb = 2 if heads else 1
+        P1 = {n: p[None] for n, p in params.items()}
+        P2 = {n: p[None, None] for n, p in params.items()}
+        return self.fn(xs, st, params, P1, P2, nb, dtype, device)
+
+
+def build(ir: IRCell, plan=None) -> Program:
+    return Program(ir, plan)

@@ -1,0 +1,314 @@
+"""Parallel scan kernels for linear stages: diagonal, semiring (max-plus, log-sum-exp) and
+k x k block-diagonal, forward and backward, generated per stage.
+
+Layout: one program per (block of BLOCK_C channels, batch row); it walks T in chunks of
+BLOCK_T, scans each [BLOCK_T, BLOCK_C] tile with `tl.associative_scan` along time and
+carries the last row into the next chunk. Channels are the flattened (heads, *state
+shape), at most three axes C0 x C1 x C2; every leaf is read through its own strides, so
+broadcast leaves (a per-channel param, a per-head gate) are never materialised. The
+cell's coefficient math is the kernel's prologue (`Region`), so one launch per stage
+reads each leaf once and writes the state sequence and the final state once.
+
+Backward (derived, one launch): chunks in reverse time order, each tile loaded with its
+rows reversed, so the adjoint recurrence lambda_t = dh_t + c_{t+1} lambda_{t+1} is again
+a forward `associative_scan` (no `reverse=True`, which has had bugs upstream).
+c_{t+1} = dh_{t+1}/dh_t is recomputed from the prologue at t+1 (recompute, not saved);
+the states h are saved by the forward (it writes them anyway). The local derivatives of
+h_t in a_t and b_t seed the prologue's reverse mode (`Region.backward_lines`), which
+gives each leaf's gradient, written per element and reduced to the leaf's shape in torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recdsl.ir import Node
+from recdsl.torch_expr import SourceNotes
+
+from .fusion import Region, annotate
+
+IDENTITY = {"diag": ("1.0", "0.0"), "maxplus": ("0.0", 'float("-inf")'), "lse": ("0.0", 'float("-inf")')}
+
+
+@dataclass
+class ScanSpec:
+    name: str
+    kind: str                  # diag | maxplus | lse | block
+    k: int                     # states coupled (1 unless block)
+    A: list[list[Node | None]]  # A[i][j]: coefficient of state j in state i's update (None: 0, or 1 on the diagonal of k=1)
+    b: list[Node | None]
+    states: list[str]
+
+
+def combine_source(kind: str, k: int) -> str:
+    """The associative combine of (A, b) pairs: `left` is earlier in the scan order."""
+    if kind == "diag":
+        return ("@triton.jit\ndef _combine_diag(a1, b1, a2, b2):\n"
+                "    return a1 * a2, a2 * b1 + b2\n")
+    if kind == "maxplus":
+        return ("@triton.jit\ndef _combine_maxplus(a1, b1, a2, b2):\n"
+                "    return a1 + a2, tl.maximum(a2 + b1, b2)\n")
+    if kind == "lse":
+        return ("@triton.jit\ndef _combine_lse(a1, b1, a2, b2):\n"
+                "    return a1 + a2, _logaddexp(a2 + b1, b2)\n")
+    # block: (A1, b1) then (A2, b2) -> (A2 A1, A2 b1 + b2)
+    left = [f"l{i}{j}" for i in range(k) for j in range(k)] + [f"lb{i}" for i in range(k)]
+    right = [f"r{i}{j}" for i in range(k) for j in range(k)] + [f"rb{i}" for i in range(k)]
+    outs = []
+    for i in range(k):
+        for j in range(k):
+            outs.append(" + ".join(f"r{i}{m} * l{m}{j}" for m in range(k)))
+    for i in range(k):
+        outs.append(" + ".join(f"r{i}{m} * lb{m}" for m in range(k)) + f" + rb{i}")
+    return (f"@triton.jit\ndef _combine_block{k}({', '.join(left + right)}):\n"
+            f"    return {', '.join(outs)}\n")
+
+
+def _combine_name(kind, k):
+    return f"_combine_block{k}" if kind == "block" else f"_combine_{kind}"
+
+
+class ScanKernel:
+    """Generates the forward and backward kernel text of one scan stage."""
+
+    def __init__(self, spec: ScanSpec, notes: SourceNotes):
+        self.spec, self.notes = spec, notes
+        roots = [a for row in spec.A for a in row] + list(spec.b)
+        self.region = Region(roots)
+        self.leaves = self.region.leaves
+        self.leaf_names = {x.id: f"x{i}" for i, x in enumerate(self.leaves)}
+
+    def handle(self):
+        from .launch import ScanStage
+        return ScanStage(self)
+
+    def combines(self) -> list[str]:
+        sp = self.spec
+        back = "diag" if sp.k == 1 else "block"
+        return [combine_source(sp.kind, sp.k), combine_source(back, sp.k)]
+
+    # ------------------------------------------------------------------ shared pieces
+    def _params(self) -> list[str]:
+        out = []
+        for i in range(len(self.leaves)):
+            out += [f"l{i}", f"l{i}_sb", f"l{i}_st", f"l{i}_s0", f"l{i}_s1", f"l{i}_s2"]
+        return out
+
+    def _head(self, lines):
+        lines += [
+            "    pid_c = tl.program_id(0)",
+            "    b = tl.program_id(1).to(tl.int64)",
+            "    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)",
+            "    cmask = c < C",
+            "    c0 = c // (C1 * C2)",
+            "    c1 = (c // C2) % C1",
+            "    c2 = c % C2",
+            "    rows = tl.arange(0, BLOCK_T)",
+        ]
+        for i in range(len(self.leaves)):
+            lines.append(f"    l{i}_c = b * l{i}_sb + c0 * l{i}_s0 + c1 * l{i}_s1 + c2 * l{i}_s2")
+
+    def _loads(self, lines, tvar: str, mvar: str, suffix: str = "", only=None):
+        """Each leaf's [BLOCK_T, BLOCK_C] tile at times `tvar` (inside the time loop)."""
+        for i, x in enumerate(self.leaves):
+            if only is not None and x.id not in only:
+                continue
+            load = (f"tl.load(l{i} + l{i}_c[None, :] + {tvar}[:, None] * l{i}_st, mask={mvar}, other=1.0)")
+            val = f"{load} != 0" if x.is_bool else f"{load}.to(ACC)"
+            lines.append(annotate(f"        x{i}{suffix} = {val}", self.notes(x, with_text=False)))
+
+    def _coef(self, n: Node | None, default: str, suffix: str = "") -> str:
+        if n is None:
+            return default
+        return self.region.name_fn({k: v + suffix for k, v in self.leaf_names.items()}, suffix)(n)
+
+    def _entries(self, suffix=""):
+        """(A entries row-major, b entries) as expressions, identities filled in."""
+        sp = self.spec
+        k = sp.k
+        if sp.kind != "block":
+            one, zero = IDENTITY[sp.kind]
+            return [self._coef(sp.A[0][0], one, suffix)], [self._coef(sp.b[0], zero if sp.kind == "diag" else
+                                                                      'float("-inf")', suffix)]
+        A = [self._coef(sp.A[i][j], "0.0", suffix) for i in range(k) for j in range(k)]
+        return A, [self._coef(sp.b[i], "0.0", suffix) for i in range(k)]
+
+    def _identity(self):
+        sp = self.spec
+        if sp.kind != "block":
+            one, zero = IDENTITY[sp.kind]
+            return [one], [zero]
+        k = sp.k
+        return ["1.0" if i == j else "0.0" for i in range(k) for j in range(k)], ["0.0"] * k
+
+    def _prologue(self, lines, suffix=""):
+        names = {k: v + suffix for k, v in self.leaf_names.items()}
+        roots = [a for row in self.spec.A for a in row] + list(self.spec.b)
+        for ln in self.region.forward_lines(roots, names, self.notes, suffix):
+            lines.append("        " + ln)
+
+    def _apply(self, k, kind, A, B, h):
+        """h_t = (scanned A, B) applied to the carry h (lists of names)."""
+        if kind == "diag":
+            return [f"{A[0]} * {h[0]}[None, :] + {B[0]}"]
+        if kind == "maxplus":
+            return [f"tl.maximum({A[0]} + {h[0]}[None, :], {B[0]})"]
+        if kind == "lse":
+            return [f"_logaddexp({A[0]} + {h[0]}[None, :], {B[0]})"]
+        return [" + ".join(f"{A[i * k + j]} * {h[j]}[None, :]" for j in range(k)) + f" + {B[i]}" for i in range(k)]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self) -> str:
+        sp, k = self.spec, self.spec.k
+        lines = [f"@triton.jit",
+                 f"def {sp.name}_fwd({', '.join(self._params())}, hinit, hseq, hfin, T, C, C1, C2,",
+                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr):",
+                 f"    # stage {', '.join(sp.states)}: {sp.kind} scan" + (f" of {k} coupled states" if k > 1 else "")]
+        self._head(lines)
+        for i in range(k):  # states interleaved: [B, C, k]
+            lines.append(f"    h{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
+        lines += ["    for t0 in range(0, T, BLOCK_T):",
+                  "        t = t0 + rows",
+                  "        m = (t < T)[:, None] & cmask[None, :]"]
+        self._loads(lines, "t", "m")
+        self._prologue(lines)
+        A, B = self._entries()
+        ia, ib = self._identity()
+        names_a = [f"e{i}" for i in range(len(A))]
+        names_b = [f"f{i}" for i in range(len(B))]
+        for nm, e, ident in zip(names_a + names_b, A + B, ia + ib):
+            lines.append(f"        {nm} = tl.where(m, {e}, {ident})  # masked lanes: the identity")
+        sa = [f"sa{i}" for i in range(len(A))]
+        sb = [f"sb{i}" for i in range(len(B))]
+        lines.append(f"        {', '.join(sa + sb)} = tl.associative_scan(({', '.join(names_a + names_b)},), 0, "
+                     f"{_combine_name(sp.kind, k)})")
+        hs = self._apply(k, sp.kind, sa, sb, [f"h{i}" for i in range(k)])
+        for i in range(k):
+            lines.append(f"        hs{i} = {hs[i]}")
+        for i in range(k):
+            lines += [f"        if STORE_SEQ:",
+                      f"            tl.store(hseq + ((b * T + t[:, None]) * C + c[None, :]) * {k} + {i}, hs{i}, mask=m)"]
+        for i in range(k):  # the carry: the last row (masked rows past T are identities)
+            red = "tl.max" if sp.kind in ("maxplus", "lse") else "tl.sum"
+            fill = 'float("-inf")' if sp.kind in ("maxplus", "lse") else "0.0"
+            lines.append(f"        h{i} = {red}(tl.where(rows[:, None] == BLOCK_T - 1, hs{i}, {fill}), 0)")
+        for i in range(k):
+            lines.append(f"    tl.store(hfin + (b * C + c) * {k} + {i}, h{i}, mask=cmask)")
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------ backward
+    def _local(self, kind, k, A, B, hp, h):
+        """(c, da, db): dh_t/dh_{t-1} per (i, j), and dh_t/da, dh_t/db per entry, as expressions
+        of the step's coefficients, previous and new state."""
+        if kind == "diag":
+            return [A[0]], [hp[0]], ["1.0"]
+        if kind == "maxplus":
+            sel = f"tl.where({A[0]} + {hp[0]} >= {B[0]}, 1.0, 0.0)"
+            return [sel], [sel], [f"(1.0 - {sel})"]
+        if kind == "lse":
+            w = f"tl.exp({A[0]} + {hp[0]} - {h[0]})"
+            return [w], [w], [f"tl.exp({B[0]} - {h[0]})"]
+        return list(A), None, ["1.0"] * k
+
+    def backward(self) -> str:
+        sp, k = self.spec, self.spec.k
+        n_leaf = len(self.leaves)
+        grads = [f"d{i}" for i in range(n_leaf)]
+        lines = [f"@triton.jit",
+                 f"def {sp.name}_bwd({', '.join(self._params())}, {', '.join(grads) + ', ' if grads else ''}"
+                 f"hinit, hseq, dhseq, dhfin, dh0, T, C, C1, C2,",
+                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr):",
+                 f"    # adjoint of stage {', '.join(sp.states)}: reverse-time {sp.kind} scan, chunks last to first"]
+        self._head(lines)
+        for i in range(k):
+            lines.append(f"    lam{i} = tl.load(dhfin + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
+            lines.append(f"    hz{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
+            lines.append(f"    g0_{i} = tl.zeros([BLOCK_C], dtype=ACC)")
+        lines += ["    n_chunks = tl.cdiv(T, BLOCK_T)",
+                  "    for r in range(0, n_chunks):",
+                  "        t = (n_chunks - 1 - r) * BLOCK_T + (BLOCK_T - 1 - rows)  # rows in reverse time",
+                  "        m = (t < T)[:, None] & cmask[None, :]",
+                  "        tn = t + 1",
+                  "        mn = (tn < T)[:, None] & cmask[None, :]"]
+        sidx = lambda tv, i: f"((b * T + {tv}[:, None]) * C + c[None, :]) * {k} + {i}"  # noqa: E731
+        # step t+1: its transition c_{t+1} (identity past the end)
+        A_n, B_n = self._entries("_n")
+        needs_next = sp.kind in ("maxplus", "lse")
+        roots_next = [a for row in sp.A for a in row] + (list(sp.b) if needs_next else [])
+        need_ids = {x.id for x in self.region.leaves_of(roots_next)}
+        self._loads(lines, "tn", "mn", "_n", only=need_ids)
+        names_n = {kk: v + "_n" for kk, v in self.leaf_names.items()}
+        for ln in self.region.forward_lines(roots_next, names_n, self.notes, "_n"):
+            lines.append("        " + ln)
+        for i in range(k):
+            lines.append(f"        h{i} = tl.load(hseq + {sidx('t', i)}, mask=m, other=0.0).to(ACC)")
+        if needs_next:
+            for i in range(k):
+                lines.append(f"        hn{i} = tl.load(hseq + {sidx('tn', i)}, mask=mn, other=0.0).to(ACC)")
+        cn, _, _ = self._local(sp.kind, k, A_n, B_n, [f"h{i}" for i in range(k)], [f"hn{i}" for i in range(k)])
+        if sp.kind == "block":  # lambda_t = dh_t + A_{t+1}^T lambda_{t+1}: scan the transposes
+            mats = [f"tl.where(mn, {cn[j * k + i]}, {'1.0' if i == j else '0.0'})" for i in range(k) for j in range(k)]
+        else:
+            mats = [f"tl.where(mn, {cn[0]}, 1.0)"]
+        for i, e in enumerate(mats):
+            lines.append(f"        e{i} = {e}")
+        for i in range(k):
+            lines += [f"        if HAS_DSEQ:",
+                      f"            f{i} = tl.load(dhseq + {sidx('t', i)}, mask=m, other=0.0).to(ACC)",
+                      f"        else:",
+                      f"            f{i} = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)"]
+        ea = [f"e{i}" for i in range(len(mats))]
+        fb = [f"f{i}" for i in range(k)]
+        sa = [f"sa{i}" for i in range(len(mats))]
+        sb = [f"sb{i}" for i in range(k)]
+        lines.append(f"        {', '.join(sa + sb)} = tl.associative_scan(({', '.join(ea + fb)},), 0, "
+                     f"{_combine_name('diag' if k == 1 else 'block', k)})")
+        lam = self._apply(k, "diag" if k == 1 else "block", sa, sb, [f"lam{i}" for i in range(k)])
+        for i in range(k):
+            lines.append(f"        lt{i} = {lam[i]}  # adjoint of h_t")
+        # step t: local derivatives, seeds of the prologue's reverse mode
+        self._loads(lines, "t", "m")
+        self._prologue(lines)
+        A, B = self._entries()
+        for i in range(k):
+            lines.append(f"        hp{i} = tl.where(t[:, None] == 0, hz{i}[None, :], "
+                         f"tl.load(hseq + {sidx('(t - 1)', i)}, mask=m & (t[:, None] > 0), other=0.0).to(ACC))")
+        hp = [f"hp{i}" for i in range(k)]
+        cl, da, db = self._local(sp.kind, k, A, B, hp, [f"h{i}" for i in range(k)])
+        seeds: dict[int, str] = {}
+        coef_nodes = [a for row in sp.A for a in row]
+        for idx, node in enumerate(coef_nodes):
+            if node is None or _is_literal(node):
+                continue
+            i, j = divmod(idx, k)
+            g = f"lt{i} * {hp[j]}" if sp.kind == "block" else f"lt0 * {da[0]}"
+            seeds.setdefault(node.id, [])
+            seeds[node.id].append(g)
+        for i, node in enumerate(sp.b):
+            if node is not None and not _is_literal(node):
+                seeds.setdefault(node.id, []).append(f"lt{i} * {db[i]}")
+        seed_names = {}
+        for nid, parts in seeds.items():
+            lines.append(f"        s{nid} = tl.where(m, {' + '.join(parts)}, 0.0)")
+            seed_names[nid] = f"s{nid}"
+        grad_names = {x.id: f"gx{i}" for i, x in enumerate(self.leaves)}
+        for ln in self.region.backward_lines(seed_names, self.leaf_names, self.notes, grad_names):
+            lines.append("        " + ln)
+        for i in range(n_leaf):
+            lines.append(f"        tl.store(d{i} + (b * T + t[:, None]) * C + c[None, :], gx{i}, mask=m)")
+        # gradient of the initial state: dh_0/dh_{-1} applied to lambda_0 (the row t == 0)
+        for j in range(k):
+            if sp.kind == "block":
+                terms = " + ".join(f"{cl[i * k + j]} * lt{i}" for i in range(k))
+            else:
+                terms = f"{cl[0]} * lt0"
+            lines.append(f"        g0_{j} += tl.sum(tl.where((t[:, None] == 0) & m, {terms}, 0.0), 0)")
+        for i in range(k):  # carry: lambda at the chunk's earliest step (its last row)
+            lines.append(f"        lam{i} = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, lt{i}, 0.0), 0)")
+        for j in range(k):
+            lines.append(f"    tl.store(dh0 + (b * C + c) * {k} + {j}, g0_{j}, mask=cmask)")
+        return "\n".join(lines) + "\n"
+
+
+def _is_literal(n: Node) -> bool:
+    from .texpr import literal
+    return literal(n) is not None
