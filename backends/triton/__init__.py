@@ -38,8 +38,8 @@ def emit(ir: IRCell, plan=None):
 
 
 def exec_source(text: str, tag: str, ns: dict) -> dict:
-    """exec generated text under a file name that linecache knows (triton.jit reads a
-    kernel's source back through inspect)."""
+    """exec generated (torch driver) text under a file name linecache knows, so that
+    tracebacks show the generated line."""
     fname = f"<recdsl {tag} {zlib.crc32(text.encode()):08x}>"
     linecache.cache[fname] = (len(text), None, text.splitlines(True), fname)
     exec(compile(text, fname, "exec"), ns)
@@ -54,14 +54,13 @@ class Program:
         from ..torch import fused_loop, scans, seq_rt
 
         from . import launch
-        triton = launch.import_triton()
         self.kernels_source, self.source, em = emit(ir, plan)
         self.emitter = em
-        kns = exec_source(self.kernels_source, f"triton {ir.name}", {"triton": triton, "tl": triton.language})
+        self.module = launch.Kernels(self.kernels_source, f"recdsl-triton-{ir.name}")
         self.stages = []
         for k in em.kernels:
             handle = k.handle()
-            handle.bind(kns)
+            handle.bind(self.module)
             self.stages.append(handle)
         ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
               "TK": launch, "KS": self.stages}
@@ -69,11 +68,6 @@ class Program:
         self.fn = ns["forward"]
 
     def run(self, xs, st, params, heads, dtype, device):
-        from . import launch
-        if device.type != "cuda" and not launch.interpreting():
-            from recdsl.errors import RecError
-            raise RecError("the triton backend runs CPU tensors only in Triton's interpreter",
-                           hint="set TRITON_INTERPRET=1 before triton is first imported, or use a GPU")
         nb = 2 if heads else 1
         P1 = {n: p[None] for n, p in params.items()}
         P2 = {n: p[None, None] for n, p in params.items()}

@@ -17,17 +17,25 @@ from ..torch.seq_rt import lift
 
 
 def import_triton():
-    """Triton, in its interpreter when there is no GPU. The interpreter must be chosen before
-    triton is first imported (its standard library is decorated at import), so the backend
-    sets TRITON_INTERPRET=1 then, and refuses CPU tensors if triton came up compiled."""
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     import triton
     return triton
 
 
-def interpreting() -> bool:
-    return bool(import_triton().knobs.runtime.interpret)
+class Kernels:
+    """A generated module's kernels, built on first use per kind: interpreted (CPU tensors,
+    Triton's interpreter) or compiled (CUDA tensors). See jit.py for why both can live in
+    one process."""
+
+    def __init__(self, source: str, tag: str):
+        self.source, self.tag = source, tag
+        self._ns: dict[bool, dict] = {}
+
+    def ns(self, device) -> dict:
+        interpret = device.type != "cuda"
+        if interpret not in self._ns:
+            from .jit import module_from_source
+            self._ns[interpret] = module_from_source(self.source, self.tag, interpret)
+        return self._ns[interpret]
 
 
 def _pow2(n: int) -> int:
@@ -70,17 +78,28 @@ def _leaf_args(leaves):
     return args
 
 
-class ScanStage:
-    """Runtime handle of one generated scan stage (kernels bound after the module is built)."""
+class Stage:
+    """Runtime handle of one generated stage: its forward and backward kernels."""
 
     def __init__(self, kernel):
-        self.name = kernel.spec.name
-        self.k = kernel.spec.k
+        self.name = kernel.name
         self.kernel = kernel
-        self.fwd = self.bwd = None
+        self.module: Kernels | None = None
 
-    def bind(self, ns: dict):
-        self.fwd, self.bwd = ns[f"{self.name}_fwd"], ns[f"{self.name}_bwd"]
+    def bind(self, module: Kernels):
+        self.module = module
+
+    def fwd(self, device):
+        return self.module.ns(device)[f"{self.name}_fwd"]
+
+    def bwd(self, device):
+        return self.module.ns(device)[f"{self.name}_bwd"]
+
+
+class ScanStage(Stage):
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self.k = kernel.spec.k
 
 
 def scan(stage: ScanStage, leaves: list, h0s: list, X0: torch.Tensor, ns: int, shape: tuple):
@@ -116,7 +135,7 @@ class _ScanFn(torch.autograd.Function):
         hfin = torch.empty((B, C, k), dtype=h0.dtype, device=h0.device)
         BT, BC = Blocks.scan(C, T, h0.device)
         grid = (triton_cdiv(C, BC), B)
-        stage.fwd[grid](*_leaf_args(leaves), h0, hseq, hfin, T, C, C1, C2,
+        stage.fwd(h0.device)[grid](*_leaf_args(leaves), h0, hseq, hfin, T, C, C1, C2,
                         ACC=_acc(h0.dtype), BLOCK_T=BT, BLOCK_C=BC, STORE_SEQ=True)
         ctx.stage, ctx.dims = stage, (B, T, C, C1, C2)
         ctx.save_for_backward(h0, hseq, *leaves)
@@ -134,10 +153,112 @@ class _ScanFn(torch.autograd.Function):
         dhfin = dhfin.contiguous() if dhfin is not None else torch.zeros_like(h0)
         BT, BC = Blocks.scan(C, T, h0.device)
         grid = (triton_cdiv(C, BC), B)
-        stage.bwd[grid](*_leaf_args(leaves), *grads, h0, hseq, dhseq, dhfin, dh0, T, C, C1, C2,
+        stage.bwd(h0.device)[grid](*_leaf_args(leaves), *grads, h0, hseq, dhseq, dhfin, dh0, T, C, C1, C2,
                         ACC=_acc(h0.dtype), BLOCK_T=BT, BLOCK_C=BC, HAS_DSEQ=has_dseq)
         return (None, None, dh0) + tuple(g.view(x.shape) for g, x in zip(grads, leaves))
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# --------------------------------------------------------------------------- sequential stages
+
+class SeqStage(Stage):
+    pass
+
+
+def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int):
+    """Run one sequential stage: ([state sequences], [final states])."""
+    kern = stage.kernel
+    B, T = X0.shape[:2]
+    NH = X0.shape[2] if ns == 3 else 1
+    dt = h0s[0].dtype
+    views = []
+    for x, node in zip(leaves, kern.leaves):   # -> [B, T, NH, n]
+        n = kern.ir.shape_of(node)[0] if node.rank else 1
+        if x.dtype == torch.bool:
+            x = x.to(dt)
+        if ns == 2:
+            x = x[:, :, None]
+        if node.rank == 0:
+            x = x[..., None]
+        views.append(x.expand(B, T, NH, n))
+    params = [P0[p.arg] for p in kern.params_all()]
+    h0 = [h.to(dt).expand((B,) + ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[s])))
+          .reshape(B, NH, kern.slen(k)).contiguous() for k, (h, s) in enumerate(zip(h0s, kern.states))]
+    outs = _SeqFn.apply(stage, (B, T, NH, ns == 3), len(h0), len(views), *h0, *views, *params)
+    K = len(h0)
+    seqs, fins = outs[:K], outs[K:]
+    shape = lambda k: ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[kern.states[k]]))  # noqa
+    return ([s.reshape((B, T) + shape(k)) for k, s in enumerate(seqs)],
+            [f.reshape((B,) + shape(k)) for k, f in enumerate(fins)])
+
+
+def _param_args(params, heads: bool):
+    args = []
+    for p in params:
+        sh = p.stride(0) if heads else 0
+        dims = p.shape[1:] if heads else p.shape
+        st = p.stride()[1:] if heads else p.stride()
+        sr = st[0] if len(dims) >= 1 else 0
+        sc = st[1] if len(dims) >= 2 else 0
+        args += [p, sh, sr, sc]
+    return args
+
+
+def _seq_leaf_args(views):
+    args = []
+    for x in views:
+        args += [x, x.stride(0), x.stride(1), x.stride(2), x.stride(3)]
+    return args
+
+
+def _block_b(B: int, device) -> int:
+    if device.type == "cuda":
+        return 16          # tl.dot's smallest tile
+    return min(64, _pow2(B))
+
+
+class _SeqFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stage, dims, K, nleaf, *tensors):
+        B, T, NH, heads = dims
+        h0, views, params = tensors[:K], tensors[K:K + nleaf], tensors[K + nleaf:]
+        dev, dt = h0[0].device, h0[0].dtype
+        hseq = [torch.empty((B, T, NH, h.shape[-1]), dtype=dt, device=dev) for h in h0]
+        hfin = [torch.empty_like(h) for h in h0]
+        state_args = []
+        for h, s, f in zip(h0, hseq, hfin):
+            state_args += [h, s, f]
+        BB = _block_b(B, dev)
+        grid = (triton_cdiv(B, BB), NH)
+        stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, B, T, NH,
+                             ACC=_acc(dt), BLOCK_B=BB)
+        ctx.stage, ctx.dims, ctx.K, ctx.nleaf = stage, dims, K, nleaf
+        ctx.save_for_backward(*h0, *hseq, *views, *params)
+        return tuple(hseq) + tuple(hfin)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stage, (B, T, NH, heads), K, nleaf = ctx.stage, ctx.dims, ctx.K, ctx.nleaf
+        saved = ctx.saved_tensors
+        h0, hseq, views, params = saved[:K], saved[K:2 * K], saved[2 * K:2 * K + nleaf], saved[2 * K + nleaf:]
+        dseq, dfin = grads[:K], grads[K:]
+        dev, dt = h0[0].device, h0[0].dtype
+        has_dseq = any(g is not None for g in dseq)
+        dseq = [(g if g is not None else torch.zeros_like(s)).contiguous() for g, s in zip(dseq, hseq)]
+        dfin = [(g if g is not None else torch.zeros_like(h)).contiguous() for g, h in zip(dfin, h0)]
+        dh0 = [torch.empty_like(h) for h in h0]
+        BB = _block_b(B, dev)
+        nprog = triton_cdiv(B, BB)
+        dleaf = [torch.empty(v.shape, dtype=dt, device=dev) for v in views]
+        dpart = [torch.zeros((nprog, NH) + (tuple(p.shape[1:]) if heads else tuple(p.shape)), dtype=dt, device=dev)
+                 for p in params]
+        state_args = []
+        for k in range(K):
+            state_args += [h0[k], hseq[k], dseq[k], dfin[k], dh0[k]]
+        stage.bwd(dev)[(nprog, NH)](*_seq_leaf_args(views), *_param_args(params, heads), *state_args,
+                                    *dleaf, *dpart, B, T, NH, ACC=_acc(dt), BLOCK_B=BB, HAS_DSEQ=has_dseq)
+        dparams = [d.sum(0) if heads else d.sum(0)[0] for d in dpart]
+        return (None, None, None, None) + tuple(dh0) + tuple(dleaf) + tuple(dparams)

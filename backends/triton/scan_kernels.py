@@ -72,6 +72,7 @@ class ScanKernel:
 
     def __init__(self, spec: ScanSpec, notes: SourceNotes):
         self.spec, self.notes = spec, notes
+        self.name = spec.name
         roots = [a for row in spec.A for a in row] + list(spec.b)
         self.region = Region(roots)
         self.leaves = self.region.leaves

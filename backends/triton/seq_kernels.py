@@ -1,11 +1,450 @@
-"""Sequential kernels (time loop inside the kernel): see below."""
+"""Sequential kernels for nonlinear and dense stages: the time loop runs inside the kernel.
+
+One program per (block of BLOCK_B batch rows, head). The states live in registers as
+[BLOCK_B, n] tiles for the whole sequence; the recurrent weights are loaded once, before
+the loop, and held on chip (or re-read from L2 every step when they would not fit in
+registers: a choice made here from the concrete sizes, see HOLD_LIMIT); the hoisted
+projections are read per step. Each step is the stage's recurrent core, generated from
+the IR.
+
+Triton cannot slice a register tile, so every value is computed at the *window* (offset,
+length) of its last axis that its users read: `z[0:H]` of `z = W @ h + u` becomes
+`W[0:H] @ h + u[0:H]` -- the LSTM's four gate GEMMs are four [H, H] weight tiles, never a
+4H vector. A value is a vnode = (node, window).
+
+Backward (derived): a reverse-time loop. The states are saved by the forward (it writes
+the sequences anyway); each step's intermediates are recomputed from h_{t-1}, then the
+step's reverse mode (texpr.vjp for elementwise ops, the transposed weight tile for
+GEMMs) gives the adjoint of h_{t-1} (the carry), of each leaf at t (written per
+element) and of the params (accumulated in registers over the loop, written once per
+program and summed in torch: deterministic, no atomics)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recdsl.ir import Node, Op
+from recdsl.torch_expr import SourceNotes
+
+from . import texpr
+from .fusion import annotate
+
+HOLD_LIMIT = 64 * 64      # weight elements per program held in registers across the loop
+DOT_MIN = 16              # tl.dot needs every side >= 16 on a GPU; below, multiply and sum
 
 
 class NotEligible(Exception):
     pass
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Win:
+    off: int
+    len: int            # 0: a scalar per row (a [BLOCK_B, 1] tile)
+
+    @property
+    def width(self) -> int:
+        return max(1, _pow2(self.len))
+
+    def overlaps(self, o: "Win") -> bool:
+        return self.off < o.off + max(o.len, 1) and o.off < self.off + max(self.len, 1)
+
+
+@dataclass
+class Gemm:
+    node: Node
+    win: Win
+    param: Node
+    x: Node            # the vector operand
+    transposed: bool   # W @ x (True: the tile is W[rows]^T) or x @ W (False)
+    K: int             # contraction length
+
+
 class SeqKernel:
-    def __init__(self, ir, sp, place, notes):
-        raise NotEligible("sequential Triton kernels are not built yet")
+    def __init__(self, ir, sp, place, notes: SourceNotes):
+        from ..torch.lowering import stage_core
+        self.ir, self.notes = ir, notes
+        self.states = list(sp.states)
+        self.name = f"stage{sp.index}_{'_'.join(self.states)}"
+        core = stage_core(ir, self.states, place, sp.index)
+        self.core_ids = {n.id for n in core}
+        for s in self.states:
+            if ir.states[s].rank > 1:
+                raise NotEligible(f"state {s} is not a vector")
+        self.order: list[tuple[Node, Win]] = []     # vnodes, sources first
+        self.seen: set = set()
+        self.leaves: list[Node] = []                # per-step sequence values
+        self.leaf_wins: dict[int, list[Win]] = {}
+        self.params: list[Node] = []                # vector params read elementwise / matrix params of GEMMs
+        self.param_wins: dict[int, list[Win]] = {}
+        self.gemms: list[Gemm] = []
+        for s in self.states:
+            self._visit(ir.updates[s], self._full(ir.updates[s]))
+        for key, wins in list(self.leaf_wins.items()) + list(self.param_wins.items()):
+            if any(a.overlaps(b) for i, a in enumerate(wins) for b in wins[i + 1:]):
+                raise NotEligible("a value is read at overlapping slices")
+        rows = {}
+        for g in self.gemms:
+            if any(g.win.overlaps(w) for w in rows.get(g.param.id, [])):
+                raise NotEligible("a weight is used twice at the same rows")
+            rows.setdefault(g.param.id, []).append(g.win)
+        self.hold = sum(g.K * g.win.len for g in self.gemms) <= HOLD_LIMIT
+
+    # ------------------------------------------------------------------ analysis
+    def _full(self, n: Node) -> Win:
+        if n.rank == 0:
+            return Win(0, 0)
+        if n.rank == 1:
+            return Win(0, self.ir.shape_of(n)[0])
+        raise NotEligible(f"{n.op.name.lower()} on a matrix in the step")
+
+    def key(self, n: Node, w: Win):
+        return (n.id, w)
+
+    def _visit(self, n: Node, w: Win):
+        if texpr.literal(n) is not None or self.key(n, w) in self.seen:
+            return
+        self.seen.add(self.key(n, w))
+        if n.op == Op.STATE and n.arg[0] in self.states:
+            if w != self._full(n):
+                raise NotEligible("a slice of a state")
+            return
+        if n.id not in self.core_ids:   # a leaf: a param or a per-step sequence value
+            if n.rank > 1:
+                raise NotEligible("a matrix read elementwise")
+            if n.op == Op.CONST or n.op == Op.EYE:
+                raise NotEligible("a constant vector")
+            bucket, wins = (self.params, self.param_wins) if n.op == Op.PARAM else (self.leaves, self.leaf_wins)
+            if n.id not in wins:
+                bucket.append(n)
+            wins.setdefault(n.id, []).append(w)
+            self.order.append((n, w))
+            return
+        op = n.op
+        if texpr.fusable(n):
+            for s in n.srcs:
+                self._visit(s, w if s.rank == n.rank and n.rank == 1 else self._full(s))
+        elif op == Op.INDEX and n.srcs[0].rank == 1 and len(n.arg) == 1:
+            i = n.arg[0]
+            if isinstance(i, slice):
+                if i.step not in (None, 1):
+                    raise NotEligible("a strided slice")
+                self._visit(n.srcs[0], Win(w.off + (i.start or 0), w.len))
+            elif isinstance(i, int):
+                self._visit(n.srcs[0], Win(i % self.ir.shape_of(n.srcs[0])[0], 1))
+            else:
+                raise NotEligible("an indexing form")
+        elif op == Op.EXPAND and n.srcs[0].rank == 0 and n.rank == 1:
+            self._visit(n.srcs[0], Win(0, 0))
+        elif op == Op.MATMUL and n.rank == 1:
+            a, b = n.srcs
+            if a.op == Op.PARAM and a.rank == 2 and b.rank == 1 and a.id not in self.core_ids:
+                g = Gemm(n, w, a, b, True, self.ir.shape_of(b)[0])
+            elif b.op == Op.PARAM and b.rank == 2 and a.rank == 1 and b.id not in self.core_ids:
+                g = Gemm(n, w, b, a, False, self.ir.shape_of(a)[0])
+            else:
+                raise NotEligible("a matmul that is not weight @ vector")
+            self._visit(g.x, self._full(g.x))
+            if g.param.id not in self.param_wins:
+                self.param_wins[g.param.id] = []
+            self.gemms.append(g)
+        elif op == Op.DOT or (op in (Op.SUM, Op.AMAX) and n.srcs[0].rank == 1):
+            for s in n.srcs:
+                self._visit(s, self._full(s))
+        else:
+            raise NotEligible(f"{op.name.lower()} in the step")
+        self.order.append((n, w))
+
+    # ------------------------------------------------------------------ names
+    def vname(self, n: Node, w: Win) -> str:
+        lit = texpr.literal(n)
+        if lit is not None:
+            return lit
+        if n.op == Op.STATE and n.arg[0] in self.states:
+            return f"h{self.states.index(n.arg[0])}"
+        full = self._full(n) if n.rank <= 1 else None
+        return f"v{n.id}" if w == full else f"v{n.id}_{w.off}_{w.len}"
+
+    def cols(self, w: Win) -> str:
+        return f"cols{w.width}"
+
+    def cmask(self, w: Win) -> str:
+        return f"(cols{w.width} < {max(w.len, 1)})[None, :]"
+
+    def _gemm_tile(self, gi: int) -> list[str]:
+        g = self.gemms[gi]
+        p = self.params_all().index(g.param)
+        KP, LP = _pow2(g.K), g.win.width
+        i, j = f"tl.arange(0, {KP})[:, None]", f"({g.win.off} + tl.arange(0, {LP}))[None, :]"
+        ptr = (f"p{p} + hd * p{p}_sh + {j} * p{p}_sr + {i} * p{p}_sc" if g.transposed
+               else f"p{p} + hd * p{p}_sh + {i} * p{p}_sr + {j} * p{p}_sc")
+        mask = f"(tl.arange(0, {KP})[:, None] < {g.K}) & (tl.arange(0, {LP})[None, :] < {g.win.len})"
+        what = f"{g.param.arg}[{g.win.off}:{g.win.off + g.win.len}]" + ("^T" if g.transposed else "")
+        return [f"w{gi} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)  # {what}: [{KP}, {LP}]"]
+
+    def params_all(self) -> list[Node]:
+        out = list(self.params)
+        for g in self.gemms:
+            if g.param not in out:
+                out.append(g.param)
+        return out
+
+    def _signature(self, backward: bool) -> list[str]:
+        args = []
+        for i in range(len(self.leaves)):
+            args += [f"l{i}", f"l{i}_sb", f"l{i}_st", f"l{i}_sh", f"l{i}_sn"]
+        for j in range(len(self.params_all())):
+            args += [f"p{j}", f"p{j}_sh", f"p{j}_sr", f"p{j}_sc"]
+        for k in range(len(self.states)):
+            args += [f"hinit{k}", f"hseq{k}"] + ([f"dhseq{k}", f"dhfin{k}", f"dh0{k}"] if backward else [f"hfin{k}"])
+        if backward:
+            args += [f"dl{i}" for i in range(len(self.leaves))] + [f"dp{j}" for j in range(len(self.params_all()))]
+        return args + ["B", "T", "NH"]
+
+    def slen(self, k: int) -> int:
+        st = self.ir.states[self.states[k]]
+        return self.ir.shape_of(st)[0] if st.rank else 1
+
+    # ------------------------------------------------------------------ shared code
+    def _setup(self, L: list[str]):
+        widths = sorted({w.width for _, w in self.order} | {_pow2(self.slen(k)) for k in range(len(self.states))}
+                        | {g.win.width for g in self.gemms} | {_pow2(g.K) for g in self.gemms})
+        L += ["    pid = tl.program_id(0)",
+              "    hd = tl.program_id(1).to(tl.int64)",
+              "    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)",
+              "    bm = rb < B"]
+        L += [f"    cols{w} = tl.arange(0, {w})" for w in widths]
+        for j, p in enumerate(self.params):   # vector params: loaded once
+            for w in self.param_wins[p.id]:
+                idx = f"({w.off} + {self.cols(w)})[None, :] * p{j}_sr" if p.rank else "tl.zeros([1, 1], tl.int64)"
+                L.append(annotate(f"    {self.vname(p, w)} = tl.load(p{j} + hd * p{j}_sh + {idx}, "
+                                  f"mask={self.cmask(w)}, other=0.0).to(ACC)", self.notes(p, with_text=False)))
+        if self.hold:
+            for gi in range(len(self.gemms)):
+                L += ["    " + x for x in self._gemm_tile(gi)]
+
+    def _state_ptr(self, k: int, base: str, t: str | None) -> tuple[str, str]:
+        n = self.slen(k)
+        W = _pow2(n)
+        row = f"(rb[:, None] * T + {t}) * NH + hd" if t is not None else "rb[:, None] * NH + hd"
+        return f"{base} + ({row}) * {n} + cols{W}[None, :]", f"bm[:, None] & (cols{W} < {n})[None, :]"
+
+    def _leaf_loads(self, L: list[str], t: str):
+        for i, x in enumerate(self.leaves):
+            for w in self.leaf_wins[x.id]:
+                idx = f"({w.off} + {self.cols(w)})[None, :] * l{i}_sn" if x.rank else "tl.zeros([1, 1], tl.int64)"
+                ptr = f"l{i} + rb[:, None] * l{i}_sb + {t} * l{i}_st + hd * l{i}_sh + {idx}"
+                val = f"tl.load({ptr}, mask=bm[:, None] & {self.cmask(w)}, other=0.0)"
+                val = f"{val} != 0" if x.is_bool else f"{val}.to(ACC)"
+                L.append(annotate(f"        {self.vname(x, w)} = {val}", self.notes(x, with_text=False)))
+
+    def _step(self, L: list[str]):
+        """The core's values in order (leaves are loaded already)."""
+        for n, w in self.order:
+            if n.id not in self.core_ids:
+                continue
+            name = lambda s, n=n, w=w: self.vname(s, w if s.rank == n.rank and n.rank == 1 else self._full(s))  # noqa
+            if texpr.fusable(n):
+                rhs = texpr.expr(n, name)
+            elif n.op == Op.INDEX:
+                i = n.arg[0]
+                src_w = Win(w.off + (i.start or 0), w.len) if isinstance(i, slice) else \
+                    Win(i % self.ir.shape_of(n.srcs[0])[0], 1)
+                rhs = self.vname(n.srcs[0], src_w)
+            elif n.op == Op.EXPAND:
+                rhs = f"{self.vname(n.srcs[0], Win(0, 0))} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC)"
+            elif n.op == Op.MATMUL:
+                gi = next(i for i, g in enumerate(self.gemms) if g.node is n and g.win == w)
+                g = self.gemms[gi]
+                if not self.hold:
+                    L += ["        " + x for x in self._gemm_tile(gi)]
+                xin = f"tl.where({self.cmask(self._full(g.x))}, {self.vname(g.x, self._full(g.x))}, 0.0)"
+                rhs = self._matmul(xin, f"w{gi}", _pow2(g.K), w.width)
+            elif n.op == Op.DOT:
+                a, b = (self.vname(s, self._full(s)) for s in n.srcs)
+                rhs = f"tl.sum(tl.where({self.cmask(self._full(n.srcs[0]))}, {a} * {b}, 0.0), 1, keep_dims=True)"
+            elif n.op == Op.SUM:
+                s = n.srcs[0]
+                rhs = f"tl.sum(tl.where({self.cmask(self._full(s))}, {self.vname(s, self._full(s))}, 0.0), 1, keep_dims=True)"
+            elif n.op == Op.AMAX:
+                s = n.srcs[0]
+                rhs = (f"tl.max(tl.where({self.cmask(self._full(s))}, {self.vname(s, self._full(s))}, "
+                       f"float(\"-inf\")), 1, keep_dims=True)")
+            else:  # pragma: no cover - _visit refuses the rest
+                raise NotEligible(n.op.name)
+            L.append(annotate(f"        {self.vname(n, w)} = {rhs}", self.notes(n)))
+
+    @staticmethod
+    def _matmul(x: str, w: str, K: int, N: int) -> str:
+        if min(K, N) >= DOT_MIN:
+            return f"tl.dot({x}, {w}, input_precision=\"ieee\")"
+        return f"tl.sum({x}[:, :, None] * {w}[None, :, :], 1)"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self) -> str:
+        L = ["@triton.jit",
+             f"def {self.name}_fwd({', '.join(self._signature(False))},",
+             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr):",
+             f"    # stage {', '.join(self.states)}: the time loop on chip; weights "
+             + ("held in registers" if self.hold else "re-read from L2 each step")]
+        self._setup(L)
+        for k in range(len(self.states)):
+            ptr, mask = self._state_ptr(k, f"hinit{k}", None)
+            L.append(f"    h{k} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)")
+        L.append("    for t in range(0, T):")
+        self._leaf_loads(L, "t")
+        self._step(L)
+        for k, s in enumerate(self.states):
+            new = self.ir.updates[s]
+            nm = self.vname(new, self._full(new))
+            ptr, mask = self._state_ptr(k, f"hseq{k}", "t")
+            L.append(f"        n{k} = tl.where({mask}, {nm}, 0.0)")
+            L.append(f"        tl.store({ptr}, n{k}, mask={mask})")
+        for k in range(len(self.states)):
+            L.append(f"        h{k} = n{k}")
+        for k in range(len(self.states)):
+            ptr, mask = self._state_ptr(k, f"hfin{k}", None)
+            L.append(f"    tl.store({ptr}, h{k}, mask={mask})")
+        return "\n".join(L) + "\n"
+
+    # ------------------------------------------------------------------ backward
+    def backward(self) -> str:
+        L = ["@triton.jit",
+             f"def {self.name}_bwd({', '.join(self._signature(True))},",
+             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, HAS_DSEQ: tl.constexpr):",
+             f"    # adjoint of stage {', '.join(self.states)}: reverse-time loop of the step's VJP (states saved, "
+             "the step recomputed)"]
+        self._setup(L)
+        params = self.params_all()
+        for k in range(len(self.states)):
+            ptr, mask = self._state_ptr(k, f"dhfin{k}", None)
+            L.append(f"    lam{k} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)")
+        for j, p in enumerate(self.params):
+            for w in self.param_wins[p.id]:
+                L.append(f"    acc_{self.vname(p, w)} = tl.zeros([1, {w.width}], dtype=ACC)")
+        for gi, g in enumerate(self.gemms):
+            L.append(f"    dw{gi} = tl.zeros([{_pow2(g.K)}, {g.win.width}], dtype=ACC)")
+        L += ["    for r in range(0, T):",
+              "        t = T - 1 - r",
+              "        tp = tl.maximum(t - 1, 0)"]
+        for k in range(len(self.states)):  # h_{t-1}: the saved sequence, or the initial state
+            p1, mask = self._state_ptr(k, f"hseq{k}", "tp")
+            p0, _ = self._state_ptr(k, f"hinit{k}", None)
+            L.append(f"        h{k} = tl.where(t > 0, tl.load({p1}, mask={mask}, other=0.0), "
+                     f"tl.load({p0}, mask={mask}, other=0.0)).to(ACC)")
+        self._leaf_loads(L, "t")
+        self._step(L)
+        # seeds: the adjoint of each new state
+        adj: dict = {}
+        for k, s in enumerate(self.states):
+            new = self.ir.updates[s]
+            ptr, mask = self._state_ptr(k, f"dhseq{k}", "t")
+            L += [f"        if HAS_DSEQ:",
+                  f"            lam{k} += tl.load({ptr}, mask={mask}, other=0.0).to(ACC)"]
+            adj.setdefault(self.key(new, self._full(new)), []).append(f"lam{k}")
+        for k, s in enumerate(self.states):  # a state whose update is another's previous value
+            pass
+        for n, w in reversed(self.order):
+            parts = adj.pop(self.key(n, w), None)
+            if not parts:
+                continue
+            g = f"g{n.id}_{w.off}_{w.len}"
+            L.append(annotate(f"        {g} = tl.where(bm[:, None] & {self.cmask(w)}, {' + '.join(parts)}, 0.0)",
+                              self.notes(n, with_text=False)))
+            if n.id not in self.core_ids:
+                self._leaf_grad(L, n, w, g, params)
+                continue
+            for (src, sw), contrib in self._vjp(L, n, w, g):
+                if contrib is not None and texpr.literal(src) is None:
+                    if sw.len == 0 and w.len > 0 and n.op != Op.EXPAND and texpr.fusable(n):
+                        contrib = f"tl.sum({contrib}, 1, keep_dims=True)"   # broadcast scalar: sum its uses
+                    adj.setdefault(self.key(src, sw), []).append(contrib)
+        for k, s in enumerate(self.states):
+            st = self.ir.states[s]
+            parts = adj.pop(self.key(st, self._full(st)), None)
+            _, mask = self._state_ptr(k, "x", None)
+            L.append(f"        lam{k} = tl.where({mask}, {' + '.join(parts) if parts else '0.0'}, 0.0)"
+                     f" + tl.zeros([BLOCK_B, {_pow2(self.slen(k))}], dtype=ACC)")
+        for k in range(len(self.states)):
+            ptr, mask = self._state_ptr(k, f"dh0{k}", None)
+            L.append(f"    tl.store({ptr}, lam{k}, mask={mask})")
+        # param partials: [programs, NH, *shape], this program's slice
+        for j, p in enumerate(self.params):
+            for w in self.param_wins[p.id]:
+                n = self.ir.shape_of(p)[0] if p.rank else 1
+                L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {n} + ({w.off} + {self.cols(w)})[None, :], "
+                         f"acc_{self.vname(p, w)}, mask={self.cmask(w)})")
+        for gi, g in enumerate(self.gemms):
+            j = params.index(g.param)
+            R, Cc = self.ir.shape_of(g.param)
+            KP, LP = _pow2(g.K), g.win.width
+            i, jj = f"tl.arange(0, {KP})[:, None]", f"({g.win.off} + tl.arange(0, {LP}))[None, :]"
+            off = f"{jj} * {Cc} + {i}" if g.transposed else f"{i} * {Cc} + {jj}"
+            mask = f"(tl.arange(0, {KP})[:, None] < {g.K}) & (tl.arange(0, {LP})[None, :] < {g.win.len})"
+            L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {R * Cc} + {off}, dw{gi}, mask={mask})")
+        return "\n".join(L) + "\n"
+
+    def _leaf_grad(self, L, n, w, g, params):
+        if n.op == Op.PARAM:
+            L.append(f"        acc_{self.vname(n, w)} += tl.sum({g}, 0, keep_dims=True)")
+            return
+        i = self.leaves.index(n)
+        idx = f"({w.off} + {self.cols(w)})[None, :]" if n.rank else "tl.zeros([1, 1], tl.int64)"
+        nn = self.ir.shape_of(n)[0] if n.rank else 1
+        ptr = f"dl{i} + ((rb[:, None] * T + t) * NH + hd) * {nn} + {idx}"
+        L.append(f"        tl.store({ptr}, {g} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC), "
+                 f"mask=bm[:, None] & {self.cmask(w)})")
+
+    def _vjp(self, L, n: Node, w: Win, g: str):
+        """[((src, window), contribution)] of a core vnode."""
+        if texpr.fusable(n):
+            wins = [w if s.rank == n.rank and n.rank == 1 else self._full(s) for s in n.srcs]
+            name = lambda s, n=n, w=w: self.vname(s, w if s.rank == n.rank and n.rank == 1 else self._full(s))  # noqa
+            return list(zip(zip(n.srcs, wins), texpr.vjp(n, g, name, self.vname(n, w))))
+        if n.op == Op.INDEX:
+            i = n.arg[0]
+            sw = Win(w.off + (i.start or 0), w.len) if isinstance(i, slice) else \
+                Win(i % self.ir.shape_of(n.srcs[0])[0], 1)
+            return [((n.srcs[0], sw), g)]
+        if n.op == Op.EXPAND:
+            return [((n.srcs[0], Win(0, 0)), f"tl.sum({g}, 1, keep_dims=True)")]
+        if n.op == Op.MATMUL:
+            gi = next(i for i, gm in enumerate(self.gemms) if gm.node is n and gm.win == w)
+            gm = self.gemms[gi]
+            xw = self._full(gm.x)
+            xin = f"tl.where(bm[:, None] & {self.cmask(xw)}, {self.vname(gm.x, xw)}, 0.0)"
+            KP, LP = _pow2(gm.K), w.width
+            if min(KP, LP) >= DOT_MIN and _block_b_ok():
+                L.append(f"        dw{gi} += tl.dot(tl.trans({xin}), {g}, input_precision=\"ieee\")")
+                dx = f"tl.dot({g}, tl.trans(w{gi}), input_precision=\"ieee\")"
+            else:
+                L.append(f"        dw{gi} += tl.sum({xin}[:, :, None] * {g}[:, None, :], 0)")
+                dx = f"tl.sum({g}[:, None, :] * w{gi}[None, :, :], 2)"
+            return [((gm.x, xw), dx)]
+        if n.op == Op.DOT:
+            a, b = n.srcs
+            wa, wb = self._full(a), self._full(b)
+            return [((a, wa), f"({g} * {self.vname(b, wb)})"), ((b, wb), f"({g} * {self.vname(a, wa)})")]
+        if n.op == Op.SUM:
+            s = n.srcs[0]
+            sw = self._full(s)
+            return [((s, sw), f"({g} + tl.zeros([BLOCK_B, {sw.width}], dtype=ACC))")]
+        if n.op == Op.AMAX:
+            s = n.srcs[0]
+            sw = self._full(s)
+            return [((s, sw), f"tl.where({self.vname(s, sw)} == {self.vname(n, w)}, {g}, 0.0)")]
+        raise NotEligible(n.op.name)  # pragma: no cover
+
+    def combines(self) -> list[str]:
+        return []
+
+    def handle(self):
+        from .launch import SeqStage
+        return SeqStage(self)
+
+
+def _block_b_ok() -> bool:
+    return True
