@@ -94,16 +94,20 @@ def check(files, quiet, dims, no_plan):
     sys.exit(1 if failed else 0)
 
 
-STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch")
+STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch", "triton", "ttir", "ttgir", "ptx")
 
 
 @main.command()
 @click.argument("file")
 @click.option("--stage", type=click.Choice(STAGES), default="plan", show_default=True,
               help="ast: syntax tree with spans; source: the tree printed back; ir: one step as a graph; "
-                   "passes: each analysis pass; plan: classes, coefficients, checks; reference/torch: generated code.")
+                   "passes: each analysis pass; plan: classes, coefficients, checks; reference/torch/triton: generated "
+                   "code; ttir/ttgir/ptx: the Triton kernels compiled ahead of time (no GPU needed), with registers, "
+                   "spills and shared memory per kernel.")
 @click.option("--dims", default=None, help=DIMS_HELP)
-def inspect(file, stage, dims):
+@click.option("--arch", type=click.Choice(["sm_80", "sm_90"]), default="sm_90", show_default=True,
+              help="GPU target of --stage ttir|ttgir|ptx.")
+def inspect(file, stage, dims, arch):
     """Print one compilation stage of FILE (a .rec path or a stdlib name)."""
     from . import printer
     from .spec import load_all
@@ -129,6 +133,8 @@ def inspect(file, stage, dims):
         elif stage == "reference":
             from .backends import reference
             click.echo(reference.emit_step(s.lower(**s.analysis_dims(**mine))), nl=False)
+        elif stage in ("triton", "ttir", "ttgir", "ptx"):
+            _inspect_triton(s, mine, stage, int(arch[3:]))
         else:
             from .backends import torch as torch_backend
             ir = s.lower(**s.analysis_dims(**mine))
@@ -136,6 +142,28 @@ def inspect(file, stage, dims):
             if why:
                 raise RecError(why, s.cell.span)
             click.echo(torch_backend.emit(ir)[0], nl=False)
+
+
+def _inspect_triton(s, dims: dict, stage: str, arch: int):
+    from .backends import triton as triton_backend
+    ir = s.lower(**s.analysis_dims(**dims))
+    why = triton_backend.supports(ir)
+    if why:
+        raise RecError(why, s.cell.span)
+    if stage == "triton":
+        kernels, driver, em = triton_backend.emit(ir)
+        click.echo(kernels)
+        click.echo("# ---- driver (torch): launches the kernels above; stages without a Triton kernel run in torch")
+        for i, how in em.how.items():
+            click.echo(f"# stage {i}: {how}")
+        click.echo(driver, nl=False)
+        return
+    from .backends.triton import aot
+    _, compiled = triton_backend.compile_cell(ir, arch)
+    for c in compiled:
+        click.echo(f"// ==== {c.name} (sm_{arch}) ====")
+        click.echo(c.asm[stage])
+    click.echo("// " + aot.summary_table(compiled).replace("\n", "\n// "))
 
 
 def _dump_ast(node, indent: int = 0) -> str:

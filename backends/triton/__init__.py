@@ -76,3 +76,29 @@ class Program:
 
 def build(ir: IRCell, plan=None) -> Program:
     return Program(ir, plan)
+
+
+SCALARS = {"T", "C", "C1", "C2", "B", "NH"}
+
+
+def _arg_type(name: str) -> str:
+    return "i32" if name in SCALARS or "_s" in name else "*fp32"
+
+
+def compile_cell(ir: IRCell, arch: int = 90, plan=None):
+    """Every kernel of the cell compiled ahead of time for sm_<arch> (no GPU needed):
+    (kernel module text, [aot.Compiled])."""
+    import triton.language as tl
+
+    from . import aot
+    from .jit import module_from_source
+    text, _, em = emit(ir, plan)
+    ns = module_from_source(text, f"recdsl-triton-aot-{ir.name}", interpret=False)
+    out = []
+    for k in em.kernels:
+        for backward, suffix in ((False, "_fwd"), (True, "_bwd")):
+            names = k.arg_names(backward)
+            sig = {n: _arg_type(n) for n in names}
+            const = k.constexprs(backward, tl.float32)
+            out.append(aot.compile_kernel(ns[k.name + suffix], sig, const, arch=arch))
+    return text, out

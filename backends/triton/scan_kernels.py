@@ -77,6 +77,21 @@ class ScanKernel:
         self.region = Region(roots)
         self.leaves = self.region.leaves
         self.leaf_names = {x.id: f"x{i}" for i, x in enumerate(self.leaves)}
+        # leaves that do not vary over time (params and what is computed from them only) are
+        # loaded once per program, before the time loop
+        self.invariant = {x.id for x in self.leaves if _time_invariant(x)}
+
+    def arg_names(self, backward: bool) -> list[str]:
+        if backward:
+            return self._params() + [f"d{i}" for i in range(len(self.leaves))] + \
+                ["hinit", "hseq", "dhseq", "dhfin", "dh0", "T", "C", "C1", "C2"]
+        return self._params() + ["hinit", "hseq", "hfin", "T", "C", "C1", "C2"]
+
+    def constexprs(self, backward: bool, acc) -> dict:
+        """The GPU configuration (launch.Blocks.scan on a GPU) as compiled ahead of time."""
+        from .launch import Blocks
+        bt, bc = Blocks.gpu(self.spec.k, backward)
+        return {"ACC": acc, "BLOCK_T": bt, "BLOCK_C": bc, ("HAS_DSEQ" if backward else "STORE_SEQ"): True}
 
     def handle(self):
         from .launch import ScanStage
@@ -108,10 +123,22 @@ class ScanKernel:
         for i in range(len(self.leaves)):
             lines.append(f"    l{i}_c = b * l{i}_sb + c0 * l{i}_s0 + c1 * l{i}_s1 + c2 * l{i}_s2")
 
+    def _invariant_loads(self, lines):
+        for i, x in enumerate(self.leaves):
+            if x.id in self.invariant:
+                load = f"tl.load(l{i} + l{i}_c[None, :], mask=cmask[None, :], other=1.0)"
+                val = f"{load} != 0" if x.is_bool else f"{load}.to(ACC)"
+                lines.append(annotate(f"    x{i} = {val}  # constant over time: [1, BLOCK_C]",
+                                      self.notes(x, with_text=False)))
+
     def _loads(self, lines, tvar: str, mvar: str, suffix: str = "", only=None):
         """Each leaf's [BLOCK_T, BLOCK_C] tile at times `tvar` (inside the time loop)."""
         for i, x in enumerate(self.leaves):
             if only is not None and x.id not in only:
+                continue
+            if x.id in self.invariant:
+                if suffix:
+                    lines.append(f"        x{i}{suffix} = x{i}")
                 continue
             load = (f"tl.load(l{i} + l{i}_c[None, :] + {tvar}[:, None] * l{i}_st, mask={mvar}, other=1.0)")
             val = f"{load} != 0" if x.is_bool else f"{load}.to(ACC)"
@@ -161,12 +188,13 @@ class ScanKernel:
     def forward(self) -> str:
         sp, k = self.spec, self.spec.k
         lines = [f"@triton.jit",
-                 f"def {sp.name}_fwd({', '.join(self._params())}, hinit, hseq, hfin, T, C, C1, C2,",
+                 f"def {sp.name}_fwd({', '.join(self.arg_names(False))},",
                  f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr):",
                  f"    # stage {', '.join(sp.states)}: {sp.kind} scan" + (f" of {k} coupled states" if k > 1 else "")]
         self._head(lines)
         for i in range(k):  # states interleaved: [B, C, k]
             lines.append(f"    h{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
+        self._invariant_loads(lines)
         lines += ["    for t0 in range(0, T, BLOCK_T):",
                   "        t = t0 + rows",
                   "        m = (t < T)[:, None] & cmask[None, :]"]
@@ -215,8 +243,7 @@ class ScanKernel:
         n_leaf = len(self.leaves)
         grads = [f"d{i}" for i in range(n_leaf)]
         lines = [f"@triton.jit",
-                 f"def {sp.name}_bwd({', '.join(self._params())}, {', '.join(grads) + ', ' if grads else ''}"
-                 f"hinit, hseq, dhseq, dhfin, dh0, T, C, C1, C2,",
+                 f"def {sp.name}_bwd({', '.join(self.arg_names(True))},",
                  f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr):",
                  f"    # adjoint of stage {', '.join(sp.states)}: reverse-time {sp.kind} scan, chunks last to first"]
         self._head(lines)
@@ -224,6 +251,7 @@ class ScanKernel:
             lines.append(f"    lam{i} = tl.load(dhfin + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
             lines.append(f"    hz{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
             lines.append(f"    g0_{i} = tl.zeros([BLOCK_C], dtype=ACC)")
+        self._invariant_loads(lines)
         lines += ["    n_chunks = tl.cdiv(T, BLOCK_T)",
                   "    for r in range(0, n_chunks):",
                   "        t = (n_chunks - 1 - r) * BLOCK_T + (BLOCK_T - 1 - rows)  # rows in reverse time",
@@ -295,7 +323,8 @@ class ScanKernel:
         for ln in self.region.backward_lines(seed_names, self.leaf_names, self.notes, grad_names):
             lines.append("        " + ln)
         for i in range(n_leaf):
-            lines.append(f"        tl.store(d{i} + (b * T + t[:, None]) * C + c[None, :], gx{i}, mask=m)")
+            full = " + tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)" if self.leaves[i].id in self.invariant else ""
+            lines.append(f"        tl.store(d{i} + (b * T + t[:, None]) * C + c[None, :], gx{i}{full}, mask=m)")
         # gradient of the initial state: dh_0/dh_{-1} applied to lambda_0 (the row t == 0)
         for j in range(k):
             if sp.kind == "block":
@@ -308,6 +337,11 @@ class ScanKernel:
         for j in range(k):
             lines.append(f"    tl.store(dh0 + (b * C + c) * {k} + {j}, g0_{j}, mask=cmask)")
         return "\n".join(lines) + "\n"
+
+
+def _time_invariant(n: Node) -> bool:
+    from recdsl.ir import Op, toposort
+    return not any(x.op in (Op.INPUT, Op.STATE) for x in toposort([n]))
 
 
 def _is_literal(n: Node) -> bool:

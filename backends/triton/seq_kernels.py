@@ -441,6 +441,15 @@ class SeqKernel:
     def combines(self) -> list[str]:
         return []
 
+    def arg_names(self, backward: bool) -> list[str]:
+        return self._signature(backward)
+
+    def constexprs(self, backward: bool, acc) -> dict:
+        out = {"ACC": acc, "BLOCK_B": 16}   # launch._block_b on a GPU
+        if backward:
+            out["HAS_DSEQ"] = True
+        return out
+
     def handle(self):
         from .launch import SeqStage
         return SeqStage(self)

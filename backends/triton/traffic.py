@@ -12,10 +12,12 @@ and every launch through `GridExecutor.__call__`, which loops over the grid call
 rewritten kernel once per program. We wrap those methods on the classes (the builder is
 reached through `self`, so a class attribute wins) for the duration of `count_traffic`.
 
-Bytes are counted per lane: each active (mask-true) lane moves one element of the
-pointer's element type. Lanes that hit the same address are counted each time, so the
-number is what the kernel *requests*, an upper bound on DRAM traffic (caches may merge
-them); it is exact for kernels that touch each element once per access.
+Bytes are counted per access over the *distinct* addresses of its active (mask-true)
+lanes: lanes of one load that read one address (a leaf broadcast over a channel axis by
+a zero stride) are one memory transaction on a GPU, where the coalescer merges them. A
+second access to the same address is counted again (no cache is modelled), so the count
+is exact for kernels that read each element in one access and an upper bound otherwise.
+`distinct=False` counts every lane (the requested traffic).
 """
 from __future__ import annotations
 
@@ -52,12 +54,16 @@ def _bytes(ptrs, mask) -> int:
     bits = ptrs.get_element_ty().primitive_bitwidth
     size = max(1, bits // 8)  # int1 is stored as a byte
     shape = np.shape(ptrs.data)
-    if mask is None:
-        active = int(np.prod(shape, dtype=np.int64))
-    else:
+    addr = np.asarray(ptrs.data)
+    if mask is not None:
         # a mask may be broadcast against the pointers (e.g. a scalar mask)
-        active = int(np.count_nonzero(np.broadcast_to(mask.data, shape)))
-    return active * size
+        addr = np.broadcast_to(addr, shape)[np.broadcast_to(mask.data, shape)]
+    if DISTINCT:
+        return int(np.unique(addr).size) * size
+    return int(np.size(addr)) * size
+
+
+DISTINCT = True   # count distinct addresses per access (see the module docstring)
 
 
 _UNLAUNCHED = "<outside a launch>"  # device functions called directly, not via kernel[grid]
