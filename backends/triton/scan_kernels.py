@@ -205,7 +205,7 @@ class ScanKernel:
         names_a = [f"e{i}" for i in range(len(A))]
         names_b = [f"f{i}" for i in range(len(B))]
         for nm, e, ident in zip(names_a + names_b, A + B, ia + ib):
-            lines.append(f"        {nm} = tl.where(m, {e}, {ident})  # masked lanes: the identity")
+            lines.append(f"        {nm} = tl.where(m, {e}, {ident}).to(ACC)  # masked lanes: the identity")
         sa = [f"sa{i}" for i in range(len(A))]
         sb = [f"sb{i}" for i in range(len(B))]
         lines.append(f"        {', '.join(sa + sb)} = tl.associative_scan(({', '.join(names_a + names_b)},), 0, "
@@ -275,9 +275,10 @@ class ScanKernel:
                 lines.append(f"        hn{i} = tl.load(hseq + {sidx('tn', i)}, mask=mn, other=0.0).to(ACC)")
         cn, _, _ = self._local(sp.kind, k, A_n, B_n, [f"h{i}" for i in range(k)], [f"hn{i}" for i in range(k)])
         if sp.kind == "block":  # lambda_t = dh_t + A_{t+1}^T lambda_{t+1}: scan the transposes
-            mats = [f"tl.where(mn, {cn[j * k + i]}, {'1.0' if i == j else '0.0'})" for i in range(k) for j in range(k)]
+            mats = [f"tl.where(mn, {cn[j * k + i]}, {'1.0' if i == j else '0.0'}).to(ACC)"
+                    for i in range(k) for j in range(k)]
         else:
-            mats = [f"tl.where(mn, {cn[0]}, 1.0)"]
+            mats = [f"tl.where(mn, {cn[0]}, 1.0).to(ACC)"]
         for i, e in enumerate(mats):
             lines.append(f"        e{i} = {e}")
         for i in range(k):
