@@ -121,6 +121,8 @@ class Emitter:
                 self.final[s] = f"{self.seq[ir.updates[s].id]}[:, -1]"
         finals = ", ".join(f"{s!r}: {v}" for s, v in self.final.items())
         self.emit(f"return {{{', '.join(f'{o!r}: {v}' for o, v in outs.items())}}}, {{{finals}}}")
+        for fl in self.fused:  # a fused loop writes only the state sequences something read
+            fl.keep = {s for s in fl.states if ir.updates[s].id not in self.lazy}
         return "\n".join(head + self.lines) + "\n"
 
     # ------------------------------------------------------------------ stage kernels
@@ -231,7 +233,7 @@ class Emitter:
             fvar = self.fresh("fused")
             args = ", ".join(self.seq_name(n) for n in fl.seqs)
             self.emit(f"{fvar} = None")
-            self.emit(f"if FUSED.usable(DT, *X.values(), *P0.values(), *S0.values()):  # one C call per step")
+            self.emit(f"if FUSED.usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
             self.emit(f"{fvar}, {fvar}_final = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
             for s in states:
                 self.emit(f"s_{s} = {fvar}_final[{s!r}]", indent=2)
