@@ -21,24 +21,81 @@ class TritonEmitter(Emitter):
         super().__init__(ir, plan)
         self.kernels: list = []            # ScanKernel / SeqKernel, in stage order
         self.how: dict[int, str] = {}      # stage index -> what runs it
+        self.store_marks: dict[int, str] = {}   # scan kernel -> the name of its state sequences
+
+    def program(self) -> str:
+        """The driver; a scan writes its state sequences only if the driver reads them
+        (or a gradient needs them: decided at run time)."""
+        text = super().program()
+        for idx, seqs in self.store_marks.items():
+            text = text.replace(f"@STORE{idx}@", str(f"{seqs}[" in text))
+        return text.replace("# recdsl torch backend", "# recdsl triton backend (driver)", 1)
 
     # ------------------------------------------------------------------ scans
     def _scan(self, low: StageLowering, spec: ScanSpec):
         sp = low.stage
+        ir = self.ir
+        spec.updates = [ir.updates[s] for s in sp.states]
+        self._plan_epilogue(sp, spec)
         kern = ScanKernel(spec, self.note)
         idx = len(self.kernels)
         self.kernels.append(kern)
-        leaves = ", ".join(self.seq_name(x) if texpr.literal(x) is None else texpr.literal(x)
-                           for x in kern.leaves)
-        shape = self.ir.shape_of(self.ir.states[sp.states[0]])
-        seqs, fins = self.fresh("seqs"), self.fresh("finals")
+        lit = texpr.literal
+        leaves = ", ".join(self.seq_name(x) if lit(x) is None else lit(x) for x in kern.leaves)
+        rleaves = ", ".join(self.seq_name(x) if lit(x) is None else lit(x) for x in kern.rleaves)
+        shape = ir.shape_of(ir.states[sp.states[0]])
+        seqs, fins, outs, reds = self.fresh("seqs"), self.fresh("finals"), self.fresh("outs"), self.fresh("reads")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins} = TK.scan(KS[{idx}], [{leaves}], [{h0s}], X0, NS, {shape!r})  "
-                  f"# triton kernel {spec.name}_fwd", self.ir.updates[sp.states[0]])
+        self.emit(f"{seqs}, {fins}, {outs}, {reds} = TK.scan(KS[{idx}], [{leaves}], [{rleaves}], [{h0s}], X0, NS, "
+                  f"{shape!r}, store=@STORE{idx}@)  # triton kernel {spec.name}_fwd", ir.updates[sp.states[0]])
+        self.store_marks[idx] = seqs
         for i, s in enumerate(sp.states):
-            self.seq[self.ir.updates[s].id] = f"{seqs}[{i}]"
+            self.seq[ir.updates[s].id] = f"{seqs}[{i}]"
             self.final[s] = f"{fins}[{i}]"
-        self.how[sp.index] = f"triton {spec.kind} scan {spec.name}_fwd (gates fused in its prologue)"
+        for i, o in enumerate(spec.outputs):
+            self.seq[o.id] = f"{outs}[{i}]"
+        for j, o in enumerate(spec.reduced):
+            self.seq[o.id] = f"{reds}[{j}]"
+        fused = len(spec.outputs) + len(spec.reduced)
+        self.how[sp.index] = (f"triton {spec.kind} scan {spec.name}_fwd (gates fused in its prologue"
+                              + (f"; {fused} output(s) in its epilogue" if fused else "")
+                              + (f"; {len(spec.readouts)} fused readout(s) h' @ q" if spec.readouts else "") + ")")
+
+    def _ready(self, n, stage: int) -> bool:
+        """n can be read by a kernel of `stage`: it needs no state of this stage or later."""
+        return self.place.get(n.id, -1) < stage
+
+    def _plan_epilogue(self, sp, spec: ScanSpec):
+        """The outputs this scan computes in its epilogue (see scan_kernels): those elementwise
+        in its new states, and h' @ q readouts of a [.., N] state with what follows them."""
+        from .fusion import Region
+        ir = self.ir
+        upd = {u.id: i for i, u in enumerate(spec.updates)}
+        state_shape = ir.shape_of(spec.updates[0])
+        pending = [o for o in ir.outputs.values() if o.id not in self.seq]
+        if spec.kind == "diag" and spec.k == 1 and len(state_shape) == 2:
+            u = spec.updates[0]
+            for n in self.ir.nodes():
+                if n.op == Op.MATMUL and n.srcs[0] is u and n.srcs[1].rank == 1 and self._ready(n.srcs[1], sp.index):
+                    if all(n is not r for r, _, _ in spec.readouts):
+                        spec.readouts.append((n, 0, n.srcs[1]))
+        reads = {r.id for r, _, _ in spec.readouts}
+        for o in pending:
+            if o.id in upd or (texpr.fusable(o) and ir.shape_of(o) == state_shape):
+                reg = Region([o], set(upd))
+                if reg.stops_hit and all(self._ready(x, sp.index) for x in reg.leaves):
+                    spec.outputs.append(o)
+            elif spec.readouts and ir.shape_of(o) == state_shape[:-1] and (o.id in reads or texpr.fusable(o)):
+                reg = Region([o], reads)
+                if reg.stops_hit and all(self._ready(x, sp.index) and x.id not in upd for x in reg.leaves):
+                    spec.reduced.append(o)
+        if spec.readouts:
+            spec.n_p2 = 1 << max(0, (state_shape[-1] - 1).bit_length())
+        # readouts nothing reduced reads are not worth the readout mode
+        used = {x for o in spec.reduced for x in Region([o], reads).stops_hit}
+        spec.readouts = [r for r in spec.readouts if r[0].id in used]
+        if not spec.readouts:
+            spec.reduced = []
 
     def _stage_element(self, low: StageLowering):
         sp = low.stage

@@ -20,6 +20,7 @@ class Region:
         self.roots = [r for r in roots if r is not None]
         self.leaves: list[Node] = []
         self.nodes: list[Node] = []        # fused nodes, sources first
+        self.stops_hit: set[int] = set()   # the stop nodes the roots reach
         seen: set[int] = set()
         stack = [(r, False) for r in reversed(self.roots)]
         while stack:  # depth first from the roots, stopping at leaves (sources first)
@@ -27,7 +28,10 @@ class Region:
             if done:
                 self.nodes.append(n)
                 continue
-            if n.id in seen or n.id in stop or texpr.literal(n) is not None:
+            if n.id in stop:
+                self.stops_hit.add(n.id)
+                continue
+            if n.id in seen or texpr.literal(n) is not None:
                 continue
             seen.add(n.id)
             if self.is_fused(n):
@@ -74,7 +78,8 @@ class Region:
     def backward_lines(self, seeds: dict[int, str], leaf_names, notes: SourceNotes,
                        grad_names: dict[int, str]) -> list[str]:
         """Reverse mode over the region: `seeds` maps root node ids to the names of their
-        adjoints; each leaf's adjoint is assigned to grad_names[leaf.id] (0.0 if none)."""
+        adjoints; the adjoint of each leaf (or stop node) in grad_names is assigned to
+        grad_names[id] (0.0 if it gets none)."""
         name = self.name_fn(leaf_names)
         roots = [n for n in self.nodes + self.leaves if n.id in seeds]
         order = self.cone(roots)
@@ -89,10 +94,9 @@ class Region:
             for src, contrib in zip(n.srcs, texpr.vjp(n, g, name, self.value(n))):
                 if contrib is not None:
                     adj.setdefault(src.id, []).append(contrib)
-        for leaf in self.leaves:
-            parts = adj.get(leaf.id)
-            if leaf.id in grad_names:
-                out.append(f"{grad_names[leaf.id]} = {' + '.join(parts) if parts else '0.0'}")
+        for nid, gname in grad_names.items():
+            parts = adj.get(nid)
+            out.append(f"{gname} = {' + '.join(parts) if parts else '0.0'}")
         return out
 
 

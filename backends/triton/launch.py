@@ -126,62 +126,95 @@ class ScanStage(Stage):
         self.k = kernel.spec.k
 
 
-def scan(stage: ScanStage, leaves: list, h0s: list, X0: torch.Tensor, ns: int, shape: tuple):
-    """Run one scan stage: returns ([state sequences], [final states])."""
+def _full_view(x, ns: int, rank: int, B: int, T: int, chan: tuple, dt):
+    """A whole-sequence value as a [B, T, C0, C1, C2] view of `chan` (broadcast by strides)."""
+    if not torch.is_tensor(x):
+        x = torch.tensor(float(x), dtype=dt)
+    if x.dtype == torch.bool:
+        x = x.to(dt)
+    x = lift(x, x.dim() - ns, rank) if x.dim() - ns < rank else x
+    while x.dim() < 2 + len(chan):
+        x = x[None]
+    return _channels(x.expand((B, T) + chan))[0]
+
+
+def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Tensor, ns: int, shape: tuple,
+         store: bool = True):
+    """Run one scan stage: ([state sequences], [final states], [epilogue outputs],
+    [readout-granularity outputs]). The state sequences are written only if `store` (the
+    driver reads them) or a gradient will need them."""
     B, T = X0.shape[:2]
     chan = tuple(X0.shape[2:ns]) + tuple(shape)
-    full = []
-    for x in leaves:
-        if not torch.is_tensor(x):
-            x = torch.tensor(float(x), dtype=h0s[0].dtype, device=X0.device)
-        if x.dtype == torch.bool:
-            x = x.to(h0s[0].dtype)
-        x = lift(x, x.dim() - ns, len(shape)) if x.dim() - ns < len(shape) else x
-        while x.dim() < 2 + len(chan):
-            x = x[None]
-        full.append(_channels(x.expand((B, T) + chan))[0])
     dt = h0s[0].dtype
+    full = [_full_view(x, ns, len(shape), B, T, chan, dt) for x in leaves]
+    _, c3 = _channels(torch.empty((1, 1) + chan, device="meta"))
+    red = [_full_view(x, ns, len(shape) - 1, B, T, chan[:-1], dt).reshape(B, T, c3[0], c3[1], 1)
+           for x in rleaves]
     h0 = torch.stack([h.to(dt).expand((B,) + chan).reshape(B, -1) for h in h0s], -1)
-    seq, fin = _ScanFn.apply(stage, chan, h0, *full)
-    seqs = [seq[..., i].reshape((B, T) + chan) for i in range(stage.k)]
-    fins = [fin[..., i].reshape((B,) + chan) for i in range(stage.k)]
-    return seqs, fins
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in [h0, *full, *red])
+    stored = bool(store or grad)
+    res = _ScanFn.apply(stage, chan, stored, len(full), h0, *full, *red)
+    seq, fin, outs = res[0], res[1], res[2:]
+    k = stage.k
+    n_out = len(stage.kernel.spec.outputs)
+    seqs = [seq[..., i].reshape((B, T) + chan) if stored else None for i in range(k)]
+    fins = [fin[..., i].reshape((B,) + chan) for i in range(k)]
+    return (seqs, fins, [o.reshape((B, T) + chan) for o in outs[:n_out]],
+            [o.reshape((B, T) + chan[:-1]) for o in outs[n_out:]])
 
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stage, chan, h0, *leaves):
+    def forward(ctx, stage, chan, store, nleaf, h0, *leaves):
         B, C, k = h0.shape
         T = leaves[0].shape[1] if leaves else 1
         _, (C0, C1, C2) = _channels(torch.empty((1, 1) + chan, device="meta"))
+        spec = stage.kernel.spec
+        dev, dt = h0.device, h0.dtype
         h0 = h0.contiguous()
-        hseq = torch.empty((B, T, C, k), dtype=h0.dtype, device=h0.device)
-        hfin = torch.empty((B, C, k), dtype=h0.dtype, device=h0.device)
-        BT, BC = Blocks.scan(C, T, h0.device, k=k)
-        grid = (triton_cdiv(C, BC), B)
-        _record(stage.name + "_fwd", [h0, *leaves], [hseq, hfin])
-        stage.fwd(h0.device)[grid](*_leaf_args(leaves), h0, hseq, hfin, T, C, C1, C2,
-                        ACC=_acc(h0.dtype), BLOCK_T=BT, BLOCK_C=BC, STORE_SEQ=True)
-        ctx.stage, ctx.dims = stage, (B, T, C, C1, C2)
+        hseq = torch.empty((B, T, C, k) if store else (1, 1, 1, k), dtype=dt, device=dev)
+        hfin = torch.empty((B, C, k), dtype=dt, device=dev)
+        outs = [torch.empty((B, T, C), dtype=dt, device=dev) for _ in spec.outputs] + \
+            [torch.empty((B, T, C // C2), dtype=dt, device=dev) for _ in spec.reduced]
+        grid, const = _scan_grid(stage, B, T, C, C2, dev, False)
+        _record(stage.name + "_fwd", [h0, *leaves], ([hseq] if store else []) + [hfin, *outs])
+        stage.fwd(dev)[grid](*_leaf_args(leaves), h0, hseq, hfin, *outs, T, C, C1, C2,
+                             ACC=_acc(dt), STORE_SEQ=store, **const)
+        ctx.stage, ctx.dims, ctx.nleaf = stage, (B, T, C, C1, C2), nleaf
         ctx.save_for_backward(h0, hseq, *leaves)
-        return hseq, hfin
+        return (hseq, hfin, *outs)
 
     @staticmethod
-    def backward(ctx, dhseq, dhfin):
+    def backward(ctx, dhseq, dhfin, *douts):
         stage = ctx.stage
         B, T, C, C1, C2 = ctx.dims
-        k = stage.k
         h0, hseq, *leaves = ctx.saved_tensors
-        grads = [torch.empty((B, T, C), dtype=h0.dtype, device=h0.device) for _ in leaves]
+        full, red = leaves[:ctx.nleaf], leaves[ctx.nleaf:]
+        dev, dt = h0.device, h0.dtype
+        grads = [torch.empty((B, T, C), dtype=dt, device=dev) for _ in full]
+        rgrads = [torch.empty((B, T, C // C2), dtype=dt, device=dev) for _ in red]
         dh0 = torch.empty_like(h0)
         has_dseq = dhseq is not None
         dhseq = dhseq.contiguous() if has_dseq else hseq
         dhfin = dhfin.contiguous() if dhfin is not None else torch.zeros_like(h0)
-        BT, BC = Blocks.scan(C, T, h0.device, backward=True, k=k)
-        grid = (triton_cdiv(C, BC), B)
-        stage.bwd(h0.device)[grid](*_leaf_args(leaves), *grads, h0, hseq, dhseq, dhfin, dh0, T, C, C1, C2,
-                        ACC=_acc(h0.dtype), BLOCK_T=BT, BLOCK_C=BC, HAS_DSEQ=has_dseq)
-        return (None, None, dh0) + tuple(g.view(x.shape) for g, x in zip(grads, leaves))
+        n_out = len(stage.kernel.spec.outputs)
+        douts = [(g.contiguous() if g is not None else
+                  torch.zeros((B, T, C) if i < n_out else (B, T, C // C2), dtype=dt, device=dev))
+                 for i, g in enumerate(douts)]
+        grid, const = _scan_grid(stage, B, T, C, C2, dev, True)
+        stage.bwd(dev)[grid](*_leaf_args(leaves), *grads, *rgrads, h0, hseq, dhseq, dhfin, dh0, *douts,
+                             T, C, C1, C2, ACC=_acc(dt), HAS_DSEQ=has_dseq, **const)
+        return (None, None, None, None, dh0) + tuple(g.view(x.shape) for g, x in zip(grads + rgrads, leaves))
+
+
+def _scan_grid(stage, B, T, C, C2, device, backward):
+    kern = stage.kernel
+    BT, BC = Blocks.scan(C, T, device, backward=backward, k=stage.k)
+    if kern.readout_mode:   # whole rows of the readout axis per program
+        NP = kern.np
+        BC = max(BC, NP)
+        return (triton_cdiv(C // C2, BC // NP), B), {"BLOCK_T": BT, "BLOCK_C": BC, "NP": NP}
+    return (triton_cdiv(C, BC), B), {"BLOCK_T": BT, "BLOCK_C": BC}
 
 
 def triton_cdiv(a: int, b: int) -> int:

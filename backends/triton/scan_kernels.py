@@ -16,10 +16,20 @@ c_{t+1} = dh_{t+1}/dh_t is recomputed from the prologue at t+1 (recompute, not s
 the states h are saved by the forward (it writes them anyway). The local derivatives of
 h_t in a_t and b_t seed the prologue's reverse mode (`Region.backward_lines`), which
 gives each leaf's gradient, written per element and reduced to the leaf's shape in torch.
+
+Epilogue: outputs that are elementwise in the new states (and leaves) are computed in the
+kernel and written instead of the states (`ScanSpec.outputs`); a *fused readout*
+`y = h' @ q` of a [.., N] state (Mamba's `h' @ C`) is reduced over N in registers, and
+outputs elementwise in the readouts (`+ D * x`) follow it (`ScanSpec.reduced`), so the
+[B, T, D, N] states never reach memory in inference (STORE_SEQ off: nothing else reads
+them, and no gradient is needed). In readout mode the channel lanes of a program are
+BLOCK_C // NP rows of the outer channels times NP (N padded to a power of two), so that
+`tl.reshape` + `tl.sum` reduce each row. Backward: the outputs' adjoints seed the
+epilogue's reverse mode before the scan, adding to the adjoint of h_t.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from recdsl.ir import Node
 from recdsl.torch_expr import SourceNotes
@@ -37,6 +47,11 @@ class ScanSpec:
     A: list[list[Node | None]]  # A[i][j]: coefficient of state j in state i's update (None: 0, or 1 on the diagonal of k=1)
     b: list[Node | None]
     states: list[str]
+    updates: list[Node] = field(default_factory=list)      # the new state values (epilogue inputs)
+    outputs: list[Node] = field(default_factory=list)      # elementwise in the new states: [B, T, C]
+    readouts: list[tuple[Node, int, Node]] = field(default_factory=list)  # (h' @ q node, state index, q)
+    reduced: list[Node] = field(default_factory=list)      # elementwise in the readouts: [B, T, C / N]
+    n_p2: int = 1                                          # the readout axis N, padded to a power of two
 
 
 def combine_source(kind: str, k: int) -> str:
@@ -75,23 +90,52 @@ class ScanKernel:
         self.name = spec.name
         roots = [a for row in spec.A for a in row] + list(spec.b)
         self.region = Region(roots)
-        self.leaves = self.region.leaves
+        stop = {u.id for u in spec.updates}
+        # epilogue at the state's granularity: the outputs and the readout vectors q
+        self.epi = Region(list(spec.outputs) + [q for _, _, q in spec.readouts], stop)
+        # epilogue at the readouts' granularity (one value per row of N)
+        self.red = Region(list(spec.reduced), {r.id for r, _, _ in spec.readouts})
+        self.readout_mode = bool(spec.readouts)
+        self.leaves = list(self.region.leaves)
+        for x in self.epi.leaves:
+            if all(x is not y for y in self.leaves):
+                self.leaves.append(x)
+        self.rleaves = list(self.red.leaves)
         self.leaf_names = {x.id: f"x{i}" for i, x in enumerate(self.leaves)}
+        self.rleaf_names = {x.id: f"rx{j}" for j, x in enumerate(self.rleaves)}
+        self.upd_names = {u.id: f"hs{i}" for i, u in enumerate(spec.updates)}
+        self.read_names = {r.id: f"y{j}" for j, (r, _, _) in enumerate(spec.readouts)}
         # leaves that do not vary over time (params and what is computed from them only) are
         # loaded once per program, before the time loop
         self.invariant = {x.id for x in self.leaves if _time_invariant(x)}
 
     def arg_names(self, backward: bool) -> list[str]:
+        sp = self.spec
+        outs = [f"of{i}" for i in range(len(sp.outputs))] + [f"or{j}" for j in range(len(sp.reduced))]
         if backward:
             return self._params() + [f"d{i}" for i in range(len(self.leaves))] + \
-                ["hinit", "hseq", "dhseq", "dhfin", "dh0", "T", "C", "C1", "C2"]
-        return self._params() + ["hinit", "hseq", "hfin", "T", "C", "C1", "C2"]
+                [f"dr{j}" for j in range(len(self.rleaves))] + \
+                ["hinit", "hseq", "dhseq", "dhfin", "dh0"] + ["d" + o for o in outs] + ["T", "C", "C1", "C2"]
+        return self._params() + ["hinit", "hseq", "hfin"] + outs + ["T", "C", "C1", "C2"]
+
+    def constexpr_names(self, backward: bool) -> list[str]:
+        return ["ACC", "BLOCK_T", "BLOCK_C", "HAS_DSEQ" if backward else "STORE_SEQ"] + \
+            (["NP"] if self.readout_mode else [])
 
     def constexprs(self, backward: bool, acc) -> dict:
         """The GPU configuration (launch.Blocks.scan on a GPU) as compiled ahead of time."""
         from .launch import Blocks
         bt, bc = Blocks.gpu(self.spec.k, backward)
-        return {"ACC": acc, "BLOCK_T": bt, "BLOCK_C": bc, ("HAS_DSEQ" if backward else "STORE_SEQ"): True}
+        out = {"ACC": acc, "BLOCK_T": bt, "BLOCK_C": bc, ("HAS_DSEQ" if backward else "STORE_SEQ"): True}
+        if self.readout_mode:
+            out["NP"] = self.np
+            out["BLOCK_C"] = max(bc, self.np)
+        return out
+
+    @property
+    def np(self) -> int:
+        """N (the readout axis) padded to a power of two."""
+        return self.spec.n_p2
 
     def handle(self):
         from .launch import ScanStage
@@ -107,21 +151,37 @@ class ScanKernel:
         out = []
         for i in range(len(self.leaves)):
             out += [f"l{i}", f"l{i}_sb", f"l{i}_st", f"l{i}_s0", f"l{i}_s1", f"l{i}_s2"]
+        for j in range(len(self.rleaves)):
+            out += [f"rl{j}", f"rl{j}_sb", f"rl{j}_st", f"rl{j}_s0", f"rl{j}_s1", f"rl{j}_s2"]
         return out
 
     def _head(self, lines):
-        lines += [
-            "    pid_c = tl.program_id(0)",
-            "    b = tl.program_id(1).to(tl.int64)",
-            "    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)",
-            "    cmask = c < C",
-            "    c0 = c // (C1 * C2)",
-            "    c1 = (c // C2) % C1",
-            "    c2 = c % C2",
-            "    rows = tl.arange(0, BLOCK_T)",
-        ]
+        lines += ["    pid_c = tl.program_id(0)",
+                  "    b = tl.program_id(1).to(tl.int64)",
+                  "    lane = tl.arange(0, BLOCK_C)",
+                  "    rows = tl.arange(0, BLOCK_T)"]
+        if self.readout_mode:   # lanes = BLOCK_C // NP outer rows x NP (the readout axis, padded)
+            lines += ["    CO = C // C2  # outer channels (one readout each)",
+                      "    ro = pid_c * (BLOCK_C // NP) + tl.arange(0, BLOCK_C // NP)",
+                      "    omask = ro < CO",
+                      "    rol = pid_c * (BLOCK_C // NP) + lane // NP",
+                      "    c2 = lane % NP",
+                      "    cmask = (rol < CO) & (c2 < C2)",
+                      "    c = rol * C2 + c2  # the channel in the [B, T, C] layout",
+                      "    c1 = rol % C1",
+                      "    c0 = rol // C1",
+                      "    r1 = ro % C1",
+                      "    r0 = ro // C1"]
+        else:
+            lines += ["    c = pid_c * BLOCK_C + lane",
+                      "    cmask = c < C",
+                      "    c0 = c // (C1 * C2)",
+                      "    c1 = (c // C2) % C1",
+                      "    c2 = c % C2"]
         for i in range(len(self.leaves)):
             lines.append(f"    l{i}_c = b * l{i}_sb + c0 * l{i}_s0 + c1 * l{i}_s1 + c2 * l{i}_s2")
+        for j in range(len(self.rleaves)):
+            lines.append(f"    rl{j}_c = b * rl{j}_sb + r0 * rl{j}_s0 + r1 * rl{j}_s1")
 
     def _invariant_loads(self, lines):
         for i, x in enumerate(self.leaves):
@@ -189,7 +249,8 @@ class ScanKernel:
         sp, k = self.spec, self.spec.k
         lines = [f"@triton.jit",
                  f"def {sp.name}_fwd({', '.join(self.arg_names(False))},",
-                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr):",
+                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr"
+                 + (", NP: tl.constexpr):" if self.readout_mode else "):"),
                  f"    # stage {', '.join(sp.states)}: {sp.kind} scan" + (f" of {k} coupled states" if k > 1 else "")]
         self._head(lines)
         for i in range(k):  # states interleaved: [B, C, k]
@@ -216,6 +277,12 @@ class ScanKernel:
         for i in range(k):
             lines += [f"        if STORE_SEQ:",
                       f"            tl.store(hseq + ((b * T + t[:, None]) * C + c[None, :]) * {k} + {i}, hs{i}, mask=m)"]
+        self._epilogue_forward(lines, self.upd_names)
+        for i, o in enumerate(sp.outputs):
+            lines.append(f"        tl.store(of{i} + (b * T + t[:, None]) * C + c[None, :], {self._epi_name(o)}, mask=m)")
+        for j, o in enumerate(sp.reduced):
+            lines.append(f"        tl.store(or{j} + (b * T + t[:, None]) * CO + ro[None, :], "
+                         f"{self._red_name(o)}, mask=mo)")
         for i in range(k):  # the carry: the last row (masked rows past T are identities)
             red = "tl.max" if sp.kind in ("maxplus", "lse") else "tl.sum"
             fill = 'float("-inf")' if sp.kind in ("maxplus", "lse") else "0.0"
@@ -225,6 +292,79 @@ class ScanKernel:
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ backward
+    # ------------------------------------------------------------------ epilogue
+    def _epi_name(self, n: Node) -> str:
+        return self.epi.name_fn({**self.leaf_names, **self._upd})(n)
+
+    def _red_name(self, n: Node) -> str:
+        return self.red.name_fn({**self.rleaf_names, **self.read_names})(n)
+
+    def _epilogue_forward(self, lines, upd_names: dict):
+        """The outputs computed from the new states (named by upd_names) in registers."""
+        sp = self.spec
+        self._upd = upd_names
+        roots = list(sp.outputs) + [q for _, _, q in sp.readouts]
+        for ln in self.epi.forward_lines(roots, {**self.leaf_names, **upd_names}, self.notes):
+            lines.append("        " + ln)
+        if not sp.readouts:
+            return
+        for j, (r, si, q) in enumerate(sp.readouts):
+            hname = upd_names[sp.updates[si].id]
+            lines.append(annotate(f"        y{j} = tl.sum(tl.reshape(tl.where(m, {hname} * {self._epi_name(q)}, 0.0), "
+                                  f"[BLOCK_T, BLOCK_C // NP, NP]), 2)  # fused readout: [BLOCK_T, BLOCK_C // NP]",
+                                  self.notes(r)))
+        lines.append("        mo = (t < T)[:, None] & omask[None, :]")
+        for j, x in enumerate(self.rleaves):
+            load = f"tl.load(rl{j} + rl{j}_c[None, :] + t[:, None] * rl{j}_st, mask=mo, other=1.0)"
+            val = f"{load} != 0" if x.is_bool else f"{load}.to(ACC)"
+            lines.append(annotate(f"        rx{j} = {val}", self.notes(x, with_text=False)))
+        for ln in self.red.forward_lines(list(sp.reduced), {**self.rleaf_names, **self.read_names}, self.notes):
+            lines.append("        " + ln)
+
+    def _epilogue_backward(self, lines) -> dict[int, list[str]]:
+        """Reverse mode of the epilogue at step t (forward values recomputed from the saved
+        h_t): stores the reduced leaves' gradients, accumulates the full leaves' into ge{i}
+        and returns, per state index, the terms it adds to the adjoint of h_t."""
+        sp = self.spec
+        add: dict[int, list[str]] = {}
+        grads_q: dict[int, list[str]] = {}
+        if sp.readouts:
+            seeds = {}
+            for j, o in enumerate(sp.reduced):
+                lines.append(f"        gor{j} = tl.load(dor{j} + (b * T + t[:, None]) * CO + ro[None, :], mask=mo, "
+                             f"other=0.0).to(ACC)")
+                seeds[o.id] = f"gor{j}"
+            names = {x.id: f"grx{j}" for j, x in enumerate(self.rleaves)}
+            names.update({r.id: f"gy{j}" for j, (r, _, _) in enumerate(sp.readouts)})
+            for ln in self.red.backward_lines(seeds, {**self.rleaf_names, **self.read_names}, self.notes, names):
+                lines.append("        " + ln)
+            for j in range(len(self.rleaves)):
+                lines.append(f"        tl.store(dr{j} + (b * T + t[:, None]) * CO + ro[None, :], grx{j}"
+                             f" + tl.zeros([BLOCK_T, BLOCK_C // NP], dtype=ACC), mask=mo)")
+            for j, (r, si, q) in enumerate(sp.readouts):
+                lines.append(f"        gyb{j} = tl.reshape(tl.broadcast_to(gy{j}[:, :, None], "
+                             f"[BLOCK_T, BLOCK_C // NP, NP]), [BLOCK_T, BLOCK_C])")
+                add.setdefault(si, []).append(f"gyb{j} * {self._epi_name(q)}")
+                grads_q.setdefault(q.id, []).append(f"gyb{j} * {self._upd[sp.updates[si].id]}")
+        seeds = {}
+        for i, o in enumerate(sp.outputs):
+            lines.append(f"        gof{i} = tl.load(dof{i} + (b * T + t[:, None]) * C + c[None, :], mask=m, "
+                         f"other=0.0).to(ACC)")
+            seeds.setdefault(o.id, []).append(f"gof{i}")
+        for qid, parts in grads_q.items():
+            seeds.setdefault(qid, []).extend(parts)
+        seed_names = {}
+        for nid, parts in seeds.items():
+            lines.append(f"        se{nid} = tl.where(m, {' + '.join(parts)}, 0.0)")
+            seed_names[nid] = f"se{nid}"
+        names = {x.id: f"ge{i}" for i, x in enumerate(self.leaves) if any(x is y for y in self.epi.leaves)}
+        names.update({u.id: f"gu{i}" for i, u in enumerate(sp.updates)})
+        for ln in self.epi.backward_lines(seed_names, {**self.leaf_names, **self._upd}, self.notes, names):
+            lines.append("        " + ln)
+        for i in range(len(sp.updates)):
+            add.setdefault(i, []).append(f"gu{i}")
+        return add
+
     def _local(self, kind, k, A, B, hp, h):
         """(c, da, db): dh_t/dh_{t-1} per (i, j), and dh_t/da, dh_t/db per entry, as expressions
         of the step's coefficients, previous and new state."""
@@ -244,7 +384,8 @@ class ScanKernel:
         grads = [f"d{i}" for i in range(n_leaf)]
         lines = [f"@triton.jit",
                  f"def {sp.name}_bwd({', '.join(self.arg_names(True))},",
-                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr):",
+                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr"
+                 + (", NP: tl.constexpr):" if self.readout_mode else "):"),
                  f"    # adjoint of stage {', '.join(sp.states)}: reverse-time {sp.kind} scan, chunks last to first"]
         self._head(lines)
         for i in range(k):
@@ -281,11 +422,23 @@ class ScanKernel:
             mats = [f"tl.where(mn, {cn[0]}, 1.0).to(ACC)"]
         for i, e in enumerate(mats):
             lines.append(f"        e{i} = {e}")
+        # step t: leaves and coefficients (for the local derivatives below and the epilogue)
+        self._loads(lines, "t", "m")
+        self._prologue(lines)
+        extra = {}
+        if sp.updates and (sp.outputs or sp.readouts):
+            if sp.readouts:
+                lines.append("        mo = (t < T)[:, None] & omask[None, :]")
+            self._epilogue_forward(lines, {u.id: f"h{i}" for i, u in enumerate(sp.updates)})
+            extra = self._epilogue_backward(lines)
         for i in range(k):
+            more = "".join(f" + {e}" for e in extra.get(i, []))
             lines += [f"        if HAS_DSEQ:",
                       f"            f{i} = tl.load(dhseq + {sidx('t', i)}, mask=m, other=0.0).to(ACC)",
                       f"        else:",
                       f"            f{i} = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)"]
+            if more:
+                lines.append(f"        f{i} = tl.where(m, f{i}{more}, 0.0)  # + the epilogue's adjoint of h_t")
         ea = [f"e{i}" for i in range(len(mats))]
         fb = [f"f{i}" for i in range(k)]
         sa = [f"sa{i}" for i in range(len(mats))]
@@ -296,8 +449,6 @@ class ScanKernel:
         for i in range(k):
             lines.append(f"        lt{i} = {lam[i]}  # adjoint of h_t")
         # step t: local derivatives, seeds of the prologue's reverse mode
-        self._loads(lines, "t", "m")
-        self._prologue(lines)
         A, B = self._entries()
         for i in range(k):
             lines.append(f"        hp{i} = tl.where(t[:, None] == 0, hz{i}[None, :], "
@@ -320,12 +471,15 @@ class ScanKernel:
         for nid, parts in seeds.items():
             lines.append(f"        s{nid} = tl.where(m, {' + '.join(parts)}, 0.0)")
             seed_names[nid] = f"s{nid}"
-        grad_names = {x.id: f"gx{i}" for i, x in enumerate(self.leaves)}
+        pro = {x.id for x in self.region.leaves}
+        epi = {x.id for x in self.epi.leaves} if (sp.outputs or sp.readouts) else set()
+        grad_names = {x.id: f"gx{i}" for i, x in enumerate(self.leaves) if x.id in pro}
         for ln in self.region.backward_lines(seed_names, self.leaf_names, self.notes, grad_names):
             lines.append("        " + ln)
-        for i in range(n_leaf):
-            full = " + tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)" if self.leaves[i].id in self.invariant else ""
-            lines.append(f"        tl.store(d{i} + (b * T + t[:, None]) * C + c[None, :], gx{i}{full}, mask=m)")
+        for i, x in enumerate(self.leaves):
+            parts = ([f"gx{i}"] if x.id in pro else []) + ([f"ge{i}"] if x.id in epi else [])
+            lines.append(f"        tl.store(d{i} + (b * T + t[:, None]) * C + c[None, :], "
+                         f"{' + '.join(parts) or '0.0'} + tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC), mask=m)")
         # gradient of the initial state: dh_0/dh_{-1} applied to lambda_0 (the row t == 0)
         for j in range(k):
             if sp.kind == "block":
