@@ -90,7 +90,7 @@ def compile_cell(ir: IRCell, arch: int = 90, plan=None):
     (kernel module text, [aot.Compiled])."""
     import triton.language as tl
 
-    from . import aot
+    from . import aot, launch
     from .jit import module_from_source
     text, _, em = emit(ir, plan)
     ns = module_from_source(text, f"recdsl-triton-aot-{ir.name}", interpret=False)
@@ -100,5 +100,6 @@ def compile_cell(ir: IRCell, arch: int = 90, plan=None):
             names = k.arg_names(backward)
             sig = {n: _arg_type(n) for n in names}
             const = k.constexprs(backward, tl.float32)
-            out.append(aot.compile_kernel(ns[k.name + suffix], sig, const, arch=arch))
+            out.append(aot.compile_kernel(ns[k.name + suffix], sig, const, arch=arch,
+                                          extra_options={"maxnreg": launch.MAXNREG}))
     return text, out

@@ -60,22 +60,29 @@ def _pow2(n: int) -> int:
 
 
 class Blocks:
-    """Tile sizes: a planner choice. On a GPU (4 warps) 32 steps x 32 channels forward and
-    16 x 32 backward and for block scans: no spills on sm_80/sm_90 for the stdlib
-    (tests/triton compile every kernel). In the interpreter,
+    """Tile sizes: a planner choice. On a GPU (4 warps, MAXNREG) 32 steps x 32 channels
+    forward and 16 x 32 backward; half that for block scans: no spills on sm_80/sm_90 for
+    the stdlib (tests/triton compile every kernel). MAXNREG: without it ptxas caps some of
+    these kernels at 80 or 128 registers and spills a few bytes. In the interpreter,
     where each tile op is one numpy call, longer chunks cost less."""
     @staticmethod
     def gpu(k: int, backward: bool) -> tuple[int, int]:
-        # (ptxas on sm_90 puts 8 bytes on the stack for some smaller block-scan tiles, e.g. 8 x 32)
-        if k > 1 or backward:   # k x k blocks: k^2 + k tiles per scan element; the adjoint: ~2x the tiles
-            return 16, 32
-        return 32, 32
+        if k > 1:   # k x k blocks: k^2 + k tiles per scan element
+            return (8, 32) if backward else (16, 32)
+        return (16, 32) if backward else (32, 32)   # the adjoint keeps ~2x the tiles live
 
     @staticmethod
     def scan(C: int, T: int, device, backward: bool = False, k: int = 1) -> tuple[int, int]:
         if device.type == "cuda":
             return Blocks.gpu(k, backward)
         return min(64, _pow2(T)), min(64, _pow2(C))
+
+
+MAXNREG = 255
+
+
+def _gpu_opts(device) -> dict:
+    return {"maxnreg": MAXNREG} if device.type == "cuda" else {}
 
 
 def _acc(dtype):
@@ -179,7 +186,7 @@ class _ScanFn(torch.autograd.Function):
         grid, const = _scan_grid(stage, B, T, C, C2, dev, False)
         _record(stage.name + "_fwd", [h0, *leaves], ([hseq] if store else []) + [hfin, *outs])
         stage.fwd(dev)[grid](*_leaf_args(leaves), h0, hseq, hfin, *outs, T, C, C1, C2,
-                             ACC=_acc(dt), STORE_SEQ=store, **const)
+                             ACC=_acc(dt), STORE_SEQ=store, **const, **_gpu_opts(dev))
         ctx.stage, ctx.dims, ctx.nleaf = stage, (B, T, C, C1, C2), nleaf
         ctx.save_for_backward(h0, hseq, *leaves)
         return (hseq, hfin, *outs)
@@ -203,7 +210,7 @@ class _ScanFn(torch.autograd.Function):
                  for i, g in enumerate(douts)]
         grid, const = _scan_grid(stage, B, T, C, C2, dev, True)
         stage.bwd(dev)[grid](*_leaf_args(leaves), *grads, *rgrads, h0, hseq, dhseq, dhfin, dh0, *douts,
-                             T, C, C1, C2, ACC=_acc(dt), HAS_DSEQ=has_dseq, **const)
+                             T, C, C1, C2, ACC=_acc(dt), HAS_DSEQ=has_dseq, **const, **_gpu_opts(dev))
         return (None, None, None, None, dh0) + tuple(g.view(x.shape) for g, x in zip(grads + rgrads, leaves))
 
 
@@ -294,7 +301,7 @@ class _SeqFn(torch.autograd.Function):
         grid = (triton_cdiv(B, BB), NH)
         _record(stage.name + "_fwd", [*h0, *views, *params], [*hseq, *hfin])
         stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, B, T, NH,
-                             ACC=_acc(dt), BLOCK_B=BB)
+                             ACC=_acc(dt), BLOCK_B=BB, **_gpu_opts(dev))
         ctx.stage, ctx.dims, ctx.K, ctx.nleaf = stage, dims, K, nleaf
         ctx.save_for_backward(*h0, *hseq, *views, *params)
         return tuple(hseq) + tuple(hfin)
@@ -319,6 +326,6 @@ class _SeqFn(torch.autograd.Function):
         for k in range(K):
             state_args += [h0[k], hseq[k], dseq[k], dfin[k], dh0[k]]
         stage.bwd(dev)[(nprog, NH)](*_seq_leaf_args(views), *_param_args(params, heads), *state_args,
-                                    *dleaf, *dpart, B, T, NH, ACC=_acc(dt), BLOCK_B=BB, HAS_DSEQ=has_dseq)
+                                    *dleaf, *dpart, B, T, NH, ACC=_acc(dt), BLOCK_B=BB, HAS_DSEQ=has_dseq, **_gpu_opts(dev))
         dparams = [d.sum(0) if heads else d.sum(0)[0] for d in dpart]
         return (None, None, None, None) + tuple(dh0) + tuple(dleaf) + tuple(dparams)
