@@ -220,21 +220,28 @@ class RecModule(nn.Module):
         outs, st = self._run(xs, st, reverse, dtype)
         return self._pack(outs, out_dtype), st
 
-    def _run(self, xs, st, reverse: bool, dtype):
+    def _run(self, xs, st, reverse: bool, dtype, cu=None):
+        """cu (cu_seqlens as a tensor) only for a program that runs them natively."""
         if next(iter(xs.values())).shape[1] == 0:
             raise RecError("the inputs have no time steps (T = 0)")
-        if reverse:  # right to left: run on the flipped sequence, flip the outputs back
+        native = getattr(self._program, "native", False)   # the kernels index time themselves
+        flip = reverse and not native
+        if flip:  # right to left: run on the flipped sequence, flip the outputs back
             xs = {n: x.flip(1) for n, x in xs.items()}
         params = {n: getattr(self, n).to(dtype) for n in self.spec.cell.params}
         device = next(iter(xs.values())).device
-        outs, st = self._program.run(xs, st, params, self.heads, dtype, device)
+        if native:
+            outs, st = self._program.run(xs, st, params, self.heads, dtype, device, reverse, cu)
+        else:
+            outs, st = self._program.run(xs, st, params, self.heads, dtype, device)
         B, T = next(iter(xs.values())).shape[:2]
+        NB = B if cu is None else cu.numel() - 1   # final states: one per sequence of cu_seqlens
         heads = (self.heads,) if self.heads else ()
         # an output that reads only params is computed once; give it the full [B, T, ...] shape
         outs = {o: v.expand((B, T) + heads + self.ir.shape_of(self.ir.outputs[o])) for o, v in outs.items()}
         # a state whose update reads no input (s' = 2) comes back without the batch axes
-        st = {s: v.expand((B,) + heads + self.ir.shape_of(self.ir.states[s])) for s, v in st.items()}
-        if reverse:
+        st = {s: v.expand((NB,) + heads + self.ir.shape_of(self.ir.states[s])) for s, v in st.items()}
+        if flip:
             outs = {o: v.flip(1) for o, v in outs.items()}
         return outs, st
 
@@ -249,6 +256,9 @@ class RecModule(nn.Module):
         n = len(cu) - 1
         device = next(iter(xs.values())).device
         st_all = self._check_state(state, n, dtype, device)
+        if getattr(self._program, "native", False):   # one launch per stage for all sequences
+            o, st = self._run(xs, st_all, reverse, dtype, torch.tensor(cu, dtype=torch.int32, device=device))
+            return self._pack(o, out_dtype), st
         outs, finals = [], []
         for i in range(n):
             a, b = cu[i], cu[i + 1]

@@ -56,6 +56,7 @@ class Program:
         from . import launch
         self.kernels_source, self.source, em = emit(ir, plan)
         self.emitter = em
+        self.native = em.native     # reverse and cu_seqlens handled by the kernels
         self.module = launch.Kernels(self.kernels_source, f"recdsl-triton-{ir.name}")
         self.stages = []
         for k in em.kernels:
@@ -67,21 +68,29 @@ class Program:
         exec_source(self.source, f"triton-driver {ir.name}", ns)
         self.fn = ns["forward"]
 
-    def run(self, xs, st, params, heads, dtype, device):
+    def run(self, xs, st, params, heads, dtype, device, reverse: bool = False, cu_seqlens=None):
         nb = 2 if heads else 1
         P1 = {n: p[None] for n, p in params.items()}
         P2 = {n: p[None, None] for n, p in params.items()}
-        return self.fn(xs, st, params, P1, P2, nb, dtype, device)
+        cu = None if cu_seqlens is None else cu_seqlens.to(device=device, dtype=torch_int32())
+        return self.fn(xs, st, params, P1, P2, nb, dtype, device, reverse, cu)
+
+
+def torch_int32():
+    import torch
+    return torch.int32
 
 
 def build(ir: IRCell, plan=None) -> Program:
     return Program(ir, plan)
 
 
-SCALARS = {"T", "C", "C1", "C2", "B", "NH"}
+SCALARS = {"T", "C", "C1", "C2", "B", "NH", "TL"}
 
 
 def _arg_type(name: str) -> str:
+    if name == "cu":
+        return "*i32"
     return "i32" if name in SCALARS or "_s" in name else "*fp32"
 
 
@@ -99,7 +108,7 @@ def compile_cell(ir: IRCell, arch: int = 90, plan=None):
         for backward, suffix in ((False, "_fwd"), (True, "_bwd")):
             names = k.arg_names(backward)
             sig = {n: _arg_type(n) for n in names}
-            const = k.constexprs(backward, tl.float32)
+            const = k.constexprs(backward, tl.float32)   # (VARLEN, REVERSE off: the common case)
             out.append(aot.compile_kernel(ns[k.name + suffix], sig, const, arch=arch,
                                           extra_options={"maxnreg": launch.MAXNREG}))
     return text, out

@@ -29,7 +29,18 @@ class TritonEmitter(Emitter):
         text = super().program()
         for idx, seqs in self.store_marks.items():
             text = text.replace(f"@STORE{idx}@", str(f"{seqs}[" in text))
+        text = text.replace("def forward(X, S0, P0, P1, P2, NB, DT, DEV):",
+                            "def forward(X, S0, P0, P1, P2, NB, DT, DEV, REV=False, CU=None):", 1)
         return text.replace("# recdsl torch backend", "# recdsl triton backend (driver)", 1)
+
+    @property
+    def native(self) -> bool:
+        """reverse / cu_seqlens can go straight to the kernels: every stage is a Triton kernel
+        (they index time themselves) and no value reads another stage's previous state
+        (a shift along time, which would have to know the direction and the boundaries);
+        the rest of the driver is per step. Otherwise the runtime flips and splits."""
+        return all(h.startswith("triton") for h in self.how.values()) and \
+            not any("rt.shift(" in line for line in self.lines)
 
     # ------------------------------------------------------------------ scans
     def _scan(self, low: StageLowering, spec: ScanSpec):
@@ -47,7 +58,8 @@ class TritonEmitter(Emitter):
         seqs, fins, outs, reds = self.fresh("seqs"), self.fresh("finals"), self.fresh("outs"), self.fresh("reads")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
         self.emit(f"{seqs}, {fins}, {outs}, {reds} = TK.scan(KS[{idx}], [{leaves}], [{rleaves}], [{h0s}], X0, NS, "
-                  f"{shape!r}, store=@STORE{idx}@)  # triton kernel {spec.name}_fwd", ir.updates[sp.states[0]])
+                  f"{shape!r}, store=@STORE{idx}@, rev=REV, cu=CU)  # triton kernel {spec.name}_fwd",
+                  ir.updates[sp.states[0]])
         self.store_marks[idx] = seqs
         for i, s in enumerate(sp.states):
             self.seq[ir.updates[s].id] = f"{seqs}[{i}]"
@@ -136,7 +148,7 @@ class TritonEmitter(Emitter):
         sp = low.stage
         seqs, fins = self.fresh("seqs"), self.fresh("finals")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS)  "
+        self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS, rev=REV, cu=CU)  "
                   f"# triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
         for i, s in enumerate(sp.states):
             self.seq[self.ir.updates[s].id] = f"{seqs}[{i}]"

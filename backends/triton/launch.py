@@ -146,10 +146,12 @@ def _full_view(x, ns: int, rank: int, B: int, T: int, chan: tuple, dt):
 
 
 def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Tensor, ns: int, shape: tuple,
-         store: bool = True):
+         store: bool = True, rev: bool = False, cu=None):
     """Run one scan stage: ([state sequences], [final states], [epilogue outputs],
     [readout-granularity outputs]). The state sequences are written only if `store` (the
-    driver reads them) or a gradient will need them."""
+    driver reads them) or a gradient will need them. `rev`: right to left; `cu`
+    (cu_seqlens, int32): sequences packed along T of a batch of one, one initial and final
+    state each -- both handled by the kernels' indexing, no copies."""
     B, T = X0.shape[:2]
     chan = tuple(X0.shape[2:ns]) + tuple(shape)
     dt = h0s[0].dtype
@@ -157,37 +159,38 @@ def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Ten
     _, c3 = _channels(torch.empty((1, 1) + chan, device="meta"))
     red = [_full_view(x, ns, len(shape) - 1, B, T, chan[:-1], dt).reshape(B, T, c3[0], c3[1], 1)
            for x in rleaves]
-    h0 = torch.stack([h.to(dt).expand((B,) + chan).reshape(B, -1) for h in h0s], -1)
+    NB = B if cu is None else cu.numel() - 1   # initial states: one per batch row, or per sequence
+    h0 = torch.stack([h.to(dt).expand((NB,) + chan).reshape(NB, -1) for h in h0s], -1)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in [h0, *full, *red])
     stored = bool(store or grad)
-    res = _ScanFn.apply(stage, chan, stored, len(full), h0, *full, *red)
+    res = _ScanFn.apply(stage, chan, stored, len(full), (bool(rev), cu, B, T), h0, *full, *red)
     seq, fin, outs = res[0], res[1], res[2:]
     k = stage.k
     n_out = len(stage.kernel.spec.outputs)
     seqs = [seq[..., i].reshape((B, T) + chan) if stored else None for i in range(k)]
-    fins = [fin[..., i].reshape((B,) + chan) for i in range(k)]
+    fins = [fin[..., i].reshape((NB,) + chan) for i in range(k)]
     return (seqs, fins, [o.reshape((B, T) + chan) for o in outs[:n_out]],
             [o.reshape((B, T) + chan[:-1]) for o in outs[n_out:]])
 
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stage, chan, store, nleaf, h0, *leaves):
-        B, C, k = h0.shape
-        T = leaves[0].shape[1] if leaves else 1
+    def forward(ctx, stage, chan, store, nleaf, run, h0, *leaves):
+        rev, cu, B, T = run
+        NB, C, k = h0.shape
         _, (C0, C1, C2) = _channels(torch.empty((1, 1) + chan, device="meta"))
         spec = stage.kernel.spec
         dev, dt = h0.device, h0.dtype
         h0 = h0.contiguous()
         hseq = torch.empty((B, T, C, k) if store else (1, 1, 1, k), dtype=dt, device=dev)
-        hfin = torch.empty((B, C, k), dtype=dt, device=dev)
+        hfin = torch.empty((NB, C, k), dtype=dt, device=dev)
         outs = [torch.empty((B, T, C), dtype=dt, device=dev) for _ in spec.outputs] + \
             [torch.empty((B, T, C // C2), dtype=dt, device=dev) for _ in spec.reduced]
-        grid, const = _scan_grid(stage, B, T, C, C2, dev, False)
+        grid, const = _scan_grid(stage, NB, T, C, C2, dev, False, rev, cu)
         _record(stage.name + "_fwd", [h0, *leaves], ([hseq] if store else []) + [hfin, *outs])
-        stage.fwd(dev)[grid](*_leaf_args(leaves), h0, hseq, hfin, *outs, T, C, C1, C2,
+        stage.fwd(dev)[grid](*_leaf_args(leaves), h0, hseq, hfin, *outs, T, C, C1, C2, const.pop("cu"),
                              ACC=_acc(dt), STORE_SEQ=store, **const, **_gpu_opts(dev))
-        ctx.stage, ctx.dims, ctx.nleaf = stage, (B, T, C, C1, C2), nleaf
+        ctx.stage, ctx.dims, ctx.nleaf, ctx.run = stage, (B, T, C, C1, C2), nleaf, run
         ctx.save_for_backward(h0, hseq, *leaves)
         return (hseq, hfin, *outs)
 
@@ -208,20 +211,25 @@ class _ScanFn(torch.autograd.Function):
         douts = [(g.contiguous() if g is not None else
                   torch.zeros((B, T, C) if i < n_out else (B, T, C // C2), dtype=dt, device=dev))
                  for i, g in enumerate(douts)]
-        grid, const = _scan_grid(stage, B, T, C, C2, dev, True)
+        rev, cu, _, _ = ctx.run
+        grid, const = _scan_grid(stage, h0.shape[0], T, C, C2, dev, True, rev, cu)
         stage.bwd(dev)[grid](*_leaf_args(leaves), *grads, *rgrads, h0, hseq, dhseq, dhfin, dh0, *douts,
-                             T, C, C1, C2, ACC=_acc(dt), HAS_DSEQ=has_dseq, **const, **_gpu_opts(dev))
-        return (None, None, None, None, dh0) + tuple(g.view(x.shape) for g, x in zip(grads + rgrads, leaves))
+                             T, C, C1, C2, const.pop("cu"), ACC=_acc(dt), HAS_DSEQ=has_dseq, **const, **_gpu_opts(dev))
+        return (None, None, None, None, None, dh0) + tuple(g.view(x.shape) for g, x in zip(grads + rgrads, leaves))
 
 
-def _scan_grid(stage, B, T, C, C2, device, backward):
+def _scan_grid(stage, NB, T, C, C2, device, backward, rev, cu):
+    """(grid, launch options): programs over (channel blocks, batch rows or sequences)."""
     kern = stage.kernel
     BT, BC = Blocks.scan(C, T, device, backward=backward, k=stage.k)
+    opts = {"BLOCK_T": BT, "BLOCK_C": BC, "VARLEN": cu is not None, "REVERSE": rev,
+            "cu": cu if cu is not None else torch.zeros(2, dtype=torch.int32, device=device)}
     if kern.readout_mode:   # whole rows of the readout axis per program
         NP = kern.np
-        BC = max(BC, NP)
-        return (triton_cdiv(C // C2, BC // NP), B), {"BLOCK_T": BT, "BLOCK_C": BC, "NP": NP}
-    return (triton_cdiv(C, BC), B), {"BLOCK_T": BT, "BLOCK_C": BC}
+        opts["BLOCK_C"] = BC = max(BC, NP)
+        opts["NP"] = NP
+        return (triton_cdiv(C // C2, BC // NP), NB), opts
+    return (triton_cdiv(C, BC), NB), opts
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -234,10 +242,12 @@ class SeqStage(Stage):
     pass
 
 
-def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int):
-    """Run one sequential stage: ([state sequences], [final states])."""
+def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int, rev: bool = False, cu=None):
+    """Run one sequential stage: ([state sequences], [final states]); `rev` and `cu`
+    (cu_seqlens) as for scan()."""
     kern = stage.kernel
     B, T = X0.shape[:2]
+    NB = B if cu is None else cu.numel() - 1
     NH = X0.shape[2] if ns == 3 else 1
     dt = h0s[0].dtype
     views = []
@@ -251,14 +261,17 @@ def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns
             x = x[..., None]
         views.append(x.expand(B, T, NH, n))
     params = [P0[p.arg] for p in kern.params_all()]
-    h0 = [h.to(dt).expand((B,) + ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[s])))
-          .reshape(B, NH, kern.slen(k)).contiguous() for k, (h, s) in enumerate(zip(h0s, kern.states))]
-    outs = _SeqFn.apply(stage, (B, T, NH, ns == 3), len(h0), len(views), *h0, *views, *params)
+    h0 = [h.to(dt).expand((NB,) + ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[s])))
+          .reshape(NB, NH, kern.slen(k)).contiguous() for k, (h, s) in enumerate(zip(h0s, kern.states))]
+    TL = T if cu is None else int((cu[1:] - cu[:-1]).max())
+    run = (bool(rev), cu if cu is not None else torch.zeros(2, dtype=torch.int32, device=X0.device), TL,
+           cu is not None)
+    outs = _SeqFn.apply(stage, (B, T, NH, ns == 3), len(h0), len(views), run, *h0, *views, *params)
     K = len(h0)
     seqs, fins = outs[:K], outs[K:]
     shape = lambda k: ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[kern.states[k]]))  # noqa
     return ([s.reshape((B, T) + shape(k)) for k, s in enumerate(seqs)],
-            [f.reshape((B,) + shape(k)) for k, f in enumerate(fins)])
+            [f.reshape((NB,) + shape(k)) for k, f in enumerate(fins)])
 
 
 def _param_args(params, heads: bool):
@@ -288,21 +301,23 @@ def _block_b(B: int, device) -> int:
 
 class _SeqFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stage, dims, K, nleaf, *tensors):
+    def forward(ctx, stage, dims, K, nleaf, run, *tensors):
         B, T, NH, heads = dims
+        rev, cu, TL, varlen = run
         h0, views, params = tensors[:K], tensors[K:K + nleaf], tensors[K + nleaf:]
         dev, dt = h0[0].device, h0[0].dtype
         hseq = [torch.empty((B, T, NH, h.shape[-1]), dtype=dt, device=dev) for h in h0]
+        NB = h0[0].shape[0]
         hfin = [torch.empty_like(h) for h in h0]
         state_args = []
         for h, s, f in zip(h0, hseq, hfin):
             state_args += [h, s, f]
-        BB = _block_b(B, dev)
-        grid = (triton_cdiv(B, BB), NH)
+        BB = _block_b(NB, dev)
+        grid = (triton_cdiv(NB, BB), NH)
         _record(stage.name + "_fwd", [*h0, *views, *params], [*hseq, *hfin])
-        stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, B, T, NH,
-                             ACC=_acc(dt), BLOCK_B=BB, **_gpu_opts(dev))
-        ctx.stage, ctx.dims, ctx.K, ctx.nleaf = stage, dims, K, nleaf
+        stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, NB, T, NH, TL, cu,
+                             ACC=_acc(dt), BLOCK_B=BB, VARLEN=varlen, REVERSE=rev, **_gpu_opts(dev))
+        ctx.stage, ctx.dims, ctx.K, ctx.nleaf, ctx.run = stage, dims, K, nleaf, run
         ctx.save_for_backward(*h0, *hseq, *views, *params)
         return tuple(hseq) + tuple(hfin)
 
@@ -317,8 +332,10 @@ class _SeqFn(torch.autograd.Function):
         dseq = [(g if g is not None else torch.zeros_like(s)).contiguous() for g, s in zip(dseq, hseq)]
         dfin = [(g if g is not None else torch.zeros_like(h)).contiguous() for g, h in zip(dfin, h0)]
         dh0 = [torch.empty_like(h) for h in h0]
-        BB = _block_b(B, dev)
-        nprog = triton_cdiv(B, BB)
+        rev, cu, TL, varlen = ctx.run
+        NB = h0[0].shape[0]
+        BB = _block_b(NB, dev)
+        nprog = triton_cdiv(NB, BB)
         dleaf = [torch.empty(v.shape, dtype=dt, device=dev) for v in views]
         dpart = [torch.zeros((nprog, NH) + (tuple(p.shape[1:]) if heads else tuple(p.shape)), dtype=dt, device=dev)
                  for p in params]
@@ -326,6 +343,7 @@ class _SeqFn(torch.autograd.Function):
         for k in range(K):
             state_args += [h0[k], hseq[k], dseq[k], dfin[k], dh0[k]]
         stage.bwd(dev)[(nprog, NH)](*_seq_leaf_args(views), *_param_args(params, heads), *state_args,
-                                    *dleaf, *dpart, B, T, NH, ACC=_acc(dt), BLOCK_B=BB, HAS_DSEQ=has_dseq, **_gpu_opts(dev))
+                                    *dleaf, *dpart, NB, T, NH, TL, cu, ACC=_acc(dt), BLOCK_B=BB, HAS_DSEQ=has_dseq,
+                                    VARLEN=varlen, REVERSE=rev, **_gpu_opts(dev))
         dparams = [d.sum(0) if heads else d.sum(0)[0] for d in dpart]
-        return (None, None, None, None) + tuple(dh0) + tuple(dleaf) + tuple(dparams)
+        return (None, None, None, None, None) + tuple(dh0) + tuple(dleaf) + tuple(dparams)

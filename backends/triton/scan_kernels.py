@@ -115,18 +115,19 @@ class ScanKernel:
         if backward:
             return self._params() + [f"d{i}" for i in range(len(self.leaves))] + \
                 [f"dr{j}" for j in range(len(self.rleaves))] + \
-                ["hinit", "hseq", "dhseq", "dhfin", "dh0"] + ["d" + o for o in outs] + ["T", "C", "C1", "C2"]
-        return self._params() + ["hinit", "hseq", "hfin"] + outs + ["T", "C", "C1", "C2"]
+                ["hinit", "hseq", "dhseq", "dhfin", "dh0"] + ["d" + o for o in outs] + ["T", "C", "C1", "C2", "cu"]
+        return self._params() + ["hinit", "hseq", "hfin"] + outs + ["T", "C", "C1", "C2", "cu"]
 
     def constexpr_names(self, backward: bool) -> list[str]:
-        return ["ACC", "BLOCK_T", "BLOCK_C", "HAS_DSEQ" if backward else "STORE_SEQ"] + \
+        return ["ACC", "BLOCK_T", "BLOCK_C", "HAS_DSEQ" if backward else "STORE_SEQ", "VARLEN", "REVERSE"] + \
             (["NP"] if self.readout_mode else [])
 
     def constexprs(self, backward: bool, acc) -> dict:
         """The GPU configuration (launch.Blocks.scan on a GPU) as compiled ahead of time."""
         from .launch import Blocks
         bt, bc = Blocks.gpu(self.spec.k, backward)
-        out = {"ACC": acc, "BLOCK_T": bt, "BLOCK_C": bc, ("HAS_DSEQ" if backward else "STORE_SEQ"): True}
+        out = {"ACC": acc, "BLOCK_T": bt, "BLOCK_C": bc, ("HAS_DSEQ" if backward else "STORE_SEQ"): True,
+               "VARLEN": False, "REVERSE": False}
         if self.readout_mode:
             out["NP"] = self.np
             out["BLOCK_C"] = max(bc, self.np)
@@ -157,7 +158,15 @@ class ScanKernel:
 
     def _head(self, lines):
         lines += ["    pid_c = tl.program_id(0)",
-                  "    b = tl.program_id(1).to(tl.int64)",
+                  "    b = tl.program_id(1).to(tl.int64)  # a batch row, or a sequence of cu_seqlens",
+                  "    if VARLEN:  # sequences packed along T of a batch of one",
+                  "        bos = tl.load(cu + b).to(tl.int64)",
+                  "        Tn = tl.load(cu + b + 1).to(tl.int64) - bos",
+                  "        bb = b * 0",
+                  "    else:",
+                  "        bos = 0",
+                  "        Tn = T",
+                  "        bb = b",
                   "    lane = tl.arange(0, BLOCK_C)",
                   "    rows = tl.arange(0, BLOCK_T)"]
         if self.readout_mode:   # lanes = BLOCK_C // NP outer rows x NP (the readout axis, padded)
@@ -179,9 +188,9 @@ class ScanKernel:
                       "    c1 = (c // C2) % C1",
                       "    c2 = c % C2"]
         for i in range(len(self.leaves)):
-            lines.append(f"    l{i}_c = b * l{i}_sb + c0 * l{i}_s0 + c1 * l{i}_s1 + c2 * l{i}_s2")
+            lines.append(f"    l{i}_c = bb * l{i}_sb + c0 * l{i}_s0 + c1 * l{i}_s1 + c2 * l{i}_s2")
         for j in range(len(self.rleaves)):
-            lines.append(f"    rl{j}_c = b * rl{j}_sb + r0 * rl{j}_s0 + r1 * rl{j}_s1")
+            lines.append(f"    rl{j}_c = bb * rl{j}_sb + r0 * rl{j}_s0 + r1 * rl{j}_s1")
 
     def _invariant_loads(self, lines):
         for i, x in enumerate(self.leaves):
@@ -249,17 +258,21 @@ class ScanKernel:
         sp, k = self.spec, self.spec.k
         lines = [f"@triton.jit",
                  f"def {sp.name}_fwd({', '.join(self.arg_names(False))},",
-                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr"
+                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr,"
+                 f" VARLEN: tl.constexpr, REVERSE: tl.constexpr"
                  + (", NP: tl.constexpr):" if self.readout_mode else "):"),
                  f"    # stage {', '.join(sp.states)}: {sp.kind} scan" + (f" of {k} coupled states" if k > 1 else "")]
         self._head(lines)
         for i in range(k):  # states interleaved: [B, C, k]
             lines.append(f"    h{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
         self._invariant_loads(lines)
-        lines += ["    for t0 in range(0, T, BLOCK_T):",
-                  "        t = t0 + rows",
-                  "        m = (t < T)[:, None] & cmask[None, :]"]
-        self._loads(lines, "t", "m")
+        lines += ["    for t0 in range(0, Tn, BLOCK_T):",
+                  "        t = t0 + rows  # the step in scan order",
+                  "        tm = bos + t  # ... and in memory",
+                  "        if REVERSE:",
+                  "            tm = bos + Tn - 1 - t",
+                  "        m = (t < Tn)[:, None] & cmask[None, :]"]
+        self._loads(lines, "tm", "m")
         self._prologue(lines)
         A, B = self._entries()
         ia, ib = self._identity()
@@ -276,12 +289,12 @@ class ScanKernel:
             lines.append(f"        hs{i} = {hs[i]}")
         for i in range(k):
             lines += [f"        if STORE_SEQ:",
-                      f"            tl.store(hseq + ((b * T + t[:, None]) * C + c[None, :]) * {k} + {i}, hs{i}, mask=m)"]
+                      f"            tl.store(hseq + ((bb * T + tm[:, None]) * C + c[None, :]) * {k} + {i}, hs{i}, mask=m)"]
         self._epilogue_forward(lines, self.upd_names)
         for i, o in enumerate(sp.outputs):
-            lines.append(f"        tl.store(of{i} + (b * T + t[:, None]) * C + c[None, :], {self._epi_name(o)}, mask=m)")
+            lines.append(f"        tl.store(of{i} + (bb * T + tm[:, None]) * C + c[None, :], {self._epi_name(o)}, mask=m)")
         for j, o in enumerate(sp.reduced):
-            lines.append(f"        tl.store(or{j} + (b * T + t[:, None]) * CO + ro[None, :], "
+            lines.append(f"        tl.store(or{j} + (bb * T + tm[:, None]) * CO + ro[None, :], "
                          f"{self._red_name(o)}, mask=mo)")
         for i in range(k):  # the carry: the last row (masked rows past T are identities)
             red = "tl.max" if sp.kind in ("maxplus", "lse") else "tl.sum"
@@ -313,9 +326,9 @@ class ScanKernel:
             lines.append(annotate(f"        y{j} = tl.sum(tl.reshape(tl.where(m, {hname} * {self._epi_name(q)}, 0.0), "
                                   f"[BLOCK_T, BLOCK_C // NP, NP]), 2)  # fused readout: [BLOCK_T, BLOCK_C // NP]",
                                   self.notes(r)))
-        lines.append("        mo = (t < T)[:, None] & omask[None, :]")
+        lines.append("        mo = (t < Tn)[:, None] & omask[None, :]")
         for j, x in enumerate(self.rleaves):
-            load = f"tl.load(rl{j} + rl{j}_c[None, :] + t[:, None] * rl{j}_st, mask=mo, other=1.0)"
+            load = f"tl.load(rl{j} + rl{j}_c[None, :] + tm[:, None] * rl{j}_st, mask=mo, other=1.0)"
             val = f"{load} != 0" if x.is_bool else f"{load}.to(ACC)"
             lines.append(annotate(f"        rx{j} = {val}", self.notes(x, with_text=False)))
         for ln in self.red.forward_lines(list(sp.reduced), {**self.rleaf_names, **self.read_names}, self.notes):
@@ -331,7 +344,7 @@ class ScanKernel:
         if sp.readouts:
             seeds = {}
             for j, o in enumerate(sp.reduced):
-                lines.append(f"        gor{j} = tl.load(dor{j} + (b * T + t[:, None]) * CO + ro[None, :], mask=mo, "
+                lines.append(f"        gor{j} = tl.load(dor{j} + (bb * T + tm[:, None]) * CO + ro[None, :], mask=mo, "
                              f"other=0.0).to(ACC)")
                 seeds[o.id] = f"gor{j}"
             names = {x.id: f"grx{j}" for j, x in enumerate(self.rleaves)}
@@ -339,7 +352,7 @@ class ScanKernel:
             for ln in self.red.backward_lines(seeds, {**self.rleaf_names, **self.read_names}, self.notes, names):
                 lines.append("        " + ln)
             for j in range(len(self.rleaves)):
-                lines.append(f"        tl.store(dr{j} + (b * T + t[:, None]) * CO + ro[None, :], grx{j}"
+                lines.append(f"        tl.store(dr{j} + (bb * T + tm[:, None]) * CO + ro[None, :], grx{j}"
                              f" + tl.zeros([BLOCK_T, BLOCK_C // NP], dtype=ACC), mask=mo)")
             for j, (r, si, q) in enumerate(sp.readouts):
                 lines.append(f"        gyb{j} = tl.reshape(tl.broadcast_to(gy{j}[:, :, None], "
@@ -348,7 +361,7 @@ class ScanKernel:
                 grads_q.setdefault(q.id, []).append(f"gyb{j} * {self._upd[sp.updates[si].id]}")
         seeds = {}
         for i, o in enumerate(sp.outputs):
-            lines.append(f"        gof{i} = tl.load(dof{i} + (b * T + t[:, None]) * C + c[None, :], mask=m, "
+            lines.append(f"        gof{i} = tl.load(dof{i} + (bb * T + tm[:, None]) * C + c[None, :], mask=m, "
                          f"other=0.0).to(ACC)")
             seeds.setdefault(o.id, []).append(f"gof{i}")
         for qid, parts in grads_q.items():
@@ -384,7 +397,8 @@ class ScanKernel:
         grads = [f"d{i}" for i in range(n_leaf)]
         lines = [f"@triton.jit",
                  f"def {sp.name}_bwd({', '.join(self.arg_names(True))},",
-                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr"
+                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr,"
+                 f" VARLEN: tl.constexpr, REVERSE: tl.constexpr"
                  + (", NP: tl.constexpr):" if self.readout_mode else "):"),
                  f"    # adjoint of stage {', '.join(sp.states)}: reverse-time {sp.kind} scan, chunks last to first"]
         self._head(lines)
@@ -393,27 +407,34 @@ class ScanKernel:
             lines.append(f"    hz{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
             lines.append(f"    g0_{i} = tl.zeros([BLOCK_C], dtype=ACC)")
         self._invariant_loads(lines)
-        lines += ["    n_chunks = tl.cdiv(T, BLOCK_T)",
+        lines += ["    n_chunks = tl.cdiv(Tn, BLOCK_T)",
                   "    for r in range(0, n_chunks):",
                   "        t = (n_chunks - 1 - r) * BLOCK_T + (BLOCK_T - 1 - rows)  # rows in reverse time",
-                  "        m = (t < T)[:, None] & cmask[None, :]",
+                  "        m = (t < Tn)[:, None] & cmask[None, :]",
                   "        tn = t + 1",
-                  "        mn = (tn < T)[:, None] & cmask[None, :]"]
-        sidx = lambda tv, i: f"((b * T + {tv}[:, None]) * C + c[None, :]) * {k} + {i}"  # noqa: E731
+                  "        mn = (tn < Tn)[:, None] & cmask[None, :]",
+                  "        tm = bos + t  # memory positions of steps t, t + 1, t - 1",
+                  "        tmn = bos + tn",
+                  "        tmp = bos + tl.maximum(t - 1, 0)",
+                  "        if REVERSE:",
+                  "            tm = bos + Tn - 1 - t",
+                  "            tmn = bos + Tn - 1 - tn",
+                  "            tmp = bos + Tn - 1 - tl.maximum(t - 1, 0)"]
+        sidx = lambda tv, i: f"((bb * T + {tv}[:, None]) * C + c[None, :]) * {k} + {i}"  # noqa: E731
         # step t+1: its transition c_{t+1} (identity past the end)
         A_n, B_n = self._entries("_n")
         needs_next = sp.kind in ("maxplus", "lse")
         roots_next = [a for row in sp.A for a in row] + (list(sp.b) if needs_next else [])
         need_ids = {x.id for x in self.region.leaves_of(roots_next)}
-        self._loads(lines, "tn", "mn", "_n", only=need_ids)
+        self._loads(lines, "tmn", "mn", "_n", only=need_ids)
         names_n = {kk: v + "_n" for kk, v in self.leaf_names.items()}
         for ln in self.region.forward_lines(roots_next, names_n, self.notes, "_n"):
             lines.append("        " + ln)
         for i in range(k):
-            lines.append(f"        h{i} = tl.load(hseq + {sidx('t', i)}, mask=m, other=0.0).to(ACC)")
+            lines.append(f"        h{i} = tl.load(hseq + {sidx('tm', i)}, mask=m, other=0.0).to(ACC)")
         if needs_next:
             for i in range(k):
-                lines.append(f"        hn{i} = tl.load(hseq + {sidx('tn', i)}, mask=mn, other=0.0).to(ACC)")
+                lines.append(f"        hn{i} = tl.load(hseq + {sidx('tmn', i)}, mask=mn, other=0.0).to(ACC)")
         cn, _, _ = self._local(sp.kind, k, A_n, B_n, [f"h{i}" for i in range(k)], [f"hn{i}" for i in range(k)])
         if sp.kind == "block":  # lambda_t = dh_t + A_{t+1}^T lambda_{t+1}: scan the transposes
             mats = [f"tl.where(mn, {cn[j * k + i]}, {'1.0' if i == j else '0.0'}).to(ACC)"
@@ -423,18 +444,18 @@ class ScanKernel:
         for i, e in enumerate(mats):
             lines.append(f"        e{i} = {e}")
         # step t: leaves and coefficients (for the local derivatives below and the epilogue)
-        self._loads(lines, "t", "m")
+        self._loads(lines, "tm", "m")
         self._prologue(lines)
         extra = {}
         if sp.updates and (sp.outputs or sp.readouts):
             if sp.readouts:
-                lines.append("        mo = (t < T)[:, None] & omask[None, :]")
+                lines.append("        mo = (t < Tn)[:, None] & omask[None, :]")
             self._epilogue_forward(lines, {u.id: f"h{i}" for i, u in enumerate(sp.updates)})
             extra = self._epilogue_backward(lines)
         for i in range(k):
             more = "".join(f" + {e}" for e in extra.get(i, []))
             lines += [f"        if HAS_DSEQ:",
-                      f"            f{i} = tl.load(dhseq + {sidx('t', i)}, mask=m, other=0.0).to(ACC)",
+                      f"            f{i} = tl.load(dhseq + {sidx('tm', i)}, mask=m, other=0.0).to(ACC)",
                       f"        else:",
                       f"            f{i} = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)"]
             if more:
@@ -452,7 +473,7 @@ class ScanKernel:
         A, B = self._entries()
         for i in range(k):
             lines.append(f"        hp{i} = tl.where(t[:, None] == 0, hz{i}[None, :], "
-                         f"tl.load(hseq + {sidx('(t - 1)', i)}, mask=m & (t[:, None] > 0), other=0.0).to(ACC))")
+                         f"tl.load(hseq + {sidx('tmp', i)}, mask=m & (t[:, None] > 0), other=0.0).to(ACC))")
         hp = [f"hp{i}" for i in range(k)]
         cl, da, db = self._local(sp.kind, k, A, B, hp, [f"h{i}" for i in range(k)])
         seeds: dict[int, str] = {}
@@ -478,7 +499,7 @@ class ScanKernel:
             lines.append("        " + ln)
         for i, x in enumerate(self.leaves):
             parts = ([f"gx{i}"] if x.id in pro else []) + ([f"ge{i}"] if x.id in epi else [])
-            lines.append(f"        tl.store(d{i} + (b * T + t[:, None]) * C + c[None, :], "
+            lines.append(f"        tl.store(d{i} + (bb * T + tm[:, None]) * C + c[None, :], "
                          f"{' + '.join(parts) or '0.0'} + tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC), mask=m)")
         # gradient of the initial state: dh_0/dh_{-1} applied to lambda_0 (the row t == 0)
         for j in range(k):

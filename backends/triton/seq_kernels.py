@@ -202,7 +202,7 @@ class SeqKernel:
             args += [f"hinit{k}", f"hseq{k}"] + ([f"dhseq{k}", f"dhfin{k}", f"dh0{k}"] if backward else [f"hfin{k}"])
         if backward:
             args += [f"dl{i}" for i in range(len(self.leaves))] + [f"dp{j}" for j in range(len(self.params_all()))]
-        return args + ["B", "T", "NH"]
+        return args + ["B", "T", "NH", "TL", "cu"]
 
     def slen(self, k: int) -> int:
         st = self.ir.states[self.states[k]]
@@ -215,7 +215,15 @@ class SeqKernel:
         L += ["    pid = tl.program_id(0)",
               "    hd = tl.program_id(1).to(tl.int64)",
               "    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)",
-              "    bm = rb < B"]
+              "    bm = rb < B",
+              "    if VARLEN:  # row rb is sequence rb of cu_seqlens, packed along T of a batch of one",
+              "        bos = tl.load(cu + rb, mask=bm, other=0).to(tl.int64)",
+              "        Tn = tl.load(cu + rb + 1, mask=bm, other=0).to(tl.int64) - bos",
+              "        bb = rb.to(tl.int64) * 0",
+              "    else:",
+              "        bos = rb.to(tl.int64) * 0",
+              "        Tn = bos + T",
+              "        bb = rb.to(tl.int64)"]
         L += [f"    cols{w} = tl.arange(0, {w})" for w in widths]
         for j, p in enumerate(self.params):   # vector params: loaded once
             for w in self.param_wins[p.id]:
@@ -227,17 +235,22 @@ class SeqKernel:
                 L += ["    " + x for x in self._gemm_tile(gi)]
 
     def _state_ptr(self, k: int, base: str, t: str | None) -> tuple[str, str]:
+        """Pointers and mask of state k's tile: per row at memory step t ([BLOCK_B] vector;
+        rows not running at this step masked), or of the [B, NH, n] initial/final state."""
         n = self.slen(k)
         W = _pow2(n)
-        row = f"(rb[:, None] * T + {t}) * NH + hd" if t is not None else "rb[:, None] * NH + hd"
-        return f"{base} + ({row}) * {n} + cols{W}[None, :]", f"bm[:, None] & (cols{W} < {n})[None, :]"
+        if t is None:
+            return (f"{base} + (rb[:, None] * NH + hd) * {n} + cols{W}[None, :]",
+                    f"bm[:, None] & (cols{W} < {n})[None, :]")
+        return (f"{base} + ((bb[:, None] * T + {t}[:, None]) * NH + hd) * {n} + cols{W}[None, :]",
+                f"act[:, None] & (cols{W} < {n})[None, :]")
 
     def _leaf_loads(self, L: list[str], t: str):
         for i, x in enumerate(self.leaves):
             for w in self.leaf_wins[x.id]:
                 idx = f"({w.off} + {self.cols(w)})[None, :] * l{i}_sn" if x.rank else "tl.zeros([1, 1], tl.int64)"
-                ptr = f"l{i} + rb[:, None] * l{i}_sb + {t} * l{i}_st + hd * l{i}_sh + {idx}"
-                val = f"tl.load({ptr}, mask=bm[:, None] & {self.cmask(w)}, other=0.0)"
+                ptr = f"l{i} + bb[:, None] * l{i}_sb + {t}[:, None] * l{i}_st + hd * l{i}_sh + {idx}"
+                val = f"tl.load({ptr}, mask=act[:, None] & {self.cmask(w)}, other=0.0)"
                 val = f"{val} != 0" if x.is_bool else f"{val}.to(ACC)"
                 L.append(annotate(f"        {self.vname(x, w)} = {val}", self.notes(x, with_text=False)))
 
@@ -287,21 +300,25 @@ class SeqKernel:
     def forward(self) -> str:
         L = ["@triton.jit",
              f"def {self.name}_fwd({', '.join(self._signature(False))},",
-             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr):",
+             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):",
              f"    # stage {', '.join(self.states)}: the time loop on chip; weights "
              + ("held in registers" if self.hold else "re-read from L2 each step")]
         self._setup(L)
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"hinit{k}", None)
             L.append(f"    h{k} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)")
-        L.append("    for t in range(0, T):")
-        self._leaf_loads(L, "t")
+        L += ["    for t in range(0, TL):",
+              "        act = bm & (t < Tn)  # the rows still running (cu_seqlens: sequences differ in length)",
+              "        tm = bos + t  # the step in memory",
+              "        if REVERSE:",
+              "            tm = bos + Tn - 1 - t"]
+        self._leaf_loads(L, "tm")
         self._step(L)
         for k, s in enumerate(self.states):
             new = self.ir.updates[s]
             nm = self.vname(new, self._full(new))
-            ptr, mask = self._state_ptr(k, f"hseq{k}", "t")
-            L.append(f"        n{k} = tl.where({mask}, {nm}, 0.0)")
+            ptr, mask = self._state_ptr(k, f"hseq{k}", "tm")
+            L.append(f"        n{k} = tl.where({mask}, {nm}, h{k})")
             L.append(f"        tl.store({ptr}, n{k}, mask={mask})")
         for k in range(len(self.states)):
             L.append(f"        h{k} = n{k}")
@@ -314,7 +331,8 @@ class SeqKernel:
     def backward(self) -> str:
         L = ["@triton.jit",
              f"def {self.name}_bwd({', '.join(self._signature(True))},",
-             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, HAS_DSEQ: tl.constexpr):",
+             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, HAS_DSEQ: tl.constexpr, VARLEN: tl.constexpr,"
+             " REVERSE: tl.constexpr):",
              f"    # adjoint of stage {', '.join(self.states)}: reverse-time loop of the step's VJP (states saved, "
              "the step recomputed)"]
         self._setup(L)
@@ -327,21 +345,26 @@ class SeqKernel:
                 L.append(f"    acc_{self.vname(p, w)} = tl.zeros([1, {w.width}], dtype=ACC)")
         for gi, g in enumerate(self.gemms):
             L.append(f"    dw{gi} = tl.zeros([{_pow2(g.K)}, {g.win.width}], dtype=ACC)")
-        L += ["    for r in range(0, T):",
-              "        t = T - 1 - r",
-              "        tp = tl.maximum(t - 1, 0)"]
+        L += ["    for r in range(0, TL):",
+              "        t = TL - 1 - r",
+              "        act = bm & (t < Tn)",
+              "        tm = bos + t",
+              "        tp = bos + tl.maximum(t - 1, 0)",
+              "        if REVERSE:",
+              "            tm = bos + Tn - 1 - t",
+              "            tp = bos + Tn - 1 - tl.maximum(t - 1, 0)"]
         for k in range(len(self.states)):  # h_{t-1}: the saved sequence, or the initial state
             p1, mask = self._state_ptr(k, f"hseq{k}", "tp")
             p0, _ = self._state_ptr(k, f"hinit{k}", None)
             L.append(f"        h{k} = tl.where(t > 0, tl.load({p1}, mask={mask}, other=0.0), "
                      f"tl.load({p0}, mask={mask}, other=0.0)).to(ACC)")
-        self._leaf_loads(L, "t")
+        self._leaf_loads(L, "tm")
         self._step(L)
         # seeds: the adjoint of each new state
         adj: dict = {}
         for k, s in enumerate(self.states):
             new = self.ir.updates[s]
-            ptr, mask = self._state_ptr(k, f"dhseq{k}", "t")
+            ptr, mask = self._state_ptr(k, f"dhseq{k}", "tm")
             L += [f"        if HAS_DSEQ:",
                   f"            lam{k} += tl.load({ptr}, mask={mask}, other=0.0).to(ACC)"]
             adj.setdefault(self.key(new, self._full(new)), []).append(f"lam{k}")
@@ -352,7 +375,7 @@ class SeqKernel:
             if not parts:
                 continue
             g = f"g{n.id}_{w.off}_{w.len}"
-            L.append(annotate(f"        {g} = tl.where(bm[:, None] & {self.cmask(w)}, {' + '.join(parts)}, 0.0)",
+            L.append(annotate(f"        {g} = tl.where(act[:, None] & {self.cmask(w)}, {' + '.join(parts)}, 0.0)",
                               self.notes(n, with_text=False)))
             if n.id not in self.core_ids:
                 self._leaf_grad(L, n, w, g, params)
@@ -365,9 +388,9 @@ class SeqKernel:
         for k, s in enumerate(self.states):
             st = self.ir.states[s]
             parts = adj.pop(self.key(st, self._full(st)), None)
-            _, mask = self._state_ptr(k, "x", None)
-            L.append(f"        lam{k} = tl.where({mask}, {' + '.join(parts) if parts else '0.0'}, 0.0)"
-                     f" + tl.zeros([BLOCK_B, {_pow2(self.slen(k))}], dtype=ACC)")
+            _, mask = self._state_ptr(k, "x", "t")
+            L.append(f"        lam{k} = tl.where({mask}, {' + '.join(parts) if parts else '0.0'}, lam{k})"
+                     f" + tl.zeros([BLOCK_B, {_pow2(self.slen(k))}], dtype=ACC)  # rows not running keep theirs")
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"dh0{k}", None)
             L.append(f"    tl.store({ptr}, lam{k}, mask={mask})")
@@ -394,9 +417,9 @@ class SeqKernel:
         i = self.leaves.index(n)
         idx = f"({w.off} + {self.cols(w)})[None, :]" if n.rank else "tl.zeros([1, 1], tl.int64)"
         nn = self.ir.shape_of(n)[0] if n.rank else 1
-        ptr = f"dl{i} + ((rb[:, None] * T + t) * NH + hd) * {nn} + {idx}"
+        ptr = f"dl{i} + ((bb[:, None] * T + tm[:, None]) * NH + hd) * {nn} + {idx}"
         L.append(f"        tl.store({ptr}, {g} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC), "
-                 f"mask=bm[:, None] & {self.cmask(w)})")
+                 f"mask=act[:, None] & {self.cmask(w)})")
 
     def _vjp(self, L, n: Node, w: Win, g: str):
         """[((src, window), contribution)] of a core vnode."""
@@ -415,7 +438,7 @@ class SeqKernel:
             gi = next(i for i, gm in enumerate(self.gemms) if gm.node is n and gm.win == w)
             gm = self.gemms[gi]
             xw = self._full(gm.x)
-            xin = f"tl.where(bm[:, None] & {self.cmask(xw)}, {self.vname(gm.x, xw)}, 0.0)"
+            xin = f"tl.where(act[:, None] & {self.cmask(xw)}, {self.vname(gm.x, xw)}, 0.0)"
             KP, LP = _pow2(gm.K), w.width
             if min(KP, LP) >= DOT_MIN and _block_b_ok():
                 L.append(f"        dw{gi} += tl.dot(tl.trans({xin}), {g}, input_precision=\"ieee\")")
@@ -445,7 +468,7 @@ class SeqKernel:
         return self._signature(backward)
 
     def constexprs(self, backward: bool, acc) -> dict:
-        out = {"ACC": acc, "BLOCK_B": 16}   # launch._block_b on a GPU
+        out = {"ACC": acc, "BLOCK_B": 16, "VARLEN": False, "REVERSE": False}   # launch._block_b on a GPU
         if backward:
             out["HAS_DSEQ"] = True
         return out

@@ -89,20 +89,35 @@ def test_batch_and_heads(name, B, heads):
     _check(spec, spec.analysis_dims(), 1e-10, B=B, T=21, dtype=torch.float64, heads=heads)
 
 
-@pytest.mark.parametrize("name", ["hgrn", "lstm"])
-def test_reverse_and_cu_seqlens(name):
+@pytest.mark.parametrize("name", ["hgrn", "lstm", "mamba", "lru", "aaren"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reverse_and_cu_seqlens(name, reverse):
+    """Natively in the kernels (hgrn, lstm, mamba, lru: `native`) or by the runtime's flip and
+    split (aaren: a stage reads another's previous state): outputs, per-sequence final states
+    from per-sequence initial states, and gradients, with an empty and a one-step sequence."""
     spec = recdsl.load(name)
-    _check(spec, spec.analysis_dims(), 1e-10, B=2, T=17, dtype=torch.float64, reverse=True)
+    _check(spec, spec.analysis_dims(), 1e-10, B=2, T=17, dtype=torch.float64, reverse=reverse)
     dims = spec.analysis_dims()
     ref = spec(backend="reference", **dims).double()
     tri = spec(backend="triton", **dims).double()
     tri.load_state_dict(ref.state_dict())
-    xs = random_inputs(spec, ref, 1, 20, torch.float64)
-    cu = torch.tensor([0, 7, 7, 20])
-    (o1, s1), (o2, s2) = ref(**xs, cu_seqlens=cu), tri(**xs, cu_seqlens=cu)
+    assert tri._program.native == (name != "aaren")
+    xs = {k: v.requires_grad_() for k, v in random_inputs(spec, ref, 1, 20, torch.float64).items()}
+    cu = torch.tensor([0, 7, 7, 8, 20])
+    _, s_shape = ref(**{k: v[:, :1] for k, v in xs.items()})
+    g = torch.Generator().manual_seed(3)
+    st = {k: torch.randn((4,) + v.shape[1:], generator=g, dtype=torch.float64) for k, v in s_shape.items()}
+    (o1, s1), (o2, s2) = ref(**xs, state=st, cu_seqlens=cu, reverse=reverse), \
+        tri(**xs, state=st, cu_seqlens=cu, reverse=reverse)
     o1, o2 = (o1 if isinstance(o1, tuple) else (o1,)), (o2 if isinstance(o2, tuple) else (o2,))
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(o1, o2))
     assert all(torch.allclose(s1[k], s2[k], atol=1e-10) for k in s1)
+    w = [torch.randn(a.shape, generator=g, dtype=torch.float64) for a in o1]
+    l1 = sum((a * c).sum() for a, c in zip(o1, w)) + sum(v.sum() for v in s1.values())
+    l2 = sum((a * c).sum() for a, c in zip(o2, w)) + sum(v.sum() for v in s2.values())
+    g1 = torch.autograd.grad(l1, list(xs.values()), allow_unused=True)
+    g2 = torch.autograd.grad(l2, list(xs.values()), allow_unused=True)
+    assert all(a is None or torch.allclose(a, b, atol=1e-9) for a, b in zip(g1, g2))
 
 
 def test_bf16_inputs_accumulate_in_fp32():
