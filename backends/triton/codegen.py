@@ -28,7 +28,14 @@ class TritonEmitter(Emitter):
         (or a gradient needs them: decided at run time)."""
         text = super().program()
         for idx, seqs in self.store_marks.items():
-            text = text.replace(f"@STORE{idx}@", str(f"{seqs}[" in text))
+            from .seq_kernels import SeqKernel
+            kern = self.kernels[idx]
+            if isinstance(kern, SeqKernel):   # per state
+                n = len(kern.states)
+                flags = tuple(f"{seqs}[{i}]" in text for i in range(n))
+                text = text.replace(f"@STORE{idx}@", repr(flags))
+            else:
+                text = text.replace(f"@STORE{idx}@", str(f"{seqs}[" in text))
         text = text.replace("def forward(X, S0, P0, P1, P2, NB, DT, DEV):",
                             "def forward(X, S0, P0, P1, P2, NB, DT, DEV, REV=False, CU=None):", 1)
         return text.replace("# recdsl torch backend", "# recdsl triton backend (driver)", 1)
@@ -148,7 +155,9 @@ class TritonEmitter(Emitter):
         sp = low.stage
         seqs, fins = self.fresh("seqs"), self.fresh("finals")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS, rev=REV, cu=CU)  "
+        self.store_marks[idx] = seqs
+        self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS, rev=REV, cu=CU, "
+                  f"store=@STORE{idx}@)  "
                   f"# triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
         for i, s in enumerate(sp.states):
             self.seq[self.ir.updates[s].id] = f"{seqs}[{i}]"

@@ -242,9 +242,11 @@ class SeqStage(Stage):
     pass
 
 
-def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int, rev: bool = False, cu=None):
+def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int, rev: bool = False, cu=None,
+        store=None):
     """Run one sequential stage: ([state sequences], [final states]); `rev` and `cu`
-    (cu_seqlens) as for scan()."""
+    (cu_seqlens) as for scan(); store[k]: the driver reads state k's sequence (else it is
+    written only when a gradient needs it; None: all)."""
     kern = stage.kernel
     B, T = X0.shape[:2]
     NB = B if cu is None else cu.numel() - 1
@@ -266,11 +268,13 @@ def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns
     TL = T if cu is None else int((cu[1:] - cu[:-1]).max())
     run = (bool(rev), cu if cu is not None else torch.zeros(2, dtype=torch.int32, device=X0.device), TL,
            cu is not None)
-    outs = _SeqFn.apply(stage, (B, T, NH, ns == 3), len(h0), len(views), run, *h0, *views, *params)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*h0, *views, *params])
+    stores = tuple(True for _ in h0) if store is None or grad else tuple(bool(x) for x in store)
+    outs = _SeqFn.apply(stage, (B, T, NH, ns == 3, stores), len(h0), len(views), run, *h0, *views, *params)
     K = len(h0)
     seqs, fins = outs[:K], outs[K:]
     shape = lambda k: ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[kern.states[k]]))  # noqa
-    return ([s.reshape((B, T) + shape(k)) for k, s in enumerate(seqs)],
+    return ([s.reshape((B, T) + shape(k)) if stores[k] else None for k, s in enumerate(seqs)],
             [f.reshape((NB,) + shape(k)) for k, f in enumerate(fins)])
 
 
@@ -302,11 +306,12 @@ def _block_b(B: int, device) -> int:
 class _SeqFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage, dims, K, nleaf, run, *tensors):
-        B, T, NH, heads = dims
+        B, T, NH, heads, stores = dims
         rev, cu, TL, varlen = run
         h0, views, params = tensors[:K], tensors[K:K + nleaf], tensors[K + nleaf:]
         dev, dt = h0[0].device, h0[0].dtype
-        hseq = [torch.empty((B, T, NH, h.shape[-1]), dtype=dt, device=dev) for h in h0]
+        hseq = [torch.empty((B, T, NH, h.shape[-1]) if st else (1, 1, 1, 1), dtype=dt, device=dev)
+                for h, st in zip(h0, stores)]
         NB = h0[0].shape[0]
         hfin = [torch.empty_like(h) for h in h0]
         state_args = []
@@ -314,16 +319,17 @@ class _SeqFn(torch.autograd.Function):
             state_args += [h, s, f]
         BB = _block_b(NB, dev)
         grid = (triton_cdiv(NB, BB), NH)
-        _record(stage.name + "_fwd", [*h0, *views, *params], [*hseq, *hfin])
+        _record(stage.name + "_fwd", [*h0, *views, *params], [*(s for s, st in zip(hseq, stores) if st), *hfin])
         stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, NB, T, NH, TL, cu,
-                             ACC=_acc(dt), BLOCK_B=BB, VARLEN=varlen, REVERSE=rev, **_gpu_opts(dev))
+                             ACC=_acc(dt), BLOCK_B=BB, VARLEN=varlen, REVERSE=rev, **_gpu_opts(dev),
+                             **{f"STORE{k}": st for k, st in enumerate(stores)})
         ctx.stage, ctx.dims, ctx.K, ctx.nleaf, ctx.run = stage, dims, K, nleaf, run
         ctx.save_for_backward(*h0, *hseq, *views, *params)
         return tuple(hseq) + tuple(hfin)
 
     @staticmethod
     def backward(ctx, *grads):
-        stage, (B, T, NH, heads), K, nleaf = ctx.stage, ctx.dims, ctx.K, ctx.nleaf
+        stage, (B, T, NH, heads, _), K, nleaf = ctx.stage, ctx.dims, ctx.K, ctx.nleaf
         saved = ctx.saved_tensors
         h0, hseq, views, params = saved[:K], saved[K:2 * K], saved[2 * K:2 * K + nleaf], saved[2 * K + nleaf:]
         dseq, dfin = grads[:K], grads[K:]

@@ -300,7 +300,8 @@ class SeqKernel:
     def forward(self) -> str:
         L = ["@triton.jit",
              f"def {self.name}_fwd({', '.join(self._signature(False))},",
-             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):",
+             "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, "
+             + ", ".join(f"STORE{k}: tl.constexpr" for k in range(len(self.states))) + "):",
              f"    # stage {', '.join(self.states)}: the time loop on chip; weights "
              + ("held in registers" if self.hold else "re-read from L2 each step")]
         self._setup(L)
@@ -319,7 +320,8 @@ class SeqKernel:
             nm = self.vname(new, self._full(new))
             ptr, mask = self._state_ptr(k, f"hseq{k}", "tm")
             L.append(f"        n{k} = tl.where({mask}, {nm}, h{k})")
-            L.append(f"        tl.store({ptr}, n{k}, mask={mask})")
+            L.append(f"        if STORE{k}:  # the sequence is read (by the driver or a gradient)")
+            L.append(f"            tl.store({ptr}, n{k}, mask={mask})")
         for k in range(len(self.states)):
             L.append(f"        h{k} = n{k}")
         for k in range(len(self.states)):
@@ -469,6 +471,8 @@ class SeqKernel:
 
     def constexprs(self, backward: bool, acc) -> dict:
         out = {"ACC": acc, "BLOCK_B": 16, "VARLEN": False, "REVERSE": False}   # launch._block_b on a GPU
+        if not backward:
+            out.update({f"STORE{k}": True for k in range(len(self.states))})
         if backward:
             out["HAS_DSEQ"] = True
         return out
