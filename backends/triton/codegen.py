@@ -58,9 +58,8 @@ class TritonEmitter(Emitter):
         kern = ScanKernel(spec, self.note)
         idx = len(self.kernels)
         self.kernels.append(kern)
-        lit = texpr.literal
-        leaves = ", ".join(self.seq_name(x) if lit(x) is None else lit(x) for x in kern.leaves)
-        rleaves = ", ".join(self.seq_name(x) if lit(x) is None else lit(x) for x in kern.rleaves)
+        leaves = ", ".join(x.view_text(self.seq_name(x.node)) for x in kern.leaves)
+        rleaves = ", ".join(x.view_text(self.seq_name(x.node)) for x in kern.rleaves)
         shape = ir.shape_of(ir.states[sp.states[0]])
         seqs, fins, outs, reds = self.fresh("seqs"), self.fresh("finals"), self.fresh("outs"), self.fresh("reads")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
@@ -102,11 +101,12 @@ class TritonEmitter(Emitter):
         for o in pending:
             if o.id in upd or (texpr.fusable(o) and ir.shape_of(o) == state_shape):
                 reg = Region([o], set(upd))
-                if reg.stops_hit and all(self._ready(x, sp.index) for x in reg.leaves):
+                if reg.ok and reg.stops_hit and all(self._ready(x.node, sp.index) for x in reg.leaves):
                     spec.outputs.append(o)
             elif spec.readouts and ir.shape_of(o) == state_shape[:-1] and (o.id in reads or texpr.fusable(o)):
                 reg = Region([o], reads)
-                if reg.stops_hit and all(self._ready(x, sp.index) and x.id not in upd for x in reg.leaves):
+                if reg.ok and reg.stops_hit and all(self._ready(x.node, sp.index) and x.id not in upd
+                                                    for x in reg.leaves):
                     spec.reduced.append(o)
         if spec.readouts:
             spec.n_p2 = 1 << max(0, (state_shape[-1] - 1).bit_length())

@@ -4,98 +4,176 @@ A stage kernel's coefficients (a decay, an input, a gate) are elementwise functi
 few *leaves*: inputs, params, matmul results, values of earlier stages. `Region(roots)`
 collects that cone; the leaves are loaded once per tile (already broadcast to the tile by
 their strides), and `forward_lines` / `backward_lines` emit the region's math and its
-reverse-mode derivative as Triton statements, each annotated with its .rec line."""
+reverse-mode derivative as Triton statements, each annotated with its .rec line.
+
+Broadcast views (`x[:, None]`, `k[None, :]`: an INDEX of only new axes and full slices)
+are not computed: the region looks through them, and the leaves under one are read
+through the same view (`Ref.view`, applied by the driver as a torch view, free), so
+`exp(softplus(dt)[:, None] * A)` and `k[:, None] * v[None, :]` run in the kernel and the
+outer product is never materialised. A value is a `Ref` = (node, view); with no view its
+id is the node's id."""
 from __future__ import annotations
 
-from recdsl.ir import Node, Op, toposort
+from recdsl.ir import Node, Op
 from recdsl.torch_expr import SourceNotes
+from recdsl.types import ONE
 
 from . import texpr
 
 
+def is_view(n: Node) -> bool:
+    """An INDEX that only inserts axes or keeps whole ones: a broadcast view of its source."""
+    return n.op == Op.INDEX and all(i is None or (isinstance(i, slice) and i == slice(None)) for i in n.arg)
+
+
+class Ref:
+    """A node as read through a chain of broadcast views (outermost first)."""
+    __slots__ = ("node", "view", "id")
+
+    def __init__(self, node: Node, view: tuple = ()):
+        self.node, self.view = node, view
+        self.id = node.id if not view else (node.id, view)
+
+    def __getattr__(self, name):   # span, is_bool, op, shape, rank, name, ...
+        return getattr(self.node, name)
+
+    def view_text(self, text: str) -> str:
+        """A torch expression of the driver applying the view to the leaf's value `text`."""
+        from recdsl.torch_expr import index_text
+        rank = self.node.rank
+        for src_rank, arg in reversed(self.view):
+            if src_rank > rank:
+                text = f"rt.lift({text}, {rank}, {src_rank})"
+            text += index_text(tuple(None if i is None else slice(None) for i in arg))
+            rank = len(arg)
+        return text
+
+
+_OUTER: dict[int, Node] = {}
+
+
+def _outer_as_product(n: Node) -> Node:
+    """outer(u, w) as u[:, None] * w[None, :] (one node per outer, so ids are stable)."""
+    if n.id not in _OUTER:
+        u, w = n.srcs
+        cu = Node(Op.INDEX, (u,), (u.shape[0], ONE), (slice(None), None), span=n.span)
+        rw = Node(Op.INDEX, (w,), (ONE, w.shape[0]), (None, slice(None)), span=n.span)
+        _OUTER[n.id] = Node(Op.MUL, (cu, rw), n.shape, span=n.span, name=n.name)
+    return _OUTER[n.id]
+
+
+def resolve(n: Node, view: tuple = ()) -> Ref:
+    """The value n stands for under `view`: broadcast views are looked through, and an
+    outer product is the product of two of them."""
+    if n.op == Op.OUTER and n.srcs[0].rank == 1 and n.srcs[1].rank == 1:
+        n = _outer_as_product(n)
+    while is_view(n):   # (slices are unhashable before Python 3.12: ':' stands for slice(None))
+        view = view + ((n.srcs[0].rank, tuple(None if i is None else ":" for i in n.arg)),)
+        n = n.srcs[0]
+    return Ref(n, view)
+
+
 class Region:
-    def __init__(self, roots: list[Node | None], stop: set[int] = frozenset()):
-        """roots: the values the kernel needs; stop: node ids that are leaves regardless
-        (e.g. the stage's own states, which the kernel holds itself)."""
+    def __init__(self, roots: list[Node | None], stop: set = frozenset()):
+        """roots: the values the kernel needs; stop: ids of values the kernel has already
+        (e.g. its own new states), which the region reads but does not compute."""
         self.roots = [r for r in roots if r is not None]
-        self.leaves: list[Node] = []
-        self.nodes: list[Node] = []        # fused nodes, sources first
-        self.stops_hit: set[int] = set()   # the stop nodes the roots reach
-        seen: set[int] = set()
-        stack = [(r, False) for r in reversed(self.roots)]
+        self.leaves: list[Ref] = []
+        self.nodes: list[Ref] = []         # fused values, sources first
+        self.stops_hit: set = set()        # the stop values the roots reach
+        self.ok = True                     # False if a stop value is read through a view
+        self._views: dict = {}             # view -> a short suffix for value names
+        seen: set = set()
+        stack = [(resolve(r), False) for r in reversed(self.roots)]
         while stack:  # depth first from the roots, stopping at leaves (sources first)
-            n, done = stack.pop()
+            ref, done = stack.pop()
             if done:
-                self.nodes.append(n)
+                self.nodes.append(ref)
                 continue
+            n = ref.node
             if n.id in stop:
                 self.stops_hit.add(n.id)
+                self.ok = self.ok and not ref.view
                 continue
-            if n.id in seen or texpr.literal(n) is not None:
+            if ref.id in seen or texpr.literal(n) is not None:
                 continue
-            seen.add(n.id)
-            if self.is_fused(n):
-                stack.append((n, True))
-                stack.extend((s, False) for s in reversed(n.srcs))
+            seen.add(ref.id)
+            if texpr.fusable(n):
+                stack.append((ref, True))
+                stack.extend((resolve(s, ref.view), False) for s in reversed(n.srcs))
             else:
-                self.leaves.append(n)
-
-    @staticmethod
-    def is_fused(n: Node) -> bool:
-        return texpr.fusable(n)
+                self.leaves.append(ref)
 
     # names in generated code
-    @staticmethod
-    def value(n: Node, suffix: str = "") -> str:
-        return f"v{n.id}{suffix}"
+    def value(self, ref: Ref, suffix: str = "") -> str:
+        if not ref.view:
+            return f"v{ref.node.id}{suffix}"
+        k = self._views.setdefault(ref.view, len(self._views))
+        return f"v{ref.node.id}_w{k}{suffix}"
 
-    def name_fn(self, leaf_names: dict[int, str], suffix: str = ""):
-        def name(n: Node) -> str:
+    def name_fn(self, leaf_names: dict, suffix: str = ""):
+        """Node -> its name (as read with no view); leaf_names: ref id -> name."""
+        def name(n: Node, view: tuple = ()) -> str:
             lit = texpr.literal(n)
             if lit is not None:
                 return lit
-            if n.id in leaf_names:
-                return leaf_names[n.id]
-            return self.value(n, suffix)
+            ref = resolve(n, view)
+            if ref.id in leaf_names:
+                return leaf_names[ref.id]
+            return self.value(ref, suffix)
         return name
 
-    def cone(self, roots: list[Node]) -> list[Node]:
-        """The fused nodes the given roots need (sources first)."""
-        need = {n.id for n in toposort([r for r in roots if r is not None])}
-        return [n for n in self.nodes if n.id in need]
+    def cone(self, roots: list) -> list[Ref]:
+        """The fused values the given roots need (sources first)."""
+        need: set = set()
+        stack = [resolve(r) if isinstance(r, Node) else r for r in roots if r is not None]
+        while stack:
+            ref = stack.pop()
+            if ref.id in need:
+                continue
+            need.add(ref.id)
+            if texpr.fusable(ref.node):
+                stack.extend(resolve(s, ref.view) for s in ref.node.srcs)
+        return [r for r in self.nodes if r.id in need]
 
-    def leaves_of(self, roots: list[Node]) -> list[Node]:
-        need = {n.id for n in toposort([r for r in roots if r is not None])}
+    def leaves_of(self, roots: list[Node]) -> list[Ref]:
+        ids = {r.id for r in self.cone(roots)}
+        need = set()
+        for r in self.nodes:
+            if r.id in ids:
+                need |= {resolve(s, r.view).id for s in r.node.srcs}
+        need |= {resolve(r).id for r in roots if r is not None}
         return [x for x in self.leaves if x.id in need]
 
     def forward_lines(self, roots, leaf_names, notes: SourceNotes, suffix: str = "") -> list[str]:
         name = self.name_fn(leaf_names, suffix)
         out = []
-        for n in self.cone(roots):
-            out.append(annotate(f"{self.value(n, suffix)} = {texpr.expr(n, name)}", notes(n)))
+        for ref in self.cone(roots):
+            rhs = texpr.expr(ref.node, lambda s, v=ref.view: name(s, v))
+            out.append(annotate(f"{self.value(ref, suffix)} = {rhs}", notes(ref.node)))
         return out
 
-    def backward_lines(self, seeds: dict[int, str], leaf_names, notes: SourceNotes,
-                       grad_names: dict[int, str]) -> list[str]:
-        """Reverse mode over the region: `seeds` maps root node ids to the names of their
-        adjoints; the adjoint of each leaf (or stop node) in grad_names is assigned to
+    def backward_lines(self, seeds: dict, leaf_names, notes: SourceNotes, grad_names: dict) -> list[str]:
+        """Reverse mode over the region: `seeds` maps root ids to the names of their
+        adjoints; the adjoint of each leaf (or stop value) in grad_names is assigned to
         grad_names[id] (0.0 if it gets none)."""
         name = self.name_fn(leaf_names)
-        roots = [n for n in self.nodes + self.leaves if n.id in seeds]
+        roots = [r for r in self.nodes + self.leaves if r.id in seeds]
         order = self.cone(roots)
-        adj: dict[int, list[str]] = {k: [v] for k, v in seeds.items()}
+        adj: dict = {k: [v] for k, v in seeds.items()}
         out = []
-        for n in reversed(order):
-            parts = adj.pop(n.id, None)
+        for ref in reversed(order):
+            parts = adj.pop(ref.id, None)
             if not parts:
                 continue
-            g = f"g{n.id}"
-            out.append(annotate(f"{g} = {' + '.join(parts)}", notes(n, with_text=False)))
-            for src, contrib in zip(n.srcs, texpr.vjp(n, g, name, self.value(n))):
+            g = "g" + self.value(ref)[1:]
+            out.append(annotate(f"{g} = {' + '.join(parts)}", notes(ref.node, with_text=False)))
+            nm = lambda s, v=ref.view: name(s, v)  # noqa: E731
+            for src, contrib in zip(ref.node.srcs, texpr.vjp(ref.node, g, nm, self.value(ref))):
                 if contrib is not None:
-                    adj.setdefault(src.id, []).append(contrib)
-        for nid, gname in grad_names.items():
-            parts = adj.get(nid)
+                    adj.setdefault(resolve(src, ref.view).id, []).append(contrib)
+        for rid, gname in grad_names.items():
+            parts = adj.get(rid)
             out.append(f"{gname} = {' + '.join(parts) if parts else '0.0'}")
         return out
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from recdsl.ir import Node
 from recdsl.torch_expr import SourceNotes
 
-from .fusion import Region, annotate
+from .fusion import Region, annotate, resolve
 
 IDENTITY = {"diag": ("1.0", "0.0"), "maxplus": ("0.0", 'float("-inf")'), "lse": ("0.0", 'float("-inf")')}
 
@@ -98,7 +98,7 @@ class ScanKernel:
         self.readout_mode = bool(spec.readouts)
         self.leaves = list(self.region.leaves)
         for x in self.epi.leaves:
-            if all(x is not y for y in self.leaves):
+            if all(x.id != y.id for y in self.leaves):
                 self.leaves.append(x)
         self.rleaves = list(self.red.leaves)
         self.leaf_names = {x.id: f"x{i}" for i, x in enumerate(self.leaves)}
@@ -346,9 +346,9 @@ class ScanKernel:
             for j, o in enumerate(sp.reduced):
                 lines.append(f"        gor{j} = tl.load(dor{j} + (bb * T + tm[:, None]) * CO + ro[None, :], mask=mo, "
                              f"other=0.0).to(ACC)")
-                seeds[o.id] = f"gor{j}"
+                seeds[resolve(o).id] = f"gor{j}"
             names = {x.id: f"grx{j}" for j, x in enumerate(self.rleaves)}
-            names.update({r.id: f"gy{j}" for j, (r, _, _) in enumerate(sp.readouts)})
+            names.update({resolve(r).id: f"gy{j}" for j, (r, _, _) in enumerate(sp.readouts)})
             for ln in self.red.backward_lines(seeds, {**self.rleaf_names, **self.read_names}, self.notes, names):
                 lines.append("        " + ln)
             for j in range(len(self.rleaves)):
@@ -358,19 +358,19 @@ class ScanKernel:
                 lines.append(f"        gyb{j} = tl.reshape(tl.broadcast_to(gy{j}[:, :, None], "
                              f"[BLOCK_T, BLOCK_C // NP, NP]), [BLOCK_T, BLOCK_C])")
                 add.setdefault(si, []).append(f"gyb{j} * {self._epi_name(q)}")
-                grads_q.setdefault(q.id, []).append(f"gyb{j} * {self._upd[sp.updates[si].id]}")
+                grads_q.setdefault(resolve(q).id, []).append(f"gyb{j} * {self._upd[sp.updates[si].id]}")
         seeds = {}
         for i, o in enumerate(sp.outputs):
             lines.append(f"        gof{i} = tl.load(dof{i} + (bb * T + tm[:, None]) * C + c[None, :], mask=m, "
                          f"other=0.0).to(ACC)")
-            seeds.setdefault(o.id, []).append(f"gof{i}")
+            seeds.setdefault(resolve(o).id, []).append(f"gof{i}")
         for qid, parts in grads_q.items():
             seeds.setdefault(qid, []).extend(parts)
         seed_names = {}
-        for nid, parts in seeds.items():
-            lines.append(f"        se{nid} = tl.where(m, {' + '.join(parts)}, 0.0)")
-            seed_names[nid] = f"se{nid}"
-        names = {x.id: f"ge{i}" for i, x in enumerate(self.leaves) if any(x is y for y in self.epi.leaves)}
+        for i, (nid, parts) in enumerate(seeds.items()):
+            lines.append(f"        se{i} = tl.where(m, {' + '.join(parts)}, 0.0)")
+            seed_names[nid] = f"se{i}"
+        names = {x.id: f"ge{i}" for i, x in enumerate(self.leaves) if any(x.id == y.id for y in self.epi.leaves)}
         names.update({u.id: f"gu{i}" for i, u in enumerate(sp.updates)})
         for ln in self.epi.backward_lines(seed_names, {**self.leaf_names, **self._upd}, self.notes, names):
             lines.append("        " + ln)
@@ -483,15 +483,14 @@ class ScanKernel:
                 continue
             i, j = divmod(idx, k)
             g = f"lt{i} * {hp[j]}" if sp.kind == "block" else f"lt0 * {da[0]}"
-            seeds.setdefault(node.id, [])
-            seeds[node.id].append(g)
+            seeds.setdefault(resolve(node).id, []).append(g)
         for i, node in enumerate(sp.b):
             if node is not None and not _is_literal(node):
-                seeds.setdefault(node.id, []).append(f"lt{i} * {db[i]}")
+                seeds.setdefault(resolve(node).id, []).append(f"lt{i} * {db[i]}")
         seed_names = {}
-        for nid, parts in seeds.items():
-            lines.append(f"        s{nid} = tl.where(m, {' + '.join(parts)}, 0.0)")
-            seed_names[nid] = f"s{nid}"
+        for i, (nid, parts) in enumerate(seeds.items()):
+            lines.append(f"        s{i} = tl.where(m, {' + '.join(parts)}, 0.0)")
+            seed_names[nid] = f"s{i}"
         pro = {x.id for x in self.region.leaves}
         epi = {x.id for x in self.epi.leaves} if (sp.outputs or sp.readouts) else set()
         grad_names = {x.id: f"gx{i}" for i, x in enumerate(self.leaves) if x.id in pro}
@@ -515,9 +514,9 @@ class ScanKernel:
         return "\n".join(lines) + "\n"
 
 
-def _time_invariant(n: Node) -> bool:
+def _time_invariant(ref) -> bool:
     from recdsl.ir import Op, toposort
-    return not any(x.op in (Op.INPUT, Op.STATE) for x in toposort([n]))
+    return not any(x.op in (Op.INPUT, Op.STATE) for x in toposort([ref.node]))
 
 
 def _is_literal(n: Node) -> bool:
