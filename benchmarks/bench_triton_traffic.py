@@ -6,7 +6,7 @@ backend runs with a Triton kernel; next to it the analytic minimum: every distin
 element read once, every output written once (launch.distinct_bytes). Also: launches per
 forward. Counts, not timings: the same on any machine.
 
-    .venv/bin/python benchmarks/bench_triton_traffic.py [--B 2 --T 64] [--cells hgrn,lstm]
+    .venv/bin/python benchmarks/bench_triton_traffic.py [--B 2 --T 256] [--cells hgrn,lstm]
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import recdsl  # noqa: E402
 from recdsl.backends.triton import launch, traffic  # noqa: E402
 
 CELLS = ["hgrn", "mamba", "mega_ema", "mingru", "minlstm", "qrnn", "rglru", "s4d", "sru", "lru", "gateloop",
-         "block_diag_lrnn", "plstm1d", "aaren", "elman", "gru", "indrnn", "lstm", "slstm", "lem", "mgu"]
+         "block_diag_lrnn", "plstm1d", "aaren", "retnet", "hgrn2", "mamba2", "elman", "gru", "indrnn", "lstm", "slstm",
+         "lem", "mgu"]
 
 
 def measure(name: str, B: int, T: int):
@@ -48,7 +49,7 @@ def measure(name: str, B: int, T: int):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--B", type=int, default=2)
-    ap.add_argument("--T", type=int, default=64)
+    ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--cells", default=",".join(CELLS))
     a = ap.parse_args(argv)
     print(f"forward traffic per token (B={a.B}, T={a.T}, fp32), counted in the Triton interpreter")

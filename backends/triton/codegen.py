@@ -94,22 +94,27 @@ class TritonEmitter(Emitter):
         if spec.kind == "diag" and spec.k == 1 and len(state_shape) == 2:
             u = spec.updates[0]
             for n in self.ir.nodes():
-                if n.op == Op.MATMUL and n.srcs[0] is u and n.srcs[1].rank == 1 and self._ready(n.srcs[1], sp.index):
-                    if all(n is not r for r, _, _ in spec.readouts):
-                        spec.readouts.append((n, 0, n.srcs[1]))
+                found = _readout(n, u)
+                if found and self._ready(found[0], sp.index) and all(n is not r for r, _, _ in spec.readouts):
+                    q, rax = found
+                    if not spec.readouts:
+                        spec.rax = rax
+                    if rax == spec.rax:   # one reduced axis per kernel
+                        spec.readouts.append((n, 0, q))
         reads = {r.id for r, _, _ in spec.readouts}
+        red_shape = state_shape[:-1] if spec.rax == 2 else state_shape[1:]
         for o in pending:
             if o.id in upd or (texpr.fusable(o) and ir.shape_of(o) == state_shape):
                 reg = Region([o], set(upd))
                 if reg.ok and reg.stops_hit and all(self._ready(x.node, sp.index) for x in reg.leaves):
                     spec.outputs.append(o)
-            elif spec.readouts and ir.shape_of(o) == state_shape[:-1] and (o.id in reads or texpr.fusable(o)):
+            elif spec.readouts and ir.shape_of(o) == red_shape and (o.id in reads or texpr.fusable(o)):
                 reg = Region([o], reads)
                 if reg.ok and reg.stops_hit and all(self._ready(x.node, sp.index) and x.id not in upd
                                                     for x in reg.leaves):
                     spec.reduced.append(o)
         if spec.readouts:
-            spec.n_p2 = 1 << max(0, (state_shape[-1] - 1).bit_length())
+            spec.n_p2 = 1 << max(0, (state_shape[spec.rax - 1] - 1).bit_length())
         # readouts nothing reduced reads are not worth the readout mode
         used = {x for o in spec.reduced for x in Region([o], reads).stops_hit}
         spec.readouts = [r for r in spec.readouts if r[0].id in used]
@@ -180,3 +185,21 @@ class TritonEmitter(Emitter):
             parts.append(k.forward())
             parts.append(k.backward())
         return "\n\n".join(parts)
+
+
+def _readout(n, u):
+    """(q, axis) if n reads the [K, N] state u linearly, reducing one axis: u @ q or
+    sum(u * q, -1) reduce N (axis 2: the last); q @ u or sum(u * q, 0) reduce K (axis 1).
+    q is returned as the tile the kernel multiplies u by (q[:, None] for q @ u)."""
+    from recdsl.types import ONE
+    if n.op == Op.MATMUL and n.srcs[0] is u and n.srcs[1].rank == 1:
+        return n.srcs[1], 2
+    if n.op == Op.MATMUL and n.srcs[1] is u and n.srcs[0].rank == 1:
+        q = n.srcs[0]
+        return Node(Op.INDEX, (q,), (q.shape[0], ONE), (slice(None), None), span=q.span), 1
+    if n.op == Op.SUM and n.arg[0] in (0, 1) and not n.arg[1] and n.srcs[0].op == Op.MUL:
+        a, b = n.srcs[0].srcs
+        q = b if a is u else a if b is u else None
+        if q is not None and q.rank <= 2:
+            return q, 2 if n.arg[0] == 1 else 1
+    return None

@@ -157,8 +157,10 @@ def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Ten
     dt = h0s[0].dtype
     full = [_full_view(x, ns, len(shape), B, T, chan, dt) for x in leaves]
     _, c3 = _channels(torch.empty((1, 1) + chan, device="meta"))
-    red = [_full_view(x, ns, len(shape) - 1, B, T, chan[:-1], dt).reshape(B, T, c3[0], c3[1], 1)
-           for x in rleaves]
+    rax = stage.kernel.spec.rax            # the readouts reduce chan[-1] (2) or chan[-2] (1)
+    rchan = chan[:-1] if rax == 2 else chan[:-2] + chan[-1:]
+    rview = (c3[0], c3[1], 1) if rax == 2 else (c3[0], 1, c3[2])
+    red = [_full_view(x, ns, len(shape) - 1, B, T, rchan, dt).reshape((B, T) + rview) for x in rleaves]
     NB = B if cu is None else cu.numel() - 1   # initial states: one per batch row, or per sequence
     h0 = torch.stack([h.to(dt).expand((NB,) + chan).reshape(NB, -1) for h in h0s], -1)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in [h0, *full, *red])
@@ -170,7 +172,7 @@ def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Ten
     seqs = [seq[..., i].reshape((B, T) + chan) if stored else None for i in range(k)]
     fins = [fin[..., i].reshape((NB,) + chan) for i in range(k)]
     return (seqs, fins, [o.reshape((B, T) + chan) for o in outs[:n_out]],
-            [o.reshape((B, T) + chan[:-1]) for o in outs[n_out:]])
+            [o.reshape((B, T) + rchan) for o in outs[n_out:]])
 
 
 class _ScanFn(torch.autograd.Function):
@@ -185,8 +187,8 @@ class _ScanFn(torch.autograd.Function):
         hseq = torch.empty((B, T, C, k) if store else (1, 1, 1, k), dtype=dt, device=dev)
         hfin = torch.empty((NB, C, k), dtype=dt, device=dev)
         outs = [torch.empty((B, T, C), dtype=dt, device=dev) for _ in spec.outputs] + \
-            [torch.empty((B, T, C // C2), dtype=dt, device=dev) for _ in spec.reduced]
-        grid, const = _scan_grid(stage, NB, T, C, C2, dev, False, rev, cu)
+            [torch.empty((B, T, C // _red(spec, C1, C2)), dtype=dt, device=dev) for _ in spec.reduced]
+        grid, const = _scan_grid(stage, NB, T, C, _red(spec, C1, C2), dev, False, rev, cu)
         _record(stage.name + "_fwd", [h0, *leaves], ([hseq] if store else []) + [hfin, *outs])
         stage.fwd(dev)[grid](*_leaf_args(leaves), h0, hseq, hfin, *outs, T, C, C1, C2, const.pop("cu"),
                              ACC=_acc(dt), STORE_SEQ=store, **const, **_gpu_opts(dev))
@@ -202,23 +204,29 @@ class _ScanFn(torch.autograd.Function):
         full, red = leaves[:ctx.nleaf], leaves[ctx.nleaf:]
         dev, dt = h0.device, h0.dtype
         grads = [torch.empty((B, T, C), dtype=dt, device=dev) for _ in full]
-        rgrads = [torch.empty((B, T, C // C2), dtype=dt, device=dev) for _ in red]
+        Cr = _red(stage.kernel.spec, C1, C2)
+        rgrads = [torch.empty((B, T, C // Cr), dtype=dt, device=dev) for _ in red]
         dh0 = torch.empty_like(h0)
         has_dseq = dhseq is not None
         dhseq = dhseq.contiguous() if has_dseq else hseq
         dhfin = dhfin.contiguous() if dhfin is not None else torch.zeros_like(h0)
         n_out = len(stage.kernel.spec.outputs)
         douts = [(g.contiguous() if g is not None else
-                  torch.zeros((B, T, C) if i < n_out else (B, T, C // C2), dtype=dt, device=dev))
+                  torch.zeros((B, T, C) if i < n_out else (B, T, C // Cr), dtype=dt, device=dev))
                  for i, g in enumerate(douts)]
         rev, cu, _, _ = ctx.run
-        grid, const = _scan_grid(stage, h0.shape[0], T, C, C2, dev, True, rev, cu)
+        grid, const = _scan_grid(stage, h0.shape[0], T, C, Cr, dev, True, rev, cu)
         stage.bwd(dev)[grid](*_leaf_args(leaves), *grads, *rgrads, h0, hseq, dhseq, dhfin, dh0, *douts,
                              T, C, C1, C2, const.pop("cu"), ACC=_acc(dt), HAS_DSEQ=has_dseq, **const, **_gpu_opts(dev))
         return (None, None, None, None, None, dh0) + tuple(g.view(x.shape) for g, x in zip(grads + rgrads, leaves))
 
 
-def _scan_grid(stage, NB, T, C, C2, device, backward, rev, cu):
+def _red(spec, C1: int, C2: int) -> int:
+    """The size of the axis the readouts reduce."""
+    return C2 if spec.rax == 2 else C1
+
+
+def _scan_grid(stage, NB, T, C, Cr, device, backward, rev, cu):
     """(grid, launch options): programs over (channel blocks, batch rows or sequences)."""
     kern = stage.kernel
     BT, BC = Blocks.scan(C, T, device, backward=backward, k=stage.k)
@@ -228,7 +236,7 @@ def _scan_grid(stage, NB, T, C, C2, device, backward, rev, cu):
         NP = kern.np
         opts["BLOCK_C"] = BC = max(BC, NP)
         opts["NP"] = NP
-        return (triton_cdiv(C // C2, BC // NP), NB), opts
+        return (triton_cdiv(C // Cr, BC // NP), NB), opts
     return (triton_cdiv(C, BC), NB), opts
 
 

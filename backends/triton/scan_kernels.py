@@ -52,6 +52,7 @@ class ScanSpec:
     readouts: list[tuple[Node, int, Node]] = field(default_factory=list)  # (h' @ q node, state index, q)
     reduced: list[Node] = field(default_factory=list)      # elementwise in the readouts: [B, T, C / N]
     n_p2: int = 1                                          # the readout axis N, padded to a power of two
+    rax: int = 2                                           # the state axis readouts reduce: 2 last, 1 first
 
 
 def combine_source(kind: str, k: int) -> str:
@@ -169,7 +170,7 @@ class ScanKernel:
                   "        bb = b",
                   "    lane = tl.arange(0, BLOCK_C)",
                   "    rows = tl.arange(0, BLOCK_T)"]
-        if self.readout_mode:   # lanes = BLOCK_C // NP outer rows x NP (the readout axis, padded)
+        if self.readout_mode and self.spec.rax == 2:   # lanes: BLOCK_C // NP outer rows x NP (the last axis, padded)
             lines += ["    CO = C // C2  # outer channels (one readout each)",
                       "    ro = pid_c * (BLOCK_C // NP) + tl.arange(0, BLOCK_C // NP)",
                       "    omask = ro < CO",
@@ -179,8 +180,22 @@ class ScanKernel:
                       "    c = rol * C2 + c2  # the channel in the [B, T, C] layout",
                       "    c1 = rol % C1",
                       "    c0 = rol // C1",
+                      "    r2 = ro * 0",
                       "    r1 = ro % C1",
                       "    r0 = ro // C1"]
+        elif self.readout_mode:   # the readout reduces the state's first axis (q @ S): lanes x NP of C1
+            lines += ["    CO = C // C1  # outer channels (one readout each)",
+                      "    ro = pid_c * (BLOCK_C // NP) + tl.arange(0, BLOCK_C // NP)",
+                      "    omask = ro < CO",
+                      "    rol = pid_c * (BLOCK_C // NP) + lane // NP",
+                      "    c1 = lane % NP",
+                      "    cmask = (rol < CO) & (c1 < C1)",
+                      "    c2 = rol % C2",
+                      "    c0 = rol // C2",
+                      "    c = (c0 * C1 + c1) * C2 + c2  # the channel in the [B, T, C] layout",
+                      "    r2 = ro % C2",
+                      "    r1 = ro * 0",
+                      "    r0 = ro // C2"]
         else:
             lines += ["    c = pid_c * BLOCK_C + lane",
                       "    cmask = c < C",
@@ -190,7 +205,7 @@ class ScanKernel:
         for i in range(len(self.leaves)):
             lines.append(f"    l{i}_c = bb * l{i}_sb + c0 * l{i}_s0 + c1 * l{i}_s1 + c2 * l{i}_s2")
         for j in range(len(self.rleaves)):
-            lines.append(f"    rl{j}_c = bb * rl{j}_sb + r0 * rl{j}_s0 + r1 * rl{j}_s1")
+            lines.append(f"    rl{j}_c = bb * rl{j}_sb + r0 * rl{j}_s0 + r1 * rl{j}_s1 + r2 * rl{j}_s2")
 
     def _invariant_loads(self, lines):
         for i, x in enumerate(self.leaves):
