@@ -128,7 +128,7 @@ class TritonEmitter(Emitter):
         if kind == "diagexp":  # the decay as exp(log a): the exponential is one more prologue op
             a = Node(Op.EXP, (a,), a.shape, span=a.span)
             kind = "diag"
-        name = f"stage{sp.index}_{sp.states[0]}"
+        name = f"{self.ir.name.lower()}_stage{sp.index}_{sp.states[0]}"
         self._scan(low, ScanSpec(name, kind, 1, [[a]], [b], list(sp.states)))
 
     def _stage_block(self, low: StageLowering):
@@ -136,7 +136,7 @@ class TritonEmitter(Emitter):
         states = sp.states
         A = [[low.nodes["A"].get((i, j)) for j in range(len(states))] for i in range(len(states))]
         b = [low.nodes["b"].get(s) for s in states]
-        name = f"stage{sp.index}_{'_'.join(states)}"
+        name = f"{self.ir.name.lower()}_stage{sp.index}_{'_'.join(states)}"
         self._scan(low, ScanSpec(name, "block", len(states), A, b, list(states)))
 
     def _stage_chunk_diag(self, low):

@@ -68,7 +68,7 @@ class SeqKernel:
         from ..torch.lowering import stage_core
         self.ir, self.notes = ir, notes
         self.states = list(sp.states)
-        self.name = f"stage{sp.index}_{'_'.join(self.states)}"
+        self.name = f"{ir.name.lower()}_stage{sp.index}_{'_'.join(self.states)}"
         core = stage_core(ir, self.states, place, sp.index)
         self.core_ids = {n.id for n in core}
         for s in self.states:
