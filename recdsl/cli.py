@@ -245,7 +245,8 @@ def builtins():
 @click.option("--seconds", type=float, default=60.0, show_default=True, help="Time budget (generated cells).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cells and the data.")
 @click.option("--backends", "backend_list", default=None,
-              help="Backends to compare with reference, comma-separated (default: every built one).")
+              help="Backends to compare with reference, comma-separated (default: every built one that runs "
+                   "at speed here; triton only on a GPU, its interpreter takes seconds a cell).")
 @click.option("--cells", "cells", multiple=True,
               help="Fuzz these .rec files (random inputs and shapes) instead of generated cells; "
                    "a file written by the shrinker replays its recorded case.")

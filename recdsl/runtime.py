@@ -84,8 +84,9 @@ class RecModule(nn.Module):
     def _pick_backend(self, backend: str) -> str:
         if backend not in BACKENDS:
             raise RecError(f"unknown backend '{backend}'", hint="backends: " + ", ".join(BACKENDS))
-        if backend == "auto":  # the fastest built backend that runs the cell
-            for name in ("torch", "reference"):
+        if backend == "auto":  # the fastest built backend that runs the cell (Triton only on a GPU)
+            order = ("triton", "torch", "reference") if torch.cuda.is_available() else ("torch", "reference")
+            for name in order:
                 if _backend_module(name).supports(self.ir) is None:
                     return name
             return "reference"

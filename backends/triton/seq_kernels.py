@@ -2,9 +2,9 @@
 
 One program per (block of BLOCK_B batch rows, head). The states live in registers as
 [BLOCK_B, n] tiles for the whole sequence; the recurrent weights are loaded once, before
-the loop, and held on chip (or re-read from L2 every step when they would not fit in
-registers: a choice made here from the concrete sizes, see HOLD_LIMIT); the hoisted
-projections are read per step. Each step is the stage's recurrent core, generated from
+the loop, and held in registers (per head, as FlashRNN does); a stage whose weights do not
+fit (HOLD_LIMIT) runs the torch loop instead, and says so -- splitting the hidden units
+across programs is not built. The hoisted projections are read per step. Each step is the stage's recurrent core, generated from
 the IR.
 
 Triton cannot slice a register tile, so every value is computed at the *window* (offset,
@@ -28,7 +28,8 @@ from recdsl.torch_expr import SourceNotes
 from . import texpr
 from .fusion import annotate
 
-HOLD_LIMIT = 64 * 64      # weight elements per program held in registers across the loop
+HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
+                          # the backward spills on sm_80/sm_90 (LSTM H = 32: 4096 spill-free forward only)
 DOT_MIN = 16              # tl.dot needs every side >= 16 on a GPU; below, multiply and sum
 
 
@@ -91,7 +92,11 @@ class SeqKernel:
             if any(g.win.overlaps(w) for w in rows.get(g.param.id, [])):
                 raise NotEligible("a weight is used twice at the same rows")
             rows.setdefault(g.param.id, []).append(g.win)
-        self.hold = sum(g.K * g.win.len for g in self.gemms) <= HOLD_LIMIT
+        weights = sum(_pow2(g.K) * g.win.width for g in self.gemms)
+        if weights > HOLD_LIMIT:
+            raise NotEligible(f"the recurrent weights ({weights} elements per head) do not fit one program's "
+                              f"registers (<= {HOLD_LIMIT}); splitting the hidden units across programs "
+                              "(FlashRNN-style) is not built")
 
     # ------------------------------------------------------------------ analysis
     def _full(self, n: Node) -> Win:
@@ -230,9 +235,8 @@ class SeqKernel:
                 idx = f"({w.off} + {self.cols(w)})[None, :] * p{j}_sr" if p.rank else "tl.zeros([1, 1], tl.int64)"
                 L.append(annotate(f"    {self.vname(p, w)} = tl.load(p{j} + hd * p{j}_sh + {idx}, "
                                   f"mask={self.cmask(w)}, other=0.0).to(ACC)", self.notes(p, with_text=False)))
-        if self.hold:
-            for gi in range(len(self.gemms)):
-                L += ["    " + x for x in self._gemm_tile(gi)]
+        for gi in range(len(self.gemms)):   # the recurrent weights: loaded once, held in registers
+            L += ["    " + x for x in self._gemm_tile(gi)]
 
     def _state_ptr(self, k: int, base: str, t: str | None) -> tuple[str, str]:
         """Pointers and mask of state k's tile: per row at memory step t ([BLOCK_B] vector;
@@ -272,8 +276,6 @@ class SeqKernel:
             elif n.op == Op.MATMUL:
                 gi = next(i for i, g in enumerate(self.gemms) if g.node is n and g.win == w)
                 g = self.gemms[gi]
-                if not self.hold:
-                    L += ["        " + x for x in self._gemm_tile(gi)]
                 xin = f"tl.where({self.cmask(self._full(g.x))}, {self.vname(g.x, self._full(g.x))}, 0.0)"
                 rhs = self._matmul(xin, f"w{gi}", _pow2(g.K), w.width)
             elif n.op == Op.DOT:
@@ -302,8 +304,7 @@ class SeqKernel:
              f"def {self.name}_fwd({', '.join(self._signature(False))},",
              "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, "
              + ", ".join(f"STORE{k}: tl.constexpr" for k in range(len(self.states))) + "):",
-             f"    # stage {', '.join(self.states)}: the time loop on chip; weights "
-             + ("held in registers" if self.hold else "re-read from L2 each step")]
+             f"    # stage {', '.join(self.states)}: the time loop on chip; weights held in registers"]
         self._setup(L)
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"hinit{k}", None)
@@ -444,7 +445,9 @@ class SeqKernel:
             KP, LP = _pow2(gm.K), w.width
             if min(KP, LP) >= DOT_MIN and _block_b_ok():
                 L.append(f"        dw{gi} += tl.dot(tl.trans({xin}), {g}, input_precision=\"ieee\")")
-                dx = f"tl.dot({g}, tl.trans(w{gi}), input_precision=\"ieee\")"
+                # g @ W^T as a product-sum: tl.dot here (with or without tl.trans) crashes LLVM's
+                # SLP vectorizer in Triton 3.9 for sm_90 (seen at H = 16 and 32)
+                dx = f"tl.sum({g}[:, None, :] * w{gi}[None, :, :], 2)"
             else:
                 L.append(f"        dw{gi} += tl.sum({xin}[:, :, None] * {g}[:, None, :], 0)")
                 dx = f"tl.sum({g}[:, None, :] * w{gi}[None, :, :], 2)"

@@ -381,10 +381,18 @@ def available_backends() -> list[str]:
     return [b for b in BUILT if b != "reference"]
 
 
+def default_backends() -> list[str]:
+    """What a run compares when not told: every built backend that runs at speed here --
+    triton only on a GPU (in Triton's interpreter a cell takes seconds; ask for it with
+    --backends triton)."""
+    import torch
+    return [b for b in available_backends() if b != "triton" or torch.cuda.is_available()]
+
+
 def check_backends(names: list[str] | None) -> list[str]:
     known = available_backends()
     if not names:
-        return known
+        return default_backends()
     bad = [n for n in names if n not in known]
     if bad:
         from recdsl.runtime import BACKENDS

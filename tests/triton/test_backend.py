@@ -138,3 +138,11 @@ def test_bf16_inputs_accumulate_in_fp32():
 def test_long_odd_sequence(name):
     spec = recdsl.load(name)
     _check(spec, spec.analysis_dims(), 1e-9, B=2, T=1000, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,dims", [("lstm", dict(D=16, H=16)), ("gru", dict(D=16, H=16)),
+                                       ("lstm", dict(D=32, H=32))])
+def test_larger_hidden_sizes(name, dims):
+    """tl.dot tiles in the step (H = 16) and the torch fallback for weights that do not fit (H = 32)."""
+    spec = recdsl.load(name)
+    _check(spec, dims, 1e-10, B=3, T=9, dtype=torch.float64)

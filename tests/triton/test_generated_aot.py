@@ -48,3 +48,18 @@ def test_inspect_ptx_prints_the_resource_summary():
     assert ".target sm_80" in res.output and "spills" in res.output and "stage0_h_fwd" in res.output
     res = CliRunner().invoke(main, ["inspect", "hgrn", "--stage", "triton"])
     assert res.exit_code == 0 and "@triton.jit" in res.output and "hgrn.rec:12" in res.output
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_sequential_kernel_with_tensor_core_tiles(arch):
+    """H = 16: the step's GEMMs use tl.dot (every side >= 16); still no spills."""
+    spec = recdsl.load("lstm")
+    _, compiled = triton_backend.compile_cell(spec.lower(D=16, H=16), arch)
+    assert "tl.dot(" in triton_backend.emit(spec.lower(D=16, H=16))[0]
+    assert all(c.spills == 0 for c in compiled), [(c.name, c.spills) for c in compiled]
+
+
+def test_weights_too_big_for_one_program_fall_back_and_say_why():
+    spec = recdsl.load("lstm")
+    how = triton_backend.emit(spec.lower(D=32, H=32))[2].how
+    assert how[0].startswith("torch: sequential loop (the recurrent weights (4096 elements per head)"), how
