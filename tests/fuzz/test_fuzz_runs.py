@@ -57,3 +57,12 @@ def test_injected_bug_is_found_and_shrunk(chunk_carry_bug):
     assert run_case(replay, ["torch"]).mismatches
     inject.restore()
     assert not run_case(replay, ["torch"]).mismatches  # the disagreement was the injected bug
+
+
+@pytest.mark.slow
+def test_fixed_seed_triton_run():
+    """Random cells of every class on the triton backend (Triton's interpreter): outputs,
+    states and gradients agree with reference."""
+    report = fuzz(seconds=40, seed=5, backends=["triton"], shrink=False, mutants_per_cell=0)
+    assert report.cells >= 40 and not _unknown(report), \
+        [f.summary() + "\n" + f.case.to_file() for f in _unknown(report)][:2]
