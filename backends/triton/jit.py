@@ -54,17 +54,7 @@ def jit_from_source(src: str, name: str, filename: str = "recdsl-triton", interp
     `src` sees `triton` and `tl` (triton.language). With interpret=False the result is a
     JITFunction that `triton.compile` accepts (see aot.py); with interpret=True it is an
     InterpretedFunction that launches on CPU tensors (see traffic.py)."""
-    fname = register_source(src, filename)
-    namespace = {"triton": triton, "tl": tl, "__name__": f"recdsl_triton_{name}"}
-    # scope() snapshots the runtime knobs and the TRITON_* environment variables and
-    # restores both on exit, error or not (setting the knob also writes TRITON_INTERPRET).
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
-        exec(compile(src, fname, "exec"), namespace)
-    if interpret:
-        for obj in namespace.values():
-            if type(obj) is InterpretedFunction:
-                obj.__class__ = _IsolatedInterpretedFunction  # adds no state, only wraps run()
+    namespace = module_from_source(src, filename, interpret)
     try:
         return namespace[name]
     except KeyError:
@@ -122,16 +112,18 @@ def interpreted_language():
         # globals into each helper's module) stay: cached rewritten helpers need them.
 
 
-def module_from_source(src: str, filename: str, interpret: bool) -> dict:
-    """Exec a whole generated module (several kernels and their @jit helpers) like
-    jit_from_source and return its namespace."""
+def module_from_source(src: str, filename: str = "recdsl-triton", interpret: bool = False) -> dict:
+    """Exec Triton source text (kernels and their @jit helpers) in a fresh namespace and
+    return it; `src` sees `triton` and `tl`."""
     fname = register_source(src, filename)
-    namespace = {"triton": triton, "tl": tl, "__name__": f"recdsl_triton_{filename}"}
+    namespace = {"triton": triton, "tl": tl, "__name__": "recdsl_triton"}
+    # scope() snapshots the runtime knobs and the TRITON_* environment variables and
+    # restores both on exit, error or not (setting the knob also writes TRITON_INTERPRET).
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
         exec(compile(src, fname, "exec"), namespace)
     if interpret:
         for obj in namespace.values():
             if type(obj) is InterpretedFunction:
-                obj.__class__ = _IsolatedInterpretedFunction
+                obj.__class__ = _IsolatedInterpretedFunction  # adds no state, only wraps run()
     return namespace
