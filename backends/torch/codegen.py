@@ -189,6 +189,19 @@ class Emitter:
         self._bind_readouts(low, f"[{o}]")
         self.final[s] = fin
 
+    def _stage_chunk_delta_product(self, low: StageLowering):
+        s = low.stage.states[0]
+        steps = low.nodes["steps"]
+        (_, q, _), = low.readouts
+        ks = ", ".join(self.seq_name(st["k"]) for st in steps)
+        vs = ", ".join(self.seq_name(st["v"]) for st in steps)
+        bs = ", ".join(self.seq_name(st["beta"]) for st in steps)
+        o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        self.emit(f"{o}, {fin} = K.delta_product_stage({self.seq_name(q)}, [{ks}], [{vs}], [{bs}], S0[{s!r}], X0, NS)",
+                  self.ir.updates[s])
+        self._bind_readouts(low, f"[{o}]")
+        self.final[s] = fin
+
     def _bind_readouts(self, low: StageLowering, outs: str):
         for i, (node, _, _) in enumerate(low.readouts):
             name = self.fresh("readout")

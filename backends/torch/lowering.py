@@ -161,6 +161,9 @@ def lower_stage(ir: IRCell, sp: P.StagePlan, place: dict[int, int], users) -> St
         low = _delta_rule(ir, sp, core, users)
         if isinstance(low, StageLowering):
             return low
+        prod = _delta_product(ir, sp, core, users)
+        if prod is not None:
+            return prod
         return StageLowering("loop", sp, f"sequential loop ({low})")
     return StageLowering("loop", sp, "sequential loop over the stage's step"
                          + (" (hoisted work precomputed)" if sp.cls in (P.NONLINEAR, P.DENSE) else ""))
@@ -215,3 +218,88 @@ def _delta_rule(ir, sp, core, users):
         return f"the state is read out {len(reads)} times; the chunkwise form here fuses exactly one readout"
     return StageLowering("chunk_delta", sp, "chunkwise delta rule (WY/UT form)",
                          {"k": t.u, "v": v, "beta": beta, "g": g}, reads)
+
+
+def _signed_terms(n: Node, sign: float = 1.0, out=None) -> list:
+    """n as a signed sum of terms (ADD / SUB / NEG looked through)."""
+    out = [] if out is None else out
+    if n.op == Op.ADD:
+        _signed_terms(n.srcs[0], sign, out)
+        _signed_terms(n.srcs[1], sign, out)
+    elif n.op == Op.SUB:
+        _signed_terms(n.srcs[0], sign, out)
+        _signed_terms(n.srcs[1], -sign, out)
+    elif n.op == Op.NEG:
+        _signed_terms(n.srcs[0], -sign, out)
+    else:
+        out.append((sign, n))
+    return out
+
+
+def _scaled_outer(n: Node):
+    """n == beta * outer(u, w) with beta a scalar: (beta, u, w), else None."""
+    if n.op != Op.MUL:
+        return None
+    a, b = n.srcs
+    for beta, o in ((a, b), (b, a)):
+        if beta.rank == 0 and o.op == Op.OUTER:
+            return beta, o.srcs[0], o.srcs[1]
+    return None
+
+
+def _householder_steps(ir: IRCell, s: str):
+    """S' as n delta-rule steps applied in turn, S_j = S_{j-1} - beta_j outer(k_j, k_j @ S_{j-1})
+    + beta_j outer(k_j, v_j): the list of {k, v, beta} in order, or None. Works on the
+    update's signed terms (the analysis may have flattened the steps' sums into one): each
+    step is an erase term reading the sum of S and the earlier steps' terms, and a write
+    term with the same beta and k."""
+    state = ir.states[s]
+    terms = _signed_terms(ir.updates[s])
+    if sum(1 for sg, t in terms if t is state and sg == 1.0) != 1:
+        return None
+    groups: dict = {}
+    for sg, t in terms:
+        if t is state:
+            continue
+        so = _scaled_outer(t)
+        if so is None:
+            return None
+        beta, k, w = so
+        key = (beta.id, k.id)
+        g = groups.setdefault(key, {"k": k, "beta": beta, "erase": None, "v": None})
+        if sg == -1.0 and w.op == Op.MATMUL and w.srcs[0] is k and g["erase"] is None:
+            g["erase"] = (t, w.srcs[1])
+        elif sg == 1.0 and g["v"] is None:
+            g["v"] = (t, w)
+        else:
+            return None
+    if any(g["erase"] is None or g["v"] is None for g in groups.values()):
+        return None
+    steps, done = [], {(1.0, state.id)}
+    todo = list(groups.values())
+    while todo:
+        nxt = [g for g in todo if g["erase"][1] is state or
+               {(sg, t.id) for sg, t in _signed_terms(g["erase"][1])} == done]
+        if len(nxt) != 1:
+            return None
+        g = nxt[0]
+        todo.remove(g)
+        steps.append({"k": g["k"], "v": g["v"][1], "beta": g["beta"]})
+        done |= {(-1.0, g["erase"][0].id), (1.0, g["v"][0].id)}
+    return steps
+
+
+def _delta_product(ir: IRCell, sp: P.StagePlan, core: set[int], users):
+    """DeltaProduct: S' is n delta-rule steps applied in turn (Householder products). They
+    run as one delta rule over a sequence n times as long (the steps interleaved), read
+    out after the last step of each token -- the chunkwise WY/UT form again."""
+    s = sp.states[0]
+    steps = _householder_steps(ir, s)
+    if steps is None or len(steps) < 2:
+        return None
+    reads = _readouts(ir, s, core, users)
+    if reads is None or len(reads) != 1 or not reads[0][2]:
+        return None
+    return StageLowering("chunk_delta_product", sp,
+                         f"chunkwise delta rule (WY/UT form) over the {len(steps)} Householder steps of each token "
+                         "interleaved", {"steps": steps}, reads)

@@ -291,3 +291,20 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int):
                         rt.to_bt(beta, 0, X0, ns), None if g is None else rt.to_bt(g, 0, X0, ns),
                         rt.to_b(S0, ns - 1))
     return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
+
+
+def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int):
+    """DeltaProduct: n delta-rule steps per token. The steps are interleaved into one
+    sequence n times as long ([B, T, n, ...] -> [B, T * n, ...]); the delta rule runs over
+    it and the readout of each token is the one after its last step."""
+    from . import seq_rt as rt
+    n = len(ks)
+    B, T = X0.shape[:2]
+
+    def interleave(xs, rank):
+        full = torch.stack([rt.full_seq(x, X0, ns, rank) for x in xs], 2)   # [B, T, n, (H), ...]
+        return full.reshape((B, T * n) + tuple(full.shape[3:]))
+    Xn = X0[:, :1].expand((B, T * n) + tuple(X0.shape[2:]))   # the longer sequence's shape (a view)
+    qn = interleave([q] * n, 1)
+    o, ST = delta_stage(qn, interleave(ks, 1), interleave(vs, 1), interleave(betas, 0), None, S0, Xn, ns)
+    return o.reshape((B, T, n) + tuple(o.shape[2:]))[:, :, -1], ST
