@@ -74,15 +74,17 @@ def resolve(n: Node, view: tuple = ()) -> Ref:
 
 
 class Region:
-    def __init__(self, roots: list[Node | None], stop: set = frozenset()):
+    def __init__(self, roots: list[Node | None], stop: set = frozenset(), numbering: dict | None = None):
         """roots: the values the kernel needs; stop: ids of values the kernel has already
-        (e.g. its own new states), which the region reads but does not compute."""
+        (e.g. its own new states), which the region reads but does not compute; numbering:
+        value -> its number in generated names, shared by the regions of one kernel (names
+        then do not depend on node ids, which depend on what the process built before)."""
         self.roots = [r for r in roots if r is not None]
         self.leaves: list[Ref] = []
         self.nodes: list[Ref] = []         # fused values, sources first
         self.stops_hit: set = set()        # the stop values the roots reach
         self.ok = True                     # False if a stop value is read through a view
-        self._views: dict = {}             # view -> a short suffix for value names
+        self._num = numbering if numbering is not None else {}
         seen: set = set()
         stack = [(resolve(r), False) for r in reversed(self.roots)]
         while stack:  # depth first from the roots, stopping at leaves (sources first)
@@ -106,10 +108,7 @@ class Region:
 
     # names in generated code
     def value(self, ref: Ref, suffix: str = "") -> str:
-        if not ref.view:
-            return f"v{ref.node.id}{suffix}"
-        k = self._views.setdefault(ref.view, len(self._views))
-        return f"v{ref.node.id}_w{k}{suffix}"
+        return f"v{self._num.setdefault(ref.id, len(self._num))}{suffix}"
 
     def name_fn(self, leaf_names: dict, suffix: str = ""):
         """Node -> its name (as read with no view); leaf_names: ref id -> name."""

@@ -90,12 +90,13 @@ class ScanKernel:
         self.spec, self.notes = spec, notes
         self.name = spec.name
         roots = [a for row in spec.A for a in row] + list(spec.b)
-        self.region = Region(roots)
+        num: dict = {}   # value numbers shared by the kernel's regions
+        self.region = Region(roots, numbering=num)
         stop = {u.id for u in spec.updates}
         # epilogue at the state's granularity: the outputs and the readout vectors q
-        self.epi = Region(list(spec.outputs) + [q for _, _, q in spec.readouts], stop)
+        self.epi = Region(list(spec.outputs) + [q for _, _, q in spec.readouts], stop, num)
         # epilogue at the readouts' granularity (one value per row of N)
-        self.red = Region(list(spec.reduced), {r.id for r, _, _ in spec.readouts})
+        self.red = Region(list(spec.reduced), {r.id for r, _, _ in spec.readouts}, num)
         self.readout_mode = bool(spec.readouts)
         self.leaves = list(self.region.leaves)
         for x in self.epi.leaves:

@@ -75,6 +75,7 @@ class SeqKernel:
         for s in self.states:
             if ir.states[s].rank > 1:
                 raise NotEligible(f"state {s} is not a vector")
+        self._num: dict[int, int] = {}
         self.order: list[tuple[Node, Win]] = []     # vnodes, sources first
         self.seen: set = set()
         self.leaves: list[Node] = []                # per-step sequence values
@@ -171,7 +172,8 @@ class SeqKernel:
         if n.op == Op.STATE and n.arg[0] in self.states:
             return f"h{self.states.index(n.arg[0])}"
         full = self._full(n) if n.rank <= 1 else None
-        return f"v{n.id}" if w == full else f"v{n.id}_{w.off}_{w.len}"
+        k = self._num.setdefault(n.id, len(self._num))   # numbered in order: names do not depend on ids
+        return f"v{k}" if w == full else f"v{k}_{w.off}_{w.len}"
 
     def cols(self, w: Win) -> str:
         return f"cols{w.width}"
@@ -377,7 +379,7 @@ class SeqKernel:
             parts = adj.pop(self.key(n, w), None)
             if not parts:
                 continue
-            g = f"g{n.id}_{w.off}_{w.len}"
+            g = "g" + self.vname(n, w)[1:]
             L.append(annotate(f"        {g} = tl.where(act[:, None] & {self.cmask(w)}, {' + '.join(parts)}, 0.0)",
                               self.notes(n, with_text=False)))
             if n.id not in self.core_ids:
