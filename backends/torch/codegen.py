@@ -19,6 +19,8 @@ def _raw(n: Node) -> str:
 
 
 class Emitter:
+    BACKEND = "torch"        # named in the generated header
+    EXTRA_ARGS = ""          # forward() parameters a subclass's driver adds
     def __init__(self, ir: IRCell, plan: Plan):
         self.ir, self.plan = ir, plan
         self.lines: list[str] = []
@@ -67,7 +69,7 @@ class Emitter:
                 continue
             if x.op == Op.STATE:
                 name = self.fresh(f"{x.arg[0]}_prev")
-                seq_new = self.seq[self.ir.updates[x.arg[0]].id]
+                seq_new = self.seq_name(self.ir.updates[x.arg[0]])   # bound by its stage (maybe lazily)
                 self.emit(f"{name} = rt.shift({seq_new}, S0[{x.arg[0]!r}])", x)
                 self.seq[x.id] = name
                 continue
@@ -102,10 +104,10 @@ class Emitter:
     def program(self) -> str:
         ir = self.ir
         head = [
-            self.note.header(ir, "torch"),
+            self.note.header(ir, self.BACKEND),
             "# X: inputs [B, T, (heads,) *shape]; S0: initial states [B, (heads,) *shape];",
             "# P1/P2: params with 1/2 leading axes; P0: params as stored; NB: per-step prefix rank.",
-            "def forward(X, S0, P0, P1, P2, NB, DT, DEV):",
+            f"def forward(X, S0, P0, P1, P2, NB, DT, DEV{self.EXTRA_ARGS}):",
             "    NS = NB + 1",
             "    X0 = next(iter(X.values()))",
         ]

@@ -19,8 +19,7 @@ def supports(ir: IRCell) -> str | None:
     if ir.over != "seq":
         return f"the triton backend runs sequences; `over {ir.over}` runs on the reference backend"
     try:
-        from . import launch
-        launch.import_triton()
+        import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton is a dependency
         return "triton is not installed"
     return None
@@ -58,11 +57,7 @@ class Program:
         self.emitter = em
         self.native = em.native     # reverse and cu_seqlens handled by the kernels
         self.module = launch.Kernels(self.kernels_source, f"recdsl-triton-{ir.name}")
-        self.stages = []
-        for k in em.kernels:
-            handle = k.handle()
-            handle.bind(self.module)
-            self.stages.append(handle)
+        self.stages = [launch.Stage(k, self.module) for k in em.kernels]
         ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
               "TK": launch, "KS": self.stages}
         exec_source(self.source, f"triton-driver {ir.name}", ns)
@@ -72,13 +67,7 @@ class Program:
         nb = 2 if heads else 1
         P1 = {n: p[None] for n, p in params.items()}
         P2 = {n: p[None, None] for n, p in params.items()}
-        cu = None if cu_seqlens is None else cu_seqlens.to(device=device, dtype=torch_int32())
-        return self.fn(xs, st, params, P1, P2, nb, dtype, device, reverse, cu)
-
-
-def torch_int32():
-    import torch
-    return torch.int32
+        return self.fn(xs, st, params, P1, P2, nb, dtype, device, reverse, cu_seqlens)   # cu: int32, on device
 
 
 def build(ir: IRCell, plan=None) -> Program:

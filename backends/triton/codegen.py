@@ -13,32 +13,37 @@ from ..torch.lowering import StageLowering
 from recdsl.ir import Node, Op
 
 from . import texpr
-from .scan_kernels import ScanKernel, ScanSpec, combine_source
+from .fusion import pow2
+from .scan_kernels import ScanKernel, ScanSpec
 
 
 class TritonEmitter(Emitter):
+    BACKEND = "triton"
+    EXTRA_ARGS = ", REV=False, CU=None"    # reverse and cu_seqlens, passed to the kernels
     def __init__(self, ir, plan):
         super().__init__(ir, plan)
         self.kernels: list = []            # ScanKernel / SeqKernel, in stage order
         self.how: dict[int, str] = {}      # stage index -> what runs it
-        self.store_marks: dict[int, str] = {}   # scan kernel -> the name of its state sequences
+        self.store_marks: dict[int, list] = {}  # kernel -> its states (whose sequences may go unwritten)
 
     def program(self) -> str:
-        """The driver; a scan writes its state sequences only if the driver reads them
-        (or a gradient needs them: decided at run time)."""
+        """The driver; a kernel writes a state sequence only if the driver reads it (the
+        Emitter's lazy values that were never bound) or a gradient needs it (at run time)."""
         text = super().program()
-        for idx, seqs in self.store_marks.items():
-            from .seq_kernels import SeqKernel
-            kern = self.kernels[idx]
-            if isinstance(kern, SeqKernel):   # per state
-                n = len(kern.states)
-                flags = tuple(f"{seqs}[{i}]" in text for i in range(n))
-                text = text.replace(f"@STORE{idx}@", repr(flags))
-            else:
-                text = text.replace(f"@STORE{idx}@", str(f"{seqs}[" in text))
-        text = text.replace("def forward(X, S0, P0, P1, P2, NB, DT, DEV):",
-                            "def forward(X, S0, P0, P1, P2, NB, DT, DEV, REV=False, CU=None):", 1)
-        return text.replace("# recdsl torch backend", "# recdsl triton backend (driver)", 1)
+        for idx, states in self.store_marks.items():
+            read = tuple(self.ir.updates[s].id not in self.lazy for s in states)
+            per_state = not isinstance(self.kernels[idx], ScanKernel)
+            text = text.replace(f"@STORE{idx}@", repr(read) if per_state else str(any(read)))
+        return text
+
+    def _bind_sequences(self, idx: int, states: list, seqs: str, fins: str):
+        """The stage's final states, and its state sequences as lazy values: emitted (and
+        written by the kernel) only if something reads them."""
+        self.store_marks[idx] = list(states)
+        for i, s in enumerate(states):
+            name = self.fresh(f"{s}_seq")
+            self.lazy[self.ir.updates[s].id] = (name, f"{name} = {seqs}[{i}]")
+            self.final[s] = f"{fins}[{i}]"
 
     @property
     def native(self) -> bool:
@@ -66,10 +71,7 @@ class TritonEmitter(Emitter):
         self.emit(f"{seqs}, {fins}, {outs}, {reds} = TK.scan(KS[{idx}], [{leaves}], [{rleaves}], [{h0s}], X0, NS, "
                   f"{shape!r}, store=@STORE{idx}@, rev=REV, cu=CU)  # triton kernel {spec.name}_fwd",
                   ir.updates[sp.states[0]])
-        self.store_marks[idx] = seqs
-        for i, s in enumerate(sp.states):
-            self.seq[ir.updates[s].id] = f"{seqs}[{i}]"
-            self.final[s] = f"{fins}[{i}]"
+        self._bind_sequences(idx, sp.states, seqs, fins)
         for i, o in enumerate(spec.outputs):
             self.seq[o.id] = f"{outs}[{i}]"
         for j, o in enumerate(spec.reduced):
@@ -114,7 +116,7 @@ class TritonEmitter(Emitter):
                                                     for x in reg.leaves):
                     spec.reduced.append(o)
         if spec.readouts:
-            spec.n_p2 = 1 << max(0, (state_shape[spec.rax - 1] - 1).bit_length())
+            spec.n_p2 = pow2(state_shape[spec.rax - 1])
         # readouts nothing reduced reads are not worth the readout mode
         used = {x for o in spec.reduced for x in Region([o], reads).stops_hit}
         spec.readouts = [r for r in spec.readouts if r[0].id in used]
@@ -160,19 +162,15 @@ class TritonEmitter(Emitter):
         sp = low.stage
         seqs, fins = self.fresh("seqs"), self.fresh("finals")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.store_marks[idx] = seqs
         self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS, rev=REV, cu=CU, "
-                  f"store=@STORE{idx}@)  "
-                  f"# triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
-        for i, s in enumerate(sp.states):
-            self.seq[self.ir.updates[s].id] = f"{seqs}[{i}]"
-            self.final[s] = f"{fins}[{i}]"
+                  f"store=@STORE{idx}@)  # triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
+        self._bind_sequences(idx, sp.states, seqs, fins)
         self.how[sp.index] = f"triton sequential kernel {kern.name}_fwd (time loop on chip)"
 
     # ------------------------------------------------------------------ the kernel module
     def kernel_module(self) -> str:
         from .texpr import PREAMBLE
-        head = [self.note.header(self.ir, "triton").replace("backend", "backend kernels"),
+        head = [self.note.header(self.ir, "triton"),
                 "import triton", "import triton.language as tl", "", ""]
         parts = ["\n".join(head) + PREAMBLE]
         combines = []

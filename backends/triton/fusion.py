@@ -21,6 +21,11 @@ from recdsl.types import ONE
 from . import texpr
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (Triton tile sizes)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def is_view(n: Node) -> bool:
     """An INDEX that only inserts axes or keeps whole ones: a broadcast view of its source."""
     return n.op == Op.INDEX and all(i is None or (isinstance(i, slice) and i == slice(None)) for i in n.arg)

@@ -8,17 +8,12 @@ come back per element of that view; autograd's expand backward sums them to the 
 own shape."""
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
+import triton
+import triton.language as tl
 
 from ..torch.seq_rt import lift
-
-
-def import_triton():
-    import triton
-    return triton
+from .fusion import pow2
 
 
 class Kernels:
@@ -55,8 +50,6 @@ def _record(name: str, reads: list, writes: list):
         RECORD.append((name, sum(distinct_bytes(x) for x in reads) + sum(distinct_bytes(x) for x in writes)))
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 class Blocks:
@@ -75,7 +68,7 @@ class Blocks:
     def scan(C: int, T: int, device, backward: bool = False, k: int = 1) -> tuple[int, int]:
         if device.type == "cuda":
             return Blocks.gpu(k, backward)
-        return min(64, _pow2(T)), min(64, _pow2(C))
+        return min(64, pow2(T)), min(64, pow2(C))
 
 
 MAXNREG = 255
@@ -86,20 +79,28 @@ def _gpu_opts(device) -> dict:
 
 
 def _acc(dtype):
-    tl = import_triton().language
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _channels(full: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """A [B, T, *chan] view as [B, T, C0, C1, C2] (more than three channel axes: merged,
-    which copies only when the strides do not allow a view)."""
-    B, T = full.shape[:2]
-    chan = tuple(full.shape[2:])
+def channels3(chan: tuple) -> tuple[int, int, int]:
+    """The channel axes (heads, *state shape) as the kernels' three C0 x C1 x C2: padded with
+    ones in front, the last two merged while there are more than three."""
+    chan = tuple(chan)
     while len(chan) > 3:
-        full = full.reshape(B, T, *chan[:-2], chan[-2] * chan[-1])
-        chan = tuple(full.shape[2:])
-    chan = (1,) * (3 - len(chan)) + chan
-    return full.reshape(B, T, *chan) if full.dim() != 5 else full, chan
+        chan = chan[:-2] + (chan[-2] * chan[-1],)
+    return (1,) * (3 - len(chan)) + chan
+
+
+_NO_CU: dict = {}   # device -> the dummy `cu` (never read: VARLEN is off), allocated once
+
+
+def _cu_arg(cu, device):
+    """cu_seqlens as the kernels' `cu` pointer (a dummy when there is none)."""
+    if cu is not None:
+        return cu
+    if device not in _NO_CU:
+        _NO_CU[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _NO_CU[device]
 
 
 def _leaf_args(leaves):
@@ -110,15 +111,10 @@ def _leaf_args(leaves):
 
 
 class Stage:
-    """Runtime handle of one generated stage: its forward and backward kernels."""
+    """Runtime handle of one generated stage (ScanKernel or SeqKernel): its kernels."""
 
-    def __init__(self, kernel):
-        self.name = kernel.name
-        self.kernel = kernel
-        self.module: Kernels | None = None
-
-    def bind(self, module: Kernels):
-        self.module = module
+    def __init__(self, kernel, module: Kernels):
+        self.name, self.kernel, self.module = kernel.name, kernel, module
 
     def fwd(self, device):
         return self.module.ns(device)[f"{self.name}_fwd"]
@@ -127,14 +123,9 @@ class Stage:
         return self.module.ns(device)[f"{self.name}_bwd"]
 
 
-class ScanStage(Stage):
-    def __init__(self, kernel):
-        super().__init__(kernel)
-        self.k = kernel.spec.k
-
-
-def _full_view(x, ns: int, rank: int, B: int, T: int, chan: tuple, dt):
-    """A whole-sequence value as a [B, T, C0, C1, C2] view of `chan` (broadcast by strides)."""
+def _full_view(x, ns: int, rank: int, B: int, T: int, chan: tuple, c3: tuple, dt):
+    """A whole-sequence value as a [B, T, *c3] view of `chan` (broadcast by strides; merged
+    axes copy only when the strides do not allow a view)."""
     if not torch.is_tensor(x):
         x = torch.tensor(float(x), dtype=dt)
     if x.dtype == torch.bool:
@@ -142,10 +133,10 @@ def _full_view(x, ns: int, rank: int, B: int, T: int, chan: tuple, dt):
     x = lift(x, x.dim() - ns, rank) if x.dim() - ns < rank else x
     while x.dim() < 2 + len(chan):
         x = x[None]
-    return _channels(x.expand((B, T) + chan))[0]
+    return x.expand((B, T) + chan).reshape((B, T) + c3)
 
 
-def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Tensor, ns: int, shape: tuple,
+def scan(stage: Stage, leaves: list, rleaves: list, h0s: list, X0: torch.Tensor, ns: int, shape: tuple,
          store: bool = True, rev: bool = False, cu=None):
     """Run one scan stage: ([state sequences], [final states], [epilogue outputs],
     [readout-granularity outputs]). The state sequences are written only if `store` (the
@@ -154,21 +145,20 @@ def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Ten
     state each -- both handled by the kernels' indexing, no copies."""
     B, T = X0.shape[:2]
     chan = tuple(X0.shape[2:ns]) + tuple(shape)
+    c3 = channels3(chan)
     dt = h0s[0].dtype
-    full = [_full_view(x, ns, len(shape), B, T, chan, dt) for x in leaves]
-    _, c3 = _channels(torch.empty((1, 1) + chan, device="meta"))
-    rax = stage.kernel.spec.rax            # the readouts reduce chan[-1] (2) or chan[-2] (1)
-    rchan = chan[:-1] if rax == 2 else chan[:-2] + chan[-1:]
-    rview = (c3[0], c3[1], 1) if rax == 2 else (c3[0], 1, c3[2])
-    red = [_full_view(x, ns, len(shape) - 1, B, T, rchan, dt).reshape((B, T) + rview) for x in rleaves]
+    full = [_full_view(x, ns, len(shape), B, T, chan, c3, dt) for x in leaves]
+    spec = stage.kernel.spec
+    rchan = chan[:-1] if spec.rax == 2 else chan[:-2] + chan[-1:]   # the readouts reduce chan[-1] or chan[-2]
+    rview = (c3[0], c3[1], 1) if spec.rax == 2 else (c3[0], 1, c3[2])
+    red = [_full_view(x, ns, len(shape) - 1, B, T, rchan, rview, dt) for x in rleaves]
     NB = B if cu is None else cu.numel() - 1   # initial states: one per batch row, or per sequence
     h0 = torch.stack([h.to(dt).expand((NB,) + chan).reshape(NB, -1) for h in h0s], -1)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in [h0, *full, *red])
     stored = bool(store or grad)
-    res = _ScanFn.apply(stage, chan, stored, len(full), (bool(rev), cu, B, T), h0, *full, *red)
+    res = _ScanFn.apply(stage, c3, stored, len(full), (bool(rev), cu, B, T), h0, *full, *red)
     seq, fin, outs = res[0], res[1], res[2:]
-    k = stage.k
-    n_out = len(stage.kernel.spec.outputs)
+    k, n_out = spec.k, len(spec.outputs)
     seqs = [seq[..., i].reshape((B, T) + chan) if stored else None for i in range(k)]
     fins = [fin[..., i].reshape((NB,) + chan) for i in range(k)]
     return (seqs, fins, [o.reshape((B, T) + chan) for o in outs[:n_out]],
@@ -177,18 +167,19 @@ def scan(stage: ScanStage, leaves: list, rleaves: list, h0s: list, X0: torch.Ten
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stage, chan, store, nleaf, run, h0, *leaves):
+    def forward(ctx, stage, c3, store, nleaf, run, h0, *leaves):
         rev, cu, B, T = run
         NB, C, k = h0.shape
-        _, (C0, C1, C2) = _channels(torch.empty((1, 1) + chan, device="meta"))
+        _, C1, C2 = c3
         spec = stage.kernel.spec
         dev, dt = h0.device, h0.dtype
         h0 = h0.contiguous()
         hseq = torch.empty((B, T, C, k) if store else (1, 1, 1, k), dtype=dt, device=dev)
         hfin = torch.empty((NB, C, k), dtype=dt, device=dev)
+        Cr = _red(spec, C1, C2)
         outs = [torch.empty((B, T, C), dtype=dt, device=dev) for _ in spec.outputs] + \
-            [torch.empty((B, T, C // _red(spec, C1, C2)), dtype=dt, device=dev) for _ in spec.reduced]
-        grid, const = _scan_grid(stage, NB, T, C, _red(spec, C1, C2), dev, False, rev, cu)
+            [torch.empty((B, T, C // Cr), dtype=dt, device=dev) for _ in spec.reduced]
+        grid, const = _scan_grid(stage, NB, T, C, Cr, dev, False, rev, cu)
         _record(stage.name + "_fwd", [h0, *leaves], ([hseq] if store else []) + [hfin, *outs])
         stage.fwd(dev)[grid](*_leaf_args(leaves), h0, hseq, hfin, *outs, T, C, C1, C2, const.pop("cu"),
                              ACC=_acc(dt), STORE_SEQ=store, **const, **_gpu_opts(dev))
@@ -229,28 +220,19 @@ def _red(spec, C1: int, C2: int) -> int:
 def _scan_grid(stage, NB, T, C, Cr, device, backward, rev, cu):
     """(grid, launch options): programs over (channel blocks, batch rows or sequences)."""
     kern = stage.kernel
-    BT, BC = Blocks.scan(C, T, device, backward=backward, k=stage.k)
-    opts = {"BLOCK_T": BT, "BLOCK_C": BC, "VARLEN": cu is not None, "REVERSE": rev,
-            "cu": cu if cu is not None else torch.zeros(2, dtype=torch.int32, device=device)}
+    BT, BC = Blocks.scan(C, T, device, backward=backward, k=kern.spec.k)
+    opts = {"BLOCK_T": BT, "BLOCK_C": BC, "VARLEN": cu is not None, "REVERSE": rev, "cu": _cu_arg(cu, device)}
     if kern.readout_mode:   # whole rows of the readout axis per program
         NP = kern.np
         opts["BLOCK_C"] = BC = max(BC, NP)
         opts["NP"] = NP
-        return (triton_cdiv(C // Cr, BC // NP), NB), opts
-    return (triton_cdiv(C, BC), NB), opts
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+        return (triton.cdiv(C // Cr, BC // NP), NB), opts
+    return (triton.cdiv(C, BC), NB), opts
 
 
 # --------------------------------------------------------------------------- sequential stages
 
-class SeqStage(Stage):
-    pass
-
-
-def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int, rev: bool = False, cu=None,
+def seq(stage: Stage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int, rev: bool = False, cu=None,
         store=None):
     """Run one sequential stage: ([state sequences], [final states]); `rev` and `cu`
     (cu_seqlens) as for scan(); store[k]: the driver reads state k's sequence (else it is
@@ -274,8 +256,7 @@ def seq(stage: SeqStage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns
     h0 = [h.to(dt).expand((NB,) + ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[s])))
           .reshape(NB, NH, kern.slen(k)).contiguous() for k, (h, s) in enumerate(zip(h0s, kern.states))]
     TL = T if cu is None else int((cu[1:] - cu[:-1]).max())
-    run = (bool(rev), cu if cu is not None else torch.zeros(2, dtype=torch.int32, device=X0.device), TL,
-           cu is not None)
+    run = (bool(rev), _cu_arg(cu, X0.device), TL, cu is not None)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*h0, *views, *params])
     stores = tuple(True for _ in h0) if store is None or grad else tuple(bool(x) for x in store)
     outs = _SeqFn.apply(stage, (B, T, NH, ns == 3, stores), len(h0), len(views), run, *h0, *views, *params)
@@ -308,7 +289,7 @@ def _seq_leaf_args(views):
 def _block_b(B: int, device) -> int:
     if device.type == "cuda":
         return 16          # tl.dot's smallest tile
-    return min(64, _pow2(B))
+    return min(64, pow2(B))
 
 
 class _SeqFn(torch.autograd.Function):
@@ -326,7 +307,7 @@ class _SeqFn(torch.autograd.Function):
         for h, s, f in zip(h0, hseq, hfin):
             state_args += [h, s, f]
         BB = _block_b(NB, dev)
-        grid = (triton_cdiv(NB, BB), NH)
+        grid = (triton.cdiv(NB, BB), NH)
         _record(stage.name + "_fwd", [*h0, *views, *params], [*(s for s, st in zip(hseq, stores) if st), *hfin])
         stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, NB, T, NH, TL, cu,
                              ACC=_acc(dt), BLOCK_B=BB, VARLEN=varlen, REVERSE=rev, **_gpu_opts(dev),
@@ -337,7 +318,7 @@ class _SeqFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        stage, (B, T, NH, heads, _), K, nleaf = ctx.stage, ctx.dims, ctx.K, ctx.nleaf
+        stage, (_, T, NH, heads, _), K, nleaf = ctx.stage, ctx.dims, ctx.K, ctx.nleaf
         saved = ctx.saved_tensors
         h0, hseq, views, params = saved[:K], saved[K:2 * K], saved[2 * K:2 * K + nleaf], saved[2 * K + nleaf:]
         dseq, dfin = grads[:K], grads[K:]
@@ -349,7 +330,7 @@ class _SeqFn(torch.autograd.Function):
         rev, cu, TL, varlen = ctx.run
         NB = h0[0].shape[0]
         BB = _block_b(NB, dev)
-        nprog = triton_cdiv(NB, BB)
+        nprog = triton.cdiv(NB, BB)
         dleaf = [torch.empty(v.shape, dtype=dt, device=dev) for v in views]
         dpart = [torch.zeros((nprog, NH) + (tuple(p.shape[1:]) if heads else tuple(p.shape)), dtype=dt, device=dev)
                  for p in params]

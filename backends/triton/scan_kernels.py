@@ -31,10 +31,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from recdsl.ir import Node
+from recdsl.ir import Node, Op, toposort
 from recdsl.torch_expr import SourceNotes
 
 from .fusion import Region, annotate, resolve
+from .texpr import literal
 
 IDENTITY = {"diag": ("1.0", "0.0"), "maxplus": ("0.0", 'float("-inf")'), "lse": ("0.0", 'float("-inf")')}
 
@@ -120,10 +121,6 @@ class ScanKernel:
                 ["hinit", "hseq", "dhseq", "dhfin", "dh0"] + ["d" + o for o in outs] + ["T", "C", "C1", "C2", "cu"]
         return self._params() + ["hinit", "hseq", "hfin"] + outs + ["T", "C", "C1", "C2", "cu"]
 
-    def constexpr_names(self, backward: bool) -> list[str]:
-        return ["ACC", "BLOCK_T", "BLOCK_C", "HAS_DSEQ" if backward else "STORE_SEQ", "VARLEN", "REVERSE"] + \
-            (["NP"] if self.readout_mode else [])
-
     def constexprs(self, backward: bool, acc) -> dict:
         """The GPU configuration (launch.Blocks.scan on a GPU) as compiled ahead of time."""
         from .launch import Blocks
@@ -140,9 +137,6 @@ class ScanKernel:
         """N (the readout axis) padded to a power of two."""
         return self.spec.n_p2
 
-    def handle(self):
-        from .launch import ScanStage
-        return ScanStage(self)
 
     def combines(self) -> list[str]:
         sp = self.spec
@@ -232,6 +226,8 @@ class ScanKernel:
     def _coef(self, n: Node | None, default: str, suffix: str = "") -> str:
         if n is None:
             return default
+        if _is_literal(n):   # a constant coefficient as a tile of the accumulator type (a bare
+            return f"tl.full([BLOCK_T, BLOCK_C], {literal(n)}, ACC)"   # literal tile would be fp32)
         return self.region.name_fn({k: v + suffix for k, v in self.leaf_names.items()}, suffix)(n)
 
     def _entries(self, suffix=""):
@@ -272,10 +268,10 @@ class ScanKernel:
     # ------------------------------------------------------------------ forward
     def forward(self) -> str:
         sp, k = self.spec, self.spec.k
-        lines = [f"@triton.jit",
+        lines = ["@triton.jit",
                  f"def {sp.name}_fwd({', '.join(self.arg_names(False))},",
-                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr,"
-                 f" VARLEN: tl.constexpr, REVERSE: tl.constexpr"
+                 "        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_SEQ: tl.constexpr,"
+                 " VARLEN: tl.constexpr, REVERSE: tl.constexpr"
                  + (", NP: tl.constexpr):" if self.readout_mode else "):"),
                  f"    # stage {', '.join(sp.states)}: {sp.kind} scan" + (f" of {k} coupled states" if k > 1 else "")]
         self._head(lines)
@@ -304,7 +300,7 @@ class ScanKernel:
         for i in range(k):
             lines.append(f"        hs{i} = {hs[i]}")
         for i in range(k):
-            lines += [f"        if STORE_SEQ:",
+            lines += ["        if STORE_SEQ:",
                       f"            tl.store(hseq + ((bb * T + tm[:, None]) * C + c[None, :]) * {k} + {i}, hs{i}, mask=m)"]
         self._epilogue_forward(lines, self.upd_names)
         for i, o in enumerate(sp.outputs):
@@ -409,12 +405,10 @@ class ScanKernel:
 
     def backward(self) -> str:
         sp, k = self.spec, self.spec.k
-        n_leaf = len(self.leaves)
-        grads = [f"d{i}" for i in range(n_leaf)]
-        lines = [f"@triton.jit",
+        lines = ["@triton.jit",
                  f"def {sp.name}_bwd({', '.join(self.arg_names(True))},",
-                 f"        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr,"
-                 f" VARLEN: tl.constexpr, REVERSE: tl.constexpr"
+                 "        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DSEQ: tl.constexpr,"
+                 " VARLEN: tl.constexpr, REVERSE: tl.constexpr"
                  + (", NP: tl.constexpr):" if self.readout_mode else "):"),
                  f"    # adjoint of stage {', '.join(sp.states)}: reverse-time {sp.kind} scan, chunks last to first"]
         self._head(lines)
@@ -470,9 +464,9 @@ class ScanKernel:
             extra = self._epilogue_backward(lines)
         for i in range(k):
             more = "".join(f" + {e}" for e in extra.get(i, []))
-            lines += [f"        if HAS_DSEQ:",
+            lines += ["        if HAS_DSEQ:",
                       f"            f{i} = tl.load(dhseq + {sidx('tm', i)}, mask=m, other=0.0).to(ACC)",
-                      f"        else:",
+                      "        else:",
                       f"            f{i} = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)"]
             if more:
                 lines.append(f"        f{i} = tl.where(m, f{i}{more}, 0.0)  # + the epilogue's adjoint of h_t")
@@ -531,10 +525,8 @@ class ScanKernel:
 
 
 def _time_invariant(ref) -> bool:
-    from recdsl.ir import Op, toposort
     return not any(x.op in (Op.INPUT, Op.STATE) for x in toposort([ref.node]))
 
 
 def _is_literal(n: Node) -> bool:
-    from .texpr import literal
     return literal(n) is not None

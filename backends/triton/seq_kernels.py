@@ -27,6 +27,7 @@ from recdsl.torch_expr import SourceNotes
 
 from . import texpr
 from .fusion import annotate
+from .fusion import pow2 as _pow2
 
 HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
                           # the backward spills on sm_80/sm_90 (LSTM H = 32: 4096 spill-free forward only)
@@ -35,10 +36,6 @@ DOT_MIN = 16              # tl.dot needs every side >= 16 on a GPU; below, multi
 
 class NotEligible(Exception):
     pass
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -83,6 +80,7 @@ class SeqKernel:
         self.params: list[Node] = []                # vector params read elementwise / matrix params of GEMMs
         self.param_wins: dict[int, list[Win]] = {}
         self.gemms: list[Gemm] = []
+        self.gemm_index: dict = {}                  # (matmul id, window) -> its index in gemms
         for s in self.states:
             self._visit(ir.updates[s], self._full(ir.updates[s]))
         for key, wins in list(self.leaf_wins.items()) + list(self.param_wins.items()):
@@ -110,6 +108,19 @@ class SeqKernel:
     def key(self, n: Node, w: Win):
         return (n.id, w)
 
+    def _src_win(self, n: Node, w: Win, s: Node) -> Win:
+        """The window of source s that n, computed at window w, reads."""
+        if n.op == Op.INDEX:
+            i = n.arg[0]
+            return Win(w.off + (i.start or 0), w.len) if isinstance(i, slice) else \
+                Win(i % self.ir.shape_of(s)[0], 1)
+        if texpr.fusable(n) and s.rank == n.rank == 1:
+            return w
+        return self._full(s)
+
+    def _src_name(self, n: Node, w: Win):
+        return lambda s: self.vname(s, self._src_win(n, w, s))
+
     def _visit(self, n: Node, w: Win):
         if texpr.literal(n) is not None or self.key(n, w) in self.seen:
             return
@@ -130,21 +141,14 @@ class SeqKernel:
             self.order.append((n, w))
             return
         op = n.op
-        if texpr.fusable(n):
+        if texpr.fusable(n) or (op == Op.EXPAND and n.srcs[0].rank == 0 and n.rank == 1):
             for s in n.srcs:
-                self._visit(s, w if s.rank == n.rank and n.rank == 1 else self._full(s))
+                self._visit(s, self._src_win(n, w, s))
         elif op == Op.INDEX and n.srcs[0].rank == 1 and len(n.arg) == 1:
             i = n.arg[0]
-            if isinstance(i, slice):
-                if i.step not in (None, 1):
-                    raise NotEligible("a strided slice")
-                self._visit(n.srcs[0], Win(w.off + (i.start or 0), w.len))
-            elif isinstance(i, int):
-                self._visit(n.srcs[0], Win(i % self.ir.shape_of(n.srcs[0])[0], 1))
-            else:
-                raise NotEligible("an indexing form")
-        elif op == Op.EXPAND and n.srcs[0].rank == 0 and n.rank == 1:
-            self._visit(n.srcs[0], Win(0, 0))
+            if not isinstance(i, (slice, int)) or (isinstance(i, slice) and i.step not in (None, 1)):
+                raise NotEligible("a strided slice or another indexing form")
+            self._visit(n.srcs[0], self._src_win(n, w, n.srcs[0]))
         elif op == Op.MATMUL and n.rank == 1:
             a, b = n.srcs
             if a.op == Op.PARAM and a.rank == 2 and b.rank == 1 and a.id not in self.core_ids:
@@ -154,8 +158,7 @@ class SeqKernel:
             else:
                 raise NotEligible("a matmul that is not weight @ vector")
             self._visit(g.x, self._full(g.x))
-            if g.param.id not in self.param_wins:
-                self.param_wins[g.param.id] = []
+            self.gemm_index[(n.id, w)] = len(self.gemms)
             self.gemms.append(g)
         elif op == Op.DOT or (op in (Op.SUM, Op.AMAX) and n.srcs[0].rank == 1):
             for s in n.srcs:
@@ -199,7 +202,7 @@ class SeqKernel:
                 out.append(g.param)
         return out
 
-    def _signature(self, backward: bool) -> list[str]:
+    def arg_names(self, backward: bool) -> list[str]:
         args = []
         for i in range(len(self.leaves)):
             args += [f"l{i}", f"l{i}_sb", f"l{i}_st", f"l{i}_sh", f"l{i}_sn"]
@@ -265,18 +268,15 @@ class SeqKernel:
         for n, w in self.order:
             if n.id not in self.core_ids:
                 continue
-            name = lambda s, n=n, w=w: self.vname(s, w if s.rank == n.rank and n.rank == 1 else self._full(s))  # noqa
+            name = self._src_name(n, w)
             if texpr.fusable(n):
                 rhs = texpr.expr(n, name)
             elif n.op == Op.INDEX:
-                i = n.arg[0]
-                src_w = Win(w.off + (i.start or 0), w.len) if isinstance(i, slice) else \
-                    Win(i % self.ir.shape_of(n.srcs[0])[0], 1)
-                rhs = self.vname(n.srcs[0], src_w)
+                rhs = name(n.srcs[0])
             elif n.op == Op.EXPAND:
-                rhs = f"{self.vname(n.srcs[0], Win(0, 0))} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC)"
+                rhs = f"{name(n.srcs[0])} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC)"
             elif n.op == Op.MATMUL:
-                gi = next(i for i, g in enumerate(self.gemms) if g.node is n and g.win == w)
+                gi = self.gemm_index[(n.id, w)]
                 g = self.gemms[gi]
                 xin = f"tl.where({self.cmask(self._full(g.x))}, {self.vname(g.x, self._full(g.x))}, 0.0)"
                 rhs = self._matmul(xin, f"w{gi}", _pow2(g.K), w.width)
@@ -303,7 +303,7 @@ class SeqKernel:
     # ------------------------------------------------------------------ forward
     def forward(self) -> str:
         L = ["@triton.jit",
-             f"def {self.name}_fwd({', '.join(self._signature(False))},",
+             f"def {self.name}_fwd({', '.join(self.arg_names(False))},",
              "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, "
              + ", ".join(f"STORE{k}: tl.constexpr" for k in range(len(self.states))) + "):",
              f"    # stage {', '.join(self.states)}: the time loop on chip; weights held in registers"]
@@ -335,7 +335,7 @@ class SeqKernel:
     # ------------------------------------------------------------------ backward
     def backward(self) -> str:
         L = ["@triton.jit",
-             f"def {self.name}_bwd({', '.join(self._signature(True))},",
+             f"def {self.name}_bwd({', '.join(self.arg_names(True))},",
              "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, HAS_DSEQ: tl.constexpr, VARLEN: tl.constexpr,"
              " REVERSE: tl.constexpr):",
              f"    # adjoint of stage {', '.join(self.states)}: reverse-time loop of the step's VJP (states saved, "
@@ -370,11 +370,9 @@ class SeqKernel:
         for k, s in enumerate(self.states):
             new = self.ir.updates[s]
             ptr, mask = self._state_ptr(k, f"dhseq{k}", "tm")
-            L += [f"        if HAS_DSEQ:",
+            L += ["        if HAS_DSEQ:",
                   f"            lam{k} += tl.load({ptr}, mask={mask}, other=0.0).to(ACC)"]
             adj.setdefault(self.key(new, self._full(new)), []).append(f"lam{k}")
-        for k, s in enumerate(self.states):  # a state whose update is another's previous value
-            pass
         for n, w in reversed(self.order):
             parts = adj.pop(self.key(n, w), None)
             if not parts:
@@ -429,31 +427,25 @@ class SeqKernel:
     def _vjp(self, L, n: Node, w: Win, g: str):
         """[((src, window), contribution)] of a core vnode."""
         if texpr.fusable(n):
-            wins = [w if s.rank == n.rank and n.rank == 1 else self._full(s) for s in n.srcs]
-            name = lambda s, n=n, w=w: self.vname(s, w if s.rank == n.rank and n.rank == 1 else self._full(s))  # noqa
-            return list(zip(zip(n.srcs, wins), texpr.vjp(n, g, name, self.vname(n, w))))
+            wins = [self._src_win(n, w, s) for s in n.srcs]
+            return list(zip(zip(n.srcs, wins), texpr.vjp(n, g, self._src_name(n, w), self.vname(n, w))))
         if n.op == Op.INDEX:
-            i = n.arg[0]
-            sw = Win(w.off + (i.start or 0), w.len) if isinstance(i, slice) else \
-                Win(i % self.ir.shape_of(n.srcs[0])[0], 1)
-            return [((n.srcs[0], sw), g)]
+            return [((n.srcs[0], self._src_win(n, w, n.srcs[0])), g)]
         if n.op == Op.EXPAND:
             return [((n.srcs[0], Win(0, 0)), f"tl.sum({g}, 1, keep_dims=True)")]
         if n.op == Op.MATMUL:
-            gi = next(i for i, gm in enumerate(self.gemms) if gm.node is n and gm.win == w)
+            gi = self.gemm_index[(n.id, w)]
             gm = self.gemms[gi]
             xw = self._full(gm.x)
             xin = f"tl.where(act[:, None] & {self.cmask(xw)}, {self.vname(gm.x, xw)}, 0.0)"
             KP, LP = _pow2(gm.K), w.width
-            if min(KP, LP) >= DOT_MIN and _block_b_ok():
+            if min(KP, LP) >= DOT_MIN:
                 L.append(f"        dw{gi} += tl.dot(tl.trans({xin}), {g}, input_precision=\"ieee\")")
-                # g @ W^T as a product-sum: tl.dot here (with or without tl.trans) crashes LLVM's
-                # SLP vectorizer in Triton 3.9 for sm_90 (seen at H = 16 and 32)
-                dx = f"tl.sum({g}[:, None, :] * w{gi}[None, :, :], 2)"
             else:
                 L.append(f"        dw{gi} += tl.sum({xin}[:, :, None] * {g}[:, None, :], 0)")
-                dx = f"tl.sum({g}[:, None, :] * w{gi}[None, :, :], 2)"
-            return [((gm.x, xw), dx)]
+            # g @ W^T always as a product-sum: tl.dot here (with or without tl.trans) crashes
+            # LLVM's SLP vectorizer in Triton 3.9 for sm_90 (seen at H = 16 and 32)
+            return [((gm.x, xw), f"tl.sum({g}[:, None, :] * w{gi}[None, :, :], 2)")]
         if n.op == Op.DOT:
             a, b = n.srcs
             wa, wb = self._full(a), self._full(b)
@@ -471,21 +463,10 @@ class SeqKernel:
     def combines(self) -> list[str]:
         return []
 
-    def arg_names(self, backward: bool) -> list[str]:
-        return self._signature(backward)
-
     def constexprs(self, backward: bool, acc) -> dict:
         out = {"ACC": acc, "BLOCK_B": 16, "VARLEN": False, "REVERSE": False}   # launch._block_b on a GPU
-        if not backward:
-            out.update({f"STORE{k}": True for k in range(len(self.states))})
         if backward:
             out["HAS_DSEQ"] = True
+        else:
+            out.update({f"STORE{k}": True for k in range(len(self.states))})
         return out
-
-    def handle(self):
-        from .launch import SeqStage
-        return SeqStage(self)
-
-
-def _block_b_ok() -> bool:
-    return True

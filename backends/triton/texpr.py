@@ -100,9 +100,7 @@ def fusable(n: Node) -> bool:
 def literal(n: Node) -> str | None:
     """A scalar constant as a Triton literal, else None."""
     if n.op == Op.CONST and not n.shape:
-        text = const_text(n)
-        return text.replace("float('inf')", 'float("inf")').replace("float('-inf')", 'float("-inf")') \
-            .replace("float('nan')", 'float("nan")')
+        return const_text(n)
     return None
 
 

@@ -250,14 +250,18 @@ def shrink(case: Case, backend: str, budget_s: float = 60.0, max_tries: int = 20
     def out_of_time() -> bool:
         return time.monotonic() > deadline or tries >= max_tries
 
+    def shortest(case: Case, lengths) -> Case:
+        """The first of the shorter runs that still fails (lengths from short to long)."""
+        for T in lengths:
+            if out_of_time():
+                break
+            c = replace(case, T=T)
+            if attempt(c):
+                return c
+        return case
+
     # the run first: a short T makes every later try cheap
-    for T in [t for t in T_STEPS if t < case.T] + ([case.T - 1] if case.T > 1 else []):
-        if out_of_time():
-            break
-        c = replace(case, T=T)
-        if attempt(c):
-            case = c
-            break
+    case = shortest(case, [t for t in T_STEPS if t < case.T] + ([case.T - 1] if case.T > 1 else []))
     for field, value in (("B", 1), ("heads", None), ("reverse", False), ("init_state", False),
                          ("dtype", "float64")):
         if getattr(case, field) != value and not out_of_time():
@@ -303,13 +307,7 @@ def shrink(case: Case, backend: str, budget_s: float = 60.0, max_tries: int = 20
                 if attempt(c):
                     case = c
                     break
-    for T in [t for t in T_STEPS if t < case.T]:
-        if out_of_time():
-            break
-        c = replace(case, T=T)
-        if attempt(c):
-            case = c
-            break
+    case = shortest(case, [t for t in T_STEPS if t < case.T])
     # a canonical print of the final cell (merged input line), with the case line
     try:
         text = _module_source(_merge_inputs(_checked_cell(case.source, case.cell)))

@@ -146,3 +146,22 @@ def test_larger_hidden_sizes(name, dims):
     """tl.dot tiles in the step (H = 16) and the torch fallback for weights that do not fit (H = 32)."""
     spec = recdsl.load(name)
     _check(spec, dims, 1e-10, B=3, T=9, dtype=torch.float64)
+
+
+TWO_STAGES = """
+cell Two(D):
+    input x[D]
+    state h[D] = 0
+    state s[D] = 0
+    h' = tanh(x + h * 0.5)
+    s' = 0.9 * s + h
+    output y = s' + h'
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_stage_reading_a_sequential_stages_previous_state(backend):
+    """A loop stage's state sequence bound lazily and read shifted by a later scan (torch
+    raised a KeyError), and a constant decay (0.9) kept in float64 in the scan kernel."""
+    e = compare_backends(recdsl.load(TWO_STAGES), {"D": 3}, backend, B=2, T=19, dtype=torch.float64)
+    assert max(e["out"], e["state"], e["grad"]) <= 1e-12, e
