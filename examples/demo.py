@@ -15,6 +15,7 @@ from rich.table import Table
 
 import recdsl
 from recdsl.parser import parse
+from recdsl.pipeline import emit_cell
 from recdsl.plan import render
 from recdsl.printer import to_source
 from recdsl.spec import stdlib_files
@@ -58,11 +59,10 @@ def _triton(console) -> None:
     compiled = []
     for name in TRITON_CELLS:
         spec = recdsl.load(name)
-        ir = spec.lower(**spec.analysis_dims())
-        _, _, em = triton_backend.emit(ir)
+        emitted = emit_cell(spec.lower(**spec.analysis_dims()), "triton")
         errs = _compare(spec, "triton")
-        table.add_row(spec.name, "; ".join(em.how.values()), errs)
-        compiled += triton_backend.compile_cell(ir, 90)[1]
+        table.add_row(spec.name, "; ".join(c.kernel.name for c in emitted.selection.stages), errs)
+        compiled += triton_backend.compile_cell(emitted, 90)[1]
     console.print(table)
     console.print("ahead-of-time compile for sm_90 (ptxas -v):")
     console.print(aot.summary_table(compiled), markup=False, highlight=False)

@@ -94,15 +94,16 @@ def check(files, quiet, dims, no_plan):
     sys.exit(1 if failed else 0)
 
 
-STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch", "triton", "ttir", "ttgir", "ptx")
+STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch", "c", "triton", "ttir", "ttgir", "ptx")
 
 
 @main.command()
 @click.argument("file")
 @click.option("--stage", type=click.Choice(STAGES), default="plan", show_default=True,
               help="ast: syntax tree with spans; source: the tree printed back; ir: one step as a graph; "
-                   "passes: each analysis pass; plan: classes, coefficients, checks; reference/torch/triton: generated "
-                   "code; ttir/ttgir/ptx: the Triton kernels compiled ahead of time (no GPU needed), with registers, "
+                   "passes: each analysis pass; plan: classes, coefficients, checks, and per backend the form and kernel of "
+                   "every stage; reference/torch/triton: generated code; c: the generated C of the torch backend's "
+                   "fused loops; ttir/ttgir/ptx: the Triton kernels compiled ahead of time (no GPU needed), with registers, "
                    "spills and shared memory per kernel.")
 @click.option("--dims", default=None, help=DIMS_HELP)
 @click.option("--arch", type=click.Choice(["sm_80", "sm_90"]), default="sm_90", show_default=True,
@@ -136,30 +137,38 @@ def inspect(file, stage, dims, arch):
         elif stage in ("triton", "ttir", "ttgir", "ptx"):
             _inspect_triton(s, mine, stage, int(arch[3:]))
         else:
-            from .backends import torch as torch_backend
-            ir = s.lower(**s.analysis_dims(**mine))
-            why = torch_backend.supports(ir)
-            if why:
-                raise RecError(why, s.cell.span)
-            click.echo(torch_backend.emit(ir)[0], nl=False)
+            from .pipeline import emit_cell
+            emitted = emit_cell(s.lower(**s.analysis_dims(**mine)), "torch")
+            click.echo(emitted.source if stage == "torch" else _generated_c(emitted), nl=False)
+
+
+def _generated_c(emitted) -> str:
+    """The C the torch backend generates for this cell: one fused loop per eligible loop stage."""
+    loops = emitted.emitter.fused
+    if not loops:
+        kernels = ", ".join(sorted({c.kernel.name for c in emitted.selection.stages}))
+        return (f"// {emitted.plan.cell}: no generated C (its stages run {kernels}; the scan and chunkwise "
+                "C kernels are the fixed library backends/torch/csrc/scans.c)\n")
+    return "".join(f"// ==== fused loop of stage(s) {', '.join(fl.states)} ====\n{fl.source}\n" for fl in loops)
 
 
 def _inspect_triton(s, dims: dict, stage: str, arch: int):
     from .backends import triton as triton_backend
+    from .pipeline import emit_cell
     ir = s.lower(**s.analysis_dims(**dims))
     why = triton_backend.supports(ir)
     if why:
         raise RecError(why, s.cell.span)
     if stage == "triton":
-        kernels, driver, em = triton_backend.emit(ir)
-        click.echo(kernels)
-        click.echo("# ---- driver (torch): launches the kernels above; stages without a Triton kernel run in torch")
-        for i, how in em.how.items():
-            click.echo(f"# stage {i}: {how}")
-        click.echo(driver, nl=False)
+        emitted = emit_cell(ir, "triton")
+        click.echo(emitted.kernels)
+        click.echo("# ---- driver (torch): launches the kernels above; what runs each stage (the selection):")
+        for c in emitted.selection.stages:
+            click.echo(f"# stage {c.stage}: {c.summary()}" + (f" -- {c.note}" if c.note else ""))
+        click.echo(emitted.source, nl=False)
         return
     from .backends.triton import aot
-    _, compiled = triton_backend.compile_cell(ir, arch)
+    _, compiled = triton_backend.compile_cell(emit_cell(ir, "triton"), arch)
     for c in compiled:
         click.echo(f"// ==== {c.name} (sm_{arch}) ====")
         click.echo(c.asm[stage])

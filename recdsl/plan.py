@@ -26,7 +26,6 @@ class StagePlan:
     cls: str
     detail: str                       # e.g. "scalar decay", "max-plus", "rank 2, gated (scalar)"
     reason: str                       # why this class, in words
-    lowering: str                     # the best lowering for this class
     line: int | None = None           # the .rec line of the first update
     coefficients: dict[str, str] = field(default_factory=dict)   # a, b, log a, ... (sympy text)
     checks: list[str] = field(default_factory=list)              # what was verified, and how
@@ -35,7 +34,7 @@ class StagePlan:
     block: int | None = None          # block size (block-diagonal)
     rank: int | None = None           # low-rank stages
     decay: str | None = None          # scalar | vector | elementwise | identity
-    backends: dict[str, str] = field(default_factory=dict)      # backend -> lowering or "cannot: why"
+    decay_range: str | None = None    # the value range found for the decay (linear stages)
     nodes: dict = field(default_factory=dict, repr=False)       # the coefficients as IR nodes, for backends
 
 
@@ -55,15 +54,28 @@ class Plan:
     stages: list[StagePlan]
     outputs: list[OutputPlan]
     hoisted: list[str]                # descriptions of what is computed for all steps at once
-    backends: dict[str, str | None]   # backend -> None if it runs the whole cell, else why not
+    backends: dict[str, str | None] = field(default_factory=dict)  # backend -> None if it runs the cell, else why not
     seconds: float = 0.0
     ir: object = field(default=None, repr=False)   # the (rewritten) IR the plan describes
+    warnings: list[str] = field(default_factory=list)   # e.g. a state that may grow without bound
+    verified: bool = False            # the sympy / float64 checks ran (stage.checks)
+    candidates: list = field(default_factory=list, repr=False)   # per stage: lowering forms, best first
+    selections: dict = field(default_factory=dict)  # backend -> recdsl.lowering.Selection (what runs)
 
     def stage_of(self, state: str) -> StagePlan:
         for s in self.stages:
             if state in s.states:
                 return s
         raise KeyError(state)
+
+    def form(self, k: int):
+        """Stage k's best candidate form (backend-neutral; what runs is `selections`)."""
+        from .lowering import Form
+        return next(c for c in self.candidates[k] if isinstance(c, Form))
+
+    def selected(self, backend: str, k: int):
+        """The form backend runs for stage k."""
+        return self.selections[backend].choice(k).form
 
     def classes(self) -> dict[str, str]:
         """state -> class, the short form tests and tools compare against."""
@@ -74,16 +86,18 @@ class Plan:
 
 
 def render(plan: Plan, verbose: bool = True) -> str:
+    """The plan as text: per stage its class, then per backend the selected form and
+    kernel and every candidate passed over, with the reason (`recdsl check` is the
+    non-verbose form; `inspect --stage plan` adds coefficients and checks)."""
     dims = ", ".join(f"{k}={v}" for k, v in plan.dims.items())
     lines = [f"plan {plan.cell}  ({dims})" + (f"  over {plan.over}" if plan.over != "seq" else "")]
     if plan.hoisted:
         lines.append("  hoisted (all steps at once): " + "; ".join(plan.hoisted))
     for s in plan.stages:
         where = f" (line {s.line})" if s.line else ""
-        head = f"  stage {s.index}: {', '.join(s.states)}{where}: {s.cls}"
-        if s.detail:
-            head += f", {s.detail}"
-        lines.append(head + f" -> {s.lowering}")
+        lines.append(f"  stage {s.index}: {', '.join(s.states)}{where}: {s.cls}" + (f", {s.detail}" if s.detail else ""))
+        if s.decay_range:
+            lines.append(f"      decay range: {s.decay_range}")
         if verbose:
             lines.append(f"      why: {s.reason}")
             for k, v in s.coefficients.items():
@@ -92,12 +106,31 @@ def render(plan: Plan, verbose: bool = True) -> str:
                 lines.append(f"      jacobian: {s.jacobian}" + (f" ({s.jacobian_reason})" if s.jacobian_reason else ""))
             for c in s.checks:
                 lines.append(f"      checked: {c}")
-            for b, how in s.backends.items():
-                lines.append(f"      {b}: {how}")
+        lines += _render_choices(plan, s.index, verbose)
     for o in plan.outputs:
         stages = ", ".join(str(i) for i in o.stages)
         lines.append(f"  output {o.name}: {o.kind}" + (f" of stage {stages}" if o.stages else "")
                      + (f" ({o.detail})" if o.detail else ""))
-    for b, why in plan.backends.items():
-        lines.append(f"  backend {b}: " + ("runs this cell" if why is None else f"cannot run it: {why}"))
+    for b, sel in plan.selections.items():
+        if sel.cannot:
+            lines.append(f"  backend {b}: cannot run it: {sel.cannot}")
+        else:
+            lines.append(f"  backend {b}: runs this cell" + ("; reverse and cu_seqlens in its kernels"
+                                                            if sel.native and not sel.oracle else ""))
+    for w in plan.warnings:
+        lines.append(f"  warning: {w}")
     return "\n".join(lines)
+
+
+def _render_choices(plan: Plan, k: int, verbose: bool) -> list[str]:
+    out = []
+    for b, sel in plan.selections.items():
+        if sel.cannot:
+            continue
+        c = sel.stages[k]
+        out.append(f"      {b}: {c.summary()}")
+        if verbose and (c.note or c.kernel.does):
+            out.append(f"          {c.note or c.kernel.does}")
+        if not sel.oracle:
+            out += [f"          passed over: {p.summary()}" for p in c.passed]
+    return out

@@ -20,6 +20,7 @@ from . import ast as A
 from .builtins import DISTRIBUTIONS
 from .errors import RecError
 from .ir import IRCell, lower
+from .pipeline import BUILT, backend_module, compile_cell
 
 BACKENDS = ("auto", "reference", "torch", "triton", "newton")
 RESERVED_INPUTS = {"state", "reverse", "cu_seqlens", "edges"}
@@ -41,14 +42,10 @@ class RecModule(nn.Module):
                 raise RecError(f"input {name} shares its name with an option of forward()",
                                cell.inputs[name].span, hint=f"rename it, e.g. {name}_")
         self.backend_name = self._pick_backend(backend)
-        backend_mod = _backend_module(self.backend_name)
-        why = backend_mod.supports(self.ir)
-        if why:
-            raise RecError(why, cell.span)
         if self.ir.over != "seq" and self.heads:
             raise RecError(f"heads are not supported over {self.ir.over} yet", cell.span)
-        self._plan = None
-        self._program = backend_mod.build(self.ir)
+        self.compiled = compile_cell(self.ir, self.backend_name)   # plan -> select -> emit -> build, once
+        self._program = self.compiled.program
         self.generated = self._program.source
         # step() (one step, for decoding) runs the reference's generated step; reuse it if built
         self._step_fn = getattr(self._program, "step", None)
@@ -87,7 +84,7 @@ class RecModule(nn.Module):
         if backend == "auto":  # the fastest built backend that runs the cell (Triton only on a GPU)
             order = ("triton", "torch", "reference") if torch.cuda.is_available() else ("torch", "reference")
             for name in order:
-                if _backend_module(name).supports(self.ir) is None:
+                if backend_module(name).supports(self.ir) is None:
                     return name
             return "reference"
         if backend not in BUILT:
@@ -120,10 +117,20 @@ class RecModule(nn.Module):
 
     @property
     def plan(self):
-        if self._plan is None:
-            from .analysis import analyze
-            self._plan = analyze(self.ir)
-        return self._plan
+        """The plan this module runs (its selections say which form and kernel run each
+        stage on every backend); the sympy / float64 checks are filled in on first read."""
+        from .analysis import verify
+        return verify(self.compiled.plan)
+
+    @property
+    def selection(self):
+        """Which form and kernel run each stage on this module's backend."""
+        return self.compiled.selection
+
+    @property
+    def ran(self) -> list[str]:
+        """The kernel of each stage as the last forward executed them (empty before one)."""
+        return list(getattr(self._program, "ran", []))
 
     # ------------------------------------------------------------------ running
     def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict[str, torch.Tensor]:
@@ -341,22 +348,6 @@ class RecModule(nn.Module):
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
         return f"cell={self.spec.name}, {dims}" + (f", heads={self.heads}" if self.heads else "") + \
             f", backend={self.backend_name}"
-
-
-BUILT = ("reference", "torch", "triton")
-
-
-def _backend_module(name: str):
-    if name == "reference":
-        from .backends import reference
-        return reference
-    if name == "torch":
-        from .backends import torch as torch_backend
-        return torch_backend
-    if name == "triton":
-        from .backends import triton as triton_backend
-        return triton_backend
-    raise RecError(f"no backend {name}")  # pragma: no cover
 
 
 def _const(e: A.Expr, values: dict, like):

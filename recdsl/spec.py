@@ -63,9 +63,10 @@ class CellSpec:
         return out
 
     def plan(self, trace: dict | None = None, **dims):
-        """Analyse the cell (for these dims, else analysis dims) -> Plan."""
-        from .analysis import analyze
-        return analyze(self.lower(**self.analysis_dims(**dims)), trace)
+        """Analyse the cell (for these dims, else analysis dims) and select per backend ->
+        the Plan (what `recdsl check` prints; the same pipeline builds modules)."""
+        from .pipeline import plan_cell
+        return plan_cell(self.lower(**self.analysis_dims(**dims)), trace=trace)
 
     def lower(self, **dims):
         """The IR of one step for these dims (defaults where the cell gives them)."""

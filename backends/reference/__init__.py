@@ -86,7 +86,7 @@ def build_step(ir: IRCell):
 class Program:
     """The per-step loop: the generated step applied for t = 0 .. T-1."""
 
-    def __init__(self, ir: IRCell, plan=None):
+    def __init__(self, ir: IRCell):
         self.ir = ir
         if ir.over == "seq":
             self.step, self.source = build_step(ir)
@@ -111,5 +111,17 @@ class Program:
         return stacked, st
 
 
-def build(ir: IRCell, plan=None) -> Program:
-    return Program(ir, plan)
+def build(ir: IRCell, plan=None, selection=None) -> Program:
+    """The reference runs the cell as written: the plan and selection only describe it."""
+    return Program(ir)
+
+
+def _registry():
+    from recdsl.lowering import Caps, Kernel, Registry, SequentialLoop, Vectorised
+    does = "the step as written, one step at a time (grids and DAGs: cell by cell in dependency order)"
+    caps = Caps(reverse="runtime", varlen="runtime", dtypes=("float32", "float64"))
+    return Registry("reference", tuple(Kernel(f, "reference.loop", does, "", caps)
+                                       for f in (Vectorised, SequentialLoop)), oracle=True)
+
+
+REGISTRY = _registry()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from recdsl.ir import IRCell
 
+from .kernels import REGISTRY  # noqa: F401  (the forms this backend runs, and how)
+
 NAME = "torch"
 
 
@@ -19,36 +21,36 @@ def supports(ir: IRCell) -> str | None:
     return None
 
 
-def emit(ir: IRCell, plan=None):
-    """(source text, per-stage lowerings) for the cell."""
-    from recdsl.analysis import analyze
-
+def emit(plan, selection):
+    """(source text, emitter) for the cell, as the selection says each stage runs."""
     from .codegen import Emitter
-    plan = plan or analyze(ir, verify=False)
-    em = Emitter(plan.ir, plan)
-    src = em.program()
-    return src, em.lowerings, em.fused
+    em = Emitter(plan.ir, plan, selection)
+    return em.program(), em
 
 
 class Program:
     """The compiled forward of one cell: run(X, S0, params, heads, dtype, device)."""
 
-    def __init__(self, ir: IRCell, plan=None):
+    def __init__(self, plan, selection):
         import torch
         import torch.nn.functional as F
 
         from . import fused_loop, scans, seq_rt
-        self.source, self.lowerings, fused = emit(ir, plan)
-        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": fused, "FUSED": fused_loop}
-        exec(compile(self.source, f"<recdsl torch {ir.name}>", "exec"), ns)
+        self.selection = selection
+        self.source, em = emit(plan, selection)
+        self.ran: list[str] = []      # the kernel of each stage, as the last forward executed them
+        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
+              "RAN": self.ran}
+        exec(compile(self.source, f"<recdsl torch {plan.ir.name}>", "exec"), ns)
         self.fn = ns["forward"]
 
     def run(self, xs, st, params, heads, dtype, device):
         nb = 2 if heads else 1
         P1 = {n: p[None] for n, p in params.items()}
         P2 = {n: p[None, None] for n, p in params.items()}
+        self.ran.clear()
         return self.fn(xs, st, params, P1, P2, nb, dtype, device)
 
 
-def build(ir: IRCell, plan=None) -> Program:
-    return Program(ir, plan)
+def build(ir: IRCell, plan, selection) -> Program:
+    return Program(plan, selection)

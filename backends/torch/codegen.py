@@ -11,7 +11,8 @@ from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.plan import Plan
 from recdsl.torch_expr import SourceNotes, TorchExpr, const_text
 
-from .lowering import StageLowering, consumers, lower_stage, stage_core
+from recdsl.lowering import Choice, Selection
+from recdsl.lowering.match import consumers
 
 
 def _raw(n: Node) -> str:
@@ -21,8 +22,8 @@ def _raw(n: Node) -> str:
 class Emitter:
     BACKEND = "torch"        # named in the generated header
     EXTRA_ARGS = ""          # forward() parameters a subclass's driver adds
-    def __init__(self, ir: IRCell, plan: Plan):
-        self.ir, self.plan = ir, plan
+    def __init__(self, ir: IRCell, plan: Plan, selection: Selection):
+        self.ir, self.plan, self.selection = ir, plan, selection
         self.lines: list[str] = []
         self.seq: dict[int, str] = {}        # node id -> name of its whole-sequence value
         self.counter = 0
@@ -31,7 +32,6 @@ class Emitter:
         self.place = S.placement(ir, [s.states for s in plan.stages])
         self.users = consumers(ir)
         self.final: dict[str, str] = {}
-        self.lowerings: list[StageLowering] = []
         self.cse: dict[str, str] = {}
         self.lazy: dict[int, tuple[str, str]] = {}   # values emitted only if something reads them
         self.fused: list = []                         # FusedLoop runners of eligible loop stages
@@ -111,11 +111,10 @@ class Emitter:
             "    NS = NB + 1",
             "    X0 = next(iter(X.values()))",
         ]
-        for sp in self.plan.stages:
-            low = lower_stage(ir, sp, self.place, self.users)
-            self.lowerings.append(low)
-            self.emit(f"# --- stage {sp.index}: {', '.join(sp.states)} ({sp.cls}) -> {low.describe}")
-            getattr(self, "_stage_" + low.kind)(low)
+        for sp, choice in zip(self.plan.stages, self.selection.stages):
+            self.emit(f"# --- stage {sp.index}: {', '.join(sp.states)} ({sp.cls}) -> {choice.summary()}")
+            self.emit(f"RAN.append({choice.kernel.name!r})  # what ran, for tests and layer.ran")
+            self.stage_method(choice)(choice)
         self.emit("# --- outputs")
         outs = {o: self.seq_name(n) for o, n in ir.outputs.items()}
         for s in ir.states:
@@ -127,9 +126,13 @@ class Emitter:
             fl.keep = {s for s in fl.states if ir.updates[s].id not in self.lazy}
         return "\n".join(head + self.lines) + "\n"
 
+    def stage_method(self, choice: Choice):
+        """The method that emits the selected kernel (the registry names it)."""
+        return getattr(self, choice.kernel.emit)
+
     # ------------------------------------------------------------------ stage kernels
-    def _stage_vectorised(self, low: StageLowering):
-        for s in low.stage.states:
+    def _stage_vectorised(self, choice: Choice):
+        for s in choice.states:
             self.seq_name(self.ir.updates[s])
 
     def _lifted(self, n: Node | None, rank: int, default: str) -> str:
@@ -140,22 +143,24 @@ class Emitter:
             return f"torch.tensor({name}, dtype=DT, device=DEV)"
         return f"rt.lift({name}, {n.rank}, {rank})"
 
-    def _stage_element(self, low: StageLowering):
-        s = low.stage.states[0]
+    def _stage_element(self, choice: Choice):
+        form = choice.form
+        s = form.states[0]
         st = self.ir.states[s]
         upd = self.ir.updates[s]
-        a = self._lifted(low.nodes["a"], st.rank, "torch.ones((), dtype=DT, device=DEV)")
-        b = self._lifted(low.nodes["b"], st.rank, "torch.zeros((), dtype=DT, device=DEV)"
-                         if low.nodes["kind"] in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
+        kind = form.kind
+        a = self._lifted(form.log_a if kind == "diagexp" else form.a, st.rank, "torch.ones((), dtype=DT, device=DEV)")
+        b = self._lifted(form.b, st.rank, "torch.zeros((), dtype=DT, device=DEV)"
+                         if kind in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
         name = self.fresh(f"{s}_seq")
-        self.emit(f"{name} = K.element_scan({low.nodes['kind']!r}, rt.full_seq({a}, X0, NS, {st.rank}), "
+        self.emit(f"{name} = K.element_scan({kind!r}, rt.full_seq({a}, X0, NS, {st.rank}), "
                   f"rt.full_seq({b}, X0, NS, {st.rank}), S0[{s!r}])", upd)
         self.seq[upd.id] = name
 
-    def _stage_block(self, low: StageLowering):
-        states = low.stage.states
+    def _stage_block(self, choice: Choice):
+        states = choice.states
         r = self.ir.states[states[0]].rank
-        A, bs = low.nodes["A"], low.nodes["b"]
+        A, bs = choice.form.A, choice.form.b
         rows = []
         for i in range(len(states)):
             row = [self._lifted(A.get((i, j)), r, "None") for j in range(len(states))]
@@ -168,52 +173,60 @@ class Emitter:
         for s, n in zip(states, names):
             self.seq[self.ir.updates[s].id] = n
 
-    def _inputs(self, low: StageLowering, names: list[str]) -> list[str]:
-        return ["None" if low.nodes.get(key) is None else self.seq_name(low.nodes[key]) for key in names]
+    def _opt(self, n: Node | None) -> str:
+        return "None" if n is None else self._tensor(n)
 
-    def _stage_chunk_diag(self, low: StageLowering):
-        s = low.stage.states[0]
-        k, v, g = self._inputs(low, ["k", "v", "g"])
-        qs = [f"({self.seq_name(q)}, {inc})" for _, q, inc in low.readouts]
+    def _tensor(self, n: Node) -> str:
+        """n's whole-sequence value as a tensor (a scalar constant becomes a 0-d tensor)."""
+        name = self.seq_name(n)
+        return f"torch.tensor({name}, dtype=DT, device=DEV)" if n.op == Op.CONST and not n.shape else name
+
+    def _stage_chunk_diag(self, choice: Choice):
+        form = choice.form
+        s = form.states[0]
+        k, v = self._tensor(form.k), self._tensor(form.v)
+        g = self._opt(form.decay if form.signed else form.log_decay)
+        qs = [f"({self.seq_name(r.q)}, {r.inclusive})" for r in form.readouts]
         outs, fin = self.fresh("reads"), self.fresh(f"{s}_final")
-        self.emit(f"{outs}, {fin} = K.diag_matrix_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}], X0, NS)",
-                  self.ir.updates[s])
-        self._bind_readouts(low, outs)
-        self.final[s] = fin
+        flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernel runs on the transposed state
+        self.emit(f"{outs}, {fin} = K.diag_matrix_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, X0, NS"
+                  + (", signed=True)" if form.signed else ")"), self.ir.updates[s])
+        self._bind_readouts(form.readouts, outs)
+        self.final[s] = fin + flip
 
-    def _stage_chunk_delta(self, low: StageLowering):
-        s = low.stage.states[0]
-        k, v, beta, g = self._inputs(low, ["k", "v", "beta", "g"])
-        (_, q, _), = low.readouts or [(None, None, True)]
-        qn = self.seq_name(q) if q is not None else k
+    def _stage_chunk_delta(self, choice: Choice):
+        form = choice.form
+        s = form.states[0]
+        q, k, v, beta = (self._tensor(n) for n in (form.q, form.k, form.v, form.beta))
+        g = self._opt(form.log_decay)
         o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
-        self.emit(f"{o}, {fin} = K.delta_stage({qn}, {k}, {v}, {beta}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
-        self._bind_readouts(low, f"[{o}]")
+        self.emit(f"{o}, {fin} = K.delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
-    def _stage_chunk_delta_product(self, low: StageLowering):
-        s = low.stage.states[0]
-        steps = low.nodes["steps"]
-        (_, q, _), = low.readouts
-        ks = ", ".join(self.seq_name(st["k"]) for st in steps)
-        vs = ", ".join(self.seq_name(st["v"]) for st in steps)
-        bs = ", ".join(self.seq_name(st["beta"]) for st in steps)
+    def _stage_chunk_delta_product(self, choice: Choice):
+        form = choice.form
+        s = form.states[0]
+        ks = ", ".join(self._tensor(st["k"]) for st in form.steps)
+        vs = ", ".join(self._tensor(st["v"]) for st in form.steps)
+        bs = ", ".join(self._tensor(st["beta"]) for st in form.steps)
         o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
-        self.emit(f"{o}, {fin} = K.delta_product_stage({self.seq_name(q)}, [{ks}], [{vs}], [{bs}], S0[{s!r}], X0, NS)",
-                  self.ir.updates[s])
-        self._bind_readouts(low, f"[{o}]")
+        self.emit(f"{o}, {fin} = K.delta_product_stage({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], "
+                  f"S0[{s!r}], X0, NS)", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
-    def _bind_readouts(self, low: StageLowering, outs: str):
-        for i, (node, _, _) in enumerate(low.readouts):
+    def _bind_readouts(self, readouts, outs: str):
+        for i, r in enumerate(readouts):
             name = self.fresh("readout")
-            self.emit(f"{name} = {outs}[{i}]", node)
-            self.seq[node.id] = name
+            extra = f" + {self.seq_name(r.extra)}" if r.extra is not None else ""   # e.g. RWKV-6's bonus r @ (u k v^T)
+            self.emit(f"{name} = {outs}[{i}]{extra}", r.node)
+            self.seq[r.node.id] = name
 
-    def _stage_loop(self, low: StageLowering):
+    def _stage_loop(self, choice: Choice):
         """A tight loop over the stage's recurrent core; everything else is precomputed."""
-        ir, states = self.ir, low.stage.states
-        core = stage_core(ir, states, self.place, low.stage.index)
+        ir, states = self.ir, list(choice.states)
+        core = list(choice.form.core)
         core_ids = {n.id for n in core}
         step: dict[int, str] = {}
         pre: list[tuple[str, str, Node]] = []    # (step name, whole-sequence name) to slice per step

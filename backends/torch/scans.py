@@ -244,11 +244,14 @@ def _vector_decay_scores(qc, kc, bq, b, mask):
 
 
 
-def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
+def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, signed: bool = False):
     """A matrix-state stage with key-side decay, from the generated code's whole-sequence
     values (prefix [B, T] or [B, T, heads]): the inference kernel reads them in place; with
-    gradients (or without the C library) the chunkwise form runs on [B*heads, T, ...]."""
+    gradients (or without the C library) the chunkwise form runs on [B*heads, T, ...].
+    signed: g is the decay itself, of unknown sign (see signed_decay)."""
     from . import seq_rt as rt
+    if signed:
+        return signed_decay(reads, k, v, g, S0, X0, ns)
     heads = ns == 3
     tensors = [k, v, S0] + ([g] if g is not None else []) + [q for q, _ in reads]
     if not _needs_grad(*tensors) and use_c(*tensors):
@@ -273,6 +276,28 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
         gb = torch.zeros(kb.shape[:2], dtype=kb.dtype, device=kb.device)
     outs, ST = chunk_diag([(rt.to_bt(q, 1, X0, ns), incl) for q, incl in reads], kb, vb, gb, rt.to_b(S0, ns - 1))
     return [rt.from_bt(o, X0, ns) for o in outs], rt.from_b(ST, S0)
+
+
+def signed_decay(reads, k, v, d, S0, X0, ns: int):
+    """S_t = diag(d_t) S_{t-1} + k_t v_t^T with d of unknown sign (a raw param, tanh(.)):
+    with sigma_t the running product of sign(d) (per key), S~_t = diag(sigma_t) S_t obeys
+    the same recurrence with |d| and keys sigma_t k_t, and q^T S_t = (sigma_t q)^T S~_t.
+    So the log-space chunkwise form runs on log|d| (zeros clamped, as every log decay is),
+    queries and keys times their running sign, and the final state gets sigma_T back."""
+    from . import seq_rt as rt
+    rank = d.dim() - ns if d.dim() > ns else 0          # 0: scalar decay, 1: per key
+    full = rt.full_seq(d, X0, ns, rank)
+    sign = torch.where(full < 0, -1.0, 1.0).to(full.dtype)
+    running = sign.cumprod(1)                           # sigma_t
+    before = rt.shift(running, torch.ones_like(running[:, 0]))   # sigma_{t-1}, for reads of S_{t-1}
+    log_abs = torch.log(full.abs()).clamp(min=LOG_DECAY_FLOOR)
+
+    def signed(x, s):
+        return x * (rt.lift(s, rank, 1) if rank == 0 else s)
+    reads = [(signed(rt.full_seq(q, X0, ns, 1), running if inc else before), inc) for q, inc in reads]
+    outs, ST = diag_matrix_stage(reads, signed(rt.full_seq(k, X0, ns, 1), running), v, log_abs, S0, X0, ns)
+    last = running[:, -1]
+    return outs, ST * (last[..., None, None] if rank == 0 else last[..., None])
 
 
 def delta_stage(q, k, v, beta, g, S0, X0, ns: int):

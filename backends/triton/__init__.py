@@ -12,6 +12,8 @@ import zlib
 
 from recdsl.ir import IRCell
 
+from .kernels import REGISTRY  # noqa: F401  (the forms this backend runs, and how)
+
 NAME = "triton"
 
 
@@ -25,13 +27,10 @@ def supports(ir: IRCell) -> str | None:
     return None
 
 
-def emit(ir: IRCell, plan=None):
+def emit(plan, selection):
     """(kernel module text, driver source, emitter)."""
-    from recdsl.analysis import analyze
-
     from .codegen import TritonEmitter
-    plan = plan or analyze(ir, verify=False)
-    em = TritonEmitter(plan.ir, plan)
+    em = TritonEmitter(plan.ir, plan, selection)
     driver = em.program()
     return em.kernel_module(), driver, em
 
@@ -46,32 +45,35 @@ def exec_source(text: str, tag: str, ns: dict) -> dict:
 
 
 class Program:
-    def __init__(self, ir: IRCell, plan=None):
+    def __init__(self, plan, selection):
         import torch
         import torch.nn.functional as F
 
         from ..torch import fused_loop, scans, seq_rt
 
         from . import launch
-        self.kernels_source, self.source, em = emit(ir, plan)
+        self.kernels_source, self.source, em = emit(plan, selection)
+        self.selection = selection
         self.emitter = em
-        self.native = em.native     # reverse and cu_seqlens handled by the kernels
-        self.module = launch.Kernels(self.kernels_source, f"recdsl-triton-{ir.name}")
+        self.native = selection.native     # reverse and cu_seqlens handled by the kernels
+        self.module = launch.Kernels(self.kernels_source, f"recdsl-triton-{plan.ir.name}")
         self.stages = [launch.Stage(k, self.module) for k in em.kernels]
+        self.ran: list[str] = []
         ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
-              "TK": launch, "KS": self.stages}
-        exec_source(self.source, f"triton-driver {ir.name}", ns)
+              "TK": launch, "KS": self.stages, "RAN": self.ran}
+        exec_source(self.source, f"triton-driver {plan.ir.name}", ns)
         self.fn = ns["forward"]
 
     def run(self, xs, st, params, heads, dtype, device, reverse: bool = False, cu_seqlens=None):
         nb = 2 if heads else 1
         P1 = {n: p[None] for n, p in params.items()}
         P2 = {n: p[None, None] for n, p in params.items()}
+        self.ran.clear()
         return self.fn(xs, st, params, P1, P2, nb, dtype, device, reverse, cu_seqlens)   # cu: int32, on device
 
 
-def build(ir: IRCell, plan=None) -> Program:
-    return Program(ir, plan)
+def build(ir: IRCell, plan, selection) -> Program:
+    return Program(plan, selection)
 
 
 SCALARS = {"T", "C", "C1", "C2", "B", "NH", "TL"}
@@ -83,15 +85,15 @@ def _arg_type(name: str) -> str:
     return "i32" if name in SCALARS or "_s" in name else "*fp32"
 
 
-def compile_cell(ir: IRCell, arch: int = 90, plan=None):
-    """Every kernel of the cell compiled ahead of time for sm_<arch> (no GPU needed):
-    (kernel module text, [aot.Compiled])."""
+def compile_cell(emitted, arch: int = 90):
+    """Every kernel of an emitted cell (recdsl.pipeline.emit_cell(ir, "triton")) compiled
+    ahead of time for sm_<arch> (no GPU needed): (kernel module text, [aot.Compiled])."""
     import triton.language as tl
 
     from . import aot, launch
     from .jit import module_from_source
-    text, _, em = emit(ir, plan)
-    ns = module_from_source(text, f"recdsl-triton-aot-{ir.name}", interpret=False)
+    text, em = emitted.kernels, emitted.emitter
+    ns = module_from_source(text, f"recdsl-triton-aot-{emitted.plan.ir.name}", interpret=False)
     out = []
     for k in em.kernels:
         for backward, suffix in ((False, "_fwd"), (True, "_bwd")):

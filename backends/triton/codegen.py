@@ -4,13 +4,14 @@
 The driver is the torch backend's whole-sequence forward (hoisted matmuls stay one GEMM
 over B*T, cuBLAS on a GPU) with each linear stage's kernel replaced by a generated Triton
 scan whose prologue computes the stage's coefficients from the leaves, and each
-sequential stage by a generated Triton loop (`seq_kernels`). Stages neither form covers
-(matrix states: chunkwise forms, Triton backend II) keep the torch lowering, and say so."""
+sequential stage by a generated Triton loop (`seq_kernels`). Which stage runs what is the
+selection's (kernels.py is the registry): stages whose form has no Triton kernel run the
+torch kernel registered as the fallback, and the plan says so."""
 from __future__ import annotations
 
 from ..torch.codegen import Emitter
-from ..torch.lowering import StageLowering
 from recdsl.ir import Node, Op
+from recdsl.lowering import Choice
 
 from . import texpr
 from .fusion import pow2
@@ -20,10 +21,9 @@ from .scan_kernels import ScanKernel, ScanSpec
 class TritonEmitter(Emitter):
     BACKEND = "triton"
     EXTRA_ARGS = ", REV=False, CU=None"    # reverse and cu_seqlens, passed to the kernels
-    def __init__(self, ir, plan):
-        super().__init__(ir, plan)
+    def __init__(self, ir, plan, selection):
+        super().__init__(ir, plan, selection)
         self.kernels: list = []            # ScanKernel / SeqKernel, in stage order
-        self.how: dict[int, str] = {}      # stage index -> what runs it
         self.store_marks: dict[int, list] = {}  # kernel -> its states (whose sequences may go unwritten)
 
     def program(self) -> str:
@@ -45,18 +45,16 @@ class TritonEmitter(Emitter):
             self.lazy[self.ir.updates[s].id] = (name, f"{name} = {seqs}[{i}]")
             self.final[s] = f"{fins}[{i}]"
 
-    @property
-    def native(self) -> bool:
-        """reverse / cu_seqlens can go straight to the kernels: every stage is a Triton kernel
-        (they index time themselves) and no value reads another stage's previous state
-        (a shift along time, which would have to know the direction and the boundaries);
-        the rest of the driver is per step. Otherwise the runtime flips and splits."""
-        return all(h.startswith("triton") for h in self.how.values()) and \
-            not any("rt.shift(" in line for line in self.lines)
+    def stage_method(self, choice: Choice):
+        """A Triton kernel's method is this class's own; a torch one only when the registry
+        entry says it is borrowed (never inherited by accident)."""
+        if choice.kernel.borrowed != "torch" and choice.kernel.emit not in type(self).__dict__:
+            raise AssertionError(f"{choice.kernel.name} has no triton emitter")   # a registry bug
+        return getattr(self, choice.kernel.emit)
 
     # ------------------------------------------------------------------ scans
-    def _scan(self, low: StageLowering, spec: ScanSpec):
-        sp = low.stage
+    def _scan(self, choice: Choice, spec: ScanSpec):
+        sp = self.plan.stages[choice.stage]
         ir = self.ir
         spec.updates = [ir.updates[s] for s in sp.states]
         self._plan_epilogue(sp, spec)
@@ -77,9 +75,9 @@ class TritonEmitter(Emitter):
         for j, o in enumerate(spec.reduced):
             self.seq[o.id] = f"{reds}[{j}]"
         fused = len(spec.outputs) + len(spec.reduced)
-        self.how[sp.index] = (f"triton {spec.kind} scan {spec.name}_fwd (gates fused in its prologue"
-                              + (f"; {fused} output(s) in its epilogue" if fused else "")
-                              + (f"; {len(spec.readouts)} fused readout(s) h' @ q" if spec.readouts else "") + ")")
+        choice.note = (f"kernel {spec.name}_fwd: gates fused in its prologue"
+                       + (f"; {fused} output(s) in its epilogue" if fused else "")
+                       + (f"; {len(spec.readouts)} fused readout(s) h' @ q" if spec.readouts else ""))
 
     def _ready(self, n, stage: int) -> bool:
         """n can be read by a kernel of `stage`: it needs no state of this stage or later."""
@@ -123,49 +121,44 @@ class TritonEmitter(Emitter):
         if not spec.readouts:
             spec.reduced = []
 
-    def _stage_element(self, low: StageLowering):
-        sp = low.stage
-        kind = low.nodes["kind"]
-        a, b = low.nodes["a"], low.nodes["b"]
+    def _stage_element(self, choice: Choice):
+        form = choice.form
+        kind = form.kind
+        a, b = form.a, form.b
         if kind == "diagexp":  # the decay as exp(log a): the exponential is one more prologue op
-            a = Node(Op.EXP, (a,), a.shape, span=a.span)
+            a = Node(Op.EXP, (form.log_a,), form.log_a.shape, span=form.log_a.span)
             kind = "diag"
-        name = f"{self.ir.name.lower()}_stage{sp.index}_{sp.states[0]}"
-        self._scan(low, ScanSpec(name, kind, 1, [[a]], [b], list(sp.states)))
+        name = f"{self.ir.name.lower()}_stage{form.stage}_{form.states[0]}"
+        self._scan(choice, ScanSpec(name, kind, 1, [[a]], [b], list(form.states)))
 
-    def _stage_block(self, low: StageLowering):
-        sp = low.stage
-        states = sp.states
-        A = [[low.nodes["A"].get((i, j)) for j in range(len(states))] for i in range(len(states))]
-        b = [low.nodes["b"].get(s) for s in states]
-        name = f"{self.ir.name.lower()}_stage{sp.index}_{'_'.join(states)}"
-        self._scan(low, ScanSpec(name, "block", len(states), A, b, list(states)))
+    def _stage_block(self, choice: Choice):
+        states = list(choice.states)
+        A = [[choice.form.A.get((i, j)) for j in range(len(states))] for i in range(len(states))]
+        b = [choice.form.b.get(s) for s in states]
+        name = f"{self.ir.name.lower()}_stage{choice.stage}_{'_'.join(states)}"
+        self._scan(choice, ScanSpec(name, "block", len(states), A, b, states))
 
-    def _stage_chunk_diag(self, low):
-        self.how[low.stage.index] = "torch: " + low.describe + " (matrix-state Triton kernels: backend II)"
-        super()._stage_chunk_diag(low)
+    # Hoisted values: torch ops over B*T in the driver (one GEMM per projection, cuBLAS).
+    _stage_vectorised = Emitter._stage_vectorised
 
-    def _stage_chunk_delta(self, low):
-        self.how[low.stage.index] = "torch: " + low.describe + " (matrix-state Triton kernels: backend II)"
-        super()._stage_chunk_delta(low)
+    def _torch_loop(self, choice: Choice):
+        """The torch backend's loop (registered as this backend's fallback for loops its
+        sequential kernel does not take)."""
+        Emitter._stage_loop(self, choice)
 
-    def _stage_loop(self, low):
-        from .seq_kernels import NotEligible, SeqKernel
-        try:
-            kern = SeqKernel(self.ir, low.stage, self.place, self.note)
-        except NotEligible as why:
-            self.how[low.stage.index] = f"torch: sequential loop ({why})"
-            return super()._stage_loop(low)
+    def _stage_loop(self, choice: Choice):
+        from .seq_kernels import SeqKernel
+        sp = self.plan.stages[choice.stage]
+        kern = SeqKernel(self.ir, sp, list(choice.form.core), self.note)   # eligible: select asked seq_kernels
         idx = len(self.kernels)
         self.kernels.append(kern)
         leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
-        sp = low.stage
         seqs, fins = self.fresh("seqs"), self.fresh("finals")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
         self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS, rev=REV, cu=CU, "
                   f"store=@STORE{idx}@)  # triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
-        self.how[sp.index] = f"triton sequential kernel {kern.name}_fwd (time loop on chip)"
+        choice.note = f"kernel {kern.name}_fwd: time loop on chip, recurrent weights in registers"
 
     # ------------------------------------------------------------------ the kernel module
     def kernel_module(self) -> str:

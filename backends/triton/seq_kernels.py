@@ -62,12 +62,10 @@ class Gemm:
 
 
 class SeqKernel:
-    def __init__(self, ir, sp, place, notes: SourceNotes):
-        from ..torch.lowering import stage_core
+    def __init__(self, ir, sp, core: list[Node], notes: SourceNotes):
         self.ir, self.notes = ir, notes
         self.states = list(sp.states)
         self.name = f"{ir.name.lower()}_stage{sp.index}_{'_'.join(self.states)}"
-        core = stage_core(ir, self.states, place, sp.index)
         self.core_ids = {n.id for n in core}
         for s in self.states:
             if ir.states[s].rank > 1:

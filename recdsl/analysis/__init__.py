@@ -8,7 +8,10 @@
     verify        sympy proofs (coefficients reproduce the update; combine is associative)
                   and float64 spot checks on random values
     readouts      which outputs read their stage's state linearly (fusable)
-    backends      per backend, its lowering of each stage or why it cannot run it
+    ranges        the value range of every decay; a warning where a state may grow without bound
+
+What runs each stage, on each backend, is decided after the analysis, by recdsl.lowering
+(forms, matchers, kernel registries, select): the analysis imports no backend.
 
 `analyze(ir, trace=dict)` fills `trace` with each pass's result as text, which
 `recdsl inspect --stage passes` prints."""
@@ -44,10 +47,19 @@ def analyze(ir: IRCell, trace: dict | None = None, verify: bool = True) -> P.Pla
         or "(nothing to verify)"
     outputs = _readouts(ir, stage_list, place)
     trace["readouts"] = "\n".join(f"{o.name}: {o.kind} {o.stages}" for o in outputs)
-    backends = _backends(ir, stage_plans)
-    trace["backends"] = "\n".join(f"{b}: {why or 'runs'}" for b, why in backends.items())
-    plan = P.Plan(ir.name, dict(ir.dims), ir.over, stage_plans, outputs, hoisted, backends, ir=ir)
+    plan = P.Plan(ir.name, dict(ir.dims), ir.over, stage_plans, outputs, hoisted, ir=ir, verified=verify)
     plan.seconds = time.perf_counter() - t0
+    return plan
+
+
+def verify(plan: P.Plan) -> P.Plan:
+    """Run the sympy / float64 checks of an unverified plan (analysed with verify=False,
+    as modules are built), in place: the plan stays the one that runs."""
+    if not plan.verified:
+        checked = analyze(plan.ir, verify=True)
+        for s, c in zip(plan.stages, checked.stages):
+            s.checks = c.checks
+        plan.verified = True
     return plan
 
 
@@ -58,18 +70,6 @@ def _describe_hoisted(n: Node) -> str:
 
 
 # --------------------------------------------------------------------------- classify
-
-LOWERINGS = {
-    P.HOISTED: "vectorised over all steps (no recurrence)",
-    P.DIAGONAL: "parallel scan",
-    P.SEMIRING: "parallel scan over the semiring",
-    P.BLOCK_DIAGONAL: "parallel scan with small-matrix combine",
-    P.LOW_RANK: "chunkwise delta rule (WY/UT form)",
-    P.DENSE: "sequential loop (dense transition)",
-    P.NONLINEAR: "sequential loop",
-    P.DAG_LINEAR: "DAG scan (wavefront over levels)",
-}
-
 
 def _stage_leaves(ir: IRCell, states: list[str]) -> list[Node]:
     return [n for n in ir.state_leaves() if n.arg[0] in states]
@@ -87,10 +87,9 @@ def _classify(ir: IRCell, k: int, states: list[str], graph, verify: bool) -> P.S
                       if n.op == Op.STATE and n.arg[0] not in states}, key=list(ir.states).index)
 
     def plan(cls, detail, reason, **kw):
-        lowering = kw.pop("lowering", LOWERINGS[cls])
         if earlier and cls not in (P.NONLINEAR, P.HOISTED):
             detail = (detail + ", " if detail else "") + f"given {', '.join(earlier)}"
-        return P.StagePlan(k, states, cls, detail, reason, lowering, line, **kw)
+        return P.StagePlan(k, states, cls, detail, reason, line, **kw)
 
     if not recurrent:
         return plan(P.HOISTED, "", f"{states[0]}' reads no previous state, so it needs no recurrence")
@@ -100,8 +99,7 @@ def _classify(ir: IRCell, k: int, states: list[str], graph, verify: bool) -> P.S
             return plan(P.DAG_LINEAR, "linear in the neighbours' states",
                         "every update is a sum of neighbour states times state-free coefficients")
         bad = next(s for s, d in degs.items() if d == NONLINEAR)
-        return plan(P.NONLINEAR, "over a DAG", f"{bad}' applies a nonlinearity to neighbour states",
-                    lowering="level-by-level sequential loop")
+        return plan(P.NONLINEAR, "over a DAG", f"{bad}' applies a nonlinearity to neighbour states")
 
     if max(degs.values()) == NONLINEAR:
         if len(states) == 1:
@@ -190,10 +188,9 @@ def _diagonal_plan(ir, plan, s, a, b, verify):
     chunk = state.rank == 2 and kind in ("identity", "scalar", "vector") and _has_outer(b)
     detail = f"{kind} decay" + (", log space" if g is not None else "")
     reason = f"{s}' = a * {s} + b with a, b free of {s}"
-    lowering = "chunkwise (matrix state from outer products)" if chunk else LOWERINGS[P.DIAGONAL]
     if chunk:
         reason += "; the state is a matrix built from outer products"
-    return plan(P.DIAGONAL, detail, reason, lowering=lowering, coefficients=coeffs, checks=checks, decay=kind,
+    return plan(P.DIAGONAL, detail, reason, coefficients=coeffs, checks=checks, decay=kind,
                 nodes={"a": a, "b": b, "log_a": g})
 
 
@@ -403,7 +400,6 @@ def _nonlinear_plan(ir, plan, an, states, updates, degs):
     if all(m != "DENSE" for m in mixes.values()) and len(shapes) == 1:
         jac = "diagonal" if len(states) == 1 else f"block-diagonal (k={len(states)})"
         why_j = "every update is elementwise in the states"
-        lowering = "sequential loop; parallel Newton applicable"
     else:
         s_dense = next(s for s, m in mixes.items() if m == "DENSE") if any(m == "DENSE" for m in mixes.values()) \
             else states[0]
@@ -411,9 +407,8 @@ def _nonlinear_plan(ir, plan, an, states, updates, degs):
         jac = "dense"
         why_j = (f"{node_text(node)} (line {node.span.line}) mixes state elements" if node is not None and node.span
                  else "states of different shapes interact")
-        lowering = "sequential loop"
     reason = f"{bad}' applies {culprit} to the state"
-    return plan(P.NONLINEAR, f"{jac} Jacobian", reason, lowering=lowering, jacobian=jac, jacobian_reason=why_j,
+    return plan(P.NONLINEAR, f"{jac} Jacobian", reason, jacobian=jac, jacobian_reason=why_j,
                 block=len(states) if jac.startswith("block") else None)
 
 
@@ -455,27 +450,4 @@ def _readouts(ir: IRCell, stage_list, place) -> list[P.OutputPlan]:
     return out
 
 
-# --------------------------------------------------------------------------- backends
-
-def _backends(ir: IRCell, stage_plans) -> dict[str, str | None]:
-    """What each built backend does with each stage (the class's ideal lowering is a
-    promise only where a backend implements it; a fallback says why)."""
-    from ..backends import reference
-    from ..backends import torch as torch_backend
-    out = {"reference": reference.supports(ir), "torch": torch_backend.supports(ir)}
-    for s in stage_plans:
-        s.backends["reference"] = ("per-step loop" if ir.over == "seq" else f"loop over the {ir.over}") \
-            if out["reference"] is None else f"cannot: {out['reference']}"
-    if out["torch"] is None:
-        from ..backends.torch.lowering import consumers, lower_stage
-        place = S.placement(ir, [s.states for s in stage_plans])
-        users = consumers(ir)
-        for s in stage_plans:
-            s.backends["torch"] = lower_stage(ir, s, place, users).describe
-    else:
-        for s in stage_plans:
-            s.backends["torch"] = f"cannot: {out['torch']}"
-    return out
-
-
-__all__ = ["analyze", "LOWERINGS", "log_decay", "FREE", "mul"]
+__all__ = ["analyze", "verify", "log_decay", "FREE", "mul"]

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import recdsl.lowering as L
 import recdsl
 from recdsl import plan as P
 
@@ -53,7 +54,7 @@ def test_loads_checks_and_verifies(name):
     assert set(plan.classes()) == set(spec.cell.states)
     assert plan.backends["reference"] is None
     for s in plan.stages:
-        assert s.reason and s.lowering
+        assert s.reason and isinstance(plan.form(s.index), L.Form)
         for c in s.checks:
             assert "FAILED" not in c and "NOT" not in c, c
             if "max err" in c:
@@ -116,13 +117,12 @@ def test_gru_and_elman_are_nonlinear_with_a_dense_jacobian():
         s = _plan(name).stage_of("h")
         assert s.jacobian == "dense", name
         assert "W_hh @ h" in s.jacobian_reason, name
-        assert "Newton" not in s.lowering, name
 
 
 def test_indrnn_has_a_diagonal_jacobian():
     s = _plan("indrnn").stage_of("h")
     assert s.cls == P.NONLINEAR and s.jacobian == "diagonal"
-    assert "Newton" in s.lowering  # a diagonal Jacobian makes parallel Newton applicable
+    assert isinstance(_plan("indrnn").form(s.index), L.SequentialLoop)  # parallel Newton: the newton backend
     assert "relu" in s.reason
 
 
@@ -131,7 +131,7 @@ def test_gated_vector_recurrences_have_a_per_channel_decay(name):
     plan = _plan(name)
     s = plan.stage_of("h")
     assert s.decay == "elementwise"  # a [H] decay for an [H] state
-    assert s.lowering == "parallel scan"
+    assert isinstance(plan.form(s.index), L.ElementScan)
     assert plan.outputs[0].kind == "linear readout"
 
 
@@ -146,7 +146,7 @@ def test_retnet_scalar_decay_linear_readout_chunkwise(name):
     plan = _plan(name)
     s = plan.stage_of("S")
     assert s.decay == "scalar"
-    assert "chunkwise" in s.lowering
+    assert isinstance(plan.selected("torch", s.index), L.ChunkDiag)
     assert plan.outputs[0].kind == "linear readout"
 
 
@@ -160,7 +160,7 @@ def test_ssd_scalar_decay_per_head_chunkwise_linear_readout():
     plan = _plan("ssd")
     s = plan.stage_of("h")
     assert s.decay == "scalar" and "log space" in s.detail
-    assert "chunkwise" in s.lowering
+    assert isinstance(plan.selected("torch", s.index), L.ChunkDiag)
     assert plan.outputs[0].kind == "linear readout"
 
 
@@ -178,7 +178,7 @@ def test_rwkv6_vector_decay_chunkwise_and_the_bonus_read_is_linear():
     plan = _plan("rwkv6")
     s = plan.stage_of("S")
     assert s.decay == "vector" and "log space" in s.detail
-    assert "chunkwise" in s.lowering
+    assert isinstance(plan.selected("torch", s.index), L.ChunkDiag)
     assert _output(plan, "o").kind == "linear readout"  # r @ (S + u*kv) reads the old S linearly
 
 
@@ -197,7 +197,7 @@ def test_deltanet_identity_plus_rank_one_ungated():
     plan = _plan("deltanet")
     s = plan.stage_of("S")
     assert s.rank == 1 and s.decay == "identity"
-    assert "ungated" in s.detail and "delta rule" in s.lowering
+    assert "ungated" in s.detail and isinstance(plan.selected("torch", s.index), L.ChunkDelta)
     assert plan.outputs[0].kind == "linear readout"
 
 
@@ -205,7 +205,7 @@ def test_kda_identity_plus_rank_one_with_a_diagonal_decay():
     plan = _plan("kda")
     s = plan.stage_of("S")
     assert s.cls == P.LOW_RANK
-    assert s.rank == 1 and s.decay == "vector" and "delta rule" in s.lowering
+    assert s.rank == 1 and s.decay == "vector" and isinstance(plan.form(s.index), L.ChunkDPLR)
 
 
 def test_kda_readout_is_linear():
@@ -230,7 +230,7 @@ def test_a_dense_transition_is_dense_affine():
     plan = _plan("linear_rnn")
     s = plan.stage_of("h")
     assert s.cls == P.DENSE and "A @ h" in s.detail
-    assert "sequential" in s.lowering or "chunked" in s.lowering
+    assert isinstance(plan.form(s.index), L.SequentialLoop)
     assert _output(plan, "y").kind == "linear readout"
 
 

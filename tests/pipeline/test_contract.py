@@ -3,6 +3,7 @@ sequence cells run on the reference backend."""
 import pytest
 import torch
 
+import recdsl.lowering as L
 import recdsl
 from recdsl import plan as P
 
@@ -38,16 +39,16 @@ def test_classification(examples, name):
     plan = recdsl.load(examples[name]).plan()
     assert plan.classes() == EXPECTED[name]
     for s in plan.stages:  # every stage explains itself
-        assert s.reason and s.lowering
+        assert s.reason and isinstance(plan.form(s.index), L.Form)
 
 
 def test_details(examples):
     plan = lambda n: recdsl.load(examples[n]).plan()  # noqa: E731
     gla = plan("GLA").stage_of("S")
-    assert gla.decay == "vector" and "chunkwise" in gla.lowering
+    assert gla.decay == "vector" and isinstance(plan("GLA").selected("torch", gla.index), L.ChunkDiag)
     assert plan("GLA").outputs[0].kind == "linear readout"
     ssm = plan("SelectiveSSM")
-    assert ssm.stage_of("h").decay == "elementwise" and ssm.stage_of("h").lowering == "parallel scan"
+    assert ssm.stage_of("h").decay == "elementwise" and isinstance(ssm.form(ssm.stage_of("h").index), L.ElementScan)
     assert ssm.outputs[0].kind == "linear readout"
     ml = plan("MLSTM")
     assert ml.stage_of("m").detail.startswith("max-plus")

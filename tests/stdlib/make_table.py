@@ -29,19 +29,18 @@ def main() -> int:
         fam = path.parent.name
         summary[fam] = summary.get(fam, 0) + 1
         plan = spec.plan()
-        layer = spec(backend="torch", **spec.analysis_dims())
-        torch_low = {lw.stage.index: lw.describe for lw in layer._program.lowerings}
         classes = "; ".join(f"{', '.join(s.states)}: {s.cls}" + (f" ({s.detail})" if s.detail else "")
                             for s in plan.stages)
-        lowering = "; ".join(f"{', '.join(s.states)}: {s.lowering}" for s in plan.stages)
-        torch_txt = "; ".join(f"{', '.join(s.states)}: {torch_low.get(s.index, '?')}" for s in plan.stages)
+        lowering = "; ".join(f"{', '.join(s.states)}: {plan.form(s.index).title}" for s in plan.stages)
+        runs = {b: "; ".join(f"{', '.join(c.states)}: {c.kernel.name}" for c in plan.selections[b].stages)
+                for b in ("torch", "triton")}
         doc = spec.doc or ""
         m = re.match(r"(.*?arXiv:\d{4}\.\d{4,5})", doc) or re.match(r"(.*?(?:19|20)\d\d(?:\s*\(no arXiv\))?)", doc)
         paper = (m.group(1) if m else doc[:120]).replace("|", "/")
         rec = common.RECORD.get(name, {})
         fmt = lambda k: f"{rec[k]:.1e}" if k in rec else "—"  # noqa: E731
         rows.append(f"| {fam}/{path.name} | {spec.name} | {paper} | {classes} | {lowering} | per-step loop "
-                    f"| {torch_txt} | {common.ORACLE.get(name, '—')} | {fmt('backends')} | {fmt('oracle')} |")
+                    f"| {runs['torch']} | {runs['triton']} | {common.ORACLE.get(name, '—')} | {fmt('backends')} | {fmt('oracle')} |")
     out = [
         "# The stdlib",
         "",
@@ -56,15 +55,16 @@ def main() -> int:
         + ", ".join(f"{k}: {v}" for k, v in sorted(summary.items())) + "); the DAG cells of `stdlib/dag/`",
         "(pLSTM 2-D, pLSTM on a graph, Tree-LSTM) are not in this table.",
         "",
-        "Columns: *class* is `plan.classes()` with the stage detail; *plan lowering* is",
-        "`plan.stage_of(s).lowering`; *torch* is what the torch backend generated for the stage;",
+        "Columns: *class* is `plan.classes()` with the stage detail; *best form* is the stage's",
+        "first candidate lowering form; *torch* / *triton* are the kernels each backend's selection runs",
+        "(`recdsl check` prints why each better form was passed over);",
         "*backends err* is the max abs difference torch vs reference measured by the tests",
         "(float64, gradients counted at 1/100); *oracle err* is the max abs difference against the",
         "oracle (float64 oracles at 1e-9..1e-10 tolerance; fla-core's naive kernels compute in",
         "float32, tolerance 1e-5, TTT's LayerNorms 1e-4).",
         "",
-        "| file | cell | paper | class (per state) | plan lowering | reference | torch | oracle | backends err | oracle err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| file | cell | paper | class (per state) | best form | reference | torch | triton | oracle | backends err | oracle err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Test run that produced these numbers: exit status {int(rc)}.",

@@ -8,6 +8,8 @@ import pytest
 
 import recdsl
 from recdsl.backends import triton as triton_backend
+from recdsl.lowering import SequentialLoop
+from recdsl.pipeline import emit_cell
 
 from test_backend import SCAN_AND_SEQ
 
@@ -17,8 +19,9 @@ FAST = ["hgrn", "lstm", "block_diag_lrnn", "aaren"]
 def _compile(name, arch):
     spec = recdsl.load(name)
     ir = spec.lower(**spec.analysis_dims())
-    text, compiled = triton_backend.compile_cell(ir, arch)
-    assert len(compiled) == 2 * len(triton_backend.emit(ir)[2].kernels) and compiled
+    emitted = emit_cell(ir, "triton")
+    text, compiled = triton_backend.compile_cell(emitted, arch)
+    assert len(compiled) == 2 * len(emitted.emitter.kernels) and compiled
     for c in compiled:
         assert c.asm["ptx"] and c.asm["cubin"] and c.registers > 0, c.name
         assert f"sm_{arch}" in c.asm["ptx"], c.name
@@ -54,12 +57,16 @@ def test_inspect_ptx_prints_the_resource_summary():
 def test_sequential_kernel_with_tensor_core_tiles(arch):
     """H = 16: the step's GEMMs use tl.dot (every side >= 16); still no spills."""
     spec = recdsl.load("lstm")
-    _, compiled = triton_backend.compile_cell(spec.lower(D=16, H=16), arch)
-    assert "tl.dot(" in triton_backend.emit(spec.lower(D=16, H=16))[0]
+    emitted = emit_cell(spec.lower(D=16, H=16), "triton")
+    _, compiled = triton_backend.compile_cell(emitted, arch)
+    assert "tl.dot(" in emitted.kernels
     assert all(c.spills == 0 for c in compiled), [(c.name, c.spills) for c in compiled]
 
 
 def test_weights_too_big_for_one_program_fall_back_and_say_why():
     spec = recdsl.load("lstm")
-    how = triton_backend.emit(spec.lower(D=32, H=32))[2].how
-    assert how[0].startswith("torch: sequential loop (the recurrent weights (4096 elements per head)"), how
+    choice = emit_cell(spec.lower(D=32, H=32), "triton").selection.choice(0)
+    assert isinstance(choice.form, SequentialLoop) and choice.kernel.borrowed == "torch"
+    assert [p.reason for p in choice.passed] == [
+        "the recurrent weights (4096 elements per head) do not fit one program's registers (<= 2048); splitting "
+        "the hidden units across programs (FlashRNN-style) is not built"]

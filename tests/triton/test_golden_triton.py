@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import recdsl
-from recdsl.backends import triton as triton_backend
+from recdsl.pipeline import emit_cell
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 CASES = [("lstm", {"D": 3, "H": 4}), ("mamba", {"D": 3, "N": 4}), ("lru", {"D": 3, "N": 4})]
@@ -15,7 +15,7 @@ CASES = [("lstm", {"D": 3, "H": 4}), ("mamba", {"D": 3, "N": 4}), ("lru", {"D": 
 
 @pytest.mark.parametrize("cell, dims", CASES)
 def test_kernel_module(cell, dims):
-    text = triton_backend.emit(recdsl.load(cell).lower(**dims))[0]
+    text = emit_cell(recdsl.load(cell).lower(**dims), "triton").kernels
     path = GOLDEN / f"{cell}.triton.py.txt"
     if os.environ.get("RECDSL_UPDATE_GOLDENS"):
         path.write_text(text)
@@ -24,6 +24,6 @@ def test_kernel_module(cell, dims):
 
 
 def test_every_kernel_line_from_the_cell_names_its_source():
-    text = triton_backend.emit(recdsl.load("mamba").lower(D=3, N=4))[0]
+    text = emit_cell(recdsl.load("mamba").lower(D=3, N=4), "triton").kernels
     fused = [ln for ln in text.splitlines() if " = _" in ln or " = (" in ln or " = tl.exp(" in ln]
     assert fused and all("# mamba.rec:" in ln for ln in fused if ln.startswith("        v"))

@@ -1,0 +1,52 @@
+"""The triton backend's kernel registry: its own kernels, then the torch kernels it runs
+for the forms it has no Triton kernel for yet -- each fallback an explicit entry, with
+the torch kernel's capabilities (reverse and cu_seqlens by the runtime), so a cell with
+one of them is flipped / split by the runtime instead of handing the direction and the
+sequence boundaries to code that ignores them."""
+from __future__ import annotations
+
+from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ElementScan, HouseholderProducts,
+                             Kernel, Registry, SequentialLoop, Vectorised)
+
+from ..torch import kernels as torch_kernels
+
+# The scan and sequential kernels index time themselves (REVERSE / VARLEN constexprs).
+OWN = Caps(reverse="kernel", varlen="kernel", heads=True, grad=True, dtypes=("float32", "float64"))
+# A stage with no recurrence reads step t only: direction and boundaries do not matter to it.
+STEPWISE = OWN
+
+
+def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
+    """The sequential kernel holds the stage's states and recurrent weights in registers."""
+    from recdsl.torch_expr import SourceNotes
+
+    from .seq_kernels import NotEligible, SeqKernel
+    try:
+        SeqKernel(ctx.ir, ctx.plan.stages[form.stage], list(form.core), SourceNotes(ctx.ir))
+    except NotEligible as why:
+        return str(why)
+    return None
+
+
+def _borrowed(form: type, emit: str | None = None) -> Kernel:
+    """The torch kernel of `form`, run by the triton backend's driver."""
+    k = next(k for k in torch_kernels.REGISTRY.kernels if k.form is form)
+    return Kernel(form, k.name, k.does, emit or k.emit, k.caps, borrowed="torch", accepts=k.accepts,
+                  explain=k.explain)
+
+
+REGISTRY = Registry("triton", (
+    Kernel(Vectorised, "triton.driver_ops", "torch ops over B*T in the driver (GEMMs on cuBLAS); elementwise gate "
+           "math goes into the kernels that read it", "_stage_vectorised", STEPWISE),
+    Kernel(ElementScan, "triton.scan", "generated scan kernel: chunks of T with tl.associative_scan and a carry, "
+           "gates in its prologue, outputs and readouts in its epilogue; derived backward kernel", "_stage_element",
+           OWN),
+    Kernel(BlockScan, "triton.block_scan", "generated k x k block scan kernel, derived backward", "_stage_block", OWN),
+    Kernel(SequentialLoop, "triton.sequential", "generated sequential kernel: time loop on chip, states and "
+           "recurrent weights in registers; backward a reverse-time loop of the step's VJP", "_stage_loop", OWN,
+           accepts=_seq_kernel_fits),
+    _borrowed(SequentialLoop, emit="_torch_loop"),
+    _borrowed(ChunkDiag),
+    _borrowed(ChunkDelta),
+    _borrowed(HouseholderProducts),
+))
