@@ -102,6 +102,46 @@ def bench_retnet(rows, quick):
                  base, ">= 1x"))
 
 
+# The same retention cell in the spellings users write: the decay's spelling must not
+# decide the speed (each is planned and run chunkwise, log space or signed).
+SPELLINGS = {
+    "0.9": ("", "0.9"), "hyper gamma=0.9": (", gamma=0.9", "gamma"), "exp(g)": ("", "exp(g)"),
+    "sigmoid(z)": ("", "sigmoid(z)"), "param (stdlib retnet)": None,
+}
+
+
+def _retention(spelling: str) -> str:
+    hyper, decay = SPELLINGS[spelling]
+    extra = ", g[]" if "g)" in decay else ", z[]" if "z)" in decay else ""
+    return (f"cell Retention(K, V{hyper}):\n    input q[K], k[K], v[V]{extra}\n    state S[K, V] = 0\n"
+            f"    S' = {decay} * S + outer(k, v)\n    output o = (q * K**-0.5) @ S'\n")
+
+
+def bench_decay_spellings(rows, quick):
+    BH, T, K = (8, 512, 64) if quick else (8, 2048, 64)
+    q, k, v = _qkv(BH, T, K, K)
+    gates = {"g": torch.full((1, T, BH), -0.1053605), "z": torch.full((1, T, BH), 2.1972246)}   # decay 0.9
+
+    def loop():
+        S, out = torch.zeros(1, BH, K, K), []
+        for t in range(T):
+            S = 0.9 * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+            out.append((q[:, t, :, None, :] * K ** -0.5 @ S)[..., 0, :])
+        return torch.stack(out, 1)
+    with torch.no_grad():
+        base = timeit(loop, 2)
+        for spelling in SPELLINGS:
+            if SPELLINGS[spelling] is None:
+                layer = recdsl.load("retnet")(K=K, V=K, NH=BH, backend="torch")
+                ins = {}
+            else:
+                layer = recdsl.load(_retention(spelling))(K=K, V=K, heads=BH, backend="torch")
+                ins = {n: gates[n] for n in layer.spec.cell.inputs if n in gates}
+            ours = timeit(lambda: layer(q=q, k=k, v=v, **ins), 5)
+            rows.append((f"retention, decay {spelling}", f"BH={BH} T={T} K=V={K}", ours, "per-step loop", base,
+                         ">= 7x"))
+
+
 def bench_gla(rows, quick):
     BH, T, K = (8, 512, 64) if quick else (8, 2048, 64)
     q, k, v = _qkv(BH, T, K, K)
@@ -169,10 +209,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
     ap.add_argument("--png", default=None, help="also save a bar plot of the speed-ups")
-    ap.add_argument("--only", default=None, help="comma-separated subset: diag,retnet,gla,deltanet,mlstm,lstm")
+    ap.add_argument("--only", default=None, help="comma-separated subset: diag,retnet,spellings,gla,deltanet,mlstm,lstm")
     a = ap.parse_args()
     rows: list = []
-    benches = {"diag": bench_diag, "retnet": bench_retnet, "gla": bench_gla, "deltanet": bench_deltanet,
+    benches = {"diag": bench_diag, "retnet": bench_retnet, "spellings": bench_decay_spellings, "gla": bench_gla,
+               "deltanet": bench_deltanet,
                "mlstm": bench_mlstm, "lstm": bench_lstm}
     for name, fn in benches.items():
         if a.only and name not in a.only.split(","):

@@ -216,6 +216,16 @@ class Emitter:
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
+    def _stage_dplr(self, choice: Choice):
+        form = choice.form
+        s = form.states[0]
+        q, k, v, a, b, g = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.a, form.b,
+                                                       form.log_decay))
+        o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        self.emit(f"{o}, {fin} = K.dplr_stage({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
+        self.final[s] = fin
+
     def _bind_readouts(self, readouts, outs: str):
         for i, r in enumerate(readouts):
             name = self.fresh("readout")

@@ -71,115 +71,94 @@ def _pad_t(x: torch.Tensor, Tp: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, Tp - T))
 
 
-def _scores(X, LX, Y, G, c0: int):
-    """Decayed scores of one chunk, A[.., i, p, j, r] = Σ_K X[.., i, p] Y[.., j, r] exp(LX[.., i, p] - G[.., j])
-    for j <= i (p = 0, inclusive) or j < i (p = 1, strict); 0 above. X, LX [B, C, 2, K];
-    Y [B, C, R, K]; G [B, C, K] (cumulative, non-increasing; LX_i <= G_j for j < i).
-    Blocks of c0 rows on the diagonal: exact contraction; then halving levels s = c0, 2c0, ..
-    (C = c0 2^m): rows i in the second half of a 2s-block against rows j in its first half,
-    through ρ = G at the first half's last row, with both exponents <= 0, one matmul each."""
+def _intra(X, Y, e):
+    """One chunk's decayed scores and the inverse of its triangular system, by halving.
+
+    X [B, C, 2, K]: query rows (q, b); Y [B, C, 2, K]: key rows (k, a); e [B, C, K] = exp(g).
+    Returns
+      A  [B, 2, 2, C, C]: A[:, p, r, i, j] = Σ_K X[i, p] Y[j, r] exp(Γx_i - Γ_j), Γx = Γ for
+         p = 0 (j <= i), Γ⁻ for p = 1 (j < i); 0 above the diagonal,
+      Tm [B, C, C] = (I - A[:, 1, 1])^{-1},
+      F  [B, C, 2, K] = (exp(Γ_i), exp(Γ⁻_i)),  Rv [B, C, K] = exp(Γ_C - Γ_j).
+    Level s merges blocks of s rows in pairs (H after F): for i in H, j in F, with Γ_F the
+    cumulative decay at F's last row, exp(Γx_i - Γ_j) = exp(Γx_i - Γ_F) exp(Γ_F - Γ_j), both
+    products of step factors e inside H resp. F (forward/backward cumulative products within
+    s-blocks, kept per level and grown by the block totals: no exp of a sum, no division)."""
     B, C, P, K = X.shape
     R = Y.shape[2]
-    A = X.new_zeros(B, C, P, C, R)
-    nb = C // c0
-    # exact diagonal blocks
-    Xb, LXb = X.view(B, nb, c0, P, K), LX.view(B, nb, c0, P, K)
-    Yb, Gb = Y.view(B, nb, c0, R, K), G.view(B, nb, c0, K)
-    ii = torch.arange(c0, device=X.device)
-    keep = torch.stack([ii[None, :] <= ii[:, None], ii[None, :] < ii[:, None]], -1)   # [i, j, P]
-    expo = (LXb[:, :, :, None] - Gb[:, :, None, :, None]).masked_fill(~keep[..., None], float("-inf"))
-    XE = Xb[:, :, :, None] * torch.exp(expo)                                          # [B, nb, i, j, P, K]
-    blk = torch.einsum("bnijpk,bnjrk->bnipjr", XE, Yb)                               # [B, nb, i, P, j, R]
-    A.view(B, nb, c0, P, nb, c0, R).diagonal(dim1=1, dim2=4).copy_(blk.permute(0, 2, 3, 4, 5, 1))
-    s = c0
+    A = X.new_zeros(B, P, R, C, C)
+    A[:, 0].diagonal(dim1=-2, dim2=-1).copy_(torch.einsum("bik,birk->bri", X[:, :, 0], Y))
+    F = torch.stack([e, torch.ones_like(e)], 2)      # within s-blocks: Π_{t<=i} e_t, Π_{t<i} e_t
+    Rv = torch.ones_like(e)                          # within s-blocks: Π_{t>j} e_t
+    Tb = X.new_ones(B, C, 1, 1)                      # block-diagonal (I - A_ba)^{-1}, s x s blocks
+    s = 1
     while s < C:
         nb = C // (2 * s)
-        Gs = G.view(B, nb, 2, s, K)
-        rho = Gs[:, :, 0, -1]                                                            # [B, nb, K]
-        xq = X.view(B, nb, 2, s, P, K)[:, :, 1] * torch.exp(LX.view(B, nb, 2, s, P, K)[:, :, 1] - rho[:, :, None, None])
-        yk = Y.view(B, nb, 2, s, R, K)[:, :, 0] * torch.exp(rho[:, :, None] - Gs[:, :, 0])[:, :, :, None]
-        off = torch.bmm(xq.reshape(B * nb, s * P, K), yk.reshape(B * nb, s * R, K).transpose(1, 2))
-        dst = A.view(B, nb, 2, s, P, nb, 2, s, R).diagonal(dim1=1, dim2=5)[:, 1, :, :, 0]  # [B, s, P, s, R, nb]
-        dst.copy_(off.view(B, nb, s, P, s, R).permute(0, 2, 3, 4, 5, 1))
-        s *= 2
-    return A
-
-
-def _unit_lower_inverse(A, c0: int):
-    """(I - A)^{-1} for strictly lower A [B, C, C], C = c0 2^m: on the diagonal c0-blocks
-    Σ_{m<c0} A^m (Horner, exact for nilpotent A), then by halving
-    [[T0, 0], [T1 A21 T0, T1]] from the inverses T0, T1 of the diagonal halves."""
-    B, C, _ = A.shape
-    nb = C // c0
-    Ad = A.unflatten(1, (nb, c0)).unflatten(3, (nb, c0)).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-    eye = torch.eye(c0, dtype=A.dtype, device=A.device)
-    Tb = eye.expand(B, nb, c0, c0)
-    for _ in range(c0 - 1):
-        Tb = eye + Ad @ Tb                                                      # [B, nb, c0, c0]
-    s = c0
-    while s < C:
-        nb = C // (2 * s)
-        A21 = A.unflatten(1, (nb, 2, s)).unflatten(4, (nb, 2, s)).diagonal(dim1=1, dim2=4)[:, 1, :, 0]
-        A21 = A21.permute(0, 3, 1, 2)                                               # [B, nb, s, s]
-        Tv = Tb.reshape(B, nb, 2, s, s)
+        Fv, Rvv = F.view(B, nb, 2, s, P, K), Rv.view(B, nb, 2, s, K)
+        xq = X.view(B, nb, 2, s, P, K)[:, :, 1] * Fv[:, :, 1]                  # rows of H
+        yk = Y.view(B, nb, 2, s, R, K)[:, :, 0]                                  # rows of F
+        if s > 1:
+            yk = yk * Rvv[:, :, 0, :, None]
+        off = torch.matmul(xq.reshape(B, nb, s * P, K), yk.reshape(B, nb, s * R, K).transpose(-1, -2))
+        off = off.view(B, nb, s, P, s, R)
+        dst = A.view(B, P, R, nb, 2, s, nb, 2, s).diagonal(dim1=3, dim2=6)[:, :, :, 1, :, 0]
+        dst.copy_(off.permute(0, 3, 5, 2, 4, 1))
+        # inverse: [[T0, 0], [T1 A21 T0, T1]]
+        Tv = Tb.view(B, nb, 2, s, s)
         T0, T1 = Tv[:, :, 0], Tv[:, :, 1]
+        A21 = off[:, :, :, 1, :, 1]
         T21 = A21 if s == 1 else T1 @ A21 @ T0
         Tb = torch.cat([torch.cat([T0, torch.zeros_like(T0)], -1), torch.cat([T21, T1], -1)], -2)
+        # grow the cumulative products to 2s-blocks
+        F = torch.stack([Fv[:, :, 0], Fv[:, :, 1] * Fv[:, :, 0, -1:, :1]], 2).view(B, C, P, K)
+        Rv = torch.stack([Rvv[:, :, 0] * Fv[:, :, 1, -1:, 0], Rvv[:, :, 1]], 2).view(B, C, K)
         s *= 2
-    return Tb[:, 0]
+    return A, Tb.view(B, C, C), F, Rv
 
 
-def _split_chunk(chunk: int, T: int) -> tuple[int, int]:
-    """(C, c0): the chunk length used (a power-of-two multiple of c0, no longer than T needs)
-    and the exact-block size."""
-    C = max(1, int(chunk))
-    while C % 2 == 0 and C // 2 >= T:         # a short sequence: the smallest such chunk that fits
+def _chunk_len(chunk: int, T: int) -> int:
+    C = int(chunk)
+    if C < 1 or C & (C - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    while C > 1 and C // 2 >= T:              # a short sequence: the smallest chunk that fits
         C //= 2
-    c0 = C
-    while c0 % 2 == 0 and c0 > BASE:
-        c0 //= 2
-    return C, c0
+    return C
 
 
 def chunk_dplr(q, k, v, a, b, g, S0, chunk: int = 32):
     """Chunkwise DPLR delta rule (see the module docstring for the equations).
-    q, k, a, b, g [N, T, K]; v [N, T, V]; S0 [N, K, V] -> (o [N, T, V], S_T [N, K, V])."""
+    q, k, a, b, g [N, T, K]; v [N, T, V]; S0 [N, K, V] -> (o [N, T, V], S_T [N, K, V]).
+    chunk: a power of two (shortened for short sequences)."""
     Nr, T, K = q.shape
     V = v.shape[-1]
     if T == 0:
         return v.new_zeros(Nr, 0, V), S0
-    C, c0 = _split_chunk(chunk, T)
+    C = _chunk_len(chunk, T)
     n = (T + C - 1) // C
     Tp = n * C
-    Bc = n * Nr
-    g = g.clamp(min=LOG_DECAY_FLOOR)
-    # chunk-major layout [n, Nr, C, .], flattened to Bc = n * Nr rows of chunks
-    q, k, v, a, b, g = (_pad_t(x, Tp).view(Nr, n, C, -1).transpose(0, 1).reshape(Bc, C, -1)
-                        for x in (q, k, v, a, b, g))
-    G = g.cumsum(1)                                   # Γ   [Bc, C, K], <= 0
-    Gm = G - g                                        # Γ⁻  (exclusive)
-    GC = G[:, -1:]                                    # Γ_C [Bc, 1, K]
+    Bc = Nr * n
+    e = torch.exp(_pad_t(g.clamp(min=LOG_DECAY_FLOOR), Tp)).view(Bc, C, K)   # step decays
+    X = torch.stack([_pad_t(q, Tp), _pad_t(b, Tp)], 2).view(Bc, C, 2, K)
+    Y = torch.stack([_pad_t(k, Tp), _pad_t(a, Tp)], 2).view(Bc, C, 2, K)
+    v = _pad_t(v, Tp).view(Bc, C, V)
+    A, Tm, F, Rv = _intra(X, Y, e)
+    A_qk, A_qa, A_bk = A[:, 0, 0], A[:, 0, 1], A[:, 1, 0]
+    XF = X * F                                            # q ⊙ e^Γ, b ⊙ e^{Γ⁻}
+    YR = Y * Rv[:, :, None]                               # k ⊙ e^{Γ_C - Γ}, a ⊙ e^{Γ_C - Γ}
+    WU = Tm @ torch.cat([XF[:, :, 1], A_bk @ v], -1)      # (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]
+    W, Ut = WU[..., :K], WU[..., K:]                      # U = W S_0 + Ũ
+    AhT = YR[:, :, 1].transpose(1, 2)                     # Âᵀ [Bc, K, C]
+    Hk = YR[:, :, 0].transpose(1, 2) @ v                  # K̂ᵀ V [Bc, K, V]
+    eC = F[:, -1, 0, :, None]                             # e^{Γ_C} [Bc, K, 1]
 
-    # scores: queries (q with Γ, b with Γ⁻) x keys (k, a)
-    A = _scores(torch.stack([q, b], 2), torch.stack([G, Gm], 2), torch.stack([k, a], 2), G, c0)
-    A_ba, A_bk = A[:, :, 1, :, 1], A[:, :, 1, :, 0]
-    Tm = _unit_lower_inverse(A_ba, c0)                    # (I - A_ba)^{-1}
-    WU = Tm @ torch.cat([b * torch.exp(Gm), A_bk @ v], -1)
-    W, Ut = WU[..., :K], WU[..., K:]                  # U = W S_0 + Ũ
-    dec = torch.exp(GC - G)                           # e^{Γ_C - Γ} <= 1
-    AhT = (a * dec).transpose(1, 2).contiguous()      # Âᵀ [Bc, K, C]
-    Hk = (k * dec).transpose(1, 2) @ v                # K̂ᵀ V [Bc, K, V]
-    eC = torch.exp(GC).transpose(1, 2)                # [Bc, K, 1]
-
-    W, Ut, AhT, Hk, eC = (x.view(n, Nr, *x.shape[1:]) for x in (W, Ut, AhT, Hk, eC))
+    W, Ut, AhT, Hk, eC = (x.view(Nr, n, *x.shape[1:]) for x in (W, Ut, AhT, Hk, eC))
     S, prev, Us = S0, [], []
     for c in range(n):
-        U = torch.baddbmm(Ut[c], W[c], S)             # u's of the chunk
+        U = torch.baddbmm(Ut[:, c], W[:, c], S)        # u's of the chunk
         prev.append(S)
         Us.append(U)
-        S = torch.baddbmm(torch.addcmul(Hk[c], eC[c], S), AhT[c], U)
-    Sp = torch.stack(prev).view(Bc, K, V)             # states before each chunk
-    U = torch.stack(Us).view(Bc, C, V)
-    Z = torch.stack([v, U], 2).view(Bc, C * 2, V)     # rows (j, r): v_j, u_j
-    o = torch.baddbmm(A[:, :, 0].reshape(Bc, C, C * 2) @ Z, q * torch.exp(G), Sp)
-    return o.view(n, Nr, C, V).transpose(0, 1).reshape(Nr, Tp, V)[:, :T], S
+        S = torch.baddbmm(torch.addcmul(Hk[:, c], eC[:, c], S), AhT[:, c], U)
+    Sp = torch.stack(prev, 1).view(Bc, K, V)          # states before each chunk
+    U = torch.stack(Us, 1).view(Bc, C, V)
+    o = torch.baddbmm(torch.baddbmm(A_qk @ v, A_qa, U), XF[:, :, 0], Sp)
+    return o.view(Nr, Tp, V)[:, :T], S

@@ -33,6 +33,8 @@ REGISTRY = Registry("torch", (
            "_stage_chunk_delta", CAPS),
     Kernel(HouseholderProducts, "torch.delta_product", "the steps interleaved into one WY/UT delta rule over T*n "
            "steps", "_stage_chunk_delta_product", CAPS),
+    Kernel(ChunkDPLR, "torch.chunk_dplr", "the DPLR product of each chunk in WY form (dplr.py), decays as "
+           "relative factors with exponents <= 0; state passed between chunks", "_stage_dplr", CAPS),
     Kernel(SequentialLoop, "torch.loop", "a loop over the stage's recurrent core only (hoisted work precomputed)",
            "_stage_loop", CAPS, explain=_loop_explain),
 ))

@@ -318,6 +318,20 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int):
     return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
 
 
+def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int):
+    """Diagonal plus low rank (KDA, RWKV-7): S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} + k_t v_t^T,
+    read out as q_t^T S_t, chunkwise (dplr.py) on [B*heads, T, ...]."""
+    from . import seq_rt as rt
+    from .dplr import chunk_dplr
+    vecs = [rt.to_bt(x, 1, X0, ns) for x in (q, k, a, b)]
+    K = vecs[0].shape[-1]
+    gb = rt.to_bt(g, g.dim() - ns, X0, ns)
+    gb = gb.expand(gb.shape[:2] + (K,)) if gb.dim() == 2 else gb     # a scalar decay: the same for every key
+    o, ST = chunk_dplr(vecs[0], vecs[1], rt.to_bt(v, 1, X0, ns), vecs[2], vecs[3], gb.contiguous(),
+                       rt.to_b(S0, ns - 1))
+    return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
+
+
 def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int):
     """DeltaProduct: n delta-rule steps per token. The steps are interleaved into one
     sequence n times as long ([B, T, n, ...] -> [B, T * n, ...]); the delta rule runs over

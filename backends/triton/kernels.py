@@ -5,7 +5,7 @@ one of them is flipped / split by the runtime instead of handing the direction a
 sequence boundaries to code that ignores them."""
 from __future__ import annotations
 
-from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ElementScan, HouseholderProducts,
+from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, HouseholderProducts,
                              Kernel, Registry, SequentialLoop, Vectorised)
 
 from ..torch import kernels as torch_kernels
@@ -49,4 +49,5 @@ REGISTRY = Registry("triton", (
     _borrowed(ChunkDiag),
     _borrowed(ChunkDelta),
     _borrowed(HouseholderProducts),
+    _borrowed(ChunkDPLR),
 ))

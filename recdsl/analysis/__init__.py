@@ -24,6 +24,7 @@ from ..ir import IRCell, Node, Op
 from ..types import ONE
 from . import stages as S
 from .linear import AFFINE, FREE, NONLINEAR, StageAnalysis, Term, add, mul
+from .ranges import describe, log_form, transition_warning
 from .symbolic import (NotElementwise, combine_is_associative, is_zero, lift, max_err, node_text, random_leaves,
                        show, to_sympy)
 
@@ -47,7 +48,11 @@ def analyze(ir: IRCell, trace: dict | None = None, verify: bool = True) -> P.Pla
         or "(nothing to verify)"
     outputs = _readouts(ir, stage_list, place)
     trace["readouts"] = "\n".join(f"{o.name}: {o.kind} {o.stages}" for o in outputs)
-    plan = P.Plan(ir.name, dict(ir.dims), ir.over, stage_plans, outputs, hoisted, ir=ir, verified=verify)
+    warnings = _ranges(ir, stage_plans)
+    trace["ranges"] = "\n".join(f"stage {s.index}: {s.decay_range}" for s in stage_plans if s.decay_range) \
+        + "".join(f"\nwarning: {w}" for w in warnings) or "(no decays)"
+    plan = P.Plan(ir.name, dict(ir.dims), ir.over, stage_plans, outputs, hoisted, ir=ir, verified=verify,
+                  warnings=warnings)
     plan.seconds = time.perf_counter() - t0
     return plan
 
@@ -61,6 +66,21 @@ def verify(plan: P.Plan) -> P.Plan:
             s.checks = c.checks
         plan.verified = True
     return plan
+
+
+def _ranges(ir: IRCell, stage_plans) -> list[str]:
+    """The value range of every linear stage's decay (stage.decay_range), and a warning per
+    decay that can exceed 1 in magnitude. A semiring's `a` is an offset, not a decay."""
+    warnings = []
+    for s in stage_plans:
+        decay = s.nodes.get("a") if s.cls == P.DIAGONAL else s.nodes.get("decay") if s.cls == P.LOW_RANK else None
+        if decay is None:
+            continue
+        s.decay_range = describe(decay, ir)
+        w = transition_warning(decay, ir, s.states[0])
+        if w:
+            warnings.append(w)
+    return warnings
 
 
 def _describe_hoisted(n: Node) -> str:
@@ -158,26 +178,11 @@ def _decay_kind(a: Node | None, state_shape) -> str:
     return "vector"
 
 
-def log_decay(a: Node) -> Node | None:
-    """The log of a decay written as exp(.), sigmoid(.) or 1 - sigmoid(.), as IR; else None."""
-    if a.op == Op.EXP:
-        return a.srcs[0]
-    if a.op == Op.SIGMOID:
-        return Node(Op.LOGSIGMOID, (a.srcs[0],), a.shape)
-    if a.op == Op.SUB and a.srcs[0].op == Op.CONST and a.srcs[0].arg == 1.0 and a.srcs[1].op == Op.SIGMOID:
-        u = a.srcs[1].srcs[0]
-        return Node(Op.LOGSIGMOID, (Node(Op.NEG, (u,), u.shape),), a.shape)
-    if a.op == Op.INDEX:
-        inner = log_decay(a.srcs[0])
-        return None if inner is None else Node(Op.INDEX, (inner,), a.shape, a.arg)
-    return None
-
-
 def _diagonal_plan(ir, plan, s, a, b, verify):
     state = ir.states[s]
     kind = _decay_kind(a, state.shape)
     coeffs = {"a": show(a, "1"), "b": show(b)}
-    g = log_decay(a) if a is not None else None
+    g = log_form(a, ir) if a is not None else None
     if g is not None:
         coeffs["log a"] = show(g)
     checks = []
@@ -450,4 +455,4 @@ def _readouts(ir: IRCell, stage_list, place) -> list[P.OutputPlan]:
     return out
 
 
-__all__ = ["analyze", "verify", "log_decay", "FREE", "mul"]
+__all__ = ["analyze", "verify", "log_form", "FREE", "mul"]

@@ -239,8 +239,8 @@ def _text(n: Node | None) -> str:
 
 def _log_form(a: Node | None, ir: IRCell) -> Node | None:
     """log a, when a is proven positive (whatever its spelling), else None."""
-    from recdsl.analysis import log_decay  # TEMP until ranges lands
-    return None if a is None else log_decay(a)
+    from recdsl.analysis.ranges import log_form
+    return None if a is None else log_form(a, ir)
 
 
 def _delta_rule(ctx: Context, sp: P.StagePlan, core: set[int]):
