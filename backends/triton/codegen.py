@@ -125,6 +125,8 @@ class TritonEmitter(Emitter):
         form = choice.form
         kind = form.kind
         a, b = form.a, form.b
+        if kind == "diagexp" and a.op == Op.CONST:   # a constant decay as written: exact in any dtype
+            kind = "diag"
         if kind == "diagexp":  # the decay as exp(log a): the exponential is one more prologue op
             a = Node(Op.EXP, (form.log_a,), form.log_a.shape, span=form.log_a.span)
             kind = "diag"

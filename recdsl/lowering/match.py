@@ -140,12 +140,16 @@ class Context:
         return stage_core(self.ir, sp.states, self.place, sp.index)
 
     def shifts(self) -> bool:
-        """Some value outside a stage's recurrent core reads the stage's previous state: a
-        shift along time, which must know the direction and the sequence boundaries."""
+        """Some value outside a stage's recurrent core reads the stage's previous state, or a
+        value of its core computed from it (mLSTM's gates read m + lf, shared with m's
+        update): a shift along time, which must know the direction and the boundaries."""
         for sp in self.plan.stages:
-            core = {n.id for n in self.core(sp)}
-            for s in sp.states:
-                if any(u.id not in core for u in self.users.get(self.ir.states[s].id, [])):
+            core = self.core(sp)
+            inside = {n.id for n in core}
+            updates = {self.ir.updates[s].id for s in sp.states}
+            prev = [self.ir.states[s] for s in sp.states]
+            for n in prev + [n for n in core if n.id not in updates]:
+                if any(u.id not in inside for u in self.users.get(n.id, [])):
                     return True
         return False
 

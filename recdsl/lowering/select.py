@@ -64,6 +64,7 @@ class Passed:
     """A candidate select passed over, and why."""
     title: str
     reason: str
+    form: object = field(default=None, compare=False, repr=False)
 
     def summary(self) -> str:
         return f"{self.title}: {self.reason}"
@@ -110,19 +111,24 @@ def select(registry: Registry, candidates: list[list], ctx) -> Selection:
 
 
 def _select_stage(registry: Registry, cands: list, ctx) -> Choice:
+    """The backend's own kernels first (every candidate in order), then its fallbacks."""
     passed: list[Passed] = []
-    for cand in cands:
-        if isinstance(cand, Rejection):
-            passed.append(Passed(cand.title, cand.reason + (f" (line {cand.line})" if cand.line else "")))
-            continue
-        kernels = registry.for_form(cand)
-        if not kernels:
-            passed.append(Passed(cand.summary(), f"no {registry.backend} kernel for this form"))
-            continue
-        for kernel in kernels:
-            why = kernel.why_not(cand, ctx)
-            if why is None:
-                note = kernel.explain(cand, ctx) if kernel.explain is not None else ""
-                return Choice(cand.stage, cand.states, cand, kernel, passed, note)
-            passed.append(Passed(f"{cand.summary()} [{kernel.name}]", why))
+    for borrowed in (False, True):
+        for cand in cands:
+            if isinstance(cand, Rejection):
+                if not borrowed:
+                    passed.append(Passed(cand.title, cand.reason + (f" (line {cand.line})" if cand.line else "")))
+                continue
+            kernels = [k for k in registry.for_form(cand) if (k.borrowed is not None) == borrowed]
+            if not kernels and not borrowed:
+                fallback = any(k.borrowed for k in registry.for_form(cand))
+                passed.append(Passed(cand.summary(), f"no {registry.backend} kernel for this form"
+                                     + (" (a fallback runs it if nothing else does)" if fallback else ""), cand))
+            for kernel in kernels:
+                why = kernel.why_not(cand, ctx)
+                if why is None:
+                    note = kernel.explain(cand, ctx) if kernel.explain is not None else ""
+                    return Choice(cand.stage, cand.states, cand, kernel, [p for p in passed if p.form is not cand],
+                                  note)
+                passed.append(Passed(f"{cand.summary()} [{kernel.name}]", why, cand))
     raise NoKernel(f"{registry.backend}: no kernel runs any candidate of stage {cands[-1].stage}")
