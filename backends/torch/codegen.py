@@ -177,9 +177,10 @@ class Emitter:
         return "None" if n is None else self._tensor(n)
 
     def _tensor(self, n: Node) -> str:
-        """n's whole-sequence value as a tensor (a scalar constant becomes a 0-d tensor)."""
+        """n's whole-sequence value as a tensor (a value of constants only is a Python number)."""
         name = self.seq_name(n)
-        return f"torch.tensor({name}, dtype=DT, device=DEV)" if n.op == Op.CONST and not n.shape else name
+        constant = all(x.op == Op.CONST for x in toposort([n]) if not x.srcs)
+        return f"torch.as_tensor({name}, dtype=DT, device=DEV)" if constant and not n.shape else name
 
     def _stage_chunk_diag(self, choice: Choice):
         form = choice.form

@@ -30,7 +30,7 @@ def element_scan(kind: str, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor) 
     """h_t = a_t * h_{t-1} + x_t (diag), exp(a_t) * h_{t-1} + x_t (diagexp: the decay in log
     space, exponentiated inside the scan), max(h_{t-1} + a_t, x_t) (maxplus) or
     logaddexp(h_{t-1} + a_t, x_t) (lse). a broadcasts to x: [B, T, *shape]."""
-    shape = torch.broadcast_shapes(a.shape, x.shape)
+    shape = torch.broadcast_shapes(a.shape, x.shape, h0[:, None].shape)   # S' = S: the state alone has its shape
     B, T = shape[:2]
     a, x = a.expand(shape), x.expand(shape)
     h0 = h0.expand((B,) + tuple(shape[2:]))
@@ -326,7 +326,7 @@ def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int):
     vecs = [rt.to_bt(x, 1, X0, ns) for x in (q, k, a, b)]
     K = vecs[0].shape[-1]
     gb = rt.to_bt(g, g.dim() - ns, X0, ns)
-    gb = gb.expand(gb.shape[:2] + (K,)) if gb.dim() == 2 else gb     # a scalar decay: the same for every key
+    gb = gb[..., None].expand(gb.shape[:2] + (K,)) if gb.dim() == 2 else gb   # a scalar decay: the same for every key
     o, ST = chunk_dplr(vecs[0], vecs[1], rt.to_bt(v, 1, X0, ns), vecs[2], vecs[3], gb.contiguous(),
                        rt.to_b(S0, ns - 1))
     return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)

@@ -142,7 +142,9 @@ def _classify(ir: IRCell, k: int, states: list[str], graph, verify: bool) -> P.S
         if other:
             return plan(P.DENSE, "", f"{s}' contains a contraction of {s} that is not re-expanded")
         a = None  # None: the decay is the identity
-        if any(t.scale is not None for t in diag) or len(diag) > 1:
+        if not diag:  # no term keeps the state itself: S' = outer(k, k @ S) + ... decays by 0
+            a = Node(Op.CONST, (), (), 0.0)
+        elif any(t.scale is not None for t in diag) or len(diag) > 1:
             for t in diag:
                 a = add(a, t.scale if t.scale is not None else _one())
         if not low:

@@ -264,11 +264,11 @@ def _delta_rule(ctx: Context, sp: P.StagePlan, core: set[int]):
     if decay is not None and g is None:
         return Rejection(title, f"the decay {_text(decay)} is not proven positive", _line(decay))
     fs = factors(t.scale)
-    if decay is not None:
-        hit = [f for f in fs if f is decay]
-        if not hit:
+    for d in factors(decay):   # the erase term carries the decay's factors (a product of gates too)
+        hit = next((f for f in fs if f is d), None)
+        if hit is None:
             return Rejection(title, "the rank-1 term is not gated by the same decay", _line(t.scale))
-        fs = [f for f in fs if f is not hit[0]]
+        fs.remove(hit)
     if any(f.rank != 0 for f in fs):
         return Rejection(title, "the update strength is not a scalar", _line(t.scale))
     beta = product(fs + [Node(Op.CONST, (), (), -1.0)])
