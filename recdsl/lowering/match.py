@@ -247,22 +247,31 @@ def _log_form(a: Node | None, ir: IRCell) -> Node | None:
     return None if a is None else log_form(a, ir)
 
 
-def _delta_rule(ctx: Context, sp: P.StagePlan, core: set[int]):
-    """S' = exp(g) (I - beta k k^T) S + beta k v^T (g scalar or absent), read out as q @ S'."""
-    title, s = ChunkDelta.title, sp.states[0]
+def _rank_one(ctx: Context, sp: P.StagePlan, title: str):
+    """(term, decay, log decay) of a stage with one rank-1 term and a decay proven positive,
+    else the Rejection."""
     terms = sp.nodes["terms"]
     if len(terms) != 1:
         return Rejection(title, f"rank {sp.rank}: the form handles one rank-1 update per step", sp.line)
-    t = terms[0]
-    if t.u is not t.w:
-        return Rejection(title, f"the rank-1 update outer({_text(t.u)}, {_text(t.w)} @ {s}) is not symmetric "
-                         "(u != w)", _line(t.w))
     decay = sp.nodes["decay"]
-    if decay is not None and decay.rank != 0:
-        return Rejection(title, f"the decay {_text(decay)} is not a scalar", _line(decay))
     g = _log_form(decay, ctx.ir)
     if decay is not None and g is None:
         return Rejection(title, f"the decay {_text(decay)} is not proven positive", _line(decay))
+    return terms[0], decay, g
+
+
+def _delta_rule(ctx: Context, sp: P.StagePlan, core: set[int]):
+    """S' = exp(g) (I - beta k k^T) S + beta k v^T (g scalar or absent), read out as q @ S'."""
+    title, s = ChunkDelta.title, sp.states[0]
+    found = _rank_one(ctx, sp, title)
+    if isinstance(found, Rejection):
+        return found
+    t, decay, g = found
+    if t.u is not t.w:
+        return Rejection(title, f"the rank-1 update outer({_text(t.u)}, {_text(t.w)} @ {s}) is not symmetric "
+                         "(u != w)", _line(t.w))
+    if decay is not None and decay.rank != 0:
+        return Rejection(title, f"the decay {_text(decay)} is not a scalar", _line(decay))
     fs = factors(t.scale)
     for d in factors(decay):   # the erase term carries the decay's factors (a product of gates too)
         hit = next((f for f in fs if f is d), None)
@@ -298,14 +307,10 @@ def _one_inclusive_readout(ctx: Context, s: str, core: set[int], title: str, lin
 def _dplr(ctx: Context, sp: P.StagePlan, core: set[int]):
     """S' = diag(d) S + outer(a, b @ S) + outer(k, v), d per key (or scalar), proven positive."""
     title, s = ChunkDPLR.title, sp.states[0]
-    terms = sp.nodes["terms"]
-    if len(terms) != 1:
-        return Rejection(title, f"rank {sp.rank}: the form handles one rank-1 update per step", sp.line)
-    t = terms[0]
-    decay = sp.nodes["decay"]
-    g = _log_form(decay, ctx.ir)
-    if decay is not None and g is None:
-        return Rejection(title, f"the decay {_text(decay)} is not proven positive", _line(decay))
+    found = _rank_one(ctx, sp, title)
+    if isinstance(found, Rejection):
+        return found
+    t, _, g = found
     if g is None:
         g = Node(Op.CONST, (), (), 0.0)
     elif g.rank == 2:
