@@ -211,7 +211,7 @@ def stdlib(no_plan):
     from rich.progress import track
     from rich.table import Table
     from .spec import load_all, stdlib_dir, stdlib_files
-    table = Table("name", "family", "cell", "classes (per stage)", "reference", "torch")
+    table = Table("name", "family", "cell", "classes (per stage)", "torch (kernel per stage)", "triton")
     root = stdlib_dir()
     files = stdlib_files()
     for name, path in track(list(files.items()), description="analysing", transient=True, disable=no_plan):
@@ -227,9 +227,9 @@ def stdlib(no_plan):
                 continue
             plan = s.plan()
             classes = "; ".join(f"{', '.join(st.states)}: {st.cls}" for st in plan.stages)
-            ref = "; ".join(sorted({st.backends.get("reference", "") for st in plan.stages}))
-            fast = "; ".join(f"{st.backends.get('torch', '')}" for st in plan.stages)
-            table.add_row(name, family, s.name, classes, ref, fast)
+            runs = [sel.cannot or "; ".join(c.kernel.name for c in sel.stages)
+                    for sel in (plan.selections["torch"], plan.selections["triton"])]
+            table.add_row(name, family, s.name, classes, *runs)
     Console().print(table)
 
 
