@@ -35,6 +35,7 @@ class Emitter:
         self.cse: dict[str, str] = {}
         self.lazy: dict[int, tuple[str, str]] = {}   # values emitted only if something reads them
         self.fused: list = []                         # FusedLoop runners of eligible loop stages
+        self.shifted = False                          # some value reads a previous state shifted in time
 
     # ------------------------------------------------------------------ helpers
     def fresh(self, base: str) -> str:
@@ -69,6 +70,7 @@ class Emitter:
                 continue
             if x.op == Op.STATE:
                 name = self.fresh(f"{x.arg[0]}_prev")
+                self.shifted = True        # a previous state over the whole sequence: a shift in time
                 seq_new = self.seq_name(self.ir.updates[x.arg[0]])   # bound by its stage (maybe lazily)
                 self.emit(f"{name} = rt.shift({seq_new}, S0[{x.arg[0]!r}])", x)
                 self.seq[x.id] = name
@@ -78,8 +80,11 @@ class Emitter:
                 self.seq[x.id] = self.cse[rhs]
                 continue
             name = self.fresh(x.name if x.name and x.name.isidentifier() else "t")
+            self.cse[rhs] = name
+            if not x.shape and all(leaf.op == Op.CONST for leaf in toposort([x]) if not leaf.srcs):
+                rhs = f"torch.as_tensor({rhs}, dtype=DT, device=DEV)"   # constants only: a Python number
             self.emit(f"{name} = {rhs}", x)
-            self.seq[x.id] = self.cse[rhs] = name
+            self.seq[x.id] = name
         return self.seq[n.id]
 
     def _pending(self, n: Node) -> list[Node]:

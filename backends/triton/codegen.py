@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..torch.codegen import Emitter
 from recdsl.ir import Node, Op
 from recdsl.lowering import Choice
+from recdsl.lowering.match import stage_core
 
 from . import texpr
 from .fusion import pow2
@@ -30,6 +31,9 @@ class TritonEmitter(Emitter):
         """The driver; a kernel writes a state sequence only if the driver reads it (the
         Emitter's lazy values that were never bound) or a gradient needs it (at run time)."""
         text = super().program()
+        if self.shifted and self.selection.native:   # select's structural check missed a shift: a bug, loudly
+            raise AssertionError(f"{self.ir.name}: the driver shifts a state but the selection hands "
+                                 "reverse/cu_seqlens to the kernels")
         for idx, states in self.store_marks.items():
             read = tuple(self.ir.updates[s].id not in self.lazy for s in states)
             per_state = not isinstance(self.kernels[idx], ScanKernel)
@@ -57,6 +61,8 @@ class TritonEmitter(Emitter):
         sp = self.plan.stages[choice.stage]
         ir = self.ir
         spec.updates = [ir.updates[s] for s in sp.states]
+        spec.opaque = {n.id for other in self.plan.stages if other.index != sp.index
+                       for n in stage_core(ir, other.states, self.place, other.index)}
         self._plan_epilogue(sp, spec)
         kern = ScanKernel(spec, self.note)
         idx = len(self.kernels)

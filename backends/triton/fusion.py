@@ -79,11 +79,14 @@ def resolve(n: Node, view: tuple = ()) -> Ref:
 
 
 class Region:
-    def __init__(self, roots: list[Node | None], stop: set = frozenset(), numbering: dict | None = None):
+    def __init__(self, roots: list[Node | None], stop: set = frozenset(), numbering: dict | None = None,
+                 opaque: set = frozenset()):
         """roots: the values the kernel needs; stop: ids of values the kernel has already
         (e.g. its own new states), which the region reads but does not compute; numbering:
         value -> its number in generated names, shared by the regions of one kernel (names
-        then do not depend on node ids, which depend on what the process built before)."""
+        then do not depend on node ids, which depend on what the process built before);
+        opaque: ids read as leaves even if elementwise (another stage's recurrent values:
+        recomputing h' = f(h) here would read h shifted in time)."""
         self.roots = [r for r in roots if r is not None]
         self.leaves: list[Ref] = []
         self.nodes: list[Ref] = []         # fused values, sources first
@@ -105,7 +108,7 @@ class Region:
             if ref.id in seen or texpr.literal(n) is not None:
                 continue
             seen.add(ref.id)
-            if texpr.fusable(n):
+            if texpr.fusable(n) and n.id not in opaque:
                 stack.append((ref, True))
                 stack.extend((resolve(s, ref.view), False) for s in reversed(n.srcs))
             else:

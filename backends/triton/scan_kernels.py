@@ -54,6 +54,7 @@ class ScanSpec:
     reduced: list[Node] = field(default_factory=list)      # elementwise in the readouts: [B, T, C / N]
     n_p2: int = 1                                          # the readout axis N, padded to a power of two
     rax: int = 2                                           # the state axis readouts reduce: 2 last, 1 first
+    opaque: set = field(default_factory=set)               # ids the prologue reads as leaves: other stages' cores
 
 
 def combine_source(kind: str, k: int) -> str:
@@ -92,7 +93,7 @@ class ScanKernel:
         self.name = spec.name
         roots = [a for row in spec.A for a in row] + list(spec.b)
         num: dict = {}   # value numbers shared by the kernel's regions
-        self.region = Region(roots, numbering=num)
+        self.region = Region(roots, numbering=num, opaque=spec.opaque)
         stop = {u.id for u in spec.updates}
         # epilogue at the state's granularity: the outputs and the readout vectors q
         self.epi = Region(list(spec.outputs) + [q for _, _, q in spec.readouts], stop, num)

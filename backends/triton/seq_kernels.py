@@ -84,6 +84,10 @@ class SeqKernel:
         for key, wins in list(self.leaf_wins.items()) + list(self.param_wins.items()):
             if any(a.overlaps(b) for i, a in enumerate(wins) for b in wins[i + 1:]):
                 raise NotEligible("a value is read at overlapping slices")
+        for x in self.leaves + self.params:   # loads and gradient stores of a scalar are one column wide
+            if x.rank == 0 and any(w.width > 1 for w in self.leaf_wins.get(x.id, []) + self.param_wins.get(x.id, [])):
+                raise NotEligible(f"the scalar {x.arg} is broadcast against a vector in the step (not built in the "
+                                  "sequential kernel)")
         rows = {}
         for g in self.gemms:
             if any(g.win.overlaps(w) for w in rows.get(g.param.id, [])):

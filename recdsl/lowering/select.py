@@ -65,6 +65,7 @@ class Passed:
     title: str
     reason: str
     form: object = field(default=None, compare=False, repr=False)
+    kernel: str | None = None           # the kernel that declined it (None: no kernel for the form)
 
     def summary(self) -> str:
         return f"{self.title}: {self.reason}"
@@ -128,7 +129,8 @@ def _select_stage(registry: Registry, cands: list, ctx) -> Choice:
                 why = kernel.why_not(cand, ctx)
                 if why is None:
                     note = kernel.explain(cand, ctx) if kernel.explain is not None else ""
-                    return Choice(cand.stage, cand.states, cand, kernel, [p for p in passed if p.form is not cand],
-                                  note)
-                passed.append(Passed(f"{cand.summary()} [{kernel.name}]", why, cand))
+                    # the fallback that runs a form is not a reason to list the form as passed over
+                    kept = [p for p in passed if p.form is not cand or p.kernel is not None]
+                    return Choice(cand.stage, cand.states, cand, kernel, kept, note)
+                passed.append(Passed(f"{cand.summary()} [{kernel.name}]", why, cand, kernel.name))
     raise NoKernel(f"{registry.backend}: no kernel runs any candidate of stage {cands[-1].stage}")
