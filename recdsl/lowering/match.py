@@ -148,8 +148,9 @@ class Context:
             inside = {n.id for n in core}
             updates = {self.ir.updates[s].id for s in sp.states}
             prev = [self.ir.states[s] for s in sp.states]
+            outputs = {n.id for n in self.ir.outputs.values()}
             for n in prev + [n for n in core if n.id not in updates]:
-                if any(u.id not in inside for u in self.users.get(n.id, [])):
+                if n.id in outputs or any(u.id not in inside for u in self.users.get(n.id, [])):
                     return True
         return False
 
