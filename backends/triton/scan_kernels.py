@@ -416,7 +416,8 @@ class ScanKernel:
         for i in range(k):
             lines.append(f"    lam{i} = tl.load(dhfin + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
             lines.append(f"    hz{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
-            lines.append(f"    g0_{i} = tl.zeros([BLOCK_C], dtype=ACC)")
+            # an empty (packed) sequence: its final state is its initial state, so the adjoint passes through
+            lines.append(f"    g0_{i} = tl.where(Tn == 0, lam{i}, tl.zeros([BLOCK_C], dtype=ACC))")
         self._invariant_loads(lines)
         lines += ["    n_chunks = tl.cdiv(Tn, BLOCK_T)",
                   "    for r in range(0, n_chunks):",

@@ -2,11 +2,12 @@
 
 A `Case` is everything needed to replay a run exactly: the source, the dims, B, T, dtype,
 whether gradients are taken (training path, autograd) or not (torch.no_grad(): the
-backend's inference kernels), heads, reverse, a random initial state, and the seed of
-the data. `run_case` builds the modules afresh (nothing is cached across cases), runs
-the reference once and each other backend on the same data and the same parameters, and
-compares outputs, final states and gradients (inputs, params, initial states) within
-dtype-aware tolerances.
+backend's inference kernels), heads, reverse, a random initial state, packed sequences
+(`cu_seqlens`: B = 1, inputs [1, sum(lengths), ...], one initial and one final state per
+sequence, empty and one-step sequences included), and the seed of the data. `run_case`
+builds the modules afresh (nothing is cached across cases), runs the reference once and
+each other backend on the same data and the same parameters, and compares outputs, final
+states and gradients (inputs, params, initial states) within dtype-aware tolerances.
 
 A case is written to a .rec file with a `# fuzz-case:` comment line, so that
 `recdsl fuzz --cells FILE` replays it exactly."""
@@ -16,7 +17,7 @@ import json
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -52,18 +53,47 @@ class Case:
     seed: int = 0
     origin: str = "generated"       # "generated" or the path of the user's file
     cell: str | None = None         # which cell of a multi-cell file
+    cu_seqlens: list | None = None  # packed sequences (B = 1): offsets 0 = c0 <= c1 <= ... <= cn = T
+
+    def offsets(self) -> list[int] | None:
+        """cu_seqlens fitted to T: the shrinker shortens T alone, so offsets past T are cut
+        to T and the last one is T (the sequences at the end get shorter or empty)."""
+        if self.cu_seqlens is None:
+            return None
+        cu = [0] + [min(max(int(c), 0), self.T) for c in self.cu_seqlens[1:-1]] + [self.T]
+        for i in range(1, len(cu)):
+            cu[i] = max(cu[i], cu[i - 1])
+        return cu
+
+    def n_sequences(self) -> int:
+        """The batch of the states: B, or the number of packed sequences."""
+        cu = self.offsets()
+        return self.B if cu is None else len(cu) - 1
+
+    def modes(self) -> list[str]:
+        """The run modes of this case, for the report's distribution."""
+        out = [m for m, on in (("reverse", self.reverse), ("heads", bool(self.heads)),
+                               ("initial state", self.init_state), ("cu_seqlens", self.cu_seqlens is not None),
+                               ("no_grad", not self.grad), ("float32", self.dtype == "float32"),
+                               ("T > 64", self.T > 64)) if on]
+        return out or ["plain"]
 
     def config(self) -> dict:
         d = asdict(self)
         for k in ("source", "origin"):
             d.pop(k)
+        if self.cu_seqlens is None:
+            d.pop("cu_seqlens")   # as files written before packed sequences
+        else:
+            d["cu_seqlens"] = self.offsets()
         return d
 
     def describe(self) -> str:
         dims = ",".join(f"{k}={v}" for k, v in self.dims.items())
         return (f"dims {dims or '-'} B={self.B} T={self.T} {self.dtype} {'grad' if self.grad else 'no_grad'}"
                 + (f" heads={self.heads}" if self.heads else "") + (" reverse" if self.reverse else "")
-                + (" initial-state" if self.init_state else "") + f" seed={self.seed}")
+                + (" initial-state" if self.init_state else "")
+                + (f" cu_seqlens={self.offsets()}" if self.cu_seqlens is not None else "") + f" seed={self.seed}")
 
     def to_file(self) -> str:
         """The source with the case in a leading comment (still a valid .rec file)."""
@@ -85,10 +115,11 @@ class Mismatch:
     err: float
     tol: float
     detail: str = ""
+    where: str = ""    # errors: the innermost function outside torch that raised (element_scan, forward)
 
     def __str__(self) -> str:
         if self.what == "error":
-            return f"{self.backend}: raised {self.detail}"
+            return f"{self.backend}: raised {self.detail}" + (f" (in {self.where})" if self.where else "")
         return f"{self.backend}: {self.what} differs by {self.err:.3g} (tolerance {self.tol:.3g}){self.detail}"
 
 
@@ -116,11 +147,36 @@ def random_dims(spec, rng: random.Random) -> dict:
     return out
 
 
+# How often each run mode is drawn (independently): every one in at least 10 % of the cases.
+MODE_P = {"reverse": 0.2, "heads": 0.15, "init_state": 0.2, "cu_seqlens": 0.2}
+
+
+def random_packing(T: int, rng: random.Random) -> list[int]:
+    """cu_seqlens for T packed steps: 1 to 3 sequences of random lengths, often with an
+    empty one and a one-step one among them, in random order."""
+    lengths = []
+    if rng.random() < 0.6:
+        lengths.append(0)
+    if rng.random() < 0.6 and T >= 2:
+        lengths.append(1)
+    rest = T - sum(lengths)
+    cuts = sorted(rng.sample(range(1, rest), min(rng.randint(0, 2), rest - 1))) if rest > 1 else []
+    lengths += [b - a for a, b in zip([0] + cuts, cuts + [rest])]
+    if len(lengths) < 2:
+        lengths.append(0)
+    rng.shuffle(lengths)
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
 def random_case(source: str, rng: random.Random, spec=None, origin: str = "generated",
                 cell: str | None = None) -> Case:
     """A random configuration for a cell: mostly short sequences in float64 with gradients;
-    sometimes T across chunk boundaries (64), float32, no_grad (inference kernels), heads,
-    reverse, a random initial state."""
+    sometimes T across chunk boundaries (64), float32, no_grad (inference kernels), and
+    (each with the probability of MODE_P) heads, reverse, a random initial state, packed
+    sequences (cu_seqlens, B = 1)."""
     if spec is None:
         spec = recdsl.load(source, cell) if cell else recdsl.load(source)
     r = rng.random()
@@ -133,11 +189,18 @@ def random_case(source: str, rng: random.Random, spec=None, origin: str = "gener
     grad = rng.random() < 0.75
     dtype = "float32" if rng.random() < 0.15 else "float64"
     heads = None
-    if spec.cell.heads is None and rng.random() < 0.1:
+    if spec.cell.heads is None and rng.random() < MODE_P["heads"]:
         heads = 2
-    return Case(source=source, dims=random_dims(spec, rng), B=rng.choice([1, 2, 2, 3]), T=T, dtype=dtype,
-                grad=grad, heads=heads, reverse=rng.random() < 0.08, init_state=rng.random() < 0.15,
-                seed=rng.randrange(2**31), origin=origin, cell=cell)
+    B = rng.choice([1, 2, 2, 3])
+    reverse = rng.random() < MODE_P["reverse"]
+    init_state = rng.random() < MODE_P["init_state"]
+    cu = None
+    if rng.random() < MODE_P["cu_seqlens"]:
+        T = max(T, 2)
+        cu, B = random_packing(T, rng), 1
+    return Case(source=source, dims=random_dims(spec, rng), B=B, T=T, dtype=dtype, grad=grad, heads=heads,
+                reverse=reverse, init_state=init_state, seed=rng.randrange(2**31), origin=origin, cell=cell,
+                cu_seqlens=cu)
 
 
 # ---------------------------------------------------------------------------- running
@@ -190,10 +253,11 @@ class _Run:
     def __init__(self, layer, xs, st0, case: Case, weights: list, gen: torch.Generator):
         """weights: the cotangents of the outputs; empty: drawn here (from gen) and appended."""
         self.layer = layer
+        cu = case.offsets()
         if case.grad:
             xs = {k: v.detach().clone().requires_grad_() for k, v in xs.items()}
             st = {k: v.detach().clone().requires_grad_() for k, v in st0.items()} if st0 is not None else None
-            o, s = layer(**xs, state=st, reverse=case.reverse)
+            o, s = layer(**xs, state=st, reverse=case.reverse, cu_seqlens=cu)
             self.outs, self.states = _outputs(o), s
             if not weights:
                 weights.extend(torch.randn(a.shape, generator=gen, dtype=torch.float64).to(a.dtype)
@@ -207,7 +271,7 @@ class _Run:
             self.grads = {n: g for (n, _), g in zip(wrt, gs)}
         else:
             with torch.no_grad():
-                o, s = layer(**xs, state=st0, reverse=case.reverse)
+                o, s = layer(**xs, state=st0, reverse=case.reverse, cu_seqlens=cu)
             self.outs, self.states = _outputs(o), s
             self.grads = {}
 
@@ -221,12 +285,17 @@ def load_spec(case: Case):
 
 
 def stage_classes(spec, case: Case) -> list[str]:
-    from recdsl.analysis import analyze
-    plan = analyze(spec.lower(**case.dims), verify=False)
+    """Per stage and backend, "class: backend -> selected form (kernel)": the distribution of
+    what the matchers and registries chose, for the report."""
+    from recdsl.pipeline import plan_cell
+    plan = plan_cell(spec.lower(**case.dims), verify=False)
     out = []
     for s in plan.stages:
-        detail = s.detail.split(",")[0] if s.detail and "(line" not in s.detail else ""
-        out.append(f"{s.cls}: {s.lowering}" + (f" [{detail}]" if detail else ""))
+        for b in ("torch", "triton"):
+            sel = plan.selections[b]
+            if not sel.cannot:
+                c = sel.choice(s.index)
+                out.append(f"{s.cls}: {b} -> {type(c.form).__name__} ({c.kernel.name})")
     return out
 
 
@@ -246,7 +315,7 @@ def run_case(case: Case, backends: list[str], classes: bool = True) -> Result:
     xs = _inputs(spec, ref, case, gen)
     st0 = None
     if case.init_state:
-        base = ref.initial_state(case.B, dtype)
+        base = ref.initial_state(case.n_sequences(), dtype)
         st0 = {k: (v.detach() + 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64).to(dtype))
                for k, v in base.items()}
     names = list(spec.cell.states)
@@ -258,7 +327,8 @@ def run_case(case: Case, backends: list[str], classes: bool = True) -> Result:
         res.declined["reference"] = e.message
         return res
     except Exception as e:  # the oracle crashed on a cell the checker accepted: a bug too
-        res.mismatches.append(Mismatch("reference", "error", float("inf"), 0.0, f"{type(e).__name__}: {e}"))
+        res.mismatches.append(Mismatch("reference", "error", float("inf"), 0.0, f"{type(e).__name__}: {e}",
+                                       _raised_in(e)))
         return res
     if not _finite(list(r.outs) + list(r.states.values()) + list(r.grads.values())):
         res.skipped = "the reference is not finite on this data"
@@ -273,7 +343,7 @@ def run_case(case: Case, backends: list[str], classes: bool = True) -> Result:
         except Exception as e:  # building the module crashed: a backend bug
             res.runs += 1
             res.mismatches.append(Mismatch(b, "error", float("inf"), 0.0,
-                                           f"{type(e).__name__} while building the module: {e}"))
+                                           f"{type(e).__name__} while building the module: {e}", _raised_in(e)))
             continue
         layer.load_state_dict(ref.state_dict())
         res.runs += 1
@@ -283,8 +353,12 @@ def run_case(case: Case, backends: list[str], classes: bool = True) -> Result:
             res.declined[b] = e.message
             continue
         except Exception as e:  # a crash of the backend on a cell it accepted is a disagreement
-            res.mismatches.append(Mismatch(b, "error", float("inf"), 0.0, f"{type(e).__name__}: {e}"))
+            res.mismatches.append(Mismatch(b, "error", float("inf"), 0.0, f"{type(e).__name__}: {e}", _raised_in(e)))
             continue
+        selected = [c.kernel.name for c in layer.selection.stages]
+        if layer.ran and layer.ran != selected:   # what the plan says runs must be what ran
+            res.mismatches.append(Mismatch(b, "selection", float("inf"), 0.0,
+                                           f"ran {layer.ran}, the selection says {selected}"))
         pairs = ([(f"output {n}", x, y, fwd_tol) for n, x, y in zip(out_names, other.outs, r.outs)]
                  + [(f"state {n}", other.states[n], r.states[n], fwd_tol) for n in names])
         for n, g_ref in r.grads.items():
@@ -304,11 +378,26 @@ def run_case(case: Case, backends: list[str], classes: bool = True) -> Result:
     return res
 
 
+def _raised_in(e: BaseException) -> str:
+    """The innermost function outside torch itself that the exception went through."""
+    import os
+    import traceback
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(torch_dir)]
+    return frames[-1].name if frames else ""
+
+
 def signature(m: Mismatch) -> str:
-    """What kind of disagreement: "mismatch" (numbers differ), or the exception raised."""
+    """What kind of disagreement: "mismatch" (numbers differ), or the exception raised: its
+    type, where (`_raised_in`) and the start of its message with numbers masked
+    ("RuntimeError in dplr_stage: The expanded size of the tensor (#) must match"), so that a
+    shrink keeps to the same crash, not to any crash of the same type."""
     if m.what != "error":
         return "mismatch"
-    return m.detail.split(":", 1)[0]
+    kind, _, msg = m.detail.partition(":")
+    msg = re.sub(r"\d+", "#", msg.strip())
+    msg = msg[:48].rsplit(" ", 1)[0] if len(msg) > 48 else msg   # whole words
+    return kind + (f" in {m.where}" if m.where else "") + (f": {msg}" if msg else "")
 
 
 def disagrees(case: Case, backend: str, kinds: set | None = None) -> bool:
@@ -350,6 +439,8 @@ class Report:
     mutants_accepted: int = 0
     frontend_crashes: list = field(default_factory=list)   # (source, "Type: message", path)
     seconds: float = 0.0
+    tags: dict = field(default_factory=dict)          # generator spelling tag -> generated cells using it
+    modes: dict = field(default_factory=dict)         # run mode (Case.modes) -> cases run in it
 
     @property
     def disagreements(self) -> int:
@@ -362,7 +453,9 @@ class Report:
     def summary_line(self) -> str:
         return f"fuzz: {self.cells} cells, {self.runs} backend runs, {self.disagreements} disagreements"
 
-    def class_lines(self) -> list[str]:
+    def class_lines(self, tags: bool = True) -> list[str]:
+        """The classes and lowerings of the stages seen; then (tags) the modes and spelling
+        tags (tag_lines)."""
         by_class: dict = {}
         for key, n in self.histogram.items():
             cls = key.split(":")[0]
@@ -373,6 +466,33 @@ class Report:
             lines.append(f"  {cls:<24} {by_class.get(cls, 0):>6}")
             for key in sorted(k for k in self.histogram if k.split(":")[0] == cls):
                 lines.append(f"      {key.split(': ', 1)[1]:<52} {self.histogram[key]:>6}")
+        return lines + (self.tag_lines() if tags else [])
+
+    def tag_lines(self, width: int = 100) -> list[str]:
+        """The run modes of the cases and the generator's spelling tags of the cells (how
+        many used each), grouped by the tag's prefix; tags never drawn are listed as such."""
+        lines = []
+        if self.modes:
+            lines.append("modes (cases): " + ", ".join(f"{m} {n}" for m, n in sorted(self.modes.items())))
+        if not self.tags:
+            return lines
+        from .generator import TAGS
+        lines.append("spellings (generated cells using each):")
+        groups: dict = {}
+        for t in list(TAGS) + sorted(t for t in self.tags if t not in TAGS):
+            head, _, rest = t.rpartition(".")
+            groups.setdefault(head, []).append(f"{rest} {self.tags.get(t, 0)}")
+        for head, items in groups.items():
+            rows = [[]]
+            for item in items:  # wrapped at `width`
+                if rows[-1] and 16 + len(", ".join(rows[-1] + [item])) > width:
+                    rows.append([])
+                rows[-1].append(item)
+            lines += [f"  {(head + ':') if i == 0 else '':<14}{', '.join(r)}" for i, r in enumerate(rows)]
+        unseen = [t for t in TAGS if not self.tags.get(t)]
+        if unseen:
+            lines.append(f"  not drawn: {len(unseen)} of {len(TAGS)} ({', '.join(unseen[:8])}"
+                         + (", ..." if len(unseen) > 8 else "") + ")")
         return lines
 
 
@@ -438,6 +558,15 @@ def _crash(report: Report, src: str, e: Exception, out) -> None:
     report.frontend_crashes.append((src, f"{type(e).__name__}: {e}", str(path) if path else None))
 
 
+def _unpacked(case: Case, backend: str, kinds: set | None) -> Case:
+    """The case without cu_seqlens (one sequence of the same T) if the backend still
+    disagrees on it: the shrinker then starts from the simpler run."""
+    if case.cu_seqlens is None:
+        return case
+    plain = replace(case, cu_seqlens=None, B=1)
+    return plain if disagrees(plain, backend, kinds) else case
+
+
 def _record(report: Report, res: Result, shrink_budget: float, out, seed: int, do_shrink: bool) -> None:
     from .shrink import shrink
     by_backend: dict = {}
@@ -446,8 +575,10 @@ def _record(report: Report, res: Result, shrink_budget: float, out, seed: int, d
     for b, ms in by_backend.items():
         fail = Failure(res.case, b, ms)
         if do_shrink and b != "reference":
+            kinds = {signature(m) for m in ms}
             try:
-                fail.shrunk = shrink(res.case, b, budget_s=shrink_budget, kinds={signature(m) for m in ms})
+                fail.shrunk = shrink(_unpacked(res.case, b, kinds), b, budget_s=shrink_budget, kinds=kinds)
+                fail.shrunk = _unpacked(fail.shrunk, b, kinds)   # the shrinker keeps cu_seqlens as it is
             except Exception:  # shrinking is best effort; the original case still reproduces
                 fail.shrunk = None
         if out is not None:
@@ -474,7 +605,7 @@ def fuzz(seconds: float = 60.0, seed: int = 0, backends: list[str] | None = None
     from pathlib import Path
 
     from . import inject
-    from .generator import generate
+    from .generator import generate_tagged
     backends = check_backends(list(backends) if backends else None)
     out = Path(out) if out is not None else None
     inject.from_env()
@@ -483,8 +614,8 @@ def fuzz(seconds: float = 60.0, seed: int = 0, backends: list[str] | None = None
     t0 = time.monotonic()
     seen: set = set()
 
-    def jobs() -> Iterator[tuple[Case, bool]]:
-        """(case, generated?)"""
+    def jobs() -> Iterator[tuple[Case, bool, list]]:
+        """(case, generated?, the generator's spelling tags)"""
         if files:
             for f in files:
                 text, name = _read_cell_file(f)
@@ -494,25 +625,25 @@ def fuzz(seconds: float = 60.0, seed: int = 0, backends: list[str] | None = None
                     fixed.source = text
                     if fixed.cell is None and len(specs) > 1:
                         raise RecError(f"{name}: the fuzz-case line names no cell and the file has {len(specs)}")
-                    yield fixed, False
+                    yield fixed, False, []
                     continue
                 for k in range(trials):
                     for s in specs:
                         yield random_case(text, rng, s, origin=name,
-                                          cell=s.name if len(specs) > 1 else None), False
+                                          cell=s.name if len(specs) > 1 else None), False, []
             return
         i = 0
         while True:
             cell_rng = random.Random(rng.randrange(2**63))
-            src = generate(cell_rng)
+            src, tags = generate_tagged(cell_rng)
             try:
                 spec = recdsl.load(src)
             except RecError as e:  # a bug of the generator
                 raise RuntimeError(f"the fuzz generator made a cell the checker rejects:\n{src}\n{e}") from None
-            yield random_case(src, cell_rng, spec), True
+            yield random_case(src, cell_rng, spec), True, tags
             i += 1
 
-    for case, generated in jobs():
+    for case, generated, tags in jobs():
         if report.cells and (time.monotonic() - t0 >= seconds or (max_cells and report.cells >= max_cells)):
             break
         res = run_case(case, backends)
@@ -521,6 +652,10 @@ def fuzz(seconds: float = 60.0, seed: int = 0, backends: list[str] | None = None
             seen.add(case.source)
             report.distinct += 1
         report.runs += res.runs
+        for t in tags:
+            report.tags[t] = report.tags.get(t, 0) + 1
+        for m in case.modes():
+            report.modes[m] = report.modes.get(m, 0) + 1
         for key in res.classes:
             report.histogram[key] = report.histogram.get(key, 0) + 1
         for b in res.declined:

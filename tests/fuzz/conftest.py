@@ -3,12 +3,18 @@ import random
 import pytest
 
 import recdsl
-from recdsl.fuzz.generator import generate
+from recdsl.fuzz.generator import generate_tagged
 
 N_CELLS = 400
 
 
 @pytest.fixture(scope="session")
-def generated():
-    """(source, spec) of N_CELLS generated cells, seeds 0..N_CELLS-1."""
-    return [(src, recdsl.load(src)) for src in (generate(random.Random(i)) for i in range(N_CELLS))]
+def tagged():
+    """(source, tags) of N_CELLS generated cells, seeds 0..N_CELLS-1."""
+    return [generate_tagged(random.Random(i)) for i in range(N_CELLS)]
+
+
+@pytest.fixture(scope="session")
+def generated(tagged):
+    """(source, spec) of the same N_CELLS generated cells."""
+    return [(src, recdsl.load(src)) for src, _ in tagged]

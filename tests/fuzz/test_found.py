@@ -1,5 +1,6 @@
 """Bugs the fuzzer found, as shrunk reproducers (tests/fuzz/found/*.rec, each with its
-fuzz-case line): xfail(strict) until the backend is fixed; then the marker goes."""
+fuzz-case line; run on triton when the name starts with triton_, else on torch):
+xfail(strict) until the backend is fixed; then the marker goes."""
 from pathlib import Path
 
 import pytest
@@ -18,5 +19,5 @@ def test_found_reproducer_agrees(name, request):
     path = FOUND / name
     case = Case.from_file(path.read_text(), str(path))
     assert case is not None, "a reproducer carries its fuzz-case line"
-    res = run_case(case, ["torch"])
+    res = run_case(case, ["triton" if name.startswith("triton_") else "torch"])
     assert not res.mismatches, [str(m) for m in res.mismatches]

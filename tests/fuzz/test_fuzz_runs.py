@@ -10,12 +10,12 @@ from recdsl.fuzz.shrink import shrink, statement_lines
 
 # Disagreements already reported (reproducers in found/, xfail in test_found.py): the
 # bounded runs tolerate these and nothing else. Remove an entry when its bug is fixed.
-KNOWN: list[str] = []  # messages of open bugs the bounded runs may meet
+KNOWN: list[str] = []  # text of open bugs' mismatches (str(Mismatch): message and where raised)
 
 
 def _unknown(report):
     return [f for f in report.failures
-            if not any(any(k in m.detail for k in KNOWN) for m in f.mismatches)]
+            if not any(any(k in str(m) for k in KNOWN) for m in f.mismatches)]
 
 
 def test_fixed_seed_bounded_run():
@@ -66,3 +66,36 @@ def test_fixed_seed_triton_run():
     report = fuzz(seconds=40, seed=5, backends=["triton"], shrink=False, mutants_per_cell=0)
     assert report.cells >= 40 and not _unknown(report), \
         [f.summary() + "\n" + f.case.to_file() for f in _unknown(report)][:2]
+
+
+def test_injected_bug_in_a_packed_case(chunk_carry_bug):
+    """Packed sequences are compared per sequence: the carry bug shows in a 70-step
+    sequence packed after an empty and a one-step one, not when every sequence is short;
+    the packing is dropped before shrinking when the plain run fails too."""
+    from recdsl.fuzz.runner import _unpacked
+    src = "cell G(K, V):\n    input q[K], k[K], v[V], g[]\n    state S[K, V] = 0\n" \
+          "    S' = exp(logsigmoid(g)) * S + outer(k, v)\n    output o = q @ S'\n"
+    packed = Case(src, {"K": 2, "V": 2}, B=1, T=71, cu_seqlens=[0, 0, 1, 71], seed=3)
+    res = run_case(packed, ["torch"], classes=False)
+    assert any(signature(m) == "mismatch" for m in res.mismatches), res
+    short = Case(src, {"K": 2, "V": 2}, B=1, T=71, cu_seqlens=[0, 0, 1, 36, 71], seed=3)
+    assert not run_case(short, ["torch"], classes=False).mismatches
+    plain = _unpacked(packed, "torch", {"mismatch"})
+    assert plain.cu_seqlens is None and plain.T == 71 and plain.B == 1
+
+
+def test_crash_signature_names_the_crash():
+    """Crashes are told apart by type, the function that raised and the message (numbers
+    masked): a shrink keeps to the same crash."""
+    from recdsl.fuzz.runner import Mismatch, _raised_in
+
+    def element_scan_like():
+        raise RuntimeError("The expanded size of the tensor (3) must match the existing size (65)")
+    try:
+        element_scan_like()
+    except RuntimeError as e:
+        m = Mismatch("torch", "error", float("inf"), 0.0, f"RuntimeError: {e}", _raised_in(e))
+    assert m.where == "element_scan_like" and str(m).endswith("(in element_scan_like)")
+    assert signature(m) == "RuntimeError in element_scan_like: The expanded size of the tensor (#) must match"
+    other = Mismatch("torch", "error", float("inf"), 0.0, "RuntimeError: expected scalar type Double", "forward")
+    assert signature(other) != signature(m) and signature(Mismatch("torch", "output y", 1.0, 0.0)) == "mismatch"
