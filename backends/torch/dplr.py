@@ -3,51 +3,57 @@ DPLR: KDA, RWKV-7, flash-linear-attention's generalised delta rule), chunkwise i
 (differentiable by autograd).
 
 Per row (batch * head), state S [K, V]:
-    S_t = (diag(exp(g_t)) + a_t b_tᵀ) S_{t-1} + k_t v_tᵀ,        o_t = S_tᵀ q_t  (inclusive)
-KDA     S' = (I - β k kᵀ) diag(e^g) S + β k vᵀ:        a = -β k,      b = k ⊙ e^g,  key β k.
-RWKV-7  S' = diag(w) S - (α ⊙ κ)(κᵀ S) + k vᵀ:           a = -(α ⊙ κ),  b = κ,        g = log w.
+    S_t = (diag(e^{g_t}) + a_t b_tᵀ) S_{t-1} + k_t v_tᵀ,          o_t = S_tᵀ q_t  (inclusive)
+  KDA     S' = (I - β k kᵀ) diag(e^g) S + β k vᵀ:    a = -β k,      b = k ⊙ e^g,  key β k
+  RWKV-7  S' = diag(w) S - (α ⊙ κ)(κᵀ S) + k vᵀ:       a = -(α ⊙ κ),  b = κ,        g = log w
 
-Chunk form (rows i, j, l = 1..C of one chunk; S_0 the state before it; Γ_i = Σ_{s<=i} g_s
-(vector in K), Γ⁻_i = Γ_i - g_i = Γ_{i-1}; E^x_{ij} = exp(x_i - Γ_j) elementwise in K):
-
-    u_i := S_{i-1}ᵀ b_i                                            (what the rank-one term reads)
-    S_i  = e^{Γ_i} ⊙ S_0 + Σ_{j<=i} e^{Γ_i-Γ_j} ⊙ (a_j u_jᵀ + k_j v_jᵀ)            (unrolled)
-  so, with the four decayed score matrices (C x C, exponents <= 0 where they are used)
-    A_qk[i,j] = Σ_K q_i k_j E^Γ_ij   (j <= i)      A_qa[i,j] = Σ_K q_i a_j E^Γ_ij   (j <= i)
-    A_bk[i,j] = Σ_K b_i k_j E^Γ⁻_ij  (j <  i)      A_ba[i,j] = Σ_K b_i a_j E^Γ⁻_ij  (j <  i)
-  the u's solve a unit lower-triangular system (UT / WY form):
+Chunk form. Rows i, j = 1..C of one chunk (row vectors, matrices stack them), S_0 the state
+before it, Γ_i = Σ_{t<=i} g_t (vector in K), Γ⁻_i = Γ_{i-1}, products ⊙ elementwise in K.
+    u_i := S_{i-1}ᵀ b_i                                      (what the rank-one term reads)
+    S_i  = e^{Γ_i} ⊙ S_0 + Σ_{j<=i} e^{Γ_i - Γ_j} ⊙ (a_j u_jᵀ + k_j v_jᵀ)        (unrolled)
+  Decayed scores, every factor exp(Γx_i - Γ_j) with j before i, so <= 1:
+    A_qk[i,j] = Σ_K q_i k_j e^{Γ_i - Γ_j}  (j <= i)     A_qa[i,j] = Σ_K q_i a_j e^{Γ_i - Γ_j}  (j <= i)
+    A_bk[i,j] = Σ_K b_i k_j e^{Γ⁻_i - Γ_j} (j <  i)     A_ba[i,j] = Σ_K b_i a_j e^{Γ⁻_i - Γ_j} (j <  i)
+  u from the unrolled S_{i-1}: a unit lower-triangular system (the UT / WY form, MATH.md §4)
     U = (b ⊙ e^{Γ⁻}) S_0 + A_ba U + A_bk V
-    (I - A_ba) [W | Ũ] = [b ⊙ e^{Γ⁻} | A_bk V]     ->  U = W S_0 + Ũ        (solve_triangular)
-  and the chunk's readout and end state are affine in S_0:
-    O   = (q ⊙ e^{Γ}) S_0 + A_qa U + A_qk V              = Q' S_0 + O'
-          Q' = q ⊙ e^{Γ} + A_qa W,        O' = A_qa Ũ + A_qk V
-    S_C = e^{Γ_C} ⊙ S_0 + Âᵀ U + K̂ᵀ V                   = M S_0 + H
-          Â = a ⊙ e^{Γ_C-Γ},  K̂ = k ⊙ e^{Γ_C-Γ},  M = diag(e^{Γ_C}) + Âᵀ W,  H = Âᵀ Ũ + K̂ᵀ V.
-  Across chunks: S_n = M_n S_{n-1} + H_n (a short loop of batched matmuls), then
-  O_n = Q'_n S_{n-1} + O'_n for all chunks at once.
+    [W | Ũ] = (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]        =>  U = W S_0 + Ũ
+  readout and end state
+    O   = (q ⊙ e^{Γ}) S_0 + A_qa U + A_qk V
+    S_C = e^{Γ_C} ⊙ S_0 + Âᵀ U + K̂ᵀ V,      Â = a ⊙ e^{Γ_C - Γ},  K̂ = k ⊙ e^{Γ_C - Γ}
+  Across chunks (the loop, T/C steps, batched over rows): U_n = W_n S + Ũ_n,
+  S <- e^{Γ_C} ⊙ S + Âᵀ_n U_n + K̂ᵀ_n V_n; the outputs of a group of chunks at once.
+  The chunks go in groups of ~GROUP_ROWS rows (all rows, consecutive chunk positions): the
+  intra-chunk work of a group stays in cache, then the loop runs over the group's positions.
+  (With a = b = 0 this is MATH.md §3; with g scalar, a = -β k, b = k ⊙ e^g it is §4's gated form.)
 
-Scores without exp(-Γ) (MATH.md §3): the strictly lower part of a C x C score matrix is built
-by halving. For a block of rows split into halves P (first) and Q (second), ρ = Γ at the last
-row of P, and i in Q, j in P: Γ_i <= Γ⁻_i <= ρ <= Γ_j (g <= 0), so
-    Σ_K x_i y_j exp(Γx_i - Γ_j) = (x_i ⊙ exp(Γx_i - ρ)) · (y_j ⊙ exp(ρ - Γ_j))
-with both exponents <= 0: one matmul per level. The diagonal sub-blocks recurse down to a
-base size where the exact C x C x K contraction (exp(Γx_i - Γ_j), j < i) is used. Each row
-is rescaled once per level (log2(C/base) levels), so the cost stays O(C K) elementwise per row
-plus the matmuls. Inclusive scores add the diagonal x_i · y_i.
-Checked in float64 against `naive_dplr` (tests/backends/test_dplr.py), values and gradients.
+Scores without exp(-Γ) (MATH.md §3), by halving: level s merges pairs of s-row blocks
+F (first), H (second). For i in H, j in F and Γ_F the cumulative decay at F's
+last row, e^{Γx_i - Γ_j} = e^{Γx_i - Γ_F} e^{Γ_F - Γ_j}, both <= 1, and these are products of
+the step factors e^{g_t} inside H (t <= i, or t < i for Γ⁻) and inside F (t > j). With the
+rows kept scaled that way inside their s-blocks the (H, F) block of all four scores is one
+matmul; then H's query rows take F's block product and F's key rows take H's, which scales
+every row to its 2s-block (log2 C levels; after the last, the rows are q ⊙ e^Γ, b ⊙ e^{Γ⁻},
+(k, a) ⊙ e^{Γ_C - Γ}). The only exp is e^{g_t} <= 1 per step; no exp of a cumulative sum, no
+division. (I - A_ba)^{-1} grows along the same levels from the inverses T_F, T_H of the
+diagonal halves: [[T_F, 0], [T_H A_HF T_F, T_H]] (a Neumann product (I + N)(I + N^2)...
+instead loses ~100x precision in float32 on correlated keys with β near 1; this does not).
+Without gradients the rows are scaled in place and the loop writes into preallocated
+buffers; with gradients the same arithmetic runs out of place (autograd through it all).
+Checked in float64 against `naive_dplr` (tests/backends/test_dplr.py): values, final state
+and gradients of all inputs.
 
 Padding of the last chunk: inert steps (g = 0, a = b = k = q = v = 0 give S_t = S_{t-1}).
-A log decay below LOG_DECAY_FLOOR is clamped (exp(-80) wipes the state anyway; it keeps the
-in-chunk cumulative sums free of cancellation), in `naive_dplr` too.
+A log decay below LOG_DECAY_FLOOR is clamped (e^{-80} wipes the state anyway), in
+`naive_dplr` too.
 
 Layouts: q, k, a, b, g [N, T, K]; v [N, T, V]; S0 [N, K, V]; computes in the input dtype.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as Fn
 
 LOG_DECAY_FLOOR = -80.0   # the same floor as scans.LOG_DECAY_FLOOR
-BASE = 8                  # block size below which the decayed scores are contracted exactly
 
 
 def naive_dplr(q, k, v, a, b, g, S0, chunk: int = 32):
@@ -68,7 +74,7 @@ def _pad_t(x: torch.Tensor, Tp: int) -> torch.Tensor:
     T = x.shape[1]
     if T == Tp:
         return x
-    return torch.nn.functional.pad(x, (0, 0, 0, Tp - T))
+    return Fn.pad(x, (0, 0, 0, Tp - T))
 
 
 def _intra(X, Y, e):
@@ -76,44 +82,50 @@ def _intra(X, Y, e):
 
     X [B, C, 2, K]: query rows (q, b); Y [B, C, 2, K]: key rows (k, a); e [B, C, K] = exp(g).
     Returns
-      A  [B, 2, 2, C, C]: A[:, p, r, i, j] = Σ_K X[i, p] Y[j, r] exp(Γx_i - Γ_j), Γx = Γ for
-         p = 0 (j <= i), Γ⁻ for p = 1 (j < i); 0 above the diagonal,
-      Tm [B, C, C] = (I - A[:, 1, 1])^{-1},
-      F  [B, C, 2, K] = (exp(Γ_i), exp(Γ⁻_i)),  Rv [B, C, K] = exp(Γ_C - Γ_j).
-    Level s merges blocks of s rows in pairs (H after F): for i in H, j in F, with Γ_F the
-    cumulative decay at F's last row, exp(Γx_i - Γ_j) = exp(Γx_i - Γ_F) exp(Γ_F - Γ_j), both
-    products of step factors e inside H resp. F (forward/backward cumulative products within
-    s-blocks, kept per level and grown by the block totals: no exp of a sum, no division)."""
+      A  [B, 2, 2, C, C]: A[:, r, p, i, j] = Σ_K X[i, p] Y[j, r] exp(Γx_i - Γ_j) with Γx = Γ
+         for p = 0 (j <= i) and Γ⁻ for p = 1 (j < i); 0 above the diagonal,
+      Tm [B, C, C] = (I - A[:, 1, 1])^{-1}  (b rows against a keys),
+      XF [B, C, 2, K] = (q ⊙ e^Γ, b ⊙ e^{Γ⁻}),  YR [B, C, 2, K] = (k, a) ⊙ e^{Γ_C - Γ},
+      eC [B, K] = e^{Γ_C}.
+    Halving levels as in the module docstring; X and Y are scaled in place when no gradient
+    is needed (callers pass fresh tensors)."""
     B, C, P, K = X.shape
     R = Y.shape[2]
-    A = X.new_zeros(B, P, R, C, C)
-    A[:, 0].diagonal(dim1=-2, dim2=-1).copy_(torch.einsum("bik,birk->bri", X[:, :, 0], Y))
-    F = torch.stack([e, torch.ones_like(e)], 2)      # within s-blocks: Π_{t<=i} e_t, Π_{t<i} e_t
-    Rv = torch.ones_like(e)                          # within s-blocks: Π_{t>j} e_t
-    Tb = X.new_ones(B, C, 1, 1)                      # block-diagonal (I - A_ba)^{-1}, s x s blocks
+    inplace = not (torch.is_grad_enabled() and (X.requires_grad or Y.requires_grad or e.requires_grad))
+    A = X.new_zeros(B, R, P, C, C)
+    qy = torch.bmm(Y.view(B * C, R, K), X[:, :, 0].reshape(B * C, K, 1))                   # q_i · y_i
+    A[:, :, 0].diagonal(dim1=-2, dim2=-1).copy_(qy.view(B, C, R).transpose(1, 2))
+    if inplace:
+        X[:, :, 0].mul_(e)
+    else:
+        X = torch.stack([X[:, :, 0] * e, X[:, :, 1]], 2)
+    E = e                                            # block totals Π_{t in blk} e_t, [B, C/s, K]
+    Tb = X.new_ones(B * C, 1, 1)                     # block-diagonal (I - A_ba)^{-1}, s x s blocks
     s = 1
     while s < C:
         nb = C // (2 * s)
-        Fv, Rvv = F.view(B, nb, 2, s, P, K), Rv.view(B, nb, 2, s, K)
-        xq = X.view(B, nb, 2, s, P, K)[:, :, 1] * Fv[:, :, 1]                  # rows of H
-        yk = Y.view(B, nb, 2, s, R, K)[:, :, 0]                                  # rows of F
-        if s > 1:
-            yk = yk * Rvv[:, :, 0, :, None]
-        off = torch.matmul(xq.reshape(B, nb, s * P, K), yk.reshape(B, nb, s * R, K).transpose(-1, -2))
-        off = off.view(B, nb, s, P, s, R)
-        dst = A.view(B, P, R, nb, 2, s, nb, 2, s).diagonal(dim1=3, dim2=6)[:, :, :, 1, :, 0]
-        dst.copy_(off.permute(0, 3, 5, 2, 4, 1))
-        # inverse: [[T0, 0], [T1 A21 T0, T1]]
-        Tv = Tb.view(B, nb, 2, s, s)
-        T0, T1 = Tv[:, :, 0], Tv[:, :, 1]
-        A21 = off[:, :, :, 1, :, 1]
-        T21 = A21 if s == 1 else T1 @ A21 @ T0
-        Tb = torch.cat([torch.cat([T0, torch.zeros_like(T0)], -1), torch.cat([T21, T1], -1)], -2)
-        # grow the cumulative products to 2s-blocks
-        F = torch.stack([Fv[:, :, 0], Fv[:, :, 1] * Fv[:, :, 0, -1:, :1]], 2).view(B, C, P, K)
-        Rv = torch.stack([Rvv[:, :, 0] * Fv[:, :, 1, -1:, 0], Rvv[:, :, 1]], 2).view(B, C, K)
+        Xv, Yv, Ev = X.view(B * nb, 2, s * P, K), Y.view(B * nb, 2, s * R, K), E.view(B * nb, 2, 1, K)
+        off = torch.bmm(Xv[:, 1], Yv[:, 0].transpose(1, 2))                      # H's X rows . F's Y rows
+        # rows of H against columns of F, block by block down the diagonal: [B, R, P, nb, s, s]
+        dst = A.as_strided((B, R, P, nb, s, s), (R * P * C * C, P * C * C, C * C, 2 * s * (C + 1), C, 1),
+                           A.storage_offset() + s * C)
+        dst.copy_(off.view(B, nb, s, P, s, R).permute(0, 5, 3, 1, 2, 4))
+        # the inverse of the 2s-blocks: [[T0, 0], [T1 A21 T0, T1]]
+        Tv = Tb.view(B * nb, 2, s, s)
+        T0, T1 = Tv[:, 0], Tv[:, 1]
+        A21 = off.view(B * nb, s, P, s, R)[:, :, 1, :, 1]                         # b rows, a keys
+        T21 = A21 if s == 1 else torch.bmm(torch.bmm(T1, A21.contiguous()), T0)
+        Tb = torch.cat([Fn.pad(T0, (0, s)), torch.cat([T21, T1], -1)], -2)
+        # scale to 2s-blocks: H's X rows by F's total, F's Y rows by H's total
+        if inplace:
+            Xv[:, 1].mul_(Ev[:, 0])
+            Yv[:, 0].mul_(Ev[:, 1])
+        else:
+            X = torch.stack([Xv[:, 0], Xv[:, 1] * Ev[:, 0]], 1).view(B, C, P, K)
+            Y = torch.stack([Yv[:, 0] * Ev[:, 1], Yv[:, 1]], 1).view(B, C, R, K)
+        E = Ev[:, 0, 0] * Ev[:, 1, 0]
         s *= 2
-    return A, Tb.view(B, C, C), F, Rv
+    return A, Tb.view(B, C, C), X, Y, E.view(B, K)
 
 
 def _chunk_len(chunk: int, T: int) -> int:
@@ -123,6 +135,43 @@ def _chunk_len(chunk: int, T: int) -> int:
     while C > 1 and C // 2 >= T:              # a short sequence: the smallest chunk that fits
         C //= 2
     return C
+
+
+def _chunk_group(X, Y, e, v, S):
+    """m consecutive chunks of Nr rows, chunk-major (X [m*Nr, C, 2, K] holds (q, b), Y the
+    same for (k, a), e = exp(g), v [m*Nr, C, V]), from the state S [Nr, K, V] before them.
+    Returns (o [m*Nr, C, V], the state after them)."""
+    Bc, C, _, K = X.shape
+    Nr, _, V = S.shape
+    m = Bc // Nr
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (X, Y, e, v, S)))
+    A, Tm, XF, YR, eC = _intra(X, Y, e)                   # XF = (q ⊙ e^Γ, b ⊙ e^{Γ⁻}), YR = (k, a) ⊙ e^{Γ_C - Γ}
+    AkV = (A[:, 0].reshape(Bc, 2 * C, C) @ v).view(Bc, 2, C, V)   # A_qk V, A_bk V
+    W, Ut = Tm @ XF[:, :, 1], Tm @ AkV[:, 1]              # (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]: U = W S_0 + Ũ
+    AhT = YR[:, :, 1].transpose(1, 2)                     # Âᵀ [Bc, K, C]
+    Hk = YR[:, :, 0].transpose(1, 2) @ v                  # K̂ᵀ V [Bc, K, V]
+    eC = eC[:, :, None]                                   # e^{Γ_C} [Bc, K, 1]
+    per_chunk = zip(*(x.view(m, Nr, *x.shape[1:]).unbind(0) for x in (W, Ut, AhT, Hk, eC)))
+    if inplace:                                           # write straight into the stacked buffers
+        Sp, U = S.new_empty(m + 1, Nr, K, V), X.new_empty(m, Nr, C, V)
+        Sp[0] = S
+        Sl, Ul = Sp.unbind(0), U.unbind(0)
+        for c, (Wc, Utc, AhTc, Hkc, eCc) in enumerate(per_chunk):
+            torch.baddbmm(Utc, Wc, Sl[c], out=Ul[c])     # u's of the chunk
+            torch.baddbmm(torch.addcmul(Hkc, eCc, Sl[c]), AhTc, Ul[c], out=Sl[c + 1])
+        S, Sp, U = Sl[m], Sp[:m].view(Bc, K, V), U.view(Bc, C, V)
+    else:
+        prev, Us = [], []
+        for Wc, Utc, AhTc, Hkc, eCc in per_chunk:
+            Us.append(torch.baddbmm(Utc, Wc, S))
+            prev.append(S)
+            S = torch.baddbmm(torch.addcmul(Hkc, eCc, S), AhTc, Us[-1])
+        Sp, U = torch.stack(prev).view(Bc, K, V), torch.stack(Us).view(Bc, C, V)   # states before each chunk
+    o = torch.baddbmm(torch.baddbmm(AkV[:, 0], A[:, 1, 0], U), XF[:, :, 0], Sp)
+    return o, S
+
+
+GROUP_ROWS = 4096   # rows (chunks x chunk length) processed together: the intra-chunk work stays in cache
 
 
 def chunk_dplr(q, k, v, a, b, g, S0, chunk: int = 32):
@@ -136,29 +185,15 @@ def chunk_dplr(q, k, v, a, b, g, S0, chunk: int = 32):
     C = _chunk_len(chunk, T)
     n = (T + C - 1) // C
     Tp = n * C
-    Bc = Nr * n
-    e = torch.exp(_pad_t(g.clamp(min=LOG_DECAY_FLOOR), Tp)).view(Bc, C, K)   # step decays
-    X = torch.stack([_pad_t(q, Tp), _pad_t(b, Tp)], 2).view(Bc, C, 2, K)
-    Y = torch.stack([_pad_t(k, Tp), _pad_t(a, Tp)], 2).view(Bc, C, 2, K)
-    v = _pad_t(v, Tp).view(Bc, C, V)
-    A, Tm, F, Rv = _intra(X, Y, e)
-    A_qk, A_qa, A_bk = A[:, 0, 0], A[:, 0, 1], A[:, 1, 0]
-    XF = X * F                                            # q ⊙ e^Γ, b ⊙ e^{Γ⁻}
-    YR = Y * Rv[:, :, None]                               # k ⊙ e^{Γ_C - Γ}, a ⊙ e^{Γ_C - Γ}
-    WU = Tm @ torch.cat([XF[:, :, 1], A_bk @ v], -1)      # (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]
-    W, Ut = WU[..., :K], WU[..., K:]                      # U = W S_0 + Ũ
-    AhT = YR[:, :, 1].transpose(1, 2)                     # Âᵀ [Bc, K, C]
-    Hk = YR[:, :, 0].transpose(1, 2) @ v                  # K̂ᵀ V [Bc, K, V]
-    eC = F[:, -1, 0, :, None]                             # e^{Γ_C} [Bc, K, 1]
-
-    W, Ut, AhT, Hk, eC = (x.view(Nr, n, *x.shape[1:]) for x in (W, Ut, AhT, Hk, eC))
-    S, prev, Us = S0, [], []
-    for c in range(n):
-        U = torch.baddbmm(Ut[:, c], W[:, c], S)        # u's of the chunk
-        prev.append(S)
-        Us.append(U)
-        S = torch.baddbmm(torch.addcmul(Hk[:, c], eC[:, c], S), AhT[:, c], U)
-    Sp = torch.stack(prev, 1).view(Bc, K, V)          # states before each chunk
-    U = torch.stack(Us, 1).view(Bc, C, V)
-    o = torch.baddbmm(torch.baddbmm(A_qk @ v, A_qa, U), XF[:, :, 0], Sp)
-    return o.view(Nr, Tp, V)[:, :T], S
+    q, k, v, a, b, g = (_pad_t(x, Tp) for x in (q, k, v, a, b, g.clamp(min=LOG_DECAY_FLOOR)))
+    G = max(1, GROUP_ROWS // (Nr * C))                     # chunk positions per group
+    S, outs = S0, []
+    for p0 in range(0, n, G):
+        m = min(G, n - p0)
+        cm = lambda x: x[:, p0 * C:(p0 + m) * C].reshape(Nr, m, C, -1).transpose(0, 1)   # [m, Nr, C, .]
+        e = torch.exp(cm(g)).reshape(m * Nr, C, K)         # step decays
+        X = torch.stack([cm(q), cm(b)], 3).view(m * Nr, C, 2, K)
+        Y = torch.stack([cm(k), cm(a)], 3).view(m * Nr, C, 2, K)
+        o, S = _chunk_group(X, Y, e, cm(v).reshape(m * Nr, C, V), S)
+        outs.append(o.view(m, Nr, C, V).transpose(0, 1))
+    return torch.cat(outs, 1).view(Nr, Tp, V)[:, :T], S
