@@ -5,6 +5,7 @@ cu_seqlens and initial states."""
 import pytest
 import torch
 
+from recdsl.lowering import SequentialLoop
 import recdsl
 from helpers import compare_backends, language_examples, random_inputs, as_tuple, ROOT
 
@@ -126,12 +127,13 @@ def test_inference_parity(name, dtype):
         assert torch.allclose(s1[k], s2[k], atol=tol, rtol=tol), (k, float((s1[k] - s2[k]).abs().max()))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "slstm", "kda"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "slstm", "titans"])
 def test_loop_backward_is_the_reverse_loop_and_passes_gradcheck(cell):
     """Sequential stages backpropagate through run_loop's reverse loop of per-step VJPs."""
     spec = recdsl.load(cell)
     dims = {k: 2 for k in spec.analysis_dims()}
     layer = spec(backend="torch", **dims).double()
+    assert [c.kernel.name for c in layer.selection.stages if isinstance(c.form, SequentialLoop)] == ["torch.loop"]
     assert "rt.run_loop(" in layer.generated
     xs = random_inputs(spec, layer, 2, 4, torch.float64, seed=3)
     names = list(xs)
