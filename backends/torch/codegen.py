@@ -203,7 +203,7 @@ class Emitter:
     def _stage_chunk_delta(self, choice: Choice):
         form = choice.form
         s = form.states[0]
-        q, k, v, beta = (self._tensor(n) for n in (form.q, form.k, form.v, form.beta))
+        q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
         g = self._opt(form.log_decay)
         o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
         self.emit(f"{o}, {fin} = K.delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])

@@ -123,7 +123,6 @@ class ChunkDelta(Form):
     """The (gated) delta rule S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
     read out as q @ S' (WY/UT form, MATH.md §4)."""
     title: ClassVar[str] = "chunkwise delta rule (WY/UT)"
-    q: Node | None
     k: Node
     v: Node
     beta: Node

@@ -293,7 +293,7 @@ def _delta_rule(ctx: Context, sp: P.StagePlan, core: set[int]):
     reads = _one_inclusive_readout(ctx, s, core, title, sp.line)
     if isinstance(reads, Rejection):
         return reads
-    return ChunkDelta(sp.index, tuple(sp.states), q=reads[0].q, k=t.u, v=v, beta=beta, log_decay=g, readouts=reads)
+    return ChunkDelta(sp.index, tuple(sp.states), k=t.u, v=v, beta=beta, log_decay=g, readouts=reads)
 
 
 def _one_inclusive_readout(ctx: Context, s: str, core: set[int], title: str, line):
