@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from .errors import RecError
 from .ir import IRCell
 
-STAGES = ("ast", "ir", "plan", "select", "emit", "build")
 BUILT = ("reference", "torch", "triton")
 
 
@@ -60,32 +59,34 @@ class Compiled:
 def plan_cell(ir: IRCell, verify: bool = True, trace: dict | None = None):
     """Analyse, then select for every built backend: the Plan with its selections."""
     from .analysis import analyze
-    from .lowering import Selection, lower, select_backend
+    from .lowering import Selection, lower, select
     trace = trace if trace is not None else {}
     plan = analyze(ir, trace, verify=verify)
-    ctx, cands = lower(plan)
-    plan.candidates = cands
+    ctx, plan.candidates = lower(plan)
     for name in BUILT:
         mod = backend_module(name)
         why = mod.supports(ir)
-        plan.backends[name] = why
-        plan.selections[name] = Selection(name, [], cannot=why) if why else \
-            select_backend(plan, mod.REGISTRY, ctx, cands)
+        plan.selections[name] = Selection(name, [], cannot=why) if why else select(mod.REGISTRY, plan.candidates, ctx)
     trace["select"] = "\n".join(f"{b}: " + (sel.cannot and f"cannot: {sel.cannot}" or
                                             "; ".join(f"stage {c.stage}: {c.summary()}" for c in sel.stages))
                                 for b, sel in plan.selections.items())
     return plan
 
 
-def compile_cell(ir: IRCell, backend: str, verify: bool = False, trace: dict | None = None) -> Compiled:
-    """ir -> plan -> select -> emit -> build, for one backend."""
-    trace = trace if trace is not None else {}
+def _selected(ir: IRCell, backend: str, verify: bool, trace: dict):
+    """The plan and `backend`'s selection; a located error if the backend cannot run the cell."""
     plan = plan_cell(ir, verify, trace)
-    mod = backend_module(backend)
     sel = plan.selections[backend]
     if sel.cannot:
         raise RecError(sel.cannot, ir.checked.span)
-    return Compiled(ir, plan, trace, backend, mod.build(ir, plan, sel))
+    return plan, sel
+
+
+def compile_cell(ir: IRCell, backend: str, verify: bool = False, trace: dict | None = None) -> Compiled:
+    """ir -> plan -> select -> emit -> build, for one backend."""
+    trace = trace if trace is not None else {}
+    plan, sel = _selected(ir, backend, verify, trace)
+    return Compiled(ir, plan, trace, backend, backend_module(backend).build(ir, plan, sel))
 
 
 @dataclass
@@ -100,10 +101,7 @@ class Emitted:
 
 def emit_cell(ir: IRCell, backend: str) -> Emitted:
     """ir -> plan -> select -> emit, for one backend (no build)."""
-    plan = plan_cell(ir, verify=False)
-    sel = plan.selections[backend]
-    if sel.cannot:
-        raise RecError(sel.cannot, ir.checked.span)
+    plan, sel = _selected(ir, backend, False, {})
     if backend == "reference":
         return Emitted(plan, sel, backend_module("reference").emit_step(ir))
     out = backend_module(backend).emit(plan, sel)

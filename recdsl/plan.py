@@ -54,13 +54,17 @@ class Plan:
     stages: list[StagePlan]
     outputs: list[OutputPlan]
     hoisted: list[str]                # descriptions of what is computed for all steps at once
-    backends: dict[str, str | None] = field(default_factory=dict)  # backend -> None if it runs the cell, else why not
     seconds: float = 0.0
     ir: object = field(default=None, repr=False)   # the (rewritten) IR the plan describes
     warnings: list[str] = field(default_factory=list)   # e.g. a state that may grow without bound
     verified: bool = False            # the sympy / float64 checks ran (stage.checks)
     candidates: list = field(default_factory=list, repr=False)   # per stage: lowering forms, best first
     selections: dict = field(default_factory=dict)  # backend -> recdsl.lowering.Selection (what runs)
+
+    @property
+    def backends(self) -> dict[str, str | None]:
+        """backend -> None if it runs the cell, else why not."""
+        return {b: sel.cannot for b, sel in self.selections.items()}
 
     def stage_of(self, state: str) -> StagePlan:
         for s in self.stages:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from recdsl.errors import RecError
 from recdsl.ir import IRCell, Node, Op
+from recdsl.lowering import Caps, Kernel, Registry, SequentialLoop, Vectorised
 
 from recdsl.torch_expr import SourceNotes, TorchExpr
 
@@ -116,12 +117,7 @@ def build(ir: IRCell, plan=None, selection=None) -> Program:
     return Program(ir)
 
 
-def _registry():
-    from recdsl.lowering import Caps, Kernel, Registry, SequentialLoop, Vectorised
-    does = "the step as written, one step at a time (grids and DAGs: cell by cell in dependency order)"
-    caps = Caps(reverse="runtime", varlen="runtime", dtypes=("float32", "float64"))
-    return Registry("reference", tuple(Kernel(f, "reference.loop", does, "", caps)
-                                       for f in (Vectorised, SequentialLoop)), oracle=True)
-
-
-REGISTRY = _registry()
+# The reference runs the step as written whatever the stage: one kernel for every form it is offered.
+_LOOP = "the step as written, one step at a time (grids and DAGs: cell by cell in dependency order)"
+REGISTRY = Registry("reference", tuple(Kernel(form, "reference.loop", _LOOP, "", Caps())
+                                       for form in (Vectorised, SequentialLoop)), oracle=True)

@@ -36,7 +36,6 @@ class Program:
         import torch.nn.functional as F
 
         from . import fused_loop, scans, seq_rt
-        self.selection = selection
         self.source, em = emit(plan, selection)
         self.ran: list[str] = []      # the kernel of each stage, as the last forward executed them
         ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,

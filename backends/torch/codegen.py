@@ -7,7 +7,7 @@ line it came from."""
 from __future__ import annotations
 
 from recdsl.analysis import stages as S
-from recdsl.ir import IRCell, Node, Op, toposort
+from recdsl.ir import IRCell, Node, Op
 from recdsl.plan import Plan
 from recdsl.torch_expr import SourceNotes, TorchExpr, const_text
 
@@ -36,6 +36,7 @@ class Emitter:
         self.lazy: dict[int, tuple[str, str]] = {}   # values emitted only if something reads them
         self.fused: list = []                         # FusedLoop runners of eligible loop stages
         self.shifted = False                          # some value reads a previous state shifted in time
+        self.constants: dict[int, bool] = {}          # node id -> computed from constants only
 
     # ------------------------------------------------------------------ helpers
     def fresh(self, base: str) -> str:
@@ -81,11 +82,17 @@ class Emitter:
                 continue
             name = self.fresh(x.name if x.name and x.name.isidentifier() else "t")
             self.cse[rhs] = name
-            if not x.shape and all(leaf.op == Op.CONST for leaf in toposort([x]) if not leaf.srcs):
+            if not x.shape and self._constant(x):
                 rhs = f"torch.as_tensor({rhs}, dtype=DT, device=DEV)"   # constants only: a Python number
             self.emit(f"{name} = {rhs}", x)
             self.seq[x.id] = name
         return self.seq[n.id]
+
+    def _constant(self, n: Node) -> bool:
+        """n is computed from constants only (its text is a Python number expression)."""
+        if n.id not in self.constants:
+            self.constants[n.id] = n.op == Op.CONST or (bool(n.srcs) and all(self._constant(s) for s in n.srcs))
+        return self.constants[n.id]
 
     def _pending(self, n: Node) -> list[Node]:
         """n and the sources it needs that have no value yet, sources first (the search
@@ -182,10 +189,9 @@ class Emitter:
         return "None" if n is None else self._tensor(n)
 
     def _tensor(self, n: Node) -> str:
-        """n's whole-sequence value as a tensor (a value of constants only is a Python number)."""
+        """n's whole-sequence value as a tensor (seq_name gives a scalar constant as a literal)."""
         name = self.seq_name(n)
-        constant = all(x.op == Op.CONST for x in toposort([n]) if not x.srcs)
-        return f"torch.as_tensor({name}, dtype=DT, device=DEV)" if constant and not n.shape else name
+        return f"torch.tensor({name}, dtype=DT, device=DEV)" if n.op == Op.CONST and not n.shape else name
 
     def _stage_chunk_diag(self, choice: Choice):
         form = choice.form
@@ -195,8 +201,9 @@ class Emitter:
         qs = [f"({self.seq_name(r.q)}, {r.inclusive})" for r in form.readouts]
         outs, fin = self.fresh("reads"), self.fresh(f"{s}_final")
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernel runs on the transposed state
-        self.emit(f"{outs}, {fin} = K.diag_matrix_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, X0, NS"
-                  + (", signed=True)" if form.signed else ")"), self.ir.updates[s])
+        kernel = "signed_decay" if form.signed else "diag_matrix_stage"
+        self.emit(f"{outs}, {fin} = K.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, X0, NS)",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 

@@ -244,14 +244,11 @@ def _vector_decay_scores(qc, kc, bq, b, mask):
 
 
 
-def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, signed: bool = False):
+def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
     """A matrix-state stage with key-side decay, from the generated code's whole-sequence
     values (prefix [B, T] or [B, T, heads]): the inference kernel reads them in place; with
-    gradients (or without the C library) the chunkwise form runs on [B*heads, T, ...].
-    signed: g is the decay itself, of unknown sign (see signed_decay)."""
+    gradients (or without the C library) the chunkwise form runs on [B*heads, T, ...]."""
     from . import seq_rt as rt
-    if signed:
-        return signed_decay(reads, k, v, g, S0, X0, ns)
     heads = ns == 3
     tensors = [k, v, S0] + ([g] if g is not None else []) + [q for q, _ in reads]
     if not _needs_grad(*tensors) and use_c(*tensors):

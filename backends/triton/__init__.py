@@ -53,7 +53,6 @@ class Program:
 
         from . import launch
         self.kernels_source, self.source, em = emit(plan, selection)
-        self.selection = selection
         self.emitter = em
         self.native = selection.native     # reverse and cu_seqlens handled by the kernels
         self.module = launch.Kernels(self.kernels_source, f"recdsl-triton-{plan.ir.name}")

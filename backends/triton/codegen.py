@@ -25,6 +25,7 @@ class TritonEmitter(Emitter):
     def __init__(self, ir, plan, selection):
         super().__init__(ir, plan, selection)
         self.kernels: list = []            # ScanKernel / SeqKernel, in stage order
+        self.cores = [stage_core(ir, sp.states, self.place, sp.index) for sp in plan.stages]
         self.store_marks: dict[int, list] = {}  # kernel -> its states (whose sequences may go unwritten)
 
     def program(self) -> str:
@@ -61,8 +62,7 @@ class TritonEmitter(Emitter):
         sp = self.plan.stages[choice.stage]
         ir = self.ir
         spec.updates = [ir.updates[s] for s in sp.states]
-        spec.opaque = {n.id for other in self.plan.stages if other.index != sp.index
-                       for n in stage_core(ir, other.states, self.place, other.index)}
+        spec.opaque = {n.id for k, core in enumerate(self.cores) if k != sp.index for n in core}
         self._plan_epilogue(sp, spec)
         kern = ScanKernel(spec, self.note)
         idx = len(self.kernels)
@@ -80,10 +80,6 @@ class TritonEmitter(Emitter):
             self.seq[o.id] = f"{outs}[{i}]"
         for j, o in enumerate(spec.reduced):
             self.seq[o.id] = f"{reds}[{j}]"
-        fused = len(spec.outputs) + len(spec.reduced)
-        choice.note = (f"kernel {spec.name}_fwd: gates fused in its prologue"
-                       + (f"; {fused} output(s) in its epilogue" if fused else "")
-                       + (f"; {len(spec.readouts)} fused readout(s) h' @ q" if spec.readouts else ""))
 
     def _ready(self, n, stage: int) -> bool:
         """n can be read by a kernel of `stage`: it needs no state of this stage or later."""
@@ -166,7 +162,6 @@ class TritonEmitter(Emitter):
         self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS, rev=REV, cu=CU, "
                   f"store=@STORE{idx}@)  # triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
-        choice.note = f"kernel {kern.name}_fwd: time loop on chip, recurrent weights in registers"
 
     # ------------------------------------------------------------------ the kernel module
     def kernel_module(self) -> str:

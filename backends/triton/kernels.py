@@ -12,9 +12,9 @@ from ..torch import kernels as torch_kernels
 
 # The scan and sequential kernels index time themselves (REVERSE / VARLEN constexprs).
 OWN = Caps(reverse="kernel", varlen="kernel", heads=True, grad=True, dtypes=("float32", "float64"))
-# A stage with no recurrence is computed by the driver for all steps at once; its final state
-# is the value at the last step, which only the runtime knows per direction and packed sequence.
-STEPWISE = Caps(reverse="runtime", varlen="runtime", heads=True, grad=True, dtypes=("float32", "float64"))
+# A stage with no recurrence is torch ops in the driver, as on the torch backend: its final
+# state is the value at the last step, which only the runtime knows per direction and sequence.
+STEPWISE = torch_kernels.CAPS
 
 
 def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:

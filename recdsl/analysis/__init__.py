@@ -192,7 +192,7 @@ def _diagonal_plan(ir, plan, s, a, b, verify):
         checks += _verify_diagonal(ir, state, ir.updates[s], a, b)
         checks.append("combine (a1*a2, a2*b1 + b2) is associative and composes steps (sympy)"
                       if combine_is_associative("diagonal") else "combine NOT proven associative")
-    chunk = state.rank == 2 and kind in ("identity", "scalar", "vector") and _has_outer(b)
+    chunk = state.rank == 2 and kind in ("identity", "scalar", "vector") and has_outer(b)
     detail = f"{kind} decay" + (", log space" if g is not None else "")
     reason = f"{s}' = a * {s} + b with a, b free of {s}"
     if chunk:
@@ -201,7 +201,7 @@ def _diagonal_plan(ir, plan, s, a, b, verify):
                 nodes={"a": a, "b": b, "log_a": g})
 
 
-def _has_outer(n: Node | None) -> bool:
+def has_outer(n: Node | None) -> bool:
     if n is None:
         return False
     from ..ir import toposort
@@ -457,4 +457,4 @@ def _readouts(ir: IRCell, stage_list, place) -> list[P.OutputPlan]:
     return out
 
 
-__all__ = ["analyze", "verify", "log_form", "FREE", "mul"]
+__all__ = ["analyze", "verify", "has_outer", "log_form", "FREE", "mul"]

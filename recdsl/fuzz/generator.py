@@ -649,6 +649,11 @@ def m_delta(c: _Cell):
         k2 = pick(rng, kn, lambda: c.free((K,), 1), f"{kn} * {a}")
         upd = f"{w} * {S} - outer({a} * {kn}, {kn} @ {S}) + {b}outer({k2}, {v})"
     c.stmts.append(f"{S}' = {upd}")
+    return _read_out(c, S, K, V)
+
+
+def _read_out(c: _Cell, S: str, K: str, V: str) -> list:
+    """The delta-rule motifs' outputs (readouts of S), and the value later motifs may read."""
     for o in _readouts(c, S, K):
         c.output(o)
     return [(lambda: f"{c.input((K,), reuse=1.0)} @ {S}'", (V,))]
@@ -701,9 +706,7 @@ def m_householder(c: _Cell):
         else:  # nested: one expression, the first step written out twice
             first = f"({step(start, keys[0], betas[0], vals[0])})"
             c.stmts.append(f"{S}' = {step(first, keys[1], betas[1], vals[1])}")
-    for o in _readouts(c, S, K):
-        c.output(o)
-    return [(lambda: f"{c.input((K,), reuse=1.0)} @ {S}'", (V,))]
+    return _read_out(c, S, K, V)
 
 
 def m_dense(c: _Cell):

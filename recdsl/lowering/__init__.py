@@ -6,12 +6,12 @@
                 naming the construct and its line
     select.py   kernel registries (one per backend, typed capabilities) and `select`
 
-`lower(plan)` gives every stage's candidates; `select_backend(plan, registry)` the
+`lower(plan)` gives every stage's candidates; `select(registry, candidates, ctx)` the
 Selection a backend runs; `check`, `inspect`, `layer.plan` and the fuzzer read it, the
 emitters dispatch on it. Nothing here imports a backend."""
 from __future__ import annotations
 
-from .forms import (FORMS, BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, Form, HouseholderProducts,
+from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, Form, HouseholderProducts,
                     Readout, Rejection, SequentialLoop, Vectorised)
 from .match import Context, candidates
 from .select import Caps, Choice, Kernel, NoKernel, Passed, Registry, Selection, select
@@ -23,14 +23,6 @@ def lower(plan) -> tuple[Context, list[list]]:
     return ctx, [candidates(ctx, sp) for sp in plan.stages]
 
 
-def select_backend(plan, registry: Registry, ctx: Context | None = None, cands: list | None = None) -> Selection:
-    if cands is None:
-        ctx, cands = lower(plan)
-    sel = select(registry, cands, ctx)
-    sel.native = sel.native and not ctx.shifts()
-    return sel
-
-
-__all__ = ["FORMS", "BlockScan", "ChunkDelta", "ChunkDiag", "ChunkDPLR", "ElementScan", "Form", "HouseholderProducts",
+__all__ = ["BlockScan", "ChunkDelta", "ChunkDiag", "ChunkDPLR", "ElementScan", "Form", "HouseholderProducts",
            "Readout", "Rejection", "SequentialLoop", "Vectorised", "Context", "candidates", "Caps", "Choice", "Kernel",
-           "NoKernel", "Passed", "Registry", "Selection", "select", "lower", "select_backend"]
+           "NoKernel", "Passed", "Registry", "Selection", "select", "lower"]

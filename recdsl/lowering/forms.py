@@ -166,6 +166,3 @@ class SequentialLoop(Form):
 
     def summary(self) -> str:
         return f"{self.title} over the recurrent core ({len(self.core)} nodes a step)"
-
-
-FORMS = (Vectorised, ElementScan, BlockScan, ChunkDiag, ChunkDelta, HouseholderProducts, ChunkDPLR, SequentialLoop)

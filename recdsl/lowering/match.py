@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from recdsl import plan as P
 from recdsl.ir import IRCell, Node, Op, toposort
-from recdsl.types import ONE
+from recdsl.types import ONE, broadcast
 
 from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, HouseholderProducts, Readout,
                     Rejection, SequentialLoop, Vectorised)
@@ -38,7 +38,6 @@ def product(fs: list[Node]) -> Node | None:
 
 
 def _bshape(a, b):
-    from recdsl.types import broadcast
     return broadcast(a, b) or a
 
 
@@ -82,44 +81,6 @@ def consumers(ir: IRCell) -> dict[int, list[Node]]:
     return out
 
 
-def _readouts(ir: IRCell, state: str, core: set[int], users) -> list | None:
-    """Every use of S (previous) and S' outside the update must be a readout with q free
-    of S: q @ S, S @ q (transposed), or q @ (S + Y) with Y free of S (a readout plus the
-    extra term q @ Y). The list of Readouts; None if some use is none of these."""
-    prev, new = ir.states[state], ir.updates[state]
-    out = []
-    for node, inclusive in ((new, True), (prev, False)):
-        for u in users.get(node.id, []):
-            if u.id in core:
-                continue
-            found = _readout(u, node, inclusive, state, users)
-            if found is None:
-                return None
-            out += found
-    if any(k.id == new.id for k in ir.outputs.values()):
-        return None  # the whole matrix state is an output
-    return out
-
-
-def _readout(u: Node, node: Node, inclusive: bool, state: str, users) -> list | None:
-    if u.op == Op.MATMUL and u.srcs[1] is node and u.srcs[0].rank == 1 and _free(u.srcs[0], state):
-        return [Readout(u, u.srcs[0], inclusive)]
-    if u.op == Op.MATMUL and u.srcs[0] is node and u.srcs[1].rank == 1 and _free(u.srcs[1], state):
-        return [Readout(u, u.srcs[1], inclusive, transposed=True)]
-    if u.op == Op.ADD and node in u.srcs:
-        other = u.srcs[1] if u.srcs[0] is node else u.srcs[0]
-        reads = users.get(u.id, [])
-        if _free(other, state) and reads and all(r.op == Op.MATMUL and r.srcs[1] is u and r.srcs[0].rank == 1
-                                                  and _free(r.srcs[0], state) for r in reads):
-            return [Readout(r, r.srcs[0], inclusive, extra=_mk(Op.MATMUL, [r.srcs[0], other], r.shape)) for r in reads]
-    return None
-
-
-def _free(n: Node, state: str) -> bool:
-    """n reads neither the previous nor the new value of `state`."""
-    return not any(x.op == Op.STATE and x.arg[0] == state for x in toposort([n]))
-
-
 def stage_core(ir: IRCell, states: list[str], place: dict[int, int], k: int) -> list[Node]:
     """The nodes the stage's recurrence must compute every step: those that read the
     stage's states and lead to its updates."""
@@ -128,31 +89,68 @@ def stage_core(ir: IRCell, states: list[str], place: dict[int, int], k: int) -> 
 
 
 class Context:
-    """What the matchers of one cell share: the IR, where each node runs, who reads it."""
+    """What the matchers and `select` of one cell share, computed once: the IR, which
+    states each node reads, where it runs, who reads it, and each stage's recurrent core."""
 
     def __init__(self, ir: IRCell, plan: P.Plan):
         from recdsl.analysis import stages as S
         self.ir, self.plan = ir, plan
+        self.reads = S.state_reads(ir)
         self.place = S.placement(ir, [s.states for s in plan.stages])
         self.users = consumers(ir)
+        self.cores = [stage_core(ir, sp.states, self.place, sp.index) for sp in plan.stages]
+        self.shifts = self._shifts()
 
-    def core(self, sp: P.StagePlan) -> list[Node]:
-        return stage_core(self.ir, sp.states, self.place, sp.index)
-
-    def shifts(self) -> bool:
+    def _shifts(self) -> bool:
         """Some value outside a stage's recurrent core reads the stage's previous state, or a
         value of its core computed from it (mLSTM's gates read m + lf, shared with m's
         update): a shift along time, which must know the direction and the boundaries."""
-        for sp in self.plan.stages:
-            core = self.core(sp)
+        outputs = {n.id for n in self.ir.outputs.values()}
+        for sp, core in zip(self.plan.stages, self.cores):
             inside = {n.id for n in core}
             updates = {self.ir.updates[s].id for s in sp.states}
             prev = [self.ir.states[s] for s in sp.states]
-            outputs = {n.id for n in self.ir.outputs.values()}
             for n in prev + [n for n in core if n.id not in updates]:
                 if n.id in outputs or any(u.id not in inside for u in self.users.get(n.id, [])):
                     return True
         return False
+
+    def free(self, n: Node, state: str) -> bool:
+        """n reads neither the previous nor the new value of `state`."""
+        return state not in self.reads[n.id]
+
+    def readouts(self, state: str, core: set[int]) -> list | None:
+        """Every use of S (previous) and S' outside the update must be a readout with q free
+        of S: q @ S, S @ q (transposed), or q @ (S + Y) with Y free of S (a readout plus the
+        extra term q @ Y). The list of Readouts; None if some use is none of these."""
+        prev, new = self.ir.states[state], self.ir.updates[state]
+        if any(k.id == new.id for k in self.ir.outputs.values()):
+            return None  # the whole matrix state is an output
+        out = []
+        for node, inclusive in ((new, True), (prev, False)):
+            for u in self.users.get(node.id, []):
+                if u.id in core:
+                    continue
+                found = self._readout(u, node, inclusive, state)
+                if found is None:
+                    return None
+                out += found
+        return out
+
+    def _readout(self, u: Node, node: Node, inclusive: bool, state: str) -> list | None:
+        if u.op == Op.MATMUL and u.srcs[1] is node and u.srcs[0].rank == 1 and self.free(u.srcs[0], state):
+            return [Readout(u, u.srcs[0], inclusive)]
+        if u.op == Op.MATMUL and u.srcs[0] is node and u.srcs[1].rank == 1 and self.free(u.srcs[1], state):
+            return [Readout(u, u.srcs[1], inclusive, transposed=True)]
+        if u.op == Op.ADD and node in u.srcs:
+            other = u.srcs[1] if u.srcs[0] is node else u.srcs[0]
+            reads = self.users.get(u.id, [])
+            if self.free(other, state) and reads and all(
+                    r.op == Op.MATMUL and r.srcs[1] is u and r.srcs[0].rank == 1 and self.free(r.srcs[0], state)
+                    for r in reads):
+                return [Readout(r, r.srcs[0], inclusive, extra=_mk(Op.MATMUL, [r.srcs[0], other], r.shape))
+                        for r in reads]
+        return None
 
 
 def candidates(ctx: Context, sp: P.StagePlan) -> list:
@@ -160,16 +158,16 @@ def candidates(ctx: Context, sp: P.StagePlan) -> list:
     key = (sp.index, tuple(sp.states))
     if sp.cls == P.HOISTED:
         return [Vectorised(*key)]
-    loop = SequentialLoop(*key, core=tuple(ctx.core(sp)))
+    loop = SequentialLoop(*key, core=tuple(ctx.cores[sp.index]))
+    core = {n.id for n in loop.core}
     if sp.cls == P.DIAGONAL:
-        return _diagonal(ctx, sp) + [loop]
+        return _diagonal(ctx, sp, core) + [loop]
     if sp.cls == P.SEMIRING:
         semiring = {"maxplus": "max-plus", "logsumexp": "log-sum-exp"}[sp.nodes["kind"]]
         return [ElementScan(*key, semiring=semiring, a=sp.nodes["a"], b=sp.nodes["b"]), loop]
     if sp.cls == P.BLOCK_DIAGONAL:
         return [BlockScan(*key, A=dict(sp.nodes["A"]), b=dict(sp.nodes["b"])), loop]
     if sp.cls == P.LOW_RANK:
-        core = {n.id for n in loop.core}
         return [_delta_rule(ctx, sp, core), _delta_product(ctx, sp, core), _dplr(ctx, sp, core), loop]
     return [loop]
 
@@ -183,33 +181,29 @@ def _line(n: Node | None) -> int | None:
     return None
 
 
-def _diagonal(ctx: Context, sp: P.StagePlan) -> list:
+def _diagonal(ctx: Context, sp: P.StagePlan, core: set[int]) -> list:
+    from recdsl.analysis import has_outer
     s = sp.states[0]
     a, b, log_a = sp.nodes["a"], sp.nodes["b"], sp.nodes.get("log_a")
     key = (sp.index, tuple(sp.states))
     matrix = ctx.ir.states[s].rank == 2
     out = []
-    if matrix and _has_outer(b):
-        out.append(_chunk_diag(ctx, sp, a, b, log_a))
+    if matrix and has_outer(b):
+        out.append(_chunk_diag(ctx, sp, core, a, b, log_a))
     out.append(ElementScan(*key, semiring="affine", a=a, b=b, log_a=log_a if a is not None else None,
                            flattened=matrix))
     return out
 
 
-def _has_outer(n: Node | None) -> bool:
-    return n is not None and any(x.op == Op.OUTER for x in toposort([n]))
-
-
-def _chunk_diag(ctx: Context, sp: P.StagePlan, a, b, log_a):
+def _chunk_diag(ctx: Context, sp: P.StagePlan, core: set[int], a, b, log_a):
     """S' = d S + outer(k, v) with d a scalar or per-key decay, read only through q @ S."""
     title, s = ChunkDiag.title, sp.states[0]
-    core = {n.id for n in ctx.core(sp)}
     if a is not None and a.rank not in (0, 2):
         return Rejection(title, f"the decay {_text(a)} is not a scalar or per-axis decay", _line(a))
     parts = split_outer(b)
     if parts is None:
         return Rejection(title, f"the input {_text(b)} is not an outer product", _line(b))
-    reads = _readouts(ctx.ir, s, core, ctx.users)
+    reads = ctx.readouts(s, core)
     if reads is None:
         return Rejection(title, f"{s} is used other than through q @ {s}, {s} @ q or q @ ({s} + y)", sp.line)
     flipped = {r.transposed for r in reads}
@@ -297,7 +291,7 @@ def _delta_rule(ctx: Context, sp: P.StagePlan, core: set[int]):
 
 
 def _one_inclusive_readout(ctx: Context, s: str, core: set[int], title: str, line):
-    reads = _readouts(ctx.ir, s, core, ctx.users)
+    reads = ctx.readouts(s, core)
     if reads is None or any(not r.inclusive for r in reads):
         return Rejection(title, f"{s} is used other than through q @ {s}'", line)
     if len(reads) != 1 or reads[0].transposed or reads[0].extra is not None:

@@ -55,9 +55,6 @@ class Registry:
     def for_form(self, form: Form) -> list[Kernel]:
         return [k for k in self.kernels if k.form is type(form)]
 
-    def forms(self) -> list[type]:
-        return list(dict.fromkeys(k.form for k in self.kernels))
-
 
 @dataclass(frozen=True)
 class Passed:
@@ -96,19 +93,17 @@ class Selection:
     def choice(self, stage: int) -> Choice:
         return self.stages[stage]
 
-    def forms(self) -> list[type]:
-        return [type(c.form) for c in self.stages]
-
 
 class NoKernel(Exception):
     """No candidate of a stage is accepted by the backend (a registry without a loop kernel)."""
 
 
 def select(registry: Registry, candidates: list[list], ctx) -> Selection:
-    """Per stage (its candidates best first), the first form a kernel of `registry` accepts."""
+    """Per stage (its candidates best first), the first form a kernel of `registry` accepts.
+    Native reverse / cu_seqlens: every kernel takes them and no value is shifted in time."""
     stages = [_select_stage(registry, cands, ctx) for cands in candidates]
-    return Selection(registry.backend, stages, native=all(c.kernel.caps.native for c in stages),
-                     oracle=registry.oracle)
+    native = all(c.kernel.caps.native for c in stages) and not ctx.shifts
+    return Selection(registry.backend, stages, native=native, oracle=registry.oracle)
 
 
 def _select_stage(registry: Registry, cands: list, ctx) -> Choice:

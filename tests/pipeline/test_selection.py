@@ -131,3 +131,11 @@ def test_outputs_do_not_depend_on_the_spelling():
         xs["g"] = torch.full_like(xs["g"], torch.log(torch.tensor(0.9, dtype=torch.float64)).item())
         outs.append(as_tuple(layer(**xs)[0])[0])
     assert all(torch.allclose(o, outs[0], atol=1e-12) for o in outs)
+
+
+def test_the_compiled_stages_are_a_dict_to_dump_and_layer_plan_is_the_plan_that_ran():
+    layer = recdsl.load("gla")(K=4, V=5, backend="torch")
+    stages = layer.compiled.stages()
+    assert list(stages) == ["ast", "ir", "passes", "plan", "select", "emit", "build"]
+    assert stages["plan"] is layer.plan and stages["select"]["torch"] is layer.selection
+    assert stages["build"] is layer._program and "torch.chunk_diag" in stages["emit"]
