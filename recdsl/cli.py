@@ -135,6 +135,11 @@ def inspect(file, stage, dims, arch):
             from .backends import reference
             click.echo(reference.emit_step(s.lower(**s.analysis_dims(**mine))), nl=False)
         elif stage in ("triton", "ttir", "ttgir", "ptx"):
+            if stage != "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "triton" not in sys.modules:
+                # compiling for a GPU ahead of time has nothing to interpret; triton reads the
+                # variable once, at import, so dropping it before the import is enough
+                del os.environ["TRITON_INTERPRET"]
+                click.echo(f"recdsl: TRITON_INTERPRET ignored: --stage {stage} compiles for {arch}, it runs nothing", err=True)
             _inspect_triton(s, mine, stage, int(arch[3:]))
         else:
             from .pipeline import emit_cell

@@ -3,7 +3,7 @@ turns lark's tree into recdsl.ast nodes with spans, and lark's exceptions into R
 from __future__ import annotations
 
 import difflib
-from functools import lru_cache
+import threading
 from pathlib import Path
 
 from lark import Lark, Token, Tree
@@ -53,6 +53,7 @@ class RecIndenter(Indenter):
 
     def process(self, stream):
         self.brackets = []
+        self.indent_chars: tuple[str, int] | None = None  # the first indented line's character, and its line
         return super().process(stream)
 
     def _process(self, stream):
@@ -78,6 +79,7 @@ class RecIndenter(Indenter):
             return
         yield token
         indent_str = token.rsplit("\n", 1)[1]
+        self._check_consistent(indent_str, token.end_line)
         indent = indent_str.count(" ") + indent_str.count("\t") * self.tab_len
         if indent > self.indent_level[-1]:
             self.indent_level.append(indent)
@@ -95,8 +97,38 @@ class RecIndenter(Indenter):
                     + (TAB_NOTE if "\t" in indent_str else ""))
 
 
-@lru_cache(maxsize=1)
+    def _check_consistent(self, indent_str: str, line: int) -> None:
+        """Like Python's TabError: a file indents with spaces or with tabs, never both, since the
+        width of a tab is a matter of the editor and mixing them reads differently to the user."""
+        if not indent_str:
+            return
+        chars = set(indent_str)
+        if len(chars) == 1 and self.indent_chars is None:
+            self.indent_chars = (indent_str[0], line)
+            return
+        first = self.indent_chars
+        if len(chars) > 1 or (first and first[0] not in chars):
+            name = {" ": "spaces", "\t": "tabs"}
+            what = ("this line mixes tabs and spaces in its indentation" if len(chars) > 1 else
+                    f"this line indents with {name[indent_str[0]]}, but line {first[1]} indents with {name[first[0]]}")
+            raise RecError(what,
+                           Span(line, 1, line, len(indent_str) + 1, self.source),
+                           hint="indent every line of the file the same way: with spaces (or with tabs), never both")
+
+
+_per_thread = threading.local()
+
+
 def _lark() -> Lark:
+    """One parser per thread: the indenter keeps the state of the parse it is running (the
+    indentation stack, the open brackets, the source), so threads must not share it."""
+    parser = getattr(_per_thread, "parser", None)
+    if parser is None:
+        parser = _per_thread.parser = _new_lark()
+    return parser
+
+
+def _new_lark() -> Lark:
     return Lark(_grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True,
                 maybe_placeholders=True, postlex=RecIndenter(), cache=False)
 

@@ -13,6 +13,8 @@ batch of one, as flash-linear-attention does.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -32,7 +34,7 @@ class RecModule(nn.Module):
         super().__init__()
         cell = spec.cell
         self.spec = spec
-        self.default_reverse = bool(reverse)
+        self.default_reverse = _flag(reverse, "reverse")
         dims = dict(dims)
         self.heads = self._resolve_heads(cell, dims, heads)
         self.ir: IRCell = lower(cell, dims)
@@ -198,6 +200,11 @@ class RecModule(nn.Module):
             if name not in state:
                 raise RecError(f"state dict lacks {name}", hint="states: " + ", ".join(init))
             t = state[name]
+            if not isinstance(t, torch.Tensor):
+                raise RecError(f"state {name} must be a torch.Tensor, got {type(t).__name__}",
+                               hint=f"shape {list(t0.shape)}, as forward returns it")
+            if not t.is_floating_point():
+                raise RecError(f"state {name} must be floating point, got {t.dtype}")
             if tuple(t.shape) != tuple(t0.shape):
                 raise RecError(f"state {name} has shape {list(t.shape)}, expected {list(t0.shape)}")
             out[name] = t.to(dtype)
@@ -217,7 +224,11 @@ class RecModule(nn.Module):
         if edges is not None:
             raise RecError("edges= is for cells that run `over dag`")
         (B, T) = self._check_inputs(inputs, per_step=False)
-        reverse = self.default_reverse if reverse is None else bool(reverse)
+        if T == 0:
+            raise RecError("the inputs have no time steps (T = 0)")
+        if B == 0:
+            raise RecError("the inputs have an empty batch (B = 0)")
+        reverse = self.default_reverse if reverse is None else _flag(reverse, "reverse")
         first = next(iter(inputs.values()))
         out_dtype = first.dtype
         dtype = self._compute_dtype(inputs.values())
@@ -254,7 +265,7 @@ class RecModule(nn.Module):
         return outs, st
 
     def _forward_varlen(self, xs, state, reverse, cu_seqlens, dtype, out_dtype):
-        cu = torch.as_tensor(cu_seqlens).tolist()
+        cu = _offsets(cu_seqlens)
         B, T = next(iter(xs.values())).shape[:2]
         if B != 1:
             raise RecError(f"with cu_seqlens the inputs are packed into a batch of one, got B={B}",
@@ -332,6 +343,8 @@ class RecModule(nn.Module):
         if self._step_fn is None:
             raise RecError(f"step() runs sequence cells; this one runs over {self.ir.over}")
         (B,) = self._check_inputs(inputs, per_step=True)
+        if B == 0:
+            raise RecError("the inputs have an empty batch (B = 0)")
         first = next(iter(inputs.values()))
         dtype = self._compute_dtype(inputs.values())
         st = self._check_state(state, B, dtype, first.device)
@@ -348,6 +361,43 @@ class RecModule(nn.Module):
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
         return f"cell={self.spec.name}, {dims}" + (f", heads={self.heads}" if self.heads else "") + \
             f", backend={self.backend_name}"
+
+
+def _flag(value, name: str) -> bool:
+    """A yes/no option: a bool (or a 0-dim bool tensor), never a truthy string like "no"."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool:
+        value = bool(value)
+    if not isinstance(value, bool):
+        raise RecError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _offsets(cu_seqlens) -> list[int]:
+    """cu_seqlens as a list of ints: an integer tensor or a sequence of ints (one meaning on
+    every backend: a float is refused, never truncated)."""
+    if hasattr(cu_seqlens, "__array__") and not isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = torch.as_tensor(cu_seqlens)   # a numpy array
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+            raise RecError(f"cu_seqlens must hold integers, got a {cu_seqlens.dtype} tensor",
+                           hint="torch.tensor([0, 5, 12], dtype=torch.int32)")
+        if cu_seqlens.dim() != 1:
+            raise RecError(f"cu_seqlens must be one-dimensional, got shape {list(cu_seqlens.shape)}")
+        return [int(v) for v in cu_seqlens.tolist()]
+    if not isinstance(cu_seqlens, (list, tuple)) or not all(_is_int(v) for v in cu_seqlens):
+        raise RecError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {cu_seqlens!r}"[:200],
+                       hint="the offsets of the packed sequences, e.g. [0, 5, 12]")
+    return [operator.index(v) for v in cu_seqlens]
+
+
+def _is_int(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)   # int, numpy integers, 0-dim integer tensors
+        return True
+    except TypeError:
+        return False
 
 
 def _const(e: A.Expr, values: dict, like):

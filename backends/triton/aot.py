@@ -7,7 +7,8 @@ the cubin is loaded onto a device). We get registers and spills by running the s
 bundled ptxas again with `-v` on the PTX (see `_ptxas_usage`); tests cross-check the
 register count against `cuobjdump --dump-resource-usage` on Triton's own cubin.
 
-Results are cached on disk, because a compile plus a ptxas run takes ~0.5-2 s per kernel.
+Results are cached on disk, because a compile plus a ptxas run takes ~0.5-2 s per kernel
+(one JSON file per kernel, through the kernel cache's atomic writes: torch/kcache.py).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from ..torch import kcache  # noqa: E402
 from .jit import jit_from_source  # noqa: E402,F401  (re-exported: aot.jit_from_source)
+from recdsl.errors import RecError  # noqa: E402
 
 _ASM_TEXT = ("ttir", "ttgir", "llir", "ptx")
 
@@ -92,12 +95,12 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int = 90, num_wa
                         " (was it decorated with TRITON_INTERPRET on? use jit_from_source)")
     options = {"num_warps": num_warps, "num_stages": num_stages, **(extra_options or {})}
     signature = _full_signature(fn, signature, constexprs)
-    path = cache_dir() / f"{_cache_key(fn, signature, constexprs, arch, options)}.json"
-    if path.exists():
+    key = _cache_key(fn, signature, constexprs, arch, options)
+    for path in kcache.find_file(cache_dir(), f"{key}.json"):
         try:
-            return _load(path)
+            return _load(path, key)
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # a corrupt or old-format entry: recompile and overwrite it
+            pass  # a corrupt, foreign or old-format entry: recompile and overwrite it
 
     try:
         kernel = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
@@ -105,16 +108,18 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int = 90, num_wa
     except triton.CompilationError as e:
         if not isinstance(triton.language.standard.zeros, triton.runtime.JITFunction):
             # see jit.py: the stdlib helpers were built for the interpreter at import
-            raise RuntimeError("TRITON_INTERPRET was on when triton was imported, so tl.zeros, "
-                               "tl.sum, ... cannot be compiled; leave it off and build "
-                               "interpreted kernels with jit_from_source(interpret=True)") from e
+            raise RecError("TRITON_INTERPRET=1 was set when triton was imported, so triton's own "
+                           "helpers (tl.zeros, tl.sum, ...) became interpreter functions and nothing "
+                           "can be compiled for a GPU in this process",
+                           hint="unset TRITON_INTERPRET for ahead-of-time compiles (recdsl runs its "
+                           "kernels interpreted on CPU tensors without it)") from None
         raise
     usage = _ptxas_usage(kernel.asm["ptx"], arch, kernel.metadata)
     out = Compiled(name=kernel.metadata.name, arch=arch,
                    asm={k: kernel.asm[k] for k in (*_ASM_TEXT, "cubin")},
                    shared=int(kernel.metadata.shared), num_warps=int(kernel.metadata.num_warps),
                    **usage)
-    _store(path, out)
+    _store(key, out)
     return out
 
 
@@ -162,20 +167,20 @@ def parse_ptxas_log(log: str) -> dict:
             "stack": grab(r"(\d+) bytes stack frame")}
 
 
-def _store(path: Path, c: Compiled) -> None:
+def _store(key: str, c: Compiled) -> None:
     data = dataclasses.asdict(c)
     data["asm"] = {k: v for k, v in c.asm.items() if k != "cubin"}
     data["cubin_b64"] = base64.b64encode(c.asm["cubin"]).decode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # write-then-rename so a concurrent reader never sees half a file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    data["key"] = key
+    # kcache: written whole then renamed (a reader never sees half a file); a cache that is
+    # not a writable directory warns once and this process keeps its entries in a temp dir
+    kcache.store_file(cache_dir(), f"{key}.json", json.dumps(data).encode())
 
 
-def _load(path: Path) -> Compiled:
+def _load(path: Path, key: str) -> Compiled:
     data = json.loads(path.read_text())
+    if data.pop("key", None) != key:   # another entry copied or renamed to this name
+        raise ValueError(f"{path.name} is not the entry it is named after")
     data["asm"]["cubin"] = base64.b64decode(data.pop("cubin_b64"))
     return Compiled(**data)
 
