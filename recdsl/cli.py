@@ -147,6 +147,23 @@ def inspect(file, stage, dims, arch):
             click.echo(emitted.source if stage == "torch" else _generated_c(emitted), nl=False)
 
 
+def _fuzz_mutants(n: int, seed: int, backends: list[str], paths: list[str], out: str, err) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .fuzz.mutants import stdlib_mutants
+    from .fuzz.runner import _read_cell_file
+    sources = [_read_cell_file(p)[0] for p in paths] or None
+    with Progress(TextColumn("[bold]mutants[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("", total=n)
+        report = stdlib_mutants(n, seed, backends, sources, out, progress=lambda i, r: bar.update(task, completed=i))
+    for _, what, path in report.crashes:
+        click.echo(f"mutant crash: {what}" + (f" ({path})" if path else ""), err=True)
+    click.echo(f"{report.summary_line()} in {report.seconds:.1f} s, seed {seed}, backends reference,"
+               + ",".join(backends))
+    sys.exit(1 if report.crashes else 0)
+
+
 def _generated_c(emitted) -> str:
     """The C the torch backend generates for this cell: one fused loop per eligible loop stage."""
     loops = emitted.emitter.fused
@@ -271,17 +288,24 @@ def builtins():
 @click.option("--shrink-seconds", type=float, default=60.0, show_default=True, help="Budget per shrink.")
 @click.option("--frontend/--no-frontend", default=True, show_default=True,
               help="Also fuzz the frontend with mutated sources (accepted, or rejected with a RecError).")
-def fuzz(files, seconds, seed, backend_list, cells, out, max_cells, trials, no_shrink, shrink_seconds, frontend):
+@click.option("--mutants", type=int, default=None,
+              help="Instead: this many mutants of the stdlib (or of FILES), each checked, planned, built and "
+                   "run on reference and the backends; exit 1 on any internal error or hang.")
+def fuzz(files, seconds, seed, backend_list, cells, out, max_cells, trials, no_shrink, shrink_seconds, frontend,
+         mutants):
     """Differential fuzzing: random well-typed cells (or your .rec FILES) on every backend,
     compared with reference (outputs, final states, gradients). Exit code 1 on any
     disagreement; each one is shrunk to a minimal .rec file in --out with its replay command."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .fuzz.runner import fuzz as run_fuzz
+    from .fuzz.runner import check_backends, fuzz as run_fuzz
     paths = list(cells) + list(files)
     backends = [b.strip() for b in backend_list.split(",") if b.strip()] if backend_list else None
     err = Console(stderr=True)
+    if mutants is not None:
+        _fuzz_mutants(mutants, seed, check_backends(backends), paths, out, err)
+        return
     with Progress(TextColumn("[bold]fuzz[/bold] {task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
         task = bar.add_task("", total=seconds if not paths else None)

@@ -256,7 +256,9 @@ class RecModule(nn.Module):
         B, T = next(iter(xs.values())).shape[:2]
         NB = B if cu is None else cu.numel() - 1   # final states: one per sequence of cu_seqlens
         heads = (self.heads,) if self.heads else ()
-        # an output that reads only params is computed once; give it the full [B, T, ...] shape
+        # an output that reads only params is computed once, a constant one (`output 7`) may be a
+        # Python number; give each the full [B, T, ...] shape
+        outs = {o: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype, device=device) for o, v in outs.items()}
         outs = {o: v.expand((B, T) + heads + self.ir.shape_of(self.ir.outputs[o])) for o, v in outs.items()}
         # a state whose update reads no input (s' = 2) comes back without the batch axes
         st = {s: v.expand((NB,) + heads + self.ir.shape_of(self.ir.states[s])) for s, v in st.items()}
@@ -354,6 +356,7 @@ class RecModule(nn.Module):
         shaped = {}
         for o, v in outs.items():
             want = (B,) + ((self.heads,) if self.heads else ()) + self.ir.shape_of(self.ir.outputs[o])
+            v = v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype, device=first.device)  # `output 7`
             shaped[o] = v.expand(want)
         return self._pack(shaped, first.dtype), st
 

@@ -524,19 +524,24 @@ def check_backends(names: list[str] | None) -> list[str]:
 
 
 def _frontend(report: Report, source: str, rng: random.Random, n: int, out) -> None:
+    """Mutants of `source`: accepted (and printed back to the same tree, then run end to end
+    on the fuzzed backends: mutants.py) or rejected with a RecError that renders."""
     from recdsl.parser import parse
     from recdsl.printer import to_source
     from recdsl.spec import parse_and_check
     from .generator import mutate
+    from .mutants import TIME_LIMIT_S, run_mutant, time_limit
     for _ in range(n):
         src = mutate(source, rng)
         report.mutants += 1
         try:
-            parse_and_check(src, "mutant.rec")
-            tree = parse(src, "mutant.rec")
-            if parse(to_source(tree)) != tree:
-                raise AssertionError("printing the accepted mutant back does not give the same tree")
-            report.mutants_accepted += 1
+            with time_limit(TIME_LIMIT_S):
+                parse_and_check(src, "mutant.rec")
+                tree = parse(src, "mutant.rec")
+                if parse(to_source(tree)) != tree:
+                    raise AssertionError("printing the accepted mutant back does not give the same tree")
+                report.mutants_accepted += 1
+                run_mutant(src, report.backends)
         except RecError as e:
             try:
                 str(e)
@@ -547,15 +552,8 @@ def _frontend(report: Report, source: str, rng: random.Random, n: int, out) -> N
 
 
 def _crash(report: Report, src: str, e: Exception, out) -> None:
-    path = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"frontend-{len(report.frontend_crashes) + 1}.rec"
-        path.write_text(src)
-        with open(out / "README", "a") as f:
-            f.write(f"{path.name}: the frontend raised {type(e).__name__}: {e}; "
-                    f"replay: recdsl check {path}\n")
-    report.frontend_crashes.append((src, f"{type(e).__name__}: {e}", str(path) if path else None))
+    from .mutants import record_crash
+    record_crash(report.frontend_crashes, src, e, out)
 
 
 def _unpacked(case: Case, backend: str, kinds: set | None) -> Case:

@@ -118,3 +118,23 @@ def test_triton_interpret_in_the_environment_is_explained_or_respected(tmp_path)
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1 and "internal error" not in done.stderr + done.stdout
     assert "TRITON_INTERPRET" in done.stderr + done.stdout
+
+
+CONSTANT_OUTPUT = """cell constant_output(D):
+    input x[D]
+    state h[D]
+    h' = 0.5 * h + x
+    output y = h'
+    output 7
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_constant_output_has_the_full_shape(backend):
+    """`output 7` (found by the end-to-end mutant fuzz): a Python number in the generated step."""
+    layer = recdsl.load(CONSTANT_OUTPUT)(backend=backend, D=3)
+    x = torch.randn(2, 4, 3)
+    (_, seven), _ = layer(x=x)
+    assert torch.equal(seven, torch.full((2, 4), 7.0))
+    (_, seven_now), _ = layer.step(x=x[:, 0])
+    assert torch.equal(seven_now, torch.full((2,), 7.0))
