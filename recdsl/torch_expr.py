@@ -70,6 +70,53 @@ def safe_comment(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text).strip()
 
 
+# ---------------------------------------------------------------------------- names in generated code
+# A user may name a value anything the checker accepts (any identifier but Python keywords,
+# dunders and .rec words), so generated code never uses a user name bare, and never joins
+# it with a suffix (`{state}_next` and `p_{param}` both gave `p_next`). Every identifier an
+# emitter writes is one of:
+#
+#   user_name(role, name)       `<role>_<name>`           in_x, p_W, s_h, next_h
+#   temp_name(kind, k, hint)    `<kind><k>` or `<kind><k>_<hint>`   t3, t7_f, seq12_h, fused4_final
+#   a fixed helper              X, S, P, NB, DT, DEV, S0, P0, X0, NS, torch, F, rt, step, forward, ...
+#
+# Roles and kinds are lowercase letters only; k is a number the emitter hands out once
+# (a counter, or a node's position), so one k never names two values; a hint (the user
+# name the value computes, or a fixed word) is only there for the reader. Split a name at
+# its first `_`: the head is a role (no digit) or a kind and its number (ends in a digit),
+# so the two families never meet, and within them (role, user name) or k is unique. Names
+# without `_` are temporaries without a hint (lowercase letters, then digits) or helpers
+# (they have an uppercase letter, or are lowercase letters with no digit), never a user
+# value. The Triton kernels and the C loop name their values by number only (v3, x0,
+# row_in_1): no user name reaches them (a kernel's own name, `<cell>_stage<i>_<states>_fwd`,
+# shows its states to the reader and is unique by i). tests/pipeline/test_name_hygiene.py
+# renames the users' names of every stdlib cell against the names emitters actually write.
+
+def user_name(role: str, name: str) -> str:
+    """The generated name of the user's value `name` in `role` (the only way a user name
+    becomes an identifier of generated code)."""
+    assert role.isalpha() and role.islower(), role
+    return f"{role}_{name}"
+
+
+def temp_name(kind: str, k: int, hint: str | None = None) -> str:
+    """A temporary numbered k (unique in the generated function); hint, if an identifier,
+    shows the reader which value it is."""
+    assert kind.isalpha() and kind.islower(), kind
+    return f"{kind}{k}_{hint}" if hint and hint.isidentifier() else f"{kind}{k}"
+
+
+class Temps:
+    """Hands out temporaries' names: one counter for every kind, so no number repeats."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, kind: str, hint: str | None = None) -> str:
+        self.count += 1
+        return temp_name(kind, self.count, hint)
+
+
 class TorchExpr:
     """Emits the right-hand side for a node given the names of its sources."""
 
@@ -209,8 +256,8 @@ def compile_nodes(roots: list[Node], leaves: list[Node]):
             continue
         if n.op in (Op.INPUT, Op.PARAM, Op.STATE):
             raise ValueError(f"leaf {n!r} has no value")
-        lines.append(f"    t{n.id} = {expr(n)}")
-        names[n.id] = f"t{n.id}"
+        names[n.id] = temp_name("t", n.id)
+        lines.append(f"    {names[n.id]} = {expr(n)}")
     lines.append("    return [" + ", ".join(names[r.id] if r.id in names else "None" for r in roots) + "]")
     ns = {"torch": torch, "F": F, "rt": rt}
     exec(compile("\n".join(lines) + "\n", "<recdsl nodes>", "exec"), ns)

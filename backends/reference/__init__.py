@@ -10,7 +10,7 @@ from recdsl.errors import RecError
 from recdsl.ir import IRCell, Node, Op
 from recdsl.lowering import Caps, Kernel, Registry, SequentialLoop, Vectorised
 
-from recdsl.torch_expr import SourceNotes, TorchExpr
+from recdsl.torch_expr import SourceNotes, TorchExpr, temp_name, user_name
 
 NAME = "reference"
 
@@ -46,19 +46,18 @@ def emit_step(ir: IRCell) -> str:
         if n.op == Op.CONST and not n.shape:
             names[n.id] = expr.operand(n, 0)
             continue
+        # names from the one scheme of recdsl/torch_expr.py: no user name can collide
         if n.op == Op.INPUT:
-            var, rhs = f"in_{n.arg}", f"X[{n.arg!r}]"
+            var, rhs = user_name("in", n.arg), f"X[{n.arg!r}]"
         elif n.op == Op.PARAM:
-            var, rhs = f"p_{n.arg}", f"P[{n.arg!r}]"
+            var, rhs = user_name("p", n.arg), f"P[{n.arg!r}]"
         elif n.op == Op.STATE:
-            var, rhs = f"s_{n.arg[0]}", f"S[{n.arg[0]!r}]"
+            var, rhs = user_name("s", n.arg[0]), f"S[{n.arg[0]!r}]"
         else:
             if n.id in update_of:
-                var = f"{update_of[n.id]}_next"
-            elif n.name and n.name.isidentifier():
-                var = f"{n.name}_{num[n.id]}"
+                var = user_name("next", update_of[n.id])
             else:
-                var = f"t{num[n.id]}"
+                var = temp_name("t", num[n.id], n.name)
             rhs = expr(n)
         names[n.id] = var
         code = f"    {var} = {rhs}"
@@ -103,8 +102,9 @@ class Program:
         per_t: dict[str, list] = {o: [] for o in self.ir.outputs}
         for t in range(T):
             st, outs = self.step({n: x[:, t] for n, x in xs.items()}, st, P, nb, dtype, device)
-            for o, v in outs.items():
-                per_t[o].append(v)
+            for o, v in outs.items():   # a constant output (`output 7`) is a Python number
+                per_t[o].append(v if isinstance(v, torch.Tensor) else
+                                torch.full((1,) * nb, v, dtype=dtype, device=device))
         stacked = {}
         for o, vals in per_t.items():
             shape = torch.broadcast_shapes(*(v.shape for v in vals))

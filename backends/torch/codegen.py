@@ -9,7 +9,7 @@ from __future__ import annotations
 from recdsl.analysis import stages as S
 from recdsl.ir import IRCell, Node, Op
 from recdsl.plan import Plan
-from recdsl.torch_expr import SourceNotes, TorchExpr, const_text
+from recdsl.torch_expr import SourceNotes, Temps, TorchExpr, const_text, user_name
 
 from recdsl.lowering import Choice, Selection
 from recdsl.lowering.match import consumers
@@ -26,7 +26,7 @@ class Emitter:
         self.ir, self.plan, self.selection = ir, plan, selection
         self.lines: list[str] = []
         self.seq: dict[int, str] = {}        # node id -> name of its whole-sequence value
-        self.counter = 0
+        self.temps = Temps()                 # names: the one scheme of recdsl/torch_expr.py
         self.note = SourceNotes(ir)
         self.expr_seq = TorchExpr(self.seq_name, nb="NS", raw_param=_raw)
         self.place = S.placement(ir, [s.states for s in plan.stages])
@@ -39,9 +39,10 @@ class Emitter:
         self.constants: dict[int, bool] = {}          # node id -> computed from constants only
 
     # ------------------------------------------------------------------ helpers
-    def fresh(self, base: str) -> str:
-        self.counter += 1
-        return f"{base}_{self.counter}"
+    def fresh(self, kind: str, hint: str | None = None) -> str:
+        """A new temporary `<kind><k>[_<hint>]` (hint: the user name it computes, for the
+        reader); never a user name, never another value's (recdsl/torch_expr.py)."""
+        return self.temps(kind, hint)
 
     def emit(self, code: str, node: Node | None = None, indent: int = 1):
         line = "    " * indent + code
@@ -70,7 +71,7 @@ class Emitter:
                 self.seq[x.id] = f"P2[{x.arg!r}]"
                 continue
             if x.op == Op.STATE:
-                name = self.fresh(f"{x.arg[0]}_prev")
+                name = self.fresh("prev", x.arg[0])
                 self.shifted = True        # a previous state over the whole sequence: a shift in time
                 seq_new = self.seq_name(self.ir.updates[x.arg[0]])   # bound by its stage (maybe lazily)
                 self.emit(f"{name} = rt.shift({seq_new}, S0[{x.arg[0]!r}])", x)
@@ -80,7 +81,7 @@ class Emitter:
             if rhs in self.cse:  # the same expression built twice (e.g. by the analysis)
                 self.seq[x.id] = self.cse[rhs]
                 continue
-            name = self.fresh(x.name if x.name and x.name.isidentifier() else "t")
+            name = self.fresh("t", x.name)
             self.cse[rhs] = name
             if not x.shape and self._constant(x):
                 rhs = f"torch.as_tensor({rhs}, dtype=DT, device=DEV)"   # constants only: a Python number
@@ -164,7 +165,7 @@ class Emitter:
         a = self._lifted(form.log_a if kind == "diagexp" else form.a, st.rank, "torch.ones((), dtype=DT, device=DEV)")
         b = self._lifted(form.b, st.rank, "torch.zeros((), dtype=DT, device=DEV)"
                          if kind in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
-        name = self.fresh(f"{s}_seq")
+        name = self.fresh("seq", s)
         self.emit(f"{name} = K.element_scan({kind!r}, rt.full_seq({a}, X0, NS, {st.rank}), "
                   f"rt.full_seq({b}, X0, NS, {st.rank}), S0[{s!r}])", upd)
         self.seq[upd.id] = name
@@ -179,7 +180,7 @@ class Emitter:
             rows.append("[" + ", ".join(row) + "]")
         xs = [f"rt.full_seq({self._lifted(bs[s], r, 'torch.zeros((), dtype=DT, device=DEV)')}, X0, NS, {r})"
               for s in states]
-        names = [self.fresh(f"{s}_seq") for s in states]
+        names = [self.fresh("seq", s) for s in states]
         self.emit(f"{', '.join(names)}, = K.block_scan([{', '.join(rows)}], [{', '.join(xs)}], "
                   f"[{', '.join(f'S0[{s!r}]' for s in states)}])", self.ir.updates[states[0]])
         for s, n in zip(states, names):
@@ -199,7 +200,7 @@ class Emitter:
         k, v = self._tensor(form.k), self._tensor(form.v)
         g = self._opt(form.decay if form.signed else form.log_decay)
         qs = [f"({self.seq_name(r.q)}, {r.inclusive})" for r in form.readouts]
-        outs, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        outs, fin = self.fresh("reads"), self.fresh("fin", s)
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernel runs on the transposed state
         kernel = "signed_decay" if form.signed else "diag_matrix_stage"
         self.emit(f"{outs}, {fin} = K.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, X0, NS)",
@@ -212,7 +213,7 @@ class Emitter:
         s = form.states[0]
         q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
         g = self._opt(form.log_decay)
-        o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
         self.emit(f"{o}, {fin} = K.delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
@@ -223,7 +224,7 @@ class Emitter:
         ks = ", ".join(self._tensor(st["k"]) for st in form.steps)
         vs = ", ".join(self._tensor(st["v"]) for st in form.steps)
         bs = ", ".join(self._tensor(st["beta"]) for st in form.steps)
-        o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
         self.emit(f"{o}, {fin} = K.delta_product_stage({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], "
                   f"S0[{s!r}], X0, NS)", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
@@ -234,7 +235,7 @@ class Emitter:
         s = form.states[0]
         q, k, v, a, b, g = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.a, form.b,
                                                        form.log_decay))
-        o, fin = self.fresh("reads"), self.fresh(f"{s}_final")
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
         self.emit(f"{o}, {fin} = K.dplr_stage({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
@@ -253,15 +254,16 @@ class Emitter:
         core_ids = {n.id for n in core}
         step: dict[int, str] = {}
         pre: list[tuple[str, str, Node]] = []    # (step name, whole-sequence name) to slice per step
+        svar = {s: user_name("s", s) for s in states}   # each state's value at this step
         for n in core:
             if n.op == Op.STATE:
-                step[n.id] = f"s_{n.arg[0]}"
+                step[n.id] = svar[n.arg[0]]
         for n in core:
             for src in n.srcs:
                 if src.id in core_ids or src.id in step:
                     continue
                 if src.op == Op.STATE and src.arg[0] in states:
-                    step[src.id] = f"s_{src.arg[0]}"
+                    step[src.id] = svar[src.arg[0]]
                 elif src.op == Op.CONST and not src.shape:
                     step[src.id] = const_text(src)
                 elif src.op == Op.PARAM:
@@ -272,7 +274,7 @@ class Emitter:
                     step[src.id] = nm
                 else:
                     seq = self.seq_name(src)
-                    nm = self.fresh(f"{src.name}_t" if src.name and src.name.isidentifier() else "in_t")
+                    nm = self.fresh("at", src.name)   # its value at step t
                     step[src.id] = nm
                     pre.append((nm, seq, src))
         expr = TorchExpr(lambda x: step[x.id], raw_param=_raw)
@@ -282,12 +284,13 @@ class Emitter:
         if fused is not None:
             k, fl = fused
             fvar = self.fresh("fused")
+            ffin = self.fresh("fused", "final")
             args = ", ".join(self.seq_name(n) for n in fl.seqs)
             self.emit(f"{fvar} = None")
-            self.emit(f"if FUSED.usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
-            self.emit(f"{fvar}, {fvar}_final = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
+            self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
+            self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
             for s in states:
-                self.emit(f"s_{s} = {fvar}_final[{s!r}]", indent=2)
+                self.emit(f"{svar[s]} = {ffin}[{s!r}]", indent=2)
             self.emit("else:")
             indent = 2
         # The recurrent core as a function of (inputs at t, states at t-1, params): run_loop
@@ -297,11 +300,11 @@ class Emitter:
         self.emit(f"def {cname}(ins, st, P0, P1):", indent=indent)
         if pre:
             self.emit(f"{', '.join(nm for nm, _, _ in pre)}, = ins", indent=indent + 1)
-        self.emit(f"{', '.join(f's_{s}' for s in states)}, = st", indent=indent + 1)
+        self.emit(f"{', '.join(svar[s] for s in states)}, = st", indent=indent + 1)
         for n in core:
             if n.op == Op.STATE:
                 continue
-            nm = self.fresh(n.name if n.name and n.name.isidentifier() else "t")
+            nm = self.fresh("t", n.name)
             self.emit(f"{nm} = {expr(n)}", n, indent=indent + 1)
             step[n.id] = nm
         self.emit(f"return ({', '.join(step[ir.updates[s].id] for s in states)},)", indent=indent + 1)
@@ -309,12 +312,12 @@ class Emitter:
         self.emit(f"{seqs} = rt.run_loop({cname}, [{', '.join(seq for _, seq, _ in pre)}], "
                   f"[{', '.join(f'S0[{s!r}]' for s in states)}], P0, X0.shape[1], NS)", indent=indent)
         for i, s in enumerate(states):
-            self.emit(f"s_{s} = {seqs}[{i}][:, -1]", indent=indent)
+            self.emit(f"{svar[s]} = {seqs}[{i}][:, -1]", indent=indent)
         for i, s in enumerate(states):
-            nm = self.fresh(f"{s}_seq")
+            nm = self.fresh("seq", s)
             code = f"{nm} = {fvar}[{s!r}] if {fvar} is not None else {seqs}[{i}]" if fvar else f"{nm} = {seqs}[{i}]"
             self.lazy[ir.updates[s].id] = (nm, code)
-            self.final[s] = f"s_{s}"
+            self.final[s] = svar[s]
 
     def _fused(self, states, core):
         """The fused C step for this loop stage, if it is eligible (else None)."""

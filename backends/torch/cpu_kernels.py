@@ -4,9 +4,10 @@ Why C and not a torch loop: a per-step torch loop over T is bound by op dispatch
 microseconds per op), and torch.compile does not help scans on CPU. The scans are generic
 (the cell's gate math runs vectorised in torch before them), so one small library serves
 every cell: it is compiled once per machine (cc -O3 -fopenmp, about a second), cached
-under ~/.cache/recdsl keyed by the source hash and the compiler/CPU, and written
-atomically. Without a C compiler (or with RECDSL_NO_CC=1) `available()` is False and the
-backend uses the pure-torch scans in scans.py instead.
+under ~/.cache/recdsl ($RECDSL_CACHE) keyed by the source hash and the compiler/CPU
+(kcache.py: stamped, checked before it is loaded, rebuilt when damaged). Without a C
+compiler (or with RECDSL_NO_CC=1) `available()` is False and the backend uses the
+pure-torch scans in scans.py instead.
 
 Each scan is a torch.autograd.Function whose backward is the adjoint scan (MATH.md §1-2).
 """
@@ -18,11 +19,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from . import kcache
+from .double_backward import recompute_vjp, wants_graph
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "scans.c"
@@ -32,8 +35,7 @@ _error: str | None = None
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RECDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "recdsl")
-    return Path(root)
+    return kcache.cache_root()
 
 
 def _compiler() -> str | None:
@@ -45,27 +47,35 @@ def _compiler() -> str | None:
     return None
 
 
+# -fno-trapping-math / -fno-math-errno let loops with floorf and selects vectorise; unlike
+# -ffast-math they keep inf and NaN semantics (the semiring scans use -inf).
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+# what the library exports (kcache checks a loaded file has them all)
+SYMBOLS = tuple(f"{name}_{sfx}" for sfx in ("f32", "f64")
+                for name in [f"{k}_{d}" for k in ("diag", "diagexp", "maxplus", "lse", "block") for d in ("fwd", "bwd")]
+                + ["matdiag_fwd", "delta_fwd"])
+
+
+def machine_tag(cc: str, flags: list[str]) -> bytes:
+    """What a compiled library depends on besides its source: compiler, flags, machine
+    (-march=native code from another CPU in a shared home directory would not run here)."""
+    return " ".join([cc] + flags + [platform.machine(), platform.node()]).encode()
+
+
 def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) found")
     src = SOURCE.read_bytes() + (CSRC / "vmath.h").read_bytes()
-    # -fno-trapping-math / -fno-math-errno let loops with floorf and selects vectorise; unlike
-    # -ffast-math they keep inf and NaN semantics (the semiring scans use -inf).
-    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
-             "-std=c99"]
-    key = hashlib.sha256(src + " ".join([cc] + flags + [platform.machine(), platform.node()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"scans-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_so = Path(tmp) / "scans.so"
-            r = subprocess.run([cc, *flags, f"-I{CSRC}", str(SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True,
-                               text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[:500]}")
-            os.replace(tmp_so, out)  # atomic: concurrent builders never see half a file
-    return ctypes.CDLL(str(out))
+    key = hashlib.sha256(src + machine_tag(cc, FLAGS)).hexdigest()[:16]
+
+    def build(out: Path) -> None:
+        r = subprocess.run([cc, *FLAGS, f"-I{CSRC}", str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise kcache.BuildError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[:500]}")
+
+    return kcache.load_library(f"scans-{key}", build, SYMBOLS)
 
 
 def library():
@@ -75,9 +85,18 @@ def library():
         if _lib is None and _error is None:
             try:
                 _lib = _build()
-            except Exception as e:  # no compiler, no OpenMP, read-only cache: fall back to torch
+            except Exception as e:  # no compiler, no OpenMP, no usable directory: fall back to torch
                 _error = str(e)
     return _lib
+
+
+def _forget() -> None:
+    global _lib, _error
+    with _lock:
+        _lib = _error = None
+
+
+kcache.on_reset(_forget)
 
 
 def available() -> bool:
@@ -107,21 +126,35 @@ def _prep(*ts):
 
 
 class _ElementScan(torch.autograd.Function):
-    """diag / diagexp (decay given as its log) / maxplus / lse over [B, T, C], h0 [B, C]."""
+    """diag / diagexp (decay given as its log) / maxplus / lse over [B, T, C], h0 [B, C].
+    Under create_graph=True the backward is autograd's through the doubling scan of
+    scans.py (double_backward.py): the C adjoint carries no graph."""
 
     @staticmethod
     def forward(ctx, kind, a, x, h0):
-        a, x, h0 = _prep(a, x, h0)
-        B, T, C = x.shape
-        h = torch.empty_like(x)
-        _call(f"{kind}_fwd", x.dtype, a, x, h0, h, B, T, C)
+        ac, xc, h0c = _prep(a, x, h0)
+        B, T, C = xc.shape
+        h = torch.empty_like(xc)
+        _call(f"{kind}_fwd", xc.dtype, ac, xc, h0c, h, B, T, C)
         ctx.kind = kind
-        ctx.save_for_backward(a, x, h0, h)
+        ctx.save_for_backward(a, x, h0, h)   # the inputs themselves: a second derivative reaches their history
         return h
+
+    @staticmethod
+    def twin(kind: str, a, x, h0):
+        """The same scan in differentiable torch ops."""
+        from .scans import doubling_scan
+        if kind == "diagexp":
+            kind, a = "diag", torch.exp(a)
+        return doubling_scan(kind, a, x, h0)
 
     @staticmethod
     def backward(ctx, gh):
         a, x, h0, h = ctx.saved_tensors
+        if wants_graph((a, x, h0), (gh,)):
+            fn = lambda a_, x_, h0_: _ElementScan.twin(ctx.kind, a_, x_, h0_)  # noqa: E731
+            return (None,) + tuple(recompute_vjp(fn, (a, x, h0), ctx.needs_input_grad[1:], (gh,)))
+        a, x, h0 = _prep(a, x, h0)
         B, T, C = x.shape
         gh = gh.contiguous()
         gT = torch.zeros_like(h0)
@@ -134,20 +167,25 @@ class _ElementScan(torch.autograd.Function):
 
 
 class _BlockScan(torch.autograd.Function):
-    """h_t[c] = A_t[c] h_{t-1}[c] + x_t[c]: A [B, T, C, K, K], x [B, T, C, K], h0 [B, C, K]."""
+    """h_t[c] = A_t[c] h_{t-1}[c] + x_t[c]: A [B, T, C, K, K], x [B, T, C, K], h0 [B, C, K].
+    Under create_graph=True the backward is autograd's through the doubling block scan."""
 
     @staticmethod
     def forward(ctx, A, x, h0):
-        A, x, h0 = _prep(A, x, h0)
-        B, T, C, K = x.shape
-        h = torch.empty_like(x)
-        _call("block_fwd", x.dtype, A, x, h0, h, B, T, C, K)
-        ctx.save_for_backward(A, h0, h)
+        Ac, xc, h0c = _prep(A, x, h0)
+        B, T, C, K = xc.shape
+        h = torch.empty_like(xc)
+        _call("block_fwd", xc.dtype, Ac, xc, h0c, h, B, T, C, K)
+        ctx.save_for_backward(A, x, h0, h)
         return h
 
     @staticmethod
     def backward(ctx, gh):
-        A, h0, h = ctx.saved_tensors
+        A, x, h0, h = ctx.saved_tensors
+        if wants_graph((A, x, h0), (gh,)):
+            from .scans import _block_doubling
+            return tuple(recompute_vjp(_block_doubling, (A, x, h0), ctx.needs_input_grad, (gh,)))
+        A, h0 = _prep(A, h0)
         B, T, C, K = h.shape
         gh = gh.contiguous()
         dx, dA, dh0 = torch.empty_like(h), torch.empty_like(A), torch.empty_like(h0)

@@ -11,21 +11,25 @@ Inference only (no autograd): with gradients the backend runs the torch loop.
 Eligible stages: every state is a vector of one length H; every core node other than the
 GEMMs is elementwise (or a slice of the last axis) on vectors or scalars; GEMM inputs are
 states of the stage. A vector of another length (the 4H pre-activations of an LSTM) is
-only read through slices of length H; it is computed per lane at each slice's offset."""
+only read through slices of length H; it is computed per lane at each slice's offset.
+
+Also eligible means a C toolchain works in this process (checked when the kernel is
+selected, so the plan says which loop runs). The library of each loop is built on first
+use into the kernel cache (kcache.py); if that build fails the forward warns and runs
+the per-step torch loop."""
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import subprocess
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from recdsl.ir import BINARY, COMPARE, IRCell, Node, Op
 
-from . import cpu_kernels
+from . import cpu_kernels, kcache
 
 C_UNARY = {
     Op.NEG: "(-{0})", Op.EXP: "EXP({0})", Op.LOG: "LOG({0})", Op.LOG1P: "LOG1P({0})", Op.EXPM1: "EXPM1({0})",
@@ -276,34 +280,29 @@ static void panel_SFX(const T_* restrict a, int64_t lda, int64_t m, int64_t K, c
 """
 
 
-_cache: dict[str, ctypes.CDLL] = {}
+# -ffp-contract=fast: the GEMM's multiply-adds become FMAs (ISO C mode turns that off)
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-ffp-contract=fast",
+         "-shared", "-fPIC", "-std=c99"]
 
 
 def _compile(src: str) -> ctypes.CDLL:
-    key = hashlib.sha256(src.encode() + (cpu_kernels.CSRC / "vmath.h").read_bytes()).hexdigest()[:20]
-    if key in _cache:
-        return _cache[key]
+    """The stage's loop library, from the kernel cache (kcache.py) or built now; BuildError
+    (or OSError) when it cannot be had."""
     cc = cpu_kernels._compiler()
     if cc is None:
-        raise NotEligible("no C compiler")
-    out = cpu_kernels.cache_dir() / f"loop-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            c = Path(tmp) / "loop.c"
-            c.write_text(src)
-            so = Path(tmp) / "loop.so"
-            # -ffp-contract=fast: the GEMM's multiply-adds become FMAs (ISO C mode turns that off)
-            r = subprocess.run([cc, "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
-                                "-ffp-contract=fast",
-                                f"-I{cpu_kernels.CSRC}", "-shared", "-fPIC",
-                                "-std=c99", str(c), "-o", str(so), "-lm"], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise NotEligible(f"the generated step did not compile: {r.stderr[:300]}")
-            os.replace(so, out)
-    lib = ctypes.CDLL(str(out))
-    _cache[key] = lib
-    return lib
+        raise kcache.BuildError("no C compiler")
+    key = hashlib.sha256(src.encode() + (cpu_kernels.CSRC / "vmath.h").read_bytes()
+                         + cpu_kernels.machine_tag(cc, FLAGS)).hexdigest()[:20]
+
+    def build(out: Path) -> None:
+        c = out.with_suffix(".c")
+        c.write_text(src)
+        r = subprocess.run([cc, *FLAGS, f"-I{cpu_kernels.CSRC}", str(c), "-o", str(out), "-lm"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise kcache.BuildError(f"the generated step did not compile: {r.stderr[:300]}")
+
+    return kcache.load_library(f"loop-{key}", build, ("loop_f32", "loop_f64"))
 
 
 def usable(dtype, *tensors) -> bool:
@@ -311,6 +310,15 @@ def usable(dtype, *tensors) -> bool:
     grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
     return not grad and dtype in (torch.float32, torch.float64) and cpu_kernels._compiler() is not None \
         and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+
+
+def toolchain_missing() -> str | None:
+    """Why no generated C loop can run in this process, or None: the scan library is the
+    probe (same compiler, flags, OpenMP and cache directory), built once per machine."""
+    if cpu_kernels._compiler() is None:
+        return "no C compiler (cc/gcc/clang) found"
+    why = cpu_kernels.unavailable_reason()
+    return f"the C toolchain does not work here: {why}" if why else None
 
 
 class FusedLoop:
@@ -324,13 +332,36 @@ class FusedLoop:
         gen = _Gen(ir, states, self.gemms, self.params + self.seqs)
         self.source = gen.source([ir.updates[s] for s in states], len(self.params), len(self.seqs))
         self.keep = set(states)   # states whose whole sequence the forward reads (codegen narrows it)
+        # Decided here, where the kernel is selected (kernels._loop_explain) and emitted
+        # (codegen._fused), so that the plan never promises a C loop this process cannot build.
+        why = toolchain_missing()
+        if why:
+            raise NotEligible(why)
         self.lib = None
+        self.error: str | None = None
+
+    def usable(self, dtype, *tensors) -> bool:
+        """`usable` for this loop, and its library loads (built on first use). A build that
+        fails here (the generated C does not compile, the disk is full) warns once and the
+        forward runs the per-step torch loop instead."""
+        if not usable(dtype, *tensors) or self.error is not None:
+            return False
+        if self.lib is None:
+            try:
+                self.lib = _compile(self.source)
+            except (kcache.BuildError, OSError) as e:
+                self.error = str(e)
+                warnings.warn(f"recdsl: the fused C loop of {', '.join(self.states)} could not be built "
+                              f"({self.error}); running the per-step torch loop instead", kcache.CacheWarning,
+                              stacklevel=2)
+                return False
+        return True
 
     def run(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
         """seq_values: whole-sequence tensors of self.seqs (prefix [B, T, (heads)]).
         Returns ({state: sequence [B, T, (heads), H]} for the states in self.keep, {state: final})."""
         if self.lib is None:
-            self.lib = _compile(self.source)
+            self.lib = _compile(self.source)   # (the generated forward asked `usable` first)
         fn = getattr(self.lib, "loop_f32" if dtype == torch.float32 else "loop_f64")
         heads = ns == 3
         B, T = X0.shape[:2]

@@ -8,6 +8,8 @@ import torch
 
 from recdsl.torch_rt import broadcast_prefix, expand_to, param_linear, param_matvec, with_prefix  # noqa: F401  (used by generated code)
 
+from .double_backward import recompute_vjp, wants_graph
+
 
 def lift(x: torch.Tensor, r_from: int, r_to: int) -> torch.Tensor:
     """Insert r_to - r_from node axes right after the prefix (numpy broadcasting of node shapes)."""
@@ -74,7 +76,9 @@ def run_loop(core, ins: list, s0: list, P0: dict, T: int, ns: int):
     """Run a sequential stage's core over time: core(inputs at t, states, P0, P1) -> new
     states. Returns the state sequences [B, T, ...]. With gradients, a custom backward
     walks time in reverse, recomputing one step at a time to get its vector-Jacobian
-    product, so memory is the states, not a graph per step."""
+    product, so memory is the states, not a graph per step. Under create_graph=True the
+    backward re-runs the loop with autograd instead (double_backward.py): second
+    derivatives are autograd's."""
     names = list(P0)
     params = [P0[n] for n in names]
     if torch.is_grad_enabled() and any(t.requires_grad for t in list(ins) + s0 + params):
@@ -118,6 +122,14 @@ class _LoopFunction(torch.autograd.Function):
         n_p = len(saved) - n_in - 2 * n_s
         params = list(saved[n_in + n_s:n_in + n_s + n_p])
         seqs = list(saved[n_in + n_s + n_p:])
+        inputs = ins + s0 + params
+        if wants_graph(inputs, g_seqs):
+            # create_graph=True: the per-step VJPs below are taken on detached copies (no
+            # graph to the inputs' history), so re-run the loop differentiably instead
+            def loop(*xs):
+                return _forward_loop(ctx.core, ctx.names, list(xs[:n_in]), list(xs[n_in:n_in + n_s]),
+                                     list(xs[n_in + n_s:]), ctx.T, ctx.ns)
+            return (None,) * 6 + tuple(recompute_vjp(loop, inputs, ctx.needs_input_grad[6:], g_seqs))
         leaves_p = [p.detach().requires_grad_(p.requires_grad) for p in params]
         g_in = [torch.zeros_like(x) for x in ins]
         g_p = [torch.zeros_like(p) for p in params]

@@ -46,7 +46,7 @@ class TritonEmitter(Emitter):
         written by the kernel) only if something reads them."""
         self.store_marks[idx] = list(states)
         for i, s in enumerate(states):
-            name = self.fresh(f"{s}_seq")
+            name = self.fresh("seq", s)
             self.lazy[self.ir.updates[s].id] = (name, f"{name} = {seqs}[{i}]")
             self.final[s] = f"{fins}[{i}]"
 

@@ -5,15 +5,18 @@ Tensors arrive as the torch backend's whole-sequence values ([B, T, (heads,) *sh
 size-1 axes where a value does not vary); each leaf is expanded (a view, stride 0 where it
 broadcasts) to the stage's [B, T, channels] and read in place by its strides. Gradients
 come back per element of that view; autograd's expand backward sums them to the leaf's
-own shape."""
+own shape. Under create_graph=True (a second derivative) a Function's backward is instead
+autograd's derivative of the stage's torch twin (twin.py, double_backward.py)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.seq_rt import lift
 from .fusion import pow2
+from .twin import scan_twin, seq_twin
 
 
 class Kernels:
@@ -167,13 +170,13 @@ def scan(stage: Stage, leaves: list, rleaves: list, h0s: list, X0: torch.Tensor,
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, stage, c3, store, nleaf, run, h0, *leaves):
+    def forward(ctx, stage, c3, store, nleaf, run, h0_in, *leaves):
         rev, cu, B, T = run
-        NB, C, k = h0.shape
+        NB, C, k = h0_in.shape
         _, C1, C2 = c3
         spec = stage.kernel.spec
-        dev, dt = h0.device, h0.dtype
-        h0 = h0.contiguous()
+        dev, dt = h0_in.device, h0_in.dtype
+        h0 = h0_in.contiguous()
         hseq = torch.empty((B, T, C, k) if store else (1, 1, 1, k), dtype=dt, device=dev)
         hfin = torch.empty((NB, C, k), dtype=dt, device=dev)
         Cr = _red(spec, C1, C2)
@@ -184,7 +187,8 @@ class _ScanFn(torch.autograd.Function):
         stage.fwd(dev)[grid](*_leaf_args(leaves), h0, hseq, hfin, *outs, T, C, C1, C2, const.pop("cu"),
                              ACC=_acc(dt), STORE_SEQ=store, **const, **_gpu_opts(dev))
         ctx.stage, ctx.dims, ctx.nleaf, ctx.run = stage, (B, T, C, C1, C2), nleaf, run
-        ctx.save_for_backward(h0, hseq, *leaves)
+        ctx.c3, ctx.store = c3, store
+        ctx.save_for_backward(h0_in, hseq, *leaves)   # the input itself: a second derivative reaches its history
         return (hseq, hfin, *outs)
 
     @staticmethod
@@ -193,6 +197,14 @@ class _ScanFn(torch.autograd.Function):
         B, T, C, C1, C2 = ctx.dims
         h0, hseq, *leaves = ctx.saved_tensors
         full, red = leaves[:ctx.nleaf], leaves[ctx.nleaf:]
+        if wants_graph([h0, *leaves], [dhseq, dhfin, *douts]):
+            # create_graph=True: the derived backward kernel returns numbers, not a graph; the
+            # stage's torch twin (same IR, torch ops) gives autograd's derivative instead
+            twin = scan_twin(stage.kernel)
+            fn = lambda h, *ls: twin(h, ls[:ctx.nleaf], ls[ctx.nleaf:], ctx.c3, ctx.store, ctx.run)  # noqa: E731
+            return (None,) * 5 + tuple(recompute_vjp(fn, [h0, *leaves], ctx.needs_input_grad[5:],
+                                                     [dhseq, dhfin, *douts]))
+        h0 = h0.contiguous()
         dev, dt = h0.device, h0.dtype
         grads = [torch.empty((B, T, C), dtype=dt, device=dev) for _ in full]
         Cr = _red(stage.kernel.spec, C1, C2)
@@ -321,6 +333,11 @@ class _SeqFn(torch.autograd.Function):
         stage, (_, T, NH, heads, _), K, nleaf = ctx.stage, ctx.dims, ctx.K, ctx.nleaf
         saved = ctx.saved_tensors
         h0, hseq, views, params = saved[:K], saved[K:2 * K], saved[2 * K:2 * K + nleaf], saved[2 * K + nleaf:]
+        if wants_graph([*h0, *views, *params], grads):
+            # create_graph=True: autograd's derivative of the stage's torch twin (see _ScanFn)
+            twin = seq_twin(stage.kernel)
+            fn = lambda *xs: twin(xs[:K], xs[K:K + nleaf], xs[K + nleaf:], ctx.dims, ctx.run)  # noqa: E731
+            return (None,) * 5 + tuple(recompute_vjp(fn, [*h0, *views, *params], ctx.needs_input_grad[5:], grads))
         dseq, dfin = grads[:K], grads[K:]
         dev, dt = h0[0].device, h0[0].dtype
         has_dseq = any(g is not None for g in dseq)
