@@ -66,3 +66,41 @@ NEIGHBOURS = {"grid2d": ("left", "up"), "seq": ("prev",)}
 # Words the language gives a meaning to; they cannot name a value.
 LANGUAGE_KEYWORDS = {"cell", "input", "param", "state", "edge", "pair", "output", "heads", "over",
                      "for", "in", "on", "None", "range"}
+
+# Functions an initialiser (`param b[H] = expr`, `state h[H] = expr`, the arguments of
+# normal/uniform) and a hyper-parameter's default may call, besides arange: what
+# recdsl.runtime evaluates (with torch) when it builds a module.
+INIT_FUNCS = ("exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "abs", "log1p", "expm1")
+
+# --- names the compiled module gives a meaning to -------------------------------------------
+# Dimensions and hyper-parameters are keyword arguments of `spec(...)`, next to its options.
+SPEC_OPTIONS = ("backend", "heads", "reverse", "dtype", "device")
+# Inputs (edge and pair inputs too) are keyword arguments of `forward(...)` and `step(...)`.
+FORWARD_OPTIONS = ("state", "reverse", "cu_seqlens", "edges")
+# Params are attributes of the module (a torch.nn.Module): a param cannot take the name of an
+# attribute it already has. TORCH_MODULE_API: every attribute of a torch.nn.Module instance
+# (torch 2.x, dunders aside); LAYER_API: those recdsl's layer (recdsl.runtime.RecModule) adds.
+# tests/frontend/test_hostile.py checks that they cover dir() of both, so a new torch or a new
+# layer attribute fails that test until it is added here.
+TORCH_MODULE_API = frozenset("""
+T_destination _apply _backward_hooks _backward_pre_hooks _buffers _call_impl _compiled_call_impl
+_forward_hooks _forward_hooks_always_called _forward_hooks_with_kwargs _forward_pre_hooks
+_forward_pre_hooks_with_kwargs _get_backward_hooks _get_backward_pre_hooks _get_name _is_full_backward_hook
+_load_from_state_dict _load_state_dict_post_hooks _load_state_dict_pre_hooks _maybe_warn_non_full_backward_hook
+_modules _named_members _non_persistent_buffers_set _parameters _register_load_state_dict_pre_hook
+_register_state_dict_hook _replicate_for_data_parallel _save_to_state_dict _slow_forward _state_dict_hooks
+_state_dict_pre_hooks _version _wrapped_call_impl add_module apply bfloat16 buffers call_super_init children
+compile cpu cuda double dump_patches eval extra_repr float forward get_buffer get_extra_state get_parameter
+get_submodule half ipu load_state_dict modules mtia named_buffers named_children named_modules
+named_parameters parameters register_backward_hook register_buffer register_forward_hook
+register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
+register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module register_parameter
+register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule
+share_memory state_dict to to_empty train training type xpu zero_grad
+""".split())
+LAYER_API = frozenset("""
+_check_inputs _check_state _compute_dtype _forward_graph _forward_varlen _pack _param_shape _params
+_pick_backend _program _resolve_heads _run _step_fn backend_name compiled default_reverse dims generated
+heads initial_state ir plan ran reset_parameters selection spec step
+""".split())
+MODULE_API = TORCH_MODULE_API | LAYER_API

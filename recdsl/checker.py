@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import difflib
 import keyword
+import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 
 from . import ast as A
-from .builtins import BUILTINS, DISTRIBUTIONS, LANGUAGE_KEYWORDS, NEIGHBOURS, OVER_KINDS
+from .builtins import (BUILTINS, DISTRIBUTIONS, FORWARD_OPTIONS, INIT_FUNCS, LANGUAGE_KEYWORDS, LAYER_API, MODULE_API,
+                       NEIGHBOURS, OVER_KINDS, SPEC_OPTIONS)
 from .errors import RecError, Span
 from .types import ONE, SCALAR, Dim, TupleType, Type, broadcast, fmt_shape
 
 DECL_KINDS = ("input", "param", "state", "edge", "pair")
-FORWARD_OPTIONS = ("reverse", "cu_seqlens", "edges")  # keyword options of the compiled module's forward()
 MAX_DIM_EXPONENT = 64      # `K**2` is a dimension; `2**1000000` is a typo (and would take forever)
 MAX_DIM_TERMS = 256        # the expanded polynomial of one dimension expression
 
@@ -66,6 +68,7 @@ class CheckedCell:
     outputs: list[OutputInfo]
     updates: dict[str, A.Assign]     # state -> its `s' = ...`
     body: list                       # statements (Assign, Output, For) in order
+    loops: list = field(default_factory=list)   # top-level (For, count, operations per pass) as Dims
 
     @property
     def span(self) -> Span | None:
@@ -137,6 +140,11 @@ class Checker:
         self.neighbour_ok = False     # inside s.left / s.up / s.prev
         self.const_only: str | None = None   # why only constants are allowed here
         self.loop_depth = 0
+        self.values: dict[str, float] = {}    # dims and hyper-parameters whose defaults are known
+        self.folded: dict[int, object] = {}   # id(expr) -> its value, for constant expressions
+        self.folder = ConstFolder(self._lookup)
+        self.loops: list = []                 # top-level (For, count, operations per pass)
+        self.loop_costs: dict[int, Dim] = {}
 
     # ------------------------------------------------------------------ entry
     def run(self) -> CheckedCell:
@@ -162,7 +170,7 @@ class Checker:
         return CheckedCell(c, c.name, c.doc, self.dims, self.hypers, self.heads, self.over,
                            self.decls["input"], self.decls["param"], self.decls["state"],
                            self.decls["edge"], self.decls["pair"], self.locals, self.outputs,
-                           self.updates, self.body)
+                           self.updates, self.body, self.loops)
 
     def _finish(self):
         for name, var in self.decls["state"].items():
@@ -181,8 +189,9 @@ class Checker:
     def _cell_args(self, args: list[A.CellArg]):
         seen_default = None
         for a in args:
-            check_identifier(a.name, _word_span(a.span, a.name), "a dimension" if a.default is None
-                             else "a hyper-parameter")
+            what = "a dimension" if a.default is None else "a hyper-parameter"
+            check_identifier(a.name, _word_span(a.span, a.name), what)
+            check_api_name(a.name, _word_span(a.span, a.name), "dim")
             self._fresh(a.name, a.span)
             if a.default is None:
                 if seen_default is not None:
@@ -197,7 +206,15 @@ class Checker:
                 self.const_only = None
                 if ty.shape:
                     raise RecError(f"the default of {a.name} must be a scalar, not {ty}", a.default.span)
+                check_const_forms(a.default, "a hyper-parameter's default", arange=False)
                 is_int = isinstance(a.default, A.Num) and isinstance(a.default.value, int)
+                if is_int and not 1 <= a.default.value <= MAX_DIM:
+                    raise RecError(f"{a.name} has an integer default, so it is a dimension, and a dimension is "
+                                   f"between 1 and {MAX_DIM} (2**31 - 1), not {a.default.text}", a.default.span,
+                                   hint=f"for a number write a float, e.g. {a.name}={a.default.value}.0"
+                                   if a.default.value < 1 else "dimensions are sizes of tensors")
+                if id(a.default) in self.folded:
+                    self.values[a.name] = self.folded[id(a.default)]
                 var = Var(a.name, "dim" if is_int else "hyper", SCALAR, a.span, default=a.default)
                 self.hypers[a.name] = var
                 if is_int:
@@ -208,7 +225,10 @@ class Checker:
         if isinstance(item, A.Heads):
             if self.heads is not None:
                 raise RecError("a second 'heads' line", item.span)
-            self.static_dim(item.count, "the number of heads")
+            count = self.static_dim(item.count, "the number of heads")
+            if count.constant is not None and count.constant > MAX_DIM:
+                raise RecError(f"{count.constant} heads is more than the maximum {MAX_DIM} (2**31 - 1)",
+                               item.count.span)
             self.heads = item.count
         else:
             if item.kind not in OVER_KINDS:
@@ -229,15 +249,14 @@ class Checker:
             if v.name in BUILTINS:
                 raise RecError(f"'{v.name}' is a builtin function and cannot name {KIND_PHRASES[d.kind]}",
                                _word_span(v.span, v.name), hint=f"choose another name, e.g. {v.name}_")
-            if d.kind in ("input", "edge", "pair") and v.name in FORWARD_OPTIONS:
-                raise RecError(f"input {v.name} would share its name with an option of forward()",
-                               _word_span(v.span, v.name), hint=f"rename it, e.g. {v.name}_")
+            check_api_name(v.name, _word_span(v.span, v.name), d.kind)
             self._fresh(v.name, v.span)
             shape = tuple(self.static_dim(e, f"a dimension of {v.name}") for e in v.shape)
             for size, e in zip(shape, v.shape):
                 if size.sign in (0, -1):
                     raise RecError(f"a dimension of {v.name} is {size}; dimensions are positive", e.span,
                                    hint="write [] for a scalar")
+            check_size(shape, None, _word_span(v.span, v.name), f"{d.kind} {v.name}")
             var = Var(v.name, d.kind, Type(shape), v.span, decl=v)
             if v.on_edge and not (d.kind == "state" and self.over == "dag"):
                 raise RecError("only a state of a cell `over dag` can live `on edge`", v.span)
@@ -282,7 +301,9 @@ class Checker:
                 if ty.shape:
                     raise RecError(f"an argument of {init.dist}() must be a scalar, not {ty}",
                                    (a.value if isinstance(a, A.Keyword) else a).span)
+                check_const_forms(a.value if isinstance(a, A.Keyword) else a, "an initialiser", arange=False)
             self.const_only = None
+            check_distribution(init, self.folder)
             return
         value = init.value
         if kind == "state" and isinstance(value, A.Name) and value.id in self.decls["param"]:
@@ -291,6 +312,7 @@ class Checker:
             self.const_only = f"the initial value of {v.name}"
             ty = self.expr(value)
             self.const_only = None
+            check_const_forms(value, "an initialiser", arange=True)
         if broadcast(ty.shape, var.shape) != var.shape:
             raise RecError(f"the initial value {ty} does not broadcast to {v.name}'s shape {fmt_shape(var.shape)}",
                            value.span)
@@ -424,6 +446,14 @@ class Checker:
             self._stmt(inner)
         self.loop_depth -= 1
         del self.env[s.var]
+        # What it unrolls into, checked now where the count is a literal, else when the dims
+        # are known (recdsl.ir.lower), always before unrolling.
+        per = pass_cost(s, self.loop_costs)
+        self.loop_costs[id(s)] = count * per
+        check_unroll([(s, count, per)], None)
+        if not self.loop_depth:
+            self.loops.append((s, count, per))
+            check_unroll(self.loops, None)
 
     # ------------------------------------------------------------------ helpers
     def _fresh(self, name: str, span: Span):
@@ -477,7 +507,36 @@ class Checker:
         method = getattr(self, "_e_" + type(e).__name__)
         ty = method(e)
         e.ty = ty
+        self._fold(e, ty)
         return ty
+
+    def _fold(self, e: A.Expr, ty):
+        """Sizes known from literals within bounds; constants (literals, and dims and
+        hyper-parameters with defaults) folded, with a located error for one that is not a
+        finite real number (an overflow, a NaN, a domain error)."""
+        if isinstance(ty, Type) and ty.shape and not isinstance(e, (A.Name, A.Primed)):
+            check_size(ty.shape, None, e.span, "this value")
+        if isinstance(e, A.Call) and e.func == "arange":
+            if not self.const_only:
+                return  # a constant vector of the step: not folded (the runtime computes it)
+            fold = self.folder.value  # its bounds are dimension expressions, not typed by expr()
+        else:
+            fold = lambda x: self.folder.node(x, self._folded)  # noqa: E731
+        if isinstance(e, (A.Num, A.Name, A.UnaryOp, A.BinOp, A.Call)):
+            try:
+                self.folded[id(e)] = fold(e)
+            except NotConstant:
+                pass
+
+    def _folded(self, e: A.Expr):
+        if id(e) in self.folded:
+            return self.folded[id(e)]
+        raise NotConstant
+
+    def _lookup(self, name: str):
+        if name in self.values:
+            return self.values[name]
+        raise NotConstant
 
     def _e_Num(self, e: A.Num):
         return SCALAR
@@ -541,6 +600,8 @@ class Checker:
         return var.type
 
     def _name_hint(self, name: str) -> str:
+        if name.lower() in ("nan", "inf", "infinity"):
+            return "constants are finite numbers: there is no nan or inf; for a very large one write e.g. 1e30"
         close = difflib.get_close_matches(name, list(self.env) + list(BUILTINS), n=1, cutoff=0.6)
         if close:
             return f"did you mean {close[0]}?"
@@ -902,3 +963,398 @@ def check_identifier(name: str, span: Span | None, what: str) -> None:
     if name in LANGUAGE_KEYWORDS:
         raise RecError(f"'{name}' is a word of the .rec language and cannot name {what}", span,
                        hint=f"choose another name, e.g. {name}_")
+
+
+# --------------------------------------------------------------------------- limits
+
+MAX_DIM = 2**31 - 1          # a dimension's value (given at instantiation or as a default)
+MAX_NUMEL = 2**31 - 1        # the elements of one value of the step (per batch row and head)
+# What the `for` loops of a cell may unroll into, in all, in operations (about one IR node
+# each; RECDSL_MAX_UNROLL overrides it). Stdlib loops unroll into a few dozen (DeltaProduct
+# NH=2: 32, LTC L=6: 78); 4096 admits a 2000-step scalar chain (4000) and DeltaProduct up to
+# NH=256. Compile time grows faster than linearly with the step: a 4000-node chain plans in a
+# few seconds and builds in one; a 20000-node one takes ~15 s to plan and ~10 s to build.
+DEFAULT_MAX_UNROLL = 4096
+MAX_FOLD_LEN = 1 << 16       # constant vectors (arange) longer than this are not folded at check time
+
+
+def max_unroll() -> int:
+    """The bound on what `for` loops unroll into: RECDSL_MAX_UNROLL, else DEFAULT_MAX_UNROLL."""
+    text = os.environ.get("RECDSL_MAX_UNROLL", "").strip()
+    if not text:
+        return DEFAULT_MAX_UNROLL
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise RecError(f"RECDSL_MAX_UNROLL must be a positive integer, got {text!r}",
+                       hint=f"unset it for the default ({DEFAULT_MAX_UNROLL})")
+    return value
+
+
+# Operations a call lowers to (the normalisations are sugar for several); any other counts 1.
+_CALL_COST = {"l2norm": 5, "rmsnorm": 6, "layernorm": 10, "softmax": 5, "mean": 2, "norm": 3, "clamp": 2,
+              "diag": 3}
+_LEAVES = (A.Name, A.Num, A.Primed, A.NoneLit, A.ListExpr)
+
+
+def expr_cost(e: A.Node) -> int:
+    """About how many IR nodes an expression lowers to: one per operator, call (the
+    normalisations count what they expand to), index and attribute; leaves are free."""
+    total = 0
+    stack = [e]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, A.Call):
+            parts = n.args[1] if n.func == "split" and len(n.args) == 2 else None
+            total += parts.value if isinstance(parts, A.Num) and isinstance(parts.value, int) \
+                else _CALL_COST.get(n.func, 1)
+        elif isinstance(n, A.Expr) and not isinstance(n, _LEAVES) and not isinstance(n, (A.Slice, A.Keyword)):
+            total += 1
+        stack.extend(n.children())
+    return total
+
+
+def pass_cost(loop: A.For, costs: dict[int, Dim]) -> Dim:
+    """The operations of one pass of a `for` (at least 1): its body's, nested loops included
+    (what they unroll into, in `costs` by id of their For node)."""
+    per = Dim.const(0)
+    for s in loop.body:
+        if isinstance(s, A.For):
+            per = per + costs[id(s)]
+        else:
+            per = per + Dim.const(expr_cost(s.value))
+    return Dim.const(1) if per.constant == 0 else per
+
+
+def check_unroll(loops: list, values: dict[str, int] | None, limit: int | None = None) -> None:
+    """A located error at the first `for` of `loops` ((For, count, per-pass cost) each, as
+    Dims, top-level loops in source order) at which the operations unrolled so far pass the
+    limit. values: the dims (None at check time: only loops whose sizes are literals count)."""
+    limit = max_unroll() if limit is None else limit
+    total = 0
+    for loop, count, per in loops:
+        if values is None:
+            if count.constant is None or per.constant is None:
+                continue
+            c, p = count.constant, per.constant
+        else:
+            c, p = count.evaluate(values), per.evaluate(values)
+        total += c * p
+        if total > limit:
+            names = sorted((count.names | per.names) & set(values or {}))
+            given = f" with {', '.join(f'{d} = {values[d]}' for d in names)}" if names else ""
+            mine = f"this loop unrolls into {c * p} operations ({c} passes of {p}{given})" + \
+                (f", {total} with the loops before it" if total != c * p else "")
+            raise RecError(f"{mine}; the limit is {limit}", _word_span(loop.span, "for") or loop.span,
+                           hint="a `for` is unrolled at compile time, each pass into one operation per "
+                                "operator, call and index of its body: keep loops short (a few Householder "
+                                "or solver steps), or raise the limit with the environment variable "
+                                "RECDSL_MAX_UNROLL")
+
+
+def _names(e: A.Node) -> set[str]:
+    return {n.id for n in e.walk() if isinstance(n, A.Name)}
+
+
+def check_size(shape, values: dict[str, int] | None, span: Span | None, what: str) -> None:
+    """A located error when a value's shape is absurd: a dimension above MAX_DIM or more than
+    MAX_NUMEL elements. values: the dims (None: only constant dimensions are checked)."""
+    sizes = []
+    for d in shape:
+        v = d.constant if values is None else d.evaluate(values)
+        if v is None:
+            continue
+        if v > MAX_DIM:
+            raise RecError(f"{what} has a dimension of {v}" + (f" (= {d})" if d.names else "") +
+                           f", more than the maximum {MAX_DIM} (2**31 - 1)",
+                           span, hint="dimensions are sizes of tensors; check the value given")
+        sizes.append(v)
+    numel = math.prod(sizes)
+    if len(sizes) == len(shape) and numel > MAX_NUMEL:
+        shown = "[" + ", ".join(str(s) for s in sizes) + "]"
+        if any(d.names for d in shape):
+            shown = f"{fmt_shape(shape)} = {shown}"
+        raise RecError(f"{what} would have {numel} elements ({shown}), more than the "
+                       f"maximum {MAX_NUMEL} (2**31 - 1) per batch row", span,
+                       hint="a value of the step holds at most 2**31 - 1 elements (8 GiB in float32 per row)")
+
+
+# --------------------------------------------------------------------------- constant folding
+
+class NotConstant(Exception):
+    """(internal) The expression has no value here: a name not known yet, or a construct
+    that is not folded."""
+
+
+FOLD_BINOPS = ("+", "-", "*", "/", "**")
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def _softplus(x: float) -> float:
+    return x if x > 40 else math.log1p(math.exp(x))
+
+
+# name -> the function on one float; it raises OverflowError or ValueError (a domain error) as
+# math does, or returns an infinity (log of 0). _NUMPY_FUNCS: the same on arrays.
+_SCALAR_FUNCS = {
+    "exp": math.exp, "expm1": math.expm1, "sin": math.sin, "cos": math.cos, "tanh": math.tanh,
+    "abs": abs, "sigmoid": _sigmoid, "softplus": _softplus, "logsigmoid": lambda x: -_softplus(-x),
+    "relu": lambda x: max(x, 0.0), "silu": lambda x: x * _sigmoid(x), "sign": lambda x: float((x > 0) - (x < 0)),
+    "gelu": lambda x: 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0))),
+    "elu": lambda x: x if x > 0 else math.expm1(x),
+    "log": lambda x: -math.inf if x == 0 else math.log(x),
+    "log1p": lambda x: -math.inf if x == -1 else math.log1p(x),
+    "sqrt": math.sqrt,
+    "rsqrt": lambda x: math.inf if x == 0 else 1.0 / math.sqrt(x),
+}
+_NUMPY_FUNCS = {"exp": lambda np, x: np.exp(x), "log": lambda np, x: np.log(x), "sqrt": lambda np, x: np.sqrt(x),
+                "rsqrt": lambda np, x: 1.0 / np.sqrt(x), "sin": lambda np, x: np.sin(x),
+                "cos": lambda np, x: np.cos(x), "tanh": lambda np, x: np.tanh(x),
+                "sigmoid": lambda np, x: 1.0 / (1.0 + np.exp(-x)), "abs": lambda np, x: np.abs(x),
+                "log1p": lambda np, x: np.log1p(x), "expm1": lambda np, x: np.expm1(x)}
+_DOMAIN = {"log": "the log of a negative number", "log1p": "log1p of a number below -1",
+           "sqrt": "the square root of a negative number", "rsqrt": "rsqrt of a negative number"}
+_POLE = {"log": "the log of 0", "log1p": "log1p of -1", "rsqrt": "rsqrt of 0"}
+
+
+def span_text(sp: Span | None) -> str:
+    """The source text under a one-line span ('' if there is none)."""
+    if sp is not None and sp.source is not None and sp.end_line == sp.line:
+        return sp.source.line(sp.line)[sp.col - 1:sp.end_col - 1].strip()
+    return ""
+
+
+def _span_text(e: A.Node) -> str:
+    return span_text(e.span) or (_printer().expr(e) if isinstance(e, A.Expr) else "")
+
+
+class ConstFolder:
+    """Values of constant expressions (numbers, dimensions and hyper-parameters with known
+    values, + - * / **, elementwise math, arange) in float64, and a located RecError for a
+    constant that is not a finite real number: an overflow, a NaN, a domain error, a
+    division by zero. `lookup(name)` gives a name's value or raises NotConstant; `max_len`
+    bounds the arange vectors folded (longer ones raise NotConstant)."""
+
+    def __init__(self, lookup, max_len: int = MAX_FOLD_LEN):
+        self.lookup = lookup
+        self.max_len = max_len
+
+    def value(self, e: A.Expr):
+        """The value of e (a float, or a numpy array for arange): NotConstant if it has none."""
+        return self.node(e, self.value)
+
+    def node(self, e: A.Expr, arg):
+        """The value of e from its operands' values, arg(child) (which may raise NotConstant)."""
+        if isinstance(e, A.Num):
+            return self._num(e)
+        if isinstance(e, A.Name):
+            return self.lookup(e.id)
+        if isinstance(e, A.UnaryOp):
+            v = arg(e.operand)
+            return -v if e.op == "-" else v
+        if isinstance(e, A.BinOp) and e.op in FOLD_BINOPS:
+            a, b = arg(e.left), arg(e.right)
+            return self._binop(e, a, b)
+        if isinstance(e, A.Call) and not e.kwargs:
+            if e.func in _SCALAR_FUNCS and len(e.args) == 1:
+                return self._call(e, arg(e.args[0]))
+            if e.func == "arange" and 1 <= len(e.args) <= 2:
+                return self._arange(e, [arg(a) for a in e.args])
+        raise NotConstant
+
+    # --- leaves
+    def _num(self, e: A.Num) -> float:
+        try:
+            v = float(e.value)
+        except OverflowError:
+            v = math.inf
+        if math.isinf(v):
+            raise RecError(f"the number {e.text} is too large: it overflows to infinity", e.span,
+                           hint="numbers are 64-bit floats, at most about 1.8e308")
+        return v
+
+    def _arange(self, e: A.Call, bounds):
+        import numpy as np
+        if any(not isinstance(b, float) or not b.is_integer() for b in bounds):
+            raise NotConstant
+        lo, hi = (0, int(bounds[0])) if len(bounds) == 1 else (int(bounds[0]), int(bounds[1]))
+        if hi - lo > self.max_len:
+            raise NotConstant
+        return np.arange(lo, hi, dtype=np.float64)
+
+    # --- operations
+    def _binop(self, e: A.BinOp, a, b):
+        if isinstance(a, float) and isinstance(b, float):
+            r, kind, why = fold_scalar(e.op, a, b)
+            return self._fail(e, kind, why) if kind else r
+        import numpy as np
+        with np.errstate(all="ignore"):
+            r = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide, "**": np.power}[e.op](
+                np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
+        why = {"/": ("", "division by zero"),
+               "**": ("a negative number to a fractional power", "0 to a negative power")}
+        return self._finite(e, r, why.get(e.op, ("", "")))
+
+    def _call(self, e: A.Call, x):
+        if isinstance(x, float):
+            r, kind, why = fold_scalar(e.func, x)
+            return self._fail(e, kind, why) if kind else r
+        import numpy as np
+        with np.errstate(all="ignore"):
+            if e.func in _NUMPY_FUNCS:
+                r = _NUMPY_FUNCS[e.func](np, x)
+            else:
+                r = np.vectorize(lambda v: fold_scalar(e.func, float(v))[0], otypes=[np.float64])(x)
+        return self._finite(e, r, (_DOMAIN.get(e.func, ""), _POLE.get(e.func, "")))
+
+    def _finite(self, e: A.Expr, r, why: tuple[str, str]):
+        """r (an array) if every element is finite; why: the causes of a NaN and of an infinity."""
+        import numpy as np
+        if not np.all(np.isfinite(r)):
+            nan = bool(np.any(np.isnan(r)))
+            return self._fail(e, "nan" if nan else "inf", why[0] if nan else why[1])
+        return r
+
+    def _fail(self, e: A.Expr, kind: str, why: str):
+        known = []
+        for name in sorted(_names(e)):
+            try:
+                v = self.lookup(name)
+            except NotConstant:
+                continue
+            if isinstance(v, float):
+                known.append(f"{name} = {v:g}")
+        raise const_error(e.span, _span_text(e), kind, why, known)
+
+
+def fold_scalar(op: str, *args: float) -> tuple[float, str, str]:
+    """op (+ - * / ** max min, or an elementwise function's name) on floats, in float64:
+    (value, "", "") or, for a result that is not a finite real number, (nan or inf, kind,
+    why) with kind "nan" or "inf" and why the cause when it is not a plain overflow."""
+    try:
+        if op in _SCALAR_FUNCS:
+            (x,) = args
+            r = _SCALAR_FUNCS[op](x)
+            if math.isinf(r) and op in _POLE:
+                return r, "inf", _POLE[op]
+        else:
+            a, b = args
+            if op == "/" and b == 0:
+                return math.inf, "inf", "division by zero"
+            if op == "**" and a == 0 and b < 0:
+                return math.inf, "inf", "0 to a negative power"
+            r = _BINARY_FUNCS[op](a, b)
+            if isinstance(r, complex):
+                return math.nan, "nan", "a negative number to a fractional power"
+    except OverflowError:
+        return math.inf, "inf", ""
+    except ValueError:
+        return math.nan, "nan", _DOMAIN.get(op, "")
+    r = float(r)
+    if math.isnan(r):
+        return r, "nan", _DOMAIN.get(op, "")
+    if math.isinf(r):
+        return r, "inf", ""
+    return r, "", ""
+
+
+_BINARY_FUNCS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+                 "/": lambda a, b: a / b, "**": lambda a, b: a ** b, "max": max, "min": min}
+
+
+def const_error(span: Span | None, text: str, kind: str, why: str, known: list[str] | None = None) -> RecError:
+    """The error for a constant `text` that folds to NaN (kind "nan") or an infinity."""
+    subject = (f"the constant {text}" if text else "this constant") + \
+        (f" (with {', '.join(known)})" if known else "")
+    if kind == "nan":
+        return RecError(f"{subject} is not a real number" + (f": {why}" if why else ""), span,
+                        hint="sqrt and log need arguments >= 0 (log > 0), fractional powers a base >= 0")
+    if why:
+        return RecError(f"{subject} is infinite: {why}", span,
+                        hint="constants must be finite numbers; for a very large one write e.g. 1e30")
+    return RecError(f"{subject} overflows to infinity", span,
+                    hint="constants are 64-bit floats, at most about 1.8e308: use a smaller value")
+
+
+def check_distribution(init: A.RandomInit, folder: ConstFolder) -> None:
+    """A located error for a normal(mean, std) with std < 0 or a uniform(low, high) with
+    low > high (when their values are known)."""
+    names = DISTRIBUTIONS[init.dist]
+    args = dict(zip(names, [a for a in init.args if not isinstance(a, A.Keyword)]))
+    args.update({a.name: a.value for a in init.args if isinstance(a, A.Keyword)})
+    vals = {}
+    for n, e in args.items():
+        try:
+            v = folder.value(e)
+        except NotConstant:
+            continue
+        if isinstance(v, float):
+            vals[n] = v
+    if init.dist == "normal" and "std" in vals and vals["std"] < 0:
+        raise RecError(f"normal(mean, std) needs std >= 0, got {vals['std']:g}", args["std"].span,
+                       hint="std is the standard deviation of the draw: a number >= 0")
+    if init.dist == "uniform" and "low" in vals and "high" in vals and vals["low"] > vals["high"]:
+        raise RecError(f"uniform(low, high) needs low <= high, got {vals['low']:g} > {vals['high']:g}",
+                       _word_span(init.span, init.dist),
+                       hint="write the smaller bound first: uniform(low, high) draws from [low, high)")
+
+
+# --------------------------------------------------------------------------- names of the module API
+
+def check_api_name(name: str, span: Span | None, kind: str) -> None:
+    """Names that would collide with the compiled module's Python API: `self` anywhere;
+    dims and hyper-parameters are keyword arguments of spec(...), inputs of forward(...)
+    and step(...), params attributes of a torch.nn.Module."""
+    what = {"dim": "a dimension or hyper-parameter"}.get(kind) or KIND_PHRASES[kind]
+    if name == "self":
+        raise RecError(f"'self' cannot name {what}: the compiled module is a Python object and `self` is "
+                       "its own name in every method", span, hint="rename it, e.g. self_")
+    if kind == "dim" and name in SPEC_OPTIONS:
+        raise RecError(f"'{name}' cannot name {what}: dimensions and hyper-parameters are given as keyword "
+                       f"arguments of spec(...), and `{name}=` is an option of spec(...) itself", span,
+                       hint=f"rename it, e.g. {name}_ (spec(...) takes {', '.join(o + '=' for o in SPEC_OPTIONS)} "
+                            "and the dimensions)")
+    if kind in ("input", "edge", "pair") and name in FORWARD_OPTIONS:
+        raise RecError(f"input {name} would share its name with an option of forward(): inputs are given as "
+                       f"keyword arguments of forward(...) and step(...), which take `{name}=` themselves", span,
+                       hint=f"rename it, e.g. {name}_")
+    if kind == "param" and name in MODULE_API:
+        api = "recdsl's layer" if name in LAYER_API else "torch.nn.Module"
+        raise RecError(f"param {name} would collide with the module's own attribute `{name}`: params become "
+                       "attributes of the compiled module (a torch.nn.Module)", span,
+                       hint=f"rename it, e.g. {name}_ (`{name}` is an attribute of {api})")
+
+
+def check_const_forms(e: A.Expr, what: str, arange: bool) -> None:
+    """A constant expression the runtime can evaluate: numbers, names (dims, hyper-parameters),
+    + - * / **, the functions of INIT_FUNCS and, where `arange`, arange(...)."""
+    funcs = INIT_FUNCS + (("arange",) if arange else ())
+    stack = [e]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (A.Num, A.Name)):
+            continue
+        if isinstance(n, A.UnaryOp):
+            stack.append(n.operand)
+            continue
+        if isinstance(n, A.BinOp) and n.op in FOLD_BINOPS:
+            stack += [n.left, n.right]
+            continue
+        if isinstance(n, A.Call) and n.func in funcs and not n.kwargs:
+            stack += n.args
+            continue
+        if isinstance(n, A.Call):
+            word = _word_span(n.span, n.func)
+            raise RecError(f"{n.func}(...) is not available in {what}", word,
+                           hint=f"{what} may call {', '.join(funcs)}")
+        raise RecError(f"{what} is a constant expression: numbers, dimensions, hyper-parameters, "
+                       f"+ - * / ** and {', '.join(funcs[:-1])} or {funcs[-1]}; not this", n.span,
+                       hint="compute anything else in the step, from the constant")

@@ -13,11 +13,13 @@ must be known); shapes stay symbolic (`Dim`) so that dumps read like the source.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from . import ast as A
-from .checker import CheckedCell
+from .checker import (MAX_DIM, MAX_FOLD_LEN, CheckedCell, ConstFolder, NotConstant, _word_span, check_distribution,
+                      check_size, check_unroll, const_error, fold_scalar, span_text)
 from .errors import RecError, Span
 from .types import Dim, ONE, broadcast
 
@@ -138,7 +140,9 @@ def toposort(roots: list[Node]) -> list[Node]:
 # --------------------------------------------------------------------------- dims
 
 def bind_dims(cell: CheckedCell, given: dict[str, int] | None) -> tuple[dict[str, int], dict[str, float]]:
-    """Values for every dimension and hyper-parameter: given ones, else defaults."""
+    """Values for every dimension and hyper-parameter: given ones, else defaults. A located
+    error (at the parameter in the cell line) for a value that is not a positive integer up
+    to MAX_DIM (dimensions) or a finite number (hyper-parameters)."""
     given = dict(given or {})
     values: dict[str, float] = {}
     unknown = [k for k in given if k not in cell.dims and k not in cell.hypers]
@@ -151,50 +155,88 @@ def bind_dims(cell: CheckedCell, given: dict[str, int] | None) -> tuple[dict[str
             v = given[name]
             if var.kind == "dim":
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise RecError(f"dimension {name} must be a positive integer, got {v!r}", cell.span)
-            elif not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise RecError(f"hyper-parameter {name} must be a number, got {v!r}", cell.span)
+                    raise RecError(f"dimension {name} must be a positive integer, got {_short(v)}", var.span)
+                if v > MAX_DIM:
+                    raise RecError(f"dimension {name} = {_short(v)} is more than the maximum {MAX_DIM} (2**31 - 1)",
+                                   var.span, hint="dimensions are sizes of tensors; check the value given")
+            else:
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise RecError(f"hyper-parameter {name} must be a number, got {_short(v)}", var.span)
+                try:
+                    f = float(v)
+                except OverflowError:
+                    f = math.inf
+                if not math.isfinite(f):
+                    raise RecError(f"hyper-parameter {name} must be a finite number, got {_short(v)}", var.span,
+                                   hint="numbers are 64-bit floats, at most about 1.8e308")
+                v = f
             values[name] = v
         elif var.default is not None:
-            values[name] = _const_value(var.default, values)
+            d = var.default
+            values[name] = d.value if var.kind == "dim" and isinstance(d, A.Num) else _const_value(d, values)
         else:
             raise RecError(f"cell {cell.name} needs a value for dimension {name}", cell.span,
                            hint=f"e.g. spec({', '.join(f'{d}=16' for d in cell.dims if cell.dims[d].default is None)})")
     dims = {k: int(v) for k, v in values.items() if k in cell.dims}
     for k in dims:
         if values[k] != dims[k]:
-            raise RecError(f"dimension {k} must be an integer, got {values[k]}", cell.span)
+            raise RecError(f"dimension {k} must be an integer, got {values[k]}", cell.dims[k].span)
     return dims, values
 
 
+def _short(v) -> str:
+    """repr(v), with the middle of a very long one (an integer of hundreds of digits) left out."""
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
+
+
 def _const_value(e: A.Expr, values: dict[str, float]) -> float:
-    """Evaluate a constant expression of literals and dimension/hyper values (no eval)."""
-    import math
-    if isinstance(e, A.Num):
-        return e.value
-    if isinstance(e, A.Name):
-        return values[e.id]
-    if isinstance(e, A.UnaryOp):
-        v = _const_value(e.operand, values)
-        return -v if e.op == "-" else v
-    if isinstance(e, A.BinOp) and e.op in _CONST_BINOPS:
-        a, b = _const_value(e.left, values), _const_value(e.right, values)
-        if e.op == "/" and b == 0:
-            raise RecError("division by zero in a constant", e.span)
-        return _CONST_BINOPS[e.op](a, b)
-    if isinstance(e, A.Call) and e.func in _SCALAR_FUNCS and len(e.args) == 1:
-        return _SCALAR_FUNCS[e.func](math, _const_value(e.args[0], values))
-    return _bad_const(e)
+    """Evaluate a constant expression of literals and dimension/hyper values (no eval): a
+    located error for one that is not a finite real number, or not a constant."""
+    def lookup(name):
+        if name not in values:
+            raise RecError(f"{name} has no value here", e.span, hint=f"give {name}= when instantiating the cell")
+        return float(values[name])
+    try:
+        return ConstFolder(lookup, max_len=0).value(e)
+    except NotConstant:
+        return _bad_const(e)
 
 
 def _bad_const(e):
     raise RecError("this default must be a constant expression of numbers and dimensions", e.span)
 
 
-_CONST_BINOPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-                 "/": lambda a, b: a / b, "**": lambda a, b: a ** b}
-_SCALAR_FUNCS = {"sqrt": lambda m, x: m.sqrt(x), "exp": lambda m, x: m.exp(x), "log": lambda m, x: m.log(x),
-                 "abs": lambda m, x: abs(x), "rsqrt": lambda m, x: 1 / m.sqrt(x)}
+def check_instance(cell: CheckedCell, dims: dict[str, int], values: dict[str, float]) -> None:
+    """Before anything is built for these dims: every declared value's size within bounds,
+    the `for` loops within RECDSL_MAX_UNROLL, every initialiser a finite real number and the
+    distributions' arguments valid (std >= 0, low <= high). Located errors."""
+    for kind, group in (("input", cell.inputs), ("edge", cell.edges), ("pair", cell.pairs), ("param", cell.params),
+                        ("state", cell.states)):
+        for name, var in group.items():
+            check_size(var.shape, dims, _word_span(var.span, name), f"{kind} {name}")
+    check_unroll(cell.loops, dims)
+
+    def lookup(name):
+        if name in values:
+            return float(values[name])
+        raise NotConstant
+    folder = ConstFolder(lookup, max_len=MAX_FOLD_LEN * 16)
+    for var in list(cell.params.values()) + list(cell.states.values()):
+        init = var.decl.init
+        if isinstance(init, A.RandomInit):
+            for a in init.args:
+                _try_fold(folder, a.value if isinstance(a, A.Keyword) else a)
+            check_distribution(init, folder)
+        elif init is not None and not (isinstance(init.value, A.Name) and init.value.id in cell.params):
+            _try_fold(folder, init.value)
+
+
+def _try_fold(folder: ConstFolder, e: A.Expr) -> None:
+    try:
+        folder.value(e)
+    except NotConstant:  # a vector too long to fold here: the runtime computes it
+        pass
 
 
 # --------------------------------------------------------------------------- lowering
@@ -208,6 +250,7 @@ CMP_OPS = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": 
 def lower(cell: CheckedCell, dims: dict[str, int] | None = None) -> IRCell:
     """Checked cell + dimension values -> IRCell."""
     dim_values, values = bind_dims(cell, dims)
+    check_instance(cell, dim_values, values)
     return _Lowerer(cell, dim_values, values).run()
 
 
@@ -219,6 +262,7 @@ class _Lowerer:
         self.neighbours: dict[tuple[str, str], Node] = {}
         self.in_sum_in = False
         self.span: Span | None = None
+        self.cur: A.Expr | None = None     # the expression being lowered (self.span is its span)
         self.memo: dict = {}
 
     def node(self, op: Op, srcs, shape, arg=None, is_bool=False) -> Node:
@@ -228,12 +272,24 @@ class _Lowerer:
         hit = self.memo.get(key)
         if hit is not None:
             return hit
+        if shape:
+            check_size(shape, self.dims, self.span, "this value")
         n = Node(op, tuple(srcs), tuple(shape), arg, self.span, None, is_bool)
         self.memo[key] = n
         return n
 
     def const(self, value: float) -> Node:
         return self.node(Op.CONST, (), (), float(value))
+
+    def fold(self, op: str, *args: float) -> Node:
+        """A folded scalar constant; a located error when it is not a finite real number."""
+        v, kind, why = fold_scalar(op, *args)
+        if kind:
+            e = self.cur
+            known = [f"{n.id} = {self.values[n.id]:g}" for n in (e.walk() if e is not None else ())
+                     if isinstance(n, A.Name) and n.id in self.values]
+            raise const_error(self.span, span_text(self.span), kind, why, list(dict.fromkeys(known)))
+        return self.const(v)
 
 
     def run(self) -> IRCell:
@@ -291,11 +347,11 @@ class _Lowerer:
 
     # --- expressions
     def expr(self, e: A.Expr):
-        old, self.span = self.span, e.span
+        old, self.span, old_e, self.cur = self.span, e.span, self.cur, e
         try:
             return getattr(self, "_" + type(e).__name__)(e)
         finally:
-            self.span = old
+            self.span, self.cur = old, old_e
 
     def _Num(self, e):
         return self.const(e.value)
@@ -342,7 +398,7 @@ class _Lowerer:
 
     def binary(self, op: Op, a: Node, b: Node) -> Node:
         if a.op == Op.CONST and b.op == Op.CONST and not a.shape and not b.shape and op in _FOLD:
-            return self.const(_FOLD[op](a.arg, b.arg))
+            return self.fold(_FOLD[op], a.arg, b.arg)
         return self.node(op, [a, b], broadcast(a.shape, b.shape), is_bool=op in COMPARE)
 
     def matmul(self, a: Node, b: Node) -> Node:
@@ -383,8 +439,7 @@ class _Lowerer:
         if f in UNARY_OPS:
             x = self.expr(e.args[0])
             if x.op == Op.CONST and not x.shape and f in ("exp", "log", "sqrt", "abs", "rsqrt"):
-                import math
-                return self.const(_SCALAR_FUNCS[f](math, x.arg))
+                return self.fold(f, x.arg)
             return self.node(UNARY_OPS[f], [x], x.shape)
         method = getattr(self, "_call_" + f)
         return method(e, *[self.expr(a) for a in e.args] if f != "sum_in" else [])
@@ -505,11 +560,11 @@ class _Lowerer:
         return None  # only reshape's shape argument; read from the AST there
 
     def _call_arange(self, e, *bounds):
-        import numpy as np
         vals = [int(b.arg) for b in bounds]
         lo, hi = (0, vals[0]) if len(vals) == 1 else vals
         d = e.ty.shape[0]
-        return self.node(Op.CONST, [], (d,), tuple(float(v) for v in np.arange(lo, hi)))
+        check_size((d,), self.dims, e.span, "this value")  # before the tuple of its values is built
+        return self.node(Op.CONST, [], (d,), tuple(float(v) for v in range(lo, hi)))
 
     def _call_sum_in(self, e):
         self.in_sum_in = True
@@ -528,8 +583,7 @@ def _arg_key(arg):
     return arg
 
 
-_FOLD = {Op.MAX: max, Op.MIN: min, Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
-         Op.DIV: lambda a, b: a / b if b != 0 else float("inf"), Op.POW: lambda a, b: a ** b}
+_FOLD = {Op.MAX: "max", Op.MIN: "min", Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.POW: "**"}
 
 
 # --------------------------------------------------------------------------- dump

@@ -62,9 +62,10 @@ class CellSpec:
         out.update({k: v for k, v in given.items() if k not in out})
         return out
 
-    def plan(self, trace: dict | None = None, **dims):
+    def plan(self, trace: dict | None = None, /, **dims):
         """Analyse the cell (for these dims, else analysis dims) and select per backend ->
-        the Plan (what `recdsl check` prints; the same pipeline builds modules)."""
+        the Plan (what `recdsl check` prints; the same pipeline builds modules). `trace` is
+        positional only, so that a dimension may be called trace."""
         from .pipeline import plan_cell
         return plan_cell(self.lower(**self.analysis_dims(**dims)), trace=trace)
 

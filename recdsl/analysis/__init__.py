@@ -217,8 +217,8 @@ def _verify_diagonal(ir, state, update, a, b) -> list[str]:
         B = to_sympy(b, {}, True) if b is not None else 0
         ok = is_zero(U - (A * sym + B))
         out.append(f"{state.arg[0]}' - (a*{state.arg[0]} + b) == 0 " + ("(sympy)" if ok else "FAILED (sympy)"))
-    except NotElementwise as e:
-        out.append(f"symbolic check skipped ({e} is not elementwise)")
+    except (NotElementwise, RecursionError) as e:
+        out.append(f"symbolic check skipped ({e if isinstance(e, NotElementwise) else 'too deep for sympy'})")
     err = _numeric(ir, [update], [a, b], lambda u, ab, S: lift(ab[0], state.rank) * S[state.id] + lift(ab[1], state.rank), [state])
     out.append(f"float64 spot check max err {err:.1e}")
     return out
@@ -263,8 +263,8 @@ def _semiring_plan(ir, plan, an, s, sr, verify):
             ok = U == form or is_zero(U - form)
             checks.append(f"{s}' == {'max' if kind == 'maxplus' else 'logaddexp'}({s} + a, b) "
                           + ("(sympy)" if ok else "not proven symbolically"))
-        except NotElementwise as e:  # pragma: no cover
-            checks.append(f"symbolic check skipped ({e})")
+        except (NotElementwise, RecursionError) as e:
+            checks.append(f"symbolic check skipped ({e if isinstance(e, NotElementwise) else 'too deep for sympy'})")
         fn = (lambda u, ab, S: torch.maximum(S[state.id] + lift(ab[0], state.rank), lift(ab[1], state.rank))) if kind == "maxplus" else \
             (lambda u, ab, S: torch.logaddexp(S[state.id] + lift(ab[0], state.rank), lift(ab[1], state.rank)))
         if b is not None:
@@ -287,9 +287,10 @@ def _lowrank_plan(ir, plan, s, a, low, offset, verify, leaves, updates):
     us = {t.u.id for t in low}
     rank = len(us)
     gate = {"identity": "ungated", "scalar": "gated (scalar decay)", "vector": "diagonal decay (on keys)"}[kind]
+    shown = low[:_MAX_SHOWN]  # an unrolled loop can make hundreds
     coeffs = {"decay": show(a, "1"),
               "updates": "; ".join(f"{show(t.scale, '1')} * outer({node_text(t.u)}, {node_text(t.w)} @ {s})"
-                                   for t in low),
+                                   for t in shown) + (f"; ... ({len(low)} in all)" if len(low) > len(shown) else ""),
               "b": show(offset)}
     checks = []
     if verify:
@@ -300,6 +301,9 @@ def _lowrank_plan(ir, plan, s, a, low, offset, verify, leaves, updates):
     return plan(P.LOW_RANK, f"rank {rank}, {gate}", f"{s}' = decay * {s} + sum of rank-1 updates "
                 f"outer(u, w @ {s}) plus free terms", coefficients=coeffs, checks=checks, rank=rank, decay=kind,
                 nodes={"decay": a, "terms": low, "b": offset})
+
+
+_MAX_SHOWN = 8  # rank-1 terms printed in a plan's coefficients
 
 
 def _lowrank_numeric(ir, state, a, low, offset) -> float:

@@ -13,12 +13,15 @@ Three small domains, each a function from IR node to an abstract value, memoised
   outer(u, scale ⊙ w@S) is a rank-1 update, sums concatenate terms, free factors scale.
 - `mixing`: for nonlinear stages, whether output element i depends only on element i of
   the states (ELEM: diagonal / block-diagonal Jacobian) or on others (DENSE).
-Scales and offsets are IR nodes built on the fly (never executed by the analysis itself)."""
+Scales and offsets are IR nodes built on the fly (never executed by the analysis itself).
+
+Every domain is computed bottom-up over a topological order (sources first), never by
+recursion: an unrolled `for` makes chains thousands of nodes long."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir import BINARY, COMPARE, ELEMENTWISE, UNARY, Node, Op
+from ..ir import BINARY, COMPARE, ELEMENTWISE, UNARY, Node, Op, toposort
 from ..types import ONE, broadcast
 
 FREE, AFFINE, NONLINEAR = 0, 1, 2
@@ -107,16 +110,24 @@ class StageAnalysis:
             return (self.stop[n.id].name or f"%{n.id}", "new")
         return tuple(n.arg) if isinstance(n.arg, tuple) else (str(n.arg), "prev")
 
+    def _is_var(self, n: Node) -> bool:
+        return n.id in self.vars or n.id in self.stop
+
     # ------------------------------------------------------------------ degree
     def degree(self, n: Node) -> int:
-        if n.id in self._deg:
-            return self._deg[n.id]
+        if n.id not in self._deg:
+            for x in _todo(n, self._deg, self._is_var):
+                self._deg[x.id] = self._degree(x)
+        return self._deg[n.id]
+
+    def _degree(self, n: Node) -> int:
+        """n's degree from its sources' (already known)."""
         if n.id in self.vars or n.id in self.stop:
             d = AFFINE
         elif not n.srcs:
             d = FREE
         else:
-            ds = [self.degree(s) for s in n.srcs]
+            ds = [self._deg[s.id] for s in n.srcs]
             op = n.op
             if max(ds) == FREE:
                 d = FREE
@@ -131,7 +142,6 @@ class StageAnalysis:
                 d = NONLINEAR if ds[0] != FREE else max(ds[1], ds[2])
             else:
                 d = NONLINEAR
-        self._deg[n.id] = d
         return d
 
     def is_free(self, n: Node) -> bool:
@@ -140,11 +150,13 @@ class StageAnalysis:
     # ------------------------------------------------------------------ affine form
     def form(self, n: Node) -> Affine:
         """The affine form of a node of degree <= 1."""
-        if n.id in self._form:
-            return self._form[n.id]
-        f = self._form_uncached(n)
-        self._form[n.id] = f
-        return f
+        if n.id not in self._form:
+            if self.degree(n) == NONLINEAR:
+                raise ValueError("affine_form of a nonlinear node")
+            # sources first: _form_uncached finds theirs memoised
+            for x in _todo(n, self._form, lambda x: self._is_var(x) or self.is_free(x)):
+                self._form[x.id] = self._form_uncached(x)
+        return self._form[n.id]
 
     def _form_uncached(self, n: Node) -> Affine:
         deg = self.degree(n)
@@ -160,7 +172,7 @@ class StageAnalysis:
             if op == Op.SUB:
                 b = Affine([t.scaled(const(-1.0)) for t in b.terms],
                            None if b.offset is None else _mk(Op.NEG, [b.offset]), b.offset_known)
-            terms = [self._broadcast_term(t, n) for t in a.terms + b.terms]
+            terms = _bounded([self._broadcast_term(t, n) for t in a.terms + b.terms])
             return Affine(terms, add(a.offset, b.offset), a.offset_known and b.offset_known)
         if op == Op.NEG:
             a = self.form(s[0])
@@ -178,8 +190,8 @@ class StageAnalysis:
             on = _mk(Op.WHERE, [s[0], const(1.0), const(0.0)], s[0].shape)
             off = _mk(Op.WHERE, [s[0], const(0.0), const(1.0)], s[0].shape)
             fx, fy = self.form(s[1]), self.form(s[2])
-            terms = [self._broadcast_term(t.scaled(on), n) for t in fx.terms] + \
-                    [self._broadcast_term(t.scaled(off), n) for t in fy.terms]
+            terms = _bounded([self._broadcast_term(t.scaled(on), n) for t in fx.terms] +
+                             [self._broadcast_term(t.scaled(off), n) for t in fy.terms])
             offset = None
             if fx.offset is not None or fy.offset is not None:
                 offset = _mk(Op.WHERE, [s[0], fx.offset or const(0.0), fy.offset or const(0.0)], n.shape)
@@ -199,7 +211,7 @@ class StageAnalysis:
         for src in s:
             if self.degree(src) == AFFINE:
                 terms += [Term("dense", t.state, why=_describe(n)) for t in self.form(src).terms]
-        return Affine(terms, None, False)
+        return Affine(_bounded(terms), None, False)
 
     def _broadcast_term(self, t: Term, n: Node) -> Term:
         """A diag term whose state is broadcast to a bigger shape is no longer diagonal."""
@@ -237,6 +249,12 @@ class StageAnalysis:
     def semiring(self, n: Node, state_key) -> tuple[str | None, Node | None, Node | None] | None:
         """n == max(s + a, b) (max-plus) or logaddexp(s + a, b): (kind, a, b); a None means
         the state does not appear (a = -inf), b None means no free branch (b = -inf)."""
+        memo: dict = {}
+        for x in toposort([n]):  # sources first
+            memo[x.id] = self._semiring(x, state_key, memo)
+        return memo[n.id]
+
+    def _semiring(self, n: Node, state_key, memo: dict):
         if self.is_free(n):
             return (None, None, n)
         if n.id in self.vars and self.key(n) == state_key:
@@ -247,7 +265,7 @@ class StageAnalysis:
             x, f = (s[0], s[1]) if not self.is_free(s[0]) else (s[1], s[0])
             if not self.is_free(f) or (op == Op.SUB and x is s[1]):
                 return None
-            r = self.semiring(x, state_key)
+            r = memo[x.id]
             if r is None:
                 return None
             kind, a, b = r
@@ -255,7 +273,7 @@ class StageAnalysis:
             return (kind, None if a is None else add(a, g), None if b is None else add(b, g))
         if op in (Op.MAX, Op.LOGADDEXP) and n.shape == state_shape:
             kind = "maxplus" if op == Op.MAX else "logsumexp"
-            r1, r2 = self.semiring(s[0], state_key), self.semiring(s[1], state_key)
+            r1, r2 = memo[s[0].id], memo[s[1].id]
             if r1 is None or r2 is None or (r1[0] not in (None, kind)) or (r2[0] not in (None, kind)):
                 return None
             a = _join(op, r1[1], r2[1])
@@ -266,14 +284,18 @@ class StageAnalysis:
     # ------------------------------------------------------------------ mixing (Jacobian)
     def mixing(self, n: Node) -> str:
         """NONE, ELEM (element i depends on element i of the states only) or DENSE."""
-        if n.id in self._mix:
-            return self._mix[n.id]
+        if n.id not in self._mix:
+            for x in _todo(n, self._mix, lambda x: self._is_var(x) or self.is_free(x) or x.op not in ELEMENTWISE):
+                self._mix[x.id] = self._mixing(x)
+        return self._mix[n.id]
+
+    def _mixing(self, n: Node) -> str:
         if n.id in self.vars:
             m = "ELEM"
         elif self.is_free(n):
             m = "NONE"
         elif n.op in ELEMENTWISE:
-            ms = [self.mixing(s) for s in n.srcs]
+            ms = [self._mix[s.id] for s in n.srcs]
             if "DENSE" in ms:
                 m = "DENSE"
             elif any(mm == "ELEM" and s.shape != n.shape for mm, s in zip(ms, n.srcs)):
@@ -282,7 +304,6 @@ class StageAnalysis:
                 m = "ELEM"
         else:
             m = "DENSE"
-        self._mix[n.id] = m
         return m
 
     def first_dense(self, n: Node) -> Node | None:
@@ -292,6 +313,74 @@ class StageAnalysis:
             if self.mixing(x) == "DENSE" and all(self.mixing(s) != "DENSE" for s in x.srcs):
                 return x
         return None
+
+
+# An affine form keeps one term per way a state reaches the value; where a state is read
+# through several paths (an unrolled loop reads its accumulator twice a pass: DeltaProduct's
+# `acc - beta * outer(k, k @ acc)`) their number doubles with every pass. Past MAX_TERMS,
+# terms of the same kind, state and left vector merge (scalar scales fold into w); past
+# MAX_TERMS_HARD what is left becomes one dense term per state (always sound).
+MAX_TERMS = 16
+MAX_TERMS_HARD = 1024
+
+
+def _bounded(terms: list[Term]) -> list[Term]:
+    if len(terms) <= MAX_TERMS:
+        return terms
+    out: list[Term] = []
+    at: dict = {}
+    for i, t in enumerate(terms):
+        scalar = t.scale is None or t.scale.rank == 0
+        if t.kind == "dense":
+            key = ("dense", t.state)
+        elif t.kind == "diag":
+            key = ("diag", t.state)
+        elif t.kind in ("contract", "lowrank") and scalar:
+            key = (t.kind, t.state, t.u.id if t.u is not None else None, t.w.shape)
+        else:
+            key = ("keep", i)
+        if key in at:
+            out[at[key]] = _merge(out[at[key]], t)
+        else:
+            at[key] = len(out)
+            out.append(t)
+    if len(out) > MAX_TERMS_HARD:
+        why = f"an affine form of more than {MAX_TERMS_HARD} terms"
+        states = list(dict.fromkeys(t.state for t in out))
+        return [Term("dense", st, why=why) for st in states]
+    return out
+
+
+def _merge(a: Term, b: Term) -> Term:
+    """One term for a + b (same kind, state and, for rank-1 terms, left vector)."""
+    if a.kind == "dense":
+        return a
+    if a.kind == "diag":
+        return Term("diag", a.state, add(a.scale or const(1.0), b.scale or const(1.0)))
+
+    def w(t: Term) -> Node:
+        return t.w if t.scale is None else _mk(Op.MUL, [t.w, t.scale], t.w.shape)
+    return Term(a.kind, a.state, None, u=a.u, w=_mk(Op.ADD, [w(a), w(b)], a.w.shape))
+
+
+def _todo(n: Node, memo: dict, leaf=lambda x: False) -> list[Node]:
+    """n and what it depends on that memo lacks, sources first (a stack, not recursion);
+    the sources of a node for which leaf(node) holds are not needed."""
+    order: list[Node] = []
+    seen: set[int] = set()
+    stack = [(n, False)]
+    while stack:
+        x, done = stack.pop()
+        if done:
+            order.append(x)
+            continue
+        if x.id in seen or x.id in memo:
+            continue
+        seen.add(x.id)
+        stack.append((x, True))
+        if not leaf(x):
+            stack.extend((s, False) for s in reversed(x.srcs) if s.id not in memo and s.id not in seen)
+    return order
 
 
 def _column(c: Node) -> Node:

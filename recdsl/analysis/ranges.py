@@ -580,12 +580,14 @@ _LOG_RULES = {
 
 def _line(a: Node) -> str:
     """' (line N)' of the nearest node with a span (breadth-first from a), else ''."""
-    queue = deque([a])
+    queue, seen = deque([a]), {a.id}
     while queue:
         n = queue.popleft()
         if n.span is not None:
             return f" (line {n.span.line})"
-        queue.extend(n.srcs)
+        fresh = [s for s in n.srcs if s.id not in seen]
+        seen.update(s.id for s in fresh)
+        queue.extend(fresh)
     return ""
 
 

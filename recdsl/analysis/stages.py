@@ -64,20 +64,24 @@ def reassociate(ir: IRCell) -> tuple[IRCell, int]:
         for s in n.srcs:
             consumers[s.id] = consumers.get(s.id, 0) + 1
 
-    def flatten(n: Node, sign: float, out: list, root: bool = False):
-        # Look through the sums below the root whose values nothing else uses.
-        if n.op in (Op.ADD, Op.SUB) and (root or (consumers.get(n.id, 0) <= 1 and n.name is None)):
-            flatten(n.srcs[0], sign, out)
-            flatten(n.srcs[1], sign if n.op == Op.ADD else -sign, out)
-        else:
-            out.append((sign, n))
+    def flatten(root: Node, out: list):
+        # Look through the sums below the root whose values nothing else uses (left to right,
+        # with a stack: a sum can be thousands of terms long).
+        stack = [(root, 1.0, True)]
+        while stack:
+            n, sign, is_root = stack.pop()
+            if n.op in (Op.ADD, Op.SUB) and (is_root or (consumers.get(n.id, 0) <= 1 and n.name is None)):
+                stack.append((n.srcs[1], sign if n.op == Op.ADD else -sign, False))
+                stack.append((n.srcs[0], sign, False))
+            else:
+                out.append((sign, n))
 
     for n in ir.nodes():
         srcs = tuple(new.get(s.id, s) for s in n.srcs)
         node = n if srcs == n.srcs else Node(n.op, srcs, n.shape, n.arg, n.span, n.name, n.is_bool)
         if n.op in (Op.ADD, Op.SUB) and reads[n.id]:
             terms: list = []
-            flatten(node, 1.0, terms, root=True)
+            flatten(node, terms)
             terms = [(sg, new.get(t.id, t)) for sg, t in terms]
             reads_of = lambda t: reads.get(t.id, frozenset()) or _reads_new(t, reads)  # noqa: E731
             free = [(sg, t) for sg, t in terms if not reads_of(t)]
@@ -97,13 +101,26 @@ def reassociate(ir: IRCell) -> tuple[IRCell, int]:
 
 
 def _reads_new(n: Node, reads) -> frozenset:
-    """State reads of a node made by this pass (not in the original table)."""
-    if n.op == Op.STATE:
-        return frozenset([n.arg[0]])
-    acc: frozenset = frozenset()
-    for s in n.srcs:
-        acc |= reads.get(s.id) if s.id in reads else _reads_new(s, reads)
-    return acc
+    """State reads of a node made by this pass (not in the original table); memoised into
+    `reads`, sources first (no recursion)."""
+    if n.id in reads:
+        return reads[n.id]
+    stack = [(n, False)]
+    while stack:
+        x, done = stack.pop()
+        if x.id in reads:
+            continue
+        if x.op == Op.STATE:
+            reads[x.id] = frozenset([x.arg[0]])
+        elif done:
+            acc: frozenset = frozenset()
+            for s in x.srcs:
+                acc |= reads[s.id]
+            reads[x.id] = acc
+        else:
+            stack.append((x, True))
+            stack.extend((s, False) for s in x.srcs if s.id not in reads)
+    return reads[n.id]
 
 
 def _rebuild(terms: list, like: Node) -> Node:

@@ -6,6 +6,7 @@ Non-elementwise sub-expressions that read no state (W @ x, outer(k, v), x[0]) be
 opaque symbols named by their source-like text, so the formulas stay small."""
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 import sympy as sp
@@ -18,11 +19,52 @@ _DISPLAY_FUNCS = {Op.SIGMOID: "sigmoid", Op.LOGSIGMOID: "logsigmoid", Op.SOFTPLU
 
 
 class NotElementwise(Exception):
-    pass
+    """The expression cannot be written elementwise in sympy (the message says why)."""
+
+
+# sympy recurses over its trees (printing, expansion, even the assumptions queried while an
+# expression is built): a few hundred levels overflow Python's stack. Expressions deeper or
+# bigger than this (an unrolled loop) are not converted: `show` prints them as text and the
+# symbolic checks say they were skipped (the float64 spot checks still run).
+MAX_SYMPY_DEPTH = 40
+MAX_SYMPY_NODES = 400
+
+
+MAX_TEXT = 160  # characters of an opaque symbol's text; longer ones are cut (and made unique)
 
 
 def node_text(n: Node) -> str:
-    """Source-like text of a (small) node, for opaque symbols."""
+    """Source-like text of a (small) node, for opaque symbols. Built sources first (no
+    recursion: unrolled loops make long chains) and remembered per node; a text longer than
+    MAX_TEXT is cut and given the node's id, so that two different values never share a
+    symbol."""
+    memo = _TEXTS
+    if n in memo:
+        return memo[n]
+    stack = [(n, False)]
+    while stack:
+        x, done = stack.pop()
+        if x in memo:
+            continue
+        own = _own_text(x)
+        if own is not None:
+            memo[x] = own
+            continue
+        if not done:
+            stack.append((x, True))
+            stack.extend((s, False) for s in x.srcs if s not in memo)
+            continue
+        text = _compose(x, [memo[s] for s in x.srcs])
+        memo[x] = text if len(text) <= MAX_TEXT else f"{text[:MAX_TEXT - 12]}...#{x.id}"
+    return memo[n]
+
+
+# node -> its text; nodes do not change once the analysis reads them, and entries go with them
+_TEXTS: "weakref.WeakKeyDictionary[Node, str]" = weakref.WeakKeyDictionary()
+
+
+def _own_text(n: Node) -> str | None:
+    """The text of a node that does not depend on its sources' (leaves, named values)."""
     if n.op in (Op.INPUT, Op.PARAM):
         return n.arg
     if n.op == Op.STATE:
@@ -31,7 +73,10 @@ def node_text(n: Node) -> str:
         return f"{n.arg:g}" if not isinstance(n.arg, tuple) else "arange"
     if n.name and n.op not in (Op.INDEX,):
         return n.name
-    s = [node_text(x) for x in n.srcs]
+    return None
+
+
+def _compose(n: Node, s: list[str]) -> str:
     if n.op == Op.MATMUL:
         return f"({s[0]} @ {s[1]})"
     if n.op == Op.OUTER:
@@ -65,7 +110,9 @@ def to_sympy(root: Node, variables: dict[int, sp.Symbol], expand_defs: bool,
     """The elementwise expression of root. `variables` maps node ids to symbols (the
     states); `depends(n)` says whether n reads a state (such nodes must be elementwise)."""
     memo: dict[int, sp.Expr] = {}
-    for n in toposort([root]):
+    order = toposort([root])
+    _check_size(order, variables)
+    for n in order:
         if n.id in variables:
             memo[n.id] = variables[n.id]
             continue
@@ -80,7 +127,7 @@ def to_sympy(root: Node, variables: dict[int, sp.Symbol], expand_defs: bool,
         elementwise = op in _SYMPY_UNARY or op in _SYMPY_BINARY or op == Op.CONST and not n.shape
         if not elementwise:
             if depends(n):
-                raise NotElementwise(node_text(n))
+                raise NotElementwise(f"{node_text(n)} is not elementwise")
             memo[n.id] = sp.Symbol(node_text(n), real=True)
             continue
         if op == Op.CONST:
@@ -94,6 +141,25 @@ def to_sympy(root: Node, variables: dict[int, sp.Symbol], expand_defs: bool,
         else:
             memo[n.id] = _SYMPY_BINARY[op](*args)
     return memo[root.id]
+
+
+def _check_size(order: list[Node], variables) -> None:
+    """NotElementwise when the sympy tree of the last node of `order` would be too deep or big."""
+    depth: dict[int, int] = {}
+    count = 0
+    for n in order:
+        if n.id in variables or not n.srcs:
+            depth[n.id] = 0
+            continue
+        d = max(depth[s.id] for s in n.srcs)
+        if n.op in _SYMPY_UNARY or n.op in _SYMPY_BINARY:
+            d += 1
+            count += 1
+        depth[n.id] = d
+        if d > MAX_SYMPY_DEPTH or count > MAX_SYMPY_NODES:
+            raise NotElementwise(f"the expression is too large for sympy: more than "
+                                 f"{MAX_SYMPY_DEPTH if d > MAX_SYMPY_DEPTH else MAX_SYMPY_NODES} "
+                                 f"{'levels' if d > MAX_SYMPY_DEPTH else 'operations'}")
 
 
 _SYMPY_UNARY = {
@@ -117,17 +183,18 @@ def show(node: Node | None, default: str = "0") -> str:
         return default
     try:
         return str(to_sympy(node, {}, expand_defs=False))
-    except NotElementwise:  # pragma: no cover - coefficients are free of states
+    except (NotElementwise, RecursionError):  # too large for sympy: the source-like text
         return node_text(node)
 
 
 def is_zero(expr) -> bool:
-    e = sp.expand(expr)
-    if e == 0:
-        return True
+    """expr == 0, proven by sympy (False when not proven, or when sympy gave up)."""
     try:
+        e = sp.expand(expr)
+        if e == 0:
+            return True
         return sp.simplify(e) == 0
-    except Exception:  # pragma: no cover - sympy gave up
+    except Exception:  # pragma: no cover - sympy gave up (RecursionError included)
         return False
 
 
