@@ -13,19 +13,20 @@ batch of one, as flash-linear-attention does.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 from torch import nn
 
 from . import ast as A
-from .builtins import DISTRIBUTIONS
+from .builtins import DISTRIBUTIONS, INIT_FUNCS
+from .checker import MAX_DIM, MAX_NUMEL
 from .errors import RecError
 from .ir import IRCell, lower
 from .pipeline import BUILT, backend_module, compile_cell
 
 BACKENDS = ("auto", "reference", "torch", "triton", "newton")
-RESERVED_INPUTS = {"state", "reverse", "cu_seqlens", "edges"}
 
 
 class RecModule(nn.Module):
@@ -39,10 +40,6 @@ class RecModule(nn.Module):
         self.heads = self._resolve_heads(cell, dims, heads)
         self.ir: IRCell = lower(cell, dims)
         self.dims = dict(self.ir.dims)
-        for name in list(cell.inputs) + list(cell.edges) + list(cell.pairs):
-            if name in RESERVED_INPUTS:
-                raise RecError(f"input {name} shares its name with an option of forward()",
-                               cell.inputs[name].span, hint=f"rename it, e.g. {name}_")
         self.backend_name = self._pick_backend(backend)
         if self.ir.over != "seq" and self.heads:
             raise RecError(f"heads are not supported over {self.ir.over} yet", cell.span)
@@ -57,15 +54,20 @@ class RecModule(nn.Module):
         for name, var in cell.params.items():
             shape = self._param_shape(var)
             p = nn.Parameter(torch.empty(shape, dtype=dtype or torch.float32, device=device))
-            self.register_parameter(name, p)
+            try:
+                self.register_parameter(name, p)
+            except KeyError:   # the checker refuses MODULE_API names; a newer torch may add more
+                raise RecError(f"param {name} collides with an attribute of torch.nn.Module in this torch "
+                               f"({torch.__version__})", var.span, hint=f"rename it, e.g. {name}_") from None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _resolve_heads(cell, dims: dict, heads: int | None) -> int | None:
         if cell.heads is None:
-            if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
-                raise RecError(f"heads must be a positive integer, got {heads!r}")
+            if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int)
+                                      or not 1 <= heads <= MAX_DIM):
+                raise RecError(f"heads must be an integer from 1 to {MAX_DIM} (2**31 - 1), got {heads!r}"[:200])
             return heads
         count = cell.heads
         if isinstance(count, A.Name):
@@ -95,8 +97,12 @@ class RecModule(nn.Module):
         return backend
 
     def _param_shape(self, var) -> tuple[int, ...]:
-        shape = self.ir.concrete(var.shape)
-        return ((self.heads,) if self.heads else ()) + shape
+        shape = ((self.heads,) if self.heads else ()) + self.ir.concrete(var.shape)
+        if math.prod(shape) > MAX_NUMEL:
+            raise RecError(f"param {var.name} would have {math.prod(shape)} elements {list(shape)} with "
+                           f"heads={self.heads}, more than the maximum {MAX_NUMEL} (2**31 - 1)", var.span,
+                           hint="fewer heads, or smaller dimensions")
+        return shape
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -425,7 +431,7 @@ def _const(e: A.Expr, values: dict, like):
             bounds = [int(round(_const(a, values, like))) for a in e.args]
             lo, hi = (0, bounds[0]) if len(bounds) == 1 else bounds
             return torch.arange(lo, hi, dtype=torch.float64)
-        fn = getattr(torch, e.func, None) if e.func in _INIT_FUNCS else None
+        fn = getattr(torch, e.func, None) if e.func in INIT_FUNCS else None
         if fn is None:
             raise RecError(f"{e.func}(...) is not available in an initialiser", e.span,
                            hint="use numbers, dimensions, arithmetic, arange and elementwise math")
@@ -433,5 +439,3 @@ def _const(e: A.Expr, values: dict, like):
         return fn(torch.as_tensor(v, dtype=torch.float64))
     raise RecError("this initialiser is not a constant expression", e.span)
 
-
-_INIT_FUNCS = {"exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "abs", "log1p", "expm1"}

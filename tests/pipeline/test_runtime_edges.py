@@ -138,3 +138,12 @@ def test_a_constant_output_has_the_full_shape(backend):
     assert torch.equal(seven, torch.full((2, 4), 7.0))
     (_, seven_now), _ = layer.step(x=x[:, 0])
     assert torch.equal(seven_now, torch.full((2,), 7.0))
+
+
+@pytest.mark.parametrize("cell, kw", [("gla", dict(K=4, V=4, heads=10**20)), ("gla", dict(K=4, V=4, heads=0)),
+                                      ("gla", dict(K=4, V=4, heads=True)), ("lstm", dict(D=64, H=64, heads=2**20))])
+def test_absurd_heads_are_refused(cell, kw):
+    with pytest.raises(RecError) as e:
+        recdsl.load(cell)(**kw)
+    if cell == "lstm":   # too many elements: located at the param
+        assert e.value.span is not None and e.value.span.line == 5
