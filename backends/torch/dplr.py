@@ -16,7 +16,7 @@ before it, Γ_i = Σ_{t<=i} g_t (vector in K), Γ⁻_i = Γ_{i-1}, products ⊙ 
     A_bk[i,j] = Σ_K b_i k_j e^{Γ⁻_i - Γ_j} (j <  i)     A_ba[i,j] = Σ_K b_i a_j e^{Γ⁻_i - Γ_j} (j <  i)
   u from the unrolled S_{i-1}: a unit lower-triangular system (the UT / WY form, MATH.md §4)
     U = (b ⊙ e^{Γ⁻}) S_0 + A_ba U + A_bk V
-    [W | Ũ] = (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]        =>  U = W S_0 + Ũ
+    [W | Ũ] = (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]        =>  U = W S_0 + Ũ     (one triangular solve)
   readout and end state
     O   = (q ⊙ e^{Γ}) S_0 + A_qa U + A_qk V
     S_C = e^{Γ_C} ⊙ S_0 + Âᵀ U + K̂ᵀ V,      Â = a ⊙ e^{Γ_C - Γ},  K̂ = k ⊙ e^{Γ_C - Γ}
@@ -34,11 +34,19 @@ rows kept scaled that way inside their s-blocks the (H, F) block of all four sco
 matmul; then H's query rows take F's block product and F's key rows take H's, which scales
 every row to its 2s-block (log2 C levels; after the last, the rows are q ⊙ e^Γ, b ⊙ e^{Γ⁻},
 (k, a) ⊙ e^{Γ_C - Γ}). The only exp is e^{g_t} <= 1 per step; no exp of a cumulative sum, no
-division. (I - A_ba)^{-1} grows along the same levels from the inverses T_F, T_H of the
-diagonal halves: [[T_F, 0], [T_H A_HF T_F, T_H]] (a Neumann product (I + N)(I + N^2)...
-instead loses ~100x precision in float32 on correlated keys with β near 1; this does not).
+division. [W | Ũ] by forward substitution (torch.linalg.solve_triangular; a Neumann product
+(I + N)(I + N^2)... loses ~100x precision in float32 on correlated keys with β near 1).
 Without gradients the rows are scaled in place and the loop writes into preallocated
 buffers; with gradients the same arithmetic runs out of place (autograd through it all).
+
+Causality inside a chunk, forward and backward: a non-finite input at step p must leave the
+outputs before p alone, and the gradients that do not pass through step p. The scores only
+ever pair a row with earlier rows (the halving above), every product with a triangular
+matrix is `scans.causal_mm` (a dense matmul would multiply its zeros by later rows, and
+0 * NaN = NaN), and the system is solved rather than inverted: the solve's backward is back
+substitution on the cotangents of W and Ũ, exact zeros on rows no loss reads, where the
+gradient of an explicit inverse would pair each row's cotangent with every later row of
+A_bk V (NaN when a later v is) and carry it back through the inverse's construction.
 Checked in float64 against `naive_dplr` (tests/backends/test_dplr.py): values, final state
 and gradients of all inputs.
 
@@ -53,7 +61,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as Fn
 
+from .scans import causal_mm
+
 LOG_DECAY_FLOOR = -80.0   # the same floor as scans.LOG_DECAY_FLOOR
+CHUNK = 32                # the chunk length dplr_stage uses (scans.py); a power of two
 
 
 def naive_dplr(q, k, v, a, b, g, S0, chunk: int = 32):
@@ -78,13 +89,12 @@ def _pad_t(x: torch.Tensor, Tp: int) -> torch.Tensor:
 
 
 def _intra(X, Y, e):
-    """One chunk's decayed scores and the inverse of its triangular system, by halving.
+    """One chunk's decayed scores, by halving.
 
     X [B, C, 2, K]: query rows (q, b); Y [B, C, 2, K]: key rows (k, a); e [B, C, K] = exp(g).
     Returns
       A  [B, 2, 2, C, C]: A[:, r, p, i, j] = Σ_K X[i, p] Y[j, r] exp(Γx_i - Γ_j) with Γx = Γ
          for p = 0 (j <= i) and Γ⁻ for p = 1 (j < i); 0 above the diagonal,
-      Tm [B, C, C] = (I - A[:, 1, 1])^{-1}  (b rows against a keys),
       XF [B, C, 2, K] = (q ⊙ e^Γ, b ⊙ e^{Γ⁻}),  YR [B, C, 2, K] = (k, a) ⊙ e^{Γ_C - Γ},
       eC [B, K] = e^{Γ_C}.
     Halving levels as in the module docstring; X and Y are scaled in place when no gradient
@@ -100,7 +110,6 @@ def _intra(X, Y, e):
     else:
         X = torch.stack([X[:, :, 0] * e, X[:, :, 1]], 2)
     E = e                                            # block totals Π_{t in blk} e_t, [B, C/s, K]
-    Tb = X.new_ones(B * C, 1, 1)                     # block-diagonal (I - A_ba)^{-1}, s x s blocks
     s = 1
     while s < C:
         nb = C // (2 * s)
@@ -110,12 +119,6 @@ def _intra(X, Y, e):
         dst = A.as_strided((B, R, P, nb, s, s), (R * P * C * C, P * C * C, C * C, 2 * s * (C + 1), C, 1),
                            A.storage_offset() + s * C)
         dst.copy_(off.view(B, nb, s, P, s, R).permute(0, 5, 3, 1, 2, 4))
-        # the inverse of the 2s-blocks: [[T0, 0], [T1 A21 T0, T1]]
-        Tv = Tb.view(B * nb, 2, s, s)
-        T0, T1 = Tv[:, 0], Tv[:, 1]
-        A21 = off.view(B * nb, s, P, s, R)[:, :, 1, :, 1]                         # b rows, a keys
-        T21 = A21 if s == 1 else torch.bmm(torch.bmm(T1, A21.contiguous()), T0)
-        Tb = torch.cat([Fn.pad(T0, (0, s)), torch.cat([T21, T1], -1)], -2)
         # scale to 2s-blocks: H's X rows by F's total, F's Y rows by H's total
         if inplace:
             Xv[:, 1].mul_(Ev[:, 0])
@@ -125,7 +128,7 @@ def _intra(X, Y, e):
             Y = torch.stack([Yv[:, 0] * Ev[:, 1], Yv[:, 1]], 1).view(B, C, R, K)
         E = Ev[:, 0, 0] * Ev[:, 1, 0]
         s *= 2
-    return A, Tb.view(B, C, C), X, Y, E.view(B, K)
+    return A, X, Y, E.view(B, K)
 
 
 def _chunk_len(chunk: int, T: int) -> int:
@@ -145,9 +148,13 @@ def _chunk_group(X, Y, e, v, S):
     Nr, _, V = S.shape
     m = Bc // Nr
     inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (X, Y, e, v, S)))
-    A, Tm, XF, YR, eC = _intra(X, Y, e)                   # XF = (q ⊙ e^Γ, b ⊙ e^{Γ⁻}), YR = (k, a) ⊙ e^{Γ_C - Γ}
-    AkV = (A[:, 0].reshape(Bc, 2 * C, C) @ v).view(Bc, 2, C, V)   # A_qk V, A_bk V
-    W, Ut = Tm @ XF[:, :, 1], Tm @ AkV[:, 1]              # (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]: U = W S_0 + Ũ
+    A, XF, YR, eC = _intra(X, Y, e)                       # XF = (q, b) ⊙ (e^Γ, e^{Γ⁻}), YR = (k, a) ⊙ e^{Γ_C - Γ}
+    # products with the triangular scores are causal (module docstring): A_qk V (j <= i), A_bk V (j < i)
+    AkV = causal_mm(A[:, 0], v[:, None], (False, True), zeros_above=True)
+    # [W | Ũ] = (I - A_ba)^{-1} [b ⊙ e^{Γ⁻} | A_bk V]: U = W S_0 + Ũ (solved, not inverted: module docstring)
+    Lm = torch.eye(C, dtype=X.dtype, device=X.device) - A[:, 1, 1]
+    W, Ut = torch.linalg.solve_triangular(Lm, torch.cat([XF[:, :, 1], AkV[:, 1]], -1), upper=False,
+                                          unitriangular=True).split([K, V], -1)
     AhT = YR[:, :, 1].transpose(1, 2)                     # Âᵀ [Bc, K, C]
     Hk = YR[:, :, 0].transpose(1, 2) @ v                  # K̂ᵀ V [Bc, K, V]
     eC = eC[:, :, None]                                   # e^{Γ_C} [Bc, K, 1]
@@ -167,7 +174,7 @@ def _chunk_group(X, Y, e, v, S):
             prev.append(S)
             S = torch.baddbmm(torch.addcmul(Hkc, eCc, S), AhTc, Us[-1])
         Sp, U = torch.stack(prev).view(Bc, K, V), torch.stack(Us).view(Bc, C, V)   # states before each chunk
-    o = torch.baddbmm(torch.baddbmm(AkV[:, 0], A[:, 1, 0], U), XF[:, :, 0], Sp)
+    o = torch.baddbmm(AkV[:, 0] + causal_mm(A[:, 1, 0], U, zeros_above=True), XF[:, :, 0], Sp)
     return o, S
 
 
@@ -188,12 +195,14 @@ def chunk_dplr(q, k, v, a, b, g, S0, chunk: int = 32):
     q, k, v, a, b, g = (_pad_t(x, Tp) for x in (q, k, v, a, b, g.clamp(min=LOG_DECAY_FLOOR)))
     G = max(1, GROUP_ROWS // (Nr * C))                     # chunk positions per group
     S, outs = S0, []
-    for p0 in range(0, n, G):
-        m = min(G, n - p0)
-        cm = lambda x: x[:, p0 * C:(p0 + m) * C].reshape(Nr, m, C, -1).transpose(0, 1)   # [m, Nr, C, .]
-        e = torch.exp(cm(g)).reshape(m * Nr, C, K)         # step decays
-        X = torch.stack([cm(q), cm(b)], 3).view(m * Nr, C, 2, K)
-        Y = torch.stack([cm(k), cm(a)], 3).view(m * Nr, C, 2, K)
-        o, S = _chunk_group(X, Y, e, cm(v).reshape(m * Nr, C, V), S)
+    # the groups' slices, split once: slicing per group would cost, in the backward, a zero-filled
+    # gradient of the whole sequence for every group (O(T^2) for a fixed group size)
+    for gq, gk, gv, ga, gb, gg in zip(*(x.split(G * C, 1) for x in (q, k, v, a, b, g))):
+        m = gq.shape[1] // C
+        cm = lambda x: x.reshape(Nr, m, C, -1).transpose(0, 1)   # [m, Nr, C, .]
+        e = torch.exp(cm(gg)).reshape(m * Nr, C, K)        # step decays
+        X = torch.stack([cm(gq), cm(gb)], 3).view(m * Nr, C, 2, K)
+        Y = torch.stack([cm(gk), cm(ga)], 3).view(m * Nr, C, 2, K)
+        o, S = _chunk_group(X, Y, e, cm(gv).reshape(m * Nr, C, V), S)
         outs.append(o.view(m, Nr, C, V).transpose(0, 1))
     return torch.cat(outs, 1).view(Nr, Tp, V)[:, :T], S

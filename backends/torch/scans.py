@@ -16,6 +16,11 @@ from . import cpu_kernels
 # otherwise cost 1e9 * eps of absolute precision in every later exponent of the chunk).
 LOG_DECAY_FLOOR = -80.0
 
+# Chunk lengths of the chunkwise forms on the training path (module constants, read at every call:
+# tests shorten them to cover several chunks and sub-blocks on short sequences).
+DIAG_CHUNK = 64
+DELTA_CHUNK = 64
+
 
 def use_c(*ts) -> bool:
     return all(t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu" for t in ts) \
@@ -120,6 +125,192 @@ def _pad_t(x: torch.Tensor, T_pad: int) -> torch.Tensor:
     return torch.cat([x, pad], 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Causal building blocks of the chunkwise forms.
+#
+# Inside a chunk, row i may only depend on rows j <= i (or j < i). A dense matmul with a
+# triangular matrix still multiplies the masked zeros by the later rows, and 0 * NaN = NaN
+# (0 * inf too): one non-finite input at step p would poison every earlier output of its
+# chunk, and, in the backward, every earlier gradient. These three functions never touch a
+# pair (i, j) outside the mask, forward or backward:
+#   causal_mm      L @ X for a lower-triangular L: one dense matmul when X is all finite (then
+#                  the masked zeros multiply finite numbers; checked on CPU), else by halving
+#                  (no masked block is multiplied);
+#   causal_scores  (Q Kᵀ) with exact zeros above the diagonal, its dQ by causal_mm;
+#   decay_pairs    exp(Σ_{j < t <= i} g_t) with exact zeros above the diagonal, whose backward
+#                  routes the gradient of pair (i, j) to the steps (j, i] only (prefix sums of
+#                  the pair gradients, never a difference of two cumulative sums, which would
+#                  carry a later row's NaN into every earlier step as NaN - NaN).
+# Every backward is written in differentiable ops (second derivatives work).
+# ---------------------------------------------------------------------------------------------
+
+def causal_mask(C: int, strict, device) -> torch.Tensor:
+    """[C, C] bool: j <= i (j < i when strict); for a tuple of flags, [len, C, C], one per slice."""
+    idx = torch.arange(C, device=device)
+    if isinstance(strict, tuple):
+        return torch.stack([idx[None, :] <= idx[:, None] - int(s) for s in strict])
+    return idx[None, :] <= idx[:, None] - int(strict)
+
+
+def _tril_product(A: torch.Tensor, X: torch.Tensor, strict, zeros_above: bool = False) -> torch.Tensor:
+    """o_i = Σ_{j <= i - strict} A_ij X_j reading only those A_ij and X_j (no autograd).
+    A [..., C, C], X [..., C, V]; strict a flag, or a tuple of flags for the slices of A's
+    third-last axis; zeros_above: the caller's A is exactly zero outside the mask (the dense
+    path then skips masking it). Halving: level s adds, inside every 2s-block, the block of
+    its second half's rows against its first half's columns (log2 C batched matmuls)."""
+    C, V = X.shape[-2], X.shape[-1]
+    mask = causal_mask(C, strict, A.device)
+    if X.device.type == "cpu" and bool(torch.isfinite(X.sum())):
+        # X finite (a sum is finite only then): the masked zeros multiply finite values, so one
+        # dense matmul is exact. (On an accelerator the test would be a device sync per call.)
+        A = A if zeros_above else A.masked_fill(~mask, 0)
+        if A.dim() == X.dim() and A.dim() > 3 and X.shape[-3] == 1 < A.shape[-3]:   # slices of A share X: one matmul
+            return torch.matmul(A.flatten(-3, -2), X.squeeze(-3).contiguous()).unflatten(-2, A.shape[-3:-1])
+        return torch.matmul(A, X.contiguous())           # (contiguous: a strided batch runs one gemm per matrix)
+    # the diagonal: masked after the product, so a strict slice gets exact zeros, not 0 * X_i
+    diag = (A.diagonal(dim1=-2, dim2=-1)[..., None] * X).masked_fill(~mask.diagonal(dim1=-2, dim2=-1)[..., None], 0)
+    lead = torch.broadcast_shapes(A.shape[:-2], X.shape[:-2], diag.shape[:-2])
+    Cp = 1 << max(C - 1, 0).bit_length()                # C rounded up to a power of two
+    A = A.expand(lead + (C, C)).reshape(-1, C, C)
+    X = X.expand(lead + (C, V)).reshape(-1, C, V)
+    out = diag.expand(lead + (C, V)).reshape(-1, C, V)
+    if Cp != C:                                          # padded rows come last: no real row reads them
+        A = torch.nn.functional.pad(A, (0, Cp - C, 0, Cp - C))
+        X = torch.nn.functional.pad(X, (0, 0, 0, Cp - C))
+        out = torch.nn.functional.pad(out, (0, 0, 0, Cp - C))
+    A, out = A.contiguous(), out.clone()
+    n = A.shape[0]
+    s = 1
+    while s < Cp:
+        nb = Cp // (2 * s)
+        # the (second half, first half) block of every 2s-block on the diagonal: [n, nb, s, s]
+        blk = A.as_strided((n, nb, s, s), (Cp * Cp, 2 * s * (Cp + 1), Cp, 1), A.storage_offset() + s * Cp)
+        xf = X.view(n, nb, 2, s, V)[:, :, 0]
+        dst = out.view(n, nb, 2, s, V)[:, :, 1]
+        if s <= 2:                                       # tiny blocks: broadcast, not a batch of 1x1 matmuls
+            dst += (blk[..., None] * xf[:, :, None]).sum(-2)
+        else:
+            dst += torch.matmul(blk, xf)
+        s *= 2
+    return out[:, :C].reshape(lead + (C, V))
+
+
+class _CausalMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, X, strict, zeros_above):
+        ctx.strict = strict
+        ctx.save_for_backward(A, X)
+        return _tril_product(A, X, strict, zeros_above)
+
+    @staticmethod
+    def backward(ctx, dO):
+        A, X = ctx.saved_tensors
+        mask = causal_mask(A.shape[-1], ctx.strict, A.device)
+        dA = dX = None
+        if ctx.needs_input_grad[0]:                      # row i: dO_i · X_j for j <= i only
+            dA = _sum_to(torch.matmul(dO, X.transpose(-1, -2)).masked_fill(~mask, 0), A.shape)
+        if ctx.needs_input_grad[1]:                      # column j: Σ_{i >= j} A_ij dO_i (masked A: exact zeros)
+            dX = _sum_to(torch.matmul(A.masked_fill(~mask, 0).transpose(-1, -2), dO), X.shape)
+        return dA, dX, None, None
+
+
+def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
+    return x if x.shape == shape else x.sum_to_size(shape)
+
+
+def causal_mm(A: torch.Tensor, X: torch.Tensor, strict=False, zeros_above: bool = False) -> torch.Tensor:
+    """o_i = Σ_{j <= i} A_ij X_j (j < i when strict; a tuple of flags: one per slice of A's
+    third-last axis): A [..., C, C] lower triangular (its upper part is never read; say
+    zeros_above when it is exactly zero, to spare a masked copy), X [..., C, V]. A
+    non-finite X_j reaches rows i >= j only."""
+    if torch.is_grad_enabled() and (A.requires_grad or X.requires_grad):
+        return _CausalMM.apply(A, X, strict, zeros_above)
+    return _tril_product(A, X, strict, zeros_above)
+
+
+class _CausalScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, Q, K, strict):
+        mask = causal_mask(Q.shape[-2], strict, Q.device)
+        ctx.strict = strict
+        ctx.save_for_backward(Q, K)
+        return torch.matmul(Q, K.transpose(-1, -2)).masked_fill(~mask, 0)
+
+    @staticmethod
+    def backward(ctx, dS):
+        Q, K = ctx.saved_tensors
+        dS = dS.masked_fill(~causal_mask(Q.shape[-2], ctx.strict, Q.device), 0)
+        dQ = causal_mm(dS, K, ctx.strict, zeros_above=True) if ctx.needs_input_grad[0] else None
+        dK = torch.matmul(dS.transpose(-1, -2), Q) if ctx.needs_input_grad[1] else None
+        return dQ, dK, None
+
+
+def causal_scores(Q: torch.Tensor, K: torch.Tensor, strict: bool = False) -> torch.Tensor:
+    """S_ij = q_i · k_j for j <= i (j < i when strict), exact zeros elsewhere; Q, K [..., C, K]."""
+    return _CausalScores.apply(Q, K, strict)
+
+
+class _DecayPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, strict):
+        C = g.shape[-2]
+        mask = causal_mask(C, strict, g.device)[..., None]
+        b = g.cumsum(-2)
+        bq = torch.nn.functional.pad(b[..., :-1, :], (0, 0, 1, 0)) if strict else b
+        E = torch.exp((bq[..., :, None, :] - b[..., None, :, :]).masked_fill(~mask, float("-inf")))
+        ctx.strict = strict
+        ctx.save_for_backward(E)
+        return E
+
+    @staticmethod
+    def backward(ctx, dE):
+        (E,) = ctx.saved_tensors
+        s = int(ctx.strict)
+        C = E.shape[-2]
+        dL = (dE * E).masked_fill(~causal_mask(C, ctx.strict, E.device)[..., None], 0)     # [..., i, j, F]
+        # dg_t = Σ_{i >= t + s} Σ_{j < t} dL_ij: a prefix over j (R_ij = Σ_{j' <= j} dL_ij', which
+        # for j < t reads the pairs that contain step t only), summed over the rows i >= j + 1 + s
+        idx = torch.arange(C, device=E.device)
+        below = (idx[:, None] >= idx[None, :] + 1 + s)[..., None]
+        dg = dL.cumsum(-2).masked_fill(~below, 0).sum(-3)                                   # [..., j, F]: dg_{j+1}
+        return torch.nn.functional.pad(dg[..., :C - 1, :], (0, 0, 1, 0)), None
+
+
+def decay_pairs(g: torch.Tensor, strict: bool = False) -> torch.Tensor:
+    """E_ij = exp(Σ_{j < t <= i - strict} g_t) for j <= i - strict, exact zeros elsewhere.
+    g [..., C, F] (log decays, F = 1 for a scalar decay) -> [..., C, C, F]. Every exponent
+    is <= 0 for non-positive g."""
+    return _DecayPairs.apply(g, strict)
+
+
+def prefix_sum(g: torch.Tensor, dim: int, inclusive: bool = True) -> torch.Tensor:
+    """Σ_{t <= i} g_t (t < i when not inclusive) along dim."""
+    b = g.cumsum(dim)
+    if inclusive:
+        return b
+    return torch.cat([torch.zeros_like(b.narrow(dim, 0, 1)), b.narrow(dim, 0, b.shape[dim] - 1)], dim)
+
+
+def suffix_sum(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ_{t > j} g_t along dim (a reverse cumulative sum, not a difference of two cumulative
+    sums: its gradient reaches the steps after j only, and it keeps full precision)."""
+    r = g.flip(dim).cumsum(dim).flip(dim)
+    return torch.cat([r.narrow(dim, 1, r.shape[dim] - 1), torch.zeros_like(r.narrow(dim, 0, 1))], dim)
+
+
+class _PerChunk:
+    """A [B, N, ...] tensor's chunks, unbound once: x[:, n] is chunk n. (Indexing the tensor
+    itself per chunk would cost, in the backward, a zero-filled gradient of the whole tensor
+    for every chunk: O(N^2) work for a loop over N chunks.)"""
+
+    def __init__(self, x: torch.Tensor):
+        self.parts = x.unbind(1)
+
+    def __getitem__(self, key):
+        _, n = key
+        return self.parts[n]
+
+
 def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                S0: torch.Tensor, chunk: int | None = None):
     """Matrix state with diagonal decay, S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, read out
@@ -129,119 +320,109 @@ def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: to
     or [B, T, K] (vector decay over keys), log space, <= 0 in practice; S0 [B, K, V].
     Returns ([o [B, T, V] per readout], S_T). Inside a chunk every exponent is <= 0 for
     non-positive g (MATH.md §3): scalar decay uses two matmuls per chunk, vector decay the
-    exact C x C x K contraction with small chunks."""
+    exact C x C x K contraction on diagonal sub-blocks and factored matmuls below them.
+    Causal inside a chunk, forward and backward (a non-finite input at step p leaves the
+    outputs before p, and the gradients that do not pass through step p, untouched)."""
     B, T, K = k.shape
     V = v.shape[-1]
     scalar = g.dim() == 2
     g = g.clamp(min=LOG_DECAY_FLOOR)
-    C = chunk or 64
+    C = chunk or DIAG_CHUNK
     N = (T + C - 1) // C
     Tp = N * C
     k, v, g = _pad_t(k, Tp), _pad_t(v, Tp), _pad_t(g, Tp)
     kc, vc = k.reshape(B, N, C, K), v.reshape(B, N, C, V)
-    gc = g.reshape(B, N, C) if scalar else g.reshape(B, N, C, K)
-    b = gc.cumsum(2)                                     # within-chunk cumulative log decay
-    bC = b[:, :, -1]                                     # [B, N] or [B, N, K]
+    gc = g.reshape(B, N, C, 1 if scalar else K)          # log decays, F = 1 (scalar) or K
     # chunk-local state contributions and the decay across whole chunks
-    if scalar:
-        wk = kc * torch.exp(bC[..., None] - b)[..., None]    # exp(b_C - b_j) <= 1
-        decay_c = torch.exp(bC)[..., None, None]             # [B, N, 1, 1]
-    else:
-        wk = kc * torch.exp(bC[:, :, None, :] - b)
-        decay_c = torch.exp(bC)[..., None]                   # [B, N, K, 1]
-    U = wk.transpose(-1, -2) @ vc                            # [B, N, K, V]
-    states = []                                              # S before each chunk
+    wk = kc * torch.exp(suffix_sum(gc, 2))               # k_j exp(b_C - b_j), exponent <= 0
+    decay_c = torch.exp(gc.sum(2))[..., None]            # [B, N, F, 1]
+    U = wk.transpose(-1, -2) @ vc                        # [B, N, K, V]
+    decay_c, U = _PerChunk(decay_c), _PerChunk(U)
+    states = []                                          # S before each chunk
     S = S0
     for n in range(N):
         states.append(S)
         S = decay_c[:, n] * S + U[:, n]
-    S_prev = torch.stack(states, 1)                          # [B, N, K, V]
-    idx = torch.arange(C, device=k.device)
+    S_prev = torch.stack(states, 1)                      # [B, N, K, V]
     outs = []
     for q, inclusive in readouts:
         qc = _pad_t(q, Tp).reshape(B, N, C, K)
-        bq = b if inclusive else b - gc                      # the query sees S_t or S_{t-1}
-        mask = (idx[None, :] <= idx[:, None]) if inclusive else (idx[None, :] < idx[:, None])
+        strict = not inclusive                           # the query sees S_t, or S_{t-1}
         if scalar:
-            expo = (bq[..., :, None] - b[..., None, :]).masked_fill(~mask, float("-inf"))
-            A = (qc @ kc.transpose(-1, -2)) * torch.exp(expo)                          # [B, N, C, C]
-            o = A @ vc + (qc * torch.exp(bq)[..., None]) @ S_prev
+            A = causal_scores(qc, kc, strict) * decay_pairs(gc, strict)[..., 0]          # [B, N, C, C]
         else:
-            A = _vector_decay_scores(qc, kc, bq, b, mask)
-            o = A @ vc + (qc * torch.exp(bq)) @ S_prev
+            A = _vector_decay_scores(qc, kc, gc, strict)
+        o = causal_mm(A, vc, strict, zeros_above=True) + (qc * torch.exp(prefix_sum(gc, 2, inclusive))) @ S_prev
         outs.append(o.reshape(B, Tp, V)[:, :T])
     return outs, S
 
 
 def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
-                S0: torch.Tensor, chunk: int = 64):
+                S0: torch.Tensor, chunk: int | None = None):
     """Gated delta rule S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T with
     readout o_t = q_t^T S_t, in the WY/UT chunkwise form of MATH.md §4.
-    q, k [B, T, K]; v [B, T, V]; beta, g [B, T] (g None: ungated); S0 [B, K, V]."""
+    q, k [B, T, K]; v [B, T, V]; beta, g [B, T] (g None: ungated); S0 [B, K, V].
+    Û = (I + A)^{-1} diag(β) V and Ŵ by triangular solves (forward substitution: row i reads
+    rows < i only); the intra-chunk products are causal (see causal_mm). Per chunk only the
+    state recurrence runs in the loop; the readouts of all chunks are two batched products:
+        O = (Q ⊙ e^b - QK⋆Ŵ) S_prev + QK⋆Û,   S_C = e^{b_C} S_0 + (K ⊙ e^{b_C - b})ᵀ (Û - Ŵ S_0)."""
     B, T, K = k.shape
     V = v.shape[-1]
-    C = min(chunk, max(T, 1))
+    C = min(chunk or DELTA_CHUNK, max(T, 1))
     N = (T + C - 1) // C
     Tp = N * C
     g = torch.zeros_like(beta) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
     q, k, v, beta, g = (_pad_t(x, Tp) for x in (q, k, v, beta, g))
     qc, kc, vc = q.reshape(B, N, C, K), k.reshape(B, N, C, K), v.reshape(B, N, C, V)
-    bc, b = beta.reshape(B, N, C), g.reshape(B, N, C).cumsum(2)
-    idx = torch.arange(C, device=k.device)
-    incl = idx[None, :] <= idx[:, None]
-    D = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~incl, float("-inf")))  # [B, N, C, C]
-    KK = kc @ kc.transpose(-1, -2)
-    A = torch.tril(bc[..., :, None] * KK * D, diagonal=-1)
-    eye = torch.eye(C, dtype=k.dtype, device=k.device)
-    Tm = torch.linalg.solve_triangular(eye + A, torch.diag_embed(bc), upper=False, unitriangular=True)
-    U = Tm @ vc                                           # [B, N, C, V]
-    W = Tm @ (kc * torch.exp(b)[..., None])               # [B, N, C, K]
-    QK = (qc @ kc.transpose(-1, -2)) * D                  # [B, N, C, C]
-    wk = kc * torch.exp(b[..., -1:] - b)[..., None]       # K ⊙ exp(b_C - b)
-    qe = qc * torch.exp(b)[..., None]
-    decay = torch.exp(b[..., -1])[..., None, None]        # [B, N, 1, 1]
-    S, outs = S0, []
+    bc, gc = beta.reshape(B, N, C, 1), g.reshape(B, N, C, 1)
+    eb = torch.exp(prefix_sum(gc, 2))                     # exp(b_i) <= 1
+    D = decay_pairs(gc)[..., 0]                           # exp(b_i - b_j), j <= i  [B, N, C, C]
+    A = bc * causal_scores(kc, kc, strict=True) * D       # strict_lower(diag(β) (K Kᵀ ⊙ D))
+    L = A + torch.eye(C, dtype=k.dtype, device=k.device)
+    U = torch.linalg.solve_triangular(L, bc * vc, upper=False, unitriangular=True)        # Û [B, N, C, V]
+    W = torch.linalg.solve_triangular(L, bc * kc * eb, upper=False, unitriangular=True)   # Ŵ [B, N, C, K]
+    QK = causal_scores(qc, kc) * D                        # (Q Kᵀ) ⊙ D, lower incl.  [B, N, C, C]
+    wk = kc * torch.exp(suffix_sum(gc, 2))                # K ⊙ exp(b_C - b)
+    decay = torch.exp(gc.sum(2))[..., None]               # [B, N, 1, 1]
+    Wn, Un, wkT, dn = (x.unbind(1) for x in (W, U, wk.transpose(-1, -2), decay))
+    S, prev = S0, []
     for n in range(N):
-        R = U[:, n] - W[:, n] @ S                         # Û - Ŵ S_0
-        outs.append(qe[:, n] @ S + QK[:, n] @ R)
-        S = decay[:, n] * S + wk[:, n].transpose(-1, -2) @ R
-    o = torch.stack(outs, 1).reshape(B, Tp, V)[:, :T]
-    return o, S
+        prev.append(S)
+        S = dn[n] * S + wkT[n] @ (Un[n] - Wn[n] @ S)
+    S_prev = torch.stack(prev, 1)                         # [B, N, K, V]
+    o = (qc * eb - causal_mm(QK, W, zeros_above=True)) @ S_prev + causal_mm(QK, U, zeros_above=True)
+    return o.reshape(B, Tp, V)[:, :T], S
 
 
 SUB = 16  # sub-block of the vector-decay score matrix
 
 
-def _vector_decay_scores(qc, kc, bq, b, mask):
-    """A_ij = sum_k q_ik k_jk exp(bq_ik - b_jk) for the allowed (i, j) of a chunk, with every
-    exponent <= 0: sub-blocks below the diagonal factor through the key sub-block's last
-    cumulative decay r (exp(bq_i - r) and exp(r - b_j) are both <= 1, so two matmuls);
-    the diagonal sub-blocks use the exact C x C x K contraction (MATH.md §3)."""
+def _vector_decay_scores(qc, kc, gc, strict: bool):
+    """A_ij = Σ_k q_ik k_jk exp(Σ_{j < t <= i - strict} g_tk) for j <= i - strict, exact zeros
+    elsewhere, every exponent <= 0 (MATH.md §3). Diagonal sub-blocks: the exact c x c x K
+    contraction (decay_pairs). Rows of sub-block I against columns of an earlier one J: the
+    decay splits into the suffix of J after j, the sub-blocks strictly between (decay_pairs
+    over sub-block totals) and the prefix of I up to i (- strict), each <= 1, so the pair is
+    one matmul; only the pairs J < I are formed, and every exponent's gradient reaches its
+    own steps only."""
     B, N, C, K = qc.shape
     c = SUB if C % SUB == 0 and C > SUB else C
     M = C // c
-    qs, ks = qc.reshape(B, N, M, c, K), kc.reshape(B, N, M, c, K)
-    bqs, bs = bq.reshape(B, N, M, c, K), b.reshape(B, N, M, c, K)
+    qs, ks, gs = qc.reshape(B, N, M, c, K), kc.reshape(B, N, M, c, K), gc.reshape(B, N, M, c, K)
     # diagonal sub-blocks: exact
-    expo = (bqs[..., :, None, :] - bs[..., None, :, :])
-    sub_mask = mask[:c, :c]
-    expo = expo.masked_fill(~sub_mask[..., None], float("-inf"))
-    diag = torch.einsum("bnmik,bnmjk,bnmijk->bnmij", qs, ks, torch.exp(expo))       # [B, N, M, c, c]
-    A = torch.zeros(B, N, M, c, M, c, dtype=qc.dtype, device=qc.device)
-    idx = torch.arange(M, device=qc.device)
-    A[:, :, idx, :, idx, :] = diag.permute(2, 0, 1, 3, 4)
+    mask = causal_mask(c, strict, qc.device)
+    KE = (ks[..., None, :, :] * decay_pairs(gs, strict)).masked_fill(~mask[..., None], 0)   # [B, N, M, c, c, K]
+    diag = torch.einsum("bnmik,bnmijk->bnmij", qs, KE)                                      # [B, N, M, c, c]
+    A = qc.new_zeros(B, N, M, M, c, c)
+    ar = torch.arange(M, device=qc.device)
+    A[:, :, ar, ar] = diag
     if M > 1:
-        r = bs[..., -1, :]                                                           # [B, N, M, K]
-        kr = ks * torch.exp(r[..., None, :] - bs)                                    # exp <= 1
-        # query sub-block I against key sub-block J < I: exp(bq_I - r_J) <= 1
-        lower = (idx[:, None] > idx[None, :])                                        # [M(I), M(J)]
-        expo_q = bqs[:, :, :, None] - r[:, :, None, :, None, :]                      # [B, N, I, J, c, K]
-        expo_q = expo_q.masked_fill(~lower[:, :, None, None], float("-inf"))
-        qr = qs[:, :, :, None] * torch.exp(expo_q)
-        off = torch.einsum("bnIJik,bnJjk->bnIiJj", qr, kr)
-        A = A + off
-    return A.reshape(B, N, C, C)
-
+        I, J = torch.tril_indices(M, M, -1, device=qc.device)                               # the pairs J < I
+        between = decay_pairs(gs.sum(3), strict=True)[:, :, I, J]                            # [B, N, P, K]
+        qr = qs[:, :, I] * torch.exp(prefix_sum(gs, 3, not strict))[:, :, I] * between[..., None, :]
+        kr = (ks * torch.exp(suffix_sum(gs, 3)))[:, :, J]
+        A[:, :, I, J] = qr @ kr.transpose(-1, -2)                                             # [B, N, P, c, c]
+    return A.transpose(3, 4).reshape(B, N, C, C)
 
 
 def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
@@ -319,13 +500,14 @@ def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int):
     """Diagonal plus low rank (KDA, RWKV-7): S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} + k_t v_t^T,
     read out as q_t^T S_t, chunkwise (dplr.py) on [B*heads, T, ...]."""
     from . import seq_rt as rt
+    from . import dplr
     from .dplr import chunk_dplr
     vecs = [rt.to_bt(x, 1, X0, ns) for x in (q, k, a, b)]
     K = vecs[0].shape[-1]
     gb = rt.to_bt(g, g.dim() - ns, X0, ns)
     gb = gb[..., None].expand(gb.shape[:2] + (K,)) if gb.dim() == 2 else gb   # a scalar decay: the same for every key
     o, ST = chunk_dplr(vecs[0], vecs[1], rt.to_bt(v, 1, X0, ns), vecs[2], vecs[3], gb.contiguous(),
-                       rt.to_b(S0, ns - 1))
+                       rt.to_b(S0, ns - 1), chunk=dplr.CHUNK)
     return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
 
 

@@ -45,7 +45,7 @@ from recdsl.builtins import BUILTINS, DISTRIBUTIONS
 from recdsl.errors import RecError
 from recdsl.pipeline import backend_module, plan_cell
 from recdsl.printer import to_source
-from recdsl.runtime import RESERVED_INPUTS
+from recdsl.builtins import FORWARD_OPTIONS
 from recdsl.spec import stdlib_files
 
 CELLS = [n for n in stdlib_files() if recdsl.load(n).cell.over == "seq"]
@@ -108,15 +108,14 @@ def allowed(name: str, role: str, module_attrs: set) -> bool:
         return False
     try:
         checker.check_identifier(name, None, "a value")
-        api = getattr(checker, "check_api_name", None)
-        if api is not None and role in ("dim", "input", "param"):
-            api(name, None, role)
+        if role in ("dim", "input", "param"):
+            checker.check_api_name(name, None, role)
     except RecError:
         return False
     if name == "self":
         return False
     if role == "input":
-        return name not in RESERVED_INPUTS
+        return name not in FORWARD_OPTIONS
     if role == "param":
         return name not in module_attrs
     if role == "dim":
