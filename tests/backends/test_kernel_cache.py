@@ -302,7 +302,11 @@ def test_read_only_cache_with_valid_entries_is_used(cache, monkeypatch, fresh):
     # ... and a damaged entry in it is rebuilt privately, with the warning
     kcache.reset()
     loop = _entries(cache)["loop"]
-    loop.write_bytes(loop.read_bytes()[:100])   # (never dlopen'ed: only its stamp is read)
+    # damaged by replacing the file, not by writing into it: this process has the good one
+    # mapped (the run above loaded it), and cutting a mapped file short is a SIGBUS here
+    damaged = cache / "damaged.tmp"
+    damaged.write_bytes(loop.read_bytes()[:100])
+    os.replace(damaged, loop)
     _, msgs = _run_here()
     _warned_once_about(cache, msgs)
     assert set(_entries(kcache._private[str(cache)])) == {"loop"}
