@@ -101,42 +101,58 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor,
     pair_names = set(cell.pairs)
     edge_names = set(cell.edges)
 
-    def evaluate(root: Node, node: int, out_edge: int | None, in_edge: int | None, memo: dict):
-        key = (root.id, in_edge)
-        if key in memo:
-            return memo[key]
-        n = root
+    def reads(n: Node, node: int, in_edge: int | None) -> list:
+        """(source, in-edge) pairs n's value is computed from (none for a leaf)."""
+        if n.op in (Op.INPUT, Op.PARAM, Op.STATE) or (n.op == Op.CONST and not n.shape):
+            return []
+        if n.op == Op.SUM_IN:
+            return [(n.srcs[0], e) for e in ins[node]]
+        return [(s, in_edge) for s in n.srcs]
+
+    def value(n: Node, node: int, out_edge: int | None, in_edge: int | None, memo: dict):
+        """n's value at this node (its sources' values in memo already)."""
         if n.op == Op.INPUT:
             if n.arg in edge_names:
                 e = in_edge if in_edge is not None else out_edge
-                val = xs[n.arg][:, e]
-            elif n.arg in pair_names:
-                val = xs[n.arg][:, in_edge, out_edge]
-            else:
-                val = xs[n.arg][:, node]
-        elif n.op == Op.PARAM:
-            val = P[n.arg]
-        elif n.op == Op.STATE:
+                return xs[n.arg][:, e]
+            if n.arg in pair_names:
+                return xs[n.arg][:, in_edge, out_edge]
+            return xs[n.arg][:, node]
+        if n.op == Op.PARAM:
+            return P[n.arg]
+        if n.op == Op.STATE:
             name = n.arg[0]
             if name in on_edge:
-                val = edge_state[in_edge][name]
-            else:
-                val = node_state[edges[in_edge][0]][name]
-        elif n.op == Op.CONST and not n.shape:
-            val = torch.tensor(n.arg, dtype=dtype, device=device)
-        elif n.op == Op.SUM_IN:
+                return edge_state[in_edge][name]
+            return node_state[edges[in_edge][0]][name]
+        if n.op == Op.CONST and not n.shape:
+            return torch.tensor(n.arg, dtype=dtype, device=device)
+        if n.op == Op.SUM_IN:
             acc = None
             for e in ins[node]:
-                part = evaluate(n.srcs[0], node, out_edge, e, memo)
+                part = memo[(n.srcs[0].id, e)]
                 acc = part if acc is None else acc + part
             if acc is None:
                 shape = (B,) + ir.shape_of(n)
                 acc = torch.zeros(shape, dtype=dtype, device=device)
-            val = acc
-        else:
-            val = ev.op(n, [evaluate(s, node, out_edge, in_edge, memo) for s in n.srcs], dtype, device)
-        memo[key] = val
-        return val
+            return acc
+        return ev.op(n, [memo[(s.id, in_edge)] for s in n.srcs], dtype, device)
+
+    def evaluate(root: Node, node: int, out_edge: int | None, in_edge: int | None, memo: dict):
+        """root's value at `node` (memo: (node id, in-edge) -> value), with an explicit
+        stack: an unrolled loop makes chains thousands of nodes deep."""
+        todo = [(root, in_edge, False)]
+        while todo:
+            n, ie, ready = todo.pop()
+            key = (n.id, ie)
+            if key in memo:
+                continue
+            if ready:
+                memo[key] = value(n, node, out_edge, ie, memo)
+                continue
+            todo.append((n, ie, True))
+            todo.extend((s, se, False) for s, se in reversed(reads(n, node, ie)))
+        return memo[(root.id, in_edge)]
 
     for v in order:
         memo: dict = {}

@@ -90,9 +90,18 @@ class Emitter:
         return self.seq[n.id]
 
     def _constant(self, n: Node) -> bool:
-        """n is computed from constants only (its text is a Python number expression)."""
-        if n.id not in self.constants:
-            self.constants[n.id] = n.op == Op.CONST or (bool(n.srcs) and all(self._constant(s) for s in n.srcs))
+        """n is computed from constants only (its text is a Python number expression).
+        Sources first with an explicit stack (no recursion along long chains)."""
+        todo = [(n, False)]
+        while todo:
+            x, ready = todo.pop()
+            if x.id in self.constants:
+                continue
+            if ready or x.op == Op.CONST or not x.srcs:
+                self.constants[x.id] = x.op == Op.CONST or (bool(x.srcs) and all(self.constants[s.id] for s in x.srcs))
+                continue
+            todo.append((x, True))
+            todo.extend((s, False) for s in x.srcs if s.id not in self.constants)
         return self.constants[n.id]
 
     def _pending(self, n: Node) -> list[Node]:

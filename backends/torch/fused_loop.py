@@ -110,14 +110,45 @@ class _Gen:
     def length(self, n: Node) -> int:
         return self.ir.shape_of(n)[0] if n.rank == 1 else 1
 
+    @staticmethod
+    def _key(n: Node, off: int) -> tuple[int, int]:
+        return (n.id, 0 if n.rank == 0 else off)   # scalars ignore the lane
+
+    def _srcs(self, n: Node, off: int) -> list[tuple[Node, int]]:
+        """The (source, offset) values the line of element (i + off) of n reads."""
+        off = self._key(n, off)[1]
+        if (n.op == Op.CONST and not n.shape) or (n.op == Op.STATE and n.arg[0] in self.states) \
+                or n.id in self.gemm or n.id in self.leaf:
+            return []
+        if n.op == Op.INDEX:
+            return [(n.srcs[0], off + (n.arg[0].start or 0))]
+        if n.op in C_UNARY or n.op in C_BINARY or n.op == Op.WHERE:
+            return [(s, off) for s in n.srcs]
+        raise NotEligible(n.op.name)  # pragma: no cover - plan_stage filters
+
     def val(self, n: Node, off: int) -> str:
-        """C expression for element (i + off) of n (scalars ignore the lane)."""
-        if n.rank == 0:
-            off = 0
-        key = (n.id, off)
-        if key in self.memo:
-            return self.memo[key]
+        """C expression for element (i + off) of n (scalars ignore the lane): emits the lines
+        of n and of the values it reads not emitted yet, sources first (depth first, in
+        source order), with an explicit stack: an unrolled loop makes chains thousands of
+        nodes deep."""
+        stack = [(n, off, False)]
+        while stack:
+            x, o, ready = stack.pop()
+            key = self._key(x, o)
+            if key in self.memo:
+                continue
+            if not ready:
+                stack.append((x, o, True))
+                stack.extend((s, so, False) for s, so in reversed(self._srcs(x, o)))
+                continue
+            self.memo[key] = self._line(x, o)
+        return self.memo[self._key(n, off)]
+
+    def _line(self, n: Node, off: int) -> str:
+        """Emit the line of element (i + off) of n, whose sources have names already."""
+        off = self._key(n, off)[1]
         idx = f"(i + {off})" if n.rank == 1 else "0"
+        name_of = lambda s, o: self.memo[self._key(s, o)]  # noqa: E731
         if n.op == Op.CONST and not n.shape:
             v = float(n.arg)
             expr = f"(T_){v!r}" if v == v and abs(v) != float("inf") else ("(T_)NAN" if v != v else
@@ -125,7 +156,6 @@ class _Gen:
         elif n.op == Op.STATE and n.arg[0] in self.states:
             expr = f"row_prev_{self.states.index(n.arg[0])}[i]"
         elif n.id in self.gemm:
-            L = self.length(n)
             expr = f"row_gm_{self.gemm[n.id]}[{idx}]"
         elif n.id in self.leaf:
             k = self.leaf[n.id]
@@ -134,21 +164,20 @@ class _Gen:
                 expr = f"((const T_*)pp_{k})[hd * {L if n.rank else 1} + {idx}]"
             else:
                 expr = f"row_in_{k}[{idx}]"
-        elif n.op == Op.INDEX:
-            expr = self.val(n.srcs[0], off + (n.arg[0].start or 0))
-        elif n.op in C_UNARY:
-            expr = C_UNARY[n.op].format(self.val(n.srcs[0], off))
-        elif n.op in C_BINARY:
-            expr = C_BINARY[n.op].format(self.val(n.srcs[0], off), self.val(n.srcs[1], off))
-        elif n.op == Op.WHERE:
-            expr = f"({self.val(n.srcs[0], off)} ? {self.val(n.srcs[1], off)} : {self.val(n.srcs[2], off)})"
-        else:  # pragma: no cover - plan_stage filters
-            raise NotEligible(n.op.name)
+        else:
+            a = [name_of(s, o) for s, o in self._srcs(n, off)]
+            if n.op == Op.INDEX:
+                expr = a[0]
+            elif n.op in C_UNARY:
+                expr = C_UNARY[n.op].format(*a)
+            elif n.op in C_BINARY:
+                expr = C_BINARY[n.op].format(*a)
+            else:  # WHERE
+                expr = f"({a[0]} ? {a[1]} : {a[2]})"
         name = f"v{self.count}"
         self.count += 1
         where = self.notes(n, with_text=False)
         self.lines.append(f"        T_ {name} = {expr};" + (f"  /* {where} */" if where else ""))
-        self.memo[key] = name
         return name
 
     def source(self, updates: list[Node], nparams: int, nseq: int) -> str:

@@ -174,15 +174,39 @@ class Region:
             if not parts:
                 continue
             g = "g" + self.value(ref)[1:]
-            out.append(annotate(f"{g} = {' + '.join(parts)}", notes(ref.node, with_text=False)))
+            pre, total = sum_text(parts, g)
+            out += pre
+            out.append(annotate(f"{g} = {total}", notes(ref.node, with_text=False)))
             nm = lambda s, v=ref.view: name(s, v)  # noqa: E731
             for src, contrib in zip(ref.node.srcs, texpr.vjp(ref.node, g, nm, self.value(ref))):
                 if contrib is not None:
                     adj.setdefault(resolve(src, ref.view).id, []).append(contrib)
         for rid, gname in grad_names.items():
             parts = adj.get(rid)
-            out.append(f"{gname} = {' + '.join(parts) if parts else '0.0'}")
+            pre, total = sum_text(parts, gname) if parts else ([], "0.0")
+            out += pre
+            out.append(f"{gname} = {total}")
         return out
+
+
+# Terms per line of a generated sum: a sum of thousands of terms (the adjoint of a value that
+# an unrolled loop reads at every pass) in one expression is as deep, and Python's compiler
+# recurses along it ("maximum recursion depth exceeded during compilation").
+MAX_TERMS = 64
+
+
+def sum_text(parts: list[str], acc: str) -> tuple[list[str], str]:
+    """(lines, expression) adding `parts` left to right (as one expression would) with at
+    most MAX_TERMS terms per expression: the lines accumulate all but the last terms into
+    `acc`, which the expression then reads. ([], the plain sum) for a short sum."""
+    if len(parts) <= MAX_TERMS:
+        return [], " + ".join(parts)
+    lines = []
+    for i in range(0, len(parts) - MAX_TERMS, MAX_TERMS):
+        chunk = parts[i:i + MAX_TERMS]
+        lines.append(f"{acc} = " + " + ".join(([acc] if i else []) + chunk))
+    rest = len(parts) - (len(parts) - 1) % MAX_TERMS - 1   # where the last (non-empty) chunk starts
+    return lines, " + ".join([acc] + parts[rest:])
 
 
 def annotate(line: str, note: str) -> str:

@@ -26,7 +26,7 @@ from recdsl.ir import Node, Op
 from recdsl.torch_expr import SourceNotes
 
 from . import texpr
-from .fusion import annotate
+from .fusion import annotate, sum_text
 from .fusion import pow2 as _pow2
 
 HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
@@ -124,13 +124,36 @@ class SeqKernel:
         return lambda s: self.vname(s, self._src_win(n, w, s))
 
     def _visit(self, n: Node, w: Win):
+        """Record the vnode (n, w) and what it reads, sources first, in self.order (depth
+        first, sources in order), with an explicit stack: an unrolled loop makes chains
+        thousands of nodes deep."""
+        stack: list = [(n, lambda: w, None)]
+        while stack:
+            x, xw, done = stack.pop()
+            if done is not None:
+                done()
+                self.order.append((x, xw))
+                continue
+            xw = xw()   # a source's window, found when it is visited (as the recursion did)
+            srcs = self._enter(x, xw)
+            if srcs is None:
+                continue
+            reads, after = srcs
+            stack.append((x, xw, after))
+            stack.extend((s, sw, None) for s, sw in reversed(reads))
+
+    def _enter(self, n: Node, w: Win):
+        """First visit of (n, w): checks it, records a leaf; for a core value, the sources
+        it reads with their windows (as functions: a window is found, or refused, when its
+        source is visited) and what to record after them. None when there is nothing to
+        visit (a literal, a vnode seen, a state, a leaf)."""
         if texpr.literal(n) is not None or self.key(n, w) in self.seen:
-            return
+            return None
         self.seen.add(self.key(n, w))
         if n.op == Op.STATE and n.arg[0] in self.states:
             if w != self._full(n):
                 raise NotEligible("a slice of a state")
-            return
+            return None
         if n.id not in self.core_ids:   # a leaf: a param or a per-step sequence value
             if n.rank > 1:
                 raise NotEligible("a matrix read elementwise")
@@ -141,17 +164,17 @@ class SeqKernel:
                 bucket.append(n)
             wins.setdefault(n.id, []).append(w)
             self.order.append((n, w))
-            return
+            return None
         op = n.op
+        nothing = lambda: None  # noqa: E731
         if texpr.fusable(n) or (op == Op.EXPAND and n.srcs[0].rank == 0 and n.rank == 1):
-            for s in n.srcs:
-                self._visit(s, self._src_win(n, w, s))
-        elif op == Op.INDEX and n.srcs[0].rank == 1 and len(n.arg) == 1:
+            return [(s, lambda s=s: self._src_win(n, w, s)) for s in n.srcs], nothing
+        if op == Op.INDEX and n.srcs[0].rank == 1 and len(n.arg) == 1:
             i = n.arg[0]
             if not isinstance(i, (slice, int)) or (isinstance(i, slice) and i.step not in (None, 1)):
                 raise NotEligible("a strided slice or another indexing form")
-            self._visit(n.srcs[0], self._src_win(n, w, n.srcs[0]))
-        elif op == Op.MATMUL and n.rank == 1:
+            return [(n.srcs[0], lambda: self._src_win(n, w, n.srcs[0]))], nothing
+        if op == Op.MATMUL and n.rank == 1:
             a, b = n.srcs
             if a.op == Op.PARAM and a.rank == 2 and b.rank == 1 and a.id not in self.core_ids:
                 g = Gemm(n, w, a, b, True, self.ir.shape_of(b)[0])
@@ -159,15 +182,15 @@ class SeqKernel:
                 g = Gemm(n, w, b, a, False, self.ir.shape_of(a)[0])
             else:
                 raise NotEligible("a matmul that is not weight @ vector")
-            self._visit(g.x, self._full(g.x))
-            self.gemm_index[(n.id, w)] = len(self.gemms)
-            self.gemms.append(g)
-        elif op == Op.DOT or (op in (Op.SUM, Op.AMAX) and n.srcs[0].rank == 1):
-            for s in n.srcs:
-                self._visit(s, self._full(s))
-        else:
-            raise NotEligible(f"{op.name.lower()} in the step")
-        self.order.append((n, w))
+
+            def record():
+                self.gemm_index[(n.id, w)] = len(self.gemms)
+                self.gemms.append(g)
+            xw = self._full(g.x)
+            return [(g.x, lambda: xw)], record
+        if op == Op.DOT or (op in (Op.SUM, Op.AMAX) and n.srcs[0].rank == 1):
+            return [(s, lambda s=s: self._full(s)) for s in n.srcs], nothing
+        raise NotEligible(f"{op.name.lower()} in the step")
 
     # ------------------------------------------------------------------ names
     def vname(self, n: Node, w: Win) -> str:
@@ -380,7 +403,9 @@ class SeqKernel:
             if not parts:
                 continue
             g = "g" + self.vname(n, w)[1:]
-            L.append(annotate(f"        {g} = tl.where(act[:, None] & {self.cmask(w)}, {' + '.join(parts)}, 0.0)",
+            pre, total = sum_text(parts, g)   # (a value read thousands of times: lines of at most 64 terms)
+            L += ["        " + x for x in pre]
+            L.append(annotate(f"        {g} = tl.where(act[:, None] & {self.cmask(w)}, {total}, 0.0)",
                               self.notes(n, with_text=False)))
             if n.id not in self.core_ids:
                 self._leaf_grad(L, n, w, g, params)
@@ -394,7 +419,9 @@ class SeqKernel:
             st = self.ir.states[s]
             parts = adj.pop(self.key(st, self._full(st)), None)
             _, mask = self._state_ptr(k, "x", "t")
-            L.append(f"        lam{k} = tl.where({mask}, {' + '.join(parts) if parts else '0.0'}, lam{k})"
+            pre, total = sum_text(parts, f"lamsum{k}") if parts else ([], "0.0")
+            L += ["        " + x for x in pre]
+            L.append(f"        lam{k} = tl.where({mask}, {total}, lam{k})"
                      f" + tl.zeros([BLOCK_B, {_pow2(self.slen(k))}], dtype=ACC)  # rows not running keep theirs")
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"dh0{k}", None)

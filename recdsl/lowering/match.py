@@ -20,14 +20,20 @@ def _mk(op, srcs, shape, arg=None):
 
 
 def factors(n: Node | None) -> list[Node]:
-    """The factors of a product tree (MUL and NEG as a factor -1)."""
-    if n is None:
-        return []
-    if n.op == Op.MUL:
-        return factors(n.srcs[0]) + factors(n.srcs[1])
-    if n.op == Op.NEG:
-        return [Node(Op.CONST, (), (), -1.0)] + factors(n.srcs[0])
-    return [n]
+    """The factors of a product tree (MUL and NEG as a factor -1), left to right; walked
+    with a stack, not recursion (unrolled loops make long products)."""
+    out: list[Node] = []
+    stack = [n] if n is not None else []
+    while stack:
+        x = stack.pop()
+        if x.op == Op.MUL:
+            stack += (x.srcs[1], x.srcs[0])
+        elif x.op == Op.NEG:
+            out.append(Node(Op.CONST, (), (), -1.0))
+            stack.append(x.srcs[0])
+        else:
+            out.append(x)
+    return out
 
 
 def product(fs: list[Node]) -> Node | None:
@@ -327,19 +333,21 @@ def _dplr(ctx: Context, sp: P.StagePlan, core: set[int]):
     return ChunkDPLR(sp.index, tuple(sp.states), k=k, v=v, a=left, b=t.w, log_decay=g, readouts=reads)
 
 
-def _signed_terms(n: Node, sign: float = 1.0, out=None) -> list:
-    """n as a signed sum of terms (ADD / SUB / NEG looked through)."""
-    out = [] if out is None else out
-    if n.op == Op.ADD:
-        _signed_terms(n.srcs[0], sign, out)
-        _signed_terms(n.srcs[1], sign, out)
-    elif n.op == Op.SUB:
-        _signed_terms(n.srcs[0], sign, out)
-        _signed_terms(n.srcs[1], -sign, out)
-    elif n.op == Op.NEG:
-        _signed_terms(n.srcs[0], -sign, out)
-    else:
-        out.append((sign, n))
+def _signed_terms(n: Node) -> list:
+    """n as a signed sum of terms (ADD / SUB / NEG looked through), left to right; walked
+    with a stack, not recursion (n Householder steps are a sum about 2n deep)."""
+    out = []
+    stack = [(n, 1.0)]
+    while stack:
+        x, sign = stack.pop()
+        if x.op == Op.ADD:
+            stack += ((x.srcs[1], sign), (x.srcs[0], sign))
+        elif x.op == Op.SUB:
+            stack += ((x.srcs[1], -sign), (x.srcs[0], sign))
+        elif x.op == Op.NEG:
+            stack.append((x.srcs[0], -sign))
+        else:
+            out.append((sign, x))
     return out
 
 
@@ -382,11 +390,15 @@ def _householder_steps(ir: IRCell, s: str):
             return None
     if any(g["erase"] is None or g["v"] is None for g in groups.values()):
         return None
-    steps, done = [], {(1.0, state.id)}
+    # What each erase term reads, as a set of signed terms, computed once (not per round:
+    # that made the matching cubic in the number of steps).
     todo = list(groups.values())
+    for g in todo:
+        src = g["erase"][1]
+        g["reads"] = {(1.0, state.id)} if src is state else {(sg, t.id) for sg, t in _signed_terms(src)}
+    steps, done = [], {(1.0, state.id)}
     while todo:
-        nxt = [g for g in todo if g["erase"][1] is state or
-               {(sg, t.id) for sg, t in _signed_terms(g["erase"][1])} == done]
+        nxt = [g for g in todo if g["reads"] == done]
         if len(nxt) != 1:
             return None
         g = nxt[0]
