@@ -173,8 +173,9 @@ class TorchExpr:
         if lin is not None:
             W, x, bs = lin
             return f"rt.param_linear({self.raw_param(W)}, {self.name_of(x)}, {', '.join(self.raw_param(b) for b in bs)})"
-        if op in UNARY_TORCH:
-            return f"{UNARY_TORCH[op]}({self.operand(s[0], n.rank)})"
+        if op in UNARY_TORCH:   # torch.cos(1.0) is a TypeError: a bare constant goes in as a tensor
+            bare = s[0].op == Op.CONST and not s[0].shape
+            return f"{UNARY_TORCH[op]}({self.operand(s[0], n.rank, as_tensor=bare)})"
         if op == Op.NEG:
             return f"-{self.operand(s[0], n.rank)}"
         if op in INFIX:

@@ -147,3 +147,23 @@ def test_absurd_heads_are_refused(cell, kw):
         recdsl.load(cell)(**kw)
     if cell == "lstm":   # too many elements: located at the param
         assert e.value.span is not None and e.value.span.line == 5
+
+
+FUNCTION_OF_A_CONSTANT = """cell function_of_a_constant(D):
+    input x[D]
+    state h[D]
+    th = exp(0)
+    h' = 0.5 * cos(th) * h + sin(th) * x + tanh(2.0)
+    output y = h'
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_function_of_a_bare_constant(backend):
+    """cos(exp(0)) (found by the 3,000-mutant fuzz): the constant reaches torch.cos as a tensor."""
+    spec = recdsl.load(FUNCTION_OF_A_CONSTANT)
+    torch.manual_seed(0)
+    ref, other = spec(backend="reference", D=3), spec(backend=backend, D=3)
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(other(x=x)[0], ref(x=x)[0])
+    torch.testing.assert_close(other.step(x=x[:, 0])[0], ref.step(x=x[:, 0])[0])
