@@ -82,7 +82,10 @@ class TritonEmitter(Emitter):
             self.seq[o.id] = f"{reds}[{j}]"
 
     def _ready(self, n, stage: int) -> bool:
-        """n can be read by a kernel of `stage`: it needs no state of this stage or later."""
+        """n can be read by a kernel of `stage`: it needs no state of this stage or later. (A
+        node made here, such as a readout's q[:, None], is placed by its sources.)"""
+        while n.id not in self.place and len(n.srcs) == 1:
+            n = n.srcs[0]
         return self.place.get(n.id, -1) < stage
 
     def _plan_epilogue(self, sp, spec: ScanSpec):

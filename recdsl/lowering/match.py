@@ -122,8 +122,11 @@ class Context:
         return False
 
     def free(self, n: Node, state: str) -> bool:
-        """n reads neither the previous nor the new value of `state`."""
-        return state not in self.reads[n.id]
+        """n reads neither the previous nor the new value of `state`, and is known when the
+        stage of `state` runs (it reads no state of a later stage: a query built from a later
+        stage's states cannot be fused into this stage's kernel)."""
+        stage = self.place[self.ir.updates[state].id]
+        return state not in self.reads[n.id] and self.place[n.id] <= stage
 
     def readouts(self, state: str, core: set[int]) -> list | None:
         """Every use of S (previous) and S' outside the update must be a readout with q free
