@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import linecache
+import threading
 
 import triton
 import triton.language as tl
@@ -87,10 +88,22 @@ def _method(twin):
     return method
 
 
+# triton.language's attributes and the interpret knob are process-wide: threads take turns
+# to swap them (an interpreted launch runs on CPU tensors, one at a time anyway) -- without
+# the lock, a thread's launch met another's restored JITFunctions ("Did you forget to add
+# @triton.jit ?") or its grid ("x >= grid_dim[0]").
+_LANGUAGE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def interpreted_language():
     """Run interpreted launches against interpreted triton.language helpers; afterwards
     restore every attribute of triton.language the interpreter or we changed."""
+    with _LANGUAGE_LOCK:
+        yield from _swapped_language()
+
+
+def _swapped_language():
     # Gluon copies the stdlib helpers when first imported and asserts they are
     # JITFunctions; the interpreter imports it lazily mid-launch, so import it first.
     with contextlib.suppress(ImportError):
@@ -119,7 +132,7 @@ def module_from_source(src: str, filename: str = "recdsl-triton", interpret: boo
     namespace = {"triton": triton, "tl": tl, "__name__": "recdsl_triton"}
     # scope() snapshots the runtime knobs and the TRITON_* environment variables and
     # restores both on exit, error or not (setting the knob also writes TRITON_INTERPRET).
-    with triton.knobs.runtime.scope():
+    with _LANGUAGE_LOCK, triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
         exec(compile(src, fname, "exec"), namespace)
     if interpret:
