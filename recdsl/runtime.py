@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from . import ast as A
-from .builtins import DISTRIBUTIONS, INIT_FUNCS
-from .checker import MAX_DIM, MAX_NUMEL
+from .builtins import DISTRIBUTIONS
+from .checker import MAX_DIM, MAX_NUMEL, ConstFolder, NotConstant
 from .errors import RecError
 from .ir import IRCell, lower
 from .pipeline import BUILT, backend_module, compile_cell
@@ -112,15 +112,15 @@ class RecModule(nn.Module):
             init = var.decl.init
             if isinstance(init, A.RandomInit):
                 pos = [a for a in init.args if not isinstance(a, A.Keyword)]
-                vals = {n: float(_const(a, self.ir.hypers, p)) for n, a in zip(DISTRIBUTIONS[init.dist], pos)}
-                vals.update({a.name: float(_const(a.value, self.ir.hypers, p))
+                vals = {n: float(_const(a, self.ir.hypers)) for n, a in zip(DISTRIBUTIONS[init.dist], pos)}
+                vals.update({a.name: float(_const(a.value, self.ir.hypers))
                              for a in init.args if isinstance(a, A.Keyword)})
                 if init.dist == "normal":
                     p.normal_(vals["mean"], vals["std"])
                 else:
                     p.uniform_(vals["low"], vals["high"])
             else:
-                value = _const(init.value, self.ir.hypers, p)
+                value = _const(init.value, self.ir.hypers)
                 p.copy_(torch.as_tensor(value, dtype=p.dtype).expand(p.shape))
 
     @property
@@ -153,7 +153,7 @@ class RecModule(nn.Module):
                 # A learned initial state: the param, broadcast over the batch (gradients flow to it).
                 out[name] = getattr(self, init.value.id).to(dtype).expand(shape)
             else:
-                v = _const(init.value, self.ir.hypers, None)
+                v = _const(init.value, self.ir.hypers)
                 out[name] = torch.as_tensor(v, dtype=dtype, device=device).expand(shape).clone()
         return out
 
@@ -262,9 +262,7 @@ class RecModule(nn.Module):
         B, T = next(iter(xs.values())).shape[:2]
         NB = B if cu is None else cu.numel() - 1   # final states: one per sequence of cu_seqlens
         heads = (self.heads,) if self.heads else ()
-        # an output that reads only params is computed once, a constant one (`output 7`) may be a
-        # Python number; give each the full [B, T, ...] shape
-        outs = {o: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype, device=device) for o, v in outs.items()}
+        # an output that reads only params is computed once; give it the full [B, T, ...] shape
         outs = {o: v.expand((B, T) + heads + self.ir.shape_of(self.ir.outputs[o])) for o, v in outs.items()}
         # a state whose update reads no input (s' = 2) comes back without the batch axes
         st = {s: v.expand((NB,) + heads + self.ir.shape_of(self.ir.states[s])) for s, v in st.items()}
@@ -362,7 +360,6 @@ class RecModule(nn.Module):
         shaped = {}
         for o, v in outs.items():
             want = (B,) + ((self.heads,) if self.heads else ()) + self.ir.shape_of(self.ir.outputs[o])
-            v = v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype, device=first.device)  # `output 7`
             shaped[o] = v.expand(want)
         return self._pack(shaped, first.dtype), st
 
@@ -409,33 +406,14 @@ def _is_int(v) -> bool:
         return False
 
 
-def _const(e: A.Expr, values: dict, like):
-    """Evaluate an initialiser expression (constants, dims, hyper-parameters, math, arange)
-    with torch, never eval: the result is a float or a tensor to broadcast."""
-    if isinstance(e, A.Num):
-        return float(e.value)
-    if isinstance(e, A.Name):
-        return float(values[e.id])
-    if isinstance(e, A.UnaryOp):
-        v = _const(e.operand, values, like)
-        return -v if e.op == "-" else v
-    if isinstance(e, A.BinOp):
-        a, b = _const(e.left, values, like), _const(e.right, values, like)
-        ops = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
-               "**": lambda: a ** b}
-        if e.op not in ops:
-            raise RecError(f"'{e.op}' in an initialiser", e.span)
-        return ops[e.op]()
-    if isinstance(e, A.Call):
-        if e.func == "arange":
-            bounds = [int(round(_const(a, values, like))) for a in e.args]
-            lo, hi = (0, bounds[0]) if len(bounds) == 1 else bounds
-            return torch.arange(lo, hi, dtype=torch.float64)
-        fn = getattr(torch, e.func, None) if e.func in INIT_FUNCS else None
-        if fn is None:
-            raise RecError(f"{e.func}(...) is not available in an initialiser", e.span,
-                           hint="use numbers, dimensions, arithmetic, arange and elementwise math")
-        v = _const(e.args[0], values, like)
-        return fn(torch.as_tensor(v, dtype=torch.float64))
-    raise RecError("this initialiser is not a constant expression", e.span)
-
+def _const(e: A.Expr, values: dict):
+    """An initialiser's value (numbers, dimensions, hyper-parameters, + - * / **, elementwise
+    math, arange), folded as the checker folds it (float64, never eval): a float, or a tensor
+    to broadcast."""
+    def lookup(name: str) -> float:
+        return float(values[name])
+    try:
+        v = ConstFolder(lookup, max_len=MAX_NUMEL).value(e)
+    except NotConstant:
+        raise RecError("this initialiser is not a constant expression", e.span) from None
+    return v if isinstance(v, float) else torch.from_numpy(v)

@@ -66,7 +66,9 @@ def emit_step(ir: IRCell) -> str:
             note += f"  -> output {output_of[n.id]}"
         lines.append(f"{code:<60}  # {note}" if note else code)
     new_states = ", ".join(f"{s!r}: {names[n.id]}" for s, n in ir.updates.items())
-    outs = ", ".join(f"{o!r}: {names[n.id]}" for o, n in ir.outputs.items())
+    # a constant output (`output 7`) is a number in the code above: returned as a tensor
+    outs = ", ".join(f"{o!r}: rt.with_prefix({expr.operand(n, 0, as_tensor=True)}, NB)" if n.op == Op.CONST
+                     and not n.shape else f"{o!r}: {names[n.id]}" for o, n in ir.outputs.items())
     lines.append(f"    return {{{new_states}}}, {{{outs}}}")
     return "\n".join(lines) + "\n"
 
@@ -102,9 +104,8 @@ class Program:
         per_t: dict[str, list] = {o: [] for o in self.ir.outputs}
         for t in range(T):
             st, outs = self.step({n: x[:, t] for n, x in xs.items()}, st, P, nb, dtype, device)
-            for o, v in outs.items():   # a constant output (`output 7`) is a Python number
-                per_t[o].append(v if isinstance(v, torch.Tensor) else
-                                torch.full((1,) * nb, v, dtype=dtype, device=device))
+            for o, v in outs.items():
+                per_t[o].append(v)
         stacked = {}
         for o, vals in per_t.items():
             shape = torch.broadcast_shapes(*(v.shape for v in vals))

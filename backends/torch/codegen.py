@@ -138,7 +138,9 @@ class Emitter:
             self.emit(f"RAN.append({choice.kernel.name!r})  # what ran, for tests and layer.ran")
             self.stage_method(choice)(choice)
         self.emit("# --- outputs")
-        outs = {o: self.seq_name(n) for o, n in ir.outputs.items()}
+        # a constant output (`output 7`) is a number in the code: returned as a tensor
+        outs = {o: self.expr_seq.operand(n, 0, as_tensor=True) if n.op == Op.CONST and not n.shape
+                else self.seq_name(n) for o, n in ir.outputs.items()}
         for s in ir.states:
             if s not in self.final:
                 self.final[s] = f"{self.seq[ir.updates[s].id]}[:, -1]"

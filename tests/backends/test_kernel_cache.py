@@ -8,6 +8,7 @@ known at selection. Numbers are checked against the reference backend: a scan ce
 
 The damaged-file cases run in a subprocess, so that a regression is a failed test, not a
 crashed pytest."""
+import inspect
 import json
 import os
 import shutil
@@ -26,11 +27,16 @@ from recdsl.backends.torch import cpu_kernels, fused_loop, kcache
 
 CELLS = ("mingru", "lstm")   # an element scan (the scan library), a loop (the fused C loop)
 
-# Runs both cells on the torch and reference backends without gradients (the fused loop's
-# mode) and prints what happened as JSON.
-CHILD = textwrap.dedent('''
-    import json, warnings
-    import torch, recdsl
+def compare_cells(cells) -> dict:
+    """Runs the cells on the torch and reference backends without gradients (the fused loop's
+    mode): the largest difference per cell (outputs and final states), the warnings raised
+    ([category name, message]), whether the scan library loaded, the fused loops built. Also
+    the CHILD's whole work, shipped as this function's source (self-contained)."""
+    import warnings
+
+    import torch
+
+    import recdsl
     from recdsl.backends.torch import cpu_kernels, kcache
 
     def tensors(x):
@@ -43,7 +49,7 @@ CHILD = textwrap.dedent('''
     out = {"err": {}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for cell in %r:
+        for cell in cells:
             spec = recdsl.load(cell)
             dims = spec.analysis_dims()
             ref = spec(backend="reference", **dims).double()
@@ -55,11 +61,14 @@ CHILD = textwrap.dedent('''
             with torch.no_grad():
                 a, b = tensors(ref(**xs)), tensors(fast(**xs))
             out["err"][cell] = max((x - y).abs().max().item() for x, y in zip(a, b))
-    out["warnings"] = [str(w.message) for w in caught]
+    out["warnings"] = [[w.category.__name__, str(w.message)] for w in caught]
     out["c"] = cpu_kernels.available()
     out["loops"] = sorted(stem for _, stem in kcache._memo if stem.startswith("loop-"))
-    print("RESULT " + json.dumps(out))
-''' % (CELLS,))
+    return out
+
+
+CHILD = (textwrap.dedent(inspect.getsource(compare_cells))
+         + f"\nimport json\nprint('RESULT ' + json.dumps(compare_cells({CELLS!r})))\n")
 
 
 def _child(cache: Path) -> subprocess.Popen:
@@ -211,29 +220,12 @@ def test_two_processes_build_one_key_at_once(tmp_path):
 
 # ---------------------------------------------------------------- unusable caches (in process)
 def _run_here() -> tuple[dict, list[str]]:
-    """The CHILD's work in this process: errors per cell and the warnings raised."""
-    errs = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for cell in CELLS:
-            spec = recdsl.load(cell)
-            dims = spec.analysis_dims()
-            ref = spec(backend="reference", **dims).double()
-            fast = spec(backend="torch", **dims).double()
-            fast.load_state_dict(ref.state_dict())
-            g = torch.Generator().manual_seed(0)
-            xs = {n: 0.5 * torch.randn((2, 9) + ref.ir.concrete(v.shape), generator=g, dtype=torch.float64)
-                  for n, v in spec.cell.inputs.items()}
-            with torch.no_grad():
-                o1, s1 = ref(**xs)
-                o2, s2 = fast(**xs)
-            o1, o2 = (o1, o2) if isinstance(o1, tuple) else ((o1,), (o2,))
-            errs[cell] = max([(a - b).abs().max().item() for a, b in zip(o1, o2)]
-                             + [(s1[k] - s2[k]).abs().max().item() for k in s1])
-    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
-    assert any(stem.startswith("loop-") for _, stem in kcache._memo), "the LSTM did not run its fused C loop"
-    assert all(e < 1e-10 for e in errs.values()), errs
-    return errs, [str(w.message) for w in caught if issubclass(w.category, kcache.CacheWarning)]
+    """The CHILD's work in this process: errors per cell and the cache's warnings."""
+    res = compare_cells(CELLS)
+    assert res["c"], cpu_kernels.unavailable_reason()
+    assert res["loops"], "the LSTM did not run its fused C loop"
+    assert all(e < 1e-10 for e in res["err"].values()), res["err"]
+    return res["err"], [msg for cat, msg in res["warnings"] if cat == kcache.CacheWarning.__name__]
 
 
 def _warned_once_about(path: Path, msgs: list[str]) -> None:
