@@ -1,12 +1,18 @@
 """Sequential stages without op dispatch: the whole time loop of an eligible stage runs in
-ONE generated C call. Per step it computes the recurrent GEMMs (W @ h for params W, with a
-small register-blocked kernel over weights packed once per call) and then everything
-elementwise (the gates), reading the hoisted inputs in place and writing the new states
-straight into the output sequences. This is what makes an LSTM competitive with
-torch.nn.LSTM on CPU: a torch GEMM call per step (plus a call for the gates) costs about
-as much again as oneDNN's whole LSTM.
+ONE generated C call, and its backward in one more. Per step the forward computes the
+recurrent GEMMs (W @ h for params W, with a small register-blocked kernel over weights
+packed once per call) and then everything elementwise (the gates), reading the hoisted
+inputs in place and writing the new states straight into the output sequences. This is
+what makes an LSTM competitive with torch.nn.LSTM on CPU: a torch GEMM call per step (plus
+a call for the gates) costs about as much again as oneDNN's whole LSTM.
 
-Inference only (no autograd): with gradients the backend runs the torch loop.
+Training: the forward also keeps every step's GEMM outputs; the backward (`grad_*`) walks
+time in reverse, recomputes each lane's step from the saved previous states, runs the
+lane's adjoint (c_adjoint.py: each op's derivative as torch defines it), and per step
+multiplies the GEMM outputs' adjoints by W for the previous states. Input and parameter
+gradients are written by the kernel (elementwise params summed per row); each weight's
+gradient is one GEMM over all steps after the call. No per-step Python, no recompute under
+autograd. Under create_graph=True the stage's torch twin is differentiated instead.
 
 Eligible stages: every state is a vector of one length H; every core node other than the
 GEMMs is elementwise (or a slice of the last axis) on vectors or scalars; GEMM inputs are
@@ -29,7 +35,8 @@ import torch
 
 from recdsl.ir import BINARY, COMPARE, IRCell, Node, Op
 
-from . import cpu_kernels, kcache
+from . import cpu_kernels, gemm, kcache
+from .double_backward import recompute_vjp, wants_graph
 
 C_UNARY = {
     Op.NEG: "(-{0})", Op.EXP: "EXP({0})", Op.LOG: "LOG({0})", Op.LOG1P: "LOG1P({0})", Op.EXPM1: "EXPM1({0})",
@@ -101,8 +108,12 @@ class _Gen:
         seqs = [n for n in leaves if n.op != Op.PARAM]
         self.leaf = {n.id: k for k, n in enumerate(params)} | {n.id: k for k, n in enumerate(seqs)}
         self.kinds = {n.id: ("param" if n.op == Op.PARAM else "seq") for n in leaves}
+        self.param_len = [self.length(n) for n in params]
+        self.seq_len = [self.length(n) for n in seqs]
+        self.leaf_rank = {(self.kinds[n.id], self.leaf[n.id]): n.rank for n in leaves}
         self.memo: dict = {}
         self.lines: list[str] = []
+        self.order: list = []          # (key, node, name, source keys) per line: the lane graph, for the adjoint
         self.count = 0
         from recdsl.torch_expr import SourceNotes
         self.notes = SourceNotes(ir)   # every generated line names the .rec line it came from
@@ -154,6 +165,8 @@ class _Gen:
             expr = f"(T_){v!r}" if v == v and abs(v) != float("inf") else ("(T_)NAN" if v != v else
                                                                          ("(T_)INFINITY" if v > 0 else "(-(T_)INFINITY)"))
         elif n.op == Op.STATE and n.arg[0] in self.states:
+            if off:
+                raise NotEligible("a state read at an offset")
             expr = f"row_prev_{self.states.index(n.arg[0])}[i]"
         elif n.id in self.gemm:
             expr = f"row_gm_{self.gemm[n.id]}[{idx}]"
@@ -176,52 +189,85 @@ class _Gen:
                 expr = f"({a[0]} ? {a[1]} : {a[2]})"
         name = f"v{self.count}"
         self.count += 1
+        self.order.append((self._key(n, off), n, name, [self._key(s, o) for s, o in self._srcs(n, off)]))
         where = self.notes(n, with_text=False)
         self.lines.append(f"        T_ {name} = {expr};" + (f"  /* {where} */" if where else ""))
         return name
 
+    # ------------------------------------------------------------------ the C file
     def source(self, updates: list[Node], nparams: int, nseq: int) -> str:
-        ns, ng = len(updates), len(self.gemm_len)
+        """The C file: the forward loop `loop_*` and its reverse-time adjoint `grad_*`, in
+        float and double."""
+        self.updates = updates
+        self.nparams, self.nseq = nparams, nseq
         outs = [self.val(u, 0) for u in updates]
-        sig = ", ".join([f"T_* st{k}_0, T_* st{k}_1, T_* out_{k}, int64_t osb_{k}, int64_t ost_{k}" for k in range(ns)]
-                        + [f"T_* gm_{k}, const T_* wp_{k}, int64_t wh_{k}" for k in range(ng)]
-                        + [f"const void* pp_{k}" for k in range(nparams)]
-                        + [f"view_t in_{k}" for k in range(nseq)]
-                        + ["int64_t T", "int64_t B", "int64_t NH", "int64_t nthreads"])
-        body = "\n".join(self.lines)
-        stores = "\n".join(f"          row_out_{k}[i] = {v}; row_next_{k}[i] = {v};" for k, v in enumerate(outs))
-        rows = "\n".join(
-            [f"        const T_* restrict row_prev_{k} = cur_{k} + bh * H;" for k in range(ns)]
-            + [f"        T_* restrict row_out_{k} = out_{k} + b * osb_{k} + t * ost_{k} + hd * H;" for k in range(ns)]
-            + [f"        T_* restrict row_next_{k} = nxt_{k} + bh * H;" for k in range(ns)]
-            + [f"        const T_* restrict row_gm_{k} = gm_{k} + bh * {self.gemm_len[k]};" for k in range(ng)]
-            + [f"        const T_* restrict row_in_{k} = (const T_*)in_{k}.p + b * in_{k}.sb + hd * in_{k}.sh"
-               f" + t * in_{k}.st;" for k in range(nseq)])
-        # W @ state for W [L, H] shared by the heads (rows: B * NH states) or [NH, L, H] (rows:
-        # the B states of each head), one packed panel of NR outputs per work item
-        gemms = "\n".join(
-            f"""      {{
-        const int64_t L = {L}, np = (L + NR_SFX - 1) / NR_SFX, shared = wh_{k} == 1;
+        body = "\n".join(self.lines)   # one lane of the step; the backward recomputes it
+        fn = self._forward_fn(outs, body) + self._backward_fn(body)
+        halves = []
+        for sfx, T_, macros, lae in (("f32", "float", _MACROS32, "LAE_f"), ("f64", "double", _MACROS64, "LAE_d")):
+            halves.append(macros + f"#define LAE {lae}\n" + (GEMM + fn).replace("SFX", sfx).replace("T_", T_)
+                          + "".join(f"#undef {m}\n" for m in _MACRO_NAMES) + "#undef LAE\n")
+        # vmath.h: vexpf / vtanhf, which vectorise across lanes (libm's are scalar calls, and
+        # the gates of a 4096-lane step would cost more than the step's GEMM)
+        return ('#include "vmath.h"\n'
+                "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n"
+                "/* one SIMD register: the GEMM panels are NR outputs wide */\n"
+                "#if defined(__AVX512F__)\n#define VBYTES 64\n#else\n#define VBYTES 32\n#endif\n"
+                + _LAE + "".join(halves))
+
+    def _gemm_calls(self, fwd: bool) -> str:
+        """Per step, W @ state (forward) or adjoint @ W (backward) for every GEMM, the threads
+        splitting the output panels: W [L, H] shared by the heads (rows: B * NH) or
+        [NH, L, H] (rows: the B states of each head), one packed panel of NR outputs each."""
+        out = []
+        for k, (L, j) in enumerate(zip(self.gemm_len, self.gemm_src)):
+            if fwd:   # gm[t] [B*NH, L] = state [B*NH, H] @ W^T
+                n_out, K, a, lda, c, ldc = L, "H", f"cur_{j}", "H", f"gm_{k} + t * gst_{k}", "L"
+                w = f"wp_{k}"
+            else:     # gl [B*NH, H] = dgm[t] [B*NH, L] @ W
+                n_out, K, a, lda, c, ldc = "H", L, f"dgm_{k} + t * B * NH * L", "L", f"gl_{k}", "H"
+                w = f"wb_{k}"
+            out.append(f"""      {{
+        const int64_t L = {L}, N = {n_out}, np = (N + NR_SFX - 1) / NR_SFX, shared = wh_{k} == 1;
         #pragma omp for schedule(static) nowait
         for (int64_t it = 0; it < wh_{k} * np; it++) {{
-          int64_t hd = it / np, p = it % np, nc = L - p * NR_SFX < NR_SFX ? L - p * NR_SFX : NR_SFX;
-          panel_SFX(cur_{j} + hd * H, shared ? H : NH * H, shared ? B * NH : B, H, wp_{k} + it * H * NR_SFX,
-                    gm_{k} + hd * L + p * NR_SFX, shared ? L : NH * L, nc);
+          int64_t hd = it / np, p = it % np, nc = N - p * NR_SFX < NR_SFX ? N - p * NR_SFX : NR_SFX;
+          panel_SFX({a} + hd * {lda}, shared ? {lda} : NH * {lda}, shared ? B * NH : B, {K},
+                    {w} + it * {K} * NR_SFX, {c} + hd * {ldc} + p * NR_SFX, shared ? {ldc} : NH * {ldc}, nc);
         }}
-      }}""" for k, (L, j) in enumerate(zip(self.gemm_len, self.gemm_src)))
+      }}""")
+        return "\n".join(out)
+
+    def _forward_fn(self, outs: list[str], body: str) -> str:
+        ns, ng = len(outs), len(self.gemm_len)
+        sig = ", ".join([f"T_* st{k}_0, T_* st{k}_1, T_* out_{k}, int64_t osb_{k}, int64_t ost_{k}" for k in range(ns)]
+                        + [f"T_* gm_{k}, int64_t gst_{k}, const T_* wp_{k}, int64_t wh_{k}" for k in range(ng)]
+                        + [f"const void* pp_{k}" for k in range(self.nparams)]
+                        + [f"view_t in_{k}" for k in range(self.nseq)]
+                        + ["int64_t T", "int64_t B", "int64_t NH", "int64_t nthreads"])
+        stores = "\n".join(f"          row_out_{k}[i] = {v}; row_next_{k}[i] = {v};" for k, v in enumerate(outs))
+        rows = _used(body + stores,
+                     [f"const T_* restrict row_prev_{k} = cur_{k} + bh * H;" for k in range(ns)]
+                     + [f"T_* restrict row_out_{k} = out_{k} + b * osb_{k} + t * ost_{k} + hd * H;" for k in range(ns)]
+                     + [f"T_* restrict row_next_{k} = nxt_{k} + bh * H;" for k in range(ns)]
+                     + [f"const T_* restrict row_gm_{k} = gm_{k} + t * gst_{k} + bh * {L};"
+                        for k, L in enumerate(self.gemm_len)]
+                     + [f"const T_* restrict row_in_{k} = (const T_*)in_{k}.p + b * in_{k}.sb + hd * in_{k}.sh"
+                        f" + t * in_{k}.st;" for k in range(self.nseq)])
         init = " ".join(f"T_* cur_{k} = st{k}_0; T_* nxt_{k} = st{k}_1;" for k in range(ns))
         swap = " ".join(f"{{ T_* tmp = cur_{k}; cur_{k} = nxt_{k}; nxt_{k} = tmp; }}" for k in range(ns))
         # The whole time loop in one call, in one parallel region: per step the threads split
         # the GEMMs' output panels, meet at a barrier, split the (batch, head) rows of the
         # elementwise step, meet again (the next GEMMs read every lane of the new states).
-        fn = f"""
+        # Training saves every step's GEMM outputs (gst = B * NH * L) for the backward.
+        return f"""
 void loop_SFX({sig}) {{
   const int64_t H = {self.H};
   #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {{
     {init}
     for (int64_t t = 0; t < T; t++) {{
-{gemms}
+{self._gemm_calls(fwd=True)}
       #pragma omp barrier
       #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < B * NH; bh++) {{
@@ -238,26 +284,149 @@ void loop_SFX({sig}) {{
   }}
 }}
 """
-        f32 = (GEMM + fn).replace("SFX", "f32").replace("T_", "float")
-        f64 = (GEMM + fn).replace("SFX", "f64").replace("T_", "double")
-        macros32 = ("#define EXP vexpf\n#define LOG logf\n#define LOG1P log1pf\n#define EXPM1 expm1f\n#define TANH vtanhf\n"
-                    "#define FABS fabsf\n#define SQRT sqrtf\n#define SIN sinf\n#define COS cosf\n#define POW powf\n"
-                    "#define ERF erff\n#define ONE 1.0f\n")
-        macros64 = ("#define EXP exp\n#define LOG log\n#define LOG1P log1p\n#define EXPM1 expm1\n#define TANH tanh\n"
-                    "#define FABS fabs\n#define SQRT sqrt\n#define SIN sin\n#define COS cos\n#define POW pow\n"
-                    "#define ERF erf\n#define ONE 1.0\n")
-        undef = "".join(f"#undef {m}\n" for m in ("EXP", "LOG", "LOG1P", "EXPM1", "TANH", "FABS", "SQRT", "SIN", "COS",
-                                                 "POW", "ERF", "ONE"))
-        lae32 = "static inline float LAE_f(float a, float b) { float m = a > b ? a : b; " \
-                "return isinf(m) && m < 0 ? m : m + log1pf(expf(-(a > b ? a - b : b - a))); }\n"
-        lae64 = "static inline double LAE_d(double a, double b) { double m = a > b ? a : b; " \
-                "return isinf(m) && m < 0 ? m : m + log1p(exp(-(a > b ? a - b : b - a))); }\n"
-        # vmath.h: vexpf / vtanhf, which vectorise across lanes (libm's are scalar calls, and
-        # the gates of a 4096-lane step would cost more than the step's GEMM)
-        return ('#include "vmath.h"\n'
-                "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n" + lae32 + lae64
-                + macros32 + "#define LAE LAE_f\n" + f32 + undef + "#undef LAE\n"
-                + macros64 + "#define LAE LAE_d\n" + f64)
+
+    def _backward_fn(self, body: str) -> str:
+        """grad_*: time in reverse. Per step, each (batch, head) row recomputes its lanes from
+        the saved previous states and GEMM outputs, seeds the new states' adjoints (from the
+        next step, the GEMMs' share and the output sequences' gradients), runs the lane's
+        adjoint and stores: the previous states' direct adjoints (dd), the GEMM outputs'
+        adjoints (dgm, kept for every step: dW is one GEMM after the call), the inputs'
+        gradients, and the elementwise params' gradients summed per row. Then the threads
+        split dgm[t] @ W for the previous states (gl, read by the step before)."""
+        ns, ng = len(self.updates), len(self.gemm_len)
+        adj, stores, reductions, simd = self._adjoint()
+        sig = ", ".join([f"const T_* sq_{k}, int64_t osb_{k}, int64_t ost_{k}, const T_* s0_{k}, view_t gs_{k}, "
+                         f"T_* dd_{k}" for k in range(ns)]
+                        + [f"const T_* gm_{k}, T_* dgm_{k}, const T_* wb_{k}, int64_t wh_{k}, T_* gl_{k}"
+                           for k in range(ng)]
+                        + [f"const void* pp_{k}, T_* dpp_{k}" for k in range(self.nparams)]
+                        + [f"view_t in_{k}, T_* din_{k}" for k in range(self.nseq)]
+                        + ["int64_t T", "int64_t B", "int64_t NH", "int64_t nthreads"])
+        lam = "\n".join(f"        T_ lam_{k} = " + " + ".join(
+            [f"row_dd_{k}[i]", f"row_gs_{k}[i]"] + [f"row_gl_{g}[i]" for g, j in enumerate(self.gemm_src) if j == k])
+            + ";" for k in range(ns))
+        lanes = "\n".join([body, lam, adj, stores])
+        red_decl = " ".join(f"T_ {r} = 0;" for r, _ in reductions)
+        red_store = "\n".join(f"        {store}" for _, store in reductions)
+        pragma = ("#pragma omp simd" + (f" reduction(+:{', '.join(r for r, _ in reductions)})" if reductions else "")
+                  if simd else "/* lanes write overlapping elements: no simd */")
+        rows = _used(lanes + red_store,
+                     [f"const T_* restrict row_prev_{k} = t > 0 ? sq_{k} + b * osb_{k} + (t - 1) * ost_{k} + hd * H"
+                      f" : s0_{k} + bh * H;" for k in range(ns)]
+                     + [f"const T_* restrict row_gs_{k} = (const T_*)gs_{k}.p + b * gs_{k}.sb + hd * gs_{k}.sh"
+                        f" + t * gs_{k}.st;" for k in range(ns)]
+                     + [f"T_* restrict row_dd_{k} = dd_{k} + bh * H;" for k in range(ns)]
+                     + [f"const T_* restrict row_gm_{k} = gm_{k} + (t * B * NH + bh) * {L};"
+                        for k, L in enumerate(self.gemm_len)]
+                     + [f"T_* restrict row_dgm_{k} = dgm_{k} + (t * B * NH + bh) * {L};"
+                        for k, L in enumerate(self.gemm_len)]
+                     + [f"const T_* restrict row_gl_{k} = gl_{k} + bh * H;" for k in range(ng)]
+                     + [f"T_* restrict row_dpp_{k} = dpp_{k} + bh * {self.param_len[k]};" for k in range(self.nparams)]
+                     + [f"const T_* restrict row_in_{k} = (const T_*)in_{k}.p + b * in_{k}.sb + hd * in_{k}.sh"
+                        f" + t * in_{k}.st;" for k in range(self.nseq)]
+                     + [f"T_* restrict row_din_{k} = din_{k} + ((b * T + t) * NH + hd) * {self.seq_len[k]};"
+                        for k in range(self.nseq)])
+        return f"""
+void grad_SFX({sig}) {{
+  const int64_t H = {self.H};
+  #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {{
+    for (int64_t t = T - 1; t >= 0; t--) {{
+      #pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < B * NH; bh++) {{
+        int64_t b = bh / NH, hd = bh % NH;
+{rows}
+        {red_decl}
+        {pragma}
+        for (int64_t i = 0; i < H; i++) {{
+{lanes}
+        }}
+{red_store}
+      }}
+{self._gemm_calls(fwd=False)}
+      #pragma omp barrier
+    }}
+  }}
+}}
+"""
+
+    def _adjoint(self):
+        """The lane's reverse pass: (adjoint lines, store lines, [(reduction, its store)],
+        simd ok). Walks the lane graph from the new states back, each value's adjoint the sum
+        of its readers' terms (c_adjoint.py), and stores the adjoints of the leaves: states
+        (dd), GEMM outputs (dgm), inputs (din) and params (dpp, accumulated over time).
+        A scalar leaf's adjoint is a sum over the lanes (an OpenMP reduction)."""
+        from collections import defaultdict
+
+        from .c_adjoint import source_terms
+        pending: dict = defaultdict(list)
+        for k, u in enumerate(self.updates):
+            pending[self._key(u, 0)].append(f"lam_{k}")
+        lines, leaf_adj = [], defaultdict(list)      # leaf slot -> [(offset, adjoint)]
+        for key, n, name, srcs in reversed(self.order):
+            terms = pending.pop(key, None)
+            if not terms or (n.op == Op.CONST and not n.shape):
+                continue
+            g = f"a{len(lines)}"
+            where = self.notes(n, with_text=False)
+            lines.append(f"        T_ {g} = {' + '.join(terms)};" + (f"  /* d {where} */" if where else ""))
+            slot = self._leaf_slot(n)
+            if slot is not None:
+                leaf_adj[slot].append((key[1], g))
+                continue
+            for s, term in zip(srcs, source_terms(n.op, [self.memo[s] for s in srcs], name, g)):
+                if term is not None:
+                    pending[s].append(term)
+        stores, reductions, simd = [], [], True
+        for k in range(len(self.updates)):
+            got = [g for _, g in leaf_adj.pop(("state", k), [])]
+            stores.append(f"          row_dd_{k}[i] = {' + '.join(got) if got else '(T_)0'};")
+        for (kind, k), pairs in leaf_adj.items():
+            row = {"gemm": f"row_dgm_{k}", "seq": f"row_din_{k}", "param": f"row_dpp_{k}"}[kind]
+            if self._scalar_slot(kind, k):
+                red = f"red_{kind}_{k}"
+                reductions.append((red, f"{row}[0] {'+=' if kind == 'param' else '='} {red};"))
+                stores.append(f"          {red} += {' + '.join(g for _, g in pairs)};")
+                continue
+            offs = sorted(o for o, _ in pairs)
+            overlap = any(b - a < self.H for a, b in zip(offs, offs[1:]))
+            simd = simd and not overlap
+            op = "+=" if overlap or kind == "param" else "="     # params sum over time
+            stores += [f"          {row}[i + {o}] {op} {g};" for o, g in pairs]
+        return "\n".join(lines), "\n".join(stores), reductions, simd
+
+    def _leaf_slot(self, n: Node):
+        """(kind, index) of the buffer a leaf's adjoint goes to, or None for a computed value."""
+        if n.op == Op.STATE and n.arg[0] in self.states:
+            return ("state", self.states.index(n.arg[0]))
+        if n.id in self.gemm:
+            return ("gemm", self.gemm[n.id])
+        if n.id in self.leaf:
+            return (self.kinds[n.id], self.leaf[n.id])
+        return None
+
+    def _scalar_slot(self, kind: str, k: int) -> bool:
+        return kind != "gemm" and (self.param_len if kind == "param" else self.seq_len)[k] == 1 and \
+            self.leaf_rank[(kind, k)] == 0
+
+
+def _used(text: str, decls: list[str]) -> str:
+    """The row-pointer declarations whose name the loop body reads (no unused pointers)."""
+    keep = [d for d in decls if d.split(" = ")[0].split()[-1] in text]
+    return "\n".join(f"        {d}" for d in keep)
+
+
+_MACRO_NAMES = ("EXP", "LOG", "LOG1P", "EXPM1", "TANH", "FABS", "SQRT", "SIN", "COS", "POW", "ERF", "ONE", "SIGM")
+_MACROS32 = ("#define EXP vexpf\n#define LOG logf\n#define LOG1P log1pf\n#define EXPM1 expm1f\n#define TANH vtanhf\n"
+             "#define FABS fabsf\n#define SQRT sqrtf\n#define SIN sinf\n#define COS cosf\n#define POW powf\n"
+             "#define ERF erff\n#define ONE 1.0f\n#define SIGM(x) (ONE / (ONE + EXP(-(x))))\n")
+_MACROS64 = ("#define EXP exp\n#define LOG log\n#define LOG1P log1p\n#define EXPM1 expm1\n#define TANH tanh\n"
+             "#define FABS fabs\n#define SQRT sqrt\n#define SIN sin\n#define COS cos\n#define POW pow\n"
+             "#define ERF erf\n#define ONE 1.0\n#define SIGM(x) (ONE / (ONE + EXP(-(x))))\n")
+_LAE = ("static inline float LAE_f(float a, float b) { float m = a > b ? a : b; "
+        "return isinf(m) && m < 0 ? m : m + log1pf(expf(-(a > b ? a - b : b - a))); }\n"
+        "static inline double LAE_d(double a, double b) { double m = a > b ? a : b; "
+        "return isinf(m) && m < 0 ? m : m + log1p(exp(-(a > b ? a - b : b - a))); }\n")
 
 
 # The recurrent GEMM: c[r, 0:nc] = a[r, :] @ wp for one panel wp [K][NR] of the weight packed
@@ -267,9 +436,11 @@ void loop_SFX({sig}) {{
 # step GEMM twice as fast as a torch (MKL) call per step. Measured on AVX2 (2 cores): 8x1
 # vectors beat 4x2, 2x4 and 3x3 blocks by 10-20%.
 GEMM = """
-#define NR_SFX ((int64_t)(32 / sizeof(T_)))
-typedef T_ vec_SFX __attribute__((vector_size(32)));
-typedef T_ uvec_SFX __attribute__((vector_size(32), aligned(sizeof(T_))));  /* unaligned rows of c */
+#define NR_SFX ((int64_t)(VBYTES / sizeof(T_)))
+typedef T_ vec_SFX __attribute__((vector_size(VBYTES)));
+typedef T_ uvec_SFX __attribute__((vector_size(VBYTES), aligned(sizeof(T_))));  /* unaligned rows of c */
+
+int64_t nr_SFX(void) { return NR_SFX; }   /* the panel width the packing in Python must match */
 
 static inline void store_SFX(T_* c, vec_SFX v, int64_t nc) {
   if (nc == NR_SFX) *(uvec_SFX*)c = v;
@@ -331,13 +502,13 @@ def _compile(src: str) -> ctypes.CDLL:
         if r.returncode != 0:
             raise kcache.BuildError(f"the generated step did not compile: {r.stderr[:300]}")
 
-    return kcache.load_library(f"loop-{key}", build, ("loop_f32", "loop_f64"))
+    return kcache.load_library(f"loop-{key}", build, ("loop_f32", "loop_f64", "grad_f32", "grad_f64", "nr_f32",
+                                                      "nr_f64"))
 
 
 def usable(dtype, *tensors) -> bool:
-    """The fused path runs without gradients, on CPU, in fp32/fp64, with a C compiler."""
-    grad = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
-    return not grad and dtype in (torch.float32, torch.float64) and cpu_kernels._compiler() is not None \
+    """The fused path runs on CPU, in fp32/fp64, with a C compiler (with or without gradients)."""
+    return dtype in (torch.float32, torch.float64) and cpu_kernels._compiler() is not None \
         and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
 
 
@@ -354,12 +525,14 @@ class FusedLoop:
     """The runner the generated forward calls for an eligible loop stage."""
 
     def __init__(self, ir: IRCell, states: list[str], core: list[Node]):
+        self.ir = ir
         self.gemms, region, self.leaves = plan_stage(ir, states, core)
         self.states = states
         self.params = [n for n in self.leaves if n.op == Op.PARAM]
         self.seqs = [n for n in self.leaves if n.op != Op.PARAM]
         gen = _Gen(ir, states, self.gemms, self.params + self.seqs)
         self.source = gen.source([ir.updates[s] for s in states], len(self.params), len(self.seqs))
+        self.gemm_src = gen.gemm_src
         self.keep = set(states)   # states whose whole sequence the forward reads (codegen narrows it)
         # Decided here, where the kernel is selected (kernels._loop_explain) and emitted
         # (codegen._fused), so that the plan never promises a C loop this process cannot build.
@@ -368,6 +541,7 @@ class FusedLoop:
             raise NotEligible(why)
         self.lib = None
         self.error: str | None = None
+        self._twin = None
 
     def usable(self, dtype, *tensors) -> bool:
         """`usable` for this loop, and its library loads (built on first use). A build that
@@ -386,66 +560,230 @@ class FusedLoop:
                 return False
         return True
 
-    def run(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
-        """seq_values: whole-sequence tensors of self.seqs (prefix [B, T, (heads)]).
-        Returns ({state: sequence [B, T, (heads), H]} for the states in self.keep, {state: final})."""
+    def _fn(self, name: str, dtype):
         if self.lib is None:
             self.lib = _compile(self.source)   # (the generated forward asked `usable` first)
-        fn = getattr(self.lib, "loop_f32" if dtype == torch.float32 else "loop_f64")
+        return getattr(self.lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+    def _panel_width(self, dtype) -> int:
+        fn = self._fn("nr", dtype)
+        fn.restype = ctypes.c_int64
+        return int(fn())
+
+    def run(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
+        """seq_values: whole-sequence tensors of self.seqs (prefix [B, T, (heads)]).
+        Returns ({state: sequence [B, T, (heads), H]} for the states in self.keep, {state: final}).
+        Differentiable: with gradients the call saves what its C backward needs."""
         heads = ns == 3
         B, T = X0.shape[:2]
         NH = X0.shape[2] if heads else 1
         H = S0[self.states[0]].shape[-1]
-        params = [P0[n.arg].to(dtype).contiguous() for n in self.params]
-        views = []
-        keep = []
-        for x, node in zip(seq_values, self.seqs):
-            x = x.to(dtype)
-            while x.dim() < ns + 1:
-                x = x.unsqueeze(-1)
-            if not heads:
-                x = x.unsqueeze(2)
-            L = node.shape and int(x.shape[3]) or 1
-            if node.rank == 1 and (x.shape[3] != L or x.stride(3) != 1):
-                x = x.contiguous()  # the generated code reads the feature axis with stride 1
-            keep.append(x)
-            sb, st, sh, sf = x.stride()
-            sb = sb if x.shape[0] > 1 else 0
-            st = st if x.shape[1] > 1 else 0
-            sh = sh if x.shape[2] > 1 else 0
-            sf = sf if x.shape[3] > 1 else 0
-            views.append(cpu_kernels.View(x.data_ptr(), sb, sh, st, sf))
+        dims = _Dims(B, T, NH, H, dtype)
+        xs = [_as_rows(x.to(dtype), node, ns) for x, node in zip(seq_values, self.seqs)]
+        params = [_per_head(P0[n.arg].to(dtype), n.rank, heads, NH) for n in self.params]
+        weights = [_per_head(P0[g.srcs[0].arg].to(dtype), 2, heads, NH) if heads else P0[g.srcs[0].arg].to(dtype)
+                   for g in self.gemms]
+        s0 = [S0[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H) for s in self.states]
+        tensors = xs + params + weights + s0
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            outs = _FusedFunction.apply(self, dims, *tensors)
+            seqs, finals = outs[:len(self.states)], outs[len(self.states):]
+        else:
+            seqs, finals, _ = self.forward(dims, xs, params, weights, s0, training=False)
+        shape = (B, NH, H) if heads else (B, H)
+        return ({s: (q if heads else q[:, :, 0]) for s, q in zip(self.states, seqs) if s in self.keep},
+                {s: f.view(shape) for s, f in zip(self.states, finals)})
+
+    def forward(self, dims, xs, params, weights, s0, training: bool):
+        """One C call over time. Returns (state sequences [B, T, NH, H] (a 1-step scratch for
+        states nobody reads, unless training), final states [B * NH, H], saved GEMM outputs
+        [T, B * NH, L] (training only))."""
+        B, T, NH, H, dtype = dims
         vp, c_int = ctypes.c_void_p, ctypes.c_int64
         # Per state: two contiguous [B * NH, H] buffers the loop swaps (a fresh copy of S0, which
         # is never written), and the output sequence; a state whose sequence nobody reads
         # writes its rows to one scratch row block (time stride 0) instead of T of them.
-        args, bufs, outs = [], {}, {}
-        for s in self.states:
-            bufs[s] = torch.empty((2, B * NH, H), dtype=dtype)
-            bufs[s][0].copy_(S0[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H))
-            outs[s] = torch.empty((B, T, NH, H) if s in self.keep else (B, 1, NH, H), dtype=dtype)
-            o = outs[s]
-            args += [vp(bufs[s][0].data_ptr()), vp(bufs[s][1].data_ptr()), vp(o.data_ptr()),
-                     c_int(o.stride(0)), c_int(o.stride(1) if s in self.keep else 0)]
-        # Per GEMM: the weight packed into panels [heads, L / NR, H, NR] (zero-padded), one row
-        # of outputs [B * NH, L] for the step.
-        nr = 32 // torch.empty((), dtype=dtype).element_size()
-        work = B * NH * H   # lanes plus multiply-adds per step
-        for g in self.gemms:
-            w = P0[g.srcs[0].arg].to(dtype)
+        args, bufs, outs = [], [], []
+        for s, h0 in zip(self.states, s0):
+            full = training or s in self.keep
+            buf = torch.empty((2, B * NH, H), dtype=dtype)
+            buf[0].copy_(h0)
+            o = torch.empty((B, T if full else 1, NH, H), dtype=dtype)
+            bufs.append(buf)
+            outs.append(o)
+            args += [vp(buf[0].data_ptr()), vp(buf[1].data_ptr()), vp(o.data_ptr()), c_int(o.stride(0)),
+                     c_int(o.stride(1) if full else 0)]
+        # Per GEMM: the weight packed into panels [heads, L / NR, H, NR] (zero-padded), the
+        # step's outputs [B * NH, L] (every step's when training).
+        nr = self._panel_width(dtype)
+        gms, keep = [], []
+        for w in weights:
             wh, L = (1, w.shape[0]) if w.dim() == 2 else w.shape[:2]
             npan = -(-L // nr)
             w = torch.nn.functional.pad(w.reshape(wh, L, H), (0, 0, 0, npan * nr - L))
             packed = w.view(wh, npan, nr, H).transpose(2, 3).contiguous()
-            gm = torch.empty((B * NH, L), dtype=dtype)
-            keep += [packed, gm]
-            args += [vp(gm.data_ptr()), vp(packed.data_ptr()), c_int(wh)]
-            work += B * NH * L * H
-        # threads only when a step has enough work to pay for its two barriers
-        nthreads = torch.get_num_threads() if work >= 1 << 16 else 1
-        fn(*args, *[vp(p.data_ptr()) for p in params], *views, c_int(T), c_int(B), c_int(NH), c_int(nthreads))
+            gm = torch.empty((T if training else 1, B * NH, L), dtype=dtype)
+            gms.append(gm)
+            keep.append(packed)
+            args += [vp(gm.data_ptr()), c_int(B * NH * L if training else 0), vp(packed.data_ptr()), c_int(wh)]
+        args += [vp(p.data_ptr()) for p in params] + [_view(x) for x in xs]
+        self._fn("loop", dtype)(*args, c_int(T), c_int(B), c_int(NH), c_int(self._threads(dims)))
         del keep
-        shape = (B, NH, H) if heads else (B, H)
-        finals = {s: bufs[s][T % 2].view(shape) for s in self.states}
-        seqs = {s: (outs[s] if heads else outs[s][:, :, 0]) for s in self.states if s in self.keep}
-        return seqs, finals
+        finals = [buf[T % 2] for buf in bufs]
+        return outs, finals, gms
+
+    def _threads(self, dims) -> int:
+        """Threads only when a step has enough work (lanes plus multiply-adds) to pay for its
+        two barriers."""
+        B, T, NH, H, _ = dims
+        work = B * NH * H * (1 + sum(self.ir.shape_of(g)[0] for g in self.gemms))
+        return torch.get_num_threads() if work >= 1 << 16 else 1
+
+    def backward(self, dims, xs, params, weights, s0, seqs, gms, g_seqs, g_finals):
+        """One reverse C call, then dW as one GEMM per weight over all steps. Returns the
+        gradients of (xs, params, weights, s0)."""
+        B, T, NH, H, dtype = dims
+        vp, c_int = ctypes.c_void_p, ctypes.c_int64
+        args, dd, keep = [], [], []
+        for k, (q, h0) in enumerate(zip(seqs, s0)):
+            g = g_seqs[k] if g_seqs[k] is not None else torch.zeros((1, 1, 1, H), dtype=dtype).expand(B, T, NH, H)
+            gf = g_finals[k]
+            d = gf.to(dtype).reshape(B * NH, H).clone() if gf is not None else torch.zeros((B * NH, H), dtype=dtype)
+            dd.append(d)
+            keep.append(g)
+            args += [vp(q.data_ptr()), c_int(q.stride(0)), c_int(q.stride(1)), vp(h0.data_ptr()), _view(g),
+                     vp(d.data_ptr())]
+        nr = self._panel_width(dtype)
+        dgms, gls = [], []
+        for w, gm in zip(weights, gms):
+            wh, L = (1, w.shape[0]) if w.dim() == 2 else w.shape[:2]
+            npan = -(-H // nr)      # W packed by columns: panels [heads, H / NR, L, NR]
+            wb = torch.nn.functional.pad(w.reshape(wh, L, H), (0, npan * nr - H))
+            wb = wb.view(wh, L, npan, nr).transpose(1, 2).contiguous()
+            dgm, gl = torch.zeros_like(gm), torch.zeros((B * NH, H), dtype=dtype)
+            dgms.append(dgm)
+            gls.append(gl)
+            keep.append(wb)
+            args += [vp(gm.data_ptr()), vp(dgm.data_ptr()), vp(wb.data_ptr()), c_int(wh), vp(gl.data_ptr())]
+        dps = [torch.zeros((B * NH, int(p.shape[-1]) if n.rank else 1), dtype=dtype)
+               for p, n in zip(params, self.params)]
+        dxs = [torch.zeros((B, T, NH, x.shape[3]), dtype=dtype) for x in xs]
+        for p, dp in zip(params, dps):
+            args += [vp(p.data_ptr()), vp(dp.data_ptr())]
+        for x, dx in zip(xs, dxs):
+            args += [_view(x), vp(dx.data_ptr())]
+        self._fn("grad", dtype)(*args, c_int(T), c_int(B), c_int(NH), c_int(self._threads(dims)))
+        del keep
+        d_s0 = list(dd)
+        for g, gl in zip(self.gemm_src, gls):
+            d_s0[g] = d_s0[g] + gl
+        d_w = [_weight_grad(dgm, seqs[j], s0[j], w, dims) for dgm, j, w in zip(dgms, self.gemm_src, weights)]
+        d_p = [dp.view(B, NH, -1).sum(0).reshape(p.shape) for dp, p in zip(dps, params)]
+        d_x = [dx.sum_to_size(x.shape) for dx, x in zip(dxs, xs)]
+        return d_x + d_p + d_w + d_s0
+
+    def twin(self):
+        """The stage in differentiable torch ops, one step at a time, with the C call's
+        signature (double backward: backends/torch/double_backward.py)."""
+        if self._twin is None:
+            from recdsl.torch_expr import compile_nodes
+            ir = self.ir
+            leaves = self.seqs + self.params + [g.srcs[0] for g in self.gemms] + [ir.states[s] for s in self.states]
+            self._twin = compile_nodes([ir.updates[s] for s in self.states], leaves)
+        return self._twin
+
+    def twin_forward(self, dims, xs, params, weights, s0):
+        B, T, NH, H, dtype = dims
+        step = self.twin()
+        P = [p if p.dim() > n.rank else p[None] for p, n in zip(params, self.params)]   # prefix [1, NH]
+        P = [p[None] for p in P] + [(w if w.dim() == 3 else w[None])[None] for w in weights]
+        st = [h.view(B, NH, H) for h in s0]
+        seqs = []
+        for t in range(T):
+            x_t = [x[:, t if x.shape[1] > 1 else 0] for x in xs]
+            x_t = [x[..., 0] if n.rank == 0 else x for x, n in zip(x_t, self.seqs)]
+            new = step(x_t + P + st, 2, dtype, s0[0].device)
+            st = [v.expand(B, NH, H) for v in new]
+            seqs.append(st)
+        outs = [torch.stack([s[k] for s in seqs], 1) for k in range(len(self.states))]
+        return outs + [s.reshape(B * NH, H) for s in st]
+
+
+class _Dims(tuple):
+    def __new__(cls, B, T, NH, H, dtype):
+        return super().__new__(cls, (B, T, NH, H, dtype))
+
+
+class _FusedFunction(torch.autograd.Function):
+    """The fused loop under autograd: forward saves every step's GEMM outputs and the state
+    sequences; backward is the generated reverse-time C loop (FusedLoop.backward). Under
+    create_graph=True the backward re-runs the stage's torch twin instead."""
+
+    @staticmethod
+    def forward(ctx, loop, dims, *tensors):
+        n = [len(loop.seqs), len(loop.params), len(loop.gemms), len(loop.states)]
+        xs, params, weights, s0 = _split(tensors, n)
+        seqs, finals, gms = loop.forward(dims, xs, params, weights, s0, training=True)
+        ctx.loop, ctx.dims, ctx.n = loop, dims, n
+        ctx.save_for_backward(*tensors, *seqs, *gms)
+        return (*seqs, *finals)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        loop, dims, n = ctx.loop, ctx.dims, ctx.n
+        saved = ctx.saved_tensors
+        inputs = saved[:sum(n)]
+        seqs, gms = saved[sum(n):sum(n) + n[3]], saved[sum(n) + n[3]:]
+        if wants_graph(inputs, grads):
+            return (None, None) + tuple(recompute_vjp(lambda *t: loop.twin_forward(dims, *_split(t, n)), inputs,
+                                                      ctx.needs_input_grad[2:], grads))
+        k = len(loop.states)
+        got = loop.backward(dims, *_split(inputs, n), seqs, gms, list(grads[:k]), list(grads[k:]))
+        return (None, None) + tuple(g if need else None for g, need in zip(got, ctx.needs_input_grad[2:]))
+
+
+def _split(tensors, counts):
+    out, i = [], 0
+    for c in counts:
+        out.append(list(tensors[i:i + c]))
+        i += c
+    return out
+
+
+def _as_rows(x: torch.Tensor, node: Node, ns: int) -> torch.Tensor:
+    """A whole-sequence leaf as [B|1, T|1, NH|1, L] with the feature axis at stride 1 (what the
+    generated code reads)."""
+    while x.dim() < ns + 1:
+        x = x.unsqueeze(-1)
+    if ns == 2:
+        x = x.unsqueeze(2)
+    if node.rank == 1 and x.stride(3) != 1:
+        x = x.contiguous()
+    return x
+
+
+def _per_head(p: torch.Tensor, rank: int, heads: bool, NH: int) -> torch.Tensor:
+    """A param with its heads axis (a param shared by the heads is expanded), contiguous."""
+    if heads and p.dim() == rank:
+        p = p.expand((NH,) + tuple(p.shape))
+    return p.contiguous()
+
+
+def _view(x: torch.Tensor) -> cpu_kernels.View:
+    """The C view of a [B, T, NH, L] tensor: size-1 (broadcast) axes get stride 0."""
+    strides = [st if size > 1 else 0 for st, size in zip(x.stride(), x.shape)]
+    sb, st, sh, sf = strides
+    return cpu_kernels.View(x.data_ptr(), sb, sh, st, sf)
+
+
+def _weight_grad(dgm, seq, h0, w, dims):
+    """dW = sum over steps and rows of dgm[t]^T h[t-1]: one GEMM (per head for per-head W)
+    over every step at once, the states before each step laid out time-major like dgm."""
+    B, T, NH, H, _ = dims
+    L = dgm.shape[-1]
+    prev = torch.empty((T, B, NH, H), dtype=seq.dtype)
+    prev[0] = h0.view(B, NH, H)
+    prev[1:] = seq[:, :-1].transpose(0, 1)
+    if w.dim() == 2:
+        return gemm.tn(dgm.view(-1, L), prev.view(-1, H))
+    return torch.bmm(dgm.view(T * B, NH, L).permute(1, 2, 0), prev.view(T * B, NH, H).transpose(0, 1))

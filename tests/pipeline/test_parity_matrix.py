@@ -1,6 +1,6 @@
 """The parity matrix, generated from the structure: every stdlib sequence cell x every
 backend whose selection accepts it x {plain, reverse, cu_seqlens, heads, initial state},
-outputs, final states and gradients (inputs and params) against `reference` in float64;
+outputs, final states and gradients (inputs, params, initial states) against `reference` in float64;
 and, for every stage, the kernel the selection names is the one the forward executed.
 
 The torch column runs in the fast suite; the triton column (Triton's interpreter, seconds
@@ -47,7 +47,7 @@ def test_backend_matches_reference(name, backend, mode):
     state = None
     if mode == "initial state":
         gen = torch.Generator().manual_seed(1)
-        state = {k: 0.5 * torch.randn(v.shape, generator=gen, dtype=torch.float64)
+        state = {k: (0.5 * torch.randn(v.shape, generator=gen, dtype=torch.float64)).requires_grad_()
                  for k, v in ref.initial_state(B, torch.float64).items()}
     o1, s1 = _run(ref, xs, mode, state)
     o2, s2 = _run(other, xs, mode, state)
@@ -58,7 +58,7 @@ def test_backend_matches_reference(name, backend, mode):
     for k in s1:
         assert float((s1[k] - s2[k]).detach().abs().max()) <= TOL * scale, (name, mode, "state", k)
     w = [torch.randn(a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) for a in o1]
-    leaves = list(xs.values())
+    leaves = list(xs.values()) + (list(state.values()) if state else [])   # initial states' gradients too
     g1 = _grads(ref, o1, s1, w, leaves)
     g2 = _grads(other, o2, s2, w, leaves)
     for a, b in zip(g1, g2):

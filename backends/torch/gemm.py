@@ -1,0 +1,82 @@
+"""The large GEMMs of the torch backend on CPU through oneDNN.
+
+torch's CPU matmul calls MKL, which takes its AVX2 code on AMD processors; oneDNN (the
+library behind torch.nn.LSTM) takes AVX-512 where the processor has it. Measured here
+(AMD EPYC with AVX-512, 2 threads, [4096, 256] x [256, 1024] fp32): oneDNN 2.1x MKL for
+x @ W^T, 1.6x for g @ W, 1.3x for g^T @ x. A recurrent layer's training step is mostly
+these three GEMMs (input projection, its two gradients, the recurrent weight's gradient),
+so they decide whether it keeps up with torch.nn.LSTM.
+
+oneDNN is reached through torch's own op (`torch.ops.mkldnn._linear_pointwise`, the one
+torch.compile's CPU backend calls). It is probed once: where it is missing or disagrees
+with torch's matmul, or RECDSL_ONEDNN=0, everything here is torch's matmul."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .double_backward import recompute_vjp, wants_graph
+
+_ONEDNN: bool | None = None
+
+
+def onednn() -> bool:
+    """oneDNN's linear is available and agrees with torch's matmul (probed once)."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = False
+        if os.environ.get("RECDSL_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
+            try:
+                x, w = torch.randn(5, 7), torch.randn(3, 7)
+                got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                _ONEDNN = bool(torch.allclose(got, x @ w.T, atol=1e-5))
+            except (RuntimeError, AttributeError, NotImplementedError):
+                _ONEDNN = False
+    return _ONEDNN
+
+
+def _fast(*ts: torch.Tensor) -> bool:
+    """oneDNN takes the call: CPU, float32, 2-D, big enough to pay for its setup."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 for t in ts)
+            and ts[0].shape[0] * ts[1].shape[0] >= 1 << 16 and onednn())
+
+
+def mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b^T (+ bias) for a [M, K], b [N, K] (any strides)."""
+    if _fast(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    out = a @ b.T
+    return out + bias if bias is not None else out
+
+
+def tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T @ b for a [N, M], b [N, K]: a weight gradient summed over N rows."""
+    return mm_t(a.T, b.T)
+
+
+class _Linear(torch.autograd.Function):
+    """x @ W^T + b with oneDNN GEMMs forward and backward (x: [N, K], W: [M, K])."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x, W, b)
+        return mm_t(x, W, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, b = ctx.saved_tensors
+        if wants_graph([x, W, b], [g]):   # create_graph=True: autograd's formulas, with a graph
+            return tuple(recompute_vjp(torch.nn.functional.linear, [x, W, b], ctx.needs_input_grad, [g]))
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return (mm_t(g, W.T) if need_x else None, tn(g, x) if need_w else None,
+                g.sum(0) if need_b else None)
+
+
+def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.nn.functional.linear(x, W, b) for x [..., K], W [M, K], with oneDNN's GEMMs on
+    CPU float32 (forward and backward) where they pay."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not _fast(flat, W):
+        return torch.nn.functional.linear(x, W, b)
+    return _Linear.apply(flat, W, b).view(tuple(x.shape[:-1]) + (W.shape[0],))
