@@ -120,14 +120,24 @@ class Temps:
 class TorchExpr:
     """Emits the right-hand side for a node given the names of its sources."""
 
-    def __init__(self, name_of, nb: str = "NB", raw_param=None):
+    def __init__(self, name_of, nb: str = "NB", raw_param=None, const_tensor=None):
         self.name_of = name_of  # Node -> the Python expression holding its value
         self.nb = nb            # the name of the prefix rank in the generated code
+        self.nb_read = False    # some expression read it (a driver defines it only then)
         self.raw_param = raw_param  # PARAM node -> its unprefixed tensor's name (one GEMM for W @ x)
+        # scalar CONST -> the name of a tensor holding it, made once outside a per-step function
+        # (None: the tensor is built where it is used)
+        self.const_tensor = const_tensor
+
+    def prefix_rank(self) -> str:
+        self.nb_read = True
+        return self.nb
 
     def operand(self, src: Node, rank: int, as_tensor: bool = False) -> str:
         """src's value lifted to `rank` node axes (new axes right after the prefix)."""
         if src.op == Op.CONST and not src.shape:
+            if as_tensor and self.const_tensor is not None:
+                return self.const_tensor(src)
             text = const_text(src)
             return f"torch.tensor({text}, dtype=DT, device=DEV)" if as_tensor else text
         text = self.name_of(src)
@@ -212,7 +222,7 @@ class TorchExpr:
         if op == Op.EXPAND:
             src = self.operand(s[0], s[0].rank, as_tensor=True)
             if s[0].op == Op.CONST and not s[0].shape:  # a bare constant has no prefix axes yet
-                src = f"rt.with_prefix({src}, {self.nb})"
+                src = f"rt.with_prefix({src}, {self.prefix_rank()})"
             return f"rt.expand_to({src}, {s[0].rank}, {tuple(n.arg)!r})"
         if op == Op.TRANSPOSE:
             return f"{self.name_of(s[0])}.transpose(-1, -2)"
@@ -221,22 +231,47 @@ class TorchExpr:
             head = f"{x}.shape[:-{r}]" if r else f"{x}.shape"
             return f"{x}.reshape({head} + {tuple(n.arg)!r})"
         if op == Op.CONCAT:
-            return f"torch.cat(rt.broadcast_prefix([{', '.join(self.name_of(x) for x in s)}], {self.nb}), dim=-1)"
+            return f"torch.cat(rt.broadcast_prefix([{', '.join(self.name_of(x) for x in s)}], {self.prefix_rank()}), dim=-1)"
         if op == Op.EYE:
             size = n.arg if n.arg is not None else None
-            return f"rt.with_prefix(torch.eye({size}, dtype=DT, device=DEV), {self.nb})"
+            return f"rt.with_prefix(torch.eye({size}, dtype=DT, device=DEV), {self.prefix_rank()})"
         if op == Op.CONST:
-            return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), {self.nb})"
+            return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), {self.prefix_rank()})"
         raise NotImplementedError(f"no torch form for {op.name}")
+
+
+def live_nodes(nodes: list[Node], roots: list[Node], deps) -> list[Node]:
+    """The nodes (of `nodes`, in their order) whose values the roots need, reading each
+    node's sources through deps(node) -- TorchExpr.deps, so a value a fused form absorbs
+    (W @ x inside F.linear(x, W, b)) is not needed. An emitter writes only these: a value
+    nothing reads is a wasted computation (a matmul every step)."""
+    among = {n.id for n in nodes}
+    need: set[int] = set()
+    stack = [r for r in roots if r.id in among]
+    while stack:
+        n = stack.pop()
+        if n.id in need:
+            continue
+        need.add(n.id)
+        stack.extend(s for s in deps(n) if s.id in among and s.id not in need)
+    return [n for n in nodes if n.id in need]
 
 
 def compile_nodes(roots: list[Node], leaves: list[Node]):
     """A function f(values: list of tensors for `leaves`, NB, DT, DEV) -> list of tensors for
-    `roots`, generated from the IR with the same emitter as the backends."""
+    `roots`, generated from the IR with the same emitter as the backends (nodes_source)."""
     import torch
     import torch.nn.functional as F
 
     from . import torch_rt as rt
+    ns = {"torch": torch, "F": F, "rt": rt}
+    exec(compile(nodes_source(roots, leaves), "<recdsl nodes>", "exec"), ns)
+    return ns["f"]
+
+
+def nodes_source(roots: list[Node], leaves: list[Node]) -> str:
+    """The text of compile_nodes' function: the roots' values from the leaves', computing
+    only what the roots need (sources first)."""
     names: dict[int, str] = {n.id: f"L[{i}]" for i, n in enumerate(leaves)}
     expr = TorchExpr(lambda n: names[n.id])
     lines = ["def f(L, NB, DT, DEV):"]
@@ -260,6 +295,4 @@ def compile_nodes(roots: list[Node], leaves: list[Node]):
         names[n.id] = temp_name("t", n.id)
         lines.append(f"    {names[n.id]} = {expr(n)}")
     lines.append("    return [" + ", ".join(names[r.id] if r.id in names else "None" for r in roots) + "]")
-    ns = {"torch": torch, "F": F, "rt": rt}
-    exec(compile("\n".join(lines) + "\n", "<recdsl nodes>", "exec"), ns)
-    return ns["f"]
+    return "\n".join(lines) + "\n"

@@ -17,9 +17,10 @@ def broadcast_prefix(xs: list[torch.Tensor], nb: int) -> list[torch.Tensor]:
 
 def param_matvec(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """W @ x for a param W [m, n] (or [heads, m, n]) and x [..., (heads,) n] as one GEMM,
-    instead of a batched matmul that would expand W over the batch."""
+    instead of a batched matmul that would expand W over the batch (F.linear: no W.T view
+    made at every call, as a per-step loop would)."""
     if W.dim() == 2:
-        return x @ W.T
+        return torch.nn.functional.linear(x, W)
     return torch.einsum("...hn,hmn->...hm", x, W)
 
 

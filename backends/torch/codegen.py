@@ -9,10 +9,15 @@ from __future__ import annotations
 from recdsl.analysis import stages as S
 from recdsl.ir import IRCell, Node, Op
 from recdsl.plan import Plan
-from recdsl.torch_expr import SourceNotes, Temps, TorchExpr, const_text, user_name
+from recdsl.torch_expr import SourceNotes, Temps, TorchExpr, const_text, live_nodes, user_name
 
 from recdsl.lowering import Choice, Selection
 from recdsl.lowering.match import consumers
+
+
+# Values the forward defines first, each only if some line reads it: the sequences' prefix
+# rank (B, T(, heads)) and the first input (its B and T).
+HEADER = {"NS": "NB + 1", "X0": "next(iter(X.values()))"}
 
 
 def _raw(n: Node) -> str:
@@ -37,6 +42,7 @@ class Emitter:
         self.fused: list = []                         # FusedLoop runners of eligible loop stages
         self.shifted = False                          # some value reads a previous state shifted in time
         self.constants: dict[int, bool] = {}          # node id -> computed from constants only
+        self.header_reads: set[str] = set()           # the HEADER values some line reads
 
     # ------------------------------------------------------------------ helpers
     def fresh(self, kind: str, hint: str | None = None) -> str:
@@ -48,6 +54,12 @@ class Emitter:
         line = "    " * indent + code
         note = self.note(node)
         self.lines.append(f"{line:<64}  # {note}" if note else line)
+
+    def seq_dims(self) -> str:
+        """`X0, NS`, as the kernels take the sequences' layout (B and T from X0, the prefix
+        rank NS); the header defines them only if some line reads them."""
+        self.header_reads |= {"X0", "NS"}
+        return "X0, NS"
 
     def seq_name(self, n: Node) -> str:
         """Name of n's value over the whole sequence, emitting it (and its sources) first."""
@@ -125,14 +137,6 @@ class Emitter:
     # ------------------------------------------------------------------ program
     def program(self) -> str:
         ir = self.ir
-        head = [
-            self.note.header(ir, self.BACKEND),
-            "# X: inputs [B, T, (heads,) *shape]; S0: initial states [B, (heads,) *shape];",
-            "# P1/P2: params with 1/2 leading axes; P0: params as stored; NB: per-step prefix rank.",
-            f"def forward(X, S0, P0, P1, P2, NB, DT, DEV{self.EXTRA_ARGS}):",
-            "    NS = NB + 1",
-            "    X0 = next(iter(X.values()))",
-        ]
         for sp, choice in zip(self.plan.stages, self.selection.stages):
             self.emit(f"# --- stage {sp.index}: {', '.join(sp.states)} ({sp.cls}) -> {choice.summary()}")
             self.emit(f"RAN.append({choice.kernel.name!r})  # what ran, for tests and layer.ran")
@@ -148,6 +152,15 @@ class Emitter:
         self.emit(f"return {{{', '.join(f'{o!r}: {v}' for o, v in outs.items())}}}, {{{finals}}}")
         for fl in self.fused:  # a fused loop writes only the state sequences something read
             fl.keep = {s for s in fl.states if ir.updates[s].id not in self.lazy}
+        head = [
+            self.note.header(ir, self.BACKEND),
+            "# X: inputs [B, T, (heads,) *shape]; S0: initial states [B, (heads,) *shape];",
+            "# P1/P2: params with 1/2 leading axes; P0: params as stored; NB: per-step prefix rank.",
+            f"def forward(X, S0, P0, P1, P2, NB, DT, DEV{self.EXTRA_ARGS}):",
+        ]
+        if self.expr_seq.nb_read:
+            self.header_reads.add("NS")
+        head += [f"    {name} = {rhs}" for name, rhs in HEADER.items() if name in self.header_reads]
         return "\n".join(head + self.lines) + "\n"
 
     def stage_method(self, choice: Choice):
@@ -177,8 +190,8 @@ class Emitter:
         b = self._lifted(form.b, st.rank, "torch.zeros((), dtype=DT, device=DEV)"
                          if kind in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
         name = self.fresh("seq", s)
-        self.emit(f"{name} = K.element_scan({kind!r}, rt.full_seq({a}, X0, NS, {st.rank}), "
-                  f"rt.full_seq({b}, X0, NS, {st.rank}), S0[{s!r}])", upd)
+        self.emit(f"{name} = K.element_scan({kind!r}, rt.full_seq({a}, {self.seq_dims()}, {st.rank}), "
+                  f"rt.full_seq({b}, {self.seq_dims()}, {st.rank}), S0[{s!r}])", upd)
         self.seq[upd.id] = name
 
     def _stage_block(self, choice: Choice):
@@ -189,7 +202,7 @@ class Emitter:
         for i in range(len(states)):
             row = [self._lifted(A.get((i, j)), r, "None") for j in range(len(states))]
             rows.append("[" + ", ".join(row) + "]")
-        xs = [f"rt.full_seq({self._lifted(bs[s], r, 'torch.zeros((), dtype=DT, device=DEV)')}, X0, NS, {r})"
+        xs = [f"rt.full_seq({self._lifted(bs[s], r, 'torch.zeros((), dtype=DT, device=DEV)')}, {self.seq_dims()}, {r})"
               for s in states]
         names = [self.fresh("seq", s) for s in states]
         self.emit(f"{', '.join(names)}, = K.block_scan([{', '.join(rows)}], [{', '.join(xs)}], "
@@ -214,7 +227,7 @@ class Emitter:
         outs, fin = self.fresh("reads"), self.fresh("fin", s)
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernel runs on the transposed state
         kernel = "signed_decay" if form.signed else "diag_matrix_stage"
-        self.emit(f"{outs}, {fin} = K.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, X0, NS)",
+        self.emit(f"{outs}, {fin} = K.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, {self.seq_dims()})",
                   self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
@@ -225,7 +238,7 @@ class Emitter:
         q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
         g = self._opt(form.log_decay)
         o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"{o}, {fin} = K.delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
+        self.emit(f"{o}, {fin} = K.delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], {self.seq_dims()})", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -237,7 +250,7 @@ class Emitter:
         bs = ", ".join(self._tensor(st["beta"]) for st in form.steps)
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         self.emit(f"{o}, {fin} = K.delta_product_stage({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], "
-                  f"S0[{s!r}], X0, NS)", self.ir.updates[s])
+                  f"S0[{s!r}], {self.seq_dims()})", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -247,7 +260,7 @@ class Emitter:
         q, k, v, a, b, g = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.a, form.b,
                                                        form.log_decay))
         o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"{o}, {fin} = K.dplr_stage({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], X0, NS)", self.ir.updates[s])
+        self.emit(f"{o}, {fin} = K.dplr_stage({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()})", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -262,33 +275,8 @@ class Emitter:
         """A tight loop over the stage's recurrent core; everything else is precomputed."""
         ir, states = self.ir, list(choice.states)
         core = list(choice.form.core)
-        core_ids = {n.id for n in core}
-        step: dict[int, str] = {}
-        pre: list[tuple[str, str, Node]] = []    # (step name, whole-sequence name) to slice per step
-        svar = {s: user_name("s", s) for s in states}   # each state's value at this step
-        for n in core:
-            if n.op == Op.STATE:
-                step[n.id] = svar[n.arg[0]]
-        for n in core:
-            for src in n.srcs:
-                if src.id in core_ids or src.id in step:
-                    continue
-                if src.op == Op.STATE and src.arg[0] in states:
-                    step[src.id] = svar[src.arg[0]]
-                elif src.op == Op.CONST and not src.shape:
-                    step[src.id] = const_text(src)
-                elif src.op == Op.PARAM:
-                    step[src.id] = f"P1[{src.arg!r}]"
-                elif src.op in (Op.CONST, Op.EYE):
-                    nm = self.fresh("c")
-                    self.emit(f"{nm} = {TorchExpr(lambda x: step[x.id])(src)}", src)
-                    step[src.id] = nm
-                else:
-                    seq = self.seq_name(src)
-                    nm = self.fresh("at", src.name)   # its value at step t
-                    step[src.id] = nm
-                    pre.append((nm, seq, src))
-        expr = TorchExpr(lambda x: step[x.id], raw_param=_raw)
+        fn = _StepFunction(self, states, core)   # binds (emits) the whole-sequence values the step reads
+        svar = fn.svar
         fused = self._fused(states, core)
         indent = 1
         fvar = None
@@ -297,6 +285,7 @@ class Emitter:
             fvar = self.fresh("fused")
             ffin = self.fresh("fused", "final")
             args = ", ".join(self.seq_name(n) for n in fl.seqs)
+            self.header_reads |= {"X0", "NS"}   # FL[k].run reads them
             self.emit(f"{fvar} = None")
             self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
             self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
@@ -307,21 +296,23 @@ class Emitter:
         # The recurrent core as a function of (inputs at t, states at t-1, params): run_loop
         # runs it over time; with gradients its backward is a reverse loop of the core's
         # vector-Jacobian products (recomputed per step), not a graph kept for every step.
+        # What is the same at every step (constant tensors) is made once, before the loop.
         cname = self.fresh("core")
+        once, body, returns = fn.build()
+        for code, n in once:
+            self.emit(code, n, indent=indent)
         self.emit(f"def {cname}(ins, st, P0, P1):", indent=indent)
-        if pre:
-            self.emit(f"{', '.join(nm for nm, _, _ in pre)}, = ins", indent=indent + 1)
-        self.emit(f"{', '.join(svar[s] for s in states)}, = st", indent=indent + 1)
-        for n in core:
-            if n.op == Op.STATE:
-                continue
-            nm = self.fresh("t", n.name)
-            self.emit(f"{nm} = {expr(n)}", n, indent=indent + 1)
-            step[n.id] = nm
-        self.emit(f"return ({', '.join(step[ir.updates[s].id] for s in states)},)", indent=indent + 1)
+        if fn.pre:
+            self.emit(f"{', '.join(nm for nm, _ in fn.pre)}, = ins", indent=indent + 1)
+        self.emit(f"{', '.join(fn.state_targets())}, = st", indent=indent + 1)
+        for code, n in body:
+            self.emit(code, n, indent=indent + 1)
+        self.emit(f"return ({', '.join(returns)},)", indent=indent + 1)
         seqs = self.fresh("seqs")
-        self.emit(f"{seqs} = rt.run_loop({cname}, [{', '.join(seq for _, seq, _ in pre)}], "
-                  f"[{', '.join(f'S0[{s!r}]' for s in states)}], P0, X0.shape[1], NS)", indent=indent)
+        self.header_reads.add("X0")
+        params = ", ".join(f"{p!r}: P0[{p!r}]" for p in fn.params)   # only those the core reads
+        self.emit(f"{seqs} = rt.run_loop({cname}, [{', '.join(seq for _, seq in fn.pre)}], "
+                  f"[{', '.join(f'S0[{s!r}]' for s in states)}], {{{params}}}, X0.shape[1])", indent=indent)
         for i, s in enumerate(states):
             self.emit(f"{svar[s]} = {seqs}[{i}][:, -1]", indent=indent)
         for i, s in enumerate(states):
@@ -339,3 +330,103 @@ class Emitter:
             return None
         self.fused.append(fl)
         return len(self.fused) - 1, fl
+
+
+class _StepFunction:
+    """The per-step function (`core`) of a torch loop stage, built before it is emitted.
+
+    Only the core values the new states need are written (live_nodes over TorchExpr.deps:
+    the W @ h that F.linear(h, W, b) absorbs is not computed beside it), and only the
+    inputs, states and params those read reach the function. What is the same at every
+    step is made once per forward, outside it: constant tensors (a `torch.tensor(0.0)`
+    operand, a vector constant, an identity) and core values computed from constants only.
+    Params are read as P0 (as stored, for one GEMM) or P1 (one leading axis): views
+    run_loop builds once per loop, of the params in `params` only."""
+
+    def __init__(self, em: Emitter, states: list[str], core: list[Node]):
+        self.em, self.ir = em, em.ir
+        self.core_ids = {n.id for n in core}
+        self.svar = {s: user_name("s", s) for s in states}   # each state's value at this step
+        self.step: dict[int, str] = {}        # node id -> its name in the function (or made once, outside)
+        self.pre: list[tuple[str, str]] = []  # (name at the step, whole-sequence name) of each input
+        self.params: list[str] = []           # the params the function reads
+        self.once: list[tuple[str, Node]] = []   # lines run once per forward, before the loop
+        self.consts: dict[str, str] = {}      # scalar literal -> its tensor, made once
+        self.states_read: set[str] = set()
+        self.expr = TorchExpr(self.name, raw_param=self.raw, const_tensor=self.const_tensor)
+        self.roots = [self.ir.updates[s] for s in states]
+        self.live = live_nodes(core, self.roots, self.expr.deps)
+        for n in self.live + self.roots:   # the whole-sequence values read: emitted now, before the loop
+            for src in (self.expr.deps(n) if n.id in self.core_ids else (n,)):
+                if src.id not in self.core_ids and src.id not in self.step and self._per_step(src):
+                    seq = em.seq_name(src)
+                    self.step[src.id] = em.fresh("at", src.name)   # its value at step t
+                    self.pre.append((self.step[src.id], seq))
+
+    def _per_step(self, n: Node) -> bool:
+        """n is read at each step from a whole-sequence value (not a state of this stage, a
+        param or a constant)."""
+        if n.op == Op.STATE and n.arg[0] in self.svar:
+            return False
+        return n.op not in (Op.PARAM, Op.CONST, Op.EYE)
+
+    # names the expressions read (TorchExpr's callbacks)
+    def name(self, n: Node) -> str:
+        if n.id in self.step:
+            return self.step[n.id]
+        if n.op == Op.STATE and n.arg[0] in self.svar:
+            self.states_read.add(n.arg[0])
+            return self.svar[n.arg[0]]
+        if n.op == Op.CONST and not n.shape:
+            return const_text(n)
+        if n.op == Op.PARAM:
+            self._use(n.arg)
+            return f"P1[{n.arg!r}]"
+        if n.op in (Op.CONST, Op.EYE):   # a constant tensor: made once
+            nm = self.em.fresh("c")
+            self.once.append((f"{nm} = {self.expr(n)}", n))
+            self.step[n.id] = nm
+            return nm
+        raise KeyError(f"no value bound for {n!r} in the loop's step")   # pragma: no cover - bound in __init__
+
+    def raw(self, n: Node) -> str:
+        self._use(n.arg)
+        return f"P0[{n.arg!r}]"
+
+    def const_tensor(self, n: Node) -> str:
+        text = const_text(n)
+        if text not in self.consts:
+            self.consts[text] = self.em.fresh("c")
+            self.once.append((f"{self.consts[text]} = torch.tensor({text}, dtype=DT, device=DEV)", n))
+        return self.consts[text]
+
+    def _use(self, param: str):
+        if param not in self.params:
+            self.params.append(param)
+
+    # the function
+    def build(self):
+        """(lines made once before the loop, the step's lines, the names of the new states);
+        each line a (code, node) pair."""
+        body: list[tuple[str, Node]] = []
+        constant: dict[int, bool] = {}    # core value computed from constants only (no input, state or param)
+        for n in self.live:
+            if n.op == Op.STATE or (n.op == Op.CONST and not n.shape):
+                constant[n.id] = n.op == Op.CONST
+                continue
+            constant[n.id] = n.op in (Op.CONST, Op.EYE) or bool(n.srcs) and all(
+                constant.get(s.id, False) if s.id in self.core_ids else s.op in (Op.CONST, Op.EYE) for s in n.srcs)
+            rhs = self.expr(n)
+            if constant[n.id]:
+                nm = self.em.fresh("c", n.name)
+                self.once.append((f"{nm} = {rhs}", n))
+            else:
+                nm = self.em.fresh("t", n.name)
+                body.append((f"{nm} = {rhs}", n))
+            self.step[n.id] = nm
+        returns = [self.name(u) for u in self.roots]
+        return self.once, body, returns
+
+    def state_targets(self) -> list[str]:
+        """The unpacking of the states at t-1: `_` for a state the step does not read."""
+        return [v if s in self.states_read else "_" for s, v in self.svar.items()]

@@ -38,11 +38,6 @@ def shift(seq: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, rest], 1)
 
 
-def at(seq: torch.Tensor, t: int, ns: int) -> torch.Tensor:
-    """Step t of a sequence value (a value constant over time has a T axis of size 1)."""
-    return seq[:, t] if seq.shape[1] > 1 else seq[:, 0]
-
-
 def stack_t(acc: list[torch.Tensor], s0: torch.Tensor) -> torch.Tensor:
     shape = torch.broadcast_shapes(*(a.shape for a in acc))
     return torch.stack([a.expand(shape) for a in acc], 1)
@@ -72,33 +67,48 @@ def from_b(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(like.shape)
 
 
-def run_loop(core, ins: list, s0: list, P0: dict, T: int, ns: int):
+def run_loop(core, ins: list, s0: list, P0: dict, T: int):
     """Run a sequential stage's core over time: core(inputs at t, states, P0, P1) -> new
-    states. Returns the state sequences [B, T, ...]. With gradients, a custom backward
-    walks time in reverse, recomputing one step at a time to get its vector-Jacobian
-    product, so memory is the states, not a graph per step. Under create_graph=True the
-    backward re-runs the loop with autograd instead (double_backward.py): second
-    derivatives are autograd's."""
+    states, for P0 the params the core reads. Returns the state sequences [B, T, ...].
+    Whatever does not change over time is set up once per loop, not per step: the
+    params' views (P1: one leading axis) and the inputs' per-step views (one unbind).
+    With gradients, a custom backward walks time in reverse, recomputing one step at a
+    time to get its vector-Jacobian product, so memory is the states, not a graph per
+    step. Under create_graph=True the backward re-runs the loop with autograd instead
+    (double_backward.py): second derivatives are autograd's."""
     names = list(P0)
     params = [P0[n] for n in names]
     if torch.is_grad_enabled() and any(t.requires_grad for t in list(ins) + s0 + params):
-        return _LoopFunction.apply(core, names, len(ins), len(s0), T, ns, *ins, *s0, *params)
-    return _forward_loop(core, names, ins, s0, params, T, ns)
+        return _LoopFunction.apply(core, names, len(ins), len(s0), T, *ins, *s0, *params)
+    return _forward_loop(core, names, ins, s0, params, T)
 
 
-def _param_dicts(names, params):
+def _param_views(names: list, params: list) -> tuple[dict, dict]:
+    """(P0, P1): the params as stored and with one leading axis (per-step tensors have one
+    prefix axis more), made once per loop; every step reads them."""
     P0 = dict(zip(names, params))
     return P0, {n: p[None] for n, p in P0.items()}
 
 
-def _step(core, names, ins, st, params, t, ns):
-    return _step_at(core, names, [at(x, t, ns) for x in ins], st, params)
+def _steps(ins: list, T: int) -> list[tuple]:
+    """Per step t, the inputs' values at t: a sequence [B, T, ...] unbound along time once
+    (T views in one call, not T indexing ops per input), a value constant over time (a T
+    axis of size 1) the same view at every step."""
+    per_input = [x.unbind(1) if x.shape[1] > 1 else (x[:, 0],) * T for x in ins]
+    return list(zip(*per_input)) if per_input else [()] * T
 
 
-def _forward_loop(core, names, ins, s0, params, T, ns):
+def _fit(out, prev: list) -> list:
+    """The core's new states at the shape of the previous ones (a value that does not vary
+    over a prefix axis comes back with size 1 there)."""
+    return [o.expand_as(s) if o.shape != s.shape else o for o, s in zip(out, prev)]
+
+
+def _forward_loop(core, names, ins, s0, params, T):
+    P0, P1 = _param_views(names, params)
     st, seqs = list(s0), [[] for _ in s0]
-    for t in range(T):
-        st = _step(core, names, ins, st, params, t, ns)
+    for x_t in _steps(ins, T):
+        st = _fit(core(x_t, st, P0, P1), st)
         for acc, s in zip(seqs, st):
             acc.append(s)
     return tuple(torch.stack(acc, 1) for acc in seqs)
@@ -106,11 +116,11 @@ def _forward_loop(core, names, ins, s0, params, T, ns):
 
 class _LoopFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, core, names, n_in, n_s, T, ns, *tensors):
+    def forward(ctx, core, names, n_in, n_s, T, *tensors):
         ins, s0, params = list(tensors[:n_in]), list(tensors[n_in:n_in + n_s]), list(tensors[n_in + n_s:])
         with torch.no_grad():
-            seqs = _forward_loop(core, names, ins, s0, params, T, ns)
-        ctx.core, ctx.names, ctx.n_in, ctx.n_s, ctx.T, ctx.ns = core, names, n_in, n_s, T, ns
+            seqs = _forward_loop(core, names, ins, s0, params, T)
+        ctx.core, ctx.names, ctx.n_in, ctx.n_s, ctx.T = core, names, n_in, n_s, T
         ctx.save_for_backward(*ins, *s0, *params, *seqs)
         return seqs
 
@@ -128,18 +138,21 @@ class _LoopFunction(torch.autograd.Function):
             # graph to the inputs' history), so re-run the loop differentiably instead
             def loop(*xs):
                 return _forward_loop(ctx.core, ctx.names, list(xs[:n_in]), list(xs[n_in:n_in + n_s]),
-                                     list(xs[n_in + n_s:]), ctx.T, ctx.ns)
-            return (None,) * 6 + tuple(recompute_vjp(loop, inputs, ctx.needs_input_grad[6:], g_seqs))
+                                     list(xs[n_in + n_s:]), ctx.T)
+            return (None,) * 5 + tuple(recompute_vjp(loop, inputs, ctx.needs_input_grad[5:], g_seqs))
         leaves_p = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        with torch.enable_grad():   # the views carry the graph back to the leaves at every step
+            P0, P1 = _param_views(ctx.names, leaves_p)
+        steps = _steps([x.detach() for x in ins], ctx.T)
         g_in = [torch.zeros_like(x) for x in ins]
         g_p = [torch.zeros_like(p) for p in params]
         lam = [torch.zeros_like(s[:, -1]) for s in seqs]
         for t in range(ctx.T - 1, -1, -1):
             lam = [l + g[:, t] if g is not None else l for l, g in zip(lam, g_seqs)]
             prev = [(s0[i] if t == 0 else seqs[i][:, t - 1]).detach().requires_grad_() for i in range(n_s)]
-            x_t = [at(x, t, ctx.ns).detach().requires_grad_(x.requires_grad) for x in ins]
+            x_t = [v.detach().requires_grad_(x.requires_grad) for v, x in zip(steps[t], ins)]
             with torch.enable_grad():
-                out = _step_at(ctx.core, ctx.names, x_t, prev, leaves_p)
+                out = _fit(ctx.core(x_t, prev, P0, P1), prev)
                 wrt = prev + [x for x in x_t if x.requires_grad] + [p for p in leaves_p if p.requires_grad]
                 grads = torch.autograd.grad(out, wrt, grad_outputs=lam, allow_unused=True)
             it = iter(grads)
@@ -156,11 +169,5 @@ class _LoopFunction(torch.autograd.Function):
                     if g is not None:
                         g_p[j] += g
         g_s0 = [l if s.requires_grad else None for l, s in zip(lam, s0)]
-        return (None,) * 6 + tuple(g if x.requires_grad else None for g, x in zip(g_in, ins)) + tuple(g_s0) + \
+        return (None,) * 5 + tuple(g if x.requires_grad else None for g, x in zip(g_in, ins)) + tuple(g_s0) + \
             tuple(g if p.requires_grad else None for g, p in zip(g_p, params))
-
-
-def _step_at(core, names, x_t, prev, params):
-    P0, P1 = _param_dicts(names, params)
-    out = core(x_t, prev, P0, P1)
-    return [o.expand_as(s) if o.shape != s.shape else o for o, s in zip(out, prev)]

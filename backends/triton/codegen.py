@@ -72,7 +72,7 @@ class TritonEmitter(Emitter):
         shape = ir.shape_of(ir.states[sp.states[0]])
         seqs, fins, outs, reds = self.fresh("seqs"), self.fresh("finals"), self.fresh("outs"), self.fresh("reads")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins}, {outs}, {reds} = TK.scan(KS[{idx}], [{leaves}], [{rleaves}], [{h0s}], X0, NS, "
+        self.emit(f"{seqs}, {fins}, {outs}, {reds} = TK.scan(KS[{idx}], [{leaves}], [{rleaves}], [{h0s}], {self.seq_dims()}, "
                   f"{shape!r}, store=@STORE{idx}@, rev=REV, cu=CU)  # triton kernel {spec.name}_fwd",
                   ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
@@ -162,7 +162,7 @@ class TritonEmitter(Emitter):
         leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
         seqs, fins = self.fresh("seqs"), self.fresh("finals")
         h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, X0, NS, rev=REV, cu=CU, "
+        self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, {self.seq_dims()}, rev=REV, cu=CU, "
                   f"store=@STORE{idx}@)  # triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
 

@@ -143,14 +143,18 @@ class Region:
                 stack.extend(resolve(s, ref.view) for s in ref.node.srcs)
         return [r for r in self.nodes if r.id in need]
 
-    def leaves_of(self, roots: list[Node]) -> list[Ref]:
-        ids = {r.id for r in self.cone(roots)}
-        need = set()
-        for r in self.nodes:
-            if r.id in ids:
-                need |= {resolve(s, r.view).id for s in r.node.srcs}
-        need |= {resolve(r).id for r in roots if r is not None}
+    def leaves_of(self, roots: list) -> list[Ref]:
+        need = self.reads_of(roots)
         return [x for x in self.leaves if x.id in need]
+
+    def reads_of(self, roots: list) -> set:
+        """Ids of the values from outside the region (leaves, stop values) that the lines of
+        the roots' cone read, and of roots that are such values themselves."""
+        cone = self.cone(roots)
+        inside = {r.id for r in cone}
+        out = {resolve(s, r.view).id for r in cone for s in r.node.srcs if texpr.literal(s) is None}
+        out |= {(resolve(r) if isinstance(r, Node) else r).id for r in roots if r is not None}
+        return out - inside
 
     def forward_lines(self, roots, leaf_names, notes: SourceNotes, suffix: str = "") -> list[str]:
         name = self.name_fn(leaf_names, suffix)
@@ -160,10 +164,14 @@ class Region:
             out.append(annotate(f"{self.value(ref, suffix)} = {rhs}", notes(ref.node)))
         return out
 
-    def backward_lines(self, seeds: dict, leaf_names, notes: SourceNotes, grad_names: dict) -> list[str]:
+    def backward_lines(self, seeds: dict, leaf_names, notes: SourceNotes, grad_names: dict,
+                       reads: set | None = None) -> list[str]:
         """Reverse mode over the region: `seeds` maps root ids to the names of their
         adjoints; the adjoint of each leaf (or stop value) in grad_names is assigned to
-        grad_names[id] (0.0 if it gets none)."""
+        grad_names[id] (0.0 if it gets none). The ids of the forward values (region values,
+        leaves, stop values) the lines read are added to `reads`: the forward lines a
+        backward kernel needs are their cone."""
+        reads = set() if reads is None else reads
         name = self.name_fn(leaf_names)
         roots = [r for r in self.nodes + self.leaves if r.id in seeds]
         order = self.cone(roots)
@@ -178,7 +186,11 @@ class Region:
             out += pre
             out.append(annotate(f"{g} = {total}", notes(ref.node, with_text=False)))
             nm = lambda s, v=ref.view: name(s, v)  # noqa: E731
-            for src, contrib in zip(ref.node.srcs, texpr.vjp(ref.node, g, nm, self.value(ref))):
+            contribs, read, reads_out = vjp_reading(ref.node, g, nm, self.value(ref))
+            reads |= {resolve(s, ref.view).id for s in read if texpr.literal(s) is None}
+            if reads_out:
+                reads.add(ref.id)
+            for src, contrib in zip(ref.node.srcs, contribs):
                 if contrib is not None:
                     adj.setdefault(resolve(src, ref.view).id, []).append(contrib)
         for rid, gname in grad_names.items():
@@ -187,6 +199,29 @@ class Region:
             out += pre
             out.append(f"{gname} = {total}")
         return out
+
+
+def vjp_reading(n: Node, g: str, name, out: str) -> tuple[list[str | None], list[Node], bool]:
+    """texpr.vjp, and what its rules read: (per source its adjoint contribution, the
+    sources whose values the contributions read, whether they read n's own value). A
+    backward kernel recomputes a forward value only if its adjoint reads it, and
+    texpr.vjp names every source whether its rule reads it or not (d(a + b) reads neither
+    a nor b): so the rule is applied to placeholder names, and the placeholders it wrote
+    are the values it reads; the real names then replace them."""
+    marks = {}
+    for s in n.srcs:
+        marks.setdefault(s.id, (s, f"\x00{len(marks)}\x00"))
+    out_mark = "\x00out\x00"
+    contribs = texpr.vjp(n, g, lambda s: marks[s.id][1], out_mark)
+    read = [(s, m) for s, m in marks.values() if any(c is not None and m in c for c in contribs)]
+    reads_out = any(c is not None and out_mark in c for c in contribs)
+    real = [(m, name(s)) for s, m in read] + [(out_mark, out)]
+
+    def named(c):
+        for m, text in real:
+            c = c.replace(m, text)
+        return c
+    return [None if c is None else named(c) for c in contribs], [s for s, _ in read], reads_out
 
 
 # Terms per line of a generated sum: a sum of thousands of terms (the adjoint of a value that

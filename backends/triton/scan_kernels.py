@@ -153,7 +153,11 @@ class ScanKernel:
             out += [f"rl{j}", f"rl{j}_sb", f"rl{j}_st", f"rl{j}_s0", f"rl{j}_s1", f"rl{j}_s2"]
         return out
 
-    def _head(self, lines):
+    def _head(self, lines, loaded: set | None = None, rloaded: set | None = None):
+        """Program ids, lanes and channels, and each leaf's base offset: of the leaves (ids)
+        in `loaded` / `rloaded` only, when given (a backward loads fewer)."""
+        leaves = [i for i, x in enumerate(self.leaves) if loaded is None or x.id in loaded]
+        rleaves = [j for j, x in enumerate(self.rleaves) if rloaded is None or x.id in rloaded]
         lines += ["    pid_c = tl.program_id(0)",
                   "    b = tl.program_id(1).to(tl.int64)  # a batch row, or a sequence of cu_seqlens",
                   "    if VARLEN:  # sequences packed along T of a batch of one",
@@ -166,6 +170,8 @@ class ScanKernel:
                   "        bb = b",
                   "    lane = tl.arange(0, BLOCK_C)",
                   "    rows = tl.arange(0, BLOCK_T)"]
+        # the readouts' coordinates (r0, r1, r2) are read only by the readout leaves' offsets
+        rcoords = []
         if self.readout_mode and self.spec.rax == 2:   # lanes: BLOCK_C // NP outer rows x NP (the last axis, padded)
             lines += ["    CO = C // C2  # outer channels (one readout each)",
                       "    ro = pid_c * (BLOCK_C // NP) + tl.arange(0, BLOCK_C // NP)",
@@ -175,10 +181,8 @@ class ScanKernel:
                       "    cmask = (rol < CO) & (c2 < C2)",
                       "    c = rol * C2 + c2  # the channel in the [B, T, C] layout",
                       "    c1 = rol % C1",
-                      "    c0 = rol // C1",
-                      "    r2 = ro * 0",
-                      "    r1 = ro % C1",
-                      "    r0 = ro // C1"]
+                      "    c0 = rol // C1"]
+            rcoords = ["    r2 = ro * 0", "    r1 = ro % C1", "    r0 = ro // C1"]
         elif self.readout_mode:   # the readout reduces the state's first axis (q @ S): lanes x NP of C1
             lines += ["    CO = C // C1  # outer channels (one readout each)",
                       "    ro = pid_c * (BLOCK_C // NP) + tl.arange(0, BLOCK_C // NP)",
@@ -188,24 +192,25 @@ class ScanKernel:
                       "    cmask = (rol < CO) & (c1 < C1)",
                       "    c2 = rol % C2",
                       "    c0 = rol // C2",
-                      "    c = (c0 * C1 + c1) * C2 + c2  # the channel in the [B, T, C] layout",
-                      "    r2 = ro % C2",
-                      "    r1 = ro * 0",
-                      "    r0 = ro // C2"]
+                      "    c = (c0 * C1 + c1) * C2 + c2  # the channel in the [B, T, C] layout"]
+            rcoords = ["    r2 = ro % C2", "    r1 = ro * 0", "    r0 = ro // C2"]
         else:
             lines += ["    c = pid_c * BLOCK_C + lane",
-                      "    cmask = c < C",
-                      "    c0 = c // (C1 * C2)",
-                      "    c1 = (c // C2) % C1",
-                      "    c2 = c % C2"]
-        for i in range(len(self.leaves)):
+                      "    cmask = c < C"]
+            if leaves:   # the channel's coordinates: read by the leaves' offsets only
+                lines += ["    c0 = c // (C1 * C2)",
+                          "    c1 = (c // C2) % C1",
+                          "    c2 = c % C2"]
+        if rleaves:
+            lines += rcoords
+        for i in leaves:
             lines.append(f"    l{i}_c = bb * l{i}_sb + c0 * l{i}_s0 + c1 * l{i}_s1 + c2 * l{i}_s2")
-        for j in range(len(self.rleaves)):
+        for j in rleaves:
             lines.append(f"    rl{j}_c = bb * rl{j}_sb + r0 * rl{j}_s0 + r1 * rl{j}_s1 + r2 * rl{j}_s2")
 
-    def _invariant_loads(self, lines):
+    def _invariant_loads(self, lines, only: set | None = None):
         for i, x in enumerate(self.leaves):
-            if x.id in self.invariant:
+            if x.id in self.invariant and (only is None or x.id in only):
                 load = f"tl.load(l{i} + l{i}_c[None, :], mask=cmask[None, :], other=1.0)"
                 val = f"{load} != 0" if x.is_bool else f"{load}.to(ACC)"
                 lines.append(annotate(f"    x{i} = {val}  # constant over time: [1, BLOCK_C]",
@@ -250,9 +255,14 @@ class ScanKernel:
         k = sp.k
         return ["1.0" if i == j else "0.0" for i in range(k) for j in range(k)], ["0.0"] * k
 
-    def _prologue(self, lines, suffix=""):
+    def _coef_nodes(self, A: bool = True, b: bool = True) -> list[Node]:
+        """The step's coefficient nodes: the A entries (row-major) and/or the b entries."""
+        return ([a for row in self.spec.A for a in row] if A else []) + (list(self.spec.b) if b else [])
+
+    def _prologue(self, lines, suffix="", roots=None):
+        """The coefficients' math (the values `roots` need; all coefficients by default)."""
         names = {k: v + suffix for k, v in self.leaf_names.items()}
-        roots = [a for row in self.spec.A for a in row] + list(self.spec.b)
+        roots = self._coef_nodes() if roots is None else roots
         for ln in self.region.forward_lines(roots, names, self.notes, suffix):
             lines.append("        " + ln)
 
@@ -325,32 +335,47 @@ class ScanKernel:
     def _red_name(self, n: Node) -> str:
         return self.red.name_fn({**self.rleaf_names, **self.read_names})(n)
 
-    def _epilogue_forward(self, lines, upd_names: dict):
-        """The outputs computed from the new states (named by upd_names) in registers."""
+    def _epilogue_forward(self, lines, upd_names: dict, need: set | None = None):
+        """The outputs computed from the new states (named by upd_names) in registers. In a
+        backward, `need` holds the ids of the values its reverse mode reads: only those are
+        computed (with what they are computed from, whose ids are added to `need`)."""
         sp = self.spec
         self._upd = upd_names
-        roots = list(sp.outputs) + [q for _, _, q in sp.readouts]
-        for ln in self.epi.forward_lines(roots, {**self.leaf_names, **upd_names}, self.notes):
+        if need is None:   # the forward kernel: every output and readout
+            red_roots, rleaves = list(sp.reduced), list(self.rleaves)
+            ys = list(range(len(sp.readouts)))
+            epi_roots = list(sp.outputs) + [q for _, _, q in sp.readouts]
+        else:              # what the reverse mode reads, and (last to first) what that reads
+            red_roots = [r for r in self.red.nodes if r.id in need]
+            need |= self.red.reads_of(red_roots)
+            rleaves = [x for x in self.rleaves if x.id in need]
+            ys = [j for j, (r, _, _) in enumerate(sp.readouts) if r.id in need]
+            need |= {resolve(sp.readouts[j][2]).id for j in ys} | {sp.updates[sp.readouts[j][1]].id for j in ys}
+            epi_roots = [r for r in self.epi.nodes if r.id in need]
+            need |= self.epi.reads_of(epi_roots)
+        for ln in self.epi.forward_lines(epi_roots, {**self.leaf_names, **upd_names}, self.notes):
             lines.append("        " + ln)
-        if not sp.readouts:
-            return
-        for j, (r, si, q) in enumerate(sp.readouts):
+        for j in ys:
+            r, si, q = sp.readouts[j]
             hname = upd_names[sp.updates[si].id]
             lines.append(annotate(f"        y{j} = tl.sum(tl.reshape(tl.where(m, {hname} * {self._epi_name(q)}, 0.0), "
                                   f"[BLOCK_T, BLOCK_C // NP, NP]), 2)  # fused readout: [BLOCK_T, BLOCK_C // NP]",
                                   self.notes(r)))
-        lines.append("        mo = (t < Tn)[:, None] & omask[None, :]")
-        for j, x in enumerate(self.rleaves):
+        if need is None and sp.readouts:   # (a backward has its mask already: its adjoints' loads read it)
+            lines.append("        mo = (t < Tn)[:, None] & omask[None, :]")
+        for x in rleaves:
+            j = self.rleaves.index(x)
             load = f"tl.load(rl{j} + rl{j}_c[None, :] + tm[:, None] * rl{j}_st, mask=mo, other=1.0)"
             val = f"{load} != 0" if x.is_bool else f"{load}.to(ACC)"
             lines.append(annotate(f"        rx{j} = {val}", self.notes(x, with_text=False)))
-        for ln in self.red.forward_lines(list(sp.reduced), {**self.rleaf_names, **self.read_names}, self.notes):
+        for ln in self.red.forward_lines(red_roots, {**self.rleaf_names, **self.read_names}, self.notes):
             lines.append("        " + ln)
 
-    def _epilogue_backward(self, lines) -> dict[int, list[str]]:
+    def _epilogue_backward(self, lines, reads: set) -> dict[int, list[str]]:
         """Reverse mode of the epilogue at step t (forward values recomputed from the saved
         h_t): stores the reduced leaves' gradients, accumulates the full leaves' into ge{i}
-        and returns, per state index, the terms it adds to the adjoint of h_t."""
+        and returns, per state index, the terms it adds to the adjoint of h_t. The ids of the
+        forward values the lines read are added to `reads`."""
         sp = self.spec
         add: dict[int, list[str]] = {}
         grads_q: dict[int, list[str]] = {}
@@ -362,7 +387,8 @@ class ScanKernel:
                 seeds[resolve(o).id] = f"gor{j}"
             names = {x.id: f"grx{j}" for j, x in enumerate(self.rleaves)}
             names.update({resolve(r).id: f"gy{j}" for j, (r, _, _) in enumerate(sp.readouts)})
-            for ln in self.red.backward_lines(seeds, {**self.rleaf_names, **self.read_names}, self.notes, names):
+            for ln in self.red.backward_lines(seeds, {**self.rleaf_names, **self.read_names}, self.notes, names,
+                                              reads):
                 lines.append("        " + ln)
             for j in range(len(self.rleaves)):
                 lines.append(f"        tl.store(dr{j} + (bb * T + tm[:, None]) * CO + ro[None, :], grx{j}"
@@ -372,6 +398,7 @@ class ScanKernel:
                              f"[BLOCK_T, BLOCK_C // NP, NP]), [BLOCK_T, BLOCK_C])")
                 add.setdefault(si, []).append(f"gyb{j} * {self._epi_name(q)}")
                 grads_q.setdefault(resolve(q).id, []).append(f"gyb{j} * {self._upd[sp.updates[si].id]}")
+                reads |= {resolve(q).id, sp.updates[si].id}
         seeds = {}
         for i, o in enumerate(sp.outputs):
             lines.append(f"        gof{i} = tl.load(dof{i} + (bb * T + tm[:, None]) * C + c[None, :], mask=m, "
@@ -385,7 +412,7 @@ class ScanKernel:
             seed_names[nid] = f"se{i}"
         names = {x.id: f"ge{i}" for i, x in enumerate(self.leaves) if any(x.id == y.id for y in self.epi.leaves)}
         names.update({u.id: f"gu{i}" for i, u in enumerate(sp.updates)})
-        for ln in self.epi.backward_lines(seed_names, {**self.leaf_names, **self._upd}, self.notes, names):
+        for ln in self.epi.backward_lines(seed_names, {**self.leaf_names, **self._upd}, self.notes, names, reads):
             lines.append("        " + ln)
         for i in range(len(sp.updates)):
             add.setdefault(i, []).append(f"gu{i}")
@@ -393,7 +420,7 @@ class ScanKernel:
 
     def _local(self, kind, k, A, B, hp, h):
         """(c, da, db): dh_t/dh_{t-1} per (i, j), and dh_t/da, dh_t/db per entry, as expressions
-        of the step's coefficients, previous and new state."""
+        of the step's coefficients, previous and new state (what each reads: LOCAL_READS)."""
         if kind == "diag":
             return [A[0]], [hp[0]], ["1.0"]
         if kind == "maxplus":
@@ -405,6 +432,9 @@ class ScanKernel:
         return list(A), None, ["1.0"] * k
 
     def backward(self) -> str:
+        """The adjoint kernel. Its reverse mode at step t is built first: what it reads is all
+        the kernel loads and recomputes (the step's values, the next step's transition, the
+        saved states), so no value is computed that nothing reads."""
         sp, k = self.spec, self.spec.k
         lines = ["@triton.jit",
                  f"def {sp.name}_bwd({', '.join(self.arg_names(True))},",
@@ -412,41 +442,58 @@ class ScanKernel:
                  " VARLEN: tl.constexpr, REVERSE: tl.constexpr"
                  + (", NP: tl.constexpr):" if self.readout_mode else "):"),
                  f"    # adjoint of stage {', '.join(sp.states)}: reverse-time {sp.kind} scan, chunks last to first"]
-        self._head(lines)
+        self._upd = {u.id: f"h{i}" for i, u in enumerate(sp.updates)}   # h_t: the saved new states
+        need: set = set()              # ids of the values at step t the lines read
+        hp_read: set[int] = set()      # the previous states h_{t-1} read (by index)
+        h_read: set[int] = set()       # the new states h_t read (by index)
+
+        def local(what: set, i: int):
+            """Record what a local derivative of state i (LOCAL_READS) reads."""
+            coefs = self._coef_nodes(A="A" in what, b="B" in what)
+            need.update(resolve(c).id for c in coefs if c is not None and not _is_literal(c))
+            hp_read.update([i] if "hp" in what else [])
+            h_read.update([i] if "h" in what else [])
+
+        epilogue = bool(sp.updates and (sp.outputs or sp.readouts))
+        epi_bwd: list[str] = []
+        extra = self._epilogue_backward(epi_bwd, need) if epilogue else {}
+        tail = self._adjoint_tail(local, need)
+        epi_fwd: list[str] = []
+        if epilogue:
+            self._epilogue_forward(epi_fwd, self._upd, need)
+        h_read |= {i for i, u in enumerate(sp.updates) if u.id in need}
+        pro_roots = [r for r in self.region.nodes if r.id in need]
+        need |= self.region.reads_of(pro_roots)
+        # step t+1: its transition c_{t+1} (what lambda_{t+1} is carried back by) reads its
+        # coefficients, and h_t as its previous state, h_{t+1} as its new one
+        c_reads = LOCAL_READS[sp.kind][0]
+        next_roots = self._coef_nodes(A="A" in c_reads, b="B" in c_reads)
+        next_leaves = {x.id for x in self.region.leaves_of(next_roots)}
+        if "hp" in c_reads:
+            h_read |= set(range(k))
+        hn_read = "h" in c_reads
+        leaves_t = {x.id for x in self.leaves if x.id in need}
+        self._head(lines, leaves_t | next_leaves, {x.id for x in self.rleaves if x.id in need})
         for i in range(k):
             lines.append(f"    lam{i} = tl.load(dhfin + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
-            lines.append(f"    hz{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
+            if i in hp_read:
+                lines.append(f"    hz{i} = tl.load(hinit + (b * C + c) * {k} + {i}, mask=cmask, other=0.0).to(ACC)")
             # an empty (packed) sequence: its final state is its initial state, so the adjoint passes through
             lines.append(f"    g0_{i} = tl.where(Tn == 0, lam{i}, tl.zeros([BLOCK_C], dtype=ACC))")
-        self._invariant_loads(lines)
-        lines += ["    n_chunks = tl.cdiv(Tn, BLOCK_T)",
-                  "    for r in range(0, n_chunks):",
-                  "        t = (n_chunks - 1 - r) * BLOCK_T + (BLOCK_T - 1 - rows)  # rows in reverse time",
-                  "        m = (t < Tn)[:, None] & cmask[None, :]",
-                  "        tn = t + 1",
-                  "        mn = (tn < Tn)[:, None] & cmask[None, :]",
-                  "        tm = bos + t  # memory positions of steps t, t + 1, t - 1",
-                  "        tmn = bos + tn",
-                  "        tmp = bos + tl.maximum(t - 1, 0)",
-                  "        if REVERSE:",
-                  "            tm = bos + Tn - 1 - t",
-                  "            tmn = bos + Tn - 1 - tn",
-                  "            tmp = bos + Tn - 1 - tl.maximum(t - 1, 0)"]
+        self._invariant_loads(lines, leaves_t | next_leaves)
+        lines += self._loop_head(next_t=hn_read or any(x not in self.invariant for x in next_leaves),
+                                 prev_t=bool(hp_read))
         sidx = lambda tv, i: f"((bb * T + {tv}[:, None]) * C + c[None, :]) * {k} + {i}"  # noqa: E731
-        # step t+1: its transition c_{t+1} (identity past the end)
-        A_n, B_n = self._entries("_n")
-        needs_next = sp.kind in ("maxplus", "lse")
-        roots_next = [a for row in sp.A for a in row] + (list(sp.b) if needs_next else [])
-        need_ids = {x.id for x in self.region.leaves_of(roots_next)}
-        self._loads(lines, "tmn", "mn", "_n", only=need_ids)
+        self._loads(lines, "tmn", "mn", "_n", only=next_leaves)
         names_n = {kk: v + "_n" for kk, v in self.leaf_names.items()}
-        for ln in self.region.forward_lines(roots_next, names_n, self.notes, "_n"):
+        for ln in self.region.forward_lines(next_roots, names_n, self.notes, "_n"):
             lines.append("        " + ln)
-        for i in range(k):
+        for i in sorted(h_read):
             lines.append(f"        h{i} = tl.load(hseq + {sidx('tm', i)}, mask=m, other=0.0).to(ACC)")
-        if needs_next:
+        if hn_read:
             for i in range(k):
                 lines.append(f"        hn{i} = tl.load(hseq + {sidx('tmn', i)}, mask=mn, other=0.0).to(ACC)")
+        A_n, B_n = self._entries("_n")
         cn, _, _ = self._local(sp.kind, k, A_n, B_n, [f"h{i}" for i in range(k)], [f"hn{i}" for i in range(k)])
         if sp.kind == "block":  # lambda_t = dh_t + A_{t+1}^T lambda_{t+1}: scan the transposes
             mats = [f"tl.where(mn, {cn[j * k + i]}, {'1.0' if i == j else '0.0'}).to(ACC)"
@@ -455,15 +502,12 @@ class ScanKernel:
             mats = [f"tl.where(mn, {cn[0]}, 1.0).to(ACC)"]
         for i, e in enumerate(mats):
             lines.append(f"        e{i} = {e}")
-        # step t: leaves and coefficients (for the local derivatives below and the epilogue)
-        self._loads(lines, "tm", "m")
-        self._prologue(lines)
-        extra = {}
-        if sp.updates and (sp.outputs or sp.readouts):
-            if sp.readouts:
-                lines.append("        mo = (t < Tn)[:, None] & omask[None, :]")
-            self._epilogue_forward(lines, {u.id: f"h{i}" for i, u in enumerate(sp.updates)})
-            extra = self._epilogue_backward(lines)
+        # step t: leaves and the coefficients' values its reverse mode reads, the epilogue's
+        self._loads(lines, "tm", "m", only=leaves_t)
+        self._prologue(lines, roots=pro_roots)
+        if sp.readouts:
+            lines.append("        mo = (t < Tn)[:, None] & omask[None, :]")
+        lines += epi_fwd + epi_bwd
         for i in range(k):
             more = "".join(f" + {e}" for e in extra.get(i, []))
             lines += ["        if HAS_DSEQ:",
@@ -481,24 +525,59 @@ class ScanKernel:
         lam = self._apply(k, "diag" if k == 1 else "block", sa, sb, [f"lam{i}" for i in range(k)])
         for i in range(k):
             lines.append(f"        lt{i} = {lam[i]}  # adjoint of h_t")
-        # step t: local derivatives, seeds of the prologue's reverse mode
-        A, B = self._entries()
-        for i in range(k):
+        for i in sorted(hp_read):
             lines.append(f"        hp{i} = tl.where(t[:, None] == 0, hz{i}[None, :], "
                          f"tl.load(hseq + {sidx('tmp', i)}, mask=m & (t[:, None] > 0), other=0.0).to(ACC))")
+        lines += tail
+        for j in range(k):
+            lines.append(f"    tl.store(dh0 + (b * C + c) * {k} + {j}, g0_{j}, mask=cmask)")
+        return "\n".join(lines) + "\n"
+
+    def _loop_head(self, next_t: bool, prev_t: bool) -> list[str]:
+        """The reverse loop over chunks and its steps t, with the memory positions of t, and
+        of t + 1 (`next_t`) and t - 1 (`prev_t`) where something is loaded there."""
+        out = ["    n_chunks = tl.cdiv(Tn, BLOCK_T)",
+               "    for r in range(0, n_chunks):",
+               "        t = (n_chunks - 1 - r) * BLOCK_T + (BLOCK_T - 1 - rows)  # rows in reverse time",
+               "        m = (t < Tn)[:, None] & cmask[None, :]",
+               "        tn = t + 1",
+               "        mn = (tn < Tn)[:, None] & cmask[None, :]",
+               "        tm = bos + t  # memory positions of step t" + (", t + 1" if next_t else "")
+               + (", t - 1" if prev_t else "")]
+        out += ["        tmn = bos + tn"] if next_t else []
+        out += ["        tmp = bos + tl.maximum(t - 1, 0)"] if prev_t else []
+        out += ["        if REVERSE:",
+                "            tm = bos + Tn - 1 - t"]
+        out += ["            tmn = bos + Tn - 1 - tn"] if next_t else []
+        out += ["            tmp = bos + Tn - 1 - tl.maximum(t - 1, 0)"] if prev_t else []
+        return out
+
+    def _adjoint_tail(self, local, need: set) -> list[str]:
+        """Step t after the adjoint scan: the local derivatives seed the prologue's reverse
+        mode, which gives each leaf's gradient (stored); the initial state's gradient; the
+        carry. `local(reads, i)` records what a local derivative reads, `need` what the
+        prologue's reverse mode reads."""
+        sp, k = self.spec, self.spec.k
+        lines: list[str] = []
+        A, B = self._entries()
         hp = [f"hp{i}" for i in range(k)]
         cl, da, db = self._local(sp.kind, k, A, B, hp, [f"h{i}" for i in range(k)])
-        seeds: dict[int, str] = {}
-        coef_nodes = [a for row in sp.A for a in row]
-        for idx, node in enumerate(coef_nodes):
+        _, da_reads, db_reads = LOCAL_READS[sp.kind]
+        seeds: dict[int, list[str]] = {}
+        for idx, node in enumerate(self._coef_nodes(b=False)):
             if node is None or _is_literal(node):
                 continue
             i, j = divmod(idx, k)
-            g = f"lt{i} * {hp[j]}" if sp.kind == "block" else f"lt0 * {da[0]}"
-            seeds.setdefault(resolve(node).id, []).append(g)
+            if sp.kind == "block":
+                seeds.setdefault(resolve(node).id, []).append(f"lt{i} * {hp[j]}")
+                local({"hp"}, j)
+            else:
+                seeds.setdefault(resolve(node).id, []).append(f"lt0 * {da[0]}")
+                local(da_reads, 0)
         for i, node in enumerate(sp.b):
             if node is not None and not _is_literal(node):
                 seeds.setdefault(resolve(node).id, []).append(f"lt{i} * {db[i]}")
+                local(db_reads, i)
         seed_names = {}
         for i, (nid, parts) in enumerate(seeds.items()):
             lines.append(f"        s{i} = tl.where(m, {' + '.join(parts)}, 0.0)")
@@ -506,7 +585,7 @@ class ScanKernel:
         pro = {x.id for x in self.region.leaves}
         epi = {x.id for x in self.epi.leaves} if (sp.outputs or sp.readouts) else set()
         grad_names = {x.id: f"gx{i}" for i, x in enumerate(self.leaves) if x.id in pro}
-        for ln in self.region.backward_lines(seed_names, self.leaf_names, self.notes, grad_names):
+        for ln in self.region.backward_lines(seed_names, self.leaf_names, self.notes, grad_names, need):
             lines.append("        " + ln)
         for i, x in enumerate(self.leaves):
             parts = ([f"gx{i}"] if x.id in pro else []) + ([f"ge{i}"] if x.id in epi else [])
@@ -518,12 +597,22 @@ class ScanKernel:
                 terms = " + ".join(f"{cl[i * k + j]} * lt{i}" for i in range(k))
             else:
                 terms = f"{cl[0]} * lt0"
+            local(LOCAL_READS[sp.kind][0], j)
             lines.append(f"        g0_{j} += tl.sum(tl.where((t[:, None] == 0) & m, {terms}, 0.0), 0)")
         for i in range(k):  # carry: lambda at the chunk's earliest step (its last row)
             lines.append(f"        lam{i} = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, lt{i}, 0.0), 0)")
-        for j in range(k):
-            lines.append(f"    tl.store(dh0 + (b * C + c) * {k} + {j}, g0_{j}, mask=cmask)")
-        return "\n".join(lines) + "\n"
+        return lines
+
+
+# What the local derivatives of each scan kind (ScanKernel._local) read, per result (c, da,
+# db): "A" the step's coefficients, "B" its inputs, "hp" the previous state, "h" the new one.
+# A backward loads and recomputes only what the results it uses read.
+LOCAL_READS = {
+    "diag": ({"A"}, {"hp"}, set()),
+    "maxplus": ({"A", "B", "hp"}, {"A", "B", "hp"}, {"A", "B", "hp"}),
+    "lse": ({"A", "hp", "h"}, {"A", "hp", "h"}, {"B", "h"}),
+    "block": ({"A"}, set(), set()),
+}
 
 
 def _time_invariant(ref) -> bool:

@@ -26,7 +26,7 @@ from recdsl.ir import Node, Op
 from recdsl.torch_expr import SourceNotes
 
 from . import texpr
-from .fusion import annotate, sum_text
+from .fusion import annotate, sum_text, vjp_reading
 from .fusion import pow2 as _pow2
 
 HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
@@ -244,7 +244,9 @@ class SeqKernel:
         return self.ir.shape_of(st)[0] if st.rank else 1
 
     # ------------------------------------------------------------------ shared code
-    def _setup(self, L: list[str]):
+    def _setup(self, L: list[str], need: set | None = None):
+        """The kernel's prologue: program ids, rows, lane ranges, the params held in
+        registers (the vector params' windows in `need` only, when given)."""
         widths = sorted({w.width for _, w in self.order} | {_pow2(self.slen(k)) for k in range(len(self.states))}
                         | {g.win.width for g in self.gemms} | {_pow2(g.K) for g in self.gemms})
         L += ["    pid = tl.program_id(0)",
@@ -262,6 +264,8 @@ class SeqKernel:
         L += [f"    cols{w} = tl.arange(0, {w})" for w in widths]
         for j, p in enumerate(self.params):   # vector params: loaded once
             for w in self.param_wins[p.id]:
+                if need is not None and self.key(p, w) not in need:
+                    continue
                 idx = f"({w.off} + {self.cols(w)})[None, :] * p{j}_sr" if p.rank else "tl.zeros([1, 1], tl.int64)"
                 L.append(annotate(f"    {self.vname(p, w)} = tl.load(p{j} + hd * p{j}_sh + {idx}, "
                                   f"mask={self.cmask(w)}, other=0.0).to(ACC)", self.notes(p, with_text=False)))
@@ -279,19 +283,22 @@ class SeqKernel:
         return (f"{base} + ((bb[:, None] * T + {t}[:, None]) * NH + hd) * {n} + cols{W}[None, :]",
                 f"act[:, None] & (cols{W} < {n})[None, :]")
 
-    def _leaf_loads(self, L: list[str], t: str):
+    def _leaf_loads(self, L: list[str], t: str, need: set | None = None):
         for i, x in enumerate(self.leaves):
             for w in self.leaf_wins[x.id]:
+                if need is not None and self.key(x, w) not in need:
+                    continue
                 idx = f"({w.off} + {self.cols(w)})[None, :] * l{i}_sn" if x.rank else "tl.zeros([1, 1], tl.int64)"
                 ptr = f"l{i} + bb[:, None] * l{i}_sb + {t}[:, None] * l{i}_st + hd * l{i}_sh + {idx}"
                 val = f"tl.load({ptr}, mask=act[:, None] & {self.cmask(w)}, other=0.0)"
                 val = f"{val} != 0" if x.is_bool else f"{val}.to(ACC)"
                 L.append(annotate(f"        {self.vname(x, w)} = {val}", self.notes(x, with_text=False)))
 
-    def _step(self, L: list[str]):
-        """The core's values in order (leaves are loaded already)."""
+    def _step(self, L: list[str], need: set | None = None):
+        """The core's values in order (leaves are loaded already); only those in `need`,
+        when given (the backward recomputes what its adjoint reads)."""
         for n, w in self.order:
-            if n.id not in self.core_ids:
+            if n.id not in self.core_ids or (need is not None and self.key(n, w) not in need):
                 continue
             name = self._src_name(n, w)
             if texpr.fusable(n):
@@ -365,8 +372,12 @@ class SeqKernel:
              " REVERSE: tl.constexpr):",
              f"    # adjoint of stage {', '.join(self.states)}: reverse-time loop of the step's VJP (states saved, "
              "the step recomputed)"]
-        self._setup(L)
         params = self.params_all()
+        # the step's reverse mode first: the forward values it reads are all the step recomputes
+        reads: set = set()
+        adjoint = self._adjoint(reads, params)
+        need = self._needed(reads)
+        self._setup(L, need)
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"dhfin{k}", None)
             L.append(f"    lam{k} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)")
@@ -378,51 +389,22 @@ class SeqKernel:
         L += ["    for r in range(0, TL):",
               "        t = TL - 1 - r",
               "        act = bm & (t < Tn)",
-              "        tm = bos + t",
-              "        tp = bos + tl.maximum(t - 1, 0)",
-              "        if REVERSE:",
-              "            tm = bos + Tn - 1 - t",
-              "            tp = bos + Tn - 1 - tl.maximum(t - 1, 0)"]
-        for k in range(len(self.states)):  # h_{t-1}: the saved sequence, or the initial state
+              "        tm = bos + t"]
+        h_read = [k for k in range(len(self.states)) if self._state_key(k) in need]
+        if h_read:   # h_{t-1} at step t - 1 in memory
+            L += ["        tp = bos + tl.maximum(t - 1, 0)"]
+        L += ["        if REVERSE:",
+              "            tm = bos + Tn - 1 - t"]
+        if h_read:
+            L += ["            tp = bos + Tn - 1 - tl.maximum(t - 1, 0)"]
+        for k in h_read:  # h_{t-1}: the saved sequence, or the initial state
             p1, mask = self._state_ptr(k, f"hseq{k}", "tp")
             p0, _ = self._state_ptr(k, f"hinit{k}", None)
             L.append(f"        h{k} = tl.where(t > 0, tl.load({p1}, mask={mask}, other=0.0), "
                      f"tl.load({p0}, mask={mask}, other=0.0)).to(ACC)")
-        self._leaf_loads(L, "tm")
-        self._step(L)
-        # seeds: the adjoint of each new state
-        adj: dict = {}
-        for k, s in enumerate(self.states):
-            new = self.ir.updates[s]
-            ptr, mask = self._state_ptr(k, f"dhseq{k}", "tm")
-            L += ["        if HAS_DSEQ:",
-                  f"            lam{k} += tl.load({ptr}, mask={mask}, other=0.0).to(ACC)"]
-            adj.setdefault(self.key(new, self._full(new)), []).append(f"lam{k}")
-        for n, w in reversed(self.order):
-            parts = adj.pop(self.key(n, w), None)
-            if not parts:
-                continue
-            g = "g" + self.vname(n, w)[1:]
-            pre, total = sum_text(parts, g)   # (a value read thousands of times: lines of at most 64 terms)
-            L += ["        " + x for x in pre]
-            L.append(annotate(f"        {g} = tl.where(act[:, None] & {self.cmask(w)}, {total}, 0.0)",
-                              self.notes(n, with_text=False)))
-            if n.id not in self.core_ids:
-                self._leaf_grad(L, n, w, g, params)
-                continue
-            for (src, sw), contrib in self._vjp(L, n, w, g):
-                if contrib is not None and texpr.literal(src) is None:
-                    if sw.len == 0 and w.len > 0 and n.op != Op.EXPAND and texpr.fusable(n):
-                        contrib = f"tl.sum({contrib}, 1, keep_dims=True)"   # broadcast scalar: sum its uses
-                    adj.setdefault(self.key(src, sw), []).append(contrib)
-        for k, s in enumerate(self.states):
-            st = self.ir.states[s]
-            parts = adj.pop(self.key(st, self._full(st)), None)
-            _, mask = self._state_ptr(k, "x", "t")
-            pre, total = sum_text(parts, f"lamsum{k}") if parts else ([], "0.0")
-            L += ["        " + x for x in pre]
-            L.append(f"        lam{k} = tl.where({mask}, {total}, lam{k})"
-                     f" + tl.zeros([BLOCK_B, {_pow2(self.slen(k))}], dtype=ACC)  # rows not running keep theirs")
+        self._leaf_loads(L, "tm", need)
+        self._step(L, need)
+        L += adjoint
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"dh0{k}", None)
             L.append(f"    tl.store({ptr}, lam{k}, mask={mask})")
@@ -442,6 +424,68 @@ class SeqKernel:
             L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {R * Cc} + {off}, dw{gi}, mask={mask})")
         return "\n".join(L) + "\n"
 
+    def _state_key(self, k: int):
+        st = self.ir.states[self.states[k]]
+        return self.key(st, self._full(st))
+
+    def _adjoint(self, reads: set, params) -> list[str]:
+        """The lines of one step's reverse mode (inside the time loop, after the recomputed
+        step): the new states' adjoints seeded, each vnode's adjoint from its readers', the
+        leaves' gradients stored or accumulated, the carried adjoints of h_{t-1}. Adds to
+        `reads` the keys of the forward vnodes the lines read."""
+        L: list[str] = []
+        adj: dict = {}
+        for k, s in enumerate(self.states):
+            new = self.ir.updates[s]
+            ptr, mask = self._state_ptr(k, f"dhseq{k}", "tm")
+            L += ["        if HAS_DSEQ:",
+                  f"            lam{k} += tl.load({ptr}, mask={mask}, other=0.0).to(ACC)"]
+            adj.setdefault(self.key(new, self._full(new)), []).append(f"lam{k}")
+        for n, w in reversed(self.order):
+            parts = adj.pop(self.key(n, w), None)
+            if not parts:
+                continue
+            g = "g" + self.vname(n, w)[1:]
+            pre, total = sum_text(parts, g)   # (a value read thousands of times: lines of at most 64 terms)
+            L += ["        " + x for x in pre]
+            L.append(annotate(f"        {g} = tl.where(act[:, None] & {self.cmask(w)}, {total}, 0.0)",
+                              self.notes(n, with_text=False)))
+            if n.id not in self.core_ids:
+                self._leaf_grad(L, n, w, g, params)
+                continue
+            for (src, sw), contrib in self._vjp(L, n, w, g, reads):
+                if contrib is not None and texpr.literal(src) is None:
+                    if sw.len == 0 and w.len > 0 and n.op != Op.EXPAND and texpr.fusable(n):
+                        contrib = f"tl.sum({contrib}, 1, keep_dims=True)"   # broadcast scalar: sum its uses
+                    adj.setdefault(self.key(src, sw), []).append(contrib)
+        for k, s in enumerate(self.states):
+            st = self.ir.states[s]
+            parts = adj.pop(self.key(st, self._full(st)), None)
+            _, mask = self._state_ptr(k, "x", "t")
+            pre, total = sum_text(parts, f"lamsum{k}") if parts else ([], "0.0")
+            L += ["        " + x for x in pre]
+            L.append(f"        lam{k} = tl.where({mask}, {total}, lam{k})"
+                     f" + tl.zeros([BLOCK_B, {_pow2(self.slen(k))}], dtype=ACC)  # rows not running keep theirs")
+        return L
+
+    def _fwd_reads(self, n: Node, w: Win) -> list[tuple[Node, Win]]:
+        """The vnodes the forward line of the core vnode (n, w) reads (literals aside)."""
+        if n.op == Op.MATMUL:
+            g = self.gemms[self.gemm_index[(n.id, w)]]
+            srcs = [(g.x, self._full(g.x))]
+        else:
+            srcs = [(s, self._src_win(n, w, s)) for s in n.srcs]
+        return [(s, sw) for s, sw in srcs if texpr.literal(s) is None]
+
+    def _needed(self, reads: set) -> set:
+        """The keys of the vnodes the backward loads or recomputes: those its adjoint reads
+        and, sources first in self.order, everything they are computed from."""
+        need = set(reads)
+        for n, w in reversed(self.order):
+            if n.id in self.core_ids and self.key(n, w) in need:
+                need |= {self.key(s, sw) for s, sw in self._fwd_reads(n, w)}
+        return need
+
     def _leaf_grad(self, L, n, w, g, params):
         if n.op == Op.PARAM:
             L.append(f"        acc_{self.vname(n, w)} += tl.sum({g}, 0, keep_dims=True)")
@@ -453,11 +497,16 @@ class SeqKernel:
         L.append(f"        tl.store({ptr}, {g} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC), "
                  f"mask=act[:, None] & {self.cmask(w)})")
 
-    def _vjp(self, L, n: Node, w: Win, g: str):
-        """[((src, window), contribution)] of a core vnode."""
+    def _vjp(self, L, n: Node, w: Win, g: str, reads: set):
+        """[((src, window), contribution)] of a core vnode; adds to `reads` the keys of the
+        forward vnodes the contributions (and lines added to L) read."""
         if texpr.fusable(n):
             wins = [self._src_win(n, w, s) for s in n.srcs]
-            return list(zip(zip(n.srcs, wins), texpr.vjp(n, g, self._src_name(n, w), self.vname(n, w))))
+            contribs, read, reads_out = vjp_reading(n, g, self._src_name(n, w), self.vname(n, w))
+            reads |= {self.key(s, self._src_win(n, w, s)) for s in read}
+            if reads_out:
+                reads.add(self.key(n, w))
+            return list(zip(zip(n.srcs, wins), contribs))
         if n.op == Op.INDEX:
             return [((n.srcs[0], self._src_win(n, w, n.srcs[0])), g)]
         if n.op == Op.EXPAND:
@@ -467,6 +516,7 @@ class SeqKernel:
             gm = self.gemms[gi]
             xw = self._full(gm.x)
             xin = f"tl.where(act[:, None] & {self.cmask(xw)}, {self.vname(gm.x, xw)}, 0.0)"
+            reads.add(self.key(gm.x, xw))
             KP, LP = _pow2(gm.K), w.width
             if min(KP, LP) >= DOT_MIN:
                 L.append(f"        dw{gi} += tl.dot(tl.trans({xin}), {g}, input_precision=\"ieee\")")
@@ -478,6 +528,7 @@ class SeqKernel:
         if n.op == Op.DOT:
             a, b = n.srcs
             wa, wb = self._full(a), self._full(b)
+            reads |= {self.key(a, wa), self.key(b, wb)}
             return [((a, wa), f"({g} * {self.vname(b, wb)})"), ((b, wb), f"({g} * {self.vname(a, wa)})")]
         if n.op == Op.SUM:
             s = n.srcs[0]
@@ -486,6 +537,7 @@ class SeqKernel:
         if n.op == Op.AMAX:
             s = n.srcs[0]
             sw = self._full(s)
+            reads |= {self.key(s, sw), self.key(n, w)}
             return [((s, sw), f"tl.where({self.vname(s, sw)} == {self.vname(n, w)}, {g}, 0.0)")]
         raise NotEligible(n.op.name)  # pragma: no cover
 
