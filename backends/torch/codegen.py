@@ -272,27 +272,34 @@ class Emitter:
             self.seq[r.node.id] = name
 
     def _stage_loop(self, choice: Choice):
-        """A tight loop over the stage's recurrent core; everything else is precomputed."""
-        ir, states = self.ir, list(choice.states)
-        core = list(choice.form.core)
+        """A tight torch loop over the stage's recurrent core; everything else is precomputed."""
+        states, core = list(choice.states), list(choice.form.core)
+        self._emit_torch_loop(states, core, _StepFunction(self, states, core), indent=1, fvar=None)
+
+    def _stage_c_loop(self, choice: Choice):
+        """The stage's whole time loop in one generated C call (forward and backward). The
+        torch loop stays behind it for what C cannot run (a GPU tensor, a build that
+        failed): then RAN records that the torch loop ran."""
+        from .kernels import compiled_loop
+        states, core = list(choice.states), list(choice.form.core)
         fn = _StepFunction(self, states, core)   # binds (emits) the whole-sequence values the step reads
-        svar = fn.svar
-        fused = self._fused(states, core)
-        indent = 1
-        fvar = None
-        if fused is not None:
-            k, fl = fused
-            fvar = self.fresh("fused")
-            ffin = self.fresh("fused", "final")
-            args = ", ".join(self.seq_name(n) for n in fl.seqs)
-            self.header_reads |= {"X0", "NS"}   # FL[k].run reads them
-            self.emit(f"{fvar} = None")
-            self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
-            self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
-            for s in states:
-                self.emit(f"{svar[s]} = {ffin}[{s!r}]", indent=2)
-            self.emit("else:")
-            indent = 2
+        fl = compiled_loop(self.ir, states, core)
+        self.fused.append(fl)
+        k = len(self.fused) - 1
+        fvar, ffin = self.fresh("fused"), self.fresh("fused", "final")
+        args = ", ".join(self.seq_name(n) for n in fl.seqs)
+        self.header_reads |= {"X0", "NS"}   # FL[k].run reads them
+        self.emit(f"{fvar} = None")
+        self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
+        self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
+        for s in states:
+            self.emit(f"{fn.svar[s]} = {ffin}[{s!r}]", indent=2)
+        self.emit("else:")
+        self.emit("RAN[-1] = 'torch.loop'  # not CPU float32/float64, or the C did not build (warned)", indent=2)
+        self._emit_torch_loop(states, core, fn, indent=2, fvar=fvar)
+
+    def _emit_torch_loop(self, states: list[str], core: list[Node], fn: "_StepFunction", indent: int, fvar: str | None):
+        ir, svar = self.ir, fn.svar
         # The recurrent core as a function of (inputs at t, states at t-1, params): run_loop
         # runs it over time; with gradients its backward is a reverse loop of the core's
         # vector-Jacobian products (recomputed per step), not a graph kept for every step.
@@ -320,16 +327,6 @@ class Emitter:
             code = f"{nm} = {fvar}[{s!r}] if {fvar} is not None else {seqs}[{i}]" if fvar else f"{nm} = {seqs}[{i}]"
             self.lazy[ir.updates[s].id] = (nm, code)
             self.final[s] = svar[s]
-
-    def _fused(self, states, core):
-        """The fused C step for this loop stage, if it is eligible (else None)."""
-        from .fused_loop import FusedLoop, NotEligible
-        try:
-            fl = FusedLoop(self.ir, states, core)
-        except NotEligible:
-            return None
-        self.fused.append(fl)
-        return len(self.fused) - 1, fl
 
 
 class _StepFunction:

@@ -305,7 +305,7 @@ void loop_SFX({sig}) {{
         lam = "\n".join(f"        T_ lam_{k} = " + " + ".join(
             [f"row_dd_{k}[i]", f"row_gs_{k}[i]"] + [f"row_gl_{g}[i]" for g, j in enumerate(self.gemm_src) if j == k])
             + ";" for k in range(ns))
-        lanes = "\n".join([body, lam, adj, stores])
+        lanes = "\n".join([self._recomputed(adj + stores), lam, adj, stores])
         red_decl = " ".join(f"T_ {r} = 0;" for r, _ in reductions)
         red_store = "\n".join(f"        {store}" for _, store in reductions)
         pragma = ("#pragma omp simd" + (f" reduction(+:{', '.join(r for r, _ in reductions)})" if reductions else "")
@@ -349,6 +349,16 @@ void grad_SFX({sig}) {{
   }}
 }}
 """
+
+    def _recomputed(self, reader: str) -> str:
+        """The forward lines the backward reads (transitively): not the new states' values,
+        which only the forward stores."""
+        import re
+        needed = set(re.findall(r"\bv\d+\b", reader))
+        for key, n, name, srcs in reversed(self.order):
+            if name in needed:
+                needed.update(self.memo[s] for s in srcs)
+        return "\n".join(line for line, (_, _, name, _) in zip(self.lines, self.order) if name in needed)
 
     def _adjoint(self):
         """The lane's reverse pass: (adjoint lines, store lines, [(reduction, its store)],

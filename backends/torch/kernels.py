@@ -5,21 +5,72 @@ one of these accepts. Every kernel here is differentiable (autograd, or a derive
 backward); reverse and cu_seqlens are the runtime's (it flips / splits around them)."""
 from __future__ import annotations
 
+import weakref
+
 from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, HouseholderProducts,
                              Kernel, Registry, SequentialLoop, Vectorised)
 
 CAPS = Caps(reverse="runtime", varlen="runtime", heads=True, grad=True, dtypes=("float32", "float64"))
 
 
-def _loop_explain(form: SequentialLoop, ctx) -> str:
-    """The loop runs as one generated C call when nothing needs a gradient (CPU, fp32/fp64)."""
+def compiled_loop(ir, states, core):
+    """The generated C loop of a sequential stage: the lane loop (fused_loop.py: vector
+    states, elementwise gates, the recurrent GEMMs batched over rows) where the stage fits
+    it, else the general one (general_loop.py: per row, any op). NotEligible says why
+    neither runs it."""
     from .fused_loop import FusedLoop, NotEligible
+    from .general_loop import GeneralLoop
+    key = (tuple(states), tuple(n.id for n in core))
+    made = _made(ir)     # selection, its note and the emitter ask once per compile
+    if key not in made:
+        try:
+            made[key] = FusedLoop(ir, list(states), list(core))
+        except NotEligible:
+            try:
+                made[key] = GeneralLoop(ir, list(states), list(core))
+            except NotEligible as why:
+                made[key] = why
+    if isinstance(made[key], NotEligible):
+        raise made[key]
+    return made[key]
+
+
+_LOOPS: dict[int, tuple] = {}    # id(ir) -> (weak reference to ir, {stage key: loop or why not})
+
+
+def _made(ir) -> dict:
+    """The loops made for this IR (an IRCell compares by value, so it is keyed by identity
+    and forgotten when it dies)."""
+    ref, made = _LOOPS.get(id(ir), (None, None))
+    if ref is None or ref() is not ir:
+        made = {}
+        _LOOPS[id(ir)] = (weakref.ref(ir, _forget), made)
+    return made
+
+
+def _forget(ref) -> None:
+    """An IR died: drop its loops (unless its id already belongs to a newer IR)."""
+    for key, (r, _) in list((_LOOPS or {}).items()):
+        if r is ref:
+            del _LOOPS[key]
+
+
+def _c_loop_why_not(form: SequentialLoop, ctx) -> str | None:
+    from .fused_loop import NotEligible
     try:
-        FusedLoop(ctx.ir, list(form.states), list(form.core))
+        compiled_loop(ctx.ir, form.states, form.core)
     except NotEligible as why:
-        return f"per-step loop of the core, backward a reverse loop of per-step VJPs (no C loop: {why})"
-    return ("without gradients on CPU: the whole loop in one generated C call (OpenMP); "
-            "else a per-step loop of the core, backward a reverse loop of per-step VJPs")
+        return f"no C loop: {why}"
+    return None
+
+
+def _c_loop_explain(form: SequentialLoop, ctx) -> str:
+    from .fused_loop import FusedLoop
+    kind = ("lane loop: recurrent GEMMs batched over rows, gates per lane"
+            if isinstance(compiled_loop(ctx.ir, form.states, form.core), FusedLoop)
+            else "general loop: per row, every value a small array")
+    return (f"{kind}; forward one C call, backward its reverse-time adjoint in one more (weight gradients "
+            "one GEMM over all steps); on a non-CPU tensor the per-step torch loop runs (layer.ran says torch.loop)")
 
 
 REGISTRY = Registry("torch", (
@@ -35,6 +86,8 @@ REGISTRY = Registry("torch", (
            "steps", "_stage_chunk_delta_product", CAPS),
     Kernel(ChunkDPLR, "torch.chunk_dplr", "the DPLR product of each chunk in WY form (dplr.py), decays as "
            "relative factors with exponents <= 0; state passed between chunks", "_stage_dplr", CAPS),
-    Kernel(SequentialLoop, "torch.loop", "a loop over the stage's recurrent core only (hoisted work precomputed)",
-           "_stage_loop", CAPS, explain=_loop_explain),
+    Kernel(SequentialLoop, "torch.c_loop", "the stage's time loop as generated C (OpenMP), forward and backward "
+           "(hoisted work precomputed)", "_stage_c_loop", CAPS, accepts=_c_loop_why_not, explain=_c_loop_explain),
+    Kernel(SequentialLoop, "torch.loop", "a per-step torch loop over the stage's recurrent core (hoisted work "
+           "precomputed); backward a reverse loop of per-step VJPs", "_stage_loop", CAPS),
 ))

@@ -29,9 +29,10 @@ def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
     return None
 
 
-def _borrowed(form: type, emit: str | None = None) -> Kernel:
-    """The torch kernel of `form`, run by the triton backend's driver."""
-    k = next(k for k in torch_kernels.REGISTRY.kernels if k.form is form)
+def _borrowed(form: type, name: str | None = None, emit: str | None = None) -> Kernel:
+    """The torch kernel of `form` (the one called `name`, else its first), run by the
+    triton backend's driver."""
+    k = next(k for k in torch_kernels.REGISTRY.kernels if k.form is form and name in (None, k.name))
     return Kernel(form, k.name, k.does, emit or k.emit, k.caps, borrowed="torch", accepts=k.accepts,
                   explain=k.explain)
 
@@ -46,7 +47,7 @@ REGISTRY = Registry("triton", (
     Kernel(SequentialLoop, "triton.sequential", "generated sequential kernel: time loop on chip, states and "
            "recurrent weights in registers; backward a reverse-time loop of the step's VJP", "_stage_loop", OWN,
            accepts=_seq_kernel_fits),
-    _borrowed(SequentialLoop, emit="_torch_loop"),
+    _borrowed(SequentialLoop, "torch.loop", emit="_torch_loop"),   # a device's tensors: not the C loop
     _borrowed(ChunkDiag),
     _borrowed(ChunkDelta),
     _borrowed(HouseholderProducts),

@@ -11,7 +11,7 @@ param and initial state (its reverse-time C backward), for
     arange; heads with per-head params; a state read by a later stage; two states swapped.
 
 Each layer is the torch backend with every loop stage's C runner replaced by a
-GeneralLoop (the codegen hook `_fused`), and the test asserts that the loop ran. Also: the
+GeneralLoop (kernels.compiled_loop, which selection and codegen ask), and the test asserts that the loop ran. Also: the
 inference path (no autograd), float32, create_graph=True (second derivatives through the
 torch re-run), what the loop rejects, and the generated C (source notes on every line of a
 node, no user name in it)."""
@@ -24,7 +24,7 @@ import torch
 
 import recdsl
 from helpers import ROOT, as_tuple, random_inputs
-from recdsl.backends.torch import codegen
+from recdsl.backends.torch import kernels
 from recdsl.backends.torch.fused_loop import NotEligible
 from recdsl.backends.torch.general_loop import GeneralLoop
 from recdsl.ir import Op, toposort
@@ -131,17 +131,15 @@ def general(monkeypatch):
     the log of its runs: (states, grad mode on)."""
     runs = []
 
-    def fused(self, states, core):
-        gl = GeneralLoop(self.ir, states, core)
-        self.fused.append(gl)
-        return len(self.fused) - 1, gl
+    def general(ir, states, core):
+        return GeneralLoop(ir, list(states), list(core))
 
     run = GeneralLoop.run
 
     def logged(self, *args):
         runs.append((tuple(self.states), torch.is_grad_enabled()))
         return run(self, *args)
-    monkeypatch.setattr(codegen.Emitter, "_fused", fused)
+    monkeypatch.setattr(kernels, "compiled_loop", general)
     monkeypatch.setattr(GeneralLoop, "run", logged)
     return runs
 
