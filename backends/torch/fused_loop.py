@@ -114,6 +114,7 @@ class _Gen:
         self.memo: dict = {}
         self.lines: list[str] = []
         self.order: list = []          # (key, node, name, source keys) per line: the lane graph, for the adjoint
+        self.covered: set = set()      # ("gemm" | "seq", k): the backward writes all of its rows' adjoints
         self.count = 0
         from recdsl.torch_expr import SourceNotes
         self.notes = SourceNotes(ir)   # every generated line names the .rec line it came from
@@ -394,6 +395,8 @@ void grad_SFX({sig}) {{
         for (kind, k), pairs in leaf_adj.items():
             row = {"gemm": f"row_dgm_{k}", "seq": f"row_din_{k}", "param": f"row_dpp_{k}"}[kind]
             if self._scalar_slot(kind, k):
+                if kind == "seq":
+                    self.covered.add((kind, k))
                 red = f"red_{kind}_{k}"
                 reductions.append((red, f"{row}[0] {'+=' if kind == 'param' else '='} {red};"))
                 stores.append(f"          {red} += {' + '.join(g for _, g in pairs)};")
@@ -402,6 +405,9 @@ void grad_SFX({sig}) {{
             overlap = any(b - a < self.H for a, b in zip(offs, offs[1:]))
             simd = simd and not overlap
             op = "+=" if overlap or kind == "param" else "="     # params sum over time
+            length = self.gemm_len[k] if kind == "gemm" else self.seq_len[k] if kind == "seq" else None
+            if offs == list(range(0, self.H * len(offs), self.H)) and length == self.H * len(offs):
+                self.covered.add((kind, k))    # every element written once a step: no zero-fill needed
             stores += [f"          {row}[i + {o}] {op} {g};" for o, g in pairs]
         return "\n".join(lines), "\n".join(stores), reductions, simd
 
@@ -543,6 +549,7 @@ class FusedLoop:
         gen = _Gen(ir, states, self.gemms, self.params + self.seqs)
         self.source = gen.source([ir.updates[s] for s in states], len(self.params), len(self.seqs))
         self.gemm_src = gen.gemm_src
+        self.covered = gen.covered
         self.keep = set(states)   # states whose whole sequence the forward reads (codegen narrows it)
         # Decided here, where the kernel is selected (kernels._loop_explain) and emitted
         # (codegen._fused), so that the plan never promises a C loop this process cannot build.
@@ -657,8 +664,11 @@ class FusedLoop:
         args, dd, keep = [], [], []
         for k, (q, h0) in enumerate(zip(seqs, s0)):
             g = g_seqs[k] if g_seqs[k] is not None else torch.zeros((1, 1, 1, H), dtype=dtype).expand(B, T, NH, H)
-            gf = g_finals[k]
-            d = gf.to(dtype).reshape(B * NH, H).clone() if gf is not None else torch.zeros((B * NH, H), dtype=dtype)
+            if g.stride(3) != 1:   # the kernel reads a row's lanes at stride 1 (sum()'s gradient has stride 0)
+                g = g.contiguous()
+            d = torch.zeros((B * NH, H), dtype=dtype)     # the states' adjoints, seeded with the finals' gradients
+            if g_finals[k] is not None:
+                d.view(B, NH, H).copy_(g_finals[k].reshape(B, NH, H))
             dd.append(d)
             keep.append(g)
             args += [vp(q.data_ptr()), c_int(q.stride(0)), c_int(q.stride(1)), vp(h0.data_ptr()), _view(g),
@@ -670,14 +680,16 @@ class FusedLoop:
             npan = -(-H // nr)      # W packed by columns: panels [heads, H / NR, L, NR]
             wb = torch.nn.functional.pad(w.reshape(wh, L, H), (0, npan * nr - H))
             wb = wb.view(wh, L, npan, nr).transpose(1, 2).contiguous()
-            dgm, gl = torch.zeros_like(gm), torch.zeros((B * NH, H), dtype=dtype)
+            dgm = (torch.empty_like if ("gemm", len(dgms)) in self.covered else torch.zeros_like)(gm)
+            gl = torch.zeros((B * NH, H), dtype=dtype)
             dgms.append(dgm)
             gls.append(gl)
             keep.append(wb)
             args += [vp(gm.data_ptr()), vp(dgm.data_ptr()), vp(wb.data_ptr()), c_int(wh), vp(gl.data_ptr())]
         dps = [torch.zeros((B * NH, int(p.shape[-1]) if n.rank else 1), dtype=dtype)
                for p, n in zip(params, self.params)]
-        dxs = [torch.zeros((B, T, NH, x.shape[3]), dtype=dtype) for x in xs]
+        dxs = [(torch.empty if ("seq", k) in self.covered else torch.zeros)((B, T, NH, x.shape[3]), dtype=dtype)
+               for k, x in enumerate(xs)]
         for p, dp in zip(params, dps):
             args += [vp(p.data_ptr()), vp(dp.data_ptr())]
         for x, dx in zip(xs, dxs):
@@ -736,6 +748,7 @@ class _FusedFunction(torch.autograd.Function):
         seqs, finals, gms = loop.forward(dims, xs, params, weights, s0, training=True)
         ctx.loop, ctx.dims, ctx.n = loop, dims, n
         ctx.save_for_backward(*tensors, *seqs, *gms)
+        ctx.set_materialize_grads(False)    # an output nobody read has no gradient: not a tensor of zeros
         return (*seqs, *finals)
 
     @staticmethod

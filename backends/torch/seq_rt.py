@@ -6,9 +6,22 @@ from __future__ import annotations
 
 import torch
 
-from recdsl.torch_rt import broadcast_prefix, expand_to, param_linear, param_matvec, with_prefix  # noqa: F401  (used by generated code)
+from recdsl import torch_rt
+from recdsl.torch_rt import broadcast_prefix, expand_to, param_matvec, with_prefix  # noqa: F401  (used by generated code)
 
+from . import gemm
 from .double_backward import recompute_vjp, wants_graph
+
+
+def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor) -> torch.Tensor:
+    """torch_rt.param_linear, the whole-sequence projection W @ x + b over B*T: with a shared
+    W its GEMMs (forward and both gradients) go to oneDNN where that pays (gemm.py)."""
+    if W.dim() != 2:
+        return torch_rt.param_linear(W, x, *biases)
+    b = biases[0]
+    for other in biases[1:]:
+        b = b + other
+    return gemm.linear(x, W, b)
 
 
 def lift(x: torch.Tensor, r_from: int, r_to: int) -> torch.Tensor:
