@@ -14,6 +14,8 @@ from recdsl.torch_expr import SourceNotes, Temps, TorchExpr, const_text, live_no
 from recdsl.lowering import Choice, Selection
 from recdsl.lowering.match import consumers
 
+from .fused_loop import FusedLoop
+
 
 # Values the forward defines first, each only if some line reads it: the sequences' prefix
 # rank (B, T(, heads)) and the first input (its B and T).
@@ -282,8 +284,10 @@ class Emitter:
         failed): then RAN records that the torch loop ran."""
         from .kernels import compiled_loop
         states, core = list(choice.states), list(choice.form.core)
-        fn = _StepFunction(self, states, core)   # binds (emits) the whole-sequence values the step reads
-        fl = compiled_loop(self.ir, states, core)
+        fl, reads = compiled_loop(self.ir, states, core), []
+        if not isinstance(fl, FusedLoop):
+            fl, reads = self._with_readouts(choice, fl)
+        fn = None if reads else _StepFunction(self, states, core)   # binds the values the torch step reads
         self.fused.append(fl)
         k = len(self.fused) - 1
         fvar, ffin = self.fresh("fused"), self.fresh("fused", "final")
@@ -292,11 +296,40 @@ class Emitter:
         self.emit(f"{fvar} = None")
         self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
         self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
-        for s in states:
-            self.emit(f"{fn.svar[s]} = {ffin}[{s!r}]", indent=2)
+        if fn is not None:
+            for s in states:
+                self.emit(f"{fn.svar[s]} = {ffin}[{s!r}]", indent=2)
         self.emit("else:")
         self.emit("RAN[-1] = 'torch.loop'  # not CPU float32/float64, or the C did not build (warned)", indent=2)
-        self._emit_torch_loop(states, core, fn, indent=2, fvar=fvar)
+        if fn is not None:
+            self._emit_torch_loop(states, core, fn, indent=2, fvar=fvar)
+            return
+        # readouts in the loop: the torch loop over the same IR returns what the C call does
+        self.emit(f"{fvar}, {ffin} = FL[{k}].run_torch([{args}], P0, S0, X0, NS, DT)", indent=2)
+        for s in states:
+            nm = self.fresh("seq", s)
+            self.lazy[self.ir.updates[s].id] = (nm, f"{nm} = {fvar}[{s!r}]")
+            self.final[s] = f"{ffin}[{s!r}]"
+        for i, r in enumerate(reads):
+            name = self.fresh("readout")
+            self.emit(f"{name} = {fvar}[{i}]", r)
+            self.seq[r.id] = name
+
+    def _with_readouts(self, choice: Choice, loop):
+        """(the general loop with the outputs it can compute per step, those outputs): the
+        outputs that read this stage's new states and no later stage (q @ M'), so that the
+        loop never writes a matrix state's sequence only they would read."""
+        from .fused_loop import NotEligible
+        from .kernels import compiled_loop
+        updates = {self.ir.updates[s].id for s in choice.states}
+        reads = [n for n in self.ir.outputs.values() if self.place.get(n.id) == choice.stage
+                 and n.id not in updates and n.op != Op.STATE and n.id not in self.seq]
+        if not reads:
+            return loop, []
+        try:
+            return compiled_loop(self.ir, choice.states, choice.form.core, readouts=reads), reads
+        except NotEligible:
+            return loop, []
 
     def _emit_torch_loop(self, states: list[str], core: list[Node], fn: "_StepFunction", indent: int, fvar: str | None):
         ir, svar = self.ir, fn.svar

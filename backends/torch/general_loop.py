@@ -868,6 +868,14 @@ class GeneralLoop:
         [B, (heads), *shape]}). Differentiable in every tensor (a reverse-time C backward)."""
         if self.lib is None:
             self.lib = _compile(self.source)
+        return self._run(seq_values, P0, S0, X0, ns, dtype, torch_loop=False)
+
+    def run_torch(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
+        """`run` as a per-step torch loop over the same IR (autograd's derivatives): for what
+        the C cannot run (tensors on a GPU)."""
+        return self._run(seq_values, P0, S0, X0, ns, dtype, torch_loop=True)
+
+    def _run(self, seq_values, P0, S0, X0, ns, dtype, torch_loop: bool):
         heads = ns == 3
         B, T = int(X0.shape[0]), int(X0.shape[1])
         NH = int(X0.shape[2]) if heads else 1
@@ -877,7 +885,10 @@ class GeneralLoop:
         tensors = seqs + params + s0
         meta = (B, T, NH, dtype)
         ns_ = len(self.states)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if torch_loop:
+            outs = self._torch_loop(tensors, meta)
+            states, reads, finals = outs[:ns_], outs[ns_:], [o[:, T - 1] for o in outs[:ns_]]
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             outs = _LoopFunction.apply(self, meta, *tensors)
             states, reads, finals = outs[:ns_], outs[ns_:], [o[:, T - 1] for o in outs[:ns_]]
         else:

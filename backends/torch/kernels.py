@@ -13,13 +13,16 @@ from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ChunkDPLR, 
 CAPS = Caps(reverse="runtime", varlen="runtime", heads=True, grad=True, dtypes=("float32", "float64"))
 
 
-def compiled_loop(ir, states, core):
+def compiled_loop(ir, states, core, readouts=()):
     """The generated C loop of a sequential stage: the lane loop (fused_loop.py: vector
     states, elementwise gates, the recurrent GEMMs batched over rows) where the stage fits
-    it, else the general one (general_loop.py: per row, any op). NotEligible says why
-    neither runs it."""
+    it, else the general one (general_loop.py: per row, any op; with `readouts`, values it
+    computes per step from the new states -- an output q @ M' -- so that a matrix state's
+    sequence is never written). NotEligible says why neither runs it."""
     from .fused_loop import FusedLoop, NotEligible
     from .general_loop import GeneralLoop
+    if readouts:
+        return GeneralLoop(ir, list(states), list(core), readouts=list(readouts))
     key = (tuple(states), tuple(n.id for n in core))
     made = _made(ir)     # selection, its note and the emitter ask once per compile
     if key not in made:

@@ -131,8 +131,8 @@ def general(monkeypatch):
     the log of its runs: (states, grad mode on)."""
     runs = []
 
-    def general(ir, states, core):
-        return GeneralLoop(ir, list(states), list(core))
+    def general(ir, states, core, readouts=()):
+        return GeneralLoop(ir, list(states), list(core), readouts=list(readouts))
 
     run = GeneralLoop.run
 
