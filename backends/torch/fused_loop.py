@@ -213,7 +213,7 @@ class _Gen:
         return ('#include "vmath.h"\n'
                 "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n"
                 "/* one SIMD register: the GEMM panels are NR outputs wide */\n"
-                "#if defined(__AVX512F__)\n#define VBYTES 64\n#else\n#define VBYTES 32\n#endif\n"
+                "#if defined(__AVX512F__)\n#define VBYTES 64\n#define VPP 2\n#else\n#define VBYTES 32\n#define VPP 1\n#endif\n"
                 + _LAE + "".join(halves))
 
     def _gemm_calls(self, fwd: bool) -> str:
@@ -452,38 +452,51 @@ _LAE = ("static inline float LAE_f(float a, float b) { float m = a > b ? a : b; 
 # step GEMM twice as fast as a torch (MKL) call per step. Measured on AVX2 (2 cores): 8x1
 # vectors beat 4x2, 2x4 and 3x3 blocks by 10-20%.
 GEMM = """
-#define NR_SFX ((int64_t)(VBYTES / sizeof(T_)))
+#define VL_SFX ((int64_t)(VBYTES / sizeof(T_)))
+#define NR_SFX (VPP * VL_SFX)
 typedef T_ vec_SFX __attribute__((vector_size(VBYTES)));
 typedef T_ uvec_SFX __attribute__((vector_size(VBYTES), aligned(sizeof(T_))));  /* unaligned rows of c */
 
 int64_t nr_SFX(void) { return NR_SFX; }   /* the panel width the packing in Python must match */
 
-static inline void store_SFX(T_* c, vec_SFX v, int64_t nc) {
-  if (nc == NR_SFX) *(uvec_SFX*)c = v;
-  else memcpy(c, &v, nc * sizeof(T_));
+/* nc (< NR at the last panel) outputs of a panel's VPP vectors */
+static inline void store_SFX(T_* c, const vec_SFX* v, int64_t nc) {
+  for (int j = 0; j < VPP; j++, c += VL_SFX, nc -= VL_SFX) {
+    if (nc >= VL_SFX) *(uvec_SFX*)c = v[j];
+    else if (nc > 0) memcpy(c, &v[j], nc * sizeof(T_));
+  }
 }
 
-/* mr (a constant after inlining) rows */
+/* mr (a constant after inlining) rows x VPP vectors of accumulators: one broadcast of a
+   row's element feeds VPP FMAs, one weight load feeds mr */
 static inline __attribute__((always_inline)) void rows_SFX(int mr, const T_* restrict a, int64_t lda, int64_t K,
                                                           const T_* restrict wp, T_* restrict c, int64_t ldc, int64_t nc) {
-  vec_SFX acc[8];
-  for (int i = 0; i < mr; i++) acc[i] = (vec_SFX){0};
+  vec_SFX acc[8][VPP];
+  for (int i = 0; i < mr; i++)
+    for (int j = 0; j < VPP; j++) acc[i][j] = (vec_SFX){0};
   for (int64_t k = 0; k < K; k++) {
-    vec_SFX w = *(const vec_SFX*)(wp + k * NR_SFX);
+    vec_SFX w[VPP];
+    for (int j = 0; j < VPP; j++) w[j] = *(const vec_SFX*)(wp + k * NR_SFX + j * VL_SFX);
     #pragma GCC unroll 8
-    for (int i = 0; i < mr; i++) acc[i] += a[i * lda + k] * w;
+    for (int i = 0; i < mr; i++) {
+      T_ x = a[i * lda + k];
+      for (int j = 0; j < VPP; j++) acc[i][j] += x * w[j];
+    }
   }
   for (int i = 0; i < mr; i++) store_SFX(c + i * ldc, acc[i], nc);
 }
 
 /* one row (B = 1, or the rows left over): four accumulators over k hide the FMA latency */
 static void row1_SFX(const T_* restrict a, int64_t K, const T_* restrict wp, T_* restrict c, int64_t nc) {
-  vec_SFX acc[4] = {{0}, {0}, {0}, {0}};
+  vec_SFX acc[4][VPP] = {{{0}}};
   int64_t k = 0;
   for (; k + 4 <= K; k += 4)
-    for (int j = 0; j < 4; j++) acc[j] += a[k + j] * *(const vec_SFX*)(wp + (k + j) * NR_SFX);
-  for (; k < K; k++) acc[0] += a[k] * *(const vec_SFX*)(wp + k * NR_SFX);
-  store_SFX(c, (acc[0] + acc[1]) + (acc[2] + acc[3]), nc);
+    for (int u = 0; u < 4; u++)
+      for (int j = 0; j < VPP; j++) acc[u][j] += a[k + u] * *(const vec_SFX*)(wp + (k + u) * NR_SFX + j * VL_SFX);
+  for (; k < K; k++)
+    for (int j = 0; j < VPP; j++) acc[0][j] += a[k] * *(const vec_SFX*)(wp + k * NR_SFX + j * VL_SFX);
+  for (int j = 0; j < VPP; j++) acc[0][j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+  store_SFX(c, acc[0], nc);
 }
 
 static void panel_SFX(const T_* restrict a, int64_t lda, int64_t m, int64_t K, const T_* restrict wp,
