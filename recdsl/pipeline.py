@@ -57,10 +57,20 @@ class Compiled:
 
 
 def plan_cell(ir: IRCell, verify: bool = True, trace: dict | None = None):
-    """Analyse, then select for every built backend: the Plan with its selections."""
+    """Rewrite, analyse, then select for every built backend: the Plan with its selections.
+    The rewrites run before the analysis's own passes (reassociate first) and the plan keeps
+    the rewritten cell (`plan.ir`, what the compiled backends run; the reference runs `ir`
+    as written):
+
+        split_concat  W @ concat(x, h) -> W[:, 0:D] @ x + W[:, D:] @ h, so that the x-part
+                      hoists (recdsl.analysis.concat_split)"""
     from .analysis import analyze
+    from .analysis.concat_split import split_concat_matmuls
     from .lowering import Selection, lower, select
     trace = trace if trace is not None else {}
+    ir, split = split_concat_matmuls(ir)
+    trace["split_concat"] = (f"{len(split)} matmul(s) by a concat split so that their state-free parts hoist"
+                             + "".join(f"\n{line}" for line in split))
     plan = analyze(ir, trace, verify=verify)
     ctx, plan.candidates = lower(plan)
     for name in BUILT:

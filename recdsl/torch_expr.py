@@ -154,6 +154,8 @@ class TorchExpr:
         lin = self.linear_parts(n)
         if lin is not None:
             return (lin[1],)
+        if n.op == Op.MATMUL and n.srcs[1].rank == 1 and self.is_param_matrix(n.srcs[0]):
+            return (n.srcs[1],)   # the param (or its slice) is read as stored
         return n.srcs
 
     def linear_parts(self, n: Node):
@@ -170,19 +172,30 @@ class TorchExpr:
                 stack.extend(m.srcs)
             else:
                 leaves.append(m)
-        mms = [m for m in leaves if m.op == Op.MATMUL and m.srcs[0].op == Op.PARAM and m.srcs[0].rank == 2
-               and m.srcs[1].rank == 1]
+        mms = [m for m in leaves if m.op == Op.MATMUL and self.is_param_matrix(m.srcs[0]) and m.srcs[1].rank == 1]
         biases = [m for m in leaves if m.op == Op.PARAM and m.rank == 1]
         if len(mms) != 1 or len(biases) + 1 != len(leaves) or any(b.shape != n.shape for b in biases):
             return None
         return mms[0].srcs[0], mms[0].srcs[1], biases
+
+    def is_param_matrix(self, n: Node) -> bool:
+        """n is a matrix param, or a slice of one (`W[:, 0:D]`, what the analysis makes of
+        `W @ concat(x, h)`): the left side of one GEMM over all rows, read as stored."""
+        if self.raw_param is None or n.rank != 2:
+            return False
+        return n.op == Op.PARAM or (n.op == Op.INDEX and n.srcs[0].op == Op.PARAM and n.srcs[0].rank == 2
+                                    and all(isinstance(i, slice) for i in n.arg))
+
+    def param_matrix(self, n: Node) -> str:
+        """The text of an is_param_matrix value: the param as stored (sliced)."""
+        return self.raw_param(n) if n.op == Op.PARAM else self.raw_param(n.srcs[0]) + index_text(n.arg)
 
     def __call__(self, n: Node) -> str:
         op, s = n.op, n.srcs
         lin = self.linear_parts(n)
         if lin is not None:
             W, x, bs = lin
-            return f"rt.param_linear({self.raw_param(W)}, {self.name_of(x)}, {', '.join(self.raw_param(b) for b in bs)})"
+            return f"rt.param_linear({self.param_matrix(W)}, {self.name_of(x)}, {', '.join(self.raw_param(b) for b in bs)})"
         if op in UNARY_TORCH:   # torch.cos(1.0) is a TypeError: a bare constant goes in as a tensor
             bare = s[0].op == Op.CONST and not s[0].shape
             return f"{UNARY_TORCH[op]}({self.operand(s[0], n.rank, as_tensor=bare)})"
@@ -198,9 +211,8 @@ class TorchExpr:
         if op == Op.WHERE:
             c = self.operand(s[0], n.rank, True)
             return f"torch.where({c}, {self.operand(s[1], n.rank, True)}, {self.operand(s[2], n.rank, True)})"
-        if op == Op.MATMUL and self.raw_param is not None and s[0].op == Op.PARAM and s[0].rank == 2 \
-                and s[1].rank == 1:
-            return f"rt.param_matvec({self.raw_param(s[0])}, {self.name_of(s[1])})"
+        if op == Op.MATMUL and s[1].rank == 1 and self.is_param_matrix(s[0]):
+            return f"rt.param_matvec({self.param_matrix(s[0])}, {self.name_of(s[1])})"
         if op == Op.MATMUL:
             a, b = self.name_of(s[0]), self.name_of(s[1])
             if s[0].rank == 2 and s[1].rank == 1:

@@ -67,8 +67,7 @@ def plan_stage(ir: IRCell, states: list[str], core: list[Node]):
     if any(ir.states[s].shape != H or ir.states[s].rank != 1 for s in states):
         raise NotEligible("the states are not vectors of one length")
     core_ids = {n.id for n in core}
-    gemms = [n for n in core if n.op == Op.MATMUL and n.srcs[0].op == Op.PARAM and n.srcs[0].rank == 2
-             and n.srcs[1].rank == 1]
+    gemms = [n for n in core if n.op == Op.MATMUL and _weight_param(n.srcs[0]) is not None and n.srcs[1].rank == 1]
     for g in gemms:
         x = g.srcs[1]
         if not (x.op == Op.STATE and x.arg[0] in states):
@@ -611,8 +610,8 @@ class FusedLoop:
         dims = _Dims(B, T, NH, H, dtype)
         xs = [_as_rows(x.to(dtype), node, ns) for x, node in zip(seq_values, self.seqs)]
         params = [_per_head(P0[n.arg].to(dtype), n.rank, heads, NH) for n in self.params]
-        weights = [_per_head(P0[g.srcs[0].arg].to(dtype), 2, heads, NH) if heads else P0[g.srcs[0].arg].to(dtype)
-                   for g in self.gemms]
+        weights = [_weight(g.srcs[0], P0).to(dtype) for g in self.gemms]
+        weights = [_per_head(w, 2, heads, NH) if heads else w for w in weights]
         s0 = [S0[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H) for s in self.states]
         tensors = xs + params + weights + s0
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -776,6 +775,23 @@ class _FusedFunction(torch.autograd.Function):
         k = len(loop.states)
         got = loop.backward(dims, *_split(inputs, n), seqs, gms, list(grads[:k]), list(grads[k:]))
         return (None, None) + tuple(g if need else None for g, need in zip(got, ctx.needs_input_grad[2:]))
+
+
+def _weight_param(n: Node) -> Node | None:
+    """The param of a recurrent GEMM's matrix: the param itself, or the param a slice
+    `W[:, H:]` reads (what the analysis makes of `W @ concat(x, h)`)."""
+    if n.op == Op.PARAM and n.rank == 2:
+        return n
+    if n.op == Op.INDEX and n.rank == 2 and n.srcs[0].op == Op.PARAM and n.srcs[0].rank == 2 \
+            and all(isinstance(i, slice) for i in n.arg):
+        return n.srcs[0]
+    return None
+
+
+def _weight(n: Node, P0: dict) -> torch.Tensor:
+    """The GEMM matrix's value as stored (a view of the param for a slice), heads axis first."""
+    p = P0[_weight_param(n).arg]
+    return p if n.op == Op.PARAM else p[(Ellipsis,) + tuple(n.arg)]
 
 
 def _split(tensors, counts):

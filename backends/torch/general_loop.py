@@ -248,12 +248,30 @@ class _Gen:
                 continue
             for s in n.srcs:
                 if s.id not in core_ids and s.id not in self.val:
-                    self.leaf(s)
+                    self.outside(s)
             self.node(n)
         for s in states:
             if ir.updates[s].id not in self.val:
                 raise NotEligible(f"the update of state {s} is not computed in the loop")
         self.readout_nodes(core_ids)
+
+    def outside(self, n: Node) -> None:
+        """A value the step reads from outside the loop. A view of a param (`W[:, H:]`, what
+        the analysis makes of `W @ concat(x, h)`) is a view in the loop, free, of the param
+        as stored; anything else is a leaf (a param, or a whole-sequence input read per
+        step)."""
+        chain, root = [], n
+        while root.op in VIEWS and len(root.srcs) == 1:
+            chain.append(root)
+            root = root.srcs[0]
+        if not chain or root.op != Op.PARAM:
+            self.leaf(n)
+            return
+        if root.id not in self.val:
+            self.leaf(root)
+        for v in reversed(chain):
+            if v.id not in self.val:
+                self.node(v)
 
     def readout_nodes(self, core_ids: set[int]) -> None:
         """The readouts, and the values they read beyond the core: computed per step where
