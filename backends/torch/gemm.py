@@ -45,7 +45,9 @@ def _fast(*ts: torch.Tensor) -> bool:
 def mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b^T (+ bias) for a [M, K], b [N, K] (any strides)."""
     if _fast(a, b):
-        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+        # dense operands: a strided one (a column slice W[:, :D]) sends oneDNN down a path
+        # 10x slower than the copy
+        return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), bias, "none", [], "")
     out = a @ b.T
     return out + bias if bias is not None else out
 
