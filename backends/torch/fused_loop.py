@@ -612,7 +612,9 @@ class FusedLoop:
         params = [_per_head(P0[n.arg].to(dtype), n.rank, heads, NH) for n in self.params]
         weights = [_weight(g.srcs[0], P0).to(dtype) for g in self.gemms]
         weights = [_per_head(w, 2, heads, NH) if heads else w for w in weights]
-        s0 = [S0[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H) for s in self.states]
+        # dense [B * NH, H] (an initial state from a param is a stride-0 expand; the backward reads its rows)
+        s0 = [S0[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H).contiguous()
+              for s in self.states]
         tensors = xs + params + weights + s0
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             outs = _FusedFunction.apply(self, dims, *tensors)

@@ -73,7 +73,8 @@ def _c_loop_explain(form: SequentialLoop, ctx) -> str:
             if isinstance(compiled_loop(ctx.ir, form.states, form.core), FusedLoop)
             else "general loop: per row, every value a small array")
     return (f"{kind}; forward one C call, backward its reverse-time adjoint in one more (weight gradients "
-            "one GEMM over all steps); on a non-CPU tensor the per-step torch loop runs (layer.ran says torch.loop)")
+            "one GEMM over all steps); on a non-CPU tensor, or if its build fails (warned), the per-step torch loop "
+            "runs and layer.ran says torch.loop")
 
 
 REGISTRY = Registry("torch", (

@@ -365,8 +365,9 @@ def test_no_toolchain_is_decided_at_selection(cache, monkeypatch, fresh):
     monkeypatch.setenv("RECDSL_CACHE", str(cache))
     monkeypatch.setenv("RECDSL_NO_CC", "1")
     ref, fast, x = _lstm()
-    note = fast.selection.stages[0].note
-    assert "no C loop: no C compiler" in note, note
+    stage = fast.selection.stages[0]
+    assert stage.kernel.name == "torch.loop"
+    assert [p.reason for p in stage.passed if p.kernel == "torch.c_loop"] == ["no C loop: no C compiler (cc/gcc/clang) found"]
     assert "usable(" not in fast.compiled.program.source   # no fused branch in the generated forward
     with torch.no_grad():
         (o1, s1), (o2, s2) = ref(x=x), fast(x=x)
@@ -383,7 +384,7 @@ def test_fused_loop_that_does_not_build_falls_back_with_a_warning(cache, monkeyp
 
     monkeypatch.setattr(fused_loop, "_compile", broken)
     ref, fast, x = _lstm()
-    assert "one generated C call" in fast.selection.stages[0].note
+    assert fast.selection.stages[0].kernel.name == "torch.c_loop"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
@@ -392,6 +393,7 @@ def test_fused_loop_that_does_not_build_falls_back_with_a_warning(cache, monkeyp
     assert len(msgs) == 1 and "per-step torch loop" in msgs[0] and "simulated" in msgs[0], msgs
     assert torch.allclose(o1, o2, atol=1e-12) and torch.equal(o2, o3)
     assert all(torch.allclose(s1[k], s2[k], atol=1e-12) for k in s1)
+    assert fast.ran == ["torch.loop"]   # what ran, not what was planned
 
 
 # ---------------------------------------------------------------- the Triton AOT cache
