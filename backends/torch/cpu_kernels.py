@@ -10,6 +10,9 @@ compiler (or with RECDSL_NO_CC=1) `available()` is False and the backend uses th
 pure-torch scans in scans.py instead.
 
 Each scan is a torch.autograd.Function whose backward is the adjoint scan (MATH.md §1-2).
+The chunkwise forms' kernels (vector-decay intra-chunk terms, unit-triangular solves, the
+delta rule's pass over chunks) are plain functions without autograd: scans.py's Functions
+call them from their forward and their derived backward.
 """
 from __future__ import annotations
 
@@ -48,12 +51,16 @@ def _compiler() -> str | None:
 
 
 # -fno-trapping-math / -fno-math-errno let loops with floorf and selects vectorise; unlike
-# -ffast-math they keep inf and NaN semantics (the semiring scans use -inf).
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+# -ffast-math they keep inf and NaN semantics (the semiring scans use -inf). -ffp-contract=fast
+# lets a * b + c be one fused multiply-add (ISO C mode would keep them apart: half the rate of
+# the chunk kernels' inner loops, and one rounding more).
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-shared",
+         "-fPIC", "-std=c99"]
 # what the library exports (kcache checks a loaded file has them all)
 SYMBOLS = tuple(f"{name}_{sfx}" for sfx in ("f32", "f64")
                 for name in [f"{k}_{d}" for k in ("diag", "diagexp", "maxplus", "lse", "block") for d in ("fwd", "bwd")]
-                + ["matdiag_fwd", "delta_fwd"])
+                + ["matdiag_fwd", "delta_fwd", "vdecay_fwd", "vdecay_bwd", "trisolve", "delta_carry_fwd",
+                   "delta_carry_bwd"])
 
 
 def machine_tag(cc: str, flags: list[str]) -> bytes:
@@ -123,6 +130,15 @@ def _call(name: str, dtype, *args):
 
 def _prep(*ts):
     return [t.contiguous() for t in ts]
+
+
+def _prep_as(dtype, *ts):
+    """Contiguous and of one dtype (the C kernels read every buffer as the first one's type)."""
+    return [t.to(dtype).contiguous() for t in ts]
+
+
+def _i64(*ns):
+    return [ctypes.c_int64(int(n)) for n in ns]
 
 
 class _ElementScan(torch.autograd.Function):
@@ -254,3 +270,80 @@ def delta(q, k, v, beta, g, S0):
     g = g if gated else beta
     views = [_view(_bthf(x, B, T, H, F)) for x, F in ((g, 1), (beta, 1), (k, K), (v, V), (q, K))]
     return _matrix_kernel("delta_fwd", views, gated, S0, B, H, T, K, V, dt)
+
+
+def vdecay_intra(q, k, v, g, strict: bool) -> torch.Tensor:
+    """The intra-chunk readout of the vector-decay chunkwise form (csrc/scans.c), no autograd:
+    o_i = Σ_{j <= i - s} Σ_k q_ik k_jk exp(b_{i-s,k} - b_jk) v_j per chunk, b the cumulative
+    log decay inside it. q, k, g [R, C, K] (R chunks of C steps), v [R, C, V] -> o [R, C, V]."""
+    q, k, v, g = _prep_as(q.dtype, q, k, v, g)
+    R, C, K = q.shape
+    o = torch.empty_like(v)
+    getattr(library(), f"vdecay_fwd_{_SFX[q.dtype]}")(*[_ptr(t) for t in (q, k, v, g, o)], ctypes.c_int32(int(strict)),
+                                                      *_i64(R, C, K, v.shape[-1]))
+    return o
+
+
+def vdecay_intra_bwd(q, k, v, g, do, strict: bool):
+    """The vector-Jacobian product of vdecay_intra: (dq, dk, dv, dg) for the cotangent do."""
+    q, k, v, g, do = _prep_as(q.dtype, q, k, v, g, do)
+    R, C, K = q.shape
+    dq, dk, dg, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g), torch.empty_like(v)
+    getattr(library(), f"vdecay_bwd_{_SFX[q.dtype]}")(*[_ptr(t) for t in (q, k, v, g, do, dq, dk, dv, dg)],
+                                                      ctypes.c_int32(int(strict)), *_i64(R, C, K, v.shape[-1]))
+    return dq, dk, dv, dg
+
+
+def trisolve(L: torch.Tensor, R: torch.Tensor, scale: torch.Tensor | None = None, transposed: bool = False):
+    """X = L⁻¹ diag(scale) R (forward substitution) or L⁻ᵀ diag(scale) R (back substitution) for
+    unit lower-triangular L [..., C, C] (only its strictly lower part is read), R [..., C, W],
+    scale [..., C] (None: 1); no autograd."""
+    lead = torch.broadcast_shapes(L.shape[:-2], R.shape[:-2])
+    C, W = R.shape[-2:]
+    L, R = _prep_as(R.dtype, L.expand(lead + (C, C)), R.expand(lead + (C, W)))
+    s = None if scale is None else _prep_as(R.dtype, scale.expand(lead + (C,)))[0]
+    X = torch.empty_like(R)
+    getattr(library(), f"trisolve_{_SFX[X.dtype]}")(_ptr(L), _ptr(R), None if s is None else _ptr(s), _ptr(X),
+                                                    ctypes.c_int32(int(transposed)),
+                                                    *_i64(R.numel() // max(C * W, 1), C, W))
+    return X
+
+
+def delta_carry(X: torch.Tensor, V: int, wk: torch.Tensor, decay: torch.Tensor | None, S0: torch.Tensor,
+                Qe: torch.Tensor):
+    """The delta rule's pass over chunks (csrc/scans.c), no autograd: X [B, N, C, V + K] holds
+    [Û | Ŵ] per chunk, wk [B, N, C, K], decay [B, N] (None: ungated), S0 [B, K, V], Qe [B, N, C, K]
+    the queries the states before the chunks are read with. Returns (the state before every
+    chunk [B, N, K, V], the new values Vn [B, N, C, V], Qe S_prev [B, N, C, V], S_T)."""
+    X, wk, S0, Qe = _prep_as(X.dtype, X, wk, S0, Qe)
+    B, N, C, W = X.shape
+    K = W - V
+    d = None if decay is None else _prep_as(X.dtype, decay)[0]
+    Sp, Vn, O, ST = X.new_empty(B, N, K, V), X.new_empty(B, N, C, V), X.new_empty(B, N, C, V), X.new_empty(B, K, V)
+    getattr(library(), f"delta_carry_fwd_{_SFX[X.dtype]}")(
+        _ptr(X), ctypes.c_int64(W), _ptr(wk), None if d is None else _ptr(d), _ptr(S0), _ptr(Qe), _ptr(Sp), _ptr(Vn),
+        _ptr(O), _ptr(ST), *_i64(B, N, C, K, V))
+    return Sp, Vn, O, ST
+
+
+def delta_carry_adjoint(X: torch.Tensor, V: int, wk: torch.Tensor, decay: torch.Tensor | None, S_prev: torch.Tensor,
+                        P: torch.Tensor, Y: torch.Tensor, dS_T: torch.Tensor | None, dVn: torch.Tensor):
+    """The adjoint of delta_carry: Λ_n (the gradient of the state after chunk n) and dVn, from
+    the saved states before the chunks S_prev and P [B, N, C, V], Y [B, N, K, V] (what each
+    chunk's readouts send to its new values and to the state before it). dVn: where to write
+    dVn, [B, N, C, V] columns of a contiguous [B, N, C, ldo] buffer. Returns (Λ [B, N, K, V],
+    the new values Vn [B, N, C, V] recomputed, dS0)."""
+    X, wk, S_prev, P, Y = _prep_as(X.dtype, X, wk, S_prev, P, Y)
+    B, N, C, W = X.shape
+    K = W - V
+    ldo = dVn.stride(-2)
+    if dVn.dtype != X.dtype or dVn.stride() != (N * C * ldo, C * ldo, ldo, 1):
+        raise ValueError("dVn must be a column slice of a contiguous buffer of X's dtype")
+    d = None if decay is None else _prep_as(X.dtype, decay)[0]
+    dST = None if dS_T is None else _prep_as(X.dtype, dS_T)[0]
+    Lam, Vn, dS0 = X.new_empty(B, N, K, V), X.new_empty(B, N, C, V), X.new_empty(B, K, V)
+    getattr(library(), f"delta_carry_bwd_{_SFX[X.dtype]}")(
+        _ptr(X), ctypes.c_int64(W), _ptr(wk), None if d is None else _ptr(d), _ptr(S_prev), _ptr(P), _ptr(Y),
+        None if dST is None else _ptr(dST), _ptr(Lam), _ptr(Vn), _ptr(dVn), ctypes.c_int64(ldo), _ptr(dS0),
+        *_i64(B, N, C, K, V))
+    return Lam, Vn, dS0

@@ -1,14 +1,18 @@
 """Whole-sequence recurrences in torch: the kernels the `torch` backend's generated code
 calls. Element scans go to the C library when it is available (cpu_kernels), else to
 log-depth doubling scans in torch; matrix states with diagonal decay and the delta rule
-use the chunkwise forms of MATH.md §3-4 (matmuls inside chunks, a short loop over chunks).
+use the chunkwise forms of MATH.md §3-4 (matmuls inside chunks, a short loop over chunks),
+with a hand-derived backward (the section "The chunkwise forms with a derived backward").
 
 Layouts: sequences [B, T, *shape] (B may include heads), initial states [B, *shape]."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import cpu_kernels
+from .double_backward import recompute_vjp, wants_graph
 
 
 # A step's log decay below this wipes the state anyway (exp(-80) ~ 2e-35); clamping it keeps
@@ -17,9 +21,11 @@ from . import cpu_kernels
 LOG_DECAY_FLOOR = -80.0
 
 # Chunk lengths of the chunkwise forms on the training path (module constants, read at every call:
-# tests shorten them to cover several chunks and sub-blocks on short sequences).
+# tests shorten them to cover several chunks and sub-blocks on short sequences). The delta rule's
+# intra-chunk work (scores, solve and their adjoints) grows with C per step while its chunk-to-
+# chunk products do not: 32 is the faster one of its training steps on CPU (measured at K = V = 64).
 DIAG_CHUNK = 64
-DELTA_CHUNK = 64
+DELTA_CHUNK = 32
 
 
 def use_c(*ts) -> bool:
@@ -234,7 +240,7 @@ class _CausalScores(torch.autograd.Function):
         mask = causal_mask(Q.shape[-2], strict, Q.device)
         ctx.strict = strict
         ctx.save_for_backward(Q, K)
-        return torch.matmul(Q, K.transpose(-1, -2)).masked_fill(~mask, 0)
+        return torch.matmul(Q, K.transpose(-1, -2)).masked_fill_(~mask, 0)   # in place: the product is ours
 
     @staticmethod
     def backward(ctx, dS):
@@ -257,7 +263,7 @@ class _DecayPairs(torch.autograd.Function):
         mask = causal_mask(C, strict, g.device)[..., None]
         b = g.cumsum(-2)
         bq = torch.nn.functional.pad(b[..., :-1, :], (0, 0, 1, 0)) if strict else b
-        E = torch.exp((bq[..., :, None, :] - b[..., None, :, :]).masked_fill(~mask, float("-inf")))
+        E = (bq[..., :, None, :] - b[..., None, :, :]).masked_fill_(~mask, float("-inf")).exp_()   # one [.., C, C, F] buffer
         ctx.strict = strict
         ctx.save_for_backward(E)
         return E
@@ -265,15 +271,22 @@ class _DecayPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dE):
         (E,) = ctx.saved_tensors
-        s = int(ctx.strict)
-        C = E.shape[-2]
-        dL = (dE * E).masked_fill(~causal_mask(C, ctx.strict, E.device)[..., None], 0)     # [..., i, j, F]
-        # dg_t = Σ_{i >= t + s} Σ_{j < t} dL_ij: a prefix over j (R_ij = Σ_{j' <= j} dL_ij', which
-        # for j < t reads the pairs that contain step t only), summed over the rows i >= j + 1 + s
-        idx = torch.arange(C, device=E.device)
-        below = (idx[:, None] >= idx[None, :] + 1 + s)[..., None]
-        dg = dL.cumsum(-2).masked_fill(~below, 0).sum(-3)                                   # [..., j, F]: dg_{j+1}
-        return torch.nn.functional.pad(dg[..., :C - 1, :], (0, 0, 1, 0)), None
+        dL = (dE * E).masked_fill(~causal_mask(E.shape[-2], ctx.strict, E.device)[..., None], 0)   # [..., i, j, F]
+        return pair_grads_to_steps(dL, ctx.strict), None
+
+
+def pair_grads_to_steps(dL: torch.Tensor, strict: bool) -> torch.Tensor:
+    """The gradient of the log decays from the gradients of the pair exponents: pair (i, j)
+    spans the steps (j, i - s], so dg_t = Σ_{i >= t + s} Σ_{j < t} dL_ij (s = 1 when strict).
+    dL [..., C, C, F], exactly zero outside the pairs -> [..., C, F]. A prefix over j
+    (R_ij = Σ_{j' <= j} dL_ij', which for j < t reads the pairs that contain step t only),
+    summed over the rows i >= j + 1 + s: never a difference of two cumulative sums, which
+    would carry a later row's NaN into every earlier step as NaN - NaN."""
+    C = dL.shape[-2]
+    idx = torch.arange(C, device=dL.device)
+    below = (idx[:, None] >= idx[None, :] + 1 + int(strict))[..., None]
+    dg = dL.cumsum(-2).masked_fill_(~below, 0).sum(-3)                                  # [..., j, F]: dg_{j+1}
+    return torch.nn.functional.pad(dg[..., :C - 1, :], (0, 0, 1, 0))
 
 
 def decay_pairs(g: torch.Tensor, strict: bool = False) -> torch.Tensor:
@@ -311,6 +324,26 @@ class _PerChunk:
         return self.parts[n]
 
 
+def _rev_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ_{t >= j} x_t along dim (the adjoint of an inclusive prefix sum)."""
+    return x.flip(dim).cumsum(dim).flip(dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunkwise forms with a derived backward.
+#
+# With gradients, chunk_diag and chunk_delta run as autograd Functions: the forward keeps
+# its inputs and the state before every chunk (nothing of the chunks' insides), and the
+# backward recomputes the intra-chunk values and runs the adjoint of the chunk form (MATH.md
+# §3-4) in a few large batched ops over all chunks at once plus one reverse pass over the
+# chunk states -- instead of autograd through dozens of small ops, each keeping its inputs.
+# The adjoint keeps the forward's causality: every product with a triangular matrix that
+# must not see later rows is causal_mm (or the C kernel, which reads the pairs j <= i only),
+# and a decay's gradient reaches the steps its exponent spans, through prefix / suffix sums.
+# Under create_graph=True the backward instead differentiates the same chunk form written
+# in differentiable ops (the "twin"), so second derivatives are autograd's.
+# ---------------------------------------------------------------------------------------------
+
 def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                S0: torch.Tensor, chunk: int | None = None):
     """Matrix state with diagonal decay, S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, read out
@@ -320,41 +353,180 @@ def chunk_diag(readouts: list[tuple[torch.Tensor, bool]], k: torch.Tensor, v: to
     or [B, T, K] (vector decay over keys), log space, <= 0 in practice; S0 [B, K, V].
     Returns ([o [B, T, V] per readout], S_T). Inside a chunk every exponent is <= 0 for
     non-positive g (MATH.md §3): scalar decay uses two matmuls per chunk, vector decay the
-    exact C x C x K contraction on diagonal sub-blocks and factored matmuls below them.
-    Causal inside a chunk, forward and backward (a non-finite input at step p leaves the
-    outputs before p, and the gradients that do not pass through step p, untouched)."""
+    exact C x C x K contraction (on CPU a C kernel; in torch on diagonal sub-blocks, with
+    factored matmuls below them). Causal inside a chunk, forward and backward (a non-finite
+    input at step p leaves the outputs before p, and the gradients that do not pass through
+    step p, untouched)."""
     B, T, K = k.shape
     V = v.shape[-1]
-    scalar = g.dim() == 2
-    g = g.clamp(min=LOG_DECAY_FLOOR)
+    if T == 0:
+        return [v.new_zeros(B, 0, V) for _ in readouts], S0
     C = chunk or DIAG_CHUNK
     N = (T + C - 1) // C
     Tp = N * C
-    k, v, g = _pad_t(k, Tp), _pad_t(v, Tp), _pad_t(g, Tp)
-    kc, vc = k.reshape(B, N, C, K), v.reshape(B, N, C, V)
-    gc = g.reshape(B, N, C, 1 if scalar else K)          # log decays, F = 1 (scalar) or K
-    # chunk-local state contributions and the decay across whole chunks
+
+    def chunks(x):                                        # [B, T, F] -> [B, N, C, F], inert padding
+        return _pad_t(x, Tp).reshape(B, N, C, -1)
+    kc, vc, gc = chunks(k), chunks(v), chunks(g)       # gc [B, N, C, 1 or K], clamped inside
+    qcs = [chunks(q) for q, _ in readouts]
+    strict = tuple(not inclusive for _, inclusive in readouts)   # the query sees S_t, or S_{t-1}
+
+    def carry(decay_c, U, S):
+        """The state before every chunk [B, N, K, V], and after the last."""
+        decay_c, U = _PerChunk(decay_c), _PerChunk(U)
+        states = []
+        for n in range(N):
+            states.append(S)
+            S = decay_c[:, n] * S + U[:, n]
+        return torch.stack(states, 1), S
+
+    if _needs_grad(kc, vc, gc, S0, *qcs):
+        *outs, S = _ChunkDiag.apply(carry, strict, kc, vc, gc, S0, *qcs)
+    else:
+        outs, S, _ = _diag_forward(carry, strict, kc, vc, _floor(gc), S0, qcs, kernel=True)
+    return [o.reshape(B, Tp, V)[:, :T] for o in outs], S
+
+
+def _floor(g):
+    """The log decays clamped at LOG_DECAY_FLOOR (inside the Functions: a clamp outside them
+    would keep a copy of g for its own backward)."""
+    return g.clamp(min=LOG_DECAY_FLOOR)
+
+
+def _floor_vjp(g, dg):
+    """The gradient through _floor: none below the floor (nor for NaN), as torch.clamp's."""
+    return torch.where(g >= LOG_DECAY_FLOOR, dg, 0)
+
+
+def _diag_forward(carry, strict, kc, vc, gc, S0, qcs, kernel: bool):
+    """chunk_diag on chunks ([B, N, C, .]): (outputs, S_T, the state before every chunk).
+    Differentiable by autograd when kernel is False (the C kernel carries no graph)."""
     wk = kc * torch.exp(suffix_sum(gc, 2))               # k_j exp(b_C - b_j), exponent <= 0
     decay_c = torch.exp(gc.sum(2))[..., None]            # [B, N, F, 1]
-    U = wk.transpose(-1, -2) @ vc                        # [B, N, K, V]
-    decay_c, U = _PerChunk(decay_c), _PerChunk(U)
-    states = []                                          # S before each chunk
-    S = S0
-    for n in range(N):
-        states.append(S)
-        S = decay_c[:, n] * S + U[:, n]
-    S_prev = torch.stack(states, 1)                      # [B, N, K, V]
-    outs = []
-    for q, inclusive in readouts:
-        qc = _pad_t(q, Tp).reshape(B, N, C, K)
-        strict = not inclusive                           # the query sees S_t, or S_{t-1}
-        if scalar:
-            A = causal_scores(qc, kc, strict) * decay_pairs(gc, strict)[..., 0]          # [B, N, C, C]
-        else:
-            A = _vector_decay_scores(qc, kc, gc, strict)
-        o = causal_mm(A, vc, strict, zeros_above=True) + (qc * torch.exp(prefix_sum(gc, 2, inclusive))) @ S_prev
-        outs.append(o.reshape(B, Tp, V)[:, :T])
-    return outs, S
+    U = wk.transpose(-1, -2) @ vc                        # each chunk's own contribution [B, N, K, V]
+    S_prev, S = carry(decay_c, U, S0)
+    outs = [_diag_intra(qc, kc, vc, gc, s, kernel) + (qc * torch.exp(prefix_sum(gc, 2, not s))) @ S_prev
+            for qc, s in zip(qcs, strict)]
+    return outs, S, S_prev
+
+
+def _diag_intra(qc, kc, vc, gc, strict: bool, kernel: bool) -> torch.Tensor:
+    """Σ_{j <= i - s} A_ij v_j inside each chunk, A the decayed scores."""
+    if gc.shape[-1] == 1:                                # scalar decay: (Q Kᵀ) ⊙ D, two matmuls
+        A = causal_scores(qc, kc, strict) * decay_pairs(gc, strict)[..., 0]
+    elif kernel and use_c(qc, kc, vc, gc):
+        return cpu_kernels.vdecay_intra(*(_by_chunk(x) for x in (qc, kc, vc, gc)), strict).view(vc.shape)
+    else:
+        A = _vector_decay_scores(qc, kc, gc, strict)
+    return causal_mm(A, vc, strict, zeros_above=True)
+
+
+def _by_chunk(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, C, F] -> [B * N, C, F] (the 3-d batches of bmm and the C kernels)."""
+    return x.reshape((-1,) + tuple(x.shape[-2:]))
+
+
+def _diag_intra_vjp(qc, kc, vc, gc, strict: bool, do):
+    """(dq, dk, dv, dg) of _diag_intra for the cotangent do."""
+    if gc.shape[-1] == 1:                                # (in place where a buffer is ours: fresh big temporaries cost)
+        mask = causal_mask(qc.shape[-2], strict, qc.device)
+        E = decay_pairs(gc, strict)[..., 0]
+        A = causal_scores(qc, kc, strict).mul_(E)
+        dA = (do @ vc.transpose(-1, -2)).masked_fill_(~mask, 0)
+        dv = A.transpose(-1, -2) @ do                    # A is exactly zero above the pairs
+        dg = pair_grads_to_steps(A.mul_(dA)[..., None], strict)    # the pairs' exponents: dA ⊙ A
+        dQK = dA.mul_(E)                                 # the cotangent of the raw scores q_i · k_j
+        dq = causal_mm(dQK, kc, strict, zeros_above=True)
+        dk = dQK.transpose(-1, -2) @ qc
+        return dq, dk, dv, dg
+    if use_c(qc, kc, vc, gc, do):
+        grads = cpu_kernels.vdecay_intra_bwd(*(_by_chunk(x) for x in (qc, kc, vc, gc, do)), strict)
+        return tuple(d.view(x.shape) for d, x in zip(grads, (qc, kc, vc, gc)))
+    with torch.enable_grad():                            # no C library: autograd through the exact contraction
+        xs = [x.detach().requires_grad_() for x in (qc, kc, vc, gc)]
+        o = causal_mm(_vector_decay_scores(xs[0], xs[1], xs[3], strict), xs[2], strict, zeros_above=True)
+        return torch.autograd.grad(o, xs, do)
+
+
+class _ChunkDiag(torch.autograd.Function):
+    """chunk_diag with gradients (see the section comment above). Saves the inputs and the
+    state before every chunk."""
+
+    @staticmethod
+    def forward(ctx, carry, strict, kc, vc, gc, S0, *qcs):
+        outs, S, S_prev = _diag_forward(carry, strict, kc, vc, _floor(gc), S0, qcs, kernel=True)
+        ctx.set_materialize_grads(False)                 # an unread output's gradient stays None
+        ctx.carry, ctx.strict = carry, strict
+        ctx.save_for_backward(kc, vc, gc, S0, S_prev, *qcs)
+        return (*outs, S)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        kc, vc, gc, S0, S_prev, *qcs = ctx.saved_tensors
+        inputs, needs = (kc, vc, gc, S0, *qcs), ctx.needs_input_grad[2:]
+        if wants_graph(inputs, grads):
+            def twin(kc, vc, gc, S0, *qcs):
+                outs, S, _ = _diag_forward(ctx.carry, ctx.strict, kc, vc, _floor(gc), S0, qcs, kernel=False)
+                return (*outs, S)
+            return (None, None) + tuple(recompute_vjp(twin, inputs, needs, grads))
+        dk, dv, dg, dS0, *dqs = _diag_backward(ctx.strict, kc, vc, _floor(gc), S0, S_prev, qcs, grads[:-1], grads[-1])
+        got = (dk, dv, _floor_vjp(gc, dg), dS0, *dqs)
+        return (None, None) + tuple(d if need else None for d, need in zip(got, needs))
+
+
+def _diag_backward(strict, kc, vc, gc, S0, S_prev, qcs, dos, dS_T):
+    """The adjoint of _diag_forward: (dk, dv, dg, dS0, *dq). With Λ_n the gradient of the
+    state after chunk n and b the cumulative log decay inside a chunk (MATH.md §3):
+        Λ_{n-1} = e^{b_C} ⊙ Λ_n + Σ_i (q_i ⊙ e^{b_i}) do_iᵀ     (one reverse pass)
+        dv += (k ⊙ e^{b_C - b}) Λ_n,   d(k ⊙ e^{b_C - b}) = v Λ_nᵀ,   d e^{b_C} = Σ_V Λ_n ⊙ S_{n-1}
+    plus the intra-chunk terms; a log decay's gradient is the sum over the exponents that
+    contain it: suffix sums for the readouts' e^{b_i}, prefix sums for the keys' e^{b_C - b_j}."""
+    e_sfx = torch.exp(suffix_sum(gc, 2))
+    wk = kc * e_sfx
+    decay_c = torch.exp(gc.sum(2))                       # [B, N, F]
+    X = dk = dv = dg = None                              # X: what each chunk's readouts send to the state before it
+    dqs = []
+    for qc, s, do in zip(qcs, strict, dos):
+        if do is None:                                   # an unread output: its query gets no gradient
+            dqs.append(None)
+            continue
+        eP = torch.exp(prefix_sum(gc, 2, not s))         # e^{b_i}, or e^{b_{i-1}} for an exclusive readout
+        Qd = qc * eP
+        dQd = do @ S_prev.transpose(-1, -2)
+        X = _accumulate(X, Qd.transpose(-1, -2) @ do)
+        dq, dk_, dv_, dg_ = _diag_intra_vjp(qc, kc, vc, gc, s, do)
+        dqs.append(dq.addcmul_(dQd, eP))
+        dk, dv = _accumulate(dk, dk_), _accumulate(dv, dv_)
+        dP = _sum_to(dQd.mul_(Qd), gc.shape)             # d(b_i) (or d(b_{i-1})) of the readout
+        dg = _accumulate(dg, dg_.add_(suffix_sum(dP, 2) if s else _rev_cumsum(dP, 2)))
+    if X is None:                                        # only the final state is read
+        X, dk, dv, dg = torch.zeros_like(S_prev), torch.zeros_like(kc), torch.zeros_like(vc), torch.zeros_like(gc)
+    Lam, dS0 = _carry_adjoint(decay_c[..., None], X, dS_T)
+    dwk = vc @ Lam.transpose(-1, -2)
+    dv = dv.contiguous()                                 # (a view of itself: the in-place product lands in dv)
+    _by_chunk(dv).baddbmm_(_by_chunk(wk), _by_chunk(Lam))
+    dk.addcmul_(dwk, e_sfx)
+    dg += prefix_sum(_sum_to(dwk.mul_(wk), gc.shape), 2, inclusive=False)       # e^{b_C - b_j}: the steps after j
+    dg += _sum_to(Lam.mul_(S_prev).sum(-1) * decay_c, gc.shape[:2] + gc.shape[3:])[:, :, None]   # e^{b_C}: all
+    return (dk, dv, dg, dS0, *dqs)
+
+
+def _accumulate(total, x):
+    return x if total is None else total.add_(x)
+
+
+def _carry_adjoint(decay_c, X, dS_T):
+    """The reverse pass over chunk states S_n = decay_n ⊙ S_{n-1} + U_n (decay_c [B, N, F, 1]),
+    with X_n the gradient reaching S_{n-1} from outside the recurrence (chunk n's readouts)
+    and dS_T that of the last state: returns (Λ [B, N, K, V] the gradient of each chunk's
+    state after it, = dU; dS0)."""
+    lam = torch.zeros_like(X[:, 0]) if dS_T is None else dS_T
+    dn, Xn = decay_c.unbind(1), X.unbind(1)
+    out = [None] * len(Xn)
+    for n in range(len(Xn) - 1, -1, -1):
+        out[n] = lam
+        lam = torch.addcmul(Xn[n], dn[n], lam)
+    return torch.stack(out, 1), lam
 
 
 def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None,
@@ -363,22 +535,229 @@ def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
     readout o_t = q_t^T S_t, in the WY/UT chunkwise form of MATH.md §4.
     q, k [B, T, K]; v [B, T, V]; beta, g [B, T] (g None: ungated); S0 [B, K, V].
     Û = (I + A)^{-1} diag(β) V and Ŵ by triangular solves (forward substitution: row i reads
-    rows < i only); the intra-chunk products are causal (see causal_mm). Per chunk only the
-    state recurrence runs in the loop; the readouts of all chunks are two batched products:
-        O = (Q ⊙ e^b - QK⋆Ŵ) S_prev + QK⋆Û,   S_C = e^{b_C} S_0 + (K ⊙ e^{b_C - b})ᵀ (Û - Ŵ S_0)."""
+    rows < i only); the intra-chunk products are causal (see causal_mm). Per chunk the loop
+    runs the state recurrence and the new values it writes; the readouts of all chunks are
+    two batched products:
+        Vn = Û - Ŵ S_prev,   S_C = e^{b_C} S_prev + (K ⊙ e^{b_C - b})ᵀ Vn,   O = (Q ⊙ e^b) S_prev + QK⋆ Vn."""
     B, T, K = k.shape
     V = v.shape[-1]
-    C = min(chunk or DELTA_CHUNK, max(T, 1))
+    if T == 0:
+        return v.new_zeros(B, 0, V), S0
+    C = min(chunk or DELTA_CHUNK, T)
     N = (T + C - 1) // C
     Tp = N * C
-    g = torch.zeros_like(beta) if g is None else g.clamp(min=LOG_DECAY_FLOOR)
-    q, k, v, beta, g = (_pad_t(x, Tp) for x in (q, k, v, beta, g))
-    qc, kc, vc = q.reshape(B, N, C, K), k.reshape(B, N, C, K), v.reshape(B, N, C, V)
-    bc, gc = beta.reshape(B, N, C, 1), g.reshape(B, N, C, 1)
+
+    def chunks(x):
+        return _pad_t(x, Tp).reshape(B, N, C, -1)
+    qc, kc, vc, bc = (chunks(x) for x in (q, k, v, beta))
+    gc = None if g is None else chunks(g)                 # clamped inside
+    if _needs_grad(qc, kc, vc, bc, S0, *([] if gc is None else [gc])):
+        o, S = _ChunkDelta.apply(qc, kc, vc, bc, gc, S0)
+    else:
+        o, S, _ = _delta_forward(qc, kc, vc, bc, None if gc is None else _floor(gc), S0)
+    return o.reshape(B, Tp, V)[:, :T], S
+
+
+class _DeltaChunks(NamedTuple):
+    """The chunk-local quantities of the WY/UT form, batched over chunks [B, N, ...]; the
+    decay terms are None for the ungated rule."""
+    QK: torch.Tensor                # lower_incl(Q Kᵀ) ⊙ D               [B, N, C, C]
+    KK: torch.Tensor                # strict_lower(K Kᵀ) ⊙ D
+    D: torch.Tensor | None          # exp(b_i - b_j), j <= i, zeros above
+    L: torch.Tensor                 # I + diag(β) KK, unit lower triangular
+    R: torch.Tensor                 # [V | K ⊙ e^b], the solve's right-hand side before diag(β)
+    X: torch.Tensor                 # [Û | Ŵ] = L⁻¹ diag(β) R            [B, N, C, V + K]
+    V: int
+    eb: torch.Tensor | None         # e^{b_i}                             [B, N, C, 1]
+    e_sfx: torch.Tensor | None      # e^{b_C - b_j}                       [B, N, C, 1]
+    decay: torch.Tensor | None      # e^{b_C}                             [B, N, 1, 1]
+
+    @property
+    def U(self):
+        return self.X[..., :self.V]
+
+    @property
+    def W(self):
+        return self.X[..., self.V:]
+
+    def rows(self, x, e):           # x scaled row by row by e (nothing when ungated)
+        return x if e is None else x * e
+
+
+def _delta_chunks(qc, kc, vc, bc, gc) -> _DeltaChunks:
+    C = kc.shape[-2]
+    D = eb = e_sfx = decay = None
+    KK, QK = causal_scores(kc, kc, strict=True), causal_scores(qc, kc)
+    if gc is not None:
+        D = decay_pairs(gc)[..., 0]
+        eb, e_sfx = torch.exp(prefix_sum(gc, 2)), torch.exp(suffix_sum(gc, 2))
+        decay = torch.exp(gc.sum(2, keepdim=True))
+        KK, QK = KK * D, QK * D
+    L = torch.addcmul(torch.eye(C, dtype=kc.dtype, device=kc.device), bc, KK)
+    R = torch.cat([vc, kc if eb is None else kc * eb], -1)
+    X = _solve_unit_lower(L, R, bc)
+    return _DeltaChunks(QK, KK, D, L, R, X, vc.shape[-1], eb, e_sfx, decay)
+
+
+def _solve_unit_lower(L, R, scale=None, transposed: bool = False):
+    """L⁻¹ diag(scale) R by forward substitution (row i reads rows < i only), or L⁻ᵀ R by back
+    substitution, for unit lower-triangular L; scale [..., C, 1] or None; no autograd. On CPU
+    the C library's solve (torch's batched solve costs several matmuls' time per small
+    system, and more when transposed)."""
+    if use_c(L, R):
+        return cpu_kernels.trisolve(L, R, None if scale is None else scale[..., 0], transposed)
+    R = R if scale is None else scale * R
+    if transposed:
+        return torch.linalg.solve_triangular(L.transpose(-1, -2), R, upper=True, unitriangular=True)
+    return torch.linalg.solve_triangular(L, R, upper=False, unitriangular=True)
+
+
+def _delta_forward(qc, kc, vc, bc, gc, S0):
+    """chunk_delta on chunks, without autograd: (o [B, N, C, V], S_T, the state before every chunk)."""
+    ch = _delta_chunks(qc, kc, vc, bc, gc)
+    S_prev, Vn, o, S = _delta_carry(ch, ch.rows(kc, ch.e_sfx), S0, ch.rows(qc, ch.eb))
+    o += causal_mm(ch.QK, Vn, zeros_above=True)
+    return o, S, S_prev
+
+
+def _delta_carry(ch: _DeltaChunks, wk, S0, Qe):
+    """Chunk by chunk: Vn = Û - Ŵ S, then S <- e^{b_C} S + wkᵀ Vn (wk = K ⊙ e^{b_C - b}).
+    Returns (the state before every chunk S_prev [B, N, K, V], Vn [B, N, C, V], the readout's
+    inter-chunk term Qe S_prev [B, N, C, V], S_T). On CPU one C call that also reads the
+    states out while they are in cache (a torch loop pays two small matmuls' dispatch per
+    chunk)."""
+    if use_c(ch.X, wk, S0, Qe):
+        return cpu_kernels.delta_carry(ch.X, ch.V, wk, _chunk_decays(ch), S0, Qe)
+    Un, Wn, wkT = ch.U.unbind(1), ch.W.unbind(1), wk.transpose(-1, -2).unbind(1)
+    dn = [None] * len(Un) if ch.decay is None else ch.decay.unbind(1)
+    S, prev, new = S0, [], []
+    for n in range(len(Un)):
+        prev.append(S)
+        new.append(torch.baddbmm(Un[n], Wn[n], S, alpha=-1))
+        S = torch.baddbmm(S if dn[n] is None else dn[n] * S, wkT[n], new[-1])
+    S_prev = torch.stack(prev, 1)
+    return S_prev, torch.stack(new, 1), Qe @ S_prev, S
+
+
+def _chunk_decays(ch: _DeltaChunks):
+    return None if ch.decay is None else ch.decay.reshape(ch.decay.shape[:2])
+
+
+class _ChunkDelta(torch.autograd.Function):
+    """chunk_delta with gradients (see the section comment above chunk_diag). Saves the
+    inputs and the state before every chunk."""
+
+    @staticmethod
+    def forward(ctx, qc, kc, vc, bc, gc, S0):
+        o, S, S_prev = _delta_forward(qc, kc, vc, bc, None if gc is None else _floor(gc), S0)
+        ctx.set_materialize_grads(False)                 # an unread output's gradient stays None
+        ctx.save_for_backward(qc, kc, vc, bc, gc, S0, S_prev)
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS_T):
+        qc, kc, vc, bc, gc, S0, S_prev = ctx.saved_tensors
+        inputs = (qc, kc, vc, bc, gc, S0)
+        if wants_graph(inputs, (do, dS_T)):
+            return tuple(recompute_vjp(_delta_twin, inputs, ctx.needs_input_grad, (do, dS_T)))
+        gl = None if gc is None else _floor(gc)
+        dq, dk, dv, dbeta, dg, dS0 = _delta_backward(qc, kc, vc, bc, gl, S0, S_prev, do, dS_T)
+        got = (dq, dk, dv, dbeta, None if gc is None else _floor_vjp(gc, dg), dS0)
+        return tuple(d if need else None for d, need in zip(got, ctx.needs_input_grad))
+
+
+def _delta_backward(qc, kc, vc, bc, gc, S0, S_prev, do, dS_T):
+    """The adjoint of _delta_forward: (dq, dk, dv, dβ, dg, dS0). Per chunk, with Λ_n the
+    gradient of the state after it and P = QK⋆ᵀ dO (what the new values get from the readouts):
+        dVn = P + wk Λ_n,   Λ_{n-1} = e^{b_C} Λ_n + (Q ⊙ e^b)ᵀ dO - Ŵᵀ dVn      (one reverse pass)
+        dÛ = dVn,   dŴ = -dVn S_prevᵀ,   dQK⋆ = lower(dO Vnᵀ),   dwk = Vn Λ_nᵀ
+    then back through the solve and the scores (_delta_solve_vjp, _delta_scores_vjp)."""
+    ch = _delta_chunks(qc, kc, vc, bc, gc)
+    unread = do is None                            # only the final state is read: q gets no gradient
+    do = torch.zeros_like(vc) if unread else do
+    wk, Qe = ch.rows(kc, ch.e_sfx), ch.rows(qc, ch.eb)
+    dX = torch.empty_like(ch.X)                                                 # [dÛ | dŴ] = [dVn | -dVn S_prevᵀ]
+    dVn = dX[..., :ch.V]
+    Lam, Vn, dS0 = _delta_carry_adjoint(ch, wk, S_prev, ch.QK.transpose(-1, -2) @ do, Qe.transpose(-1, -2) @ do,
+                                        dS_T, dVn)
+    torch.neg(dVn @ S_prev.transpose(-1, -2), out=dX[..., ch.V:])
+    dQe = do @ S_prev.transpose(-1, -2)
+    dQK = (do @ Vn.transpose(-1, -2)).masked_fill_(~causal_mask(kc.shape[-2], False, kc.device), 0)
+    dwk = Vn @ Lam.transpose(-1, -2)
+    dR, dKK = _delta_solve_vjp(ch, bc, dX)
+    dq, dk = _delta_scores_vjp(ch, qc, kc, dQK, bc * dKK)
+    dq += ch.rows(dQe, ch.eb)
+    dk += ch.rows(dwk, ch.e_sfx)
+    dRk = dR[..., ch.V:]                           # β dR is the cotangent of R = [V | K ⊙ e^b]
+    dv = dR[..., :ch.V] * bc
+    dk.addcmul_(dRk, ch.rows(bc, ch.eb))
+    dbeta = (dR * ch.R).sum(-1, keepdim=True) + (dKK * ch.KK).sum(-1)[..., None]
+    dg = None
+    if gc is not None:
+        de_b = (dQe * qc).sum(-1, keepdim=True) + bc * (dRk * kc).sum(-1, keepdim=True)     # d e^{b_i}
+        dg = _delta_decay_vjp(dKK * bc * ch.KK + dQK * ch.QK, de_b * ch.eb, (dwk * wk).sum(-1, keepdim=True),
+                              (Lam * S_prev).sum((-1, -2), keepdim=True) * ch.decay)
+    return None if unread else dq, dk, dv, dbeta, dg, dS0
+
+
+def _delta_decay_vjp(d_pairs, d_b, d_sfx, d_total):
+    """The log decays' gradient from the cotangents of the exponents (each exp's cotangent
+    times the exp): every exponent reaches the steps it sums -- a pair's b_i - b_j (d_pairs
+    [.., C, C]) the steps (j, i], b_i the steps up to i (a suffix sum), b_C - b_j those after
+    j (a prefix sum), b_C the whole chunk."""
+    return pair_grads_to_steps(d_pairs[..., None], False) + _rev_cumsum(d_b, 2) \
+        + prefix_sum(d_sfx, 2, inclusive=False) + d_total
+
+
+def _bmm_sub(A, B, C):
+    """A - B @ C for [B, N, x, y] batches, in one baddbmm."""
+    out = torch.baddbmm(_by_chunk(A), _by_chunk(B), _by_chunk(C), alpha=-1)
+    return out.view(B.shape[:-1] + C.shape[-1:])
+
+
+def _delta_carry_adjoint(ch: _DeltaChunks, wk, S_prev, P, Y, dS_T, dVn):
+    """The reverse pass of _delta_carry: Λ_n (the gradient of the state after chunk n) and
+    dVn = P + wk Λ_n, from P = QK⋆ᵀ dO and Y = (Q ⊙ e^b)ᵀ dO; dVn [B, N, C, V] is written into
+    the given view. Returns (Λ [B, N, K, V], the new values Vn = Û - Ŵ S_prev recomputed, dS0)."""
+    if use_c(ch.X, wk, S_prev, P, Y):
+        return cpu_kernels.delta_carry_adjoint(ch.X, ch.V, wk, _chunk_decays(ch), S_prev, P, Y, dS_T, dVn)
+    lam = torch.zeros_like(Y[:, 0]) if dS_T is None else dS_T
+    Pn, Yn, wkn, WnT = P.unbind(1), Y.unbind(1), wk.unbind(1), ch.W.transpose(-1, -2).unbind(1)
+    dn = [None] * len(Pn) if ch.decay is None else ch.decay.unbind(1)
+    lams, dnew = [None] * len(Pn), dVn.unbind(1)
+    for n in range(len(Pn) - 1, -1, -1):
+        lams[n] = lam
+        dnew[n].copy_(torch.baddbmm(Pn[n], wkn[n], lam))
+        lam = torch.baddbmm(Yn[n] + (lam if dn[n] is None else dn[n] * lam), WnT[n], dnew[n], alpha=-1)
+    return torch.stack(lams, 1), _bmm_sub(ch.U, ch.W, S_prev), lam
+
+
+def _delta_solve_vjp(ch: _DeltaChunks, bc, dX):
+    """Through [Û | Ŵ] = L⁻¹ (β R), L = I + diag(β) KK: the cotangent of β R, dR = L⁻ᵀ dX (back
+    substitution), and that of KK, dKK = -strict(dR Xᵀ) (its rows are scaled by β after)."""
+    dR = _solve_unit_lower(ch.L, dX, transposed=True)
+    dKK = (dR @ ch.X.transpose(-1, -2)).masked_fill_(~causal_mask(ch.L.shape[-1], True, dX.device), 0).neg_()
+    return dR, dKK
+
+
+def _delta_scores_vjp(ch: _DeltaChunks, qc, kc, dQK, dKK):
+    """dq, dk through QK⋆ = lower_incl(Q Kᵀ) ⊙ D and KK = strict_lower(K Kᵀ) ⊙ D. A row's
+    query reads earlier keys only (causal_mm); the keys' gradients read later rows like any
+    transposed product (one dense matmul for both sides of K Kᵀ)."""
+    dQKr, dKKr = (dQK, dKK) if ch.D is None else (dQK * ch.D, dKK * ch.D)   # cotangents of Q Kᵀ, K Kᵀ
+    dq = causal_mm(dQKr, kc, zeros_above=True)
+    dk = torch.baddbmm(_by_chunk(dQKr.transpose(-1, -2) @ qc), _by_chunk(dKKr + dKKr.transpose(-1, -2)), _by_chunk(kc))
+    return dq, dk.view(kc.shape)
+
+
+def _delta_twin(qc, kc, vc, bc, gc, S0):
+    """chunk_delta's chunk form in differentiable ops (for create_graph=True): (o, S_T)."""
+    C = kc.shape[-2]
+    gc = torch.zeros_like(bc) if gc is None else _floor(gc)
     eb = torch.exp(prefix_sum(gc, 2))                     # exp(b_i) <= 1
     D = decay_pairs(gc)[..., 0]                           # exp(b_i - b_j), j <= i  [B, N, C, C]
     A = bc * causal_scores(kc, kc, strict=True) * D       # strict_lower(diag(β) (K Kᵀ ⊙ D))
-    L = A + torch.eye(C, dtype=k.dtype, device=k.device)
+    L = A + torch.eye(C, dtype=kc.dtype, device=kc.device)
     U = torch.linalg.solve_triangular(L, bc * vc, upper=False, unitriangular=True)        # Û [B, N, C, V]
     W = torch.linalg.solve_triangular(L, bc * kc * eb, upper=False, unitriangular=True)   # Ŵ [B, N, C, K]
     QK = causal_scores(qc, kc) * D                        # (Q Kᵀ) ⊙ D, lower incl.  [B, N, C, C]
@@ -386,15 +765,15 @@ def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
     decay = torch.exp(gc.sum(2))[..., None]               # [B, N, 1, 1]
     Wn, Un, wkT, dn = (x.unbind(1) for x in (W, U, wk.transpose(-1, -2), decay))
     S, prev = S0, []
-    for n in range(N):
+    for n in range(len(Wn)):
         prev.append(S)
         S = dn[n] * S + wkT[n] @ (Un[n] - Wn[n] @ S)
     S_prev = torch.stack(prev, 1)                         # [B, N, K, V]
     o = (qc * eb - causal_mm(QK, W, zeros_above=True)) @ S_prev + causal_mm(QK, U, zeros_above=True)
-    return o.reshape(B, Tp, V)[:, :T], S
+    return o, S
 
 
-SUB = 16  # sub-block of the vector-decay score matrix
+SUB = 16  # sub-block of the vector-decay score matrix in torch (the twin, and the stand-in without C)
 
 
 def _vector_decay_scores(qc, kc, gc, strict: bool):
