@@ -513,9 +513,9 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fope
          "-shared", "-fPIC", "-std=c99"]
 
 
-def _compile(src: str) -> ctypes.CDLL:
-    """The stage's loop library, from the kernel cache (kcache.py) or built now; BuildError
-    (or OSError) when it cannot be had."""
+def build_library(src: str, stem: str, symbols: tuple[str, ...]) -> ctypes.CDLL:
+    """A generated loop's library, from the kernel cache (kcache.py) or built now; BuildError
+    (or OSError) when it cannot be had. Shared by the lane loop and general_loop.py."""
     cc = cpu_kernels._compiler()
     if cc is None:
         raise kcache.BuildError("no C compiler")
@@ -528,10 +528,14 @@ def _compile(src: str) -> ctypes.CDLL:
         r = subprocess.run([cc, *FLAGS, f"-I{cpu_kernels.CSRC}", str(c), "-o", str(out), "-lm"],
                            capture_output=True, text=True)
         if r.returncode != 0:
-            raise kcache.BuildError(f"the generated step did not compile: {r.stderr[:300]}")
+            raise kcache.BuildError(f"the generated loop did not compile: {r.stderr[:300]}")
 
-    return kcache.load_library(f"loop-{key}", build, ("loop_f32", "loop_f64", "grad_f32", "grad_f64", "nr_f32",
-                                                      "nr_f64"))
+    return kcache.load_library(f"{stem}-{key}", build, symbols)
+
+
+def _compile(src: str) -> ctypes.CDLL:
+    """The lane loop's library (forward, backward, panel width; float and double)."""
+    return build_library(src, "loop", ("loop_f32", "loop_f64", "grad_f32", "grad_f64", "nr_f32", "nr_f64"))
 
 
 def usable(dtype, *tensors) -> bool:

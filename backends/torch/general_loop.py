@@ -44,13 +44,10 @@ toolchain cannot build here (fused_loop.toolchain_missing)."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import re
-import subprocess
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -61,7 +58,7 @@ from recdsl.torch_expr import SourceNotes, compile_nodes
 from . import cpu_kernels, kcache
 from .c_adjoint import source_terms
 from .double_backward import recompute_vjp, wants_graph
-from .fused_loop import C_BINARY, C_UNARY, FLAGS, NotEligible, toolchain_missing
+from .fused_loop import C_BINARY, C_UNARY, NotEligible, build_library, toolchain_missing
 
 # torch.maximum / minimum propagate NaN; C's `a > b ? a : b` would drop it (fused_loop's
 # table; it does not matter to lanes of finite gates, but here the result is torch's).
@@ -813,23 +810,8 @@ SYMBOLS = ("loop_f32", "loop_f64", "back_f32", "back_f64")
 
 
 def _compile(src: str) -> ctypes.CDLL:
-    """The stage's library from the kernel cache (kcache.py), or built now with
-    fused_loop's flags; BuildError (or OSError) when it cannot be had."""
-    cc = cpu_kernels._compiler()
-    if cc is None:
-        raise kcache.BuildError("no C compiler")
-    key = hashlib.sha256(src.encode() + (cpu_kernels.CSRC / "vmath.h").read_bytes()
-                         + cpu_kernels.machine_tag(cc, FLAGS)).hexdigest()[:20]
-
-    def build(out: Path) -> None:
-        c = out.with_suffix(".c")
-        c.write_text(src)
-        r = subprocess.run([cc, *FLAGS, f"-I{cpu_kernels.CSRC}", str(c), "-o", str(out), "-lm"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise kcache.BuildError(f"the generated loop did not compile: {r.stderr[:300]}")
-
-    return kcache.load_library(f"gloop-{key}", build, SYMBOLS)
+    """The stage's library from the kernel cache, or built now with fused_loop's flags."""
+    return build_library(src, "gloop", SYMBOLS)
 
 
 class GeneralLoop:

@@ -31,7 +31,8 @@ def test_fixed_seed_bounded_run():
 @pytest.mark.slow
 def test_fixed_seed_two_minutes():
     report = fuzz(seconds=120, seed=1, shrink=False)
-    assert report.cells >= 600
+    # every new sequential stage compiles its C loop (about 0.4 s): ~560 cells here, was ~1,000
+    assert report.cells >= 450
     assert not report.frontend_crashes and not _unknown(report)
 
 
