@@ -33,13 +33,7 @@ NONLINEAR = sorted(p.stem for p in (ROOT / "stdlib" / "nonlinear").glob("*.rec")
 NEW_CELLS = ("alrnn", "cfc", "yaad")
 TOL = 1e-3   # fp32: max |ours - anchor| / max(1, max |anchor|) on the warm-up outputs
 
-DELTANET = """
-cell DeltaNet(K, V):
-    input q[K], k[K], v[V], beta[]
-    state S[K, V] = 0
-    S' = S - beta * outer(k, k @ S) + beta * outer(k, v)
-    output o = (q * K**-0.5) @ S'
-"""
+from bench_torch import DELTANET  # noqa: E402  (the same cell as the forward benchmark: q scaled, as fla)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -268,7 +268,7 @@ class _Lowerer:
     def node(self, op: Op, srcs, shape, arg=None, is_bool=False) -> Node:
         """A new node, or the existing one for the same op, sources and argument (CSE by
         hash-consing: `lf + m` written twice is one node)."""
-        key = (op, tuple(s.id for s in srcs), _arg_key(arg), tuple(shape))
+        key = (op, tuple(s.id for s in srcs), arg_key(arg), tuple(shape))
         hit = self.memo.get(key)
         if hit is not None:
             return hit
@@ -575,11 +575,12 @@ class _Lowerer:
         return self.node(Op.SUM_IN, [x], x.shape)
 
 
-def _arg_key(arg):
+def arg_key(arg):
+    """A node's arg as a hashable key (slices are not hashable before Python 3.12)."""
     if isinstance(arg, slice):
         return ("slice", arg.start, arg.stop)
     if isinstance(arg, tuple):
-        return tuple(_arg_key(a) for a in arg)
+        return tuple(arg_key(a) for a in arg)
     return arg
 
 

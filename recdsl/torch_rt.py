@@ -24,13 +24,14 @@ def param_matvec(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...hn,hmn->...hm", x, W)
 
 
-def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor) -> torch.Tensor:
-    """W @ x + sum(biases) for params W [m, n] (or [heads, m, n]) as one fused GEMM."""
+def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor, linear=None) -> torch.Tensor:
+    """W @ x + sum(biases) for params W [m, n] (or [heads, m, n]) as one fused GEMM
+    (`linear`: the function with F.linear's signature that runs a shared W; F.linear)."""
     b = biases[0]
     for other in biases[1:]:
         b = b + other
     if W.dim() == 2:
-        return torch.nn.functional.linear(x, W, b)
+        return (linear or torch.nn.functional.linear)(x, W, b)
     return torch.einsum("...hn,hmn->...hm", x, W) + b
 
 

@@ -49,7 +49,6 @@ _BINARY = {
     Op.LOGADDEXP: ("({g} / (ONE + EXP({b} - {a})))", "({g} / (ONE + EXP({a} - {b})))"),
 }
 
-DIFFERENTIABLE = set(_UNARY) | set(_BINARY) | set(COMPARE) | {Op.WHERE, Op.SIGN, Op.INDEX}
 
 
 def source_terms(op: Op, srcs: list[str], y: str, g: str) -> list[str | None]:

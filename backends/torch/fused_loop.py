@@ -26,6 +26,7 @@ the per-step torch loop."""
 from __future__ import annotations
 
 import ctypes
+from collections import namedtuple
 import hashlib
 import subprocess
 import warnings
@@ -201,8 +202,8 @@ class _Gen:
         self.updates = updates
         self.nparams, self.nseq = nparams, nseq
         outs = [self.val(u, 0) for u in updates]
-        body = "\n".join(self.lines)   # one lane of the step; the backward recomputes it
-        fn = self._forward_fn(outs, body) + self._backward_fn(body)
+        body = "\n".join(self.lines)   # one lane of the step
+        fn = self._forward_fn(outs, body) + self._backward_fn()
         halves = []
         for sfx, T_, macros, lae in (("f32", "float", _MACROS32, "LAE_f"), ("f64", "double", _MACROS64, "LAE_d")):
             halves.append(macros + f"#define LAE {lae}\n" + (GEMM + fn).replace("SFX", sfx).replace("T_", T_)
@@ -285,7 +286,7 @@ void loop_SFX({sig}) {{
 }}
 """
 
-    def _backward_fn(self, body: str) -> str:
+    def _backward_fn(self) -> str:
         """grad_*: time in reverse. Per step, each (batch, head) row recomputes its lanes from
         the saved previous states and GEMM outputs, seeds the new states' adjoints (from the
         next step, the GEMMs' share and the output sequences' gradients), runs the lane's
@@ -553,7 +554,48 @@ def toolchain_missing() -> str | None:
     return f"the C toolchain does not work here: {why}" if why else None
 
 
-class FusedLoop:
+class CompiledLoop:
+    """What the generated forward calls for a `torch.c_loop` stage: FusedLoop (lane stages)
+    and general_loop.GeneralLoop share this. A subclass builds its C source in __init__ and
+    says how its library is built (`build`); here: the toolchain check (decided where the
+    kernel is selected, so the plan never promises a C loop this process cannot build), and
+    the library loaded on first use."""
+
+    def _require_toolchain(self) -> None:
+        why = toolchain_missing()
+        if why:
+            raise NotEligible(why)
+        self.lib = None
+        self.error: str | None = None
+
+    def build(self) -> ctypes.CDLL:
+        raise NotImplementedError
+
+    def usable(self, dtype, *tensors) -> bool:
+        """`usable` for this loop, and its library loads (built on first use). A build that
+        fails here (the generated C does not compile, the disk is full) warns once and the
+        forward runs the per-step torch loop instead."""
+        if not usable(dtype, *tensors) or self.error is not None:
+            return False
+        if self.lib is None:
+            try:
+                self.lib = self.build()
+            except (kcache.BuildError, OSError) as e:
+                self.error = str(e)
+                warnings.warn(f"recdsl: the C loop of {', '.join(self.states)} could not be built "
+                              f"({self.error}); running the per-step torch loop instead", kcache.CacheWarning,
+                              stacklevel=2)
+                return False
+        return True
+
+    def _fn(self, name: str, dtype):
+        """The library's `name` function for dtype (the generated forward asked `usable` first)."""
+        if self.lib is None:
+            self.lib = self.build()
+        return getattr(self.lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+class FusedLoop(CompiledLoop):
     """The runner the generated forward calls for an eligible loop stage."""
 
     def __init__(self, ir: IRCell, states: list[str], core: list[Node]):
@@ -567,36 +609,11 @@ class FusedLoop:
         self.gemm_src = gen.gemm_src
         self.covered = gen.covered
         self.keep = set(states)   # states whose whole sequence the forward reads (codegen narrows it)
-        # Decided here, where the kernel is selected (kernels._loop_explain) and emitted
-        # (codegen._fused), so that the plan never promises a C loop this process cannot build.
-        why = toolchain_missing()
-        if why:
-            raise NotEligible(why)
-        self.lib = None
-        self.error: str | None = None
         self._twin = None
+        self._require_toolchain()
 
-    def usable(self, dtype, *tensors) -> bool:
-        """`usable` for this loop, and its library loads (built on first use). A build that
-        fails here (the generated C does not compile, the disk is full) warns once and the
-        forward runs the per-step torch loop instead."""
-        if not usable(dtype, *tensors) or self.error is not None:
-            return False
-        if self.lib is None:
-            try:
-                self.lib = _compile(self.source)
-            except (kcache.BuildError, OSError) as e:
-                self.error = str(e)
-                warnings.warn(f"recdsl: the fused C loop of {', '.join(self.states)} could not be built "
-                              f"({self.error}); running the per-step torch loop instead", kcache.CacheWarning,
-                              stacklevel=2)
-                return False
-        return True
-
-    def _fn(self, name: str, dtype):
-        if self.lib is None:
-            self.lib = _compile(self.source)   # (the generated forward asked `usable` first)
-        return getattr(self.lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    def build(self) -> ctypes.CDLL:
+        return _compile(self.source)
 
     def _panel_width(self, dtype) -> int:
         fn = self._fn("nr", dtype)
@@ -749,9 +766,7 @@ class FusedLoop:
         return outs + [s.reshape(B * NH, H) for s in st]
 
 
-class _Dims(tuple):
-    def __new__(cls, B, T, NH, H, dtype):
-        return super().__new__(cls, (B, T, NH, H, dtype))
+_Dims = namedtuple("_Dims", "B T NH H dtype")   # one call's sizes, passed through the autograd Function
 
 
 class _FusedFunction(torch.autograd.Function):

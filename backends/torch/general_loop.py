@@ -46,7 +46,6 @@ from __future__ import annotations
 import ctypes
 import math
 import re
-import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -55,10 +54,9 @@ import torch
 from recdsl.ir import COMPARE, IRCell, Node, Op, toposort
 from recdsl.torch_expr import SourceNotes, compile_nodes
 
-from . import cpu_kernels, kcache
 from .c_adjoint import source_terms
 from .double_backward import recompute_vjp, wants_graph
-from .fused_loop import C_BINARY, C_UNARY, NotEligible, build_library, toolchain_missing
+from .fused_loop import C_BINARY, C_UNARY, CompiledLoop, NotEligible, build_library
 
 # torch.maximum / minimum propagate NaN; C's `a > b ? a : b` would drop it (fused_loop's
 # table; it does not matter to lanes of finite gates, but here the result is torch's).
@@ -814,7 +812,7 @@ def _compile(src: str) -> ctypes.CDLL:
     return build_library(src, "gloop", SYMBOLS)
 
 
-class GeneralLoop:
+class GeneralLoop(CompiledLoop):
     """The runner the generated forward calls for a loop stage: the interface of
     fused_loop.FusedLoop, plus optional readouts: values computed per step from the loop's
     values (an output `q @ M'`), returned as sequences keyed by their position, so that a
@@ -832,33 +830,11 @@ class GeneralLoop:
         self.shapes = gen.state_shapes
         self.source, self.layout = gen.source()
         self.keep = set(states)        # states whose whole sequence the forward reads (codegen narrows it)
-        # Decided where the kernel is selected, so the plan never promises a C loop this
-        # process cannot build.
-        why = toolchain_missing()
-        if why:
-            raise NotEligible(why)
-        self.lib = None
-        self.error: str | None = None
         self._torch_step = None
+        self._require_toolchain()
 
-    # ------------------------------------------------------------------ selection
-    def usable(self, dtype, *tensors) -> bool:
-        """CPU, fp32/fp64 and the library loads (built on first use; a build that fails warns
-        once and the forward runs the per-step torch loop instead). Gradients are fine."""
-        if dtype not in (torch.float32, torch.float64) or self.error is not None or cpu_kernels._compiler() is None:
-            return False
-        if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):
-            return False
-        if self.lib is None:
-            try:
-                self.lib = _compile(self.source)
-            except (kcache.BuildError, OSError) as e:
-                self.error = str(e)
-                warnings.warn(f"recdsl: the general C loop of {', '.join(self.states)} could not be built "
-                              f"({self.error}); running the per-step torch loop instead", kcache.CacheWarning,
-                              stacklevel=2)
-                return False
-        return True
+    def build(self) -> ctypes.CDLL:
+        return _compile(self.source)
 
     # ------------------------------------------------------------------ running
     def run(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
@@ -866,8 +842,6 @@ class GeneralLoop:
         axes broadcast). Returns ({state: sequence [B, T, (heads), *shape]} for the states in
         self.keep, and {i: sequence of readouts[i]}; {state: final
         [B, (heads), *shape]}). Differentiable in every tensor (a reverse-time C backward)."""
-        if self.lib is None:
-            self.lib = _compile(self.source)
         return self._run(seq_values, P0, S0, X0, ns, dtype, torch_loop=False)
 
     def run_torch(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
@@ -916,9 +890,6 @@ class GeneralLoop:
         shape = self.shapes[k]
         s = s.to(dtype).expand((B,) + ((NH,) if heads else ()) + shape)
         return (s if heads else s.unsqueeze(1)).contiguous()
-
-    def _fn(self, name: str, dtype):
-        return getattr(self.lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
     @staticmethod
     def _seq_strides(x: torch.Tensor) -> list[int]:

@@ -16,12 +16,7 @@ from .double_backward import recompute_vjp, wants_graph
 def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor) -> torch.Tensor:
     """torch_rt.param_linear, the whole-sequence projection W @ x + b over B*T: with a shared
     W its GEMMs (forward and both gradients) go to oneDNN where that pays (gemm.py)."""
-    if W.dim() != 2:
-        return torch_rt.param_linear(W, x, *biases)
-    b = biases[0]
-    for other in biases[1:]:
-        b = b + other
-    return gemm.linear(x, W, b)
+    return torch_rt.param_linear(W, x, *biases, linear=gemm.linear)
 
 
 def lift(x: torch.Tensor, r_from: int, r_to: int) -> torch.Tensor:

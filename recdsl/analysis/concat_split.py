@@ -27,7 +27,7 @@ on their own axes (the backends index `[..., :, lo:hi]`).
 """
 from __future__ import annotations
 
-from ..ir import IRCell, Node, Op
+from ..ir import IRCell, Node, Op, arg_key
 from .stages import state_reads
 
 
@@ -41,7 +41,7 @@ def split_concat_matmuls(ir: IRCell) -> tuple[IRCell, list[str]]:
     done: list[str] = []
 
     def mk(op: Op, srcs: tuple, shape, arg, like: Node) -> Node:
-        key = (op, tuple(s.id for s in srcs), _arg_key(arg))
+        key = (op, tuple(s.id for s in srcs), arg_key(arg))
         hit = memo.get(key)
         if hit is None:
             hit = memo[key] = Node(op, srcs, tuple(shape), arg, like.span)
@@ -132,14 +132,6 @@ def _split(ir: IRCell, n: Node, site, reads, new, mk) -> Node:
         acc = Node(Op.ADD, (acc, t), n.shape, None, n.span)
     acc.name = n.name
     return acc
-
-
-def _arg_key(arg):
-    if isinstance(arg, slice):
-        return ("slice", arg.start, arg.stop)
-    if isinstance(arg, tuple):
-        return tuple(_arg_key(a) for a in arg)
-    return arg
 
 
 def _describe(n: Node, out: Node) -> str:
