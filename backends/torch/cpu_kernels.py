@@ -41,13 +41,18 @@ def cache_dir() -> Path:
     return kcache.cache_root()
 
 
+_found: dict = {}
+
+
 def _compiler() -> str | None:
-    if os.environ.get("RECDSL_NO_CC"):
-        return None
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return shutil.which(cc)
-    return None
+    """The C compiler's path, or None. Asked on every forward of a C stage (is the fast path
+    usable?), so the PATH search is remembered per (RECDSL_NO_CC, CC, PATH)."""
+    env = os.environ
+    key = (env.get("RECDSL_NO_CC"), env.get("CC"), env.get("PATH"))
+    if key not in _found:
+        _found[key] = None if key[0] else next(
+            (shutil.which(cc) for cc in (key[1], "cc", "gcc", "clang") if cc and shutil.which(cc)), None)
+    return _found[key]
 
 
 # -fno-trapping-math / -fno-math-errno let loops with floorf and selects vectorise; unlike
@@ -60,7 +65,7 @@ FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-
 SYMBOLS = tuple(f"{name}_{sfx}" for sfx in ("f32", "f64")
                 for name in [f"{k}_{d}" for k in ("diag", "diagexp", "maxplus", "lse", "block") for d in ("fwd", "bwd")]
                 + ["matdiag_fwd", "delta_fwd", "vdecay_fwd", "vdecay_bwd", "trisolve", "delta_carry_fwd",
-                   "delta_carry_bwd"])
+                   "delta_carry_bwd", "transpose"])
 
 
 def machine_tag(cc: str, flags: list[str]) -> bytes:
@@ -307,6 +312,14 @@ def trisolve(L: torch.Tensor, R: torch.Tensor, scale: torch.Tensor | None = None
                                                     ctypes.c_int32(int(transposed)),
                                                     *_i64(R.numel() // max(C * W, 1), C, W))
     return X
+
+
+def transposed(x: torch.Tensor) -> torch.Tensor:
+    """x.T as a dense tensor, for a 2-D float tensor whose columns are at stride 1."""
+    rows, cols = x.shape
+    out = torch.empty((cols, rows), dtype=x.dtype)
+    getattr(library(), f"transpose_{_SFX[x.dtype]}")(_ptr(x), *_i64(x.stride(0)), _ptr(out), *_i64(rows, cols))
+    return out
 
 
 def delta_carry(X: torch.Tensor, V: int, wk: torch.Tensor, decay: torch.Tensor | None, S0: torch.Tensor,

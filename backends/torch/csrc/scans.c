@@ -551,3 +551,28 @@ void delta_carry_bwd_##SFX(const T_* X, int64_t ldx, const T_* wk, const T_* d, 
 }
 DEFINE_DELTA_CARRY(float, f32)
 DEFINE_DELTA_CARRY(double, f64)
+
+/* dst = srcᵀ: src [rows, cols] with row stride lds (columns at stride 1), dst [cols, rows]
+ * dense. The weight gradients contract over B·T, which oneDNN wants as the inner (stride-1)
+ * axis of both operands; torch's strided copy does this at half the rate of 32 x 32 tiles
+ * through a buffer in L1 (rows read and written whole). */
+#define TRANSPOSE_TILE 32
+#define DEFINE_TRANSPOSE(T_, SFX)                                                             \
+void transpose_##SFX(const T_* src, int64_t lds, T_* dst, int64_t rows, int64_t cols) {       \
+    int64_t nbr = (rows + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE;                               \
+    int64_t nbc = (cols + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE;                               \
+    _Pragma("omp parallel for collapse(2) schedule(static)")                                  \
+    for (int64_t bc = 0; bc < nbc; bc++)                                                      \
+    for (int64_t br = 0; br < nbr; br++) {                                                    \
+        int64_t r0 = br * TRANSPOSE_TILE, c0 = bc * TRANSPOSE_TILE;                           \
+        int64_t nr = rows - r0 < TRANSPOSE_TILE ? rows - r0 : TRANSPOSE_TILE;                 \
+        int64_t nc = cols - c0 < TRANSPOSE_TILE ? cols - c0 : TRANSPOSE_TILE;                 \
+        T_ tile[TRANSPOSE_TILE][TRANSPOSE_TILE];                                              \
+        for (int64_t r = 0; r < nr; r++)                                                      \
+            for (int64_t c = 0; c < nc; c++) tile[c][r] = src[(r0 + r) * lds + c0 + c];       \
+        for (int64_t c = 0; c < nc; c++)                                                      \
+            for (int64_t r = 0; r < nr; r++) dst[(c0 + c) * rows + r0 + r] = tile[c][r];      \
+    }                                                                                         \
+}
+DEFINE_TRANSPOSE(float, f32)
+DEFINE_TRANSPOSE(double, f64)
