@@ -672,7 +672,9 @@ class FusedLoop(CompiledLoop):
         for w in weights:
             wh, L = (1, w.shape[0]) if w.dim() == 2 else w.shape[:2]
             npan = -(-L // nr)
-            w = torch.nn.functional.pad(w.reshape(wh, L, H), (0, 0, 0, npan * nr - L))
+            w = w.reshape(wh, L, H)
+            if npan * nr != L:     # zero outputs fill the last panel
+                w = torch.nn.functional.pad(w, (0, 0, 0, npan * nr - L))
             packed = w.view(wh, npan, nr, H).transpose(2, 3).contiguous()
             gm = torch.empty((T if training else 1, B * NH, L), dtype=dtype)
             gms.append(gm)
