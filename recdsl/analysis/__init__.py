@@ -17,12 +17,14 @@ What runs each stage, on each backend, is decided after the analysis, by recdsl.
 `recdsl inspect --stage passes` prints."""
 from __future__ import annotations
 
+import re
 import time
 
 from .. import plan as P
 from ..ir import IRCell, Node, Op
 from ..types import ONE
 from . import stages as S
+from .locality import local_axis
 from .linear import AFFINE, FREE, NONLINEAR, StageAnalysis, Term, add, mul
 from .ranges import describe, log_form, transition_warning
 from .symbolic import (NotElementwise, combine_is_associative, is_zero, lift, max_err, node_text, random_leaves,
@@ -408,9 +410,17 @@ def _nonlinear_plan(ir, plan, an, states, updates, degs):
     culprit = _first_nonlinear(an, updates[bad])
     mixes = {s: an.mixing(u) for s, u in updates.items()}
     shapes = {tuple(ir.states[s].shape) for s in states}
+    local = None if all(m != "DENSE" for m in mixes.values()) else local_axis(ir, states, updates)
     if all(m != "DENSE" for m in mixes.values()) and len(shapes) == 1:
         jac = "diagonal" if len(states) == 1 else f"block-diagonal (k={len(states)})"
         why_j = "every update is elementwise in the states"
+    elif local is not None:
+        rows, cols = ir.shape_of(ir.states[states[0]])
+        n_blocks, size = (cols, rows) if local == 1 else (rows, cols)
+        along = "column" if local == 1 else "row"
+        jac = f"block-diagonal by {along}s ({n_blocks} blocks of {size}x{size})"
+        why_j = (f"{along} j of {', '.join(s + chr(39) for s in states)} reads {along} j of "
+                 f"{', '.join(states)} only")
     else:
         s_dense = next(s for s, m in mixes.items() if m == "DENSE") if any(m == "DENSE" for m in mixes.values()) \
             else states[0]
@@ -430,8 +440,18 @@ def _first_nonlinear(an: StageAnalysis, n: Node) -> str:
             where = f" (line {x.span.line})" if x.span else ""
             if x.op in (Op.MUL, Op.MATMUL, Op.OUTER, Op.DOT, Op.DIV):
                 return f"a product of two state-dependent values, {node_text(x)}{where},"
-            return f"{x.op.name.lower()}{where}"
+            return f"{written_function(x) or x.op.name.lower()}{where}"
     return "a nonlinearity"  # pragma: no cover
+
+
+def written_function(n: Node) -> str | None:
+    """The function the user wrote where n came from (`clamp` for the max it lowers to),
+    read from n's span in the .rec text; None when the span is not a call."""
+    sp = n.span
+    if sp is None or sp.source is None or sp.end_line != sp.line:
+        return None
+    m = re.match(r"([A-Za-z_]\w*)\s*\(", sp.source.line(sp.line)[sp.col - 1:sp.end_col - 1])
+    return m.group(1) if m else None
 
 
 # --------------------------------------------------------------------------- readouts
@@ -454,7 +474,7 @@ def _readouts(ir: IRCell, stage_list, place) -> list[P.OutputPlan]:
             if node.id in stop:
                 detail = f"the new state {node_text(node)}"
             else:
-                detail = f"linear in {', '.join(st)}; fused into the stage's kernel"
+                detail = f"linear in {', '.join(st)}; fusable into the stage's kernel"
             out.append(P.OutputPlan(name, "linear readout", ks, detail))
         else:
             out.append(P.OutputPlan(name, "epilogue", ks, f"nonlinear in {', '.join(st)}: computed after the stage"))
