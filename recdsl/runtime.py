@@ -13,6 +13,7 @@ batch of one, as flash-linear-attention does.
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 
@@ -43,14 +44,7 @@ class RecModule(nn.Module):
         self.backend_name = self._pick_backend(backend)
         if self.ir.over != "seq" and self.heads:
             raise RecError(f"heads are not supported over {self.ir.over} yet", cell.span)
-        self.compiled = compile_cell(self.ir, self.backend_name)   # plan -> select -> emit -> build, once
-        self._program = self.compiled.program
-        self.generated = self._program.source
-        # step() (one step, for decoding) runs the reference's generated step; reuse it if built
-        self._step_fn = getattr(self._program, "step", None)
-        if self._step_fn is None and self.ir.over == "seq":
-            from .backends import reference
-            self._step_fn, _ = reference.build_step(self.ir)
+        self._build_program()
         for name, var in cell.params.items():
             shape = self._param_shape(var)
             p = nn.Parameter(torch.empty(shape, dtype=dtype or torch.float32, device=device))
@@ -62,6 +56,35 @@ class RecModule(nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ set-up
+    # Generated code lives in no importable module: pickling drops it and loading re-creates
+    # it from the IR (the .rec text is in self.spec); deepcopy shares it (it holds no state).
+    _GENERATED = ("compiled", "_program", "_step_fn")
+
+    def _build_program(self) -> None:
+        self.compiled = compile_cell(self.ir, self.backend_name)   # plan -> select -> emit -> build, once
+        self._program = self.compiled.program
+        self.generated = self._program.source
+        # step() (one step, for decoding) runs the reference's generated step; reuse it if built
+        self._step_fn = getattr(self._program, "step", None)
+        if self._step_fn is None and self.ir.over == "seq":
+            from .backends import reference
+            self._step_fn, _ = reference.build_step(self.ir)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._GENERATED}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._build_program()
+
+    def __deepcopy__(self, memo):
+        for k in self._GENERATED + ("ir", "spec"):   # immutable once built: shared, not copied
+            memo[id(self.__dict__[k])] = self.__dict__[k]
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     @staticmethod
     def _resolve_heads(cell, dims: dict, heads: int | None) -> int | None:
         if cell.heads is None:
