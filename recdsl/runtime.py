@@ -248,6 +248,10 @@ class RecModule(nn.Module):
 
     def forward(self, state: dict | None = None, reverse: bool | None = None, cu_seqlens=None, edges=None,
                 **inputs):
+        if isinstance(state, torch.Tensor) or isinstance(reverse, torch.Tensor) and reverse.dim() > 0:
+            names = ", ".join(f"{n}=..." for n in self.spec.cell.inputs)
+            raise RecError(f"cell {self.spec.name} takes its inputs by name, not by position",
+                           hint=f"call it as layer({names}), with state=, reverse=, cu_seqlens= by name too")
         if self.ir.over != "seq":
             return self._forward_graph(inputs, edges)
         if edges is not None:
@@ -387,9 +391,9 @@ class RecModule(nn.Module):
         return self._pack(shaped, first.dtype), st
 
     def extra_repr(self) -> str:
-        dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
+        dims = ", ".join(f"{k}={v}" for k, v in {**self.dims, **getattr(self.ir, "hypers", {})}.items())
         return f"cell={self.spec.name}, {dims}" + (f", heads={self.heads}" if self.heads else "") + \
-            f", backend={self.backend_name}"
+            f", backend={self.backend_name}" + (", reverse=True" if self.default_reverse else "")
 
 
 def _flag(value, name: str) -> bool:

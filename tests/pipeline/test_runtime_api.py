@@ -6,6 +6,7 @@ import torch
 
 import recdsl
 from recdsl import RecError
+from helpers import ROOT
 
 MAMBA = recdsl.load("mamba")
 
@@ -155,3 +156,12 @@ def test_declarations_cannot_take_builtin_names():
 def test_a_cell_needs_an_input():
     with pytest.raises(RecError, match="has no input"):
         recdsl.load("cell Clock(H):\n    state h[H] = 0\n    h' = h + 1\n    output h'\n")
+
+
+def test_positional_inputs_are_refused_with_the_names_and_repr_shows_hyper_parameters():
+    layer = recdsl.load(str(ROOT / "benchmarks" / "cells" / "yaad.rec"))(
+        K=3, V=4, reverse=True)
+    with pytest.raises(RecError) as e:
+        layer(torch.randn(2, 3, 3))
+    assert "by name" in e.value.message and "q=..., k=..., v=..., ga=..., gl=..." in e.value.hint
+    assert repr(layer) == "RecModule(cell=Yaad, K=3, V=4, delta=1.0, backend=torch, reverse=True)"
