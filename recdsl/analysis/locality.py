@@ -11,13 +11,16 @@ Per value, `carried` says where the state's index along `axis` went: the value's
 carries it (a negative position, counted from the right as broadcasting aligns), FREE (the
 value reads no state of the stage) or MIXED (one element reads several indices along
 `axis`). An update is local along `axis` when it carries the index at the state's own
-position. Anything not understood is MIXED: the answer can only err towards "dense"."""
+position. Comparisons, sign and a `where`'s condition are piecewise constant: the
+Jacobian (almost everywhere) has no path through them, so what they read does not count.
+Anything not understood is MIXED: the answer can only err towards "dense"."""
 from __future__ import annotations
 
-from ..ir import ELEMENTWISE, IRCell, Node, Op, toposort
+from ..ir import COMPARE, ELEMENTWISE, IRCell, Node, Op, toposort
 
 FREE, MIXED = "free", "mixed"
 REDUCTIONS = {Op.SUM, Op.AMAX, Op.LOGSUMEXP}
+ZERO_DERIVATIVE = COMPARE | {Op.SIGN}
 
 
 def local_axis(ir: IRCell, states: list[str], updates: dict[str, Node]) -> int | None:
@@ -45,6 +48,10 @@ def carried(n: Node, leaves: set[int], axis: int, memo: dict) -> object:
 def _rule(n: Node, srcs: list, leaves: set[int], axis: int) -> object:
     if n.id in leaves:
         return axis - 2
+    if n.op in ZERO_DERIVATIVE:   # piecewise constant: no path of the Jacobian runs through it
+        return FREE
+    if n.op == Op.WHERE:          # likewise its condition; the branches are what it passes on
+        srcs = [FREE] + srcs[1:]
     if all(s == FREE for s in srcs):
         return FREE
     if MIXED in srcs:
