@@ -761,6 +761,7 @@ class FusedLoop(CompiledLoop):
         for t in range(T):
             x_t = [x[:, t if x.shape[1] > 1 else 0] for x in xs]
             x_t = [x[..., 0] if n.rank == 0 else x for x, n in zip(x_t, self.seqs)]
+            x_t = [x.bool() if n.is_bool else x for x, n in zip(x_t, self.seqs)]   # a mask: where() wants bool
             new = step(x_t + P + st, 2, dtype, s0[0].device)
             st = [v.expand(B, NH, H) for v in new]
             seqs.append(st)

@@ -11,6 +11,7 @@ import torch
 import recdsl
 from helpers import ROOT, as_tuple, random_inputs
 from recdsl.backends.torch.fused_loop import FusedLoop, toolchain_missing
+from recdsl.backends.torch.kernels import compiled_loop
 from recdsl.lowering import SequentialLoop
 from recdsl.spec import stdlib_files
 
@@ -92,7 +93,6 @@ def test_lane_loop_reductions_overlaps_and_unread_slices(heads, overlap):
         for a, b in zip(g1, g2):
             assert float((a - b).abs().max()) <= 1e-10 * max(1.0, float(a.abs().max()))
     assert fast.ran == [c.kernel.name for c in fast.selection.stages] and "torch.c_loop" in fast.ran
-    from recdsl.backends.torch.kernels import compiled_loop
     stage = next(c for c in fast.selection.stages if isinstance(c.form, SequentialLoop))
     loop = compiled_loop(fast.compiled.plan.ir, stage.form.states, stage.form.core)
     assert isinstance(loop, FusedLoop)
@@ -143,3 +143,24 @@ def _loop_args(layer, xs):
     finally:
         del loop.run
     return got[0]
+
+
+MASKED = {
+    "general loop": "h' = tanh(W @ where(arange(H) >= 1, relu(h), h) + x)",     # a matmul of a computed value
+    "lane loop": "h' = where(arange(H) >= 1, tanh(W @ h + x), 0.5 * h)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MASKED))
+def test_a_hoisted_boolean_mask_survives_double_backward(kind):
+    """A mask that reads no state is hoisted and reaches the C loop as 0/1 in the compute
+    dtype; the torch twin that create_graph=True differentiates gets it back as bool."""
+    src = f"cell Masked(H):\n    input x[H]\n    param W[H, H] ~ normal(0, 0.3)\n    state h[H] = 0\n" \
+          f"    {MASKED[kind]}\n    output h'\n"
+    spec, ref, fast = _pair(src, dict(H=4))
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    f = lambda x: fast(x=x)[0]   # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (x,)) and fast.ran == ["torch.c_loop"]
+    stage = next(c for c in fast.selection.stages if isinstance(c.form, SequentialLoop))
+    loop = compiled_loop(fast.compiled.plan.ir, stage.form.states, stage.form.core)
+    assert isinstance(loop, FusedLoop) == (kind == "lane loop")
