@@ -23,6 +23,7 @@ EXPECTED = {
     "ttt_linear": {"W": PL.NONLINEAR, "Wb": PL.NONLINEAR},   # the inner LayerNorm makes the update nonlinear in W
     "titans": {"M": PL.DENSE, "Sm": PL.DENSE},               # (M, momentum) jointly affine, coupled: a dense transition
     "longhorn": {"S": PL.DIAGONAL},                          # the paper's elementwise form of its update
+    "yaad": {"M": PL.NONLINEAR},                             # the Huber switch (norm test, sign) on M's readout
 }
 LOW_RANK = {"deltanet": (1, "identity"), "gated_deltanet": (1, "scalar"), "deltaproduct": (2, "identity"),
             "kda": (1, "vector"), "rwkv7": (1, "vector")}
@@ -189,3 +190,31 @@ def test_longhorn_matches_the_papers_equations():
         S = (1 - dl[:, :, None] * k[:, t, None, :] ** 2) * S + (dl * x[:, t])[:, :, None] * k[:, t, None, :]
         ys.append(torch.einsum("bvk,bk->bv", S, q[:, t]))
     _cmp("longhorn", layers, dict(q=q, k=k, x=x, beta=beta), torch.stack(ys, 1), {"S": S}, 1e-10)
+
+
+def test_yaad_matches_the_papers_equations():
+    """Behrouz et al. 2025 (Miras), Yaad's update with a linear memory, written here: the
+    gradient of the Huber objective (1/2 ||k M - v||^2 if ||k M - v|| <= delta_t, else
+    delta_t ||k M - v||_1) in M taken by torch.autograd, M_t = a_t M_{t-1} - lr_t grad, o_t = q_t M_t."""
+    ORACLE["yaad"] = "Behrouz et al. (2025) equations, autograd of the Huber objective, hand loop"
+    K, V = 3, 4
+    layers = run_both("yaad", K=K, V=V)
+    q, k, v = rn(B, T, K, seed=1), rn(B, T, K, seed=2), rn(B, T, V, seed=3)
+    ga, gl, gd = rn(B, T, seed=4) + 2, rn(B, T, seed=5), rn(B, T, seed=6, scale=2) + 1
+    M = rn(B, K, V, seed=7, scale=0.5)
+    st0 = {"M": M.clone()}
+    outs, branches = [], []
+    for t in range(T):
+        kt, qt = l2n(k[:, t]), l2n(q[:, t])
+        dl = F.softplus(gd[:, t])
+        Mg = M.clone().requires_grad_(True)
+        e = torch.einsum("bk,bkv->bv", kt, Mg) - v[:, t]
+        small = e.detach().norm(dim=-1) <= dl
+        branches.append(small)
+        loss = torch.where(small, 0.5 * (e * e).sum(-1), dl * e.abs().sum(-1)).sum()
+        grad, = torch.autograd.grad(loss, Mg)
+        M = torch.sigmoid(ga[:, t])[:, None, None] * M - torch.sigmoid(gl[:, t])[:, None, None] * grad
+        outs.append(torch.einsum("bk,bkv->bv", qt, M))
+    branches = torch.stack(branches)
+    assert branches.any() and not branches.all()                 # both branches of the Huber switch
+    _cmp("yaad", layers, dict(q=q, k=k, v=v, ga=ga, gl=gl, gd=gd, state=st0), torch.stack(outs, 1), {"M": M}, 1e-10)

@@ -25,10 +25,14 @@ EXPECTED = {
     "ltc": {"h": PL.NONLINEAR},
     "paragru": {"h": PL.NONLINEAR},
     "paralstm": {"h": PL.NONLINEAR, "c": PL.NONLINEAR},
+    "alrnn": {"z": PL.NONLINEAR},
+    "cfc": {"h": PL.NONLINEAR},
+    "scrn": {"s": PL.DIAGONAL, "h": PL.NONLINEAR},     # the slow context is a constant-decay scan
 }
 JACOBIAN = {"elman": "dense", "elman_relu": "dense", "lstm": "dense", "lstm_peephole": "dense", "gru": "dense",
             "mgu": "dense", "slstm": "dense", "lem": "dense", "ltc": "dense",
-            "indrnn": "diagonal", "paragru": "diagonal", "paralstm": "block-diagonal (k=2)"}
+            "indrnn": "diagonal", "paragru": "diagonal", "paralstm": "block-diagonal (k=2)",
+            "alrnn": "dense", "cfc": "dense", "scrn": "dense"}
 
 
 def test_family_is_complete():
@@ -290,3 +294,82 @@ def test_paralstm_matches_the_papers_equations():
         h = torch.sigmoid(go + ao * h) * torch.tanh(c)
         ys.append(h)
     _hand("paralstm", {"x": x}, torch.stack(ys, 1), {"h": h, "c": c}, ref, fast)
+
+
+def test_alrnn_matches_the_papers_equations():
+    """Brenner et al. 2024, Eq. (2) with inputs, written here: z_t = A z_{t-1} + W Phi*(z_{t-1}) + h + C s_t,
+    Phi*(z) = (z_1, ..., z_{M-P}, max(0, z_{M-P+1}), ..., max(0, z_M)) as a concatenation."""
+    ORACLE["alrnn"] = "Brenner et al. (2024) equations, hand loop"
+    D, M, P_ = 3, 6, 4
+    ref, fast = run_both("alrnn", D=D, M=M, P=P_)
+    with torch.no_grad():                       # a W and h large enough that the ReLUs switch
+        for layer in (ref, fast):
+            layer.W.copy_(rn(M, M, seed=4, scale=0.5)); layer.h.copy_(rn(M, seed=5, scale=0.3))
+    s = rn(B, T, D, seed=1, scale=1.5)
+    A, W, h, C = (P(ref, n) for n in ("A", "W", "h", "C"))
+    z0 = rn(B, M, seed=2)
+    z, ys, relu_args = z0.clone(), [], []
+    for t in range(T):
+        relu_args.append(z[:, M - P_:])
+        phi = torch.cat([z[:, :M - P_], torch.clamp(z[:, M - P_:], min=0)], -1)
+        z = A * z + phi @ W.T + h + s[:, t] @ C.T
+        ys.append(z)
+    relu_args = torch.stack(relu_args)
+    assert (relu_args < 0).any() and (relu_args > 0).any()
+    for layer in (ref, fast):
+        y, st = layer(s=s, state={"z": z0})
+        from .common import close
+        close(y, torch.stack(ys, 1), 1e-10, f"ALRNN output ({layer.backend_name})", "alrnn")
+        close(st["z"], z, 1e-10, f"ALRNN z ({layer.backend_name})", "alrnn")
+
+
+def test_cfc_matches_the_papers_equations():
+    """Hasani et al. 2022, Eq. (10) as in the authors' ncps CfCCell (default mode), written here:
+    x(t) = sigma(-f t) * g + (1 - sigma(-f t)) * h with the time argument f t taken as t_a * ts + t_b,
+    g, h, t_a, t_b heads of one LeCun-tanh backbone over [x; h_prev]; irregular elapsed times ts."""
+    ORACLE["cfc"] = "Hasani et al. (2022) equations, hand loop"
+    D, H, U = 3, 4, 5
+    ref, fast = run_both("cfc", D=D, H=H, U=U)
+    x = rn(B, T, D, seed=1, scale=1.5)
+    ts = 0.1 + 2 * torch.rand(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    Wbb = torch.cat([P(ref, "W_x"), P(ref, "W_h")], 1)      # the backbone over cat([x, h])
+    bbb = P(ref, "b_bb")
+    heads = {n: (P(ref, "W_" + n), P(ref, "b_" + n)) for n in ("1", "2", "a", "b")}
+    lin = lambda u, n: u @ heads[n][0].T + heads[n][1]  # noqa: E731
+    hh = rn(B, H, seed=3, scale=0.5)
+    h0 = hh.clone()
+    ys = []
+    for t in range(T):
+        bb = 1.7159 * torch.tanh(0.666 * (torch.cat([x[:, t], hh], -1) @ Wbb.T + bbb))
+        g, hd = torch.tanh(lin(bb, "1")), torch.tanh(lin(bb, "2"))
+        ft = lin(bb, "a") * ts[:, t, None] + lin(bb, "b")
+        hh = torch.sigmoid(-ft) * g + (1 - torch.sigmoid(-ft)) * hd
+        ys.append(hh)
+    for layer in (ref, fast):
+        y, st = layer(x=x, ts=ts, state={"h": h0})
+        from .common import close
+        close(y, torch.stack(ys, 1), 1e-10, f"CfC output ({layer.backend_name})", "cfc")
+        close(st["h"], hh, 1e-10, f"CfC h ({layer.backend_name})", "cfc")
+
+
+def test_scrn_matches_the_papers_equations():
+    """Mikolov et al. 2014, Section 3, written here: s_t = (1 - alpha) B x_t + alpha s_{t-1},
+    h_t = sigmoid(P s_t + A x_t + R h_{t-1}), y_t = U h_t + V s_t (before the softmax)."""
+    ORACLE["scrn"] = "Mikolov et al. (2014) equations, hand loop"
+    D, H, S, Y, alpha = 3, 4, 5, 6, 0.95
+    ref, fast = run_both("scrn", D=D, H=H, S=S, Y=Y)
+    x = rn(B, T, D, seed=1, scale=1.5)
+    Bm, Am, Pm, Rm, Um, Vm = (P(ref, n) for n in ("B", "A", "P", "R", "U", "V"))
+    s, h = rn(B, S, seed=2), rn(B, H, seed=3, scale=0.5)
+    st0 = {"s": s.clone(), "h": h.clone()}
+    ys = []
+    for t in range(T):
+        s = (1 - alpha) * x[:, t] @ Bm.T + alpha * s
+        h = torch.sigmoid(s @ Pm.T + x[:, t] @ Am.T + h @ Rm.T)
+        ys.append(h @ Um.T + s @ Vm.T)
+    for layer in (ref, fast):
+        y, st = layer(x=x, state=st0)
+        from .common import close
+        close(y, torch.stack(ys, 1), 1e-10, f"SCRN output ({layer.backend_name})", "scrn")
+        close(st["s"], s, 1e-10, f"SCRN s ({layer.backend_name})", "scrn")
+        close(st["h"], h, 1e-10, f"SCRN h ({layer.backend_name})", "scrn")
