@@ -86,8 +86,12 @@ def _ranges(ir: IRCell, stage_plans) -> list[str]:
 
 
 def _describe_hoisted(n: Node) -> str:
+    from ..ir import toposort
     text = show(n)
-    kind = "matmul over B*T" if n.op == Op.MATMUL or "@" in text else "elementwise over B*T"
+    if not any(x.op == Op.INPUT for x in toposort([n])):
+        kind = "once per call: reads no input"
+    else:
+        kind = "matmul over B*T" if n.op == Op.MATMUL or "@" in text else "elementwise over B*T"
     return f"{text} [{', '.join(str(d) for d in n.shape)}] ({kind}{', line ' + str(n.span.line) if n.span else ''})"
 
 
@@ -128,6 +132,9 @@ def _classify(ir: IRCell, k: int, states: list[str], graph, verify: bool) -> P.S
             sr = an.semiring(updates[states[0]], (states[0], "prev"))
             if sr is not None and sr[0] is not None and sr[1] is not None:
                 return _semiring_plan(ir, plan, an, states[0], sr, verify)
+            dense = an.dense_semiring(updates[states[0]], (states[0], "prev"))
+            if dense is not None:
+                return _dense_semiring_plan(ir, plan, states[0], dense, verify)
         return _nonlinear_plan(ir, plan, an, states, updates, degs)
 
     forms = {s: an.form(u) for s, u in updates.items()}
@@ -275,8 +282,36 @@ def _semiring_plan(ir, plan, an, s, sr, verify):
         checks.append(f"combine of the {name} semiring is associative and composes steps (sympy)"
                       if combine_is_associative(kind) else "combine NOT proven associative")
     return plan(P.SEMIRING, name, f"{s}' = {'max' if kind == 'maxplus' else 'logaddexp'}({s} + a, b) "
-                f"with a, b free of {s}", coefficients=coeffs, checks=checks,
+                f"with a, b free of {s}", coefficients=coeffs, checks=checks, transition="elementwise",
                 nodes={"kind": kind, "a": a, "b": b})
+
+
+def _dense_semiring_plan(ir, plan, s, found, verify):
+    """s' = (+)_j (s[j] (x) A[j, i]) (x) b[i] in the log or tropical semiring (linear.py's
+    dense_semiring): HMM forward, Viterbi."""
+    kind, A, b, transposed = found
+    state = ir.states[s]
+    name = "max-plus" if kind == "maxplus" else "log-sum-exp"
+    red = "amax" if kind == "maxplus" else "logsumexp"
+    dim = state.shape[0]
+    coeffs = {"A[j, i]": show(A), "b": show(b)}
+    checks = []
+    if verify:
+        import torch  # only when a numeric check runs: plain analyses do not import torch
+        reduce = (lambda x: torch.amax(x, dim=-2)) if kind == "maxplus" else (lambda x: torch.logsumexp(x, dim=-2))
+
+        def model(u, ab, S):
+            return reduce(S[state.id][..., :, None] + lift(ab[0], 2)) + lift(ab[1], 1)
+        err = _numeric(ir, [ir.updates[s]], [A, b], model, [state])
+        checks.append(f"{s}' == {red}_j({s}[j] + A[j, i]) + b[i]: float64 spot check max err {err:.1e}")
+        checks.append(f"the step is the {name} matrix-vector product with M = A + b[None, :]; the combine "
+                      "M1 (x) M2 (semiring matrix product) is associative and composes steps (sympy, 2x2)"
+                      if combine_is_associative(f"dense-{kind}", 2) else "combine NOT proven associative")
+    spelled = f"{red}({s}[None, :] + A.T, axis=1)" if transposed else f"{red}({s}[:, None] + A, axis=0)"
+    return plan(P.SEMIRING, f"{name}, dense transition [{dim}, {dim}]",
+                f"{s}' = {spelled} + b with A, b free of {s}: {s}' = {s} (x) M, M = A + b[None, :], "
+                f"a {name} matrix-vector product", coefficients=coeffs, checks=checks, transition="dense",
+                nodes={"kind": kind, "A": A, "b": b, "transposed": transposed, "n": ir.shape_of(state)[0]})
 
 
 def _lowrank_plan(ir, plan, s, a, low, offset, verify, leaves, updates):
