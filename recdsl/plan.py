@@ -35,6 +35,7 @@ class StagePlan:
     rank: int | None = None           # low-rank stages
     decay: str | None = None          # scalar | vector | elementwise | identity
     decay_range: str | None = None    # the value range found for the decay (linear stages)
+    transition: str | None = None     # semiring stages: "elementwise" (m' = max(m + a, b)) | "dense" (HMM, Viterbi)
     nodes: dict = field(default_factory=dict, repr=False)       # the coefficients as IR nodes, for backends
 
 
@@ -108,6 +109,8 @@ def render(plan: Plan, verbose: bool = True) -> str:
                 lines.append(f"      {k} = {v}")
             if s.jacobian:
                 lines.append(f"      jacobian: {s.jacobian}" + (f" ({s.jacobian_reason})" if s.jacobian_reason else ""))
+            if s.transition:
+                lines.append(f"      transition: {s.transition}")
             for c in s.checks:
                 lines.append(f"      checked: {c}")
         lines += _render_choices(plan, s.index, verbose)

@@ -196,6 +196,19 @@ class Emitter:
                   f"rt.full_seq({b}, {self.seq_dims()}, {st.rank}), S0[{s!r}])", upd)
         self.seq[upd.id] = name
 
+    def _stage_dense_semiring(self, choice: Choice):
+        """A dense semiring stage (HMM forward, Viterbi): semiring.py, the form's variant."""
+        form = choice.form
+        s = form.states[0]
+        upd = self.ir.updates[s]
+        A = self._lifted(form.A, 2, "")
+        b = self._lifted(form.b, 1, "None")
+        name = self.fresh("seq", s)
+        self.emit(f"from {__package__}.semiring import dense_semiring_stage")
+        self.emit(f"{name} = dense_semiring_stage({form.kind!r}, {A}, {b}, S0[{s!r}], {self.seq_dims()}, "
+                  f"products={form.products}, ran=RAN)", upd)
+        self.seq[upd.id] = name
+
     def _stage_block(self, choice: Choice):
         states = choice.states
         r = self.ir.states[states[0]].rank

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import weakref
 
-from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, HouseholderProducts,
-                             Kernel, Registry, SequentialLoop, Vectorised)
+from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ChunkDPLR, DenseSemiringScan, ElementScan,
+                             HouseholderProducts, Kernel, Registry, SequentialLoop, Vectorised)
 
 CAPS = Caps(reverse="runtime", varlen="runtime", heads=True, grad=True, dtypes=("float32", "float64"))
 
@@ -77,6 +77,16 @@ def _c_loop_explain(form: SequentialLoop, ctx) -> str:
             "runs and layer.ran says torch.loop")
 
 
+def _dense_semiring_explain(form: DenseSemiringScan, ctx) -> str:
+    if form.products:
+        return (f"N = {form.n}: log-depth scan of the [N, N] semiring products M_t = A_t + b_t[None, :] in torch "
+                "(no loop over T); backward derived: the transition posteriors (log) / the argmax (max-plus) "
+                "through a reverse block scan")
+    return ("the semiring matrix-vector loop in one C call (csrc/semiring.c), its adjoint (posteriors / argmax) "
+            "in one more; on a non-CPU tensor or without a C compiler a per-step torch loop, and layer.ran says "
+            "torch.loop")
+
+
 REGISTRY = Registry("torch", (
     Kernel(Vectorised, "torch.vectorised", "one torch op per value over B*T", "_stage_vectorised", CAPS),
     Kernel(ElementScan, "torch.element_scan", "C scan, derived backward (log-depth torch scan without a C compiler)",
@@ -90,6 +100,9 @@ REGISTRY = Registry("torch", (
            "steps", "_stage_chunk_delta_product", CAPS),
     Kernel(ChunkDPLR, "torch.chunk_dplr", "the DPLR product of each chunk in WY form (dplr.py), decays as "
            "relative factors with exponents <= 0; state passed between chunks", "_stage_dplr", CAPS),
+    Kernel(DenseSemiringScan, "torch.dense_semiring", "h_t = h_{t-1} (x) (A_t + b_t): small N a parallel scan of "
+           "semiring matrix products, else the C matrix-vector loop (semiring.py); derived backward",
+           "_stage_dense_semiring", CAPS, explain=_dense_semiring_explain),
     Kernel(SequentialLoop, "torch.c_loop", "the stage's time loop as generated C (OpenMP), forward and backward "
            "(hoisted work precomputed)", "_stage_c_loop", CAPS, accepts=_c_loop_why_not, explain=_c_loop_explain),
     Kernel(SequentialLoop, "torch.loop", "a per-step torch loop over the stage's recurrent core (hoisted work "

@@ -52,4 +52,5 @@ REGISTRY = Registry("triton", (
     _borrowed(ChunkDelta),
     _borrowed(HouseholderProducts),
     _borrowed(ChunkDPLR),
+    _borrowed(torch_kernels.DenseSemiringScan),
 ))

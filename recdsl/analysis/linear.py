@@ -281,6 +281,72 @@ class StageAnalysis:
             return (kind, a, b)
         return None
 
+    # ------------------------------------------------------------------ dense semiring
+    def dense_semiring(self, n: Node, state_key) -> tuple[str, Node, Node | None, bool] | None:
+        """n == reduce_j(s[j] + A[j, i]) + b[i] for a vector state s, reduce = logsumexp
+        (log semiring) or amax (tropical, max-plus) over the axis of j, A and b free of s:
+        (kind, A, b, transposed), A in (from j, to i) layout, b None when absent; else None.
+
+        Spellings: reduce(s[:, None] + A, axis=0) (A[j, i]) or, transposed,
+        reduce(s[None, :] + A, axis=1) / reduce(s + A, axis=1) (A[i, j]); free terms may sit
+        inside the reduction (they join A, broadcast to [N, N]) or outside it (they are b)."""
+        state = next((v for v in self.vars.values() if self.key(v) == state_key), None)
+        if state is None or state.rank != 1:
+            return None
+        outer = self._sum_terms(n)
+        moving = [(sg, t) for sg, t in outer if not self.is_free(t)]
+        if len(moving) != 1 or moving[0][0] < 0:
+            return None
+        red = moving[0][1]
+        if red.op not in (Op.LOGSUMEXP, Op.AMAX) or red.arg[0] is None or red.arg[1] or red.shape != state.shape:
+            return None
+        m = red.srcs[0]
+        size = state.shape[0]
+        if m.rank != 2 or tuple(m.shape) != (size, size):
+            return None
+        axis = red.arg[0] % 2
+        inner = self._sum_terms(m)
+        moving = [(sg, t) for sg, t in inner if not self.is_free(t)]
+        if len(moving) != 1 or moving[0][0] < 0:
+            return None
+        x = moving[0][1]
+        column, row = (slice(None), None), (None, slice(None))
+        if x is state or (x.op == Op.EXPAND and x.srcs[0] is state):
+            along = 1          # numpy broadcasting of [N] against [N, N]: s[None, :]
+        elif x.op == Op.INDEX and x.srcs[0] is state and x.arg in (column, row):
+            along = 0 if x.arg == column else 1
+        else:
+            return None
+        if along != axis:      # reduce(s[:, None] + A, axis=1) is s[i] + reduce_j A[i, j]: elementwise
+            return None
+        A = None
+        for sg, t in inner:
+            if t is not x:
+                A = add(A, t if sg > 0 else _mk(Op.NEG, [t]))
+        A = _as_matrix(A if A is not None else const(0.0))
+        if axis == 1 and A.rank == 2:   # A[i, j] as written: the transition from j to i is its transpose
+            A = A.srcs[0] if A.op == Op.TRANSPOSE else _mk(Op.TRANSPOSE, [A], (A.shape[1], A.shape[0]))
+        b = None
+        for sg, t in outer:
+            if t is not red:
+                b = add(b, t if sg > 0 else _mk(Op.NEG, [t]))
+        kind = "logsumexp" if red.op == Op.LOGSUMEXP else "maxplus"
+        return kind, A, b, axis == 1
+
+    def _sum_terms(self, n: Node) -> list[tuple[float, Node]]:
+        """n as a signed sum: ADD / SUB / NEG looked through where they read the stage's
+        states (a state-free sum is one term); walked with a stack, not recursion."""
+        out, stack = [], [(n, 1.0)]
+        while stack:
+            x, sign = stack.pop()
+            if x.op in (Op.ADD, Op.SUB) and not self.is_free(x):
+                stack += ((x.srcs[1], -sign if x.op == Op.SUB else sign), (x.srcs[0], sign))
+            elif x.op == Op.NEG and not self.is_free(x):
+                stack.append((x.srcs[0], -sign))
+            else:
+                out.append((sign, x))
+        return out
+
     # ------------------------------------------------------------------ mixing (Jacobian)
     def mixing(self, n: Node) -> str:
         """NONE, ELEM (element i depends on element i of the states only) or DENSE."""
@@ -386,6 +452,12 @@ def _todo(n: Node, memo: dict, leaf=lambda x: False) -> list[Node]:
 def _column(c: Node) -> Node:
     """c[:, 0] of a [K, 1] node."""
     return Node(Op.INDEX, (c,), (c.shape[0],), (slice(None), 0))
+
+
+def _as_matrix(a: Node) -> Node:
+    """A state-free term of a [N, N] sum with fewer axes, as numpy broadcasts it: a scalar
+    stays one, a vector [N] is a row [1, N]."""
+    return _mk(Op.INDEX, [a], (ONE, a.shape[0]), (None, slice(None))) if a.rank == 1 else a
 
 
 def _join(op: Op, a: Node | None, b: Node | None) -> Node | None:

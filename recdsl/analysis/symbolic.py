@@ -246,7 +246,45 @@ def combine_is_associative(kind: str, k: int = 2) -> bool:
         composed = lae(lae(h + a[0], b[0]) + a[1], b[1])
         same = lambda x, y: is_zero(sp.expand(sp.exp(x), power_exp=True) - sp.expand(sp.exp(y), power_exp=True))  # noqa
         return is_zero(left[0] - right[0]) and same(left[1], right[1]) and same(composed, lae(h + c12[0], c12[1]))
+    if kind in ("dense-maxplus", "dense-logsumexp"):
+        return _dense_semiring_associative(kind.split("-")[1], k)
     raise ValueError(kind)
+
+
+def _dense_semiring_associative(kind: str, k: int) -> bool:
+    """The dense semiring step h'[i] = (+)_j (h[j] (x) A[j, i]) (x) b[i], (+) = max or
+    logsumexp, (x) = +, on k x k symbols: (1) it is the semiring matrix-vector product with
+    M = A + b[None, :] (b folds into the matrix); (2) the combine M1 (x) M2 (semiring matrix
+    product, earlier on the left) is associative; (3) it composes steps:
+    step(step(h, M1), M2) == step(h, M1 (x) M2)."""
+    def mat(name):
+        return sp.Matrix(k, k, lambda i, j: sp.Symbol(f"{name}_{i}{j}", real=True))
+    M = [mat(f"M{t}") for t in range(3)]
+    A = mat("A")
+    b = [sp.Symbol(f"b_{i}", real=True) for i in range(k)]
+    h = [sp.Symbol(f"h_{i}", real=True) for i in range(k)]
+    if kind == "maxplus":
+        plus = lambda xs: sp.Max(*xs)   # noqa: E731
+        same = lambda x, y: _distribute_max(x) == _distribute_max(y)   # noqa: E731
+    else:
+        plus = lambda xs: sp.log(sum(sp.exp(x) for x in xs))   # noqa: E731
+
+        def same(x, y):
+            return is_zero(sp.expand(sp.exp(x), power_exp=True) - sp.expand(sp.exp(y), power_exp=True))
+
+    def mul(X, Y):
+        return sp.Matrix(k, k, lambda j, i: plus([X[j, l] + Y[l, i] for l in range(k)]))
+
+    def step(v, X):
+        return [plus([v[j] + X[j, i] for j in range(k)]) for i in range(k)]
+    folded = sp.Matrix(k, k, lambda j, i: A[j, i] + b[i])
+    written = [plus([h[j] + A[j, i] for j in range(k)]) + b[i] for i in range(k)]
+    if not all(same(x, y) for x, y in zip(written, step(h, folded))):
+        return False
+    left, right = mul(mul(M[0], M[1]), M[2]), mul(M[0], mul(M[1], M[2]))
+    if not all(same(left[j, i], right[j, i]) for j in range(k) for i in range(k)):
+        return False
+    return all(same(x, y) for x, y in zip(step(step(h, M[0]), M[1]), step(h, mul(M[0], M[1]))))
 
 
 def _distribute_max(e):

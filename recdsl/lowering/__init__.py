@@ -11,8 +11,8 @@ Selection a backend runs; `check`, `inspect`, `layer.plan` and the fuzzer read i
 emitters dispatch on it. Nothing here imports a backend."""
 from __future__ import annotations
 
-from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, Form, HouseholderProducts,
-                    Readout, Rejection, SequentialLoop, Vectorised)
+from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, DenseSemiringScan, ElementScan, Form,
+                    HouseholderProducts, Readout, Rejection, SequentialLoop, Vectorised)
 from .match import Context, candidates
 from .select import Caps, Choice, Kernel, NoKernel, Passed, Registry, Selection, select
 
@@ -23,6 +23,6 @@ def lower(plan) -> tuple[Context, list[list]]:
     return ctx, [candidates(ctx, sp) for sp in plan.stages]
 
 
-__all__ = ["BlockScan", "ChunkDelta", "ChunkDiag", "ChunkDPLR", "ElementScan", "Form", "HouseholderProducts",
-           "Readout", "Rejection", "SequentialLoop", "Vectorised", "Context", "candidates", "Caps", "Choice", "Kernel",
-           "NoKernel", "Passed", "Registry", "Selection", "select", "lower"]
+__all__ = ["BlockScan", "ChunkDelta", "ChunkDiag", "ChunkDPLR", "DenseSemiringScan", "ElementScan", "Form",
+           "HouseholderProducts", "Readout", "Rejection", "SequentialLoop", "Vectorised", "Context", "candidates", "Caps",
+           "Choice", "Kernel", "NoKernel", "Passed", "Registry", "Selection", "select", "lower"]

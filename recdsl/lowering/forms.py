@@ -82,6 +82,33 @@ class ElementScan(Form):
 
 
 @dataclass(frozen=True)
+class DenseSemiringScan(Form):
+    """h_t[i] = (+)_j (h_{t-1}[j] (x) A_t[j, i]) (x) b_t[i] in the log semiring ((+) =
+    logsumexp, (x) = +: the HMM forward algorithm) or the tropical one ((+) = max: Viterbi).
+    `A` is the transition in (from j, to i) layout, [N, N] or broadcastable to it (a param,
+    a per-step input, anything free of h); `b` [N] or None. The step is the semiring
+    matrix-vector product h_t = h_{t-1} (x) M_t with M_t = A_t + b_t[None, :].
+    `products`: a parallel (log-depth) scan of the [N, N] semiring matrix products (N^3 work
+    a step: for small N); else the sequential semiring matrix-vector loop (N^2 a step)."""
+    title: ClassVar[str] = "dense semiring scan"
+    semiring: str            # max-plus | log-sum-exp
+    A: Node
+    b: Node | None
+    n: int                   # N, the state's size
+    products: bool
+
+    @property
+    def kind(self) -> str:
+        """The kernels' name for this semiring: maxplus | lse."""
+        return "maxplus" if self.semiring == "max-plus" else "lse"
+
+    def summary(self) -> str:
+        how = ("parallel scan of semiring matrix products" if self.products
+               else "sequential semiring matrix-vector loop")
+        return f"{self.title}, {self.semiring}, [{self.n}, {self.n}] transition, {how}"
+
+
+@dataclass(frozen=True)
 class BlockScan(Form):
     """k coupled states with elementwise coefficients: a k x k block per element."""
     title: ClassVar[str] = "block scan"

@@ -11,8 +11,12 @@ from recdsl import plan as P
 from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.types import ONE, broadcast
 
-from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, ElementScan, HouseholderProducts, Readout,
-                    Rejection, SequentialLoop, Vectorised)
+from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, DenseSemiringScan, ElementScan, HouseholderProducts,
+                    Readout, Rejection, SequentialLoop, Vectorised)
+
+# The largest state a dense semiring stage scans in parallel as [N, N] matrix products (N^3
+# work a step against the matrix-vector loop's N^2, for log T depth instead of T).
+DENSE_SEMIRING_PRODUCTS_MAX = 16
 
 
 def _mk(op, srcs, shape, arg=None):
@@ -171,6 +175,8 @@ def candidates(ctx: Context, sp: P.StagePlan) -> list:
     core = {n.id for n in loop.core}
     if sp.cls == P.DIAGONAL:
         return _diagonal(ctx, sp, core) + [loop]
+    if sp.cls == P.SEMIRING and sp.transition == "dense":
+        return _dense_semiring(sp) + [loop]
     if sp.cls == P.SEMIRING:
         semiring = {"maxplus": "max-plus", "logsumexp": "log-sum-exp"}[sp.nodes["kind"]]
         return [ElementScan(*key, semiring=semiring, a=sp.nodes["a"], b=sp.nodes["b"]), loop]
@@ -179,6 +185,21 @@ def candidates(ctx: Context, sp: P.StagePlan) -> list:
     if sp.cls == P.LOW_RANK:
         return [_delta_rule(ctx, sp, core), _delta_product(ctx, sp, core), _dplr(ctx, sp, core), loop]
     return [loop]
+
+
+def _dense_semiring(sp: P.StagePlan) -> list:
+    """The parallel scan of semiring matrix products for a small state, then the sequential
+    semiring matrix-vector loop."""
+    from dataclasses import replace
+    semiring = {"maxplus": "max-plus", "logsumexp": "log-sum-exp"}[sp.nodes["kind"]]
+    n = sp.nodes["n"]
+    loop = DenseSemiringScan(sp.index, tuple(sp.states), semiring=semiring, A=sp.nodes["A"], b=sp.nodes["b"], n=n,
+                             products=False)
+    if n <= DENSE_SEMIRING_PRODUCTS_MAX:
+        return [replace(loop, products=True), loop]
+    return [Rejection(f"{DenseSemiringScan.title}, parallel scan of semiring matrix products",
+                      f"N = {n} > {DENSE_SEMIRING_PRODUCTS_MAX}: the [N, N] products cost N times the work of "
+                      "the matrix-vector loop", sp.line), loop]
 
 
 def _line(n: Node | None) -> int | None:

@@ -7,10 +7,10 @@ import re
 import recdsl
 from recdsl.spec import stdlib_files
 
-from . import test_block, test_delta, test_diagonal, test_matrix, test_nonlinear
+from . import test_block, test_delta, test_diagonal, test_matrix, test_nonlinear, test_semiring
 
 FAMILIES = {"nonlinear": test_nonlinear, "diagonal": test_diagonal, "matrix": test_matrix, "delta": test_delta,
-            "block": test_block}
+            "block": test_block, "semiring": test_semiring}
 
 
 def _seq_cells():
