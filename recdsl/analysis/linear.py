@@ -358,16 +358,18 @@ class StageAnalysis:
     def _mixing(self, n: Node) -> str:
         if n.id in self.vars:
             m = "ELEM"
-        elif self.is_free(n):
-            m = "NONE"
+        elif self.is_free(n) or n.op in COMPARE or n.op == Op.SIGN:
+            m = "NONE"   # piecewise constant: no Jacobian path runs through a comparison or sign
         elif n.op in ELEMENTWISE:
             ms = [self._mix[s.id] for s in n.srcs]
+            if n.op == Op.WHERE:    # nor through the condition: the branches are what it passes on
+                ms[0] = "NONE"
             if "DENSE" in ms:
                 m = "DENSE"
             elif any(mm == "ELEM" and s.shape != n.shape for mm, s in zip(ms, n.srcs)):
                 m = "DENSE"  # a state-dependent value broadcast over other elements
             else:
-                m = "ELEM"
+                m = "ELEM" if "ELEM" in ms else "NONE"
         else:
             m = "DENSE"
         return m

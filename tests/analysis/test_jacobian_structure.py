@@ -18,7 +18,8 @@ from recdsl.torch_expr import compile_nodes
 
 from helpers import ROOT
 
-# matrix-state steps local along rows only, along neither, and along columns through a transpose
+# matrix-state steps local along rows only, along neither, and along columns through a transpose;
+# a vector step whose only mixing is a where's condition and a sign (piecewise constant)
 INLINE = {
     "rows": """
 cell RowLocal(K, V):
@@ -42,6 +43,13 @@ cell ColumnLocal(K, V):
     state M[K, V] = 0
     M' = M - outer(k, relu(k @ M)) + tanh(x).T * M
     output M'
+""",
+    "where": """
+cell Branchy(H):
+    input x[H]
+    state h[H] = 0
+    h' = where(sum(h) <= 0, 0.5 * h, tanh(h)) - 0.1 * sign(sum(h)) + x
+    output h'
 """,
 }
 FILES = [*stdlib_files(), *map(str, sorted((ROOT / "benchmarks" / "cells").glob("*.rec"))),
@@ -120,9 +128,12 @@ def test_claimed_jacobian_structure_holds(src, index):
 
 
 @pytest.mark.parametrize("name,claim", [("rows", "block-diagonal by rows (3 blocks of 4x4)"), ("dense", "dense"),
-                                        ("columns by transposes", "block-diagonal by columns (4 blocks of 3x3)")])
-def test_matrix_state_locality_is_found(name, claim):
-    assert recdsl.load(INLINE[name])(backend="reference", K=3, V=4).compiled.plan.stages[0].jacobian == claim
+                                        ("columns by transposes", "block-diagonal by columns (4 blocks of 3x3)"),
+                                        ("where", "diagonal")])
+def test_jacobian_locality_is_found(name, claim):
+    spec = recdsl.load(INLINE[name])
+    dims = {d: n for d, n in dict(K=3, V=4).items() if d in spec.cell.dims}
+    assert spec(backend="reference", **spec.analysis_dims(**dims)).compiled.plan.stages[0].jacobian == claim
 
 
 def test_yaad_memory_is_block_diagonal_by_columns_and_names_clamp():
