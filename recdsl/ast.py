@@ -5,8 +5,10 @@ Every node carries `span` (file, line, column, end), which is not part of equali
 and kind) to expression nodes; that is not part of equality either.
 
     Module     cells
-    Cell       name, args: [CellArg], doc, items: [Heads | Over | Decl | Assign | Output | For]
+    Cell       name, args: [CellArg], doc, items: [Heads | Over | Decl | Assign | Output | For],
+               where: [Constraint]
     CellArg    name, default (Expr | None: a dimension)
+    Constraint operands: [Expr], ops: [str]              `where 0 <= P <= M` (a chain)
     Heads      count                                   `heads NH`
     Over       kind                                    `over seq | grid2d | dag`
     Decl       kind, vars: [DeclVar]                   `input q[K], k[K]`
@@ -69,6 +71,14 @@ class Cell(Node):
     args: list
     doc: str | None
     items: list
+    where: list = field(default_factory=list)    # [Constraint]: `cell A(M, P) where P <= M:`
+
+
+@dataclass
+class Constraint(Node):
+    """A chain of comparisons between dimension expressions: operands[i] ops[i] operands[i+1]."""
+    operands: list
+    ops: list
 
 
 @dataclass

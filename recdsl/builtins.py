@@ -54,8 +54,22 @@ BUILTINS = _table(
     Builtin("concat", (1, -1), "special", doc="concatenate along the last axis"),
     Builtin("reshape", (2, 2), "special", doc="reshape(x, [d1, d2, ...])"),
     Builtin("arange", (1, 2), "special", doc="arange(n) or arange(a, b): a constant vector"),
+    Builtin("inv", (1, 1), "special", doc="inverse of a square matrix [n, n] of params and constants (computed "
+                                          "once per forward, before the time loop)"),
+    Builtin("solve", (2, 2), "special", doc="solve(A, B) = inv(A) @ B for A [n, n] and B [n, k] or [n] of params "
+                                            "and constants (once per forward)"),
+    Builtin("expm", (1, 1), "special", doc="matrix exponential of a square matrix [n, n] of params and constants "
+                                           "(once per forward)"),
     Builtin("sum_in", (1, 1), "special", doc="sum over the node's incoming edges (over dag)"),
 )
+
+# Functions of params and constants only (no state, no input): computed once per forward.
+PARAM_ONLY = ("inv", "solve", "expm")
+
+# The hint for a complex literal (`1j`) or complex(...), .real, .imag: the language is real.
+COMPLEX_HINT = ("write a complex value as a pair of real ones, e.g. states hr, hi for h = hr + i*hi: a complex "
+                "product (a + i*b) * h is hr' = a*hr - b*hi + ..., hi' = b*hr + a*hi + ... (the LRU cell of "
+                "LANGUAGE.md); the compiler finds its 2x2 blocks")
 
 # Initialisers of `param NAME[...] ~ dist(...)`.
 DISTRIBUTIONS = {"normal": ("mean", "std"), "uniform": ("low", "high")}
@@ -99,7 +113,7 @@ register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ set_ex
 share_memory state_dict to to_empty train training type xpu zero_grad
 """.split())
 LAYER_API = frozenset("""
-_check_inputs _check_state _compute_dtype _forward_graph _forward_varlen _pack _param_shape _params
+_GENERATED _build_program _check_inputs _check_state _compute_dtype _forward_graph _forward_varlen _pack _param_shape _params
 _pick_backend _program _resolve_heads _run _step_fn backend_name compiled default_reverse dims generated
 heads initial_state ir plan ran reset_parameters selection spec step
 """.split())

@@ -16,10 +16,10 @@ import re
 from dataclasses import dataclass, field, replace
 
 from . import ast as A
-from .builtins import (BUILTINS, DISTRIBUTIONS, FORWARD_OPTIONS, INIT_FUNCS, LANGUAGE_KEYWORDS, LAYER_API, MODULE_API,
-                       NEIGHBOURS, OVER_KINDS, SPEC_OPTIONS)
+from .builtins import (BUILTINS, COMPLEX_HINT, DISTRIBUTIONS, FORWARD_OPTIONS, INIT_FUNCS, LANGUAGE_KEYWORDS,
+                       LAYER_API, MODULE_API, NEIGHBOURS, OVER_KINDS, PARAM_ONLY, SPEC_OPTIONS)
 from .errors import RecError, Span
-from .types import ONE, SCALAR, Dim, TupleType, Type, broadcast, fmt_shape
+from .types import ONE, SCALAR, Dim, DimFacts, TupleType, Type, broadcast, fmt_shape, needed
 
 DECL_KINDS = ("input", "param", "state", "edge", "pair")
 MAX_DIM_EXPONENT = 64      # `K**2` is a dimension; `2**1000000` is a typo (and would take forever)
@@ -36,10 +36,31 @@ class Var:
     decl: A.DeclVar | None = None
     default: A.Expr | None = None      # dims with a default, hyper-parameters
     loop_count: Dim | None = None     # loop indices: range(n)
+    reads: tuple | None = None        # locals: (what, node) of the first state or input its value reads
+    only_in: A.For | None = None      # locals bound only inside a for that may run 0 times
 
     @property
     def shape(self):
         return self.type.shape
+
+
+@dataclass
+class DimConstraint:
+    """One comparison of a cell's `where` clause, `left op right`, as written (before any
+    equality is substituted): checked for concrete dimensions by `check_constraints`."""
+    left: Dim
+    op: str
+    right: Dim
+    span: Span | None
+    text: str
+
+    def holds(self, values: dict[str, int]) -> bool:
+        a, b = self.left.evaluate(values), self.right.evaluate(values)
+        return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b}[self.op]
+
+    @property
+    def names(self) -> set[str]:
+        return self.left.names | self.right.names
 
 
 @dataclass
@@ -69,6 +90,8 @@ class CheckedCell:
     updates: dict[str, A.Assign]     # state -> its `s' = ...`
     body: list                       # statements (Assign, Output, For) in order
     loops: list = field(default_factory=list)   # top-level (For, count, operations per pass) as Dims
+    constraints: list = field(default_factory=list)   # [DimConstraint]: the `where` clause
+    facts: DimFacts = field(default_factory=DimFacts)  # what the checker knew of the dims' sizes
 
     @property
     def span(self) -> Span | None:
@@ -83,7 +106,8 @@ class CheckedCell:
         hypers = ", ".join(f"{n}={_printer().expr(v.default)}" for n, v in self.hypers.items()
                            if n not in self.dims)
         lines = [f"cell {self.name}" + (f" -- {self.doc.splitlines()[0]}" if self.doc else "")]
-        lines.append(f"  dims     {dims or '-'}" + (f"   hyper {hypers}" if hypers else ""))
+        lines.append(f"  dims     {dims or '-'}" + (f"   hyper {hypers}" if hypers else "") +
+                     (f"   where {', '.join(k.text for k in self.constraints)}" if self.constraints else ""))
         if self.heads is not None or self.over != "seq":
             extra = []
             if self.heads is not None:
@@ -140,17 +164,22 @@ class Checker:
         self.neighbour_ok = False     # inside s.left / s.up / s.prev
         self.const_only: str | None = None   # why only constants are allowed here
         self.loop_depth = 0
+        self.loop_stack: list[A.For] = []
         self.values: dict[str, float] = {}    # dims and hyper-parameters whose defaults are known
         self.folded: dict[int, object] = {}   # id(expr) -> its value, for constant expressions
         self.folder = ConstFolder(self._lookup)
         self.loops: list = []                 # top-level (For, count, operations per pass)
         self.loop_costs: dict[int, Dim] = {}
+        self.facts = DimFacts()               # the dims' lower bounds and the `where` clause
+        self.subst: dict[str, Dim] = {}       # `where D == 2*H`: D is read as 2*H in shapes
+        self.constraints: list[DimConstraint] = []
 
     # ------------------------------------------------------------------ entry
     def run(self) -> CheckedCell:
         c = self.cell
         check_identifier(c.name, _word_span(c.span, c.name), "a cell")
         self._cell_args(c.args)
+        self._where(c.where)
         phase = "clause"
         for item in c.items:
             if isinstance(item, (A.Heads, A.Over)):
@@ -170,7 +199,7 @@ class Checker:
         return CheckedCell(c, c.name, c.doc, self.dims, self.hypers, self.heads, self.over,
                            self.decls["input"], self.decls["param"], self.decls["state"],
                            self.decls["edge"], self.decls["pair"], self.locals, self.outputs,
-                           self.updates, self.body, self.loops)
+                           self.updates, self.body, self.loops, self.constraints, self.facts)
 
     def _finish(self):
         for name, var in self.decls["state"].items():
@@ -208,7 +237,8 @@ class Checker:
                     raise RecError(f"the default of {a.name} must be a scalar, not {ty}", a.default.span)
                 check_const_forms(a.default, "a hyper-parameter's default", arange=False)
                 is_int = isinstance(a.default, A.Num) and isinstance(a.default.value, int)
-                if is_int and not 1 <= a.default.value <= MAX_DIM:
+                if is_int and not (1 <= a.default.value <= MAX_DIM or
+                                   (a.default.value == 0 and a.name in _zero_names(self.cell.where))):
                     raise RecError(f"{a.name} has an integer default, so it is a dimension, and a dimension is "
                                    f"between 1 and {MAX_DIM} (2**31 - 1), not {a.default.text}", a.default.span,
                                    hint=f"for a number write a float, e.g. {a.name}={a.default.value}.0"
@@ -220,6 +250,57 @@ class Checker:
                 if is_int:
                     self.dims[a.name] = var
             self.env[a.name] = var
+
+    def _where(self, constraints: list[A.Constraint]):
+        """The `where` clause: comparisons between dimension expressions. Each becomes facts the
+        shape checks use (g >= 0); `0 <= P` lets P be 0; `D == 2*H` reads D as 2*H."""
+        pairs = []
+        for k in constraints:
+            sides = [self.static_dim(e, "a side of a constraint") for e in k.operands]
+            for e in k.operands:
+                e.ty = SCALAR
+            for i, op in enumerate(k.ops):
+                left, right = k.operands[i], k.operands[i + 1]
+                span = left.span.to(right.span) if left.span is not None else k.span
+                if op == "!=":
+                    raise RecError("a where clause compares dimensions with <, <=, >, >= or ==, not !=", span,
+                                   hint="say which side is larger, e.g. `P < M`")
+                a, b = sides[i], sides[i + 1]
+                self.constraints.append(DimConstraint(a, op, b, span, span_text(span) or f"{a} {op} {b}"))
+                pairs.append((a, op, b, span))
+        lower = {name: 0 for name in _zero_names(constraints)}  # `0 <= P`: P may be 0
+        # equalities `NAME == expr` (NAME not in expr) are substituted: D is read as 2*H
+        for a, op, b, span in pairs:
+            if op != "==":
+                continue
+            for x, y in ((a, b), (b, a)):
+                name = _bare_name(x.substitute(self.subst))
+                y = y.substitute(self.subst)
+                if name is not None and name not in y.names and name not in self.subst:
+                    self.subst = {k: v.substitute({name: y}) for k, v in self.subst.items()}
+                    self.subst[name] = y
+                    break
+        facts = []
+        for a, op, b, span in pairs:
+            a, b = a.substitute(self.subst), b.substitute(self.subst)
+            gs = {"<=": [b - a], "<": [b - a - ONE], ">=": [a - b], ">": [a - b - ONE], "==": [b - a, a - b]}[op]
+            for g in gs:
+                if g.constant is not None and g.constant < 0 or DimFacts(lower).negative(g):
+                    raise RecError(f"this constraint never holds: {span_text(span) or f'{a} {op} {b}'}", span,
+                                   hint="dimensions are integers >= 1 (>= 0 where the clause says `0 <= P`)")
+            facts += gs
+        for name, d in self.subst.items():  # a substituted dimension keeps its lower bound
+            facts.append(d - Dim.const(lower.get(name, 1)))
+        self.facts = DimFacts(lower, [g for g in facts if g.constant is None])
+
+    def _need(self, p: Dim) -> str:
+        """The hint for a size that must be >= 0 but is not known to be: the constraint to add."""
+        want = needed(p)
+        if self.cell.where:
+            from .printer import _constraint
+            have = ", ".join(_constraint(k) for k in self.cell.where)
+            return f"state it in the cell's where clause: `where {have}, {want}`"
+        return f"state it on the cell line: `cell {self.cell.name}(...) where {want}:`"
 
     def _clause(self, item):
         if isinstance(item, A.Heads):
@@ -253,9 +334,12 @@ class Checker:
             self._fresh(v.name, v.span)
             shape = tuple(self.static_dim(e, f"a dimension of {v.name}") for e in v.shape)
             for size, e in zip(shape, v.shape):
-                if size.sign in (0, -1):
+                if (size.constant is not None and size.constant <= 0) or self.facts.negative(size):
                     raise RecError(f"a dimension of {v.name} is {size}; dimensions are positive", e.span,
                                    hint="write [] for a scalar")
+                if not self.facts.nonneg(size):
+                    raise RecError(f"a dimension of {v.name} is {size}, which is negative for some sizes of "
+                                   f"{', '.join(sorted(size.names))}", e.span, hint=self._need(size))
             check_size(shape, None, _word_span(v.span, v.name), f"{d.kind} {v.name}")
             var = Var(v.name, d.kind, Type(shape), v.span, decl=v)
             if v.on_edge and not (d.kind == "state" and self.over == "dag"):
@@ -341,11 +425,14 @@ class Checker:
                            s.span, hint="only split(x, n) returns several values")
         else:
             types = [ty]
+        reads = self._data_read(s.value)
         for t, tty in zip(targets, types):
             if isinstance(t, A.Primed):
                 self._update(t, tty, s)
             else:
                 self._bind_local(t, tty)
+                var = self.env[t.id]
+                var.reads = var.reads or reads
 
     def _update(self, t: A.Primed, ty: Type, s: A.Assign):
         var = self.env.get(t.id)
@@ -433,19 +520,29 @@ class Checker:
             raise RecError("range takes one argument here: the number of iterations", s.span,
                            hint="write `for j in range(n):` with n a dimension or a literal")
         count = self.static_dim(s.args[0], "the loop count")
-        if count.sign in (0, -1):
+        if (count.constant is not None and count.constant <= 0) or self.facts.negative(count):
             raise RecError(f"range({count}) never runs", s.args[0].span,
                            hint="the loop count is a positive dimension or literal")
+        if not self.facts.nonneg(count):
+            raise RecError(f"the loop count {count} is negative for some sizes of {', '.join(sorted(count.names))}",
+                           s.args[0].span, hint=self._need(count))
         if s.var in self.env:
             raise RecError(f"loop index {s.var} is already defined", s.span,
                            notes=[("defined here", self.env[s.var].span)])
         var = Var(s.var, "loop", SCALAR, s.span, loop_count=count)
         self.env[s.var] = var
         self.loop_depth += 1
+        self.loop_stack.append(s)
+        before = set(self.locals)
         for inner in s.body:
             self._stmt(inner)
+        self.loop_stack.pop()
         self.loop_depth -= 1
         del self.env[s.var]
+        if not self.facts.positive(count):  # it may run 0 times: what it binds may not exist after it
+            for name in set(self.locals) - before:
+                if self.locals[name].only_in is None:
+                    self.locals[name].only_in = s
         # What it unrolls into, checked now where the count is a literal, else when the dims
         # are known (recdsl.ir.lower), always before unrolling.
         per = pass_cost(s, self.loop_costs)
@@ -480,7 +577,7 @@ class Checker:
             if var.kind != "dim":
                 raise bad(f"{what}: {e.id} is {_kind_phrase(var)}, not a dimension")
             e.ty = SCALAR
-            return Dim.sym(e.id)
+            return self.subst.get(e.id) or Dim.sym(e.id)
         if isinstance(e, A.UnaryOp):
             d = self.static_dim(e.operand, what)
             return -d if e.op == "-" else d
@@ -559,6 +656,11 @@ class Checker:
                            e.span)
         if var.kind == "state":
             return self._state_read(e, var)
+        if var.only_in is not None and not any(f is var.only_in for f in self.loop_stack):
+            raise RecError(f"{e.id} is bound only inside the for loop of line {var.only_in.span.line}, which runs "
+                           "0 times for some sizes", e.span,
+                           hint=f"bind {e.id} before the loop (e.g. an accumulator `{e.id} = 0 * ...`), or state "
+                                "that the count is at least 1 in the cell's where clause")
         if var.kind == "edge":
             if not self.in_sum_in:
                 return _edge(var.type)
@@ -599,6 +701,23 @@ class Checker:
             return _edge(var.type)
         return var.type
 
+    def _data_read(self, e: A.Expr) -> tuple | None:
+        """(what, node) for the first state or input e reads, directly or through a local
+        (what: e.g. "the state h", "the local z, which reads the input x"); None if it reads
+        only params, constants and dimensions."""
+        for n in e.walk():
+            if not isinstance(n, (A.Name, A.Primed)):
+                continue
+            var = self.env.get(n.id)
+            if var is None:
+                continue
+            if isinstance(n, A.Primed) or var.kind in ("state", "input", "edge", "pair"):
+                what = "edge input" if var.kind in ("edge", "pair") else var.kind
+                return f"the {what} {n.id}" + ("'" if isinstance(n, A.Primed) else ""), n
+            if var.kind == "local" and var.reads is not None:
+                return f"the local {n.id}, which reads {var.reads[0]}", n
+        return None
+
     def _name_hint(self, name: str) -> str:
         if name.lower() in ("nan", "inf", "infinity"):
             return "constants are finite numbers: there is no nan or inf; for a very large one write e.g. 1e30"
@@ -628,6 +747,8 @@ class Checker:
                 return self.expr(e.value)
             finally:
                 self.neighbour_ok = False
+        if e.attr in COMPLEX_WORDS:
+            raise RecError(f".{e.attr}: complex numbers are not in the language", e.span, hint=COMPLEX_HINT)
         raise RecError(f"unknown attribute .{e.attr}", e.span,
                        hint="attributes are .T (transpose)" + (", " + ", ".join("." + a for a in allowed) if allowed else ""))
 
@@ -684,43 +805,78 @@ class Checker:
                 raise RecError(f"too many indices for a value of shape {ty}", sub.span)
             size = shape[axis]
             if isinstance(sub, A.Slice):
-                lo = self.static_dim(sub.lo, "a slice bound") if sub.lo is not None else Dim.const(0)
-                hi = self.static_dim(sub.hi, "a slice bound") if sub.hi is not None else size
-                for bound, node in ((lo, sub.lo), (hi, sub.hi)):
-                    if bound.sign == -1:
-                        raise RecError(f"a slice bound is negative ({bound})", node.span,
-                                       hint=f"slices count from 0: write the bound as an offset from the start, "
-                                            f"e.g. {size} - 1")
-                length = hi - lo
-                if length.sign in (0, -1):
-                    raise RecError(f"the slice is empty ({lo}:{hi})", sub.span,
-                                   hint="the end of a slice lo:hi must be after its start")
-                if (hi - size).sign == 1:
-                    raise RecError(f"slice end {hi} is past the axis size {size}", sub.span)
-                out.append(length)
+                out.append(self._slice(sub, size))
             else:
                 self._int_index(sub, size)
             axis += 1
         out.extend(shape[axis:])
         return Type(tuple(out), ty.is_bool, ty.per_edge) if ty.per_edge else Type(tuple(out), ty.is_bool)
 
+    def _slice(self, sub: A.Slice, size: Dim) -> Dim:
+        """The length of lo:hi on an axis of `size`, after checking, for every size the cell
+        allows (its `where` clause), that 0 <= lo <= hi <= size: slices never wrap around."""
+        F = self.facts
+        lo = self.static_dim(sub.lo, "a slice bound") if sub.lo is not None else Dim.const(0)
+        hi = self.static_dim(sub.hi, "a slice bound") if sub.hi is not None else size
+        for bound, node in ((lo, sub.lo), (hi, sub.hi)):
+            if node is None:
+                continue
+            if F.negative(bound):
+                raise RecError(f"a slice bound is negative ({bound})", node.span,
+                               hint=f"slices count from 0 and do not wrap around: write the bound as an offset "
+                                    f"from the start, e.g. {size} - 1")
+            if not F.nonneg(bound):
+                raise RecError(f"the slice bound {bound} is negative for some sizes of "
+                               f"{', '.join(sorted(bound.names))}", node.span,
+                               hint="slices do not wrap around; " + self._need(bound))
+        length = hi - lo
+        if length.constant == 0 or F.negative(length):
+            raise RecError(f"the slice is empty ({lo}:{hi})", sub.span,
+                           hint="the end of a slice lo:hi must be after its start")
+        if not F.nonneg(length):
+            raise RecError(f"the slice {lo}:{hi} ends before it starts for some sizes of "
+                           f"{', '.join(sorted(length.names))}", sub.span, hint=self._need(length))
+        if not F.le(hi, size):
+            if F.lt(size, hi):
+                raise RecError(f"slice end {hi} is past the axis size {size}", sub.span)
+            raise RecError(f"slice end {hi} is past the axis size {size} for some sizes of "
+                           f"{', '.join(sorted((hi - size).names))}", sub.span, hint=self._need(size - hi))
+        return length
+
     def _int_index(self, sub: A.Expr, size: Dim):
+        F = self.facts
         if isinstance(sub, A.Name) and self.env.get(sub.id) is not None and self.env[sub.id].kind == "loop":
             sub.ty = SCALAR
             count = self.env[sub.id].loop_count
-            if (count - size).sign == 1:
-                raise RecError(f"{sub.id} runs to {count} but the axis has size {size}", sub.span)
+            if not F.le(count, size):
+                if F.lt(size, count):
+                    raise RecError(f"{sub.id} runs to {count} but the axis has size {size}", sub.span)
+                raise RecError(f"{sub.id} runs to {count}, past the axis size {size} for some sizes of "
+                               f"{', '.join(sorted((count - size).names))}", sub.span, hint=self._need(size - count))
             return
         idx = self.static_dim(sub, "an index")
         sub.ty = SCALAR
-        # In range: 0 <= idx < size, or -size <= idx < 0 (from the end), where that can be decided.
-        if idx.sign == -1:
-            out = (idx + size).sign == -1
-        else:
-            out = (idx - size).sign in (0, 1)
-        if out:
-            raise RecError(f"index {idx} is out of range for an axis of size {size}", sub.span,
-                           hint=f"indices run from 0 to {size - Dim.const(1)} (or -1 down to {-size} from the end)")
+        # In range for every size the cell allows: 0 <= idx < size, or -size <= idx < 0 (from the end).
+        hint = f"indices run from 0 to {size - Dim.const(1)} (or -1 down to {-size} from the end)"
+        if F.nonneg(idx):
+            if F.lt(idx, size):
+                return
+            if F.le(size, idx):
+                raise RecError(f"index {idx} is out of range for an axis of size {size}", sub.span, hint=hint)
+            raise RecError(f"index {idx} is out of range for an axis of size {size} for some sizes of "
+                           f"{', '.join(sorted((size - idx).names))}", sub.span, hint=self._need(size - idx - ONE))
+        if F.negative(idx):
+            if F.nonneg(idx + size):
+                return
+            if F.negative(idx + size):
+                raise RecError(f"index {idx} is out of range for an axis of size {size}", sub.span, hint=hint)
+            raise RecError(f"index {idx} is out of range for an axis of size {size} for some sizes of "
+                           f"{', '.join(sorted((size + idx).names))}", sub.span, hint=self._need(size + idx))
+        # the constraint that makes it count one way: from the end if its names come with a minus (1 - M)
+        from_end = all(c < 0 for m, c in idx.terms.items() if m)
+        raise RecError(f"index {idx} is negative for some sizes of {', '.join(sorted(idx.names))}", sub.span,
+                       hint="an index counts from 0 (or from the end when it is negative for every size) and "
+                            "never changes direction with the sizes; " + self._need(-idx - ONE if from_end else idx))
 
     # --- calls
     def _e_Call(self, e: A.Call):
@@ -728,6 +884,9 @@ class Checker:
         if b is None:
             if e.func in DISTRIBUTIONS:
                 raise RecError(f"{e.func}(...) draws a param's initial value: `param W[...] ~ {e.func}(...)`", e.span)
+            if e.func in COMPLEX_WORDS:
+                raise RecError(f"{e.func}(...): complex numbers are not in the language", _word_span(e.span, e.func),
+                               hint=COMPLEX_HINT)
             raise RecError(f"unknown function {e.func}", _word_span(e.span, e.func),
                            hint=(_suggest(e.func, BUILTINS, cutoff=0.65).lstrip("; ") or
                                  "see `recdsl builtins` for the list of functions"))
@@ -735,8 +894,8 @@ class Checker:
         n = len(e.args)
         if n < lo or (hi >= 0 and n > hi):
             want = f"{lo}" if lo == hi else (f"at least {lo}" if hi < 0 else f"{lo} to {hi}")
-            hint = "amax(x) reduces over an axis; max(a, b) compares two values" if e.func in ("max", "min") else None
-            raise RecError(f"{e.func} takes {want} argument{'s' if want != '1' else ''}, got {n}", e.span, hint=hint)
+            raise RecError(f"{e.func} takes {want} argument{'s' if want != '1' else ''}, got {n}", e.span,
+                           hint=_arity_hint(e))
         for i, k in enumerate(e.kwargs):
             if any(other.name == k.name for other in e.kwargs[:i]):
                 raise RecError(f"keyword argument '{k.name}' is given twice", k.span)
@@ -816,7 +975,16 @@ class Checker:
     def _call_eye(self, e):
         n = self.static_dim(e.args[0], "the size of eye")
         e.args[0].ty = SCALAR
+        self._size(n, e.args[0], "the size of eye")
         return Type((n, n))
+
+    def _size(self, n: Dim, node: A.Expr, what: str) -> None:
+        """A located error unless n >= 0 for every size the cell allows (and n >= 1 if a constant)."""
+        if (n.constant is not None and n.constant <= 0) or self.facts.negative(n):
+            raise RecError(f"{what} is {n}; sizes are positive", node.span)
+        if not self.facts.nonneg(n):
+            raise RecError(f"{what} is {n}, which is negative for some sizes of {', '.join(sorted(n.names))}",
+                           node.span, hint=self._need(n))
 
     def _call_diag(self, e):
         a = self._vector(e.args[0], "diag")
@@ -828,8 +996,11 @@ class Checker:
             a.ty = SCALAR
         lo, hi = (Dim.const(0), ds[0]) if len(ds) == 1 else ds
         n = hi - lo
-        if n.constant is not None and n.constant <= 0:
+        if (n.constant is not None and n.constant <= 0) or self.facts.negative(n):
             raise RecError("arange is empty", e.span)
+        if not self.facts.nonneg(n):
+            raise RecError(f"arange has {n} elements, which is negative for some sizes of "
+                           f"{', '.join(sorted(n.names))}", e.span, hint=self._need(n))
         return Type((n,))
 
     def _call_split(self, e):
@@ -869,6 +1040,8 @@ class Checker:
                            hint="e.g. reshape(x, [NH, K])")
         dims = tuple(self.static_dim(d, "a reshape dimension") for d in target.items)
         target.ty = SCALAR
+        for d, node in zip(dims, target.items):
+            self._size(d, node, "a reshape dimension")
         size_in, size_out = ONE, ONE
         for d in ty.shape:
             size_in = size_in * d
@@ -877,6 +1050,40 @@ class Checker:
         if size_in != size_out:
             raise RecError(f"cannot reshape {ty} ({size_in} elements) to {fmt_shape(dims)} ({size_out})", e.span)
         return replace(ty, shape=dims)
+
+    def _param_matrix(self, e: A.Call, arg: A.Expr, square: bool = True) -> Type:
+        """The type of an argument of inv/solve/expm: a matrix (square) computed from params,
+        constants and dimensions only: it is computed once per forward, before the time loop."""
+        ty = self._value(arg)
+        reads = self._data_read(arg)
+        if reads is not None:
+            what, node = reads
+            raise RecError(f"{e.func}(...) is computed once per forward, from params and constants, but this "
+                           f"argument reads {what}", node.span,
+                           hint=f"{', '.join(PARAM_ONLY)} take hoisted param computations only (e.g. the "
+                                "discretisation solve(I - dt/2 * A, I + dt/2 * A) of params A, dt); "
+                                "apply the result to the state with @")
+        if ty.is_bool:
+            raise RecError(f"{e.func} takes numbers, not a mask", arg.span)
+        if square and (ty.rank != 2 or ty.shape[0] != ty.shape[1]):
+            raise RecError(f"{e.func} needs a square matrix [n, n]; this argument has shape {ty}", arg.span,
+                           hint="e.g. a param A[N, N], or eye(N) - dt * A")
+        return Type(ty.shape)
+
+    def _call_inv(self, e):
+        return self._param_matrix(e, e.args[0])
+
+    def _call_expm(self, e):
+        return self._param_matrix(e, e.args[0])
+
+    def _call_solve(self, e):
+        a = self._param_matrix(e, e.args[0])
+        b = self._param_matrix(e, e.args[1], square=False)
+        if b.rank not in (1, 2) or b.shape[0] != a.shape[0]:
+            raise RecError(f"solve(A, B) needs B of shape [{a.shape[0]}] or [{a.shape[0]}, k] for A {a}; "
+                           f"B has shape {b}", e.args[1].span,
+                           hint="solve(A, B) is inv(A) @ B: B's first axis is A's size")
+        return Type(b.shape)
 
     def _call_sum_in(self, e):
         if self.over != "dag":
@@ -937,6 +1144,57 @@ def _word_span(span: Span | None, word: str, after: str | None = None) -> Span |
     if m is None:
         return span
     return Span(span.line, m.start() + 1, span.line, m.end() + 1, span.source)
+
+
+COMPLEX_WORDS = ("complex", "real", "imag", "conj", "angle")
+
+_REDUCE_INSTEAD = {"logsumexp": ("logaddexp", "log(exp(a) + exp(b))"), "amax": ("max", "the elementwise maximum"),
+                   "sum": (None, "a sum of values"), "mean": (None, "the mean of values"),
+                   "norm": (None, "a norm of values")}
+
+
+def _arity_hint(e: A.Call) -> str | None:
+    """What the user probably meant by calling e.func with the wrong number of arguments."""
+    f, args = e.func, e.args
+    text = [_span_text(a) for a in args]
+    if f in ("max", "min"):
+        return "amax(x) reduces over an axis; max(a, b) compares two values"
+    if f in _REDUCE_INSTEAD and len(args) >= 2:
+        second = args[1].operand if isinstance(args[1], A.UnaryOp) and args[1].op == "-" else args[1]
+        if len(args) == 2 and isinstance(second, A.Num) and isinstance(second.value, int):
+            return f"the axis is a keyword argument: {f}({text[0]}, axis={text[1]})"
+        other, what = _REDUCE_INSTEAD[f]
+        if other is not None:
+            return f"{f}(x) reduces one value over an axis; for {what} write {other}({', '.join(text)})"
+        return f"{f}(x) reduces one value over an axis; for {what} write {' + '.join(text)}" + \
+            (" and divide" if f == "mean" else "")
+    if f == "logaddexp" and len(args) == 1:
+        return f"logaddexp(a, b) combines two values; to reduce one over an axis write logsumexp({text[0]})"
+    if f in ("inv", "expm") and len(args) == 2:
+        return f"{f}(A) takes one square matrix; to apply an inverse write solve(A, B)"
+    return None
+
+
+def _zero_names(constraints: list[A.Constraint]) -> set[str]:
+    """The dimensions a `where` clause allows to be 0: those it bounds below by 0, as `0 <= P`
+    or `P >= 0` (every other dimension is at least 1)."""
+    out = set()
+    for k in constraints:
+        for i, op in enumerate(k.ops):
+            a, b = k.operands[i], k.operands[i + 1]
+            lo, hi = (a, b) if op == "<=" else (b, a) if op == ">=" else (None, None)
+            if isinstance(lo, A.Num) and lo.value == 0 and isinstance(hi, A.Name):
+                out.add(hi.id)
+    return out
+
+
+def _bare_name(d: Dim) -> str | None:
+    """The name if d is a single dimension name (coefficient 1, nothing else), else None."""
+    if len(d.terms) == 1:
+        (m, c), = d.terms.items()
+        if len(m) == 1 and c == 1:
+            return m[0]
+    return None
 
 
 def _suggest(name: str, options, cutoff: float = 0.6) -> str:
@@ -1052,6 +1310,77 @@ def check_unroll(loops: list, values: dict[str, int] | None, limit: int | None =
                                 "operator, call and index of its body: keep loops short (a few Householder "
                                 "or solver steps), or raise the limit with the environment variable "
                                 "RECDSL_MAX_UNROLL")
+
+
+def check_constraints(cell: CheckedCell, dims: dict[str, int]) -> None:
+    """A located error (at the comparison, in the cell line) for concrete dimensions that break
+    the cell's `where` clause."""
+    for k in cell.constraints:
+        if k.names <= set(dims) and not k.holds(dims):
+            given = ", ".join(f"{n} = {dims[n]}" for n in sorted(k.names))
+            raise RecError(f"the dimensions break the constraint {k.text} of cell {cell.name}: {given}", k.span,
+                           hint=f"cell {cell.name} needs {k.text} (its where clause); give dimensions that satisfy it")
+
+
+def example_dims(cell: CheckedCell, given: dict | None = None, limit: int = 20000) -> dict[str, int]:
+    """Sizes for the dimensions without a given value or a default, for analysing a cell
+    without an instantiation: small and distinct (3, 4, 5, ... in order), so that no two
+    dimensions coincide by accident, and satisfying the cell's `where` clause (a search over
+    sizes up to 32, distinct ones first; 0 only where nothing else fits). A located error at
+    the clause when none is found."""
+    given = dict(given or {})
+    fixed: dict[str, int] = {}
+    free = []
+    for name, var in cell.dims.items():
+        if name in given:
+            if isinstance(given[name], int) and not isinstance(given[name], bool):
+                fixed[name] = given[name]
+        elif var.default is not None:
+            if isinstance(var.default, A.Num) and isinstance(var.default.value, int):
+                fixed[name] = var.default.value
+        else:
+            free.append(name)
+    plain = {name: 3 + i for i, name in enumerate(free)}
+    cons = [k for k in cell.constraints]
+    if all(k.holds({**fixed, **plain}) for k in cons if k.names <= set(fixed) | set(plain)):
+        return plain
+    order = [n for n in free]
+    # the constraints to test once the i-th free dimension has its size
+    ready = [[k for k in cons if order[i] in k.names and k.names <= set(fixed) | set(order[:i + 1])]
+             for i in range(len(order))]
+    prefs = list(range(3, 33)) + [2, 1]
+    steps = [0]
+
+    def search(i: int, got: dict, distinct: bool):
+        if i == len(order):
+            return dict(got)
+        name = order[i]
+        values = prefs + ([0] if cell.facts.low(name) == 0 else [])
+        for v in values:
+            steps[0] += 1
+            if steps[0] > limit:
+                return None
+            if distinct and v in got.values() and v not in (0,):
+                continue
+            got[name] = v
+            env = {**fixed, **got}
+            if all(k.holds(env) for k in ready[i]):
+                found = search(i + 1, got, distinct)
+                if found is not None:
+                    return found
+            del got[name]
+        return None
+
+    for distinct in (True, False):
+        steps[0] = 0
+        found = search(0, {}, distinct)
+        if found is not None:
+            return found
+    span = cons[0].span.to(cons[-1].span) if cons and cons[0].span is not None else cell.span
+    have = ", ".join(f"{k}={v}" for k, v in fixed.items())
+    raise RecError(f"no sizes up to 32 satisfy the where clause of cell {cell.name}" +
+                   (f" with {have}" if have else ""), span,
+                   hint="check the constraints (and the dimensions given); `recdsl check --dims` takes sizes")
 
 
 def _names(e: A.Node) -> set[str]:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from . import ast as A
-from .checker import (MAX_DIM, MAX_FOLD_LEN, CheckedCell, ConstFolder, NotConstant, _word_span, check_distribution,
-                      check_size, check_unroll, const_error, fold_scalar, span_text)
+from .checker import (MAX_DIM, MAX_FOLD_LEN, CheckedCell, ConstFolder, NotConstant, _word_span, check_constraints,
+                      check_distribution, check_size, check_unroll, const_error, fold_scalar, span_text)
 from .errors import RecError, Span
 from .types import Dim, ONE, broadcast
 
@@ -44,6 +44,8 @@ class Op(Enum):
     TRANSPOSE = auto(); RESHAPE = auto(); CONCAT = auto(); EYE = auto()
     EXPAND = auto()      # broadcast to a larger node shape; arg: the concrete target shape
     SUM_IN = auto()      # over dag: sum over incoming edges
+    # linear algebra of params and constants (hoisted: computed once per forward)
+    INV = auto(); SOLVE = auto(); EXPM = auto()
 
 
 UNARY = {Op.NEG, Op.EXP, Op.LOG, Op.LOG1P, Op.EXPM1, Op.SIGMOID, Op.LOGSIGMOID, Op.TANH, Op.SOFTPLUS,
@@ -56,6 +58,8 @@ LEAVES = {Op.INPUT, Op.PARAM, Op.STATE, Op.CONST, Op.EYE}
 LINEAR = {Op.NEG, Op.ADD, Op.SUB, Op.SUM, Op.INDEX, Op.TRANSPOSE, Op.RESHAPE, Op.CONCAT, Op.SUM_IN, Op.EXPAND}
 # Linear in each argument separately.
 BILINEAR = {Op.MUL, Op.MATMUL, Op.OUTER, Op.DOT}
+# Functions of params and constants only (the checker refuses a state or an input in them).
+PARAM_LINALG = {Op.INV, Op.SOLVE, Op.EXPM}
 TRANSCENDENTAL = {Op.EXP, Op.LOG, Op.LOG1P, Op.EXPM1, Op.SIGMOID, Op.LOGSIGMOID, Op.TANH, Op.SOFTPLUS,
                   Op.SILU, Op.GELU, Op.ELU, Op.SQRT, Op.RSQRT, Op.SIN, Op.COS, Op.LOGADDEXP, Op.LOGSUMEXP}
 COMMUTATIVE = {Op.ADD, Op.MUL, Op.MAX, Op.MIN, Op.LOGADDEXP}
@@ -154,8 +158,12 @@ def bind_dims(cell: CheckedCell, given: dict[str, int] | None) -> tuple[dict[str
         if name in given:
             v = given[name]
             if var.kind == "dim":
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise RecError(f"dimension {name} must be a positive integer, got {_short(v)}", var.span)
+                low = cell.facts.low(name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                    raise RecError(f"dimension {name} must be a {'positive' if low else 'non-negative'} integer, "
+                                   f"got {_short(v)}", var.span,
+                                   hint=f"a dimension that may be 0 says so in the cell's where clause: "
+                                        f"`where 0 <= {name}`" if v == 0 and low else None)
                 if v > MAX_DIM:
                     raise RecError(f"dimension {name} = {_short(v)} is more than the maximum {MAX_DIM} (2**31 - 1)",
                                    var.span, hint="dimensions are sizes of tensors; check the value given")
@@ -181,6 +189,7 @@ def bind_dims(cell: CheckedCell, given: dict[str, int] | None) -> tuple[dict[str
     for k in dims:
         if values[k] != dims[k]:
             raise RecError(f"dimension {k} must be an integer, got {values[k]}", cell.dims[k].span)
+    check_constraints(cell, dims)
     return dims, values
 
 
@@ -268,6 +277,9 @@ class _Lowerer:
     def node(self, op: Op, srcs, shape, arg=None, is_bool=False) -> Node:
         """A new node, or the existing one for the same op, sources and argument (CSE by
         hash-consing: `lf + m` written twice is one node)."""
+        empty = self._empty(op, srcs, shape, arg)
+        if empty is not None:
+            return empty
         key = (op, tuple(s.id for s in srcs), arg_key(arg), tuple(shape))
         hit = self.memo.get(key)
         if hit is not None:
@@ -277,6 +289,28 @@ class _Lowerer:
         n = Node(op, tuple(srcs), tuple(shape), arg, self.span, None, is_bool)
         self.memo[key] = n
         return n
+
+    def _empty(self, op: Op, srcs, shape, arg) -> Node | None:
+        """Zero-size dimensions (`where 0 <= P`, P = 0): a value with no elements, a product
+        or a sum over an empty axis, is a constant 0 broadcast to its shape (no state, no
+        input in it), so that what a dimension of 0 empties out (a state z[P], a slice
+        z[M-P:M], W @ u with u [0]) never reaches a kernel: it contributes nothing."""
+        if op in (Op.EXPAND, Op.CONST) or not self.dims or 0 not in self.dims.values():
+            return None
+        sizes = tuple(d.evaluate(self.dims) for d in shape)
+        contracted = None
+        if op == Op.MATMUL or op == Op.DOT:
+            contracted = srcs[0].shape[-1]
+        elif op == Op.SUM:
+            axis = arg[0]
+            src = srcs[0].shape
+            contracted = None if not src else (math.prod(d.evaluate(self.dims) for d in src) if axis is None
+                                                else src[axis])
+        if 0 in sizes or (contracted is not None and
+                          (contracted if isinstance(contracted, int) else contracted.evaluate(self.dims)) == 0):
+            zero = self.const(0.0)
+            return self.node(Op.EXPAND, [zero], shape, sizes) if shape else zero
+        return None
 
     def const(self, value: float) -> Node:
         return self.node(Op.CONST, (), (), float(value))
@@ -421,7 +455,12 @@ class _Lowerer:
                 items.append(slice(None))
             elif isinstance(sub, A.Slice):
                 lo = self.cell_static(sub.lo) if sub.lo is not None else 0
-                hi = self.cell_static(sub.hi) if sub.hi is not None else size.evaluate(self.dims)
+                n = size.evaluate(self.dims)
+                hi = self.cell_static(sub.hi) if sub.hi is not None else n
+                if not 0 <= lo <= hi <= n:  # the checker proved it for every size the cell allows
+                    raise RecError(f"the slice {lo}:{hi} is not within an axis of size {n}", sub.span,
+                                   hint="slices do not wrap around; state the sizes the cell needs in its "
+                                        "where clause")
                 items.append(slice(lo, hi))
             else:
                 idx = self.cell_static(sub) if not (isinstance(sub, A.Name) and sub.id in self.env
@@ -479,7 +518,19 @@ class _Lowerer:
         return self.reduce(Op.SUM, x, self._axis(e, x))
 
     def _call_amax(self, e, x):
-        return self.reduce(Op.AMAX, x, self._axis(e, x))
+        axis = self._axis(e, x)
+        self._not_empty(e, x, axis)
+        return self.reduce(Op.AMAX, x, axis)
+
+    def _not_empty(self, e: A.Call, x: Node, axis) -> None:
+        """A located error for a maximum or a mean over no elements (a dimension that is 0)."""
+        if self._count(x, axis) == 0:
+            zero = sorted({n for d in (x.shape if axis is None else (x.shape[axis],)) for n in d.names
+                           if self.dims.get(n) == 0})
+            raise RecError(f"{e.func}(...) over an axis of size 0" + (f" ({', '.join(f'{n} = 0' for n in zero)})"
+                                                                       if zero else "") + " has no value",
+                           e.span, hint="a maximum or a mean needs at least one element: give the dimension a "
+                                        "size >= 1, or compute this only where it is not empty")
 
     def _call_logsumexp(self, e, x):
         return self.reduce(Op.LOGSUMEXP, x, self._axis(e, x))
@@ -493,6 +544,7 @@ class _Lowerer:
 
     def _call_mean(self, e, x):
         axis = self._axis(e, x)
+        self._not_empty(e, x, axis)
         return self.binary(Op.DIV, self.reduce(Op.SUM, x, axis), self.const(self._count(x, axis)))
 
     def _call_norm(self, e, x):
@@ -519,6 +571,7 @@ class _Lowerer:
         return self.binary(Op.MUL, xc, inv)
 
     def _call_softmax(self, e, x):
+        self._not_empty(e, x, x.rank - 1)
         m = self.reduce(Op.AMAX, x, x.rank - 1, True)
         ex = self.node(Op.EXP, [self.binary(Op.SUB, x, m)], x.shape)
         return self.binary(Op.DIV, ex, self.reduce(Op.SUM, ex, x.rank - 1, True))
@@ -565,6 +618,15 @@ class _Lowerer:
         d = e.ty.shape[0]
         check_size((d,), self.dims, e.span, "this value")  # before the tuple of its values is built
         return self.node(Op.CONST, [], (d,), tuple(float(v) for v in range(lo, hi)))
+
+    def _call_inv(self, e, a):
+        return self.node(Op.INV, [a], a.shape)
+
+    def _call_expm(self, e, a):
+        return self.node(Op.EXPM, [a], a.shape)
+
+    def _call_solve(self, e, a, b):
+        return self.node(Op.SOLVE, [a, b], b.shape)
 
     def _call_sum_in(self, e):
         self.in_sum_in = True

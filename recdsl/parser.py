@@ -3,6 +3,7 @@ turns lark's tree into recdsl.ast nodes with spans, and lark's exceptions into R
 from __future__ import annotations
 
 import difflib
+import re
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.indenter import Indenter
 
 from . import ast as A
+from .builtins import COMPLEX_HINT
 from .errors import RecError, Source, Span
 
 GRAMMAR_FILE = Path(__file__).resolve().parent / "grammar" / "rec.lark"
@@ -22,7 +24,7 @@ TOKEN_NAMES = {
     "LSQB": "'['", "RSQB": "']'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "SEMICOLON": "';'",
     "DOT": "'.'", "TILDE": "'~'", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/' or '@'", "POW": "'**'",
     "COMP_OP": "a comparison", "DOCSTRING": "a docstring", "EDGE": "'edge'", "HEADS": "'heads'",
-    "OVER": "'over'", "$END": "end of file",
+    "OVER": "'over'", "WHERE": "'where'", "$END": "end of file",
 }
 
 
@@ -332,6 +334,10 @@ def _bad_token(e: UnexpectedToken, source: Source, brackets: list[Token]) -> Rec
         return RecError(f"{_describe(tok)} outside a cell", span,
                         hint="a .rec file is a sequence of cells; the lines of a cell are indented under "
                              "`cell NAME(...):`")
+    where = _in_where_clause(tok, source)
+    if where and tok.type != "_NL":
+        what = "'and' does not join constraints" if tok.value == "and" else _describe(tok)
+        return RecError(what, span, hint=WHERE_HINT)
     if tok.type == "_NL":
         if "COLON" in expected:
             return RecError("missing ':' at the end of the line", span, hint="a cell or for line ends with ':'")
@@ -350,6 +356,18 @@ def _bad_token(e: UnexpectedToken, source: Source, brackets: list[Token]) -> Rec
     return RecError(_describe(tok), span, hint=_token_hint(tok, prev, expected, brackets))
 
 
+WHERE_HINT = ("a where clause is comparisons (<, <=, >, >=, ==) of dimension expressions, separated by "
+              "commas, before the ':' of the cell line: `cell A(M, P) where 0 <= P <= M, K == 2*H:`")
+
+
+def _in_where_clause(tok: Token, source: Source) -> bool:
+    """The token is on a cell line, after its `where`."""
+    if tok.line is None or tok.column is None:
+        return False
+    m = re.match(r"\s*cell\b.*?\)\s*where\b", source.line(tok.line))
+    return bool(m) and tok.column > m.end()
+
+
 def _describe(tok: Token) -> str:
     if tok.type == "_NL":
         return "unexpected end of line"
@@ -362,6 +380,9 @@ def _last_line(source: Source) -> int:
         if lines[i - 1].strip():
             return i
     return 1
+
+
+COMPLEX_LITERAL = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[jJ]")
 
 
 def _bad_number(source: Source, start: int | None, end: int | None) -> RecError | None:
@@ -383,6 +404,10 @@ def _bad_number(source: Source, start: int | None, end: int | None) -> RecError 
         return None
     line = text.count("\n", 0, a) + 1
     col = a - (text.rfind("\n", 0, a) + 1) + 1
+    if COMPLEX_LITERAL.fullmatch(word):
+        return RecError(f"'{word}' is a complex number; complex numbers are not in the language",
+                        Span(line, col, line, col + len(word), source),
+                        hint=COMPLEX_HINT)
     hint = "numbers are written 3, 0.5, 1e-5"
     lead = word.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
     if lead != word and lead and lead[-1].isdigit() and "e" not in word[len(lead):len(lead) + 1].lower():
@@ -468,15 +493,20 @@ class _Builder:
 
     # --- structure ---
     def cell(self, t: Tree) -> A.Cell:
-        name, args, doc, *items = t.children
+        name, args, where, doc, *items = t.children
         arglist = [] if args is None else [
             A.CellArg(str(a.children[0]), self.expr(a.children[1]) if a.children[1] is not None else None,
                       span=self.span(a)) for a in args.children]
+        constraints = [] if where is None else [self.constraint(c) for c in where.children[1:]]
         docstring = None if doc is None else _docstring_text(str(doc.children[0]))
         out = []
         for item in items:
             out.extend(self.item(item))
-        return A.Cell(str(name), arglist, docstring, out, span=self.upto(t, out[-1]))
+        return A.Cell(str(name), arglist, docstring, out, constraints, span=self.upto(t, out[-1]))
+
+    def constraint(self, t: Tree) -> A.Constraint:
+        kids = t.children
+        return A.Constraint([self.expr(k) for k in kids[0::2]], [str(k) for k in kids[1::2]], span=self.span(t))
 
     def item(self, t: Tree) -> list:
         kind = t.data

@@ -23,12 +23,20 @@ def to_source(node: A.Node) -> str:
 
 def _cell(c: A.Cell) -> str:
     args = ", ".join(a.name if a.default is None else f"{a.name}={expr(a.default)}" for a in c.args)
-    lines = [f"cell {c.name}({args}):"]
+    where = " where " + ", ".join(_constraint(k) for k in c.where) if c.where else ""
+    lines = [f"cell {c.name}({args}){where}:"]
     if c.doc is not None:
         lines.extend(_docstring(c.doc))
     for item in c.items:
         lines.extend(_item(item, INDENT))
     return "\n".join(lines)
+
+
+def _constraint(k: A.Constraint) -> str:
+    parts = [expr(k.operands[0])]
+    for op, e in zip(k.ops, k.operands[1:]):
+        parts += [op, expr(e)]
+    return " ".join(parts)
 
 
 def _docstring(doc: str) -> list[str]:

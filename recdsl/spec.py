@@ -51,14 +51,16 @@ class CellSpec:
 
     def analysis_dims(self, **given) -> dict:
         """Dims for analysing without an instantiation: given ones, defaults, else small
-        distinct sizes (3, 4, 5, ...) so that no two dimensions coincide by accident."""
-        out, size = {}, 3
+        distinct sizes (3, 4, 5, ...) so that no two dimensions coincide by accident, chosen
+        to satisfy the cell's `where` clause (recdsl.checker.example_dims)."""
+        from .checker import example_dims
+        invented = example_dims(self.cell, {k: v for k, v in given.items() if k in self.cell.dims})
+        out = {}
         for name, var in self.cell.dims.items():
             if name in given:
                 out[name] = given[name]
-            elif var.default is None:
-                out[name] = size
-                size += 1
+            elif name in invented:
+                out[name] = invented[name]
         out.update({k: v for k, v in given.items() if k not in out})
         return out
 

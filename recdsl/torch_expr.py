@@ -249,6 +249,15 @@ class TorchExpr:
             return f"rt.with_prefix(torch.eye({size}, dtype=DT, device=DEV), {self.prefix_rank()})"
         if op == Op.CONST:
             return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), {self.prefix_rank()})"
+        if op == Op.INV:    # params and constants only: the prefix axes are 1s, computed once
+            return f"torch.linalg.inv({self.name_of(s[0])})"
+        if op == Op.EXPM:
+            return f"torch.linalg.matrix_exp({self.name_of(s[0])})"
+        if op == Op.SOLVE:
+            a, b = self.name_of(s[0]), self.name_of(s[1])
+            if s[1].rank == 1:
+                return f"torch.linalg.solve({a}, {b}[..., None])[..., 0]"
+            return f"torch.linalg.solve({a}, {b})"
         raise NotImplementedError(f"no torch form for {op.name}")
 
 

@@ -11,7 +11,7 @@ from recdsl.types import Dim, fmt_shape
 
 from .corpus import spec_or_stdlib
 
-HEADER = "cell A(K, V, H, N, M, P, NH=2):"
+HEADER = "cell A(K, V, H, N, M, P, NH=2) where NH >= 2, K >= 2:"
 DECLS = """    input q[K], k[K], v[V], x[N], y[N], u[M], g[K], s[], b4[4*H], z2[2*H], kk[NH, K], big[8]
     input W[M, N], Wt[N, M], A2[M, N], B2[N, P], S[K, V], G[K, 1], R[1, V], dual[K, 2*V], S2[K, H]
     state hs[K, V] = 0
