@@ -222,12 +222,12 @@ class _Gen:
         [NH, L, H] (rows: the B states of each head), one packed panel of NR outputs each."""
         out = []
         for k, (L, j) in enumerate(zip(self.gemm_len, self.gemm_src)):
-            if fwd:   # gm[t] [B*NH, L] = state [B*NH, H] @ W^T
-                n_out, K, a, lda, c, ldc = L, "H", f"cur_{j}", "H", f"gm_{k} + t * gst_{k}", "L"
-                w = f"wp_{k}"
-            else:     # gl [B*NH, H] = dgm[t] [B*NH, L] @ W
-                n_out, K, a, lda, c, ldc = "H", L, f"dgm_{k} + t * B * NH * L", "L", f"gl_{k}", "H"
-                w = f"wb_{k}"
+            if not fwd:
+                out.append(self._adjoint_gemm_call(k, L))
+                continue
+            # gm[t] [B*NH, L] = state [B*NH, H] @ W^T
+            n_out, K, a, lda, c, ldc = L, "H", f"cur_{j}", "H", f"gm_{k} + t * gst_{k}", "L"
+            w = f"wp_{k}"
             out.append(f"""      {{
         const int64_t L = {L}, N = {n_out}, np = (N + NR_SFX - 1) / NR_SFX, shared = wh_{k} == 1;
         #pragma omp for schedule(static) nowait
@@ -238,6 +238,22 @@ class _Gen:
         }}
       }}""")
         return "\n".join(out)
+
+    @staticmethod
+    def _adjoint_gemm_call(k: int, L: int) -> str:
+        """gl [B*NH, H] = dgm[t] @ W, the threads splitting the output panels. dgm is laid out
+        [B, T, NH, L] like the inputs' gradients (one tensor serves both where they are the
+        same adjoint), so the B rows of a step and head are T*NH*L apart; W is [NH, L, H] per
+        head, or shared [L, H] with NH = 1 (FusedLoop.backward checks)."""
+        return f"""      {{
+        const int64_t L = {L}, np = (H + NR_SFX - 1) / NR_SFX;
+        #pragma omp for schedule(static) nowait
+        for (int64_t it = 0; it < wh_{k} * np; it++) {{
+          int64_t hd = it / np, p = it % np, nc = H - p * NR_SFX < NR_SFX ? H - p * NR_SFX : NR_SFX;
+          panel_SFX(dgm_{k} + (t * NH + hd) * L, T * NH * L, B, L, wb_{k} + it * L * NR_SFX,
+                    gl_{k} + hd * H + p * NR_SFX, NH * H, nc);
+        }}
+      }}"""
 
     def _forward_fn(self, outs: list[str], body: str) -> str:
         ns, ng = len(outs), len(self.gemm_len)
@@ -319,7 +335,7 @@ void loop_SFX({sig}) {{
                      + [f"T_* restrict row_dd_{k} = dd_{k} + bh * H;" for k in range(ns)]
                      + [f"const T_* restrict row_gm_{k} = gm_{k} + (t * B * NH + bh) * {L};"
                         for k, L in enumerate(self.gemm_len)]
-                     + [f"T_* restrict row_dgm_{k} = dgm_{k} + (t * B * NH + bh) * {L};"
+                     + [f"T_* restrict row_dgm_{k} = dgm_{k} + ((b * T + t) * NH + hd) * {L};"
                         for k, L in enumerate(self.gemm_len)]
                      + [f"const T_* restrict row_gl_{k} = gl_{k} + bh * H;" for k in range(ng)]
                      + [f"T_* restrict row_dpp_{k} = dpp_{k} + bh * {self.param_len[k]};" for k in range(self.nparams)]
@@ -374,11 +390,13 @@ void grad_SFX({sig}) {{
         for k, u in enumerate(self.updates):
             pending[self._key(u, 0)].append(f"lam_{k}")
         lines, leaf_adj = [], defaultdict(list)      # leaf slot -> [(offset, adjoint)]
+        root: dict = {}                              # adjoint -> the one it copies (a7 = a6)
         for key, n, name, srcs in reversed(self.order):
             terms = pending.pop(key, None)
             if not terms or (n.op == Op.CONST and not n.shape):
                 continue
             g = f"a{len(lines)}"
+            root[g] = root.get(terms[0], terms[0]) if len(terms) == 1 and terms[0] in root else g
             where = self.notes(n, with_text=False)
             lines.append(f"        T_ {g} = {' + '.join(terms)};" + (f"  /* d {where} */" if where else ""))
             slot = self._leaf_slot(n)
@@ -388,11 +406,14 @@ void grad_SFX({sig}) {{
             for s, term in zip(srcs, source_terms(n.op, [self.memo[s] for s in srcs], name, g)):
                 if term is not None:
                     pending[s].append(term)
+        self.aliases = self._same_adjoints(leaf_adj, root)
         stores, reductions, simd = [], [], True
         for k in range(len(self.updates)):
             got = [g for _, g in leaf_adj.pop(("state", k), [])]
             stores.append(f"          row_dd_{k}[i] = {' + '.join(got) if got else '(T_)0'};")
         for (kind, k), pairs in leaf_adj.items():
+            if kind == "seq" and k in self.aliases:
+                continue          # the GEMM output's adjoint, stored once (FusedLoop.backward)
             row = {"gemm": f"row_dgm_{k}", "seq": f"row_din_{k}", "param": f"row_dpp_{k}"}[kind]
             if self._scalar_slot(kind, k):
                 if kind == "seq":
@@ -410,6 +431,28 @@ void grad_SFX({sig}) {{
                 self.covered.add((kind, k))    # every element written once a step: no zero-fill needed
             stores += [f"          {row}[i + {o}] {op} {g};" for o, g in pairs]
         return "\n".join(lines), "\n".join(stores), reductions, simd
+
+    def _same_adjoints(self, leaf_adj: dict, root: dict) -> dict:
+        """{input k: GEMM j} where the input's gradient IS the GEMM output's adjoint, element
+        by element: the LSTM's gates W_ih @ x + W_hh @ h read both only through their sum.
+        Then the kernel stores one of them and the hoisted projection's backward reads it
+        (no second [B, T, L] write, no second transpose for its weight gradient)."""
+        def whole(pairs, length):   # every element written once a step, at offsets 0, H, 2H, ...
+            offs = sorted(o for o, _ in pairs)
+            return offs == list(range(0, self.H * len(offs), self.H)) and length == self.H * len(offs)
+
+        aliases = {}
+        for (kind, k), pairs in leaf_adj.items():
+            if kind != "seq" or self._scalar_slot(kind, k) or not whole(pairs, self.seq_len[k]):
+                continue
+            mine = {o: root[g] for o, g in pairs}
+            for j, L in enumerate(self.gemm_len):
+                theirs = leaf_adj.get(("gemm", j), [])
+                if j not in aliases.values() and L == self.seq_len[k] and whole(theirs, L) \
+                        and {o: root[g] for o, g in theirs} == mine:
+                    aliases[k] = j
+                    break
+        return aliases
 
     def _leaf_slot(self, n: Node):
         """(kind, index) of the buffer a leaf's adjoint goes to, or None for a computed value."""
@@ -608,6 +651,7 @@ class FusedLoop(CompiledLoop):
         self.source = gen.source([ir.updates[s] for s in states], len(self.params), len(self.seqs))
         self.gemm_src = gen.gemm_src
         self.covered = gen.covered
+        self.aliases = gen.aliases     # {input k: GEMM j}: the input's gradient is dgm_j
         self.keep = set(states)   # states whose whole sequence the forward reads (codegen narrows it)
         self._twin = None
         self._require_toolchain()
@@ -717,7 +761,10 @@ class FusedLoop(CompiledLoop):
             npan = -(-H // nr)      # W packed by columns: panels [heads, H / NR, L, NR]
             wb = torch.nn.functional.pad(w.reshape(wh, L, H), (0, npan * nr - H))
             wb = wb.view(wh, L, npan, nr).transpose(1, 2).contiguous()
-            dgm = (torch.empty_like if ("gemm", len(dgms)) in self.covered else torch.zeros_like)(gm)
+            if w.dim() == 2 and NH > 1:   # the kernel's row strides assume per-head W with heads
+                raise AssertionError("a weight shared by the heads reached the lane loop's backward")
+            new = torch.empty if ("gemm", len(dgms)) in self.covered else torch.zeros
+            dgm = new((B, T, NH, L), dtype=dtype)    # laid out as the inputs' gradients
             gl = torch.zeros((B * NH, H), dtype=dtype)
             dgms.append(dgm)
             gls.append(gl)
@@ -725,12 +772,13 @@ class FusedLoop(CompiledLoop):
             args += [vp(gm.data_ptr()), vp(dgm.data_ptr()), vp(wb.data_ptr()), c_int(wh), vp(gl.data_ptr())]
         dps = [torch.zeros((B * NH, int(p.shape[-1]) if n.rank else 1), dtype=dtype)
                for p, n in zip(params, self.params)]
-        dxs = [(torch.empty if ("seq", k) in self.covered else torch.zeros)((B, T, NH, x.shape[3]), dtype=dtype)
+        dxs = [dgms[self.aliases[k]] if k in self.aliases else
+               (torch.empty if ("seq", k) in self.covered else torch.zeros)((B, T, NH, x.shape[3]), dtype=dtype)
                for k, x in enumerate(xs)]
         for p, dp in zip(params, dps):
             args += [vp(p.data_ptr()), vp(dp.data_ptr())]
-        for x, dx in zip(xs, dxs):
-            args += [_view(x), vp(dx.data_ptr())]
+        for k, (x, dx) in enumerate(zip(xs, dxs)):
+            args += [_view(x), vp(None if k in self.aliases else dx.data_ptr())]
         self._fn("grad", dtype)(*args, c_int(T), c_int(B), c_int(NH), c_int(self._threads(dims)))
         del keep
         d_s0 = list(dd)
@@ -854,12 +902,14 @@ def _view(x: torch.Tensor) -> cpu_kernels.View:
 
 def _weight_grad(dgm, seq, h0, w, dims):
     """dW = sum over steps and rows of dgm[t]^T h[t-1]: one GEMM (per head for per-head W)
-    over every step at once, the states before each step laid out time-major like dgm."""
+    over every step at once, the states before each step laid out [B, T] like dgm. The
+    transposed dgm is shared with the backward pass (gemm.tn): where dgm is also an input's
+    gradient (aliases), the hoisted projection's weight gradient reads the same transpose."""
     B, T, NH, H, _ = dims
     L = dgm.shape[-1]
-    prev = torch.empty((T, B, NH, H), dtype=seq.dtype)
-    prev[0] = h0.view(B, NH, H)
-    prev[1:] = seq[:, :-1].transpose(0, 1)
+    prev = torch.empty((B, T, NH, H), dtype=seq.dtype)   # [B, T] like dgm: a shift, not a transpose
+    prev[:, 0] = h0.view(B, NH, H)
+    prev[:, 1:] = seq[:, :-1]
     if w.dim() == 2:
-        return gemm.tn(dgm.view(-1, L), prev.view(-1, H))
-    return torch.bmm(dgm.view(T * B, NH, L).permute(1, 2, 0), prev.view(T * B, NH, H).transpose(0, 1))
+        return gemm.tn(dgm.view(-1, L), prev.view(-1, H), share=True)
+    return torch.bmm(dgm.view(B * T, NH, L).permute(1, 2, 0), prev.view(B * T, NH, H).transpose(0, 1))

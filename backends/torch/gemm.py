@@ -53,13 +53,38 @@ def mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> 
     return out + bias if bias is not None else out
 
 
-def tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def tn(a: torch.Tensor, b: torch.Tensor, share: bool = False) -> torch.Tensor:
     """a^T @ b for a [N, M], b [N, K]: a weight gradient summed over N rows (N = B·T). oneDNN
     wants N at stride 1 in both operands; the C library's tiled transpose makes them twice as
-    fast as torch's strided copy (the copies were a fifth of an LSTM's training step)."""
+    fast as torch's strided copy (the copies were a fifth of an LSTM's training step).
+    share=True (inside a backward pass): a's transpose is kept for the rest of the pass, for
+    another weight gradient of the same adjoint (an LSTM's dW_hh and dW_ih)."""
     if _fast(a.T, b.T) and a.stride(1) == 1 and b.stride(1) == 1 and cpu_kernels.available():
-        return mm_t(cpu_kernels.transposed(a), cpu_kernels.transposed(b))
+        return mm_t(_transposed(a, share), _transposed(b, False))
     return mm_t(a.T, b.T)
+
+
+# Transposes kept for one backward pass: (address, shape, strides, dtype, version) -> (the
+# source, kept alive so that its memory is not reused while the entry exists; its transpose).
+# Views share their base's version counter: an in-place change in between (autograd adding
+# another gradient into the buffer) is a different key. Cleared when the pass ends.
+_PASS: dict = {}
+
+
+def _transposed(a: torch.Tensor, share: bool) -> torch.Tensor:
+    key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a._version)
+    hit = _PASS.get(key)
+    if hit is not None:
+        return hit[1]
+    out = cpu_kernels.transposed(a)
+    if share:
+        try:
+            if not _PASS:
+                torch.autograd.Variable._execution_engine.queue_callback(_PASS.clear)
+            _PASS[key] = (a, out)
+        except RuntimeError:   # not inside a backward pass: nothing to share with
+            pass
+    return out
 
 
 class _Linear(torch.autograd.Function):

@@ -164,3 +164,25 @@ def test_a_hoisted_boolean_mask_survives_double_backward(kind):
     stage = next(c for c in fast.selection.stages if isinstance(c.form, SequentialLoop))
     loop = compiled_loop(fast.compiled.plan.ir, stage.form.states, stage.form.core)
     assert isinstance(loop, FusedLoop) == (kind == "lane loop")
+
+
+def test_lstm_input_gradient_is_stored_once_and_its_transpose_shared(monkeypatch):
+    """The LSTM's gates read W_ih @ x and W_hh @ h only through their sum, so the hoisted
+    projection's gradient IS the GEMM output's adjoint: the kernel stores it once and the
+    two weight gradients (dW_hh here, dW_ih in the projection's backward) share one
+    transpose, kept for that backward pass only. float32 at a size oneDNN takes."""
+    from recdsl.backends.torch import gemm
+    spec, ref, fast = _pair("lstm", dict(D=128, H=128))
+    fast = fast.float()
+    stage = next(c for c in fast.selection.stages if isinstance(c.form, SequentialLoop))
+    assert compiled_loop(fast.compiled.plan.ir, stage.form.states, stage.form.core).aliases == {0: 0}
+    seen = []
+    transposed = gemm._transposed
+    monkeypatch.setattr(gemm, "_transposed", lambda a, share: seen.append(
+        (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a._version) in gemm._PASS) or transposed(a, share))
+    x = torch.randn(8, 40, 128, dtype=torch.float64)
+    g1 = _grads(ref, {"x": x.clone().requires_grad_()}, LOSSES["squared mean"])
+    g2 = _grads(fast, {"x": x.float().requires_grad_()}, LOSSES["squared mean"])
+    assert seen.count(True) == 1 and not gemm._PASS
+    for a, b in zip(g1, g2):
+        assert float((a - b.double()).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
