@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,48 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CELLS = ROOT / "benchmarks" / "cells"
 NONLINEAR = sorted(p.stem for p in (ROOT / "stdlib" / "nonlinear").glob("*.rec"))
 NEW_CELLS = ("alrnn", "cfc", "yaad")
-TOL = 1e-3   # fp32: max |ours - anchor| / max(1, max |anchor|) on the warm-up outputs
 
 from bench_torch import DELTANET  # noqa: E402  (the same cell as the forward benchmark: q scaled, as fla)
-
-
-# ----------------------------------------------------------------------------- timing
-def _ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def timed_pair(ours, anchor, repeat: int):
-    """One warm-up of each (its outputs are returned for the agreement check), then
-    `repeat` interleaved runs; the medians in ms."""
-    warm = ours(), anchor()
-    a, b = [], []
-    for _ in range(repeat):
-        a.append(_ms(ours))
-        b.append(_ms(anchor))
-    return statistics.median(a), statistics.median(b), warm
-
-
-def inference(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-    return run
-
-
-def training(fn, leaves):
-    def run():
-        for p in leaves:
-            p.grad = None
-        out = fn()
-        out.pow(2).mean().backward()
-        return out.detach()
-    return run
-
-
-def disagreement(a, b) -> float:
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+# the timing helpers and anchors `recdsl bench` runs too
+from recdsl.bench import (TOL, cell_dims, disagreement, env_line, first, inference, leaves,  # noqa: E402,F401
+                          make_inputs, timed_pair, torch_nn_twin, training)
+from recdsl.bench import fla as _fla, ms as _ms  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- one comparison
@@ -106,50 +68,16 @@ class Bench:
                                      f"max rel. error {err:.2e} > {TOL:g}")
 
 
-def first(res):
-    """The first output of a recdsl module's (outputs, state)."""
-    out = res[0]
-    return out[0] if isinstance(out, tuple) else out
-
-
 def classes(layer) -> str:
     seen = [s.cls for s in layer.compiled.plan.stages]
     return ", ".join(dict.fromkeys(seen)) or "hoisted"
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def make_inputs(layer, B: int, T: int, seed: int = 0) -> dict:
-    """N(0, 0.5^2) inputs in the module's layout; a time gap `dt` is positive."""
-    g = torch.Generator().manual_seed(seed)
-    heads = (layer.heads,) if layer.heads else ()
-    xs = {}
-    for name, var in layer.spec.cell.inputs.items():
-        shape = (B, T) + heads + layer.ir.concrete(var.shape)
-        x = torch.rand(shape, generator=g) + 0.1 if name == "dt" else 0.5 * torch.randn(shape, generator=g)
-        xs[name] = x.requires_grad_()
-    return xs
-
-
-def _fla(module: str, fn: str):
-    try:
-        with warnings.catch_warnings():   # "Triton is not supported on current platform" on CPU
-            warnings.simplefilter("ignore")
-            return getattr(__import__(module, fromlist=[fn]), fn)
-    except ImportError:
-        return None
 
 
 # ----------------------------------------------------------------------------- LSTM / GRU vs torch.nn
 def bench_torch_nn(bench: Bench, name: str, quick: bool):
     B, T, H = (16, 64, 256) if quick else (16, 256, 256)
     layer = recdsl.load(name)(D=H, H=H, backend="torch")
-    ref = (torch.nn.LSTM if name == "lstm" else torch.nn.GRU)(H, H, batch_first=True)
-    with torch.no_grad():
-        for p in ("W_ih", "W_hh", "b_ih", "b_hh"):
-            getattr(ref, p.replace("W_", "weight_").replace("b_", "bias_") + "_l0").copy_(getattr(layer, p))
+    ref = torch_nn_twin(name, layer)
     xs = {"x": torch.randn(B, T, H).requires_grad_()}
     bench.pair(name.upper(), layer, xs, f"B={B} T={T} D=H={H}", f"torch.nn.{name.upper()}",
                lambda: ref(xs["x"])[0], [xs["x"], *ref.parameters()], {"inference": 1.0, "training": 1.0})
@@ -188,12 +116,6 @@ def bench_deltanet(bench: Bench, quick: bool):
 
 
 # ----------------------------------------------------------------------------- nonlinear cells vs per-step loops
-def cell_dims(spec) -> dict:
-    """Every dimension without a default = 64, except a head count (4 heads of 64)."""
-    heads = getattr(spec.cell.heads, "id", None)
-    return {d: 4 if d == heads else 64 for d, v in spec.cell.dims.items() if v.default is None}
-
-
 def bench_nonlinear(bench: Bench, name: str, quick: bool):
     """A stdlib cell, or one of benchmarks/cells/, against its per-step loops: the
     hand-written one where there is one, and the reference backend's (stdlib cells)."""
@@ -339,9 +261,7 @@ def main():
         if only is None or key in only or group in only:
             fn(bench, a.quick)
     lines = [f"$ {' '.join([os.path.relpath(sys.executable), *sys.argv])}",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {platform.machine()} "
-             f"({os.cpu_count()} cpus), {platform.platform()}; median of {bench.repeat} interleaved runs "
-             f"after a warm-up; {time.perf_counter() - t0:.0f} s in all", "",
+             f"{env_line(bench.repeat)}; {time.perf_counter() - t0:.0f} s in all", "",
              table(bench.rows), *bench.warnings, "", NOTES]
     text = "\n".join(lines)
     print(text)

@@ -1,4 +1,4 @@
-"""The `recdsl` command line: check, inspect, stdlib, builtins, fuzz.
+"""The `recdsl` command line: check, inspect (and its --html page), bench, stdlib, builtins, fuzz.
 
 Every user mistake is printed as a located RecError and exits 1; an internal error prints
 one line asking for a report (RECDSL_DEBUG=1 shows the traceback) and exits 2."""
@@ -107,13 +107,26 @@ STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch", "c", "t
                    "spills and shared memory per kernel.")
 @click.option("--dims", default=None, help=DIMS_HELP)
 @click.option("--arch", type=click.Choice(["sm_80", "sm_90"]), default="sm_90", show_default=True,
-              help="GPU target of --stage ttir|ttgir|ptx.")
-def inspect(file, stage, dims, arch):
-    """Print one compilation stage of FILE (a .rec path or a stdlib name)."""
+              help="GPU target of --stage ttir|ttgir|ptx and of --aot.")
+@click.option("--html", "html_out", default=None, metavar="OUT.html",
+              help="Instead of printing a stage: write one self-contained HTML page with the .rec source, the plan "
+                   "and selection of every backend, and each backend's generated code side by side with the .rec "
+                   "(click a line to highlight where it came from or went).")
+@click.option("--aot", is_flag=True, help="With --html: also compile the Triton kernels ahead of time for --arch "
+                                          "(no GPU needed; seconds a kernel the first time) and list registers, "
+                                          "spills and shared memory.")
+def inspect(file, stage, dims, arch, html_out, aot):
+    """Print one compilation stage of FILE (a .rec path or a stdlib name), or with --html
+    write an inspection page of every stage."""
     from . import printer
     from .spec import load_all
+    if aot and html_out is None:
+        raise RecError("--aot goes with --html", hint="for one stage in text: --stage ptx (or ttir, ttgir)")
     specs = load_all(Path(file) if Path(file).exists() else file)
     given = _parse_dims(dims)
+    if html_out is not None:
+        _inspect_html(specs, given, html_out, aot, int(arch[3:]))
+        return
     for s in specs:
         mine = {k: v for k, v in given.items() if k in s.cell.dims or k in s.cell.hypers}
         if stage == "ast":
@@ -147,6 +160,195 @@ def inspect(file, stage, dims, arch):
             click.echo(emitted.source if stage == "torch" else _generated_c(emitted), nl=False)
 
 
+def _parse_ints(text: str, option: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            raise RecError(f"{option}: {part!r} is not an integer",
+                           hint=f"{option} takes positive integers separated by commas, e.g. {option} 256,1024") from None
+        if n < 1:
+            raise RecError(f"{option}: {n} is not positive", hint=f"e.g. {option} 256,1024")
+        out.append(n)
+    if not out:
+        raise RecError(f"{option}: no value given", hint=f"e.g. {option} 256,1024")
+    return out
+
+
+def _bench_spec(target: str, cell: str | None):
+    from .spec import load_all
+    specs = load_all(Path(target) if Path(target).exists() else target)
+    if cell is not None:
+        match = [s for s in specs if s.name == cell]
+        if not match:
+            raise RecError(f"no cell named {cell} in {specs[0].filename}",
+                           hint="cells there: " + ", ".join(s.name for s in specs))
+        specs = match
+    if len(specs) > 1:
+        raise RecError(f"{specs[0].filename} defines {len(specs)} cells; say which with --cell",
+                       hint="cells there: " + ", ".join(s.name for s in specs))
+    spec = specs[0]
+    if spec.cell.over != "seq":
+        raise RecError(f"recdsl bench times sequence cells; {spec.name} runs over {spec.cell.over}",
+                       spec.cell.span, hint="time it from Python (layer(x=..., edges=...)) instead")
+    return spec
+
+
+def _bench_dims(spec, given: dict) -> dict:
+    import difflib
+
+    from .bench import cell_dims
+    known = list(spec.cell.dims) + list(spec.cell.hypers)
+    for name in given:
+        if name not in known:
+            close = [k for k in known if k.lower() == name.lower()] or difflib.get_close_matches(name, known, n=1)
+            raise RecError(f"--dims: cell {spec.name} has no dimension or hyper-parameter {name}",
+                           hint=(f"did you mean {close[0]}? " if close else "")
+                           + f"its dimensions: {', '.join(spec.cell.dims) or 'none'}"
+                           + (f"; hyper-parameters: {', '.join(spec.cell.hypers)}" if spec.cell.hypers else ""))
+    return {**cell_dims(spec), **given}
+
+
+def _stdlib_name(spec) -> str | None:
+    """Which stdlib cell this source is (its text, wherever it was read from), else None."""
+    from .spec import stdlib_files
+    for name, path in stdlib_files().items():
+        try:
+            if path.read_text() == spec.source_text:
+                return name
+        except OSError:
+            continue
+    return None
+
+
+@main.command()
+@click.argument("target", metavar="FILE|NAME")
+@click.option("--dims", default=None, help="Dimension and hyper-parameter values, e.g. D=64,H=64 "
+                                           "(default: 64 for every dimension without a default, 4 heads).")
+@click.option("--T", "T_list", default="256,1024", show_default=True, help="Sequence lengths, comma-separated.")
+@click.option("--B", "B", type=int, default=4, show_default=True, help="Batch size.")
+@click.option("--backends", "backend_list", default=None,
+              help="Backends to time, comma-separated (default: torch,reference, and triton on a GPU); the "
+                   "reference backend's per-step loop is always timed: the ratios are against it.")
+@click.option("--train", is_flag=True, help="Also time forward + backward of a squared-mean loss.")
+@click.option("--plot", "plot_path", default=None, metavar="OUT.png",
+              help="Also save a plot of time vs T per backend, labelled with the lowering each runs.")
+@click.option("--repeat", type=int, default=5, show_default=True, help="Timed runs per contender (median kept).")
+@click.option("--cell", default=None, help="Which cell of a file that defines several.")
+@click.option("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
+def bench(target, dims, T_list, B, backend_list, train, plot_path, repeat, cell, threads):
+    """Time FILE|NAME per backend against the per-step loop (the reference backend), and
+    against torch.nn.LSTM/GRU or fla's naive code where the cell is the stdlib cell they run.
+
+    Runs are interleaved (every contender once per round) after one warm-up of each; the
+    table shows medians in ms and the ratio loop ms / ms (> 1: faster than the per-step loop)."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from . import bench as B_
+    from .pipeline import BUILT
+
+    if repeat < 1:
+        raise RecError(f"--repeat: {repeat} is not positive", hint="e.g. --repeat 5")
+    if B < 1:
+        raise RecError(f"--B: {B} is not positive", hint="e.g. --B 4")
+    if threads is not None:
+        if threads < 1:
+            raise RecError(f"--threads: {threads} is not positive", hint="e.g. --threads 2")
+        torch.set_num_threads(threads)
+    Ts = _parse_ints(T_list, "--T")
+    gpu = torch.cuda.is_available()
+    if backend_list is None:
+        wanted = ["torch", "reference"] + (["triton"] if gpu else [])
+    else:
+        wanted = list(dict.fromkeys(b.strip() for b in backend_list.split(",") if b.strip()))
+        if not wanted:
+            raise RecError("--backends: no backend given", hint="built: " + ", ".join(BUILT))
+        for b in wanted:
+            if b not in BUILT:
+                import difflib
+                close = difflib.get_close_matches(b, BUILT, n=1)
+                raise RecError(f"--backends: unknown backend '{b}'",
+                               hint=(f"did you mean {close[0]}? " if close else "") + "built: " + ", ".join(BUILT))
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if "triton" in wanted and not gpu and not interpret:
+        raise RecError("--backends: the triton backend runs on a CUDA GPU, and there is none here",
+                       hint="drop triton from --backends, or set TRITON_INTERPRET=1 to run it in Triton's "
+                            "interpreter (seconds a step: useless for timing)")
+    if plot_path is not None:
+        parent = Path(plot_path).resolve().parent
+        if not parent.is_dir():
+            raise RecError(f"--plot: no folder {parent}", hint="create it first, or give another path")
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise RecError("--plot needs matplotlib", hint="pip install matplotlib")
+
+    spec = _bench_spec(target, cell)
+    values = _bench_dims(spec, _parse_dims(dims))
+    device = "cuda" if gpu and not interpret else "cpu"
+    order = ["reference"] + [b for b in wanted if b != "reference"]
+    from .pipeline import plan_cell
+    plan = plan_cell(spec.lower(**spec.analysis_dims(**values)), verify=False)
+    for b in order:
+        why = plan.selections[b].cannot
+        if why:
+            runs = [n for n, s in plan.selections.items() if not s.cannot]
+            raise RecError(f"--backends: the {b} backend cannot run cell {spec.name}: {why}", spec.cell.span,
+                           hint="backends that run it: " + ", ".join(runs))
+    layers = {}
+    for b in order:
+        layers[b] = spec(backend=b, device=device, **values)
+        if b != "reference":
+            layers[b].load_state_dict(layers["reference"].state_dict())
+    contenders = []
+    for b in order:
+        layer = layers[b]
+        contenders.append(B_.Contender(
+            b if b != "reference" else "reference", "baseline" if b == "reference" else "backend",
+            B_.lowering(layer.selection), lambda xs, layer=layer: B_.first(layer(**xs)),
+            list(layer.parameters()), layer))
+    contenders += B_.anchors(_stdlib_name(spec), layers["reference"])
+    modes = ["forward"] + (["train"] if train else [])
+
+    err = Console(stderr=True)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    total = len(Ts) * len(modes) * len(contenders) * (repeat + 1)
+    with Progress(TextColumn("[bold]bench[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(spec.name, total=total)
+        result = B_.measure(contenders, lambda T: B_.make_inputs(layers["reference"], B, T, shaped=True, device=device),
+                            Ts, modes, repeat, sync, tick=lambda name: bar.update(task, advance=1, description=name))
+
+    out = Console(width=None if Console().is_terminal else 160)
+    shape = f"B={B} " + " ".join(f"{k}={v}" for k, v in values.items())
+    out.print(f"{spec.name} ({spec.filename}), {shape}, device {device}", highlight=False, soft_wrap=True)
+    out.print(B_.env_line(repeat, device), highlight=False, soft_wrap=True)
+    table = Table("T", "mode", "backend / anchor", "lowering", "ms", "vs loop")
+    table.columns[0].justify = table.columns[4].justify = table.columns[5].justify = "right"
+    table.columns[2].no_wrap = True
+    last = None
+    for r in result.rows:
+        if last is not None and (r.T, r.mode) != last:
+            table.add_section()
+        last = (r.T, r.mode)
+        name = r.name + (" (per-step loop)" if r.kind == "baseline" else "")
+        table.add_row(str(r.T), r.mode, name, r.lowering, f"{r.ms:.2f}", f"{r.ratio:.2f}x")
+    out.print(table)
+    for w in result.warnings:
+        out.print(f"[yellow]{w}[/yellow]", soft_wrap=True)
+    out.print("vs loop = reference per-step loop ms / ms (> 1: faster than the step as written, run one step at "
+              "a time)", highlight=False, soft_wrap=True)
+    if plot_path is not None:
+        B_.plot(result, plot_path, f"{spec.name}: {shape}, {device} ({torch.get_num_threads()} threads)")
+        out.print(f"plot: {plot_path}", highlight=False, soft_wrap=True)
+
+
 def _fuzz_mutants(n: int, seed: int, backends: list[str], paths: list[str], out: str, err) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -162,6 +364,22 @@ def _fuzz_mutants(n: int, seed: int, backends: list[str], paths: list[str], out:
     click.echo(f"{report.summary_line()} in {report.seconds:.1f} s, seed {seed}, backends reference,"
                + ",".join(backends))
     sys.exit(1 if report.crashes else 0)
+
+
+def _inspect_html(specs, given: dict, out: str, aot: bool, arch: int) -> None:
+    from .inspect_html import page
+    target = Path(out)
+    if not target.resolve().parent.is_dir():
+        raise RecError(f"--html: no folder {target.resolve().parent}", hint="create it first, or give another path")
+    if aot and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "triton" not in sys.modules:
+        del os.environ["TRITON_INTERPRET"]   # as --stage ptx: compiling ahead of time interprets nothing
+        click.echo(f"recdsl: TRITON_INTERPRET ignored: --aot compiles for sm_{arch}, it runs nothing", err=True)
+    text = page(specs, given, aot=aot, arch=arch)
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise RecError(f"--html: cannot write {out} ({e.strerror})") from None
+    click.echo(f"wrote {out} ({len(text) // 1024} KiB): " + ", ".join(s.name for s in specs))
 
 
 def _generated_c(emitted) -> str:
