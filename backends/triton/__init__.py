@@ -100,5 +100,6 @@ def compile_cell(emitted, arch: int = 90):
             sig = {n: _arg_type(n) for n in names}
             const = k.constexprs(backward, tl.float32)   # (VARLEN, REVERSE off: the common case)
             out.append(aot.compile_kernel(ns[k.name + suffix], sig, const, arch=arch,
+                                          num_warps=getattr(k, "gpu_warps", 4),   # as launch runs it
                                           extra_options={"maxnreg": launch.MAXNREG}))
     return text, out

@@ -255,15 +255,14 @@ def seq(stage: Stage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: i
     NH = X0.shape[2] if ns == 3 else 1
     dt = h0s[0].dtype
     views = []
-    for x, node in zip(leaves, kern.leaves):   # -> [B, T, NH, n]
-        n = kern.ir.shape_of(node)[0] if node.rank else 1
+    for x, node in zip(leaves, kern.leaves):   # -> [B, T, NH, n] (a matrix's elements row-major)
+        shape = tuple(kern.ir.shape_of(node))
         if x.dtype == torch.bool:
             x = x.to(dt)
         if ns == 2:
             x = x[:, :, None]
-        if node.rank == 0:
-            x = x[..., None]
-        views.append(x.expand(B, T, NH, n))
+        x = x.expand((B, T, NH) + shape)
+        views.append(x.reshape(B, T, NH, -1) if len(shape) != 1 else x)
     params = [P0[p.arg] for p in kern.params_all()]
     h0 = [h.to(dt).expand((NB,) + ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[s])))
           .reshape(NB, NH, kern.slen(k)).contiguous() for k, (h, s) in enumerate(zip(h0s, kern.states))]
@@ -298,9 +297,14 @@ def _seq_leaf_args(views):
     return args
 
 
-def _block_b(B: int, device) -> int:
+def _seq_gpu_opts(device, stage) -> dict:
+    """A sequential kernel holding large matrix tiles runs 8 warps (SeqKernel.gpu_warps)."""
+    return {**_gpu_opts(device), "num_warps": stage.kernel.gpu_warps} if device.type == "cuda" else {}
+
+
+def _block_b(B: int, device, kernel) -> int:
     if device.type == "cuda":
-        return 16          # tl.dot's smallest tile
+        return kernel.gpu_rows   # 16 (tl.dot's smallest tile); fewer when the step holds matrices
     return min(64, pow2(B))
 
 
@@ -318,11 +322,11 @@ class _SeqFn(torch.autograd.Function):
         state_args = []
         for h, s, f in zip(h0, hseq, hfin):
             state_args += [h, s, f]
-        BB = _block_b(NB, dev)
+        BB = _block_b(NB, dev, stage.kernel)
         grid = (triton.cdiv(NB, BB), NH)
         _record(stage.name + "_fwd", [*h0, *views, *params], [*(s for s, st in zip(hseq, stores) if st), *hfin])
         stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, NB, T, NH, TL, cu,
-                             ACC=_acc(dt), BLOCK_B=BB, VARLEN=varlen, REVERSE=rev, **_gpu_opts(dev),
+                             ACC=_acc(dt), BLOCK_B=BB, VARLEN=varlen, REVERSE=rev, **_seq_gpu_opts(dev, stage),
                              **{f"STORE{k}": st for k, st in enumerate(stores)})
         ctx.stage, ctx.dims, ctx.K, ctx.nleaf, ctx.run = stage, dims, K, nleaf, run
         ctx.save_for_backward(*h0, *hseq, *views, *params)
@@ -346,9 +350,9 @@ class _SeqFn(torch.autograd.Function):
         dh0 = [torch.empty_like(h) for h in h0]
         rev, cu, TL, varlen = ctx.run
         NB = h0[0].shape[0]
-        BB = _block_b(NB, dev)
+        BB = _block_b(NB, dev, stage.kernel)
         nprog = triton.cdiv(NB, BB)
-        dleaf = [torch.empty(v.shape, dtype=dt, device=dev) for v in views]
+        dleaf = [torch.zeros(v.shape, dtype=dt, device=dev) for v in views]   # lanes no window reads stay 0
         dpart = [torch.zeros((nprog, NH) + (tuple(p.shape[1:]) if heads else tuple(p.shape)), dtype=dt, device=dev)
                  for p in params]
         state_args = []
@@ -356,6 +360,6 @@ class _SeqFn(torch.autograd.Function):
             state_args += [h0[k], hseq[k], dseq[k], dfin[k], dh0[k]]
         stage.bwd(dev)[(nprog, NH)](*_seq_leaf_args(views), *_param_args(params, heads), *state_args,
                                     *dleaf, *dpart, NB, T, NH, TL, cu, ACC=_acc(dt), BLOCK_B=BB, HAS_DSEQ=has_dseq,
-                                    VARLEN=varlen, REVERSE=rev, **_gpu_opts(dev))
+                                    VARLEN=varlen, REVERSE=rev, **_seq_gpu_opts(dev, stage))
         dparams = [d.sum(0) if heads else d.sum(0)[0] for d in dpart]
         return (None, None, None, None, None) + tuple(dh0) + tuple(dleaf) + tuple(dparams)

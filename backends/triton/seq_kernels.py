@@ -1,64 +1,138 @@
 """Sequential kernels for nonlinear and dense stages: the time loop runs inside the kernel.
 
-One program per (block of BLOCK_B batch rows, head). The states live in registers as
-[BLOCK_B, n] tiles for the whole sequence; the recurrent weights are loaded once, before
-the loop, and held in registers (per head, as FlashRNN does); a stage whose weights do not
-fit (HOLD_LIMIT) runs the torch loop instead, and says so -- splitting the hidden units
-across programs is not built. The hoisted projections are read per step. Each step is the stage's recurrent core, generated from
-the IR.
+One program per (block of BLOCK_B batch rows, head). The states live in registers for the
+whole sequence: a vector state as a [BLOCK_B, n] tile, a scalar as [BLOCK_B, 1], a matrix
+state S[K, V] as [BLOCK_B, K, V] (a matrix state's kernel runs fewer rows per program on a
+GPU: `gpu_rows`). The recurrent weights are loaded once, before the loop, and held in
+registers (per head, as FlashRNN does); a stage whose weights do not fit (HOLD_LIMIT) runs
+the torch loop instead, and says so -- splitting the hidden units across programs is not
+built. The hoisted projections are read per step. Each step is the stage's recurrent core,
+generated from the IR.
 
-Triton cannot slice a register tile, so every value is computed at the *window* (offset,
+Every value of the step is a tile with the batch rows first: [BLOCK_B, 1] for a scalar
+(broadcast against vectors by Triton's rules), [BLOCK_B, lanes] for a vector, [BLOCK_B, R,
+C] for a matrix; a lower-rank operand of an elementwise op is lifted as numpy broadcasts it
+(a vector v against a matrix reads v[:, None, :]).
+
+Triton cannot slice a register tile, so every vector is computed at the *window* (offset,
 length) of its last axis that its users read: `z[0:H]` of `z = W @ h + u` becomes
 `W[0:H] @ h + u[0:H]` -- the LSTM's four gate GEMMs are four [H, H] weight tiles, never a
-4H vector. A value is a vnode = (node, window).
+4H vector. A value is a vnode = (node, window). Lane j of a vnode holds element off + j;
+an offset may be negative, and lanes outside the value are don't-care (masked wherever
+they could reach a valid lane). This makes concat free: the concat's parts are computed
+at the concat's lanes (`concat(a, b)` at lanes [0, A + B) reads b at offset -A) and picked
+lane by lane with tl.where; a matmul by a concat is the sum of the products of the parts
+(`W @ concat(x, h)` = `W[:, :D] @ x + W[:, D:] @ h`). Only a value that is computed whole
+(a state, a product with a matrix state) and read at other lanes is moved, by a
+select-and-sum over a [lanes, lanes] compare (exact: every output sums one term).
 
 Backward (derived): a reverse-time loop. The states are saved by the forward (it writes
 the sequences anyway); each step's intermediates are recomputed from h_{t-1}, then the
 step's reverse mode (texpr.vjp for elementwise ops, the transposed weight tile for
-GEMMs) gives the adjoint of h_{t-1} (the carry), of each leaf at t (written per
-element) and of the params (accumulated in registers over the loop, written once per
-program and summed in torch: deterministic, no atomics)."""
+GEMMs, the rules below for the rest) gives the adjoint of h_{t-1} (the carry), of each
+leaf at t (written per element) and of the params (accumulated in registers over the loop,
+written once per program and summed in torch: deterministic, no atomics)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from recdsl.ir import Node, Op
 from recdsl.torch_expr import SourceNotes
 
 from . import texpr
-from .fusion import annotate, sum_text, vjp_reading
+from .fusion import annotate, is_view, sum_text, vjp_reading
 from .fusion import pow2 as _pow2
 
 HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
                           # the backward spills on sm_80/sm_90 (LSTM H = 32: 4096 spill-free forward only)
 DOT_MIN = 16              # tl.dot needs every side >= 16 on a GPU; below, multiply and sum
+GPU_ROWS = 16             # batch rows per program on a GPU: tl.dot's smallest tile
+MATRIX_LIMIT = 4096       # padded elements of a matrix value per batch row (64 x 64): above, it does not fit
+ROW_BUDGET = 1024         # padded matrix elements per program on a GPU: a matrix state's kernel runs fewer rows
+WIDE_TILE = 2048          # from this many matrix elements per program, 8 warps: at 64 x 64 with 4 warps the
+                          # backward spills (Yaad, TTT-Linear: none with 8; 16 would need 512 x 200+ registers)
+REDUCTIONS = {Op.SUM, Op.AMAX, Op.LOGSUMEXP}
+NEG_INF = 'float("-inf")'
 
 
 class NotEligible(Exception):
     pass
 
 
+def _plus(offset: int, lanes: str) -> str:
+    """offset + lanes as index text (the lanes alone at offset 0)."""
+    return f"{offset} + {lanes}" if offset else lanes
+
+
 @dataclass(frozen=True)
 class Win:
+    """Lanes [0, len) of a tile hold elements [off, off + len) of the value's last axis."""
     off: int
-    len: int            # 0: a scalar per row (a [BLOCK_B, 1] tile)
+    len: int            # 0: a scalar (one lane, broadcast against vectors)
 
     @property
     def width(self) -> int:
-        return max(1, _pow2(self.len))
+        return 1 if self.len <= 1 else _pow2(self.len)
 
-    def overlaps(self, o: "Win") -> bool:
-        return self.off < o.off + max(o.len, 1) and o.off < self.off + max(self.len, 1)
+    def covers(self, size: int) -> tuple[int, int]:
+        """The elements [lo, hi) of a value of `size` elements this window holds."""
+        return max(self.off, 0), min(self.off + max(self.len, 1), size)
 
 
 @dataclass
-class Gemm:
-    node: Node
-    win: Win
+class Step:
+    """How the step computes one vnode: `kind` names the rule (forward line and its VJP),
+    `reads` the vnodes (node, window) the line reads, `data` what the rule needs beyond."""
+    kind: str
+    reads: list
+    data: object = None
+
+
+@dataclass(frozen=True)
+class WeightTile:
+    """A [K, L] tile of a param matrix, held in registers: tile[k, j] = A[k0 + k, off + j]
+    of the product x @ A (A is the weight, or its transpose for W @ x), A[a, b] being
+    P[r + a, c + b] (P[r + b, c + a] when `swap`) of the param P as stored."""
     param: Node
-    x: Node            # the vector operand
-    transposed: bool   # W @ x (True: the tile is W[rows]^T) or x @ W (False)
-    K: int             # contraction length
+    swap: bool
+    r: int
+    c: int
+    k0: int
+    K: int              # contraction length (the x part's elements)
+    win: Win            # the output lanes
+    N: int              # output elements (lanes past them are masked)
+    note: str = field(default="", compare=False)   # the .rec line of the first product that reads it
+
+    def coords(self) -> tuple[str, str]:
+        """(row, column) of P for tile element [k, j], as index texts over the tile."""
+        along_k = _plus((self.c if self.swap else self.r) + self.k0, f"cols{_pow2(self.K)}[:, None]")
+        along_j = _plus((self.r if self.swap else self.c) + self.win.off, f"cols{self.win.width}[None, :]")
+        return (along_j, along_k) if self.swap else (along_k, along_j)
+
+    def mask(self) -> str:
+        lo = max(0, -self.win.off)
+        hi = min(self.win.len, self.N - self.win.off)
+        j = f"cols{self.win.width}[None, :]"
+        cond = f"(cols{_pow2(self.K)}[:, None] < {self.K}) & ({j} < {hi})"
+        return cond + (f" & ({j} >= {lo})" if lo else "")
+
+    def extent(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The rectangle of P (rows, columns) the tile's valid elements cover."""
+        lo, hi = self.win.covers(self.N)
+        along_k, along_j = (self.k0, self.k0 + self.K), (lo, hi)
+        if self.swap:
+            return (self.r + along_j[0], self.r + along_j[1]), (self.c + along_k[0], self.c + along_k[1])
+        return (self.r + along_k[0], self.r + along_k[1]), (self.c + along_j[0], self.c + along_j[1])
+
+
+@dataclass
+class _Adjoint:
+    """What the reverse mode of one step collects: per vnode, its adjoint's terms."""
+    parts: dict = field(default_factory=dict)
+
+    def add(self, key, term: str):
+        self.parts.setdefault(key, []).append(term)
 
 
 class SeqKernel:
@@ -67,164 +141,379 @@ class SeqKernel:
         self.states = list(sp.states)
         self.name = f"{ir.name.lower()}_stage{sp.index}_{'_'.join(self.states)}"
         self.core_ids = {n.id for n in core}
-        for s in self.states:
-            if ir.states[s].rank > 1:
-                raise NotEligible(f"state {s} is not a vector")
         self._num: dict[int, int] = {}
         self.order: list[tuple[Node, Win]] = []     # vnodes, sources first
         self.seen: set = set()
+        self.how: dict = {}                         # key of a computed vnode -> its Step
         self.leaves: list[Node] = []                # per-step sequence values
         self.leaf_wins: dict[int, list[Win]] = {}
-        self.params: list[Node] = []                # vector params read elementwise / matrix params of GEMMs
+        self.params: list[Node] = []                # params read elementwise
         self.param_wins: dict[int, list[Win]] = {}
-        self.gemms: list[Gemm] = []
-        self.gemm_index: dict = {}                  # (matmul id, window) -> its index in gemms
+        self.tiles: list[WeightTile] = []           # the weight tiles of the step's GEMMs
+        self._tile_index: dict = {}
         for s in self.states:
+            st = ir.states[s]
+            if st.rank > 2:
+                raise NotEligible(f"state {s} has rank {st.rank}")
             self._visit(ir.updates[s], self._full(ir.updates[s]))
-        for key, wins in list(self.leaf_wins.items()) + list(self.param_wins.items()):
-            if any(a.overlaps(b) for i, a in enumerate(wins) for b in wins[i + 1:]):
+        self._check_reads()
+        self.gpu_rows, self.gpu_warps = self._gpu_rows()
+
+    # ------------------------------------------------------------------ shapes and windows
+    def dims(self, n: Node) -> tuple[int, ...]:
+        return self.ir.shape_of(n)
+
+    def _full(self, n: Node) -> Win:
+        if n.rank == 0:
+            return Win(0, 0)
+        if n.rank <= 2:
+            return Win(0, self.dims(n)[-1])
+        raise NotEligible(f"a value of rank {n.rank} in the step")
+
+    def _norm(self, n: Node, w: Win) -> Win:
+        """The window a value is kept at: a scalar or one-element vector is one lane
+        (broadcast to any lanes), a matrix whole."""
+        if n.rank == 0:
+            return Win(0, 0)
+        if n.rank == 2:
+            return self._full(n)
+        return Win(0, 1) if self.dims(n)[0] == 1 else w
+
+    def _at(self, n: Node, w: Win) -> tuple[Node, Win]:
+        return n, self._norm(n, w)
+
+    def key(self, n: Node, w: Win):
+        return (n.id, w)
+
+    def _ew_win(self, n: Node, w: Win, s: Node) -> Win:
+        """The window of source s that the elementwise (or broadcasting) n at w reads."""
+        if s.rank == 1 and n.rank == 1 and self.dims(s) == self.dims(n):
+            return w
+        return self._norm(s, self._full(s))
+
+    def tile(self, n: Node, w: Win) -> list[int]:
+        """The vnode's tile shape after the batch rows."""
+        if n.rank == 2:
+            R, C = self.dims(n)
+            return [_pow2(R), _pow2(C)]
+        return [w.width]
+
+    def _tile_text(self, n: Node, w: Win) -> str:
+        return ", ".join(["BLOCK_B"] + [str(d) for d in self.tile(n, w)])
+
+    def _rows_of(self, n: Node) -> str:
+        return "[:, None, None]" if n.rank == 2 else "[:, None]"
+
+    def _lanes(self, n: Node, w: Win) -> str:
+        """The mask of the vnode's valid lanes (no batch axis), rank >= 1."""
+        if n.rank == 2:
+            R, C = self.dims(n)
+            return f"((cols{_pow2(R)} < {R})[:, None] & (cols{_pow2(C)} < {C})[None, :])"
+        lo, hi = w.covers(self.dims(n)[0])
+        lo, hi = lo - w.off, hi - w.off
+        W = w.width
+        return f"((cols{W} >= {lo}) & (cols{W} < {hi}))" if lo > 0 else f"(cols{W} < {hi})"
+
+    def valid(self, n: Node, w: Win) -> str | None:
+        """The valid lanes as a mask over the tile (batch axis broadcast); None for a scalar."""
+        if n.rank == 0:
+            return None
+        return self._lanes(n, w) + ("[None, :, :]" if n.rank == 2 else "[None, :]")
+
+    def running(self, n: Node, w: Win) -> str:
+        """Rows still running and valid lanes: where an adjoint may be nonzero."""
+        lanes = self.valid(n, w)
+        return f"act{self._rows_of(n)}" + (f" & {lanes}" if lanes else "")
+
+    def _axis_mask(self, n: Node, axis: int) -> str:
+        """Valid rows (axis 1) or columns (axis 2) of a matrix tile."""
+        return self._along(self.dims(n)[axis - 1], axis)
+
+    @staticmethod
+    def _along(size: int, axis: int) -> str:
+        """The lanes [0, size) of a matrix tile's rows (axis 1) or columns (axis 2)."""
+        return f"(cols{_pow2(size)} < {size})" + ("[None, :, None]" if axis == 1 else "[None, None, :]")
+
+    def _elements(self, n: Node, w: Win) -> str:
+        """Element indices (row-major within the value) of the tile's lanes."""
+        if n.rank == 0:
+            return "cols1[None, :]"
+        if n.rank == 1:
+            return f"({w.off} + cols{w.width})[None, :]" if w.off else f"cols{w.width}[None, :]"
+        R, C = self.dims(n)
+        return f"(cols{_pow2(R)}[:, None] * {C} + cols{_pow2(C)}[None, :])[None, :, :]"
+
+    @staticmethod
+    def _lift(text: str, rank: int, to: int) -> str:
+        """A tile of a value of `rank` as an operand of an op of rank `to` (numpy broadcasting)."""
+        if to == 2 and rank == 0:
+            return f"{text}[:, :, None]"
+        if to == 2 and rank == 1:
+            return f"{text}[:, None, :]"
+        return text
+
+    # ------------------------------------------------------------------ analysis
+    def _visit(self, n: Node, w: Win):
+        """Record the vnode (n, w) and what it reads, sources first, in self.order (depth
+        first, sources in order), with an explicit stack: an unrolled loop makes chains
+        thousands of nodes deep."""
+        stack: list = [(n, self._norm(n, w), False)]
+        while stack:
+            x, xw, done = stack.pop()
+            if done:
+                self.order.append((x, xw))
+                continue
+            if texpr.literal(x) is not None or self.key(x, xw) in self.seen:
+                continue
+            self.seen.add(self.key(x, xw))
+            step = self._enter(x, xw)
+            if step is None:
+                continue
+            self.how[self.key(x, xw)] = step
+            stack.append((x, xw, True))
+            stack.extend((s, sw, False) for s, sw in reversed(step.reads))
+
+    def _enter(self, n: Node, w: Win) -> Step | None:
+        """First visit of (n, w): how it is computed, or None when it is not (a state at its
+        own lanes, a leaf: recorded here)."""
+        if n.op == Op.STATE and n.arg[0] in self.states:
+            full = self._full(n)
+            return None if w == full else Step("move", [(n, full)])
+        if n.id not in self.core_ids:
+            return self._leaf(n, w)
+        whole = self._computed_whole(n)
+        if whole is not None and w != whole:
+            return Step("move", [(n, whole)])
+        return self._plan(n, w)
+
+    def _leaf(self, n: Node, w: Win) -> Step | None:
+        """A value the step reads: a param, a per-step sequence value, or a constant."""
+        if n.op == Op.EYE:
+            return Step("eye", [])
+        if n.op == Op.CONST:   # a vector constant: an arange (or one value) computed from the lanes
+            vals = n.arg if isinstance(n.arg, tuple) else (float(n.arg),)
+            steps = {round(b - a, 12) for a, b in zip(vals, vals[1:])}
+            if n.rank != 1 or len(steps) > 1:
+                raise NotEligible("a constant vector that is not an arange")
+            return Step("arange", [], (vals[0], steps.pop() if steps else 0.0))
+        if n.rank > 2:
+            raise NotEligible(f"a value of rank {n.rank} read in the step")
+        bucket, wins = (self.params, self.param_wins) if n.op == Op.PARAM else (self.leaves, self.leaf_wins)
+        if n.id not in wins:
+            bucket.append(n)
+        wins.setdefault(n.id, []).append(w)
+        self.order.append((n, w))
+        return None
+
+    def _computed_whole(self, n: Node) -> Win | None:
+        """The window of a vector the step can only compute whole (a product with a matrix
+        value, a reduction of one); None if any lanes can be computed."""
+        if n.rank != 1 or self.dims(n)[0] == 1:
+            return None
+        if n.op == Op.MATMUL and self._weight_product(n) is None:
+            return self._full(n)
+        if n.op in REDUCTIONS and n.srcs[0].rank == 2:
+            return self._full(n)
+        return None
+
+    def _plan(self, n: Node, w: Win) -> Step:
+        op = n.op
+        if texpr.fusable(n):
+            wins = {s.id: self._ew_win(n, w, s) for s in n.srcs}
+            return Step("elementwise", [(s, wins[s.id]) for s in n.srcs if texpr.literal(s) is None], wins)
+        if op == Op.INDEX:
+            return self._plan_index(n, w)
+        if op == Op.EXPAND:
+            s = n.srcs[0]
+            sw = self._ew_win(n, w, s)
+            return Step("expand", [] if texpr.literal(s) is not None else [(s, sw)], sw)
+        if op == Op.CONCAT:
+            return self._plan_concat(n, w)
+        if op == Op.MATMUL:
+            return self._plan_matmul(n, w)
+        if op == Op.OUTER and all(s.rank == 1 for s in n.srcs):
+            return Step("outer", [self._at(s, self._full(s)) for s in n.srcs])
+        if op == Op.DOT:
+            return Step("dot", [self._at(s, self._full(s)) for s in n.srcs])
+        if op in REDUCTIONS:
+            return self._plan_reduce(n)
+        if op == Op.TRANSPOSE and n.rank == 2:
+            return Step("transpose", [self._at(n.srcs[0], self._full(n.srcs[0]))])
+        raise NotEligible(f"{op.name.lower()} in the step")
+
+    def _plan_index(self, n: Node, w: Win) -> Step:
+        s = n.srcs[0]
+        if is_view(n) and n.rank <= 2:   # new axes and whole ones: a broadcast view
+            if s.rank == n.rank:
+                return Step("alias", [self._at(s, w if n.rank == 1 else self._full(s))])
+            return Step("view", [self._at(s, self._full(s))])
+        if s.rank == 1 and len(n.arg) == 1:
+            i = n.arg[0]
+            if isinstance(i, int):
+                return Step("alias", [(s, self._norm(s, Win(i, 1)))])
+            if isinstance(i, slice) and i.step in (None, 1) and (i.start or 0) >= 0:
+                return Step("alias", [(s, self._norm(s, Win(w.off + (i.start or 0), w.len)))])
+            raise NotEligible("a strided slice in the step")
+        raise NotEligible("an index into a matrix in the step")
+
+    def _plan_concat(self, n: Node, w: Win) -> Step:
+        """The concat at lanes w reads each part that overlaps them at the same lanes."""
+        if n.rank != 1:
+            raise NotEligible("a concat of matrices in the step")
+        parts, off = [], 0
+        lo, hi = w.covers(self.dims(n)[0])
+        for s in n.srcs:
+            size = self.dims(s)[0]
+            if off < hi and lo < off + size:
+                parts.append((s, self._norm(s, Win(w.off - off, w.len)), off, size))
+            off += size
+        return Step("concat", [(s, sw) for s, sw, _, _ in parts if texpr.literal(s) is None], parts)
+
+    def _plan_reduce(self, n: Node) -> Step:
+        s = n.srcs[0]
+        axis, keep = n.arg
+        if s.rank not in (1, 2):
+            raise NotEligible(f"a reduction of a rank-{s.rank} value in the step")
+        axes = [1] if s.rank == 1 else ([2, 1] if axis is None else [axis + 1])
+        return Step("reduce", [self._at(s, self._full(s))], (axes, bool(keep)))
+
+    # ------------------------------------------------------------------ matmuls
+    def _plan_matmul(self, n: Node, w: Win) -> Step:
+        found = self._weight_product(n)
+        if found is not None:
+            param, swap, r, c, x = found
+            terms = []
+            for part, k0 in self._concat_parts(x):
+                tile = self._weight_tile(WeightTile(param, swap, r, c, k0, self.dims(part)[0] if part.rank else 1,
+                                                    w, self.dims(n)[0], self.notes(n, with_text=False)))
+                terms.append((tile, self._at(part, self._full(part))))
+            return Step("gemm", [x for _, x in terms], terms)
+        a, b = n.srcs
+        if n.rank == 1 and a.rank == 1 and b.rank == 2:
+            return Step("vecmat", [self._at(a, self._full(a)), self._at(b, self._full(b))])
+        if n.rank == 1 and a.rank == 2 and b.rank == 1:
+            return Step("matvec", [self._at(a, self._full(a)), self._at(b, self._full(b))])
+        raise NotEligible("a matmul of two matrices in the step")
+
+    def _weight_product(self, n: Node):
+        """(param, swap, r, c, x) when n is W @ x or x @ W with W a param (or a slice or a
+        transpose of one: `W_bb[:, D:]` once concat_split has split W_bb @ concat(x, h)): the
+        weight is then read from the param itself as A = W^T (W @ x) or W (x @ W); None if
+        the matrix is a value of the step."""
+        if n.op != Op.MATMUL or n.rank != 1:
+            return None
+        a, b = n.srcs
+        if a.rank == 2 and b.rank == 1:
+            m, x, transposed = a, b, True
+        elif a.rank == 1 and b.rank == 2:
+            m, x, transposed = b, a, False
+        else:
+            return None
+        view = self._param_view(m)
+        if view is None:
+            return None
+        param, swap, r, c = view
+        return param, swap != transposed, r, c, x
+
+    def _param_view(self, m: Node):
+        """(param, swap, r, c) with m[a, b] = P[r + a, c + b] (P[r + b, c + a] if swap) when
+        m is a param seen through slices and transposes the step does not compute."""
+        chain = []
+        while m.id not in self.core_ids and m.op in (Op.INDEX, Op.TRANSPOSE) and m.rank == 2:
+            if m.op == Op.INDEX and not (m.srcs[0].rank == 2 and all(
+                    isinstance(i, slice) and i.step in (None, 1) and (i.start or 0) >= 0 for i in m.arg)):
+                return None
+            chain.append(m)
+            m = m.srcs[0]
+        if m.op != Op.PARAM or m.rank != 2 or m.id in self.core_ids:
+            return None
+        swap, r, c = False, 0, 0
+        for x in reversed(chain):   # from the param up to the operand
+            if x.op == Op.TRANSPOSE:
+                swap = not swap
+            else:
+                lo0, lo1 = x.arg[0].start or 0, x.arg[1].start or 0
+                r, c = (r + lo1, c + lo0) if swap else (r + lo0, c + lo1)
+        return m, swap, r, c
+
+    def _concat_parts(self, x: Node) -> list[tuple[Node, int]]:
+        """The parts of a concat the step computes, with their offsets (nested ones looked
+        through); [(x, 0)] for any other vector."""
+        if x.op != Op.CONCAT or x.id not in self.core_ids:
+            return [(x, 0)]
+        out, off = [], 0
+        for s in x.srcs:
+            out += [(p, off + o) for p, o in self._concat_parts(s)]
+            off += self.dims(s)[0]
+        return out
+
+    def _weight_tile(self, t: WeightTile) -> int:
+        k = (t.param.id, t.swap, t.r, t.c, t.k0, t.K, t.win, t.N)
+        if k not in self._tile_index:
+            self._tile_index[k] = len(self.tiles)
+            self.tiles.append(t)
+        return self._tile_index[k]
+
+    # ------------------------------------------------------------------ checks
+    def _check_reads(self):
+        for x in self.leaves + self.params:   # each element's gradient is written by one window
+            wins = (self.param_wins if x.op == Op.PARAM else self.leaf_wins)[x.id]
+            spans = sorted({w.covers(self.dims(x)[-1] if x.rank else 1) for w in wins})
+            if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
                 raise NotEligible("a value is read at overlapping slices")
-        for x in self.leaves + self.params:   # loads and gradient stores of a scalar are one column wide
-            if x.rank == 0 and any(w.width > 1 for w in self.leaf_wins.get(x.id, []) + self.param_wins.get(x.id, [])):
-                raise NotEligible(f"the scalar {x.arg} is broadcast against a vector in the step (not built in the "
-                                  "sequential kernel)")
-        rows = {}
-        for g in self.gemms:
-            if any(g.win.overlaps(w) for w in rows.get(g.param.id, [])):
-                raise NotEligible("a weight is used twice at the same rows")
-            rows.setdefault(g.param.id, []).append(g.win)
-        weights = sum(_pow2(g.K) * g.win.width for g in self.gemms)
+        weights = {t.param.id for t in self.tiles}
+        both = [p.arg for p in self.params if p.id in weights]
+        if both:
+            raise NotEligible(f"the param {both[0]} is read both elementwise and as a matmul weight")
+        for i, a in enumerate(self.tiles):
+            for b in self.tiles[i + 1:]:
+                if a.param is b.param and all(x[0] < y[1] and y[0] < x[1] for x, y in zip(a.extent(), b.extent())):
+                    raise NotEligible(f"two products read overlapping parts of the weight {a.param.arg}")
+        weights = sum(_pow2(t.K) * t.win.width for t in self.tiles)
         if weights > HOLD_LIMIT:
             raise NotEligible(f"the recurrent weights ({weights} elements per head) do not fit one program's "
                               f"registers (<= {HOLD_LIMIT}); splitting the hidden units across programs "
                               "(FlashRNN-style) is not built")
 
-    # ------------------------------------------------------------------ analysis
-    def _full(self, n: Node) -> Win:
-        if n.rank == 0:
-            return Win(0, 0)
-        if n.rank == 1:
-            return Win(0, self.ir.shape_of(n)[0])
-        raise NotEligible(f"{n.op.name.lower()} on a matrix in the step")
-
-    def key(self, n: Node, w: Win):
-        return (n.id, w)
-
-    def _src_win(self, n: Node, w: Win, s: Node) -> Win:
-        """The window of source s that n, computed at window w, reads."""
-        if n.op == Op.INDEX:
-            i = n.arg[0]
-            return Win(w.off + (i.start or 0), w.len) if isinstance(i, slice) else \
-                Win(i % self.ir.shape_of(s)[0], 1)
-        if texpr.fusable(n) and s.rank == n.rank == 1:
-            return w
-        return self._full(s)
-
-    def _src_name(self, n: Node, w: Win):
-        return lambda s: self.vname(s, self._src_win(n, w, s))
-
-    def _visit(self, n: Node, w: Win):
-        """Record the vnode (n, w) and what it reads, sources first, in self.order (depth
-        first, sources in order), with an explicit stack: an unrolled loop makes chains
-        thousands of nodes deep."""
-        stack: list = [(n, lambda: w, None)]
-        while stack:
-            x, xw, done = stack.pop()
-            if done is not None:
-                done()
-                self.order.append((x, xw))
-                continue
-            xw = xw()   # a source's window, found when it is visited (as the recursion did)
-            srcs = self._enter(x, xw)
-            if srcs is None:
-                continue
-            reads, after = srcs
-            stack.append((x, xw, after))
-            stack.extend((s, sw, None) for s, sw in reversed(reads))
-
-    def _enter(self, n: Node, w: Win):
-        """First visit of (n, w): checks it, records a leaf; for a core value, the sources
-        it reads with their windows (as functions: a window is found, or refused, when its
-        source is visited) and what to record after them. None when there is nothing to
-        visit (a literal, a vnode seen, a state, a leaf)."""
-        if texpr.literal(n) is not None or self.key(n, w) in self.seen:
-            return None
-        self.seen.add(self.key(n, w))
-        if n.op == Op.STATE and n.arg[0] in self.states:
-            if w != self._full(n):
-                raise NotEligible("a slice of a state")
-            return None
-        if n.id not in self.core_ids:   # a leaf: a param or a per-step sequence value
-            if n.rank > 1:
-                raise NotEligible("a matrix read elementwise")
-            if n.op == Op.CONST or n.op == Op.EYE:
-                raise NotEligible("a constant vector")
-            bucket, wins = (self.params, self.param_wins) if n.op == Op.PARAM else (self.leaves, self.leaf_wins)
-            if n.id not in wins:
-                bucket.append(n)
-            wins.setdefault(n.id, []).append(w)
-            self.order.append((n, w))
-            return None
-        op = n.op
-        nothing = lambda: None  # noqa: E731
-        if texpr.fusable(n) or (op == Op.EXPAND and n.srcs[0].rank == 0 and n.rank == 1):
-            return [(s, lambda s=s: self._src_win(n, w, s)) for s in n.srcs], nothing
-        if op == Op.INDEX and n.srcs[0].rank == 1 and len(n.arg) == 1:
-            i = n.arg[0]
-            if not isinstance(i, (slice, int)) or (isinstance(i, slice) and i.step not in (None, 1)):
-                raise NotEligible("a strided slice or another indexing form")
-            return [(n.srcs[0], lambda: self._src_win(n, w, n.srcs[0]))], nothing
-        if op == Op.MATMUL and n.rank == 1:
-            a, b = n.srcs
-            if a.op == Op.PARAM and a.rank == 2 and b.rank == 1 and a.id not in self.core_ids:
-                g = Gemm(n, w, a, b, True, self.ir.shape_of(b)[0])
-            elif b.op == Op.PARAM and b.rank == 2 and a.rank == 1 and b.id not in self.core_ids:
-                g = Gemm(n, w, b, a, False, self.ir.shape_of(a)[0])
-            else:
-                raise NotEligible("a matmul that is not weight @ vector")
-
-            def record():
-                self.gemm_index[(n.id, w)] = len(self.gemms)
-                self.gemms.append(g)
-            xw = self._full(g.x)
-            return [(g.x, lambda: xw)], record
-        if op == Op.DOT or (op in (Op.SUM, Op.AMAX) and n.srcs[0].rank == 1):
-            return [(s, lambda s=s: self._full(s)) for s in n.srcs], nothing
-        raise NotEligible(f"{op.name.lower()} in the step")
+    def _gpu_rows(self) -> tuple[int, int]:
+        """(batch rows, warps) per program on a GPU: 16 rows and 4 warps, fewer rows when the
+        step holds matrices, more warps when they are large."""
+        biggest = max((_pow2(self.dims(n)[0]) * _pow2(self.dims(n)[1]) for n, _ in self.order if n.rank == 2),
+                      default=0)
+        for s in self.states:
+            st = self.ir.states[s]
+            if st.rank == 2:
+                biggest = max(biggest, _pow2(self.dims(st)[0]) * _pow2(self.dims(st)[1]))
+        if biggest > MATRIX_LIMIT:
+            raise NotEligible(f"a matrix of {biggest} elements (padded) per batch row does not fit one program's "
+                              f"registers (<= {MATRIX_LIMIT}); splitting its columns across programs is not built")
+        rows = GPU_ROWS
+        while rows > 1 and rows * biggest > ROW_BUDGET:
+            rows //= 2
+        return rows, 8 if rows * biggest >= WIDE_TILE else 4
 
     # ------------------------------------------------------------------ names
     def vname(self, n: Node, w: Win) -> str:
         lit = texpr.literal(n)
         if lit is not None:
             return lit
-        if n.op == Op.STATE and n.arg[0] in self.states:
+        if n.op == Op.STATE and n.arg[0] in self.states and w == self._full(n):
             return f"h{self.states.index(n.arg[0])}"
-        full = self._full(n) if n.rank <= 1 else None
         k = self._num.setdefault(n.id, len(self._num))   # numbered in order: names do not depend on ids
-        return f"v{k}" if w == full else f"v{k}_{w.off}_{w.len}"
+        if w == self._norm(n, self._full(n)):
+            return f"v{k}"
+        return f"v{k}_{w.off}_{w.len}".replace("-", "m")
 
-    def cols(self, w: Win) -> str:
-        return f"cols{w.width}"
-
-    def cmask(self, w: Win) -> str:
-        return f"(cols{w.width} < {max(w.len, 1)})[None, :]"
-
-    def _gemm_tile(self, gi: int) -> list[str]:
-        g = self.gemms[gi]
-        p = self.params_all().index(g.param)
-        KP, LP = _pow2(g.K), g.win.width
-        i, j = f"tl.arange(0, {KP})[:, None]", f"({g.win.off} + tl.arange(0, {LP}))[None, :]"
-        ptr = (f"p{p} + hd * p{p}_sh + {j} * p{p}_sr + {i} * p{p}_sc" if g.transposed
-               else f"p{p} + hd * p{p}_sh + {i} * p{p}_sr + {j} * p{p}_sc")
-        mask = f"(tl.arange(0, {KP})[:, None] < {g.K}) & (tl.arange(0, {LP})[None, :] < {g.win.len})"
-        what = f"{g.param.arg}[{g.win.off}:{g.win.off + g.win.len}]" + ("^T" if g.transposed else "")
-        return [f"w{gi} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)  # {what}: [{KP}, {LP}]"]
+    def _operand(self, n: Node, w: Win, s: Node, sw: Win) -> str:
+        """Source s of n as n's line reads it (lifted to n's rank)."""
+        text = self.vname(s, sw)
+        return text if texpr.literal(s) is not None else self._lift(text, s.rank, n.rank)
 
     def params_all(self) -> list[Node]:
         out = list(self.params)
-        for g in self.gemms:
-            if g.param not in out:
-                out.append(g.param)
+        for t in self.tiles:
+            if t.param not in out:
+                out.append(t.param)
         return out
 
     def arg_names(self, backward: bool) -> list[str]:
@@ -240,15 +529,29 @@ class SeqKernel:
         return args + ["B", "T", "NH", "TL", "cu"]
 
     def slen(self, k: int) -> int:
-        st = self.ir.states[self.states[k]]
-        return self.ir.shape_of(st)[0] if st.rank else 1
+        n = 1
+        for d in self.dims(self.ir.states[self.states[k]]):
+            n *= d
+        return n
+
+    def _count(self, n: Node) -> int:
+        out = 1
+        for d in self.dims(n):
+            out *= d
+        return out
 
     # ------------------------------------------------------------------ shared code
-    def _setup(self, L: list[str], need: set | None = None):
-        """The kernel's prologue: program ids, rows, lane ranges, the params held in
-        registers (the vector params' windows in `need` only, when given)."""
-        widths = sorted({w.width for _, w in self.order} | {_pow2(self.slen(k)) for k in range(len(self.states))}
-                        | {g.win.width for g in self.gemms} | {_pow2(g.K) for g in self.gemms})
+    @staticmethod
+    def _with_lanes(lines: list[str], at: int) -> list[str]:
+        """The kernel's lines with `colsN = tl.arange(0, N)` inserted at `at`, for every N
+        the lines read (only those: an unread range would be dead code)."""
+        widths = sorted({int(m) for m in re.findall(r"\bcols(\d+)\b", "\n".join(lines))})
+        return lines[:at] + [f"    cols{w} = tl.arange(0, {w})" for w in widths] + lines[at:]
+
+    def _setup(self, L: list[str], need: set | None = None) -> int:
+        """The kernel's prologue: program ids, rows, the params held in registers (the
+        elementwise params' windows in `need` only, when given). Returns where the lane
+        ranges go."""
         L += ["    pid = tl.program_id(0)",
               "    hd = tl.program_id(1).to(tl.int64)",
               "    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)",
@@ -261,76 +564,176 @@ class SeqKernel:
               "        bos = rb.to(tl.int64) * 0",
               "        Tn = bos + T",
               "        bb = rb.to(tl.int64)"]
-        L += [f"    cols{w} = tl.arange(0, {w})" for w in widths]
-        for j, p in enumerate(self.params):   # vector params: loaded once
+        at = len(L)
+        for j, p in enumerate(self.params):   # elementwise params: loaded once
             for w in self.param_wins[p.id]:
                 if need is not None and self.key(p, w) not in need:
                     continue
-                idx = f"({w.off} + {self.cols(w)})[None, :] * p{j}_sr" if p.rank else "tl.zeros([1, 1], tl.int64)"
-                L.append(annotate(f"    {self.vname(p, w)} = tl.load(p{j} + hd * p{j}_sh + {idx}, "
-                                  f"mask={self.cmask(w)}, other=0.0).to(ACC)", self.notes(p, with_text=False)))
-        for gi in range(len(self.gemms)):   # the recurrent weights: loaded once, held in registers
-            L += ["    " + x for x in self._gemm_tile(gi)]
+                lanes = self.valid(p, w)
+                masked = f", mask={lanes}, other=0.0" if lanes else ""
+                L.append(annotate(f"    {self.vname(p, w)} = tl.load(p{j} + hd * p{j}_sh + {self._param_index(p, w, j)}"
+                                  f"{masked}).to(ACC)", self.notes(p, with_text=False)))
+        for ti in range(len(self.tiles)):   # the recurrent weights: loaded once, held in registers
+            L.append("    " + self._weight_load(ti))
+        return at
+
+    def _param_index(self, p: Node, w: Win, j: int) -> str:
+        if p.rank == 2:
+            R, C = self.dims(p)
+            return f"(cols{_pow2(R)}[:, None] * p{j}_sr + cols{_pow2(C)}[None, :] * p{j}_sc)[None, :, :]"
+        if p.rank == 1:
+            return f"{self._elements(p, w)} * p{j}_sr"
+        return "cols1[None, :]"
+
+    def _weight_load(self, ti: int) -> str:
+        t = self.tiles[ti]
+        p = self.params_all().index(t.param)
+        row, col = t.coords()
+        what = f"({t.param.arg}{'^T' if t.swap else ''})[{t.k0}:{t.k0 + t.K}, {t.win.off}:{t.win.off + t.win.len}]"
+        return (f"w{ti} = tl.load(p{p} + hd * p{p}_sh + ({row}) * p{p}_sr + ({col}) * p{p}_sc, mask={t.mask()}, "
+                f"other=0.0).to(ACC)  # {t.note}: {what} as [{_pow2(t.K)}, {t.win.width}] (x @ tile)")
 
     def _state_ptr(self, k: int, base: str, t: str | None) -> tuple[str, str]:
-        """Pointers and mask of state k's tile: per row at memory step t ([BLOCK_B] vector;
-        rows not running at this step masked), or of the [B, NH, n] initial/final state."""
+        """Pointers and mask of state k's tile: per row at memory step t (rows not running
+        at this step masked), or of the [B, NH, n] initial/final state."""
+        st = self.ir.states[self.states[k]]
+        w = self._full(st)
         n = self.slen(k)
-        W = _pow2(n)
+        rows, idx, lanes = self._rows_of(st), self._elements(st, w), self.valid(st, w)
+        lanes = f" & {lanes}" if lanes else ""
         if t is None:
-            return (f"{base} + (rb[:, None] * NH + hd) * {n} + cols{W}[None, :]",
-                    f"bm[:, None] & (cols{W} < {n})[None, :]")
-        return (f"{base} + ((bb[:, None] * T + {t}[:, None]) * NH + hd) * {n} + cols{W}[None, :]",
-                f"act[:, None] & (cols{W} < {n})[None, :]")
+            return f"{base} + (rb{rows} * NH + hd) * {n} + {idx}", f"bm{rows}{lanes}"
+        return f"{base} + ((bb{rows} * T + {t}{rows}) * NH + hd) * {n} + {idx}", f"act{rows}{lanes}"
 
     def _leaf_loads(self, L: list[str], t: str, need: set | None = None):
         for i, x in enumerate(self.leaves):
             for w in self.leaf_wins[x.id]:
                 if need is not None and self.key(x, w) not in need:
                     continue
-                idx = f"({w.off} + {self.cols(w)})[None, :] * l{i}_sn" if x.rank else "tl.zeros([1, 1], tl.int64)"
-                ptr = f"l{i} + bb[:, None] * l{i}_sb + {t}[:, None] * l{i}_st + hd * l{i}_sh + {idx}"
-                val = f"tl.load({ptr}, mask=act[:, None] & {self.cmask(w)}, other=0.0)"
+                rows = self._rows_of(x)
+                ptr = (f"l{i} + bb{rows} * l{i}_sb + {t}{rows} * l{i}_st + hd * l{i}_sh + "
+                       f"{self._elements(x, w)} * l{i}_sn")
+                val = f"tl.load({ptr}, mask={self.running(x, w)}, other=0.0)"
                 val = f"{val} != 0" if x.is_bool else f"{val}.to(ACC)"
                 L.append(annotate(f"        {self.vname(x, w)} = {val}", self.notes(x, with_text=False)))
 
     def _step(self, L: list[str], need: set | None = None):
-        """The core's values in order (leaves are loaded already); only those in `need`,
+        """The step's values in order (leaves are loaded already); only those in `need`,
         when given (the backward recomputes what its adjoint reads)."""
         for n, w in self.order:
-            if n.id not in self.core_ids or (need is not None and self.key(n, w) not in need):
+            key = self.key(n, w)
+            if key not in self.how or (need is not None and key not in need):
                 continue
-            name = self._src_name(n, w)
-            if texpr.fusable(n):
-                rhs = texpr.expr(n, name)
-            elif n.op == Op.INDEX:
-                rhs = name(n.srcs[0])
-            elif n.op == Op.EXPAND:
-                rhs = f"{name(n.srcs[0])} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC)"
-            elif n.op == Op.MATMUL:
-                gi = self.gemm_index[(n.id, w)]
-                g = self.gemms[gi]
-                xin = f"tl.where({self.cmask(self._full(g.x))}, {self.vname(g.x, self._full(g.x))}, 0.0)"
-                rhs = self._matmul(xin, f"w{gi}", _pow2(g.K), w.width)
-            elif n.op == Op.DOT:
-                a, b = (self.vname(s, self._full(s)) for s in n.srcs)
-                rhs = f"tl.sum(tl.where({self.cmask(self._full(n.srcs[0]))}, {a} * {b}, 0.0), 1, keep_dims=True)"
-            elif n.op == Op.SUM:
-                s = n.srcs[0]
-                rhs = f"tl.sum(tl.where({self.cmask(self._full(s))}, {self.vname(s, self._full(s))}, 0.0), 1, keep_dims=True)"
-            elif n.op == Op.AMAX:
-                s = n.srcs[0]
-                rhs = (f"tl.max(tl.where({self.cmask(self._full(s))}, {self.vname(s, self._full(s))}, "
-                       f"float(\"-inf\")), 1, keep_dims=True)")
-            else:  # pragma: no cover - _visit refuses the rest
-                raise NotEligible(n.op.name)
-            L.append(annotate(f"        {self.vname(n, w)} = {rhs}", self.notes(n)))
+            name = self.vname(n, w)
+            pre, rhs = self._forward(n, w, self.how[key], name)
+            L += [annotate(f"        {x}", self.notes(n, with_text=False)) for x in pre]
+            L.append(annotate(f"        {name} = {rhs}", self.notes(n)))
 
-    @staticmethod
-    def _matmul(x: str, w: str, K: int, N: int) -> str:
-        if min(K, N) >= DOT_MIN:
+    # ------------------------------------------------------------------ forward rules
+    def _forward(self, n: Node, w: Win, st: Step, name: str) -> tuple[list[str], str]:
+        """(lines before, expression) of the vnode's value."""
+        kind = st.kind
+        if kind == "elementwise":
+            return [], texpr.expr(n, lambda s: self._operand(n, w, s, st.data[s.id]))
+        if kind == "alias":
+            return [], self.vname(*st.reads[0])
+        if kind == "view":
+            return [], self._view(n, st.reads[0][0], self.vname(*st.reads[0]))
+        if kind == "expand":
+            src = self._operand(n, w, n.srcs[0], st.data)
+            return [], f"{src} + tl.zeros([{self._tile_text(n, w)}], dtype=ACC)"
+        if kind == "concat":
+            return [], self._concat(n, w, st.data)
+        if kind == "move":
+            src, sw = st.reads[0]
+            return [], (f"tl.sum(tl.where({self._move_mask(sw, w)}[None, :, :], {self.vname(src, sw)}[:, :, None], "
+                        "0.0), 1)")
+        if kind == "gemm":
+            return [], " + ".join(self._gemm_term(ti, x, xw) for ti, (x, xw) in st.data)
+        if kind in ("vecmat", "matvec", "outer", "dot"):
+            return [], self._product(kind, n, st)
+        if kind == "reduce":
+            return self._reduce(n, st, name)
+        if kind == "transpose":
+            return [], f"tl.permute({self.vname(*st.reads[0])}, (0, 2, 1))"
+        if kind == "eye":
+            R, C = self.dims(n)
+            return [], f"tl.where(cols{_pow2(R)}[:, None] == cols{_pow2(C)}[None, :], 1.0, 0.0)[None, :, :].to(ACC)"
+        if kind == "arange":
+            start, step = st.data
+            return [], f"({start!r} + {step!r} * {self._elements(n, w)}).to(ACC)"
+        raise NotEligible(kind)  # pragma: no cover - _plan builds only the kinds above
+
+    def _view(self, n: Node, s: Node, text: str) -> str:
+        """A broadcast view (new axes of size one) of a lower-rank tile."""
+        if n.rank == 1:
+            return text                                   # a scalar as a one-element vector: the same tile
+        if s.rank == 0 or n.arg[1] is None:
+            return f"{text}[:, :, None]"                  # [K, 1] (or [1, 1])
+        return f"{text}[:, None, :]"                      # [1, V]
+
+    def _concat(self, n: Node, w: Win, parts) -> str:
+        """The parts, each computed at the concat's lanes, picked lane by lane."""
+        lane = f"({w.off} + cols{w.width})" if w.off else f"cols{w.width}"
+        text = self.vname(parts[-1][0], parts[-1][1])
+        for s, sw, off, size in reversed(parts[:-1]):
+            text = f"tl.where(({lane} < {off + size})[None, :], {self.vname(s, sw)}, {text})"
+        return text
+
+    def _move_mask(self, src: Win, dst: Win) -> str:
+        """[src lanes, dst lanes]: True where both hold the same element."""
+        a = f"({src.off} + cols{src.width})" if src.off else f"cols{src.width}"
+        b = f"({dst.off} + cols{dst.width})" if dst.off else f"cols{dst.width}"
+        return f"({a}[:, None] == {b}[None, :])"
+
+    def _gemm_term(self, ti: int, x: Node, xw: Win) -> str:
+        t = self.tiles[ti]
+        xin = self.vname(x, xw)
+        lanes = self.valid(x, xw)
+        if lanes:
+            xin = f"tl.where({lanes}, {xin}, 0.0)"
+        return self._matmul(xin, f"w{ti}", _pow2(t.K), t.win.width)
+
+    def _matmul(self, x: str, w: str, K: int, N: int) -> str:
+        if min(K, N) >= DOT_MIN and self.gpu_rows >= DOT_MIN:
             return f"tl.dot({x}, {w}, input_precision=\"ieee\")"
         return f"tl.sum({x}[:, :, None] * {w}[None, :, :], 1)"
+
+    def _product(self, kind: str, n: Node, st: Step) -> str:
+        (a, aw), (b, bw) = st.reads
+        x, y = self.vname(a, aw), self.vname(b, bw)
+        if kind == "vecmat":   # x[K] @ M[K, V]: sum over M's rows
+            return f"tl.sum(tl.where({self._axis_mask(b, 1)}, {x}[:, :, None] * {y}, 0.0), 1)"
+        if kind == "matvec":   # M[K, V] @ x[V]: sum over M's columns
+            return f"tl.sum(tl.where({self._axis_mask(a, 2)}, {x} * {y}[:, None, :], 0.0), 2)"
+        if kind == "outer":
+            return f"{x}[:, :, None] * {y}[:, None, :]"
+        return f"tl.sum(tl.where({self.valid(a, aw)}, {x} * {y}, 0.0), 1, keep_dims=True)"   # dot
+
+    @staticmethod
+    def _chain(fn: str, text: str, axes: list[int], keep: bool, to_scalar: bool) -> str:
+        """fn (tl.sum / tl.max) over the tile axes (descending); the last keeps its axis
+        when the result is a scalar ([BLOCK_B, 1])."""
+        for i, a in enumerate(axes):
+            kd = keep or (to_scalar and i == len(axes) - 1)
+            text = f"{fn}({text}, {a}{', keep_dims=True' if kd else ''})"
+        return text
+
+    def _reduce(self, n: Node, st: Step, name: str) -> tuple[list[str], str]:
+        (s, sw), = st.reads
+        axes, keep = st.data
+        x, lanes, scalar = self.vname(s, sw), self.valid(s, sw), n.rank == 0
+        if n.op == Op.SUM:
+            return [], self._chain("tl.sum", f"tl.where({lanes}, {x}, 0.0)", axes, keep, scalar)
+        if n.op == Op.AMAX:
+            return [], self._chain("tl.max", f"tl.where({lanes}, {x}, {NEG_INF})", axes, keep, scalar)
+        # logsumexp: shifted by the max (0 where every element is -inf: the result stays -inf)
+        top = f"{name}_max"
+        pre = [f"{top} = " + self._chain("tl.max", f"tl.where({lanes}, {x}, {NEG_INF})", axes, True, False),
+               f"{top} = tl.where({top} == {NEG_INF}, 0.0, {top})"]
+        total = self._chain("tl.sum", f"tl.where({lanes}, tl.exp({x} - {top}), 0.0)", axes, keep, scalar)
+        shift = top if keep or s.rank == 1 else self._chain("tl.sum", top, axes, keep, scalar)   # drop the kept axes
+        return pre, f"{shift} + tl.log({total})"
 
     # ------------------------------------------------------------------ forward
     def forward(self) -> str:
@@ -339,7 +742,7 @@ class SeqKernel:
              "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, "
              + ", ".join(f"STORE{k}: tl.constexpr" for k in range(len(self.states))) + "):",
              f"    # stage {', '.join(self.states)}: the time loop on chip; weights held in registers"]
-        self._setup(L)
+        at = self._setup(L)
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"hinit{k}", None)
             L.append(f"    h{k} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)")
@@ -352,7 +755,7 @@ class SeqKernel:
         self._step(L)
         for k, s in enumerate(self.states):
             new = self.ir.updates[s]
-            nm = self.vname(new, self._full(new))
+            nm = self.vname(new, self._norm(new, self._full(new)))
             ptr, mask = self._state_ptr(k, f"hseq{k}", "tm")
             L.append(f"        n{k} = tl.where({mask}, {nm}, h{k})")
             L.append(f"        if STORE{k}:  # the sequence is read (by the driver or a gradient)")
@@ -362,7 +765,7 @@ class SeqKernel:
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"hfin{k}", None)
             L.append(f"    tl.store({ptr}, h{k}, mask={mask})")
-        return "\n".join(L) + "\n"
+        return "\n".join(self._with_lanes(L, at)) + "\n"
 
     # ------------------------------------------------------------------ backward
     def backward(self) -> str:
@@ -375,17 +778,18 @@ class SeqKernel:
         params = self.params_all()
         # the step's reverse mode first: the forward values it reads are all the step recomputes
         reads: set = set()
-        adjoint = self._adjoint(reads, params)
+        adjoint = self._adjoint(reads)
         need = self._needed(reads)
-        self._setup(L, need)
+        at = self._setup(L, need)
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"dhfin{k}", None)
             L.append(f"    lam{k} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)")
-        for j, p in enumerate(self.params):
+        for p in self.params:
             for w in self.param_wins[p.id]:
-                L.append(f"    acc_{self.vname(p, w)} = tl.zeros([1, {w.width}], dtype=ACC)")
-        for gi, g in enumerate(self.gemms):
-            L.append(f"    dw{gi} = tl.zeros([{_pow2(g.K)}, {g.win.width}], dtype=ACC)")
+                L.append(f"    acc_{self.vname(p, w)} = tl.zeros([{self._tile_text(p, w).replace('BLOCK_B', '1')}], "
+                         "dtype=ACC)")
+        for ti, t in enumerate(self.tiles):
+            L.append(f"    dw{ti} = tl.zeros([{_pow2(t.K)}, {t.win.width}], dtype=ACC)")
         L += ["    for r in range(0, TL):",
               "        t = TL - 1 - r",
               "        act = bm & (t < Tn)",
@@ -411,141 +815,224 @@ class SeqKernel:
         # param partials: [programs, NH, *shape], this program's slice
         for j, p in enumerate(self.params):
             for w in self.param_wins[p.id]:
-                n = self.ir.shape_of(p)[0] if p.rank else 1
-                L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {n} + ({w.off} + {self.cols(w)})[None, :], "
-                         f"acc_{self.vname(p, w)}, mask={self.cmask(w)})")
-        for gi, g in enumerate(self.gemms):
-            j = params.index(g.param)
-            R, Cc = self.ir.shape_of(g.param)
-            KP, LP = _pow2(g.K), g.win.width
-            i, jj = f"tl.arange(0, {KP})[:, None]", f"({g.win.off} + tl.arange(0, {LP}))[None, :]"
-            off = f"{jj} * {Cc} + {i}" if g.transposed else f"{i} * {Cc} + {jj}"
-            mask = f"(tl.arange(0, {KP})[:, None] < {g.K}) & (tl.arange(0, {LP})[None, :] < {g.win.len})"
-            L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {R * Cc} + {off}, dw{gi}, mask={mask})")
-        return "\n".join(L) + "\n"
+                idx = self._elements(p, w)
+                lanes = self.valid(p, w)
+                L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {self._count(p)} + {idx}, "
+                         f"acc_{self.vname(p, w)}" + (f", mask={lanes})" if lanes else ")"))
+        for ti, t in enumerate(self.tiles):
+            j = params.index(t.param)
+            R, C = self.dims(t.param)
+            row, col = t.coords()
+            L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {R * C} + ({row}) * {C} + ({col}), dw{ti}, "
+                     f"mask={t.mask()})")
+        return "\n".join(self._with_lanes(L, at)) + "\n"
 
     def _state_key(self, k: int):
         st = self.ir.states[self.states[k]]
         return self.key(st, self._full(st))
 
-    def _adjoint(self, reads: set, params) -> list[str]:
+    def _adjoint(self, reads: set) -> list[str]:
         """The lines of one step's reverse mode (inside the time loop, after the recomputed
         step): the new states' adjoints seeded, each vnode's adjoint from its readers', the
         leaves' gradients stored or accumulated, the carried adjoints of h_{t-1}. Adds to
         `reads` the keys of the forward vnodes the lines read."""
         L: list[str] = []
-        adj: dict = {}
+        adj = _Adjoint()
         for k, s in enumerate(self.states):
             new = self.ir.updates[s]
             ptr, mask = self._state_ptr(k, f"dhseq{k}", "tm")
             L += ["        if HAS_DSEQ:",
                   f"            lam{k} += tl.load({ptr}, mask={mask}, other=0.0).to(ACC)"]
-            adj.setdefault(self.key(new, self._full(new)), []).append(f"lam{k}")
+            adj.add(self.key(new, self._norm(new, self._full(new))), f"lam{k}")
         for n, w in reversed(self.order):
-            parts = adj.pop(self.key(n, w), None)
-            if not parts:
+            parts = adj.parts.pop(self.key(n, w), None)
+            step = self.how.get(self.key(n, w))
+            if not parts or (step is not None and not self._passes_adjoint(n, step)):
                 continue
             g = "g" + self.vname(n, w)[1:]
             pre, total = sum_text(parts, g)   # (a value read thousands of times: lines of at most 64 terms)
             L += ["        " + x for x in pre]
-            L.append(annotate(f"        {g} = tl.where(act[:, None] & {self.cmask(w)}, {total}, 0.0)",
+            L.append(annotate(f"        {g} = tl.where({self.running(n, w)}, {total}, 0.0)",
                               self.notes(n, with_text=False)))
-            if n.id not in self.core_ids:
-                self._leaf_grad(L, n, w, g, params)
+            if step is None:
+                self._leaf_grad(L, n, w, g)
                 continue
-            for (src, sw), contrib in self._vjp(L, n, w, g, reads):
-                if contrib is not None and texpr.literal(src) is None:
-                    if sw.len == 0 and w.len > 0 and n.op != Op.EXPAND and texpr.fusable(n):
-                        contrib = f"tl.sum({contrib}, 1, keep_dims=True)"   # broadcast scalar: sum its uses
-                    adj.setdefault(self.key(src, sw), []).append(contrib)
+            lines, contribs = self._vjp(n, w, step, g, reads)
+            L += [annotate(f"        {x}", self.notes(n, with_text=False)) for x in lines]
+            for (src, sw), term in contribs:
+                if term is not None and texpr.literal(src) is None and src.op not in (Op.CONST, Op.EYE):
+                    adj.add(self.key(src, sw), term)
         for k, s in enumerate(self.states):
             st = self.ir.states[s]
-            parts = adj.pop(self.key(st, self._full(st)), None)
+            parts = adj.parts.pop(self.key(st, self._full(st)), None)
             _, mask = self._state_ptr(k, "x", "t")
             pre, total = sum_text(parts, f"lamsum{k}") if parts else ([], "0.0")
             L += ["        " + x for x in pre]
             L.append(f"        lam{k} = tl.where({mask}, {total}, lam{k})"
-                     f" + tl.zeros([BLOCK_B, {_pow2(self.slen(k))}], dtype=ACC)  # rows not running keep theirs")
+                     f" + tl.zeros([{self._tile_text(st, self._full(st))}], dtype=ACC)  # rows not running keep theirs")
         return L
 
-    def _fwd_reads(self, n: Node, w: Win) -> list[tuple[Node, Win]]:
-        """The vnodes the forward line of the core vnode (n, w) reads (literals aside)."""
-        if n.op == Op.MATMUL:
-            g = self.gemms[self.gemm_index[(n.id, w)]]
-            srcs = [(g.x, self._full(g.x))]
-        else:
-            srcs = [(s, self._src_win(n, w, s)) for s in n.srcs]
-        return [(s, sw) for s, sw in srcs if texpr.literal(s) is None]
+    @staticmethod
+    def _passes_adjoint(n: Node, step: Step) -> bool:
+        """Whether the vnode's reverse rule gives any source an adjoint (sign, comparisons and
+        constants give none: their adjoint would be computed for nothing)."""
+        if step.kind in ("eye", "arange"):
+            return False
+        if step.kind != "elementwise":
+            return True
+        terms = texpr.vjp(n, "g", lambda s: "x", "out")
+        return any(t is not None and texpr.literal(s) is None and s.op not in (Op.CONST, Op.EYE)
+                   for s, t in zip(n.srcs, terms))
 
     def _needed(self, reads: set) -> set:
         """The keys of the vnodes the backward loads or recomputes: those its adjoint reads
         and, sources first in self.order, everything they are computed from."""
         need = set(reads)
         for n, w in reversed(self.order):
-            if n.id in self.core_ids and self.key(n, w) in need:
-                need |= {self.key(s, sw) for s, sw in self._fwd_reads(n, w)}
+            key = self.key(n, w)
+            if key in self.how and key in need:
+                need |= {self.key(s, sw) for s, sw in self.how[key].reads}
         return need
 
-    def _leaf_grad(self, L, n, w, g, params):
+    def _leaf_grad(self, L, n, w, g):
         if n.op == Op.PARAM:
             L.append(f"        acc_{self.vname(n, w)} += tl.sum({g}, 0, keep_dims=True)")
             return
         i = self.leaves.index(n)
-        idx = f"({w.off} + {self.cols(w)})[None, :]" if n.rank else "tl.zeros([1, 1], tl.int64)"
-        nn = self.ir.shape_of(n)[0] if n.rank else 1
-        ptr = f"dl{i} + ((bb[:, None] * T + tm[:, None]) * NH + hd) * {nn} + {idx}"
-        L.append(f"        tl.store({ptr}, {g} + tl.zeros([BLOCK_B, {w.width}], dtype=ACC), "
-                 f"mask=act[:, None] & {self.cmask(w)})")
+        rows = self._rows_of(n)
+        ptr = f"dl{i} + ((bb{rows} * T + tm{rows}) * NH + hd) * {self._count(n)} + {self._elements(n, w)}"
+        L.append(f"        tl.store({ptr}, {g} + tl.zeros([{self._tile_text(n, w)}], dtype=ACC), "
+                 f"mask={self.running(n, w)})")
 
-    def _vjp(self, L, n: Node, w: Win, g: str, reads: set):
-        """[((src, window), contribution)] of a core vnode; adds to `reads` the keys of the
-        forward vnodes the contributions (and lines added to L) read."""
-        if texpr.fusable(n):
-            wins = [self._src_win(n, w, s) for s in n.srcs]
-            contribs, read, reads_out = vjp_reading(n, g, self._src_name(n, w), self.vname(n, w))
-            reads |= {self.key(s, self._src_win(n, w, s)) for s in read}
+    # ------------------------------------------------------------------ reverse rules
+    def _vjp(self, n: Node, w: Win, st: Step, g: str, reads: set):
+        """(lines, [((src, window), contribution)]) of a computed vnode whose adjoint is g:
+        each contribution has its source's tile shape. Adds to `reads` the keys of the
+        forward vnodes they read."""
+        kind = st.kind
+        if kind == "elementwise":
+            wins = st.data
+            contribs, read, reads_out = vjp_reading(n, g, lambda s: self._operand(n, w, s, wins[s.id]),
+                                                    self.vname(n, w))
+            reads |= {self.key(s, wins[s.id]) for s in read if texpr.literal(s) is None}
             if reads_out:
                 reads.add(self.key(n, w))
-            return list(zip(zip(n.srcs, wins), contribs))
-        if n.op == Op.INDEX:
-            return [((n.srcs[0], self._src_win(n, w, n.srcs[0])), g)]
-        if n.op == Op.EXPAND:
-            return [((n.srcs[0], Win(0, 0)), f"tl.sum({g}, 1, keep_dims=True)")]
-        if n.op == Op.MATMUL:
-            gi = self.gemm_index[(n.id, w)]
-            gm = self.gemms[gi]
-            xw = self._full(gm.x)
-            xin = f"tl.where(act[:, None] & {self.cmask(xw)}, {self.vname(gm.x, xw)}, 0.0)"
-            reads.add(self.key(gm.x, xw))
-            KP, LP = _pow2(gm.K), w.width
-            if min(KP, LP) >= DOT_MIN:
-                L.append(f"        dw{gi} += tl.dot(tl.trans({xin}), {g}, input_precision=\"ieee\")")
+            return [], [((s, wins[s.id]), None if c is None else self._unbroadcast(c, n, w, s))
+                        for s, c in zip(n.srcs, contribs)]
+        if kind == "alias":
+            return [], [(st.reads[0], g)]
+        if kind == "view":
+            (s, sw), = st.reads
+            axis = 1 if n.rank == 2 and s.rank == 1 and n.arg[0] is None else 2
+            return [], [((s, sw), g if n.rank == 1 else f"tl.sum({g}, {axis})")]
+        if kind == "expand":
+            s = n.srcs[0]
+            return [], [] if texpr.literal(s) is not None else [((s, st.data), self._unbroadcast(g, n, w, s))]
+        if kind == "concat":
+            return [], self._concat_vjp(n, w, st.data, g)
+        if kind == "move":
+            (s, sw), = st.reads
+            return [], [((s, sw), f"tl.sum(tl.where({self._move_mask(sw, w)}[None, :, :], {g}[:, None, :], 0.0), 2)")]
+        if kind == "gemm":
+            return self._gemm_vjp(st, g, reads)
+        if kind in ("vecmat", "matvec", "outer", "dot"):
+            return [], self._product_vjp(kind, st, g, reads)
+        if kind == "reduce":
+            return [], self._reduce_vjp(n, w, st, g, reads)
+        if kind == "transpose":
+            return [], [(st.reads[0], f"tl.permute({g}, (0, 2, 1))")]
+        return [], []   # constants
+
+    def _unbroadcast(self, c: str, n: Node, w: Win, s: Node) -> str:
+        """A contribution over n's tile summed down to source s's tile (the axes numpy
+        broadcast s along); the lanes of n that are not valid are left out of the sums."""
+        if s.rank == 2 or n.rank == 0:
+            if s.rank == 2:
+                axes = [a + 1 for a in (1, 0) if self.dims(s)[a] == 1 and self.dims(n)[a] > 1]
+                if axes:
+                    c = self._chain("tl.sum", f"tl.where({self.valid(n, w)}, {c}, 0.0)", axes, True, False)
+            return c
+        lanes = self.valid(n, w)
+        if n.rank == 2:
+            c = f"tl.sum(tl.where({lanes}, {c}, 0.0), 1)"   # [BLOCK_B, C]: summed over the rows
+            if s.rank == 0:
+                return f"tl.sum({c}, 1, keep_dims=True)"
+            return f"tl.sum({c}, 1, keep_dims=True)" if self.dims(s)[0] == 1 < self.dims(n)[1] else c
+        if s.rank == 0 or self.dims(s)[0] == 1 < self.dims(n)[0]:
+            return f"tl.sum(tl.where({lanes}, {c}, 0.0), 1, keep_dims=True)"
+        return c
+
+    def _concat_vjp(self, n: Node, w: Win, parts, g: str):
+        if len(parts) == 1:
+            s, sw, _, _ = parts[0]
+            return [((s, sw), self._unbroadcast(g, n, w, s))]
+        lane = f"({w.off} + cols{w.width})" if w.off else f"cols{w.width}"
+        out = []
+        for s, sw, off, size in parts:
+            term = f"tl.where((({lane} >= {off}) & ({lane} < {off + size}))[None, :], {g}, 0.0)"
+            out.append(((s, sw), self._unbroadcast(term, n, w, s)))
+        return out
+
+    def _gemm_vjp(self, st: Step, g: str, reads: set):
+        lines, out = [], []
+        for ti, (x, xw) in st.data:
+            t = self.tiles[ti]
+            lanes = self.valid(x, xw)
+            xin = f"tl.where(act[:, None]{' & ' + lanes if lanes else ''}, {self.vname(x, xw)}, 0.0)"
+            reads.add(self.key(x, xw))
+            KP, LP = _pow2(t.K), t.win.width
+            if min(KP, LP) >= DOT_MIN and self.gpu_rows >= DOT_MIN:
+                lines.append(f"dw{ti} += tl.dot(tl.trans({xin}), {g}, input_precision=\"ieee\")")
             else:
-                L.append(f"        dw{gi} += tl.sum({xin}[:, :, None] * {g}[:, None, :], 0)")
+                lines.append(f"dw{ti} += tl.sum({xin}[:, :, None] * {g}[:, None, :], 0)")
             # g @ W^T always as a product-sum: tl.dot here (with or without tl.trans) crashes
             # LLVM's SLP vectorizer in Triton 3.9 for sm_90 (seen at H = 16 and 32)
-            return [((gm.x, xw), f"tl.sum({g}[:, None, :] * w{gi}[None, :, :], 2)")]
-        if n.op == Op.DOT:
-            a, b = n.srcs
-            wa, wb = self._full(a), self._full(b)
-            reads |= {self.key(a, wa), self.key(b, wb)}
-            return [((a, wa), f"({g} * {self.vname(b, wb)})"), ((b, wb), f"({g} * {self.vname(a, wa)})")]
+            out.append(((x, xw), f"tl.sum({g}[:, None, :] * w{ti}[None, :, :], 2)"))
+        return lines, out
+
+    def _product_vjp(self, kind: str, st: Step, g: str, reads: set):
+        (a, aw), (b, bw) = st.reads
+        x, y = self.vname(a, aw), self.vname(b, bw)
+        reads |= {self.key(a, aw), self.key(b, bw)}
+        if kind == "vecmat":   # o = x @ M: dx = M @ g, dM = outer(x, g)
+            return [((a, aw), f"tl.sum(tl.where({self._axis_mask(b, 2)}, {g}[:, None, :] * {y}, 0.0), 2)"),
+                    ((b, bw), f"{x}[:, :, None] * {g}[:, None, :]")]
+        if kind == "matvec":   # o = M @ x: dM = outer(g, x), dx = g @ M
+            return [((a, aw), f"{g}[:, :, None] * {y}[:, None, :]"),
+                    ((b, bw), f"tl.sum(tl.where({self._axis_mask(a, 1)}, {x} * {g}[:, :, None], 0.0), 1)")]
+        if kind == "outer":   # o = outer(a, b): da = o_adj @ b, db = a @ o_adj
+            ka, kb = self._count(a), self._count(b)
+            return [((a, aw), f"tl.sum(tl.where({self._along(kb, 2)}, {g} * {y}[:, None, :], 0.0), 2)"),
+                    ((b, bw), f"tl.sum(tl.where({self._along(ka, 1)}, {g} * {x}[:, :, None], 0.0), 1)")]
+        return [((a, aw), f"({g} * {y})"), ((b, bw), f"({g} * {x})")]   # dot
+
+    def _back(self, text: str, s: Node, axes: list[int], keep: bool) -> str:
+        """A reduction's result (or adjoint) with the reduced axes back, size one."""
+        if keep or s.rank == 1:
+            return text
+        if len(axes) == 2:
+            return f"{text}[:, :, None]"
+        return f"{text}[:, None, :]" if axes[0] == 1 else f"{text}[:, :, None]"
+
+    def _reduce_vjp(self, n: Node, w: Win, st: Step, g: str, reads: set):
+        (s, sw), = st.reads
+        axes, keep = st.data
+        gb = self._back(g, s, axes, keep)
         if n.op == Op.SUM:
-            s = n.srcs[0]
-            sw = self._full(s)
-            return [((s, sw), f"({g} + tl.zeros([BLOCK_B, {sw.width}], dtype=ACC))")]
-        if n.op == Op.AMAX:
-            s = n.srcs[0]
-            sw = self._full(s)
-            reads |= {self.key(s, sw), self.key(n, w)}
-            return [((s, sw), f"tl.where({self.vname(s, sw)} == {self.vname(n, w)}, {g}, 0.0)")]
-        raise NotEligible(n.op.name)  # pragma: no cover
+            return [((s, sw), gb)]
+        x, out = self.vname(s, sw), self._back(self.vname(n, w), s, axes, keep)
+        reads |= {self.key(s, sw), self.key(n, w)}
+        if n.op == Op.AMAX:   # ties share the adjoint equally (as torch's amax)
+            ties = self._chain("tl.sum", f"tl.where({self.valid(s, sw)} & ({x} == {out}), 1.0, 0.0)", axes, True, False)
+            return [((s, sw), f"tl.where({x} == {out}, {gb}, 0.0) / {ties}")]
+        # logsumexp: the softmax; an element at -inf (all of them: a state no path reaches) gets none
+        return [((s, sw), f"tl.where({x} == {NEG_INF}, 0.0, {gb} * tl.exp({x} - {out}))")]
 
     def combines(self) -> list[str]:
         return []
 
     def constexprs(self, backward: bool, acc) -> dict:
-        out = {"ACC": acc, "BLOCK_B": 16, "VARLEN": False, "REVERSE": False}   # launch._block_b on a GPU
+        out = {"ACC": acc, "BLOCK_B": self.gpu_rows, "VARLEN": False, "REVERSE": False}   # as launch on a GPU
         if backward:
             out["HAS_DSEQ"] = True
         else:

@@ -236,7 +236,7 @@ class _SeqTwin:
         dt, dev = h0[0].dtype, h0[0].device
         sshape = [tuple(ir.shape_of(s)) for s in self.state_nodes]
         P = [p[None] if heads else p[None, None] for p in params]          # prefix [1, NH] (or [1, 1])
-        leaf_rank0 = [x.rank == 0 for x in kern.leaves]
+        leaf_shapes = [tuple(ir.shape_of(x)) for x in kern.leaves]   # the views hold them flat: [B, T, NH, n]
         views = [v != 0 if x.is_bool else v for v, x in zip(views, kern.leaves)]
         pieces = [[] for _ in h0]
         fins = [[] for _ in h0]
@@ -245,7 +245,7 @@ class _SeqTwin:
             steps = [[] for _ in h0]
             order = range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)
             for t in order:
-                xs = [v[rows, t][..., 0] if r0 else v[rows, t] for v, r0 in zip(views, leaf_rank0)]
+                xs = [v[rows, t].reshape(v[rows, t].shape[:2] + sh) for v, sh in zip(views, leaf_shapes)]
                 new = self.step(xs + P + st, 2, dt, dev)
                 st = [n.expand(s.shape) if n.shape != s.shape else n for n, s in zip(new, st)]
                 for acc, s in zip(steps, st):
