@@ -12,7 +12,7 @@ and kind) to expression nodes; that is not part of equality either.
     Heads      count                                   `heads NH`
     Over       kind                                    `over seq | grid2d | dag`
     Decl       kind, vars: [DeclVar]                   `input q[K], k[K]`
-    DeclVar    name, shape: [Expr], on_edge, init      `state C[K, V] on edge = 0`
+    DeclVar    name, shape: [Expr], on_edge, init, complex  `state C[K, V] on edge = 0`, `state h[N] complex`
     RandomInit dist, args: [Expr | Keyword]            `~ normal(0, 1/sqrt(D))`
     ValueInit  value                                   `= log(arange(1, N+1))`
     Assign     targets: [Name | Primed], value         `i, f = split(z, 2)` / `c' = ...`
@@ -21,6 +21,7 @@ and kind) to expression nodes; that is not part of equality either.
     -- expressions --
     Name       id                 Primed     id (the new value of a state)
     Num        value, text        NoneLit    (a new axis in an index)
+    Imag       value, text        (an imaginary literal: `0.5j` is Imag(0.5, "0.5j"))
     BinOp      op, left, right    UnaryOp    op, operand
     Compare    op, left, right    Call       func, args, kwargs: [Keyword]
     Keyword    name, value        Index      value, subs: [Expr | Slice]
@@ -109,6 +110,7 @@ class DeclVar(Node):
     shape: list
     on_edge: bool
     init: Node | None
+    complex: bool = False     # `param z[N] complex ~ ...`: a complex value (two real parts in the IR)
 
 
 @dataclass
@@ -157,6 +159,13 @@ class Primed(Expr):
 @dataclass
 class Num(Expr):
     value: int | float
+    text: str
+
+
+@dataclass
+class Imag(Expr):
+    """An imaginary literal: `0.5j` is Imag(0.5, "0.5j"), the complex number 0 + 0.5i."""
+    value: float
     text: str
 
 

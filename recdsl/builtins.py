@@ -61,15 +61,21 @@ BUILTINS = _table(
     Builtin("expm", (1, 1), "special", doc="matrix exponential of a square matrix [n, n] of params and constants "
                                            "(once per forward)"),
     Builtin("sum_in", (1, 1), "special", doc="sum over the node's incoming edges (over dag)"),
+    Builtin("complex", (2, 2), "special", doc="complex(re, im): the complex value re + i*im of two real values"),
+    Builtin("real", (1, 1), "special", doc="the real part of a complex value (of a real value: itself)"),
+    Builtin("imag", (1, 1), "special", doc="the imaginary part of a complex value (of a real value: 0)"),
+    Builtin("conj", (1, 1), "special", doc="the complex conjugate re - i*im"),
 )
 
 # Functions of params and constants only (no state, no input): computed once per forward.
 PARAM_ONLY = ("inv", "solve", "expm")
 
-# The hint for a complex literal (`1j`) or complex(...), .real, .imag: the language is real.
-COMPLEX_HINT = ("write a complex value as a pair of real ones, e.g. states hr, hi for h = hr + i*hi: a complex "
-                "product (a + i*b) * h is hr' = a*hr - b*hi + ..., hi' = b*hr + a*hi + ... (the LRU cell of "
-                "LANGUAGE.md); the compiler finds its 2x2 blocks")
+# Complex values (docs/LANGUAGE.md, "Complex values"): the elementwise functions defined on
+# them (exp(z) = exp(re) * (cos(im) + i*sin(im)), abs(z) = |z|, a real value); the others are
+# refused on a complex argument with this hint.
+COMPLEX_FUNCS = ("exp", "abs")
+COMPLEX_HINT = ("apply it to a real value: real(z), imag(z) or abs(z); on complex values the language has + - * / @, "
+                "exp, abs, real, imag, conj, complex(re, im), sum, mean, dot, outer and the structural functions")
 
 # Initialisers of `param NAME[...] ~ dist(...)`.
 DISTRIBUTIONS = {"normal": ("mean", "std"), "uniform": ("low", "high")}
@@ -85,6 +91,8 @@ LANGUAGE_KEYWORDS = {"cell", "input", "param", "state", "edge", "pair", "output"
 # normal/uniform) and a hyper-parameter's default may call, besides arange: what
 # recdsl.runtime evaluates (with torch) when it builds a module.
 INIT_FUNCS = ("exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "abs", "log1p", "expm1")
+# ... and, for complex initialisers (`param z[N] complex = -0.5 + 1j * arange(N)`), these.
+INIT_COMPLEX_FUNCS = ("complex", "real", "imag", "conj")
 
 # --- names the compiled module gives a meaning to -------------------------------------------
 # Dimensions and hyper-parameters are keyword arguments of `spec(...)`, next to its options.

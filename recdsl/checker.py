@@ -16,8 +16,9 @@ import re
 from dataclasses import dataclass, field, replace
 
 from . import ast as A
-from .builtins import (BUILTINS, COMPLEX_HINT, DISTRIBUTIONS, FORWARD_OPTIONS, INIT_FUNCS, LANGUAGE_KEYWORDS,
-                       LAYER_API, MODULE_API, NEIGHBOURS, OVER_KINDS, PARAM_ONLY, SPEC_OPTIONS)
+from .builtins import (BUILTINS, COMPLEX_FUNCS, COMPLEX_HINT, DISTRIBUTIONS, FORWARD_OPTIONS, INIT_COMPLEX_FUNCS,
+                       INIT_FUNCS, LANGUAGE_KEYWORDS, LAYER_API, MODULE_API, NEIGHBOURS, OVER_KINDS, PARAM_ONLY,
+                       SPEC_OPTIONS)
 from .errors import RecError, Span
 from .types import ONE, SCALAR, Dim, DimFacts, TupleType, Type, broadcast, fmt_shape, needed
 
@@ -100,7 +101,8 @@ class CheckedCell:
     def summary(self) -> str:
         """A one-screen, human-readable description (what `recdsl check` prints)."""
         def shapes(vs):
-            return ", ".join(f"{v.name}{fmt_shape(v.shape)}" for v in vs.values()) or "-"
+            return ", ".join(f"{v.name}{fmt_shape(v.shape)}" + (" complex" if v.type.is_complex else "")
+                             for v in vs.values()) or "-"
         dims = ", ".join(n if v.default is None else f"{n}={_printer().expr(v.default)}"
                          for n, v in self.dims.items())
         hypers = ", ".join(f"{n}={_printer().expr(v.default)}" for n, v in self.hypers.items()
@@ -119,7 +121,8 @@ class CheckedCell:
         if self.edges or self.pairs:
             lines.append(f"  edge     {shapes(self.edges)}   pair {shapes(self.pairs)}")
         lines.append(f"  params   {shapes(self.params)}")
-        st = ", ".join(f"{v.name}{fmt_shape(v.shape)}" + (" on edge" if v.decl.on_edge else "")
+        st = ", ".join(f"{v.name}{fmt_shape(v.shape)}" + (" complex" if v.type.is_complex else "")
+                       + (" on edge" if v.decl.on_edge else "")
                        for v in self.states.values())
         lines.append(f"  states   {st or '-'}")
         lines.append("  outputs  " + (", ".join(f"{o.name}{fmt_shape(o.type.shape)}" for o in self.outputs) or "-"))
@@ -233,6 +236,10 @@ class Checker:
                 self.const_only = "a hyper-parameter's default"
                 ty = self.expr(a.default)
                 self.const_only = None
+                if ty.is_complex:
+                    raise RecError(f"the default of {a.name} is complex; a hyper-parameter is a real number",
+                                   a.default.span, hint="make the complex value a param (`param z[] complex = ...`) "
+                                                        "or build it in the step with complex(re, im)")
                 if ty.shape:
                     raise RecError(f"the default of {a.name} must be a scalar, not {ty}", a.default.span)
                 check_const_forms(a.default, "a hyper-parameter's default", arange=False)
@@ -341,12 +348,25 @@ class Checker:
                     raise RecError(f"a dimension of {v.name} is {size}, which is negative for some sizes of "
                                    f"{', '.join(sorted(size.names))}", e.span, hint=self._need(size))
             check_size(shape, None, _word_span(v.span, v.name), f"{d.kind} {v.name}")
-            var = Var(v.name, d.kind, Type(shape), v.span, decl=v)
+            if v.complex:
+                self._complex_decl(d.kind, v)
+            var = Var(v.name, d.kind, Type(shape, is_complex=v.complex), v.span, decl=v)
             if v.on_edge and not (d.kind == "state" and self.over == "dag"):
                 raise RecError("only a state of a cell `over dag` can live `on edge`", v.span)
             self._init(d.kind, v, var)
             self.decls[d.kind][v.name] = var
             self.env[v.name] = var
+
+    def _complex_decl(self, kind: str, v: A.DeclVar) -> None:
+        """`complex` on a declaration: params and states (over seq) only."""
+        word = _word_span(v.span, "complex")
+        if kind in ("input", "edge", "pair"):
+            raise RecError(f"{kind} {v.name} cannot be complex: inputs come with the data, as real tensors", word,
+                           hint=f"declare its real and imaginary parts as two inputs and build the value in the "
+                                f"step: `{v.name} = complex({v.name}_re, {v.name}_im)`")
+        if kind == "state" and self.over != "seq":
+            raise RecError(f"a complex state runs over seq only; this cell runs over {self.over}", word,
+                           hint="write its real and imaginary parts as two real states")
 
     def _init(self, kind: str, v: A.DeclVar, var: Var):
         init = v.init
@@ -382,9 +402,11 @@ class Checker:
             self.const_only = f"the initialiser of {v.name}"
             for a in init.args:
                 ty = self.expr(a.value if isinstance(a, A.Keyword) else a)
-                if ty.shape:
-                    raise RecError(f"an argument of {init.dist}() must be a scalar, not {ty}",
-                                   (a.value if isinstance(a, A.Keyword) else a).span)
+                if ty.shape or ty.is_complex:
+                    raise RecError(f"an argument of {init.dist}() must be a real scalar, not {ty}",
+                                   (a.value if isinstance(a, A.Keyword) else a).span,
+                                   hint="a complex param draws its real and imaginary parts independently "
+                                        "from the (real) distribution" if ty.is_complex else None)
                 check_const_forms(a.value if isinstance(a, A.Keyword) else a, "an initialiser", arange=False)
             self.const_only = None
             check_distribution(init, self.folder)
@@ -397,6 +419,9 @@ class Checker:
             ty = self.expr(value)
             self.const_only = None
             check_const_forms(value, "an initialiser", arange=True)
+        if ty.is_complex and not var.type.is_complex:
+            raise RecError(f"the initial value of {v.name} is complex, but {kind} {v.name} is real", value.span,
+                           hint=f"declare it complex: `{kind} {v.name}[...] complex = ...`")
         if broadcast(ty.shape, var.shape) != var.shape:
             raise RecError(f"the initial value {ty} does not broadcast to {v.name}'s shape {fmt_shape(var.shape)}",
                            value.span)
@@ -459,6 +484,11 @@ class Checker:
         if ty.shape != var.shape and broadcast(ty.shape, var.shape) != var.shape:
             raise RecError(f"{t.id}' has shape {fmt_shape(ty.shape)} but state {t.id} is {fmt_shape(var.shape)}",
                            s.value.span)
+        if ty.is_complex and not var.type.is_complex:
+            shape = ", ".join(_printer().expr(d) for d in var.decl.shape)
+            raise RecError(f"{t.id}' is complex, but state {t.id} is real", s.value.span,
+                           hint=f"declare the state complex (`state {t.id}[{shape}] complex = 0`), or keep a real "
+                                "value of it: real(...), imag(...) or abs(...)")
         if self.over == "dag":
             on_edge = var.decl.on_edge
             if ty_per_edge(ty) and not on_edge:
@@ -483,6 +513,12 @@ class Checker:
         if var is not None and var.type.shape != ty.shape:
             raise RecError(f"{name} is rebound with shape {fmt_shape(ty.shape)}, but it was {fmt_shape(var.shape)}",
                            t.span, notes=[("first defined here", var.span)])
+        if var is not None and var.type.is_complex != ty.is_complex:
+            what = ("complex", "real") if ty.is_complex else ("real", "complex")
+            raise RecError(f"{name} is rebound with a {what[0]} value, but it was {what[1]}", t.span,
+                           notes=[("first defined here", var.span)],
+                           hint="a name keeps its kind: start a complex accumulator complex, e.g. `acc = 0 * z` "
+                                "or `acc = complex(0 * x, 0 * x)`")
         check_identifier(name, t.span, "a value")
         if name in BUILTINS:
             raise RecError(f"'{name}' is a builtin function and cannot name a value", t.span,
@@ -506,6 +542,10 @@ class Checker:
             check_identifier(name, _word_span(s.span, name, after="output"), "an output")
         if any(o.name == name for o in self.outputs):
             raise RecError(f"a second output named {name}", s.span, hint="give it another name: output y2 = ...")
+        if ty.is_complex:
+            raise RecError(f"output {name} is complex; outputs are real tensors", s.value.span,
+                           hint="output a real value of it: real(...), imag(...) or abs(...) (or both parts, as "
+                                "two outputs)")
         if self.over == "dag" and ty_per_edge(ty):
             raise RecError("an output is per node, but this value depends on the out-edge", s.value.span,
                            hint="read edge inputs inside sum_in(...)")
@@ -619,7 +659,7 @@ class Checker:
             fold = self.folder.value  # its bounds are dimension expressions, not typed by expr()
         else:
             fold = lambda x: self.folder.node(x, self._folded)  # noqa: E731
-        if isinstance(e, (A.Num, A.Name, A.UnaryOp, A.BinOp, A.Call)):
+        if isinstance(e, (A.Num, A.Imag, A.Name, A.UnaryOp, A.BinOp, A.Call)):
             try:
                 self.folded[id(e)] = fold(e)
             except NotConstant:
@@ -637,6 +677,9 @@ class Checker:
 
     def _e_Num(self, e: A.Num):
         return SCALAR
+
+    def _e_Imag(self, e: A.Imag):
+        return Type((), is_complex=True)
 
     def _e_NoneLit(self, e):
         raise RecError("None only appears inside an index, as a new axis: x[:, None]", e.span)
@@ -747,8 +790,9 @@ class Checker:
                 return self.expr(e.value)
             finally:
                 self.neighbour_ok = False
-        if e.attr in COMPLEX_WORDS:
-            raise RecError(f".{e.attr}: complex numbers are not in the language", e.span, hint=COMPLEX_HINT)
+        if e.attr in ("real", "imag", "conj"):
+            raise RecError(f".{e.attr} is not an attribute; the {e.attr} part is a function: {e.attr}(...)", e.span,
+                           hint=f"write {e.attr}({_span_text(e.value) or 'z'})")
         raise RecError(f"unknown attribute .{e.attr}", e.span,
                        hint="attributes are .T (transpose)" + (", " + ", ".join("." + a for a in allowed) if allowed else ""))
 
@@ -764,7 +808,11 @@ class Checker:
         if shape is None:
             raise RecError(f"shapes {a} and {b} do not broadcast in '{e.op}'", e.span,
                            hint=_bcast_hint(a.shape, b.shape))
-        return Type(shape, False, a.per_edge or b.per_edge) if _has_edge(a, b) else Type(shape)
+        if e.op == "**" and (a.is_complex or b.is_complex):
+            raise RecError("'**' is not defined on complex values", e.span,
+                           hint="multiply (z * z), or write the power through exp of a real modulus and phase: "
+                                "r**k * exp(1j * k * theta)")
+        return _merge_edge(Type(shape), a, b)
 
     def _matmul(self, e, a: Type, b: Type) -> Type:
         if a.rank == 0 or b.rank == 0 or a.rank > 2 or b.rank > 2:
@@ -776,10 +824,14 @@ class Checker:
                                 f"({b.shape[0]})" + ("; transpose the left with .T?" if a.rank == 2 and
                                                      a.shape[0] == b.shape[0] else ""))
         shape = a.shape[:-1] + b.shape[1:]
-        return Type(shape, False, a.per_edge or b.per_edge) if _has_edge(a, b) else Type(shape)
+        return _merge_edge(Type(shape), a, b)
 
     def _e_Compare(self, e: A.Compare):
         a, b = self._value(e.left), self._value(e.right)
+        for side, ty in ((e.left, a), (e.right, b)):
+            if ty.is_complex:
+                raise RecError(f"'{e.op}' compares real values; this side is complex", side.span,
+                               hint="complex numbers are not ordered: compare real(z), imag(z) or abs(z)")
         shape = broadcast(a.shape, b.shape)
         if shape is None:
             raise RecError(f"shapes {a} and {b} do not broadcast in '{e.op}'", e.span)
@@ -810,7 +862,7 @@ class Checker:
                 self._int_index(sub, size)
             axis += 1
         out.extend(shape[axis:])
-        return Type(tuple(out), ty.is_bool, ty.per_edge) if ty.per_edge else Type(tuple(out), ty.is_bool)
+        return replace(ty, shape=tuple(out))
 
     def _slice(self, sub: A.Slice, size: Dim) -> Dim:
         """The length of lo:hi on an axis of `size`, after checking, for every size the cell
@@ -884,9 +936,10 @@ class Checker:
         if b is None:
             if e.func in DISTRIBUTIONS:
                 raise RecError(f"{e.func}(...) draws a param's initial value: `param W[...] ~ {e.func}(...)`", e.span)
-            if e.func in COMPLEX_WORDS:
-                raise RecError(f"{e.func}(...): complex numbers are not in the language", _word_span(e.span, e.func),
-                               hint=COMPLEX_HINT)
+            if e.func == "angle":
+                raise RecError("angle(...) is not in the language (it needs atan2)", _word_span(e.span, e.func),
+                               hint="keep the phase as a real value and build the number from it: "
+                                    "r * exp(1j * theta)")
             raise RecError(f"unknown function {e.func}", _word_span(e.span, e.func),
                            hint=(_suggest(e.func, BUILTINS, cutoff=0.65).lstrip("; ") or
                                  "see `recdsl builtins` for the list of functions"))
@@ -909,7 +962,13 @@ class Checker:
             return special(e)
         types = [self._value(a) for a in e.args]
         if b.rule == "unary":
+            if types[0].is_complex:
+                self._complex_arg(e, e.args[0], ok=e.func in COMPLEX_FUNCS)
+                return replace(types[0], is_bool=False, is_complex=e.func != "abs")
             return replace(types[0], is_bool=False)
+        for a, t in zip(e.args, types):
+            if t.is_complex:  # where(mask, a, b) selects, sum and mean add: the others need real values
+                self._complex_arg(e, a, ok=b.rule == "where" or e.func in ("sum", "mean"))
         if b.rule in ("bcast", "where"):
             if b.rule == "where" and not types[0].is_bool:
                 raise RecError("the first argument of where is a mask", e.args[0].span,
@@ -921,8 +980,7 @@ class Checker:
                     raise RecError(f"the arguments of {e.func} do not broadcast: {fmt_shape(shape)} and {t}",
                                    a.span)
                 shape = new
-            return Type(shape, False, any(t.per_edge for t in types)) if any(t.per_edge for t in types) \
-                else Type(shape)
+            return _merge_edge(Type(shape), *types)
         if b.rule == "reduce":
             return self._reduce(e, types[0])
         if b.rule == "lastaxis":
@@ -930,6 +988,12 @@ class Checker:
                 raise RecError(f"{e.func} works along the last axis; this value is a scalar", e.args[0].span)
             return replace(types[0], is_bool=False)
         raise AssertionError(b.rule)  # pragma: no cover
+
+    def _complex_arg(self, e: A.Call, arg: A.Expr, ok: bool) -> None:
+        """A located error for a complex argument of a function that is only defined on real values."""
+        if not ok:
+            raise RecError(f"{e.func} is defined on real values; this argument is complex", arg.span,
+                           hint=COMPLEX_HINT)
 
     def _reduce(self, e: A.Call, ty: Type) -> Type:
         axis = -1
@@ -955,6 +1019,27 @@ class Checker:
         shape = list(ty.shape)
         del shape[axis]
         return replace(ty, shape=tuple(shape), is_bool=False)
+
+    def _call_complex(self, e):
+        re, im = (self._value(a) for a in e.args)
+        for a, t in zip(e.args, (re, im)):
+            if t.is_complex:
+                raise RecError("complex(re, im) takes two real values; this one is complex", a.span,
+                               hint="for re + i*im with complex parts write re + 1j * im")
+        shape = broadcast(re.shape, im.shape)
+        if shape is None:
+            raise RecError(f"the parts of complex(re, im) do not broadcast: {re} and {im}", e.span,
+                           hint=_bcast_hint(re.shape, im.shape))
+        return _merge_edge(Type(shape, is_complex=True), re, im)
+
+    def _call_real(self, e):
+        return replace(self._value(e.args[0]), is_bool=False, is_complex=False)
+
+    def _call_imag(self, e):
+        return replace(self._value(e.args[0]), is_bool=False, is_complex=False)
+
+    def _call_conj(self, e):
+        return replace(self._value(e.args[0]), is_bool=False)
 
     def _vector(self, e: A.Expr, fname: str) -> Type:
         ty = self._value(e)
@@ -1065,6 +1150,10 @@ class Checker:
                                 "apply the result to the state with @")
         if ty.is_bool:
             raise RecError(f"{e.func} takes numbers, not a mask", arg.span)
+        if ty.is_complex:
+            raise RecError(f"{e.func} takes real matrices; this argument is complex", arg.span,
+                           hint="for a complex diagonal transition write the diagonal as a complex vector: "
+                                "exp(Lambda * dt) elementwise")
         if square and (ty.rank != 2 or ty.shape[0] != ty.shape[1]):
             raise RecError(f"{e.func} needs a square matrix [n, n]; this argument has shape {ty}", arg.span,
                            hint="e.g. a param A[N, N], or eye(N) - dt * A")
@@ -1100,7 +1189,7 @@ class Checker:
         # Inside, edge inputs and states are the in-edge's; pair inputs make the sum per out-edge.
         uses_pair = any(isinstance(n, A.Name) and self.env.get(n.id) is not None and self.env[n.id].kind == "pair"
                         for n in e.args[0].walk())
-        return Type(ty.shape, ty.is_bool, uses_pair) if uses_pair else Type(ty.shape, ty.is_bool)
+        return replace(ty, per_edge=uses_pair)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1114,7 +1203,9 @@ def _has_edge(*types) -> bool:
 
 
 def _merge_edge(out: Type, *types) -> Type:
-    return Type(out.shape, out.is_bool, True) if _has_edge(*types) else out
+    """out, per edge if any of types is, complex if any of types is."""
+    return replace(out, per_edge=out.per_edge or _has_edge(*types),
+                   is_complex=out.is_complex or any(t.is_complex for t in types))
 
 
 def ty_per_edge(ty) -> bool:
@@ -1145,8 +1236,6 @@ def _word_span(span: Span | None, word: str, after: str | None = None) -> Span |
         return span
     return Span(span.line, m.start() + 1, span.line, m.end() + 1, span.source)
 
-
-COMPLEX_WORDS = ("complex", "real", "imag", "conj", "angle")
 
 _REDUCE_INSTEAD = {"logsumexp": ("logaddexp", "log(exp(a) + exp(b))"), "amax": ("max", "the elementwise maximum"),
                    "sum": (None, "a sum of values"), "mean": (None, "the mean of values"),
@@ -1254,7 +1343,7 @@ def max_unroll() -> int:
 # Operations a call lowers to (the normalisations are sugar for several); any other counts 1.
 _CALL_COST = {"l2norm": 5, "rmsnorm": 6, "layernorm": 10, "softmax": 5, "mean": 2, "norm": 3, "clamp": 2,
               "diag": 3}
-_LEAVES = (A.Name, A.Num, A.Primed, A.NoneLit, A.ListExpr)
+_LEAVES = (A.Name, A.Num, A.Imag, A.Primed, A.NoneLit, A.ListExpr)
 
 
 def expr_cost(e: A.Node) -> int:
@@ -1484,6 +1573,8 @@ class ConstFolder:
         """The value of e from its operands' values, arg(child) (which may raise NotConstant)."""
         if isinstance(e, A.Num):
             return self._num(e)
+        if isinstance(e, A.Imag):
+            return complex(0.0, self._num(e))
         if isinstance(e, A.Name):
             return self.lookup(e.id)
         if isinstance(e, A.UnaryOp):
@@ -1497,10 +1588,14 @@ class ConstFolder:
                 return self._call(e, arg(e.args[0]))
             if e.func == "arange" and 1 <= len(e.args) <= 2:
                 return self._arange(e, [arg(a) for a in e.args])
+            if e.func in ("real", "imag", "conj") and len(e.args) == 1:
+                return _complex_part(e.func, arg(e.args[0]))
+            if e.func == "complex" and len(e.args) == 2:
+                return _complex_value(arg(e.args[0]), arg(e.args[1]))
         raise NotConstant
 
     # --- leaves
-    def _num(self, e: A.Num) -> float:
+    def _num(self, e: A.Num | A.Imag) -> float:
         try:
             v = float(e.value)
         except OverflowError:
@@ -1525,14 +1620,19 @@ class ConstFolder:
             r, kind, why = fold_scalar(e.op, a, b)
             return self._fail(e, kind, why) if kind else r
         import numpy as np
+        dtype = np.complex128 if _is_complex(a) or _is_complex(b) else np.float64
         with np.errstate(all="ignore"):
             r = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide, "**": np.power}[e.op](
-                np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
+                np.asarray(a, dtype=dtype), np.asarray(b, dtype=dtype))
+        if dtype is np.complex128 and r.ndim == 0:
+            r = complex(r)
         why = {"/": ("", "division by zero"),
                "**": ("a negative number to a fractional power", "0 to a negative power")}
         return self._finite(e, r, why.get(e.op, ("", "")))
 
     def _call(self, e: A.Call, x):
+        if _is_complex(x) and e.func not in ("exp", "abs"):
+            raise NotConstant   # the checker refuses it: a real function of a complex value
         if isinstance(x, float):
             r, kind, why = fold_scalar(e.func, x)
             return self._fail(e, kind, why) if kind else r
@@ -1562,6 +1662,30 @@ class ConstFolder:
             if isinstance(v, float):
                 known.append(f"{name} = {v:g}")
         raise const_error(e.span, _span_text(e), kind, why, known)
+
+
+def _is_complex(v) -> bool:
+    """A folded value that is complex: a Python (or numpy) complex scalar, or a complex array."""
+    return isinstance(v, complex) or getattr(getattr(v, "dtype", None), "kind", "") == "c"
+
+
+def _complex_value(re, im):
+    """complex(re, im) of folded real values (floats or numpy arrays)."""
+    if _is_complex(re) or _is_complex(im):
+        raise NotConstant   # the checker refuses it
+    import numpy as np
+    r = np.asarray(re, dtype=np.float64) + 1j * np.asarray(im, dtype=np.float64)
+    return complex(r) if r.ndim == 0 else r
+
+
+def _complex_part(func: str, v):
+    """real / imag / conj of a folded value (a float, a complex number or a numpy array)."""
+    import numpy as np
+    if func == "conj":
+        return v.conjugate() if _is_complex(v) else v
+    if isinstance(v, (float, complex)):
+        return float(v.real if func == "real" else v.imag)
+    return np.real(v).astype(np.float64) if func == "real" else np.imag(v).astype(np.float64)
 
 
 def fold_scalar(op: str, *args: float) -> tuple[float, str, str]:
@@ -1665,11 +1789,11 @@ def check_api_name(name: str, span: Span | None, kind: str) -> None:
 def check_const_forms(e: A.Expr, what: str, arange: bool) -> None:
     """A constant expression the runtime can evaluate: numbers, names (dims, hyper-parameters),
     + - * / **, the functions of INIT_FUNCS and, where `arange`, arange(...)."""
-    funcs = INIT_FUNCS + (("arange",) if arange else ())
+    funcs = INIT_FUNCS + (("arange",) if arange else ()) + INIT_COMPLEX_FUNCS
     stack = [e]
     while stack:
         n = stack.pop()
-        if isinstance(n, (A.Num, A.Name)):
+        if isinstance(n, (A.Num, A.Imag, A.Name)):
             continue
         if isinstance(n, A.UnaryOp):
             stack.append(n.operand)

@@ -9,6 +9,14 @@ of the .rec text it came from, and the name of the local it was bound to, if any
 
 The IR is built for concrete dimension values (for loops are unrolled, so their counts
 must be known); shapes stay symbolic (`Dim`) so that dumps read like the source.
+
+Complex values are sugar: the IR is real. While lowering, a complex value is a `Pair` of
+real nodes (its real and imaginary parts, of one shape), and each complex operation is
+expanded into real ones ((a + ib)(c + id) = (ac - bd) + i(ad + bc), exp, abs, /, @, ...).
+A complex state `h` is two real states named `h.re` and `h.im`; a complex param `z` is one
+real PARAM `z` with a trailing axis of 2 (`[..., 0]` the real part, named `z.re`, `[..., 1]`
+the imaginary part, `z.im`), which `torch.view_as_complex` reads as the complex tensor.
+The nodes of a complex value bound to a local `w` are named `w.re` and `w.im`.
 """
 from __future__ import annotations
 
@@ -22,6 +30,15 @@ from .checker import (MAX_DIM, MAX_FOLD_LEN, CheckedCell, ConstFolder, NotConsta
                       check_distribution, check_size, check_unroll, const_error, fold_scalar, span_text)
 from .errors import RecError, Span
 from .types import Dim, ONE, broadcast
+
+PARTS = ("re", "im")
+TWO = Dim.const(2)
+
+
+def part_name(name: str, part: str) -> str:
+    """The IR name of one real part of the complex state (or param) `name`: `h.re`, `h.im`.
+    A .rec name has no dot, so these never collide with a user's name."""
+    return f"{name}.{part}"
 
 
 class Op(Enum):
@@ -80,6 +97,9 @@ class Node:
     name: str | None = None          # the .rec local this value was bound to
     is_bool: bool = False
     id: int = field(default_factory=lambda: next(_ids))
+    # a part of a complex value the .rec text did not name: its complex form, `exp(L * dt).re`,
+    # which plans show instead of the real expansion of the complex arithmetic (display only)
+    label: str | None = field(default=None, repr=False)
 
     @property
     def rank(self) -> int:
@@ -103,6 +123,9 @@ class IRCell:
     outputs: dict[str, Node]
     edge_inputs: dict[str, Node] = field(default_factory=dict)
     over: str = "seq"
+    # complex state -> the IR names of its parts (`h` -> ("h.re", "h.im")); complex params
+    complex_states: dict[str, tuple[str, str]] = field(default_factory=dict)
+    complex_params: set = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -120,6 +143,25 @@ class IRCell:
 
     def concrete(self, shape) -> tuple[int, ...]:
         return tuple(d.evaluate(self.dims) for d in shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Pair:
+    """A complex value while lowering: its real and imaginary parts, real nodes of one shape."""
+    re: Node
+    im: Node
+
+    @property
+    def shape(self) -> tuple[Dim, ...]:
+        return self.re.shape
+
+    @property
+    def rank(self) -> int:
+        return self.re.rank
+
+    @property
+    def is_bool(self) -> bool:
+        return False
 
 
 def toposort(roots: list[Node]) -> list[Node]:
@@ -273,6 +315,8 @@ class _Lowerer:
         self.span: Span | None = None
         self.cur: A.Expr | None = None     # the expression being lowered (self.span is its span)
         self.memo: dict = {}
+        self.cstates: dict[str, tuple[str, str]] = {}   # complex state -> its parts' IR names
+        self.labels: dict[str, int] = {}                 # labels of complex parts given so far
 
     def node(self, op: Op, srcs, shape, arg=None, is_bool=False) -> Node:
         """A new node, or the existing one for the same op, sources and argument (CSE by
@@ -330,8 +374,15 @@ class _Lowerer:
         c = self.cell
         inputs = {n: Node(Op.INPUT, (), v.shape, n, v.span, n) for n, v in c.inputs.items()}
         edges = {n: Node(Op.INPUT, (), v.shape, n, v.span, n) for n, v in {**c.edges, **c.pairs}.items()}
-        params = {n: Node(Op.PARAM, (), v.shape, n, v.span, n) for n, v in c.params.items()}
-        states = {n: Node(Op.STATE, (), v.shape, (n, "prev"), v.span, n) for n, v in c.states.items()}
+        params = {n: Node(Op.PARAM, (), v.shape + ((TWO,) if v.type.is_complex else ()), n, v.span, n)
+                  for n, v in c.params.items()}
+        states = {}
+        for n, v in c.states.items():
+            keys = tuple(part_name(n, p) for p in PARTS) if v.type.is_complex else (n,)
+            for k in keys:
+                states[k] = Node(Op.STATE, (), v.shape, (k, "prev"), v.span, k)
+            if v.type.is_complex:
+                self.cstates[n] = keys
         self.inputs, self.edges, self.params, self.states = inputs, edges, params, states
         for n, v in c.dims.items():
             self.env[n] = Node(Op.CONST, (), (), float(self.dims[n]), v.span, n)
@@ -341,11 +392,27 @@ class _Lowerer:
         self.env.update(inputs)
         self.env.update(edges)
         self.env.update(params)
+        for n, v in c.params.items():
+            if v.type.is_complex:
+                self.span = v.span
+                self.env[n] = self._param_pair(n, params[n], v.shape)
+        self.span = None
         outputs: dict[str, Node] = {}
         for stmt in c.body:
             self.stmt(stmt, outputs)
         return IRCell(c, self.dims, self.values, inputs, params, states, self.neighbours, dict(self.primed),
-                      outputs, edges, c.over)
+                      outputs, edges, c.over, dict(self.cstates),
+                      {n for n, v in c.params.items() if v.type.is_complex})
+
+    def _param_pair(self, name: str, p: Node, shape) -> "Pair":
+        """The parts of a complex param, stored with a trailing axis of 2: p[..., 0], p[..., 1]."""
+        parts = []
+        for i, part in enumerate(PARTS):
+            x = self.node(Op.INDEX, [p], shape, tuple([slice(None)] * len(shape) + [i]))
+            if x.name is None:
+                x.name = part_name(name, part)
+            parts.append(x)
+        return Pair(*parts)
 
     # --- statements
     def stmt(self, s, outputs):
@@ -356,14 +423,18 @@ class _Lowerer:
             for t, v in zip(s.targets, values):
                 if isinstance(t, A.Primed):
                     want = self.cell.states[t.id].shape
-                    if tuple(v.shape) != tuple(want):  # e.g. h' = 0 for a vector state: broadcast it
-                        v = self.node(Op.EXPAND, [v], want, tuple(d.evaluate(self.dims) for d in want))
-                    self.primed[t.id] = v
-                    if v.name is None:
-                        v.name = t.id + "'"
+                    keys = self.cstates.get(t.id)
+                    parts = (self.as_pair(v).re, self.as_pair(v).im) if keys else (v,)
+                    for key, x in zip(keys or (t.id,), parts):
+                        x = self.fit(x, want)  # e.g. h' = 0 for a vector state: broadcast it
+                        self.primed[key] = x
+                        if x.name is None:
+                            x.name = key + "'"
                 else:
-                    if v.name is None and v.op not in LEAVES:
-                        v.name = t.id
+                    for x, name in ((v.re, part_name(t.id, "re")), (v.im, part_name(t.id, "im"))) \
+                            if isinstance(v, Pair) else ((v, t.id),):
+                        if x.name is None and x.op not in LEAVES:
+                            x.name = name
                     self.env[t.id] = v
         elif isinstance(s, A.Output):
             info = next(o for o in self.cell.outputs if o.node is s)
@@ -383,14 +454,40 @@ class _Lowerer:
     def expr(self, e: A.Expr):
         old, self.span, old_e, self.cur = self.span, e.span, self.cur, e
         try:
-            return getattr(self, "_" + type(e).__name__)(e)
+            out = getattr(self, "_" + type(e).__name__)(e)
         finally:
             self.span, self.cur = old, old_e
+        if isinstance(out, Pair):
+            self._label(e, out)
+        return out
+
+    def _label(self, e: A.Expr, z: Pair) -> None:
+        """Label the parts of a complex value by the text it came from, `exp(L * dt).re`, so
+        that a plan shows its complex form rather than pages of real arithmetic. A label is
+        unique (`#2`, ... when the same text gives another value, as in an unrolled loop):
+        it also names the value when the analysis treats it as a symbol."""
+        if isinstance(e, (A.Name, A.Primed)):
+            return
+        text = span_text(e.span) or _printer_expr(e)
+        if not isinstance(e, (A.Call, A.Index, A.Attr, A.Imag, A.Num)):
+            text = f"({text})"
+        for part, x in zip(PARTS, (z.re, z.im)):
+            if x.name is not None or x.label is not None or x.op in LEAVES or x.op == Op.EXPAND:
+                continue
+            label = f"{text}.{part}"
+            k = self.labels.get(label, 0)
+            self.labels[label] = k + 1
+            x.label = label if k == 0 else f"{label}#{k + 1}"
 
     def _Num(self, e):
         return self.const(e.value)
 
+    def _Imag(self, e):
+        return Pair(self.const(0.0), self.const(e.value))
+
     def _Name(self, e: A.Name):
+        if e.id in self.cstates:
+            return Pair(*(self.states[k] for k in self.cstates[e.id]))
         if e.id in self.states:
             if self.in_sum_in:
                 return self._neighbour(e.id, "in")
@@ -398,6 +495,8 @@ class _Lowerer:
         return self.env[e.id]
 
     def _Primed(self, e: A.Primed):
+        if e.id in self.cstates:
+            return Pair(*(self.primed[k] for k in self.cstates[e.id]))
         return self.primed[e.id]
 
     def _neighbour(self, name: str, where: str) -> Node:
@@ -409,15 +508,15 @@ class _Lowerer:
 
     def _Attr(self, e: A.Attr):
         if e.attr == "T":
-            x = self.expr(e.value)
-            return self.node(Op.TRANSPOSE, [x], (x.shape[1], x.shape[0]), is_bool=x.is_bool)
+            return self.partwise(lambda x: self.node(Op.TRANSPOSE, [x], (x.shape[1], x.shape[0]), is_bool=x.is_bool),
+                                 self.expr(e.value))
         if e.attr == "prev":
-            return self.states[e.value.id]
+            return self._Name(e.value)
         return self._neighbour(e.value.id, e.attr)
 
     def _UnaryOp(self, e: A.UnaryOp):
         x = self.expr(e.operand)
-        return x if e.op == "+" else self.neg(x)
+        return x if e.op == "+" else self.partwise(self.neg, x)
 
     def neg(self, x: Node) -> Node:
         if x.op == Op.CONST and not x.shape:
@@ -427,8 +526,104 @@ class _Lowerer:
     def _BinOp(self, e: A.BinOp):
         a, b = self.expr(e.left), self.expr(e.right)
         if e.op == "@":
-            return self.matmul(a, b)
+            return self.bilinear(self.matmul, a, b)
+        if isinstance(a, Pair) or isinstance(b, Pair):
+            return self.complex_binary(BIN_OPS[e.op], a, b)
         return self.binary(BIN_OPS[e.op], a, b)
+
+    # --- complex values: pairs of real nodes
+    def partwise(self, f, *xs):
+        """f applied to the real values xs, or, if one is complex, to the real parts and to the
+        imaginary parts (a real x counts as x + 0i): for the operations that act on each part
+        alone (negation, indexing, sums, concatenation, ...)."""
+        if not any(isinstance(x, Pair) for x in xs):
+            return f(*xs)
+        pairs = [self.as_pair(x) for x in xs]
+        re, im = f(*(p.re for p in pairs)), f(*(p.im for p in pairs))
+        if isinstance(re, tuple):   # split(...)
+            return tuple(Pair(r, i) for r, i in zip(re, im))
+        return Pair(re, im)
+
+    def as_pair(self, x) -> Pair:
+        return x if isinstance(x, Pair) else Pair(x, self.zeros(x.shape))
+
+    def zeros(self, shape) -> Node:
+        return self.fit(self.const(0.0), shape)
+
+    def fit(self, x: Node, shape) -> Node:
+        """x broadcast to shape (x itself when it has it)."""
+        if tuple(x.shape) == tuple(shape):
+            return x
+        return self.node(Op.EXPAND, [x], tuple(shape), tuple(d.evaluate(self.dims) for d in shape))
+
+    @staticmethod
+    def _is_const(x: Node, value: float) -> bool:
+        while x.op == Op.EXPAND:
+            x = x.srcs[0]
+        return x.op == Op.CONST and not x.shape and x.arg == value
+
+    def real_op(self, op: Op, a: Node, b: Node) -> Node:
+        """a op b inside a complex expansion, the zeros and ones of literal parts (1j is 0 + 1i)
+        folded away so that `2j * x` lowers to 2 * x, not to 0 * x and 2 * x."""
+        shape = broadcast(a.shape, b.shape)
+        zero_a, zero_b = self._is_const(a, 0.0), self._is_const(b, 0.0)
+        if op == Op.MUL and (zero_a or zero_b) or op == Op.DIV and zero_a:
+            return self.zeros(shape)
+        if op == Op.MUL and self._is_const(a, 1.0) or op == Op.ADD and zero_a:
+            return self.fit(b, shape)
+        if op in (Op.MUL, Op.DIV) and self._is_const(b, 1.0) or op in (Op.ADD, Op.SUB) and zero_b:
+            return self.fit(a, shape)
+        if op == Op.SUB and zero_a:
+            return self.fit(self.neg(b), shape)
+        return self.binary(op, a, b)
+
+    def bilinear(self, f, a, b):
+        """A product (*, @, outer, dot: f on real nodes) of values of which one may be complex:
+        (a + ib)(c + id) = (ac - bd) + i(ad + bc); a real factor scales both parts."""
+        def g(x, y):
+            if self._is_const(x, 0.0) or self._is_const(y, 0.0):
+                return self.zeros(f(x, y).shape) if x.shape or y.shape else self.const(0.0)
+            return f(x, y)
+        if not isinstance(a, Pair) and not isinstance(b, Pair):
+            return f(a, b)
+        if not isinstance(b, Pair):
+            return Pair(g(a.re, b), g(a.im, b))
+        if not isinstance(a, Pair):
+            return Pair(g(a, b.re), g(a, b.im))
+        return Pair(self.real_op(Op.SUB, g(a.re, b.re), g(a.im, b.im)),
+                    self.real_op(Op.ADD, g(a.re, b.im), g(a.im, b.re)))
+
+    def complex_binary(self, op: Op, a, b) -> Pair:
+        """+ - * / with at least one complex operand (the checker refuses ** and comparisons)."""
+        if op in (Op.ADD, Op.SUB):
+            a, b = self.as_pair(a), self.as_pair(b)
+            return Pair(self.real_op(op, a.re, b.re), self.real_op(op, a.im, b.im))
+        if op == Op.MUL:
+            return self.bilinear(lambda x, y: self.real_op(Op.MUL, x, y), a, b)
+        if op == Op.DIV:
+            if not isinstance(b, Pair):
+                return Pair(self.real_op(Op.DIV, a.re, b), self.real_op(Op.DIV, a.im, b))
+            # a / (c + id) = a (c - id) / (c^2 + d^2)
+            den = self.real_op(Op.ADD, self.real_op(Op.MUL, b.re, b.re), self.real_op(Op.MUL, b.im, b.im))
+            num = self.complex_binary(Op.MUL, a, Pair(b.re, self.neg(b.im)))
+            return Pair(self.real_op(Op.DIV, num.re, den), self.real_op(Op.DIV, num.im, den))
+        raise AssertionError(op)  # pragma: no cover - refused by the checker
+
+    def unary(self, f: str, x: Node) -> Node:
+        """An elementwise function of a real node inside a complex expansion (constants folded)."""
+        if x.op == Op.CONST and not x.shape:
+            return self.fold(f, x.arg)
+        return self.node(UNARY_OPS[f], [x], x.shape)
+
+    def complex_exp(self, z: Pair) -> Pair:
+        """exp(a + ib) = exp(a) (cos b + i sin b)."""
+        m = self.unary("exp", z.re)
+        return Pair(self.real_op(Op.MUL, m, self.unary("cos", z.im)), self.real_op(Op.MUL, m, self.unary("sin", z.im)))
+
+    def complex_abs(self, z: Pair) -> Node:
+        """|a + ib| = sqrt(a^2 + b^2)."""
+        sq = self.real_op(Op.ADD, self.real_op(Op.MUL, z.re, z.re), self.real_op(Op.MUL, z.im, z.im))
+        return self.unary("sqrt", sq)
 
     def binary(self, op: Op, a: Node, b: Node) -> Node:
         if a.op == Op.CONST and b.op == Op.CONST and not a.shape and not b.shape and op in _FOLD:
@@ -444,7 +639,9 @@ class _Lowerer:
         return self.binary(CMP_OPS[e.op], self.expr(e.left), self.expr(e.right))
 
     def _Index(self, e: A.Index):
-        x = self.expr(e.value)
+        return self.partwise(lambda x: self._index(e, x), self.expr(e.value))
+
+    def _index(self, e: A.Index, x: Node) -> Node:
         items, axis = [], 0
         for sub in e.subs:
             if isinstance(sub, A.NoneLit):
@@ -477,11 +674,39 @@ class _Lowerer:
         f = e.func
         if f in UNARY_OPS:
             x = self.expr(e.args[0])
+            if isinstance(x, Pair):   # exp and abs (the checker refuses the others)
+                return self.complex_exp(x) if f == "exp" else self.complex_abs(x)
             if x.op == Op.CONST and not x.shape and f in ("exp", "log", "sqrt", "abs", "rsqrt"):
                 return self.fold(f, x.arg)
             return self.node(UNARY_OPS[f], [x], x.shape)
         method = getattr(self, "_call_" + f)
-        return method(e, *[self.expr(a) for a in e.args] if f != "sum_in" else [])
+        if f == "sum_in":
+            return method(e)
+        args = [self.expr(a) for a in e.args]
+        if not any(isinstance(a, Pair) for a in args) or f in ("complex", "real", "imag", "conj"):
+            return method(e, *args)
+        if f in ("outer", "dot"):
+            return self.bilinear(lambda x, y: method(e, x, y), *args)
+        if f == "where":
+            c, a, b = args
+            return self.partwise(lambda x, y: method(e, c, x, y), a, b)
+        if f in ("split", "reshape"):   # the second argument is a count or a list of dimensions
+            return self.partwise(lambda x: method(e, x, args[1]), args[0])
+        # sum, mean, diag, concat: on each part
+        return self.partwise(lambda *xs: method(e, *xs), *args)
+
+    def _call_complex(self, e, re, im):
+        shape = broadcast(re.shape, im.shape)
+        return Pair(self.fit(re, shape), self.fit(im, shape))
+
+    def _call_real(self, e, z):
+        return z.re if isinstance(z, Pair) else z
+
+    def _call_imag(self, e, z):
+        return z.im if isinstance(z, Pair) else self.zeros(z.shape)
+
+    def _call_conj(self, e, z):
+        return Pair(z.re, self.neg(z.im)) if isinstance(z, Pair) else z
 
     def _axis(self, e: A.Call, x: Node):
         for k in e.kwargs:
@@ -634,7 +859,12 @@ class _Lowerer:
             x = self.expr(e.args[0])
         finally:
             self.in_sum_in = False
-        return self.node(Op.SUM_IN, [x], x.shape)
+        return self.partwise(lambda v: self.node(Op.SUM_IN, [v], v.shape), x)
+
+
+def _printer_expr(e: A.Expr) -> str:
+    from .printer import expr
+    return expr(e)
 
 
 def arg_key(arg):

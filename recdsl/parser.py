@@ -12,7 +12,6 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.indenter import Indenter
 
 from . import ast as A
-from .builtins import COMPLEX_HINT
 from .errors import RecError, Source, Span
 
 GRAMMAR_FILE = Path(__file__).resolve().parent / "grammar" / "rec.lark"
@@ -24,7 +23,8 @@ TOKEN_NAMES = {
     "LSQB": "'['", "RSQB": "']'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "SEMICOLON": "';'",
     "DOT": "'.'", "TILDE": "'~'", "ADD_OP": "'+' or '-'", "MUL_OP": "'*', '/' or '@'", "POW": "'**'",
     "COMP_OP": "a comparison", "DOCSTRING": "a docstring", "EDGE": "'edge'", "HEADS": "'heads'",
-    "OVER": "'over'", "WHERE": "'where'", "$END": "end of file",
+    "OVER": "'over'", "WHERE": "'where'", "COMPLEX": "'complex'", "IMAG": "an imaginary number (1j)",
+    "$END": "end of file",
 }
 
 
@@ -191,7 +191,7 @@ NOT_IN_LANGUAGE = {
     "print": "there is no print; `recdsl inspect` shows what a cell computes",
 }
 OPENERS = {"(": ")", "[": "]"}
-EXPR_START = {"NAME", "PRIMED", "NUMBER", "LPAR", "LSQB", "ADD_OP", "NONE"}
+EXPR_START = {"NAME", "PRIMED", "NUMBER", "IMAG", "LPAR", "LSQB", "ADD_OP", "NONE"}
 OPERATORS = {"ADD_OP", "MUL_OP", "POW", "COMP_OP"}
 WORD_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.")
 
@@ -382,9 +382,6 @@ def _last_line(source: Source) -> int:
     return 1
 
 
-COMPLEX_LITERAL = re.compile(r"(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[jJ]")
-
-
 def _bad_number(source: Source, start: int | None, end: int | None) -> RecError | None:
     """A run of letters, digits and dots glued to a number (`1.2.3`, `3x`, `1e`) is a
     malformed number. None when the text around [start, end) is not one."""
@@ -404,10 +401,6 @@ def _bad_number(source: Source, start: int | None, end: int | None) -> RecError 
         return None
     line = text.count("\n", 0, a) + 1
     col = a - (text.rfind("\n", 0, a) + 1) + 1
-    if COMPLEX_LITERAL.fullmatch(word):
-        return RecError(f"'{word}' is a complex number; complex numbers are not in the language",
-                        Span(line, col, line, col + len(word), source),
-                        hint=COMPLEX_HINT)
     hint = "numbers are written 3, 0.5, 1e-5"
     lead = word.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
     if lead != word and lead and lead[-1].isdigit() and "e" not in word[len(lead):len(lead) + 1].lower():
@@ -532,7 +525,7 @@ class _Builder:
         raise AssertionError(kind)
 
     def decl_var(self, t: Tree) -> A.DeclVar:
-        name, shape, on_edge, init = t.children
+        name, shape, cplx, on_edge, init = t.children
         dims = [] if shape is None else [self.expr(e) for e in shape.children]
         node = None
         if init is not None:
@@ -542,7 +535,7 @@ class _Builder:
                 node = A.RandomInit(str(dist), pos + kw, span=self.span(init))
             else:
                 node = A.ValueInit(self.expr(init.children[0]), span=self.span(init))
-        return A.DeclVar(str(name), dims, on_edge is not None, node, span=self.span(t))
+        return A.DeclVar(str(name), dims, on_edge is not None, node, cplx is not None, span=self.span(t))
 
     def small_stmt(self, t: Tree):
         if t.data == "assign":
@@ -576,6 +569,8 @@ class _Builder:
             return A.Primed(c[0].value.rstrip("'"), span=sp)
         if k == "number":
             return A.Num(_number(c[0].value), c[0].value, span=sp)
+        if k == "imag":
+            return A.Imag(float(c[0].value[:-1]), c[0].value, span=sp)
         if k == "none":
             return A.NoneLit(span=sp)
         if k == "binop":

@@ -68,6 +68,8 @@ def _item(item: A.Node, ind: str) -> list[str]:
 
 def _decl_var(v: A.DeclVar) -> str:
     out = f"{v.name}[{', '.join(expr(d) for d in v.shape)}]"
+    if v.complex:
+        out += " complex"
     if v.on_edge:
         out += " on edge"
     if isinstance(v.init, A.RandomInit):
@@ -100,7 +102,7 @@ def expr(e: A.Expr) -> str:
         return e.id
     if isinstance(e, A.Primed):
         return e.id + "'"
-    if isinstance(e, A.Num):
+    if isinstance(e, (A.Num, A.Imag)):
         return e.text
     if isinstance(e, A.NoneLit):
         return "None"
@@ -120,7 +122,7 @@ def expr(e: A.Expr) -> str:
         return f"{_wrap(e.value, PRECEDENCE['postfix'])}[{', '.join(_sub(s) for s in e.subs)}]"
     if isinstance(e, A.Attr):
         # `2.T` would lex as the number `2.` and the name T
-        value = f"({expr(e.value)})" if isinstance(e.value, A.Num) else _wrap(e.value, PRECEDENCE['postfix'])
+        value = f"({expr(e.value)})" if isinstance(e.value, (A.Num, A.Imag)) else _wrap(e.value, PRECEDENCE['postfix'])
         return f"{value}.{e.attr}"
     if isinstance(e, A.ListExpr):
         return "[" + ", ".join(expr(i) for i in e.items) + "]"

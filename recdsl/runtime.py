@@ -6,8 +6,11 @@
     o_t, state = layer.step(q=q_t, ..., state=state)    # one step: inputs [B, (heads,) *shape]
 
 Parameters are registered under their .rec names ([heads, *shape] when the module has
-heads) and initialised by the .rec initialisers. Computation and states are fp32 (fp64
-after `.double()` or with fp64 inputs); bf16/fp16 inputs give outputs of their dtype.
+heads) and initialised by the .rec initialisers; a complex param has a trailing axis of 2
+(real, imaginary: `torch.view_as_complex(layer.z)` is the complex tensor), and a complex
+state `h` is two entries of the state dict, `h.re` and `h.im`. Computation and states are
+fp32 (fp64 after `.double()` or with fp64 inputs); bf16/fp16 inputs give outputs of their
+dtype.
 `reverse=True` runs right to left; `cu_seqlens` packs variable-length sequences into a
 batch of one, as flash-linear-attention does.
 """
@@ -120,7 +123,8 @@ class RecModule(nn.Module):
         return backend
 
     def _param_shape(self, var) -> tuple[int, ...]:
-        shape = ((self.heads,) if self.heads else ()) + self.ir.concrete(var.shape)
+        # the IR's shape: a complex param has a trailing axis of 2 (its real and imaginary parts)
+        shape = ((self.heads,) if self.heads else ()) + self.ir.concrete(self.ir.params[var.name].shape)
         if math.prod(shape) > MAX_NUMEL:
             raise RecError(f"param {var.name} would have {math.prod(shape)} elements {list(shape)} with "
                            f"heads={self.heads}, more than the maximum {MAX_NUMEL} (2**31 - 1)", var.span,
@@ -142,6 +146,10 @@ class RecModule(nn.Module):
                     p.normal_(vals["mean"], vals["std"])
                 else:
                     p.uniform_(vals["low"], vals["high"])
+            elif var.type.is_complex:   # a complex value (or a real one: imaginary part 0) per element
+                value = torch.as_tensor(_const(init.value, self.ir.hypers), dtype=torch.complex128)
+                value = value.to(p.device).expand(p.shape[:-1])
+                p.copy_(torch.stack([value.real, value.imag], -1).to(p.dtype))
             else:
                 value = _const(init.value, self.ir.hypers)
                 p.copy_(torch.as_tensor(value, dtype=p.dtype).expand(p.shape))
@@ -170,14 +178,27 @@ class RecModule(nn.Module):
         for name, var in self.spec.cell.states.items():
             shape = lead + self.ir.concrete(var.shape)
             init = var.decl.init
+            keys = self.ir.complex_states.get(name)
             if init is None:
-                out[name] = torch.zeros(shape, dtype=dtype, device=device)
+                value = torch.zeros(shape, dtype=dtype, device=device)
             elif isinstance(init.value, A.Name) and init.value.id in self.spec.cell.params:
                 # A learned initial state: the param, broadcast over the batch (gradients flow to it).
-                out[name] = getattr(self, init.value.id).to(dtype).expand(shape)
+                value = getattr(self, init.value.id).to(dtype)
+                if init.value.id in self.ir.complex_params:   # parts on its trailing axis
+                    value = (value[..., 0], value[..., 1])
+                value = tuple(v.expand(shape) for v in value) if isinstance(value, tuple) else value.expand(shape)
             else:
                 v = _const(init.value, self.ir.hypers)
-                out[name] = torch.as_tensor(v, dtype=dtype, device=device).expand(shape).clone()
+                if keys:
+                    v = torch.as_tensor(v, dtype=torch.complex128, device=device)
+                    value = tuple(x.to(dtype).expand(shape).clone() for x in (v.real, v.imag))
+                else:
+                    value = torch.as_tensor(v, dtype=dtype, device=device).expand(shape).clone()
+            if keys:   # a complex state: its real and imaginary parts (a real value has imaginary part 0)
+                parts = value if isinstance(value, tuple) else (value, torch.zeros(shape, dtype=dtype, device=device))
+                out.update(zip(keys, parts))
+            else:
+                out[name] = value
         return out
 
     def _compute_dtype(self, tensors) -> torch.dtype:
@@ -443,4 +464,4 @@ def _const(e: A.Expr, values: dict):
         v = ConstFolder(lookup, max_len=MAX_NUMEL).value(e)
     except NotConstant:
         raise RecError("this initialiser is not a constant expression", e.span) from None
-    return v if isinstance(v, float) else torch.from_numpy(v)
+    return v if isinstance(v, (float, complex)) else torch.from_numpy(v)

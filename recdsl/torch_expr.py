@@ -77,6 +77,7 @@ def safe_comment(text: str) -> str:
 # emitter writes is one of:
 #
 #   user_name(role, name)       `<role>_<name>`           in_x, p_W, s_h, next_h
+#                               (a complex state's part h.re: s___re_h, see user_name)
 #   temp_name(kind, k, hint)    `<kind><k>` or `<kind><k>_<hint>`   t3, t7_f, seq12_h, fused4_final
 #   a fixed helper              X, S, P, NB, DT, DEV, S0, P0, X0, NS, torch, F, rt, step, forward, ...
 #
@@ -94,8 +95,14 @@ def safe_comment(text: str) -> str:
 
 def user_name(role: str, name: str) -> str:
     """The generated name of the user's value `name` in `role` (the only way a user name
-    becomes an identifier of generated code)."""
+    becomes an identifier of generated code). A part of a complex state, `h.re` (recdsl.ir),
+    is `<role>___re_h`: after `<role>_` comes `__re_h`, which no user name can be (the
+    checker refuses names that start with `__`), and the part comes first, so that
+    (name, part) -> identifier is one to one."""
     assert role.isalpha() and role.islower(), role
+    if "." in name:
+        base, part = name.rsplit(".", 1)
+        return f"{role}___{part}_{base}"
     return f"{role}_{name}"
 
 

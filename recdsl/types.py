@@ -149,10 +149,12 @@ ONE = Dim.const(1)
 @dataclass(frozen=True)
 class Type:
     """The static type of a value: a shape of Dims, whether it is a mask (bool), and, over a
-    DAG, whether it varies per out-edge (an edge input read outside sum_in, a pair input)."""
+    DAG, whether it varies per out-edge (an edge input read outside sum_in, a pair input);
+    is_complex: a complex value (lowered to a pair of real values, docs/LANGUAGE.md)."""
     shape: tuple[Dim, ...] = ()
     is_bool: bool = False
     per_edge: bool = False
+    is_complex: bool = False
 
     @property
     def rank(self) -> int:
@@ -160,7 +162,7 @@ class Type:
 
     def __str__(self) -> str:
         s = "[" + ", ".join(str(d) for d in self.shape) + "]"
-        return s + " bool" if self.is_bool else s
+        return s + " bool" if self.is_bool else s + " complex" if self.is_complex else s
 
 
 SCALAR = Type(())

@@ -15,7 +15,7 @@ from recdsl.lowering import Choice
 from recdsl.lowering.match import stage_core
 
 from . import texpr
-from .fusion import pow2
+from .fusion import kernel_name, pow2
 from .scan_kernels import ScanKernel, ScanSpec
 
 
@@ -135,14 +135,14 @@ class TritonEmitter(Emitter):
         if kind == "diagexp":  # the decay as exp(log a): the exponential is one more prologue op
             a = Node(Op.EXP, (form.log_a,), form.log_a.shape, span=form.log_a.span)
             kind = "diag"
-        name = f"{self.ir.name.lower()}_stage{form.stage}_{form.states[0]}"
+        name = kernel_name(self.ir.name, form.stage, form.states[:1])
         self._scan(choice, ScanSpec(name, kind, 1, [[a]], [b], list(form.states)))
 
     def _stage_block(self, choice: Choice):
         states = list(choice.states)
         A = [[choice.form.A.get((i, j)) for j in range(len(states))] for i in range(len(states))]
         b = [choice.form.b.get(s) for s in states]
-        name = f"{self.ir.name.lower()}_stage{choice.stage}_{'_'.join(states)}"
+        name = kernel_name(self.ir.name, choice.stage, states)
         self._scan(choice, ScanSpec(name, "block", len(states), A, b, states))
 
     # Hoisted values: torch ops over B*T in the driver (one GEMM per projection, cuBLAS).

@@ -21,6 +21,13 @@ from recdsl.types import ONE
 from . import texpr
 
 
+def kernel_name(cell: str, stage: int, states) -> str:
+    """A stage's kernel name: cell, stage and states, as an identifier (a complex state's
+    parts are named `h.re` / `h.im`; the dot becomes `_`, and the stage number keeps two
+    stages apart whatever their states are called)."""
+    return f"{cell.lower()}_stage{stage}_" + "_".join(s.replace(".", "_") for s in states)
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= n (Triton tile sizes)."""
     return 1 << max(0, (int(n) - 1).bit_length())

@@ -41,7 +41,7 @@ from recdsl.ir import Node, Op
 from recdsl.torch_expr import SourceNotes
 
 from . import texpr
-from .fusion import annotate, is_view, sum_text, vjp_reading
+from .fusion import annotate, is_view, kernel_name, sum_text, vjp_reading
 from .fusion import pow2 as _pow2
 
 HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
@@ -139,7 +139,7 @@ class SeqKernel:
     def __init__(self, ir, sp, core: list[Node], notes: SourceNotes):
         self.ir, self.notes = ir, notes
         self.states = list(sp.states)
-        self.name = f"{ir.name.lower()}_stage{sp.index}_{'_'.join(self.states)}"
+        self.name = kernel_name(ir.name, sp.index, self.states)
         self.core_ids = {n.id for n in core}
         self._num: dict[int, int] = {}
         self.order: list[tuple[Node, Win]] = []     # vnodes, sources first

@@ -325,7 +325,10 @@ def _const(n: Node, s, p) -> Range:
 def _param(n: Node, s, p: _Pass) -> Range:
     if not p.at_init:
         return TOP
-    return _init_range(p.ir.checked.params[n.arg].decl.init, p.ir.hypers)
+    var = p.ir.checked.params[n.arg]
+    if var.type.is_complex and not isinstance(var.decl.init, A.RandomInit):
+        return TOP   # a complex value (its parts on the trailing axis): not a real expression's range
+    return _init_range(var.decl.init, p.ir.hypers)
 
 
 def _sub(n: Node, s, p) -> Range:

@@ -71,9 +71,23 @@ def _own_text(n: Node) -> str | None:
         return n.arg[0] if n.arg[1] == "prev" else f"{n.arg[0]}.{n.arg[1]}"
     if n.op == Op.CONST:
         return f"{n.arg:g}" if not isinstance(n.arg, tuple) else "arange"
-    if n.name and n.op not in (Op.INDEX,):
+    if n.name and (n.op != Op.INDEX or _is_part(n)):
         return n.name
-    return None
+    return n.label
+
+
+def _is_part(n: Node) -> bool:
+    """n is a part of a complex value (recdsl.ir: a param's `z.re`, a local's `w.im`): a
+    name with a dot, which no real value of the .rec text has."""
+    return bool(n.name) and "." in n.name and not n.name.endswith("'")
+
+
+def _complex_form(n: Node) -> str | None:
+    """How a plan shows a part of a complex value: its name (`Lambda_bar.re`) or the text it
+    came from (`exp(L * dt).re`), rather than the real arithmetic it expands to."""
+    if n.op in (Op.STATE, Op.PARAM, Op.INPUT, Op.CONST):
+        return None
+    return n.name if _is_part(n) else n.label
 
 
 def _compose(n: Node, s: list[str]) -> str:
@@ -115,6 +129,11 @@ def to_sympy(root: Node, variables: dict[int, sp.Symbol], expand_defs: bool,
     for n in order:
         if n.id in variables:
             memo[n.id] = variables[n.id]
+            continue
+        if not expand_defs and _complex_form(n):
+            # shown by its complex form (`Lambda_bar.re`), not by the real expansion of the
+            # complex arithmetic it came from (which runs to hundreds of characters)
+            memo[n.id] = sp.Symbol(_complex_form(n), real=True)
             continue
         op = n.op
         if op == Op.EXPAND:

@@ -1,6 +1,6 @@
 """Constraints on dimensions (`cell A(M, P) where 0 <= P <= M:`), zero-size dimensions, the
-param computations inv / solve / expm, and the hints for logsumexp(a, b) and complex
-numbers (docs/LANGUAGE.md: *Constraints on dimensions*, *Param computations*).
+param computations inv / solve / expm, and the hints for logsumexp(a, b) and for misplaced
+complex values (docs/LANGUAGE.md: *Constraints on dimensions*, *Param computations*).
 
 Errors are asserted on their type, line:col and message/hint substrings; the numerics of
 the new builtins against a hand-written float64 loop (outputs and the gradient of A), on
@@ -315,10 +315,12 @@ def test_a_maximum_over_an_empty_axis_is_a_located_error():
     ("logsumexp(a, 0)", (3, 16), "logsumexp takes 1 argument", "logsumexp(a, axis=0)"),
     ("amax(a, b)", (3, 16), "amax takes 1 argument", "max(a, b)"),
     ("logaddexp(a)", (3, 16), "logaddexp takes 2 arguments", "logsumexp(a)"),
-    ("a * 1j", (3, 20), "'1j' is a complex number; complex numbers are not in the language", "hr' = a*hr - b*hi"),
-    ("a * 2.5e-3J", (3, 20), "'2.5e-3J' is a complex number", "pair of real ones"),
-    ("complex(a, b)", (3, 16), "complex(...): complex numbers are not in the language", "pair of real ones"),
-    ("a.real", (3, 16), ".real: complex numbers are not in the language", "pair of real ones"),
+    # complex values are in the language (tests/frontend/test_complex.py); an output is real
+    ("a * 1j", (3, 16), "output y is complex; outputs are real tensors", "real(...)"),
+    ("a * 2.5e-3J", (3, 16), "output y is complex", "abs(...)"),
+    ("complex(a, b)", (3, 16), "output y is complex", "real(...)"),
+    ("a.real", (3, 16), ".real is not an attribute", "real(a)"),
+    ("angle(complex(a, b))", (3, 16), "angle(...) is not in the language", "exp(1j * theta)"),
 ])
 def test_hints(expr, line_col, message, hint):
     e = err(f"cell A(D):\n    input a[D], b[D]\n    output y = {expr}\n")

@@ -331,6 +331,15 @@ def load(source: str):
 
 # ---------------------------------------------------------------------------- the checks
 
+def renamed_key(mapping: dict[str, str], key: str) -> str:
+    """A state dict key (or a string literal of generated code) under a renaming of user names:
+    a part of a complex state, `h.re` (recdsl.ir.part_name), follows its state's name."""
+    if key in mapping:
+        return mapping[key]
+    base, dot, part = key.rpartition(".")
+    return mapping[base] + dot + part if dot and base in mapping else key
+
+
 def alpha_equivalent(orig: list, new: list, mapping: dict[str, str]) -> str | None:
     """None if `new` is `orig` under a one-to-one renaming of identifiers (string literals
     renamed by the user mapping), else where it is not."""
@@ -347,7 +356,7 @@ def alpha_equivalent(orig: list, new: list, mapping: dict[str, str]) -> str | No
             if back.setdefault(b, a) != a:
                 return f"{b!r} names both {back[b]!r} and {a!r} (a collision)"
         elif t1 == STRING:   # a user name as a key (X['x'], P0['W']) is renamed with the user's
-            renamed = a[0] + mapping.get(a[1:-1], a[1:-1]) + a[-1] if a[:1] in "'\"" else a
+            renamed = a[0] + renamed_key(mapping, a[1:-1]) + a[-1] if a[:1] in "'\"" else a
             if b not in (a, renamed):
                 return f"string {a!r} became {b!r}"
         elif a != b:
@@ -393,7 +402,7 @@ def _run(spec, backend, mapping, params, grads, layer=None):
         with torch.set_grad_enabled(grad):
             out, fin = layer(**{k: v.clone().requires_grad_(grad) for k, v in xs.items()}, state=st)
         out = out if isinstance(out, tuple) else (out,)
-        results.append((grad, [o.detach() for o in out], {inv[k]: v.detach() for k, v in fin.items()}))
+        results.append((grad, [o.detach() for o in out], {renamed_key(inv, k): v.detach() for k, v in fin.items()}))
     return results
 
 

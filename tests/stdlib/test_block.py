@@ -1,6 +1,9 @@
-"""stdlib/block (input-dependent block-diagonal transitions): load + classes, reference vs
-torch, and the papers' equations written here with explicit 2x2 block matrices."""
+"""stdlib/block (block transitions: input-dependent block-diagonal ones, and LSSL's dense one,
+a single N x N block): load + classes, reference vs torch, and the papers' equations written
+here with explicit block matrices."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from .common import B, T, ORACLE, P, check_backends, check_loads, close, family_
 EXPECTED = {
     "block_diag_lrnn": {"h1": PL.BLOCK_DIAGONAL, "h2": PL.BLOCK_DIAGONAL},
     "plstm1d": {"C0": PL.BLOCK_DIAGONAL, "C1": PL.BLOCK_DIAGONAL},
+    "lssl": {"x": PL.DENSE},                  # one dense N x N block, hoisted (solve of params)
 }
 
 
@@ -22,7 +26,7 @@ def test_family_is_complete():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_loads_and_classes(name):
     plan = check_loads(name, EXPECTED[name])
-    assert plan.stages[0].block == 2 and len(plan.stages) == 1
+    assert len(plan.stages) == 1 and (plan.stages[0].block == 2 or plan.stages[0].cls == PL.DENSE)
     assert plan.outputs[0].kind == "linear readout"
 
 
@@ -81,3 +85,35 @@ def test_plstm1d_matches_the_papers_equations():
                   + sc["d"][:, t, None] * (q[:, t] * k[:, t]).sum(-1, keepdim=True) * v[:, t])
         C = torch.einsum("bij,bjkv->bikv", Tm[:, t], C) + Sv[:, t, :, None, None] * kv[:, None]
     _cmp("plstm1d", layers, dict(q=q, k=k, v=v, **sc), torch.stack(ys, 1), {"C0": C[:, 0], "C1": C[:, 1]})
+
+
+def test_lssl_matches_the_papers_equations():
+    """Gu et al. 2021, Sec. 2-4: per feature an SSM x' = A x + B u, y = C x + D u, A starting at
+    HiPPO-LegS (A_nk = -sqrt(2n+1) sqrt(2k+1) below the diagonal, -(n+1) on it), discretised
+    by the bilinear transform A_bar = (I - dt/2 A)^-1 (I + dt/2 A), B_bar = (I - dt/2 A)^-1 dt B;
+    written here with explicit inverses, per feature (the cell's heads)."""
+    ORACLE["lssl"] = "bilinear-discretised SSM loop (Gu et al. 2021)"
+    N, H = 4, 3
+    layers = run_both("lssl", N=N, H=H)
+    with torch.no_grad():
+        for layer in layers:
+            layer.A_delta.copy_(rn(H, N, N, seed=4, scale=0.1))    # trained away from HiPPO
+            layer.log_dt.copy_(rn(H, seed=5, scale=0.3) - 1.0)     # larger steps: an informative test
+    L = layers[0]
+    hippo = torch.zeros(N, N, dtype=torch.float64)
+    for n in range(N):
+        for k in range(N):
+            hippo[n, k] = -math.sqrt((2 * n + 1) * (2 * k + 1)) if n > k else -(n + 1) if n == k else 0.0
+    A = hippo + P(L, "A_delta")                                                        # [H, N, N]
+    dt = torch.exp(P(L, "log_dt"))[:, None, None]
+    eye = torch.eye(N, dtype=torch.float64)
+    left = torch.linalg.inv(eye - dt / 2 * A)
+    A_bar = left @ (eye + dt / 2 * A)
+    B_bar = (left @ (dt * P(L, "B")[..., None]))[..., 0]                               # [H, N]
+    u = rn(B, T, H, seed=1)
+    x = torch.zeros(B, H, N, dtype=torch.float64)
+    ys = []
+    for t in range(T):
+        x = torch.einsum("hnk,bhk->bhn", A_bar, x) + B_bar * u[:, t, :, None]
+        ys.append((P(L, "C") * x).sum(-1) + P(L, "D") * u[:, t])
+    _cmp("lssl", layers, {"u": u}, torch.stack(ys, 1), {"x": x})

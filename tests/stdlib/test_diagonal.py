@@ -1,7 +1,7 @@
 """stdlib/diagonal: load + classes, reference vs torch, and an oracle per cell:
 accelerated-scan's reference scan (accelerated_scan.ref.scan) fed with the gates and
 tokens computed here from the paper's equations, fla's naive HGRN, complex-number loops
-(LRU, GateLoop) and the convolution view of time-invariant SSMs (S4D, MEGA's EMA)."""
+(LRU, GateLoop, S5) and the convolution view of time-invariant SSMs (S4D, MEGA's EMA)."""
 from __future__ import annotations
 
 import math
@@ -28,6 +28,7 @@ EXPECTED = {
     "s4d": {"h": PL.DIAGONAL},
     "gateloop": {"Sr": PL.BLOCK_DIAGONAL, "Si": PL.BLOCK_DIAGONAL},
     "mega_ema": {"h": PL.DIAGONAL},
+    "s5": {"x.re": PL.BLOCK_DIAGONAL, "x.im": PL.BLOCK_DIAGONAL},   # a complex state: its parts
 }
 
 
@@ -47,7 +48,7 @@ def test_loads_and_classes(name):
 
 def test_readouts():
     from recdsl import load
-    for name in ("mingru", "minlstm", "qrnn", "rglru", "hgrn", "mamba", "s4d", "mega_ema", "lru", "gateloop"):
+    for name in ("mingru", "minlstm", "qrnn", "rglru", "hgrn", "mamba", "s4d", "mega_ema", "lru", "gateloop", "s5"):
         assert load(name).plan().outputs[0].kind == "linear readout", name
     assert load("sru").plan().outputs[0].kind == "epilogue"      # r * tanh(c') + (1 - r) * x
 
@@ -253,3 +254,30 @@ def test_mega_ema_matches_its_convolution_kernel():
     x = rn(B, T, D, seed=1)
     hT = sum(a * P(L, "beta") * (1 - a * d) ** (T - 1 - j) * x[:, j, :, None] for j in range(T))
     _check("mega_ema", layers, {"x": x}, _causal_conv(kern, x), {"h": hT})
+
+
+def test_s5_matches_a_complex_loop():
+    """Smith et al. 2023, Eqs. (2)-(6), with complex numbers: Lambda_bar = exp(Lambda Delta),
+    B_bar = (Lambda_bar - 1) / Lambda * B~ (ZOH), x_k = Lambda_bar x_{k-1} + B_bar u_k,
+    y_k = Re(C~ x_k) + D u_k. The complex params are stored with a trailing axis of 2, which
+    torch.view_as_complex reads; the complex state comes back as its parts x.re, x.im."""
+    ORACLE["s5"] = "complex128 loop (Smith et al. 2023)"
+    H, Pn = 3, 4
+    layers = run_both("s5", H=H, P=Pn)
+    with torch.no_grad():                          # larger steps than the init: an informative test
+        for layer in layers:
+            layer.log_step.copy_(rn(Pn, seed=5, scale=0.5) - 1.0)
+    L = layers[0]
+    lam = torch.view_as_complex(P(L, "Lambda").contiguous())                         # [P]
+    Bc, Cc = torch.view_as_complex(P(L, "B").contiguous()), torch.view_as_complex(P(L, "C").contiguous())
+    delta = torch.exp(P(L, "log_step"))
+    lam_bar = torch.exp(lam * delta)
+    B_bar = ((lam_bar - 1) / lam)[:, None] * Bc                                       # [P, H]
+    u = rn(B, T, H, seed=1)
+    x = torch.zeros(B, Pn, dtype=torch.complex128)
+    ys = []
+    for t in range(T):
+        x = lam_bar * x + u[:, t].to(torch.complex128) @ B_bar.T
+        ys.append((x @ Cc.T).real + P(L, "D") * u[:, t])
+    assert lam_bar.imag.abs().max() > 0.1                                             # rotations are exercised
+    _check("s5", layers, {"u": u}, torch.stack(ys, 1), {"x.re": x.real, "x.im": x.imag})
