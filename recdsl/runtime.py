@@ -42,6 +42,7 @@ class RecModule(nn.Module):
         self.default_reverse = _flag(reverse, "reverse")
         dims = dict(dims)
         self.heads = self._resolve_heads(cell, dims, heads)
+        self._lowered_with = dict(dims)
         self.ir: IRCell = lower(cell, dims)
         self.dims = dict(self.ir.dims)
         self.backend_name = self._pick_backend(backend)
@@ -60,7 +61,9 @@ class RecModule(nn.Module):
 
     # ------------------------------------------------------------------ set-up
     # Generated code lives in no importable module: pickling drops it and loading re-creates
-    # it from the IR (the .rec text is in self.spec); deepcopy shares it (it holds no state).
+    # it, and the IR, from the checked cell in self.spec (IR node ids are per process: an
+    # unpickled IR would collide with the nodes a new process makes); deepcopy shares them
+    # (they hold no state).
     _GENERATED = ("compiled", "_program", "_step_fn")
 
     def _build_program(self) -> None:
@@ -74,10 +77,11 @@ class RecModule(nn.Module):
             self._step_fn, _ = reference.build_step(self.ir)
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in self._GENERATED}
+        return {k: v for k, v in self.__dict__.items() if k not in self._GENERATED + ("ir",)}
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.ir = lower(self.spec.cell, self._lowered_with)
         self._build_program()
 
     def __deepcopy__(self, memo):
