@@ -407,6 +407,8 @@ void grad_SFX({sig}) {{
                 if term is not None:
                     pending[s].append(term)
         self.aliases = self._same_adjoints(leaf_adj, root)
+        unread = {g for k in self.aliases for _, g in leaf_adj[("seq", k)]}   # the aliased input's copies
+        lines = [line for line in lines if line.split(" = ")[0].split()[-1] not in unread]
         stores, reductions, simd = [], [], True
         for k in range(len(self.updates)):
             got = [g for _, g in leaf_adj.pop(("state", k), [])]
