@@ -17,7 +17,7 @@ from recdsl.analysis.symbolic import max_err, random_leaves
 from recdsl.ir import Node, Op
 from recdsl.torch_expr import compile_nodes
 
-VALUE = """cell T(K, c=8.0, lower_bound=0.0, rate=0.9):
+VALUE = """cell T(K, c=8.0, lower_bound=0.0, rate=0.9) where K >= 3:
     input z[K], u[K], x[K], g[K], k[K]
     param gamma[] = 0.9
     param w[K] ~ uniform(-1.0, 2.0)
