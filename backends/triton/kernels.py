@@ -17,11 +17,20 @@ OWN = Caps(reverse="kernel", varlen="kernel", heads=True, grad=True, dtypes=("fl
 STEPWISE = torch_kernels.CAPS
 
 
+CHUNKWISE = (ChunkDiag, ChunkDelta, HouseholderProducts, ChunkDPLR)
+
+
 def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
-    """The sequential kernel holds the stage's states and recurrent weights in registers."""
+    """The sequential kernel holds the stage's states and recurrent weights in registers.
+    A linear stage with a chunkwise form keeps that form (borrowed from torch until the
+    Triton chunkwise kernels exist): a time loop with one program per row and head
+    leaves most of a GPU idle and trains far slower than chunks of matmuls."""
+    from recdsl.lowering import candidates
     from recdsl.torch_expr import SourceNotes
 
     from .seq_kernels import NotEligible, SeqKernel
+    if any(isinstance(c, CHUNKWISE) for c in candidates(ctx, ctx.plan.stages[form.stage])):
+        return "a linear stage with a chunkwise form: that form runs (a time loop would leave the GPU idle)"
     try:
         SeqKernel(ctx.ir, ctx.plan.stages[form.stage], list(form.core), SourceNotes(ctx.ir))
     except NotEligible as why:
