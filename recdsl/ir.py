@@ -126,6 +126,7 @@ class IRCell:
     # complex state -> the IR names of its parts (`h` -> ("h.re", "h.im")); complex params
     complex_states: dict[str, tuple[str, str]] = field(default_factory=dict)
     complex_params: set = field(default_factory=set)
+    _sizes: dict = field(default_factory=dict, repr=False, compare=False)   # concrete()'s memo
 
     @property
     def name(self) -> str:
@@ -139,10 +140,16 @@ class IRCell:
         return toposort(list(self.updates.values()) + list(self.outputs.values()))
 
     def shape_of(self, node: Node) -> tuple[int, ...]:
-        return tuple(d.evaluate(self.dims) for d in node.shape)
+        return self.concrete(node.shape)
 
     def concrete(self, shape) -> tuple[int, ...]:
-        return tuple(d.evaluate(self.dims) for d in shape)
+        """The sizes of a symbolic shape under self.dims (remembered: a decode step asks for
+        the same few shapes every call, and each evaluation is exact rational arithmetic)."""
+        key = tuple(shape)
+        got = self._sizes.get(key)
+        if got is None:
+            got = self._sizes[key] = tuple(d.evaluate(self.dims) for d in key)
+        return got
 
 
 @dataclass(frozen=True, eq=False)

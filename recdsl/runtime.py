@@ -229,9 +229,9 @@ class RecModule(nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise RecError(f"input {name} must be a torch.Tensor, got {type(x).__name__}")
             want = heads + self.ir.concrete(var.shape)
-            layout = "[B" + ("" if per_step else ", T") + (", heads" if heads else "") + \
-                     "".join(f", {d}" for d in var.shape) + "]"
             if x.dim() != nlead + len(want) or tuple(x.shape[nlead:]) != want:
+                layout = "[B" + ("" if per_step else ", T") + (", heads" if heads else "") + \
+                         "".join(f", {d}" for d in var.shape) + "]"
                 raise RecError(f"input {name} has shape {list(x.shape)}, expected {layout} = "
                                f"[{', '.join(['B'] + ([] if per_step else ['T']) + [str(w) for w in want])}]")
             if lead is None:
@@ -243,26 +243,35 @@ class RecModule(nn.Module):
                 raise RecError(f"input {name} must be floating point, got {x.dtype}")
         return lead
 
+    def _state_shapes(self, batch: int) -> dict[str, tuple]:
+        """Each entry of the state dict and its shape (a complex state: its two parts)."""
+        lead = (batch,) + ((self.heads,) if self.heads else ())
+        out = {}
+        for name, var in self.spec.cell.states.items():
+            shape = lead + self.ir.concrete(var.shape)
+            out.update({key: shape for key in self.ir.complex_states.get(name, (name,))})
+        return out
+
     def _check_state(self, state, batch: int, dtype, device) -> dict[str, torch.Tensor]:
-        init = self.initial_state(batch, dtype, device)
         if state is None:
-            return init
+            return self.initial_state(batch, dtype, device)
         if not isinstance(state, dict):
             raise RecError("state must be a dict {name: tensor}, as returned by forward")
+        want = self._state_shapes(batch)
         out = {}
-        for name, t0 in init.items():
+        for name, shape in want.items():
             if name not in state:
-                raise RecError(f"state dict lacks {name}", hint="states: " + ", ".join(init))
+                raise RecError(f"state dict lacks {name}", hint="states: " + ", ".join(want))
             t = state[name]
             if not isinstance(t, torch.Tensor):
                 raise RecError(f"state {name} must be a torch.Tensor, got {type(t).__name__}",
-                               hint=f"shape {list(t0.shape)}, as forward returns it")
+                               hint=f"shape {list(shape)}, as forward returns it")
             if not t.is_floating_point():
                 raise RecError(f"state {name} must be floating point, got {t.dtype}")
-            if tuple(t.shape) != tuple(t0.shape):
-                raise RecError(f"state {name} has shape {list(t.shape)}, expected {list(t0.shape)}")
+            if tuple(t.shape) != shape:
+                raise RecError(f"state {name} has shape {list(t.shape)}, expected {list(shape)}")
             out[name] = t.to(dtype)
-        extra = [n for n in state if n not in init]
+        extra = [n for n in state if n not in want]
         if extra:
             raise RecError(f"state dict has unknown entries {', '.join(extra)}")
         return out
