@@ -249,10 +249,8 @@ def bench(target, dims, T_list, B, backend_list, train, plot_path, repeat, cell,
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from . import bench as B_
-    from .pipeline import BUILT
 
     if repeat < 1:
         raise RecError(f"--repeat: {repeat} is not positive", hint="e.g. --repeat 5")
@@ -264,30 +262,10 @@ def bench(target, dims, T_list, B, backend_list, train, plot_path, repeat, cell,
         torch.set_num_threads(threads)
     Ts = _parse_ints(T_list, "--T")
     gpu = torch.cuda.is_available()
-    if backend_list is None:
-        wanted = ["torch", "reference"] + (["triton"] if gpu else [])
-    else:
-        wanted = list(dict.fromkeys(b.strip() for b in backend_list.split(",") if b.strip()))
-        if not wanted:
-            raise RecError("--backends: no backend given", hint="built: " + ", ".join(BUILT))
-        for b in wanted:
-            if b not in BUILT:
-                import difflib
-                close = difflib.get_close_matches(b, BUILT, n=1)
-                raise RecError(f"--backends: unknown backend '{b}'",
-                               hint=(f"did you mean {close[0]}? " if close else "") + "built: " + ", ".join(BUILT))
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if "triton" in wanted and not gpu and not interpret:
-        raise RecError("--backends: the triton backend runs on a CUDA GPU, and there is none here",
-                       hint="drop triton from --backends, or set TRITON_INTERPRET=1 to run it in Triton's "
-                            "interpreter (seconds a step: useless for timing)")
+    wanted = _bench_backends(backend_list, gpu, interpret)
     if plot_path is not None:
-        parent = Path(plot_path).resolve().parent
-        if not parent.is_dir():
-            raise RecError(f"--plot: no folder {parent}", hint="create it first, or give another path")
-        import importlib.util
-        if importlib.util.find_spec("matplotlib") is None:
-            raise RecError("--plot needs matplotlib", hint="pip install matplotlib")
+        _bench_check_plot(plot_path)
 
     spec = _bench_spec(target, cell)
     values = _bench_dims(spec, _parse_dims(dims))
@@ -325,6 +303,46 @@ def bench(target, dims, T_list, B, backend_list, train, plot_path, repeat, cell,
         result = B_.measure(contenders, lambda T: B_.make_inputs(layers["reference"], B, T, shaped=True, device=device),
                             Ts, modes, repeat, sync, tick=lambda name: bar.update(task, advance=1, description=name))
 
+    _bench_report(result, spec, values, B, repeat, device, plot_path)
+
+
+def _bench_backends(backend_list, gpu: bool, interpret: bool) -> list[str]:
+    """The backends --backends names (default: torch and reference, triton on a GPU)."""
+    from .pipeline import BUILT
+    if backend_list is None:
+        return ["torch", "reference"] + (["triton"] if gpu else [])
+    wanted = list(dict.fromkeys(b.strip() for b in backend_list.split(",") if b.strip()))
+    if not wanted:
+        raise RecError("--backends: no backend given", hint="built: " + ", ".join(BUILT))
+    for b in wanted:
+        if b not in BUILT:
+            import difflib
+            close = difflib.get_close_matches(b, BUILT, n=1)
+            raise RecError(f"--backends: unknown backend '{b}'",
+                           hint=(f"did you mean {close[0]}? " if close else "") + "built: " + ", ".join(BUILT))
+    if "triton" in wanted and not gpu and not interpret:
+        raise RecError("--backends: the triton backend runs on a CUDA GPU, and there is none here",
+                       hint="drop triton from --backends, or set TRITON_INTERPRET=1 to run it in Triton's "
+                            "interpreter (seconds a step: useless for timing)")
+    return wanted
+
+
+def _bench_check_plot(plot_path: str) -> None:
+    parent = Path(plot_path).resolve().parent
+    if not parent.is_dir():
+        raise RecError(f"--plot: no folder {parent}", hint="create it first, or give another path")
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RecError("--plot needs matplotlib", hint="pip install matplotlib")
+
+
+def _bench_report(result, spec, values: dict, B: int, repeat: int, device: str, plot_path) -> None:
+    """The table (and the plot) of one `recdsl bench` run."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import bench as B_
     out = Console(width=None if Console().is_terminal else 160)
     shape = f"B={B} " + " ".join(f"{k}={v}" for k, v in values.items())
     out.print(f"{spec.name} ({spec.filename}), {shape}, device {device}", highlight=False, soft_wrap=True)
@@ -347,6 +365,7 @@ def bench(target, dims, T_list, B, backend_list, train, plot_path, repeat, cell,
     if plot_path is not None:
         B_.plot(result, plot_path, f"{spec.name}: {shape}, {device} ({torch.get_num_threads()} threads)")
         out.print(f"plot: {plot_path}", highlight=False, soft_wrap=True)
+
 
 
 def _fuzz_mutants(n: int, seed: int, backends: list[str], paths: list[str], out: str, err) -> None:
