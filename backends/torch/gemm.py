@@ -111,4 +111,6 @@ def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> t
     flat = x.reshape(-1, x.shape[-1])
     if not _fast(flat, W):
         return torch.nn.functional.linear(x, W, b)
-    return _Linear.apply(flat, W, b).view(tuple(x.shape[:-1]) + (W.shape[0],))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, W, b))
+    out = _Linear.apply(flat, W, b) if grad else mm_t(flat, W, b)   # inference: no autograd node
+    return out.view(tuple(x.shape[:-1]) + (W.shape[0],))
