@@ -395,14 +395,20 @@ class RecModule(nn.Module):
                 if xs[n].dim() != 3 + len(want) or tuple(xs[n].shape[3:]) != want or xs[n].shape[:3] != first.shape[:3]:
                     raise RecError(f"input {n} has shape {list(xs[n].shape)}, expected [B, X, Y"
                                    + "".join(f", {d}" for d in var.shape) + "]")
-            outs, states = graph.run_grid(self.ir, xs, params, init, dtype, bool(self.heads))
+            if hasattr(self._program, "run_graph"):   # a compiled backend's grid kernel (torch.wavefront)
+                outs, states = self._program.run_graph(xs, params, init, None, dtype)
+            else:
+                outs, states = graph.run_grid(self.ir, xs, params, init, dtype, bool(self.heads))
         else:
             if edges is None:
                 raise RecError(f"cell {cell.name} runs over a DAG: give its edges, forward(..., edges=[[src, dst], ...])")
             edges = torch.as_tensor(edges, dtype=torch.long)
             if edges.dim() != 2 or edges.shape[-1] != 2:
                 raise RecError(f"edges must be [E, 2] (source, target), got shape {list(edges.shape)}")
-            outs, states = graph.run_dag(self.ir, xs, params, init, edges, dtype)
+            if hasattr(self._program, "run_graph"):   # a compiled backend's DAG kernel (torch.level_sync)
+                outs, states = self._program.run_graph(xs, params, init, edges, dtype)
+            else:
+                outs, states = graph.run_dag(self.ir, xs, params, init, edges, dtype)
         return self._pack(outs, first.dtype), states
 
     def step(self, state: dict | None = None, **inputs):

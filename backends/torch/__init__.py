@@ -15,14 +15,17 @@ NAME = "torch"
 
 
 def supports(ir: IRCell) -> str | None:
-    if ir.over != "seq":
-        return (f"the torch backend runs sequences; `over {ir.over}` "
-                f"(line {ir.checked.ast.span.line}) arrives with the grid/DAG backend")
-    return None
+    if ir.over not in ("seq", "grid2d", "dag"):
+        return f"the torch backend runs sequences, grids and DAGs, not `over {ir.over}`"
+    return None   # grids and DAGs: graph.py (torch.wavefront / torch.level_sync)
 
 
 def emit(plan, selection):
     """(source text, emitter) for the cell, as the selection says each stage runs."""
+    if plan.ir.over != "seq":   # grids and DAGs: no generated sequence code, graph.py runs them
+        from .graph import GraphProgram
+        gp = GraphProgram(plan, selection)
+        return gp.source, gp
     from .codegen import Emitter
     em = Emitter(plan.ir, plan, selection)
     return em.program(), em
@@ -52,4 +55,7 @@ class Program:
 
 
 def build(ir: IRCell, plan, selection) -> Program:
+    if ir.over != "seq":
+        from .graph import GraphProgram
+        return GraphProgram(plan, selection)
     return Program(plan, selection)

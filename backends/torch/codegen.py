@@ -174,6 +174,11 @@ class Emitter:
         for s in choice.states:
             self.seq_name(self.ir.updates[s])
 
+    def _stage_graph(self, choice: Choice):
+        """Grids and DAGs (torch.wavefront / torch.level_sync) run in graph.py, not in
+        generated sequence code: build() makes a GraphProgram for them."""
+        self.emit(f"raise RuntimeError('over {self.ir.over}: {choice.kernel.name} runs in backends/torch/graph.py')")
+
     def _lifted(self, n: Node | None, rank: int, default: str) -> str:
         if n is None:
             return default

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 
 from recdsl.lowering import (BlockScan, Caps, ChunkDelta, ChunkDiag, ChunkDPLR, DenseSemiringScan, ElementScan,
-                             HouseholderProducts, Kernel, Registry, SequentialLoop, Vectorised)
+                             HouseholderProducts, Kernel, LevelSync, Registry, SequentialLoop, Vectorised, Wavefront)
 
 CAPS = Caps(reverse="runtime", varlen="runtime", heads=True, grad=True, dtypes=("float32", "float64"))
 
@@ -105,6 +105,11 @@ REGISTRY = Registry("torch", (
            "_stage_dense_semiring", CAPS, explain=_dense_semiring_explain),
     Kernel(SequentialLoop, "torch.c_loop", "the stage's time loop as generated C (OpenMP), forward and backward "
            "(hoisted work precomputed)", "_stage_c_loop", CAPS, accepts=_c_loop_why_not, explain=_c_loop_explain),
+    Kernel(Wavefront, "torch.wavefront", "grid2d by anti-diagonals: all cells x + y = d in one set of torch ops "
+           "over B x the diagonal's cells, d = 0 .. X+Y-2, left/up from diagonal d-1 (graph.py); autograd backward",
+           "_stage_graph", CAPS),
+    Kernel(LevelSync, "torch.level_sync", "dag by topological levels: a level's nodes in one set of torch ops, "
+           "sum_in an index_add over their in-edges, memory O(E) (graph.py); autograd backward", "_stage_graph", CAPS),
     Kernel(SequentialLoop, "torch.loop", "a per-step torch loop over the stage's recurrent core (hoisted work "
            "precomputed); backward a reverse loop of per-step VJPs", "_stage_loop", CAPS),
 ))

@@ -18,8 +18,8 @@ NAME = "triton"
 
 
 def supports(ir: IRCell) -> str | None:
-    if ir.over != "seq":
-        return f"the triton backend runs sequences; `over {ir.over}` runs on the reference backend"
+    if ir.over not in ("seq", "grid2d", "dag"):
+        return f"the triton backend runs sequences, grids and DAGs, not `over {ir.over}`"
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - triton is a dependency
@@ -29,6 +29,10 @@ def supports(ir: IRCell) -> str | None:
 
 def emit(plan, selection):
     """(kernel module text, driver source, emitter)."""
+    if plan.ir.over != "seq":   # grids and DAGs: the borrowed torch graph kernels (backends/torch/graph.py)
+        from ..torch.graph import GraphProgram
+        gp = GraphProgram(plan, selection)
+        return "", gp.source, gp
     from .codegen import TritonEmitter
     em = TritonEmitter(plan.ir, plan, selection)
     driver = em.program()
@@ -72,6 +76,9 @@ class Program:
 
 
 def build(ir: IRCell, plan, selection) -> Program:
+    if ir.over != "seq":
+        from ..torch.graph import GraphProgram
+        return GraphProgram(plan, selection)
     return Program(plan, selection)
 
 

@@ -29,6 +29,8 @@ def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
     from recdsl.torch_expr import SourceNotes
 
     from .seq_kernels import NotEligible, SeqKernel
+    if ctx.ir.over != "seq":   # a grid / DAG runs on the borrowed torch.wavefront / torch.level_sync
+        return f"over {ctx.ir.over}: the sequential kernel runs sequences"
     if any(isinstance(c, CHUNKWISE) for c in candidates(ctx, ctx.plan.stages[form.stage])):
         return "a linear stage with a chunkwise form: that form runs (a time loop would leave the GPU idle)"
     try:
@@ -62,4 +64,5 @@ REGISTRY = Registry("triton", (
     _borrowed(HouseholderProducts),
     _borrowed(ChunkDPLR),
     _borrowed(torch_kernels.DenseSemiringScan),
+    _borrowed(torch_kernels.Wavefront), _borrowed(torch_kernels.LevelSync),   # grids and DAGs: torch's graph.py
 ))

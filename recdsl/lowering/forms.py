@@ -193,3 +193,18 @@ class SequentialLoop(Form):
 
     def summary(self) -> str:
         return f"{self.title} over the recurrent core ({len(self.core)} nodes a step)"
+
+
+@dataclass(frozen=True)
+class Wavefront(Form):
+    """A cell `over grid2d` (any update, nonlinear too) by anti-diagonals: every cell (x, y)
+    with x + y = d at once, d = 0 .. X+Y-2, reading its left / up neighbours' new states
+    from diagonal d-1 (the whole cell: all its stages in one sweep)."""
+    title: ClassVar[str] = "wavefront over anti-diagonals"
+
+
+@dataclass(frozen=True)
+class LevelSync(Form):
+    """A cell `over dag` level-synchronously: the nodes of one topological level at once,
+    sum_in(...) an index_add over their in-edges (the whole cell: all its stages)."""
+    title: ClassVar[str] = "level-synchronous over topological levels"

@@ -12,7 +12,7 @@ from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.types import ONE, broadcast
 
 from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, DenseSemiringScan, ElementScan, HouseholderProducts,
-                    Readout, Rejection, SequentialLoop, Vectorised)
+                    LevelSync, Readout, Rejection, SequentialLoop, Vectorised, Wavefront)
 
 # The largest state a dense semiring stage scans in parallel as [N, N] matrix products (N^3
 # work a step against the matrix-vector loop's N^2, for log T depth instead of T).
@@ -169,6 +169,9 @@ class Context:
 def candidates(ctx: Context, sp: P.StagePlan) -> list:
     """The stage's candidate forms (and rejections), best first."""
     key = (sp.index, tuple(sp.states))
+    if ctx.ir.over in ("grid2d", "dag"):   # the whole cell in one sweep (a grid / DAG kernel), else cell by cell
+        sweep = Wavefront(*key) if ctx.ir.over == "grid2d" else LevelSync(*key)
+        return [sweep, SequentialLoop(*key, core=tuple(ctx.cores[sp.index]))]
     if sp.cls == P.HOISTED:
         return [Vectorised(*key)]
     loop = SequentialLoop(*key, core=tuple(ctx.cores[sp.index]))

@@ -91,9 +91,8 @@ def test_runs_on_reference(examples, name):
 
 
 @pytest.mark.parametrize("name", ["PLSTM2D", "PLSTMGraph", "TreeLSTM"])
-def test_grid_and_dag_cells_run_on_reference_and_torch_says_why_not(examples, name):
+def test_grid_and_dag_cells_run_on_torch_by_default(examples, name):
     spec = recdsl.load(examples[name])
-    layer = spec(**spec.analysis_dims())  # auto: the reference runs grids and DAGs
-    assert layer.backend_name == "reference"
-    with pytest.raises(recdsl.RecError, match="the torch backend runs sequences"):
-        spec(backend="torch", **spec.analysis_dims())
+    layer = spec(**spec.analysis_dims())  # auto: torch runs grids (wavefront) and DAGs (level-synchronous)
+    assert layer.backend_name == "torch"
+    assert spec(backend="reference", **spec.analysis_dims()).backend_name == "reference"
