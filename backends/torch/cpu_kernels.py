@@ -31,7 +31,7 @@ from . import kcache
 from .double_backward import recompute_vjp, wants_graph
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCE = CSRC / "scans.c"
+SOURCES = (CSRC / "scans.c", CSRC / "semiring.c")   # one library: the scans and the dense semiring loops
 _lock = threading.Lock()
 _lib = None
 _error: str | None = None
@@ -65,7 +65,8 @@ FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-
 SYMBOLS = tuple(f"{name}_{sfx}" for sfx in ("f32", "f64")
                 for name in [f"{k}_{d}" for k in ("diag", "diagexp", "maxplus", "lse", "block") for d in ("fwd", "bwd")]
                 + ["matdiag_fwd", "delta_fwd", "vdecay_fwd", "vdecay_bwd", "trisolve", "delta_carry_fwd",
-                   "delta_carry_bwd", "transpose"])
+                   "delta_carry_bwd", "transpose"]
+                + [f"dense_semiring_{d}" for d in ("fwd", "bwd")])
 
 
 def machine_tag(cc: str, flags: list[str]) -> bytes:
@@ -78,14 +79,14 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc/clang) found")
-    src = SOURCE.read_bytes() + (CSRC / "vmath.h").read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES) + (CSRC / "vmath.h").read_bytes()
     key = hashlib.sha256(src + machine_tag(cc, FLAGS)).hexdigest()[:16]
 
     def build(out: Path) -> None:
-        r = subprocess.run([cc, *FLAGS, f"-I{CSRC}", str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
+        r = subprocess.run([cc, *FLAGS, f"-I{CSRC}", *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True,
                            text=True)
         if r.returncode != 0:
-            raise kcache.BuildError(f"compiling {SOURCE.name} failed: {r.stderr.strip()[:500]}")
+            raise kcache.BuildError(f"compiling {', '.join(f.name for f in SOURCES)} failed: {r.stderr.strip()[:500]}")
 
     return kcache.load_library(f"scans-{key}", build, SYMBOLS)
 

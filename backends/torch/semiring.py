@@ -27,13 +27,9 @@ Layouts here: rows r = batch x heads. M / A per step [R, T, N, N] or, for the lo
 transition shared by every row of a head [H, N, N]; b [R, T, N]; h0 [R, N]; h [R, T, N]."""
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import threading
-
 import torch
 
-from . import kcache
+from . import cpu_kernels
 from .double_backward import recompute_vjp, wants_graph
 from .seq_rt import lift
 
@@ -204,7 +200,7 @@ class _Loop(torch.autograd.Function):
         Ac, bc, h0c = (t.contiguous() for t in (A, b, h0))
         R, T, N = bc.shape
         h = torch.empty_like(bc)
-        _call("dense_semiring_fwd", bc.dtype, _KIND[kind], Ac, int(shared), A.shape[0] if shared else 1, bc, h0c, h,
+        cpu_kernels._call("dense_semiring_fwd", bc.dtype, _KIND[kind], Ac, int(shared), A.shape[0] if shared else 1, bc, h0c, h,
               R, T, N)
         ctx.kind, ctx.shared = kind, shared
         ctx.save_for_backward(A, b, h0, h)
@@ -223,7 +219,7 @@ class _Loop(torch.autograd.Function):
         H = A.shape[0] if ctx.shared else 1
         dA = h.new_empty((R, N, N) if ctx.shared else (R, T, N, N))
         db, dh0 = torch.empty_like(h), torch.empty_like(h0c)
-        _call("dense_semiring_bwd", h.dtype, _KIND[ctx.kind], Ac, int(ctx.shared), H, h0c, h, gc, dA, db, dh0,
+        cpu_kernels._call("dense_semiring_bwd", h.dtype, _KIND[ctx.kind], Ac, int(ctx.shared), H, h0c, h, gc, dA, db, dh0,
               R, T, N)
         if ctx.shared:
             dA = dA.reshape(R // H, H, N, N).sum(0)
@@ -232,67 +228,9 @@ class _Loop(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- the C library
 
-_KIND = {"lse": 0, "maxplus": 1}
-SYMBOLS = tuple(f"dense_semiring_{d}_{sfx}" for d in ("fwd", "bwd") for sfx in ("f32", "f64"))
-_lock = threading.Lock()
-_lib = None
-_error: str | None = None
-
-
-def _build() -> ctypes.CDLL:
-    from .cpu_kernels import CSRC, FLAGS, _compiler, machine_tag
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc/clang) found")
-    source = CSRC / "semiring.c"
-    text = source.read_bytes() + (CSRC / "vmath.h").read_bytes()
-    key = hashlib.sha256(text + machine_tag(cc, FLAGS)).hexdigest()[:16]
-
-    def build(out) -> None:
-        import subprocess
-        r = subprocess.run([cc, *FLAGS, f"-I{CSRC}", str(source), "-o", str(out), "-lm"], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            raise kcache.BuildError(f"compiling {source.name} failed: {r.stderr.strip()[:500]}")
-
-    return kcache.load_library(f"semiring-{key}", build, SYMBOLS)
-
-
-def library():
-    """The loaded library, or None (the reason in `unavailable_reason()`)."""
-    global _lib, _error
-    with _lock:
-        if _lib is None and _error is None:
-            try:
-                _lib = _build()
-            except Exception as e:  # no compiler, no OpenMP, no usable directory: the torch loop runs
-                _error = str(e)
-    return _lib
-
-
-def unavailable_reason() -> str | None:
-    library()
-    return _error
-
-
-def _forget() -> None:
-    global _lib, _error
-    with _lock:
-        _lib = _error = None
-
-
-kcache.on_reset(_forget)
+_KIND = {"lse": 0, "maxplus": 1}   # the C library (csrc/semiring.c, built with the scans: cpu_kernels)
 
 
 def _c_usable(*ts) -> bool:
-    from .cpu_kernels import _compiler
     return all(t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu" for t in ts) \
-        and len({t.dtype for t in ts}) == 1 and _compiler() is not None and library() is not None
-
-
-_SFX = {torch.float32: "f32", torch.float64: "f64"}
-
-
-def _call(name: str, dtype, *args) -> None:
-    fn = getattr(library(), f"{name}_{_SFX[dtype]}")
-    fn(*[ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int64(int(a)) for a in args])
+        and len({t.dtype for t in ts}) == 1 and cpu_kernels.available()
