@@ -44,15 +44,24 @@ def as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def compare_backends(spec, dims, backend, B=2, T=11, dtype=None, seed=0, grads=True, heads=None, **call):
-    """Run `backend` and `reference` on the same random data; return the max abs errors of
-    outputs, final states and gradients (inputs and params)."""
+def paired_layers(spec, backend, dims, heads=None, dtype=None, seed=0):
+    """(reference layer, `backend` layer) with the same parameters (drawn under `seed`), float64
+    unless `dtype` says otherwise."""
     import torch
     dtype = dtype or torch.float64
     torch.manual_seed(seed)
     ref = spec(backend="reference", heads=heads, **dims).to(dtype)
     other = spec(backend=backend, heads=heads, **dims).to(dtype)
     other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+def compare_backends(spec, dims, backend, B=2, T=11, dtype=None, seed=0, grads=True, heads=None, **call):
+    """Run `backend` and `reference` on the same random data; return the max abs errors of
+    outputs, final states and gradients (inputs and params)."""
+    import torch
+    dtype = dtype or torch.float64
+    ref, other = paired_layers(spec, backend, dims, heads, dtype, seed)
     xs = random_inputs(spec, ref, B, T, dtype, seed)
     xs = {k: v.requires_grad_() for k, v in xs.items()} if grads else xs
     o1, s1 = ref(**xs, **call)

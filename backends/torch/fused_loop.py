@@ -396,9 +396,9 @@ void grad_SFX({sig}) {{
             if not terms or (n.op == Op.CONST and not n.shape):
                 continue
             g = f"a{len(lines)}"
-            root[g] = root.get(terms[0], terms[0]) if len(terms) == 1 and terms[0] in root else g
+            root[g] = root[terms[0]] if len(terms) == 1 and terms[0] in root else g
             where = self.notes(n, with_text=False)
-            lines.append(f"        T_ {g} = {' + '.join(terms)};" + (f"  /* d {where} */" if where else ""))
+            lines.append((g, f"        T_ {g} = {' + '.join(terms)};" + (f"  /* d {where} */" if where else "")))
             slot = self._leaf_slot(n)
             if slot is not None:
                 leaf_adj[slot].append((key[1], g))
@@ -408,7 +408,7 @@ void grad_SFX({sig}) {{
                     pending[s].append(term)
         self.aliases = self._same_adjoints(leaf_adj, root)
         unread = {g for k in self.aliases for _, g in leaf_adj[("seq", k)]}   # the aliased input's copies
-        lines = [line for line in lines if line.split(" = ")[0].split()[-1] not in unread]
+        lines = [line for g, line in lines if g not in unread]
         stores, reductions, simd = [], [], True
         for k in range(len(self.updates)):
             got = [g for _, g in leaf_adj.pop(("state", k), [])]
@@ -811,7 +811,7 @@ class FusedLoop(CompiledLoop):
         for t in range(T):
             x_t = [x[:, t if x.shape[1] > 1 else 0] for x in xs]
             x_t = [x[..., 0] if n.rank == 0 else x for x, n in zip(x_t, self.seqs)]
-            x_t = [x.bool() if n.is_bool else x for x, n in zip(x_t, self.seqs)]   # a mask: where() wants bool
+            x_t = as_bool(x_t, self.seqs)
             new = step(x_t + P + st, 2, dtype, s0[0].device)
             st = [v.expand(B, NH, H) for v in new]
             seqs.append(st)
@@ -849,6 +849,13 @@ class _FusedFunction(torch.autograd.Function):
         k = len(loop.states)
         got = loop.backward(dims, *_split(inputs, n), seqs, gms, list(grads[:k]), list(grads[k:]))
         return (None, None) + tuple(g if need else None for g, need in zip(got, ctx.needs_input_grad[2:]))
+
+
+def as_bool(values: list, nodes: list) -> list:
+    """Boolean leaves (a hoisted mask such as arange(H) >= 1) back as bool for the torch
+    twins: the C loops read every leaf in the compute dtype, torch.where wants a bool
+    condition."""
+    return [v.bool() if n.is_bool else v for v, n in zip(values, nodes)]
 
 
 def _weight_param(n: Node) -> Node | None:

@@ -56,7 +56,7 @@ from recdsl.torch_expr import SourceNotes, compile_nodes
 
 from .c_adjoint import source_terms
 from .double_backward import recompute_vjp, wants_graph
-from .fused_loop import C_BINARY, C_UNARY, CompiledLoop, NotEligible, build_library
+from .fused_loop import C_BINARY, C_UNARY, CompiledLoop, NotEligible, as_bool, build_library
 
 # torch.maximum / minimum propagate NaN; C's `a > b ? a : b` would drop it (fused_loop's
 # table; it does not matter to lanes of finite gates, but here the result is torch's).
@@ -969,18 +969,12 @@ class GeneralLoop(CompiledLoop):
         for t in range(T):
             prev = [st[self.states.index(n.arg[0])] for n in self.state_leaves]
             xs = [x[:, t if x.shape[1] > 1 else 0] for x in seqs]
-            new = self._torch_step(prev + _as_bool(P, self.params) + _as_bool(xs, self.seqs), 2, dtype, s0[0].device)
+            new = self._torch_step(prev + as_bool(P, self.params) + as_bool(xs, self.seqs), 2, dtype, s0[0].device)
             new = [torch.as_tensor(v, dtype=dtype).expand((B, NH) + shape) for v, shape in zip(new, shapes)]
             st = new[:len(self.states)]
             for a, v in zip(acc, new):
                 a.append(v)
         return tuple(torch.stack(a, 1) for a in acc)
-
-
-def _as_bool(values: list, nodes: list) -> list:
-    """Boolean leaves (a hoisted mask such as arange(H) >= 1) back as bool: the C loop reads
-    every leaf in the compute dtype, torch.where in the torch step wants a bool condition."""
-    return [v.bool() if n.is_bool else v for v, n in zip(values, nodes)]
 
 
 class _LoopFunction(torch.autograd.Function):

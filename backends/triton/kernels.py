@@ -25,13 +25,12 @@ def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
     A linear stage with a chunkwise form keeps that form (borrowed from torch until the
     Triton chunkwise kernels exist): a time loop with one program per row and head
     leaves most of a GPU idle and trains far slower than chunks of matmuls."""
-    from recdsl.lowering import candidates
     from recdsl.torch_expr import SourceNotes
 
     from .seq_kernels import NotEligible, SeqKernel
     if ctx.ir.over != "seq":   # a grid / DAG runs on the borrowed torch.wavefront / torch.level_sync
         return f"over {ctx.ir.over}: the sequential kernel runs sequences"
-    if any(isinstance(c, CHUNKWISE) for c in candidates(ctx, ctx.plan.stages[form.stage])):
+    if any(isinstance(c, CHUNKWISE) for c in ctx.plan.candidates[form.stage]):   # matched once, by lower()
         return "a linear stage with a chunkwise form: that form runs (a time loop would leave the GPU idle)"
     try:
         SeqKernel(ctx.ir, ctx.plan.stages[form.stage], list(form.core), SourceNotes(ctx.ir))

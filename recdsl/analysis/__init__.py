@@ -21,7 +21,7 @@ import re
 import time
 
 from .. import plan as P
-from ..ir import IRCell, Node, Op
+from ..ir import IRCell, Node, Op, toposort
 from ..types import ONE
 from . import stages as S
 from .locality import local_axis
@@ -86,7 +86,6 @@ def _ranges(ir: IRCell, stage_plans) -> list[str]:
 
 
 def _describe_hoisted(n: Node) -> str:
-    from ..ir import toposort
     text = show(n)
     if not any(x.op == Op.INPUT for x in toposort([n])):
         kind = "once per call: reads no input"
@@ -167,7 +166,6 @@ def _classify(ir: IRCell, k: int, states: list[str], graph, verify: bool) -> P.S
 
 
 def _leaves_of(n: Node) -> list[Node]:
-    from ..ir import toposort
     return [x for x in toposort([n]) if not x.srcs]
 
 
@@ -213,7 +211,6 @@ def _diagonal_plan(ir, plan, s, a, b, verify):
 def has_outer(n: Node | None) -> bool:
     if n is None:
         return False
-    from ..ir import toposort
     return any(x.op == Op.OUTER for x in toposort([n]))
 
 
@@ -469,7 +466,6 @@ def _nonlinear_plan(ir, plan, an, states, updates, degs):
 
 
 def _first_nonlinear(an: StageAnalysis, n: Node) -> str:
-    from ..ir import toposort
     for x in toposort([n]):
         if an.degree(x) == NONLINEAR and all(an.degree(s) <= AFFINE for s in x.srcs):
             where = f" (line {x.span.line})" if x.span else ""

@@ -114,10 +114,9 @@ def _indexed(n: Node, pos: int) -> object:
         if item is None:
             out_axis += 1
             continue
-        if src_axis == target:
-            whole = isinstance(item, slice) and item == slice(None) or (
-                isinstance(item, slice) and (item.start in (None, 0)) and item.step in (None, 1)
-                and n.shape[out_axis] == src.shape[src_axis])
+        if src_axis == target:   # kept only whole: a shifted or partial slice moves the index
+            whole = isinstance(item, slice) and item.start in (None, 0) and item.step in (None, 1) \
+                and n.shape[out_axis] == src.shape[src_axis]
             return out_axis - n.rank if whole else MIXED
         out_axis += 0 if isinstance(item, int) else 1
         src_axis += 1

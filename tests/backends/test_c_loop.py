@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import recdsl
-from helpers import ROOT, as_tuple, random_inputs
+from helpers import ROOT, as_tuple, paired_layers, random_inputs
 from recdsl.backends.torch.fused_loop import FusedLoop, toolchain_missing
 from recdsl.backends.torch.kernels import compiled_loop
 from recdsl.lowering import SequentialLoop
@@ -47,11 +47,7 @@ cell LaneShapes(D, H):
 
 def _pair(src, dims, heads=None):
     spec = recdsl.load(src)
-    torch.manual_seed(0)
-    ref = spec(backend="reference", heads=heads, **dims).double()
-    fast = spec(backend="torch", heads=heads, **dims).double()
-    fast.load_state_dict(ref.state_dict())
-    return spec, ref, fast
+    return (spec, *paired_layers(spec, "torch", dims, heads))
 
 
 def _grads(layer, xs, loss_of):

@@ -91,8 +91,9 @@ def test_child_sum_tree_lstm():
         assert torch.allclose(st["c"][:, node], c[node], atol=1e-12)
 
 
-def test_dag_errors():
-    layer = recdsl.load(EX["TreeLSTM"])(D=2, H=2)
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dag_errors(backend):
+    layer = recdsl.load(EX["TreeLSTM"])(D=2, H=2, backend=backend)
     x = torch.randn(1, 3, 2)
     with pytest.raises(recdsl.RecError, match="give its edges"):
         layer(x=x)

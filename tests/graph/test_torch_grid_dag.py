@@ -135,17 +135,6 @@ def test_plstm_graph_level_sync_matches_the_reference(graph):
     assert set(forms) == {LevelSync} and set(ran) == {"torch.level_sync"}
 
 
-def test_dag_errors_on_torch():
-    layer = recdsl.load(EX["TreeLSTM"])(D=2, H=2, backend="torch")
-    x = torch.randn(1, 3, 2)
-    with pytest.raises(recdsl.RecError, match="give its edges"):
-        layer(x=x)
-    with pytest.raises(recdsl.RecError, match="cycle"):
-        layer(x=x, edges=[(0, 1), (1, 2), (2, 0)])
-    with pytest.raises(recdsl.RecError, match="not between two distinct nodes"):
-        layer(x=x, edges=[(0, 5)])
-
-
 def test_triton_borrows_the_graph_kernels():
     from recdsl.backends.triton.kernels import REGISTRY
     names = {k.name: k for k in REGISTRY.kernels}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import recdsl
-from helpers import as_tuple, random_inputs
+from helpers import as_tuple, paired_layers, random_inputs
 from recdsl.lowering import SequentialLoop
 from recdsl.pipeline import emit_cell
 
@@ -164,11 +164,7 @@ CELLS = {
 def _pair(name, heads=None):
     src, dims = CELLS[name]
     spec = recdsl.load(src)
-    torch.manual_seed(0)
-    ref = spec(backend="reference", heads=heads, **dims).double()
-    tri = spec(backend="triton", heads=heads, **dims).double()
-    tri.load_state_dict(ref.state_dict())
-    return spec, ref, tri
+    return (spec, *paired_layers(spec, "triton", dims, heads))
 
 
 def _initial_state(spec, ref, B, seed=5):
