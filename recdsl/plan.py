@@ -59,6 +59,7 @@ class Plan:
     ir: object = field(default=None, repr=False)   # the (rewritten) IR the plan describes
     warnings: list[str] = field(default_factory=list)   # e.g. a state that may grow without bound
     verified: bool = False            # the sympy / float64 checks ran (stage.checks)
+    stability: object = None          # grids and DAGs: recdsl.analysis.stability.Stability (pLSTM's P-/D-mode)
     candidates: list = field(default_factory=list, repr=False)   # per stage: lowering forms, best first
     selections: dict = field(default_factory=dict)  # backend -> recdsl.lowering.Selection (what runs)
 
@@ -124,6 +125,8 @@ def render(plan: Plan, verbose: bool = True) -> str:
         else:
             lines.append(f"  backend {b}: runs this cell" + ("; reverse and cu_seqlens in its kernels"
                                                             if sel.native and not sel.oracle else ""))
+    if plan.stability is not None:
+        lines.append(f"  stability: {plan.stability.summary}")
     for w in plan.warnings:
         lines.append(f"  warning: {w}")
     return "\n".join(lines)

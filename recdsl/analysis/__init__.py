@@ -9,6 +9,8 @@
                   and float64 spot checks on random values
     readouts      which outputs read their stage's state linearly (fusable)
     ranges        the value range of every decay; a warning where a state may grow without bound
+    stability     grids and DAGs: pLSTM's P-mode / D-mode conditions; a warning where long-range
+                  propagation may explode
 
 What runs each stage, on each backend, is decided after the analysis, by recdsl.lowering
 (forms, matchers, kernel registries, select): the analysis imports no backend.
@@ -27,6 +29,7 @@ from . import stages as S
 from .locality import local_axis
 from .linear import AFFINE, FREE, NONLINEAR, StageAnalysis, Term, add, mul
 from .ranges import describe, log_form, transition_warning
+from .stability import stability
 from .symbolic import (NotElementwise, combine_is_associative, is_zero, lift, max_err, node_text, random_leaves,
                        show, to_sympy)
 
@@ -53,8 +56,12 @@ def analyze(ir: IRCell, trace: dict | None = None, verify: bool = True) -> P.Pla
     warnings = _ranges(ir, stage_plans)
     trace["ranges"] = "\n".join(f"stage {s.index}: {s.decay_range}" for s in stage_plans if s.decay_range) \
         + "".join(f"\nwarning: {w}" for w in warnings) or "(no decays)"
+    stable = stability(ir, {s.index: s.states for s in stage_plans if s.cls != P.HOISTED})
+    trace["stability"] = stable.text if stable is not None else "(over a sequence, or nothing propagates linearly)"
+    if stable is not None and stable.warning():
+        warnings.append(stable.warning())
     plan = P.Plan(ir.name, dict(ir.dims), ir.over, stage_plans, outputs, hoisted, ir=ir, verified=verify,
-                  warnings=warnings)
+                  warnings=warnings, stability=stable)
     plan.seconds = time.perf_counter() - t0
     return plan
 

@@ -53,7 +53,8 @@ def main() -> int:
         "",
         f"Sequence cells: {sum(summary.values())} ("
         + ", ".join(f"{k}: {v}" for k, v in sorted(summary.items())) + "); the DAG cells of `stdlib/dag/`",
-        "(pLSTM 2-D, pLSTM on a graph, Tree-LSTM) are not in this table.",
+        "(pLSTM 2-D in P-mode and in D-mode, pLSTM on a graph, Tree-LSTM, the 2-D LSTM of Graves et al.) are not in",
+        "this table; their oracles are in `tests/graph/`.",
         "",
         "Columns: *class* is `plan.classes()` with the stage detail; *best form* is the stage's",
         "first candidate lowering form; *torch* / *triton* are the kernels each backend's selection runs",

@@ -31,7 +31,7 @@ def test_every_sequence_cell_is_tested_by_its_family():
 
 
 def test_the_dag_cells_stay():
-    assert {"plstm2d", "plstm_graph", "tree_lstm"} <= set(stdlib_files())
+    assert {"plstm2d", "plstm2d_dmode", "plstm_graph", "tree_lstm", "mdlstm2d"} <= set(stdlib_files())
 
 
 def test_docstrings_name_the_variant():
