@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import ast as A
+from . import torch_compile
 from .builtins import DISTRIBUTIONS
 from .checker import MAX_DIM, MAX_NUMEL, ConstFolder, NotConstant
 from .errors import RecError
@@ -72,6 +73,7 @@ class RecModule(nn.Module):
         self.generated = self._program.source
         # step() (one step, for decoding) runs the reference's generated step; reuse it if built
         self._step_fn = getattr(self._program, "step", None)
+        self._compile_sig = torch_compile.register(self)   # its handle for recdsl::layer_forward (torch.compile)
         if self._step_fn is None and self.ir.over == "seq":
             from .backends import reference
             self._step_fn, _ = reference.build_step(self.ir)
@@ -90,6 +92,7 @@ class RecModule(nn.Module):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new._compile_sig = torch_compile.register(new)
         return new
 
     @staticmethod
@@ -286,6 +289,8 @@ class RecModule(nn.Module):
             names = ", ".join(f"{n}=..." for n in self.spec.cell.inputs)
             raise RecError(f"cell {self.spec.name} takes its inputs by name, not by position",
                            hint=f"call it as layer({names}), with state=, reverse=, cu_seqlens= by name too")
+        if torch.compiler.is_compiling():   # one opaque op per call: recdsl/torch_compile.py
+            return torch_compile.forward(self, state, reverse, cu_seqlens, edges, inputs)
         if self.ir.over != "seq":
             return self._forward_graph(inputs, edges)
         if edges is not None:

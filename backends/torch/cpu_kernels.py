@@ -92,8 +92,12 @@ def _build() -> ctypes.CDLL:
 
 
 def library():
-    """The loaded library, or None (and the reason in `unavailable_reason()`)."""
+    """The loaded library, or None (and the reason in `unavailable_reason()`). Once loaded,
+    no lock: every C call of a forward asks (and recdsl::layer_forward under torch.compile)."""
     global _lib, _error
+    lib = _lib
+    if lib is not None:
+        return lib
     with _lock:
         if _lib is None and _error is None:
             try:
