@@ -305,15 +305,19 @@ class Emitter:
         fl, reads = compiled_loop(self.ir, states, core), []
         if not isinstance(fl, FusedLoop):
             fl, reads = self._with_readouts(choice, fl)
+        for fold in getattr(fl, "folds", {}).values():
+            self._bind_folded(fold)
         fn = None if reads else _StepFunction(self, states, core)   # binds the values the torch step reads
         self.fused.append(fl)
         k = len(self.fused) - 1
         fvar, ffin = self.fresh("fused"), self.fresh("fused", "final")
-        args = ", ".join(self.seq_name(n) for n in fl.seqs)
+        args = ", ".join(self.seq_name(n) for n in getattr(fl, "seq_args", fl.seqs))
         self.header_reads |= {"X0", "NS"}   # FL[k].run reads them
         self.emit(f"{fvar} = None")
         self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
-        self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", indent=2)
+        folds = list(getattr(fl, "folds", {}).values())   # the run computes these projections: their .rec line
+        self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", folds[0].seq if folds else None,
+                  indent=2)
         if fn is not None:
             for s in states:
                 self.emit(f"{fn.svar[s]} = {ffin}[{s!r}]", indent=2)
@@ -332,6 +336,15 @@ class Emitter:
             name = self.fresh("readout")
             self.emit(f"{name} = {fvar}[{i}]", r)
             self.seq[r.id] = name
+
+    def _bind_folded(self, fold):
+        """A projection W @ x + b that the C loop computes itself (fused_loop.plan_folds): the
+        loop is given x; the projection is only built where the torch loop runs instead, so
+        its name stands for the expression, written where it is read."""
+        x = self.seq_name(fold.x)
+        parts = [f"P0[{fold.weight.arg!r}]", x] + [f"P0[{b.arg!r}]" for b in fold.biases]
+        self.seq[fold.seq.id] = (f"rt.param_linear({', '.join(parts)})" if fold.biases
+                                 else f"rt.param_matvec({parts[0]}, {x})")
 
     def _with_readouts(self, choice: Choice, loop):
         """(the general loop with the outputs it can compute per step, those outputs): the
