@@ -42,7 +42,7 @@ from .double_backward import recompute_vjp, wants_graph
 
 C_UNARY = {
     Op.NEG: "(-{0})", Op.EXP: "EXP({0})", Op.LOG: "LOG({0})", Op.LOG1P: "LOG1P({0})", Op.EXPM1: "EXPM1({0})",
-    Op.SIGMOID: "(ONE / (ONE + EXP(-({0}))))", Op.TANH: "TANH({0})", Op.ABS: "FABS({0})",
+    Op.SIGMOID: "SIGM({0})", Op.TANH: "TANH({0})", Op.ABS: "FABS({0})",
     Op.SQRT: "SQRT({0})", Op.RSQRT: "(ONE / SQRT({0}))", Op.SIN: "SIN({0})", Op.COS: "COS({0})",
     Op.RELU: "({0} > 0 ? {0} : 0)", Op.SIGN: "(T_)(({0} > 0) - ({0} < 0))",
     Op.SILU: "({0} / (ONE + EXP(-({0}))))",
@@ -628,7 +628,7 @@ def _used(text: str, decls: list[str]) -> str:
 _MACRO_NAMES = ("EXP", "LOG", "LOG1P", "EXPM1", "TANH", "FABS", "SQRT", "SIN", "COS", "POW", "ERF", "ONE", "SIGM")
 _MACROS32 = ("#define EXP vexpf\n#define LOG logf\n#define LOG1P log1pf\n#define EXPM1 expm1f\n#define TANH vtanhf\n"
              "#define FABS fabsf\n#define SQRT sqrtf\n#define SIN sinf\n#define COS cosf\n#define POW powf\n"
-             "#define ERF erff\n#define ONE 1.0f\n#define SIGM(x) (ONE / (ONE + EXP(-(x))))\n")
+             "#define ERF erff\n#define ONE 1.0f\n#define SIGM vsigmoidf\n")
 _MACROS64 = ("#define EXP exp\n#define LOG log\n#define LOG1P log1p\n#define EXPM1 expm1\n#define TANH tanh\n"
              "#define FABS fabs\n#define SQRT sqrt\n#define SIN sin\n#define COS cos\n#define POW pow\n"
              "#define ERF erf\n#define ONE 1.0\n#define SIGM(x) (ONE / (ONE + EXP(-(x))))\n")

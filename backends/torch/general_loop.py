@@ -801,7 +801,7 @@ _MATH32 = "".join(f"#define {m} {f}\n" for m, f in zip(_NAMES, (
 _MATH64 = "".join(f"#define {m} {f}\n" for m, f in zip(_NAMES, (
     "exp", "log", "log1p", "expm1", "tanh", "fabs", "sqrt", "sin", "cos", "pow", "erf", "1.0", "LAE_d")))
 # fused_loop's tables may also write SIGM(x) for a sigmoid
-_MATH32 += "#define SIGM(x) (ONE / (ONE + EXP(-(x))))\n"
+_MATH32 += "#define SIGM vsigmoidf\n"
 _MATH64 += "#define SIGM(x) (ONE / (ONE + EXP(-(x))))\n"
 _UNDEF = "".join(f"#undef {m}\n" for m in _NAMES + ("SIGM",))
 SYMBOLS = ("loop_f32", "loop_f64", "back_f32", "back_f64")

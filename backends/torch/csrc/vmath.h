@@ -9,8 +9,7 @@
  * about 1 ulp on [-87, 88]; 0 below, inf above). libm's expf is not vectorised without
  * -ffast-math, which would also break the -inf identities the semiring scans rely on; this
  * one vectorises with -fno-trapping-math -fno-math-errno, which keep IEEE inf and NaN. */
-static inline float vexpf(float x) {
-    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+static inline float vexpf_core(float xc) {   /* xc in [-87, 88] */
     float n = floorf(xc * 1.44269504088896341f + 0.5f);
     float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
     float z = r * r;
@@ -20,11 +19,19 @@ static inline float vexpf(float x) {
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    float out = y * scale;
+    return y * scale;
+}
+static inline float vexpf(float x) {
+    float out = vexpf_core(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
     out = x > 88.0f ? INFINITY : out;
     return x < -87.0f ? 0.0f : out;
 }
+/* exp saturating at e^-87 and e^88 instead of 0 and inf: for sigmoid and tanh, whose
+ * results are the same to float precision (1 / (1 + e^88) is 0 to within 1e-38), and two
+ * selects per call cheaper (a tenth of an LSTM step's gate math). */
+static inline float vexpf_sat(float x) { return vexpf_core(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x)); }
+static inline float vsigmoidf(float x) { return 1.0f / (1.0f + vexpf_sat(-x)); }
 /* tanh through exp (absolute error ~1e-7 in float), vectorisable like vexpf. */
-static inline float vtanhf(float x) { return 1.0f - 2.0f / (vexpf(2.0f * x) + 1.0f); }
+static inline float vtanhf(float x) { return 1.0f - 2.0f / (vexpf_sat(2.0f * x) + 1.0f); }
 
 #endif
