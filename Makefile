@@ -5,9 +5,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED := ../shared
 
-.PHONY: demo test test-slow setup clean
+.PHONY: demo test test-slow setup browser clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# Headless Chromium for the inspection page's browser test (tests/frontend/test_inspect_chromium.py):
+# Debian's package, installed when missing (as root, or with sudo that asks no password).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null 2>&1 && \
+	    $(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+	  echo "note: chromium could not be installed; tests/frontend/test_inspect_chromium.py needs it"
 
 # torch first, CPU build from the local wheel; then the project (editable) with its test extras.
 $(VENV)/.installed: pyproject.toml

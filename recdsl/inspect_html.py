@@ -224,12 +224,13 @@ header p{margin:2px 0 0;color:#bbb;font-size:12px}
 .scroll{position:relative;overflow:auto;max-height:70vh;font:12px/1.45 ui-monospace,Menlo,Consolas,monospace}
 .left .scroll{max-height:calc(100vh - 60px)}
 .panes{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
+/* child selectors below: a pygments Name token is a span of class "n" too */
 .l{display:flex;white-space:pre;cursor:default}.l[data-rec]{cursor:pointer}
-.l .n{flex:0 0 3.2em;text-align:right;padding-right:8px;color:#999;user-select:none;text-decoration:none}
-.l .r,.l .r0{flex:0 0 auto;min-width:2.2em;margin-right:6px;color:#6a5acd;text-decoration:none;font-size:11px}
-.l .r+.r{min-width:0;margin-left:-4px}
-.l .t{flex:1}
-.l:hover{background:#f3f6ff}.l.hit{background:#fff3b0}.l.hit .n{color:#b8860b;font-weight:bold}
+.l>.n{flex:0 0 3.2em;text-align:right;padding-right:8px;color:#999;user-select:none;text-decoration:none}
+.l>.r,.l>.r0{flex:0 0 auto;min-width:2.2em;margin-right:6px;color:#6a5acd;text-decoration:none;font-size:11px}
+.l>.r+.r{min-width:0;margin-left:-4px}
+.l>.t{flex:1}
+.l:hover{background:#f3f6ff}.l.hit{background:#fff3b0}.l.hit>.n{color:#b8860b;font-weight:bold}
 .cell{margin-bottom:24px}.cell>h2{font-size:16px;margin:4px 0 8px}
 .plan{background:#fff;border:1px solid #ddd;border-radius:4px;padding:6px 12px;margin-bottom:12px}
 .plan h4{margin:10px 0 4px}.plan h5{margin:8px 0 2px;font-size:13px}

@@ -1,5 +1,5 @@
 """`recdsl inspect FILE --html OUT`: the page's DOM (parsed with html.parser). A rendered
-screenshot in headless Chromium is not taken here (no browser on the test machines)."""
+screenshot in headless Chromium: test_inspect_chromium.py."""
 from __future__ import annotations
 
 from html.parser import HTMLParser
@@ -40,7 +40,7 @@ class Dom(HTMLParser):
         if tag == "link":
             self.external.append(str(a))
         if tag == "div" and "l" in (a.get("class") or "").split():
-            self._line = {"id": a.get("id"), "rec": a.get("data-rec"), "links": []}
+            self._line = {"id": a.get("id"), "rec": a.get("data-rec"), "links": [], "classes": a["class"].split()}
             self.lines.append(self._line)
 
     def handle_endtag(self, tag):
@@ -121,10 +121,11 @@ def test_plan_and_selections_appear(page):
 
 
 def test_chunkwise_page_shows_the_rejected_candidate(tmp_path):
-    # gla on triton: the chunkwise form is passed over (no triton kernel), the element scan runs
-    dom, _ = _page("gla", tmp_path)
+    # retnet on triton: the chunkwise form (a decay of unknown sign) is passed over by
+    # triton.chunk_diag, with its reason, and the element scan runs
+    dom, _ = _page("retnet", tmp_path)
     words = "".join(dom.text)
-    assert "chunkwise diagonal decay" in words and "no triton kernel for this form" in words
+    assert "chunkwise diagonal decay" in words and "a decay of unknown sign" in words
     assert "torch.chunk_diag" in words and "triton.scan" in words
 
 
