@@ -45,6 +45,12 @@ class Program:
               "RAN": self.ran}
         exec(compile(self.source, f"<recdsl torch {plan.ir.name}>", "exec"), ns)
         self.fn = ns["forward"]
+        # layer.step(): one C call per token where the cell is one lane loop, else (no
+        # attribute) the runtime runs the reference's step
+        loop = fused_loop.FusedStep.eligible(plan.ir, em.fused, len(plan.stages))
+        if loop is not None:
+            from ..reference import build_step
+            self.step = fused_loop.FusedStep(plan.ir, loop, build_step(plan.ir)[0])
 
     def run(self, xs, st, params, heads, dtype, device):
         nb = 2 if heads else 1

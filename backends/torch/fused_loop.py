@@ -256,7 +256,7 @@ class _Gen:
         self.nparams, self.nseq = nparams, nseq
         outs = [self.val(u, 0) for u in updates]
         body = "\n".join(self.lines)   # one lane of the step
-        fn = self._forward_fn(outs, body) + self._backward_fn()
+        fn = self._forward_fn(outs, body) + self._backward_fn() + self._step_fn(outs, body)
         halves = []
         for sfx, T_, macros, lae in (("f32", "float", _MACROS32, "LAE_f"), ("f64", "double", _MACROS64, "LAE_d")):
             halves.append(macros + f"#define LAE {lae}\n" + (GEMM + fn).replace("SFX", sfx).replace("T_", T_)
@@ -414,6 +414,67 @@ void loop_SFX({sig}) {{
   }}
 }}
 """
+
+    def _step_fn(self, outs: list[str], body: str) -> str:
+        """step_*: one step for decoding (layer.step). The weights are read as stored, each
+        once, so they are not packed: every GEMM output is a dot product of a state row with
+        a weight row (dots_*); a folded GEMM starts from its bias plus the projection of this
+        step's x. Threads only where the step's multiply-adds pay for two barriers."""
+        ns, ng = len(outs), len(self.gemm_len)
+        sig = ", ".join([f"const T_* prev_{k}, T_* next_{k}" for k in range(ns)]
+                        + [f"T_* gm_{k}, const T_* w_{k}, int64_t wh_{k}" + (
+                            f", const T_* px_{k}, const T_* pw_{k}, int64_t pwh_{k}, const T_* pb_{k}, int64_t pbs_{k}"
+                            if k in self.folds else "") for k in range(ng)]
+                        + [f"const void* pp_{k}" for k in range(self.nparams)]
+                        + [f"view_t in_{k}" for k in range(self.nseq)]
+                        + ["int64_t B", "int64_t NH", "int64_t nthreads"])
+        split = "\n".join(self._step_gemm(k, L, j) for k, (L, j) in enumerate(zip(self.gemm_len, self.gemm_src)))
+        stores = "\n".join(f"          row_next_{k}[i] = {v};" for k, v in enumerate(outs))
+        rows = _used(body + stores,
+                     [f"const T_* restrict row_prev_{k} = prev_{k} + bh * H;" for k in range(ns)]
+                     + [f"T_* restrict row_next_{k} = next_{k} + bh * H;" for k in range(ns)]
+                     + [f"const T_* restrict row_gm_{k} = gm_{k} + bh * {L};" for k, L in enumerate(self.gemm_len)]
+                     + [f"const T_* restrict row_in_{k} = (const T_*)in_{k}.p + b * in_{k}.sb + hd * in_{k}.sh;"
+                        for k in range(self.nseq)])
+        return f"""
+void step_SFX({sig}) {{
+  const int64_t H = {self.H};
+  #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {{
+{split}
+    #pragma omp barrier
+    #pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * NH; bh++) {{
+      int64_t b = bh / NH, hd = bh % NH;
+{rows}
+      #pragma omp simd
+      for (int64_t i = 0; i < H; i++) {{
+{body}
+{stores}
+      }}
+    }}
+  }}
+}}
+"""
+
+    def _step_gemm(self, k: int, L: int, j: int) -> str:
+        """GEMM k of one step: gm [B * NH, L] = state j @ W^T (+ a folded projection's
+        b + x W_x^T first), the threads splitting the outputs into blocks of 16 per head."""
+        project = ""
+        if k in self.folds:
+            D = self.folds[k]
+            project = f"""
+        dots_SFX(px_{k} + hd * {D}, NH * {D}, B, pw_{k} + (pwh_{k} == 1 ? 0 : hd) * L * {D} + c0 * {D}, {D},
+                 c1 - c0, {D}, gm_{k} + hd * L + c0, NH * L, pb_{k} + hd * pbs_{k} + c0, 0);   /* b + x W_x^T */"""
+        return f"""    {{
+      const int64_t L = {L}, blocks = (L + 15) / 16;
+      #pragma omp for schedule(static) nowait
+      for (int64_t job = 0; job < NH * blocks; job++) {{
+        int64_t hd = job / blocks, c0 = (job % blocks) * 16, c1 = c0 + 16 < L ? c0 + 16 : L;{project}
+        dots_SFX(prev_{j} + hd * H, NH * H, B, w_{k} + (wh_{k} == 1 ? 0 : hd) * L * H + c0 * H, H,
+                 c1 - c0, H, gm_{k} + hd * L + c0, NH * L, NULL, {int(k in self.folds)});
+      }}
+    }}"""
 
     def _prefetch(self, rows: str, lengths: dict[str, int], step: str, valid: str) -> str:
         """Software prefetch of another step's rows that this thread's share of the lane loop
@@ -711,6 +772,45 @@ static void row1_SFX(const T_* restrict a, int64_t K, const T_* restrict wp, T_*
   store_SFX(c, acc[0], nc);
 }
 
+/* c[r][j] = (c[r][j] if accumulate, else bias[j] if given, else 0) + a[r, :] . w[j, :] for m rows
+   of a and n rows of w (both K long, rows contiguous): the decode step's GEMMs, on weights as
+   stored. mr rows of a against 4 rows of w, vectors along k; then one horizontal sum each. */
+static inline __attribute__((always_inline)) void dot_block_SFX(int mr, const T_* restrict a, int64_t lda,
+    const T_* restrict w, int64_t ldw, int nw, int64_t K, T_* restrict c, int64_t ldc, const T_* bias, int accumulate) {
+  vec_SFX acc[4][4];
+  for (int i = 0; i < mr; i++) for (int j = 0; j < 4; j++) acc[i][j] = (vec_SFX){0};
+  const T_* wr[4];
+  for (int j = 0; j < 4; j++) wr[j] = w + (j < nw ? j : 0) * ldw;     /* short blocks repeat a row */
+  int64_t k = 0;
+  for (; k + VL_SFX <= K; k += VL_SFX) {
+    vec_SFX wv[4];
+    for (int j = 0; j < 4; j++) wv[j] = *(const uvec_SFX*)(wr[j] + k);
+    for (int i = 0; i < mr; i++) {
+      vec_SFX av = *(const uvec_SFX*)(a + i * lda + k);
+      for (int j = 0; j < 4; j++) acc[i][j] += av * wv[j];
+    }
+  }
+  for (int i = 0; i < mr; i++)
+    for (int j = 0; j < nw; j++) {
+      T_ sum = 0;
+      for (int v = 0; v < VL_SFX; v++) sum += acc[i][j][v];
+      for (int64_t kk = k; kk < K; kk++) sum += a[i * lda + kk] * wr[j][kk];
+      T_* out = c + i * ldc + j;
+      *out = (accumulate ? *out : bias ? bias[j] : 0) + sum;
+    }
+}
+
+static void dots_SFX(const T_* restrict a, int64_t lda, int64_t m, const T_* restrict w, int64_t ldw, int64_t n,
+                     int64_t K, T_* restrict c, int64_t ldc, const T_* bias, int accumulate) {
+  for (int64_t j = 0; j < n; j += 4) {
+    int nw = n - j < 4 ? (int)(n - j) : 4;
+    const T_* bj = bias ? bias + j : NULL;
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) dot_block_SFX(4, a + r * lda, lda, w + j * ldw, ldw, nw, K, c + r * ldc + j, ldc, bj, accumulate);
+    for (; r < m; r++) dot_block_SFX(1, a + r * lda, lda, w + j * ldw, ldw, nw, K, c + r * ldc + j, ldc, bj, accumulate);
+  }
+}
+
 /* forward panel p of a weight W [N, K] (rows contiguous): out[k][j] = W[p * NR + j][k], zero past row N */
 static void pack_rows_SFX(const T_* restrict w, int64_t N, int64_t K, int64_t p, T_* restrict out) {
   for (int64_t j = 0; j < NR_SFX; j++) {
@@ -764,7 +864,8 @@ def build_library(src: str, stem: str, symbols: tuple[str, ...]) -> ctypes.CDLL:
 
 def _compile(src: str) -> ctypes.CDLL:
     """The lane loop's library (forward, backward, panel width; float and double)."""
-    return build_library(src, "loop", ("loop_f32", "loop_f64", "grad_f32", "grad_f64", "nr_f32", "nr_f64"))
+    return build_library(src, "loop", ("loop_f32", "loop_f64", "grad_f32", "grad_f64", "step_f32", "step_f64",
+                                       "nr_f32", "nr_f64"))
 
 
 def usable(dtype, *tensors) -> bool:
@@ -1010,6 +1111,52 @@ class FusedLoop(CompiledLoop):
         d_x = [dx.sum_to_size(x.shape) for dx, x in zip(dxs, xs)]
         return d_x + d_p + d_w + d_s0 + d_proj
 
+    def step(self, X: dict, S: dict, P0: dict, heads: bool, dtype) -> dict:
+        """One step for decoding, in one C call (step_*): X the step's inputs [B, (NH,) ...],
+        S the states [B, (NH,) H]; returns the new states. The caller (FusedStep) checked
+        that every seq leaf is an input or a projection of one."""
+        vp, c_int = ctypes.c_void_p, ctypes.c_int64
+        first = S[self.states[0]]
+        B, H = first.shape[0], first.shape[-1]
+        NH = first.shape[1] if heads else 1
+        keep, args, nxt = [], [], []
+        for s in self.states:
+            prev = S[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H).contiguous()
+            new = torch.empty((B * NH, H), dtype=dtype)
+            keep.append(prev)
+            nxt.append(new)
+            args += [vp(prev.data_ptr()), vp(new.data_ptr())]
+        for k, g in enumerate(self.gemms):
+            w = _weight(g.srcs[0], P0).to(dtype)
+            w = (_per_head(w, 2, heads, NH) if heads and w.dim() == 3 else w).contiguous()
+            gm = torch.empty((B * NH, self.ir.shape_of(g)[0]), dtype=dtype)
+            keep += [w, gm]
+            args += [vp(gm.data_ptr()), vp(w.data_ptr()), c_int(1 if w.dim() == 2 else w.shape[0])]
+            if k in self.folds:
+                fold = self.folds[k]
+                x = _step_rows(X[fold.x.arg].to(dtype), heads, B, NH).contiguous()
+                pw, bias = self._projection(fold, P0, dtype, heads, NH)
+                keep += [x, pw, bias]
+                args += [vp(x.data_ptr()), vp(pw.data_ptr()), c_int(1 if pw.dim() == 2 else pw.shape[0]),
+                         vp(bias.data_ptr()), c_int(bias.shape[-1] if bias.dim() == 2 else 0)]
+        params = [_per_head(P0[n.arg].to(dtype), n.rank, heads, NH) for n in self.params]
+        keep += params
+        args += [vp(p.data_ptr()) for p in params]
+        memo: dict = {}
+        for k, n in enumerate(self.seqs):
+            # a folded leaf is not read (its GEMM holds the projection): its x stands in
+            value = X[self.folds[self.fold_seq[k]].x.arg] if k in self.fold_seq else _step_value(n, X, P0, dtype, memo)
+            rows = _step_rows(value.to(dtype), heads, B, NH, n.rank)
+            keep.append(rows)
+            args.append(cpu_kernels.View(rows.data_ptr(), *(st if size > 1 else 0 for st, size in
+                                                            zip(rows.stride()[:2], rows.shape[:2])), 0, 1))
+        work = B * NH * sum(self.ir.shape_of(g)[0] * (H + (self.ir.shape_of(self.folds[k].x)[0] if k in self.folds else 0))
+                            for k, g in enumerate(self.gemms))
+        threads = torch.get_num_threads() if work >= 1 << 18 else 1
+        self._fn("step", dtype)(*args, c_int(B), c_int(NH), c_int(threads))
+        del keep
+        return {s: v.view(B, NH, H) if heads else v for s, v in zip(self.states, nxt)}
+
     def twin(self):
         """The stage in differentiable torch ops, one step at a time, with the C call's
         signature (double backward: backends/torch/double_backward.py)."""
@@ -1106,6 +1253,76 @@ def _split(tensors, counts):
         out.append(list(tensors[i:i + c]))
         i += c
     return out
+
+
+def _step_rows(x: torch.Tensor, heads: bool, B: int, NH: int, rank: int = 1) -> torch.Tensor:
+    """A step's value [B, (NH,) L] (or a scalar [B, (NH)]) as [B|1, NH|1, L] with the
+    feature axis at stride 1."""
+    if rank == 0:
+        x = x.unsqueeze(-1)
+    if not heads:
+        x = x.unsqueeze(1)
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _step_value(n: Node, X: dict, P0: dict, dtype, memo: dict) -> torch.Tensor:
+    """A seq leaf at one step, where FusedStep.eligible allows it: an input, a projection
+    W @ x + b of one, or a slice of the last axis of either (a GRU's gate slices)."""
+    if n.id not in memo:
+        if n.op == Op.INPUT:
+            memo[n.id] = X[n.arg].to(dtype)
+        elif n.op == Op.INDEX:
+            memo[n.id] = _step_value(n.srcs[0], X, P0, dtype, memo)[..., n.arg[0]]
+        else:
+            W, x, biases = projection(n)
+            bias = sum(P0[b.arg].to(dtype) for b in biases) if biases else None
+            memo[n.id] = torch.nn.functional.linear(_step_value(x, X, P0, dtype, memo), P0[W.arg].to(dtype), bias)
+    return memo[n.id]
+
+
+def _step_leaf(n: Node) -> bool:
+    """_step_value can compute n."""
+    if n.op == Op.INPUT:
+        return True
+    if n.op == Op.INDEX:
+        return len(n.arg) == 1 and isinstance(n.arg[0], slice) and n.rank == 1 and _step_leaf(n.srcs[0])
+    parts = projection(n)
+    return parts is not None and parts[0].op == Op.PARAM and _step_leaf(parts[1])
+
+
+class FusedStep:
+    """layer.step() of a cell that is one lane loop (an LSTM, a GRU, an Elman RNN): one C
+    call per token (FusedLoop.step) instead of the reference's op-by-op step. Where the C
+    call cannot run (not CPU float, gradients wanted, the build failed), the reference
+    step runs, as before."""
+
+    def __init__(self, ir: IRCell, loop: FusedLoop, fallback):
+        self.ir, self.loop, self.fallback = ir, loop, fallback
+        self.outputs = {o: next(s for s in loop.states if ir.updates[s] is n) for o, n in ir.outputs.items()}
+
+    @staticmethod
+    def eligible(ir: IRCell, loops: list, stages: int) -> "FusedLoop | None":
+        """The cell's one lane loop when it is the whole cell: one stage, every seq leaf an
+        input or a projection of one, every output a new state of the loop."""
+        if stages != 1 or len(loops) != 1 or not isinstance(loops[0], FusedLoop):
+            return None
+        loop = loops[0]
+        news = {id(ir.updates[s]) for s in loop.states}
+        if not ir.outputs or any(id(n) not in news for n in ir.outputs.values()):
+            return None
+        if not all(k in loop.fold_seq or _step_leaf(n) for k, n in enumerate(loop.seqs)):
+            return None
+        if any(f.x.op != Op.INPUT for f in loop.folds.values()):
+            return None
+        return loop
+
+    def __call__(self, X, S, P, nb, dtype, device):
+        loop = self.loop
+        tensors = [*X.values(), *P.values(), *S.values()]
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or not loop.usable(dtype, *tensors):
+            return self.fallback(X, S, P, nb, dtype, device)
+        new = loop.step(X, S, {n: p[0] for n, p in P.items()}, nb == 2, dtype)   # params as stored (P: a batch axis first)
+        return new, {o: new[s] for o, s in self.outputs.items()}
 
 
 def _as_rows(x: torch.Tensor, node: Node, ns: int) -> torch.Tensor:
