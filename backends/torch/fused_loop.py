@@ -943,6 +943,9 @@ class FusedLoop(CompiledLoop):
         self.covered = gen.covered
         self.aliases = gen.aliases     # {input k: GEMM j}: the input's gradient is dgm_j
         self.fold_seq = gen.fold_seq   # {seq leaf k: GEMM j}: the leaf is j's projection, computed by the loop
+        self.gemm_lengths = [ir.shape_of(g)[0] for g in self.gemms]
+        # a step's multiply-adds per (batch, head) row: threads pay for their barriers above 2^18 in all
+        self.step_work = sum(L * (gen.H + (gen.folds.get(k, 0))) for k, L in enumerate(self.gemm_lengths))
         self.keep = set(states)   # states whose whole sequence the forward reads (codegen narrows it)
         self._twin = None
         self._require_toolchain()
@@ -985,12 +988,10 @@ class FusedLoop(CompiledLoop):
     def _projection(self, fold: Fold, P0: dict, dtype, heads: bool, NH: int) -> list[torch.Tensor]:
         """A folded projection's (W [L, D] or per head [NH, L, D], the sum of its biases [L] or
         [NH, L]) for the C call; the biases are summed here, under autograd."""
-        W = P0[fold.weight.arg].to(dtype).contiguous()
-        L = W.shape[-2]
-        bias = torch.zeros(L, dtype=dtype)
-        for b in fold.biases:
-            bias = bias + P0[b.arg].to(dtype)
-        return [W, bias.contiguous()]
+        W = _dense(P0[fold.weight.arg], dtype)
+        biases = [P0[b.arg] for b in fold.biases]
+        bias = sum(biases[1:], biases[0]) if biases else torch.zeros(W.shape[-2])
+        return [W, _dense(bias, dtype)]
 
     def chunk_steps(self, B: int, T: int, NH: int) -> int:
         """Steps per input projection of a folded GEMM: its rows of a chunk (half a
@@ -1114,45 +1115,45 @@ class FusedLoop(CompiledLoop):
     def step(self, X: dict, S: dict, P0: dict, heads: bool, dtype) -> dict:
         """One step for decoding, in one C call (step_*): X the step's inputs [B, (NH,) ...],
         S the states [B, (NH,) H]; returns the new states. The caller (FusedStep) checked
-        that every seq leaf is an input or a projection of one."""
+        that every seq leaf is an input or a projection of one. A token's whole budget is
+        tens of microseconds: sizes are known from __init__, and tensors already in the
+        layout the C code reads are passed as they are."""
         vp, c_int = ctypes.c_void_p, ctypes.c_int64
         first = S[self.states[0]]
         B, H = first.shape[0], first.shape[-1]
         NH = first.shape[1] if heads else 1
         keep, args, nxt = [], [], []
         for s in self.states:
-            prev = S[s].to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H).contiguous()
+            prev = _state_rows(S[s], dtype, B, NH, H, heads)
             new = torch.empty((B * NH, H), dtype=dtype)
             keep.append(prev)
             nxt.append(new)
             args += [vp(prev.data_ptr()), vp(new.data_ptr())]
-        for k, g in enumerate(self.gemms):
-            w = _weight(g.srcs[0], P0).to(dtype)
-            w = (_per_head(w, 2, heads, NH) if heads and w.dim() == 3 else w).contiguous()
-            gm = torch.empty((B * NH, self.ir.shape_of(g)[0]), dtype=dtype)
+        for k, (g, L) in enumerate(zip(self.gemms, self.gemm_lengths)):
+            w = _dense(_weight(g.srcs[0], P0), dtype)     # shared by the heads or per head: step_* reads both
+            gm = torch.empty((B * NH, L), dtype=dtype)
             keep += [w, gm]
             args += [vp(gm.data_ptr()), vp(w.data_ptr()), c_int(1 if w.dim() == 2 else w.shape[0])]
             if k in self.folds:
                 fold = self.folds[k]
-                x = _step_rows(X[fold.x.arg].to(dtype), heads, B, NH).contiguous()
+                x = _dense(_step_rows(X[fold.x.arg], heads, B, NH), dtype)
                 pw, bias = self._projection(fold, P0, dtype, heads, NH)
                 keep += [x, pw, bias]
                 args += [vp(x.data_ptr()), vp(pw.data_ptr()), c_int(1 if pw.dim() == 2 else pw.shape[0]),
                          vp(bias.data_ptr()), c_int(bias.shape[-1] if bias.dim() == 2 else 0)]
-        params = [_per_head(P0[n.arg].to(dtype), n.rank, heads, NH) for n in self.params]
+        params = [_per_head(_dense(P0[n.arg], dtype), n.rank, heads, NH) for n in self.params]
         keep += params
         args += [vp(p.data_ptr()) for p in params]
         memo: dict = {}
         for k, n in enumerate(self.seqs):
-            # a folded leaf is not read (its GEMM holds the projection): its x stands in
-            value = X[self.folds[self.fold_seq[k]].x.arg] if k in self.fold_seq else _step_value(n, X, P0, dtype, memo)
-            rows = _step_rows(value.to(dtype), heads, B, NH, n.rank)
+            if k in self.fold_seq:          # not read: its GEMM holds the projection
+                args.append(cpu_kernels.View(0, 0, 0, 0, 0))
+                continue
+            rows = _step_rows(_dense(_step_value(n, X, P0, dtype, memo), dtype), heads, B, NH, n.rank)
             keep.append(rows)
             args.append(cpu_kernels.View(rows.data_ptr(), *(st if size > 1 else 0 for st, size in
                                                             zip(rows.stride()[:2], rows.shape[:2])), 0, 1))
-        work = B * NH * sum(self.ir.shape_of(g)[0] * (H + (self.ir.shape_of(self.folds[k].x)[0] if k in self.folds else 0))
-                            for k, g in enumerate(self.gemms))
-        threads = torch.get_num_threads() if work >= 1 << 18 else 1
+        threads = torch.get_num_threads() if B * NH * self.step_work >= 1 << 18 else 1
         self._fn("step", dtype)(*args, c_int(B), c_int(NH), c_int(threads))
         del keep
         return {s: v.view(B, NH, H) if heads else v for s, v in zip(self.states, nxt)}
@@ -1253,6 +1254,20 @@ def _split(tensors, counts):
         out.append(list(tensors[i:i + c]))
         i += c
     return out
+
+
+def _dense(x: torch.Tensor, dtype) -> torch.Tensor:
+    """x in dtype and contiguous, copied only when it is not already."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _state_rows(x: torch.Tensor, dtype, B: int, NH: int, H: int, heads: bool) -> torch.Tensor:
+    """A state [B, (NH,) H] (maybe broadcast) as dense rows [B * NH, H]."""
+    if x.dtype == dtype and x.is_contiguous() and x.numel() == B * NH * H:
+        return x.view(B * NH, H)
+    return x.to(dtype).expand((B, NH, H) if heads else (B, H)).reshape(B * NH, H).contiguous()
 
 
 def _step_rows(x: torch.Tensor, heads: bool, B: int, NH: int, rank: int = 1) -> torch.Tensor:
