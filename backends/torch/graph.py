@@ -1,10 +1,18 @@
 """The torch backend over grids and DAGs (LANGUAGE.md §6), vectorised; layouts and meaning
 as the reference's (backends/reference/graph.py), which is its oracle.
 
-grid2d (form Wavefront, kernel torch.wavefront): the cells (x, y) with x + y = d depend
-only on diagonal d-1 (left = (x-1, y), up = (x, y-1)), so the step runs once per
-anti-diagonal, d = 0 .. X+Y-2, over B x the diagonal's cells as one batch: one call of the
-step compiled from the IR (the shared emitter), no Python loop over cells.
+grid2d (form Wavefront, kernel torch.wavefront). On CPU in fp32/fp64 with a C compiler the
+whole grid is one generated C loop over the cells in raster order with a derived backward
+(grid_loop.py; layer.ran says torch.c_grid): its per-cell leaves -- inputs and the
+state-free values worth computing once -- are computed here over the whole grid first.
+Otherwise (tensors off the CPU, no toolchain, an op the C loop has no form for): the cells
+(x, y) with x + y = d depend only on diagonal d-1 (left = (x-1, y), up = (x, y-1)), so the
+step runs once per anti-diagonal, d = 0 .. X+Y-2, over B x the diagonal's cells as one
+batch, no Python loop over cells. The state-free part of the step runs over the whole grid
+before the loop (one split into per-diagonal views: one backward node, not one per
+diagonal); per diagonal only the state-reading rest runs, on rows ordered (cell, b) so that
+a diagonal's inputs, and its left / up neighbours in diagonal d-1's states (kept with a
+guard cell, the initial state, at each end), are contiguous slices: no gather per diagonal.
 
 dag (form LevelSync, kernel torch.level_sync): nodes levelled topologically (level 0: no
 in-edges); each level's nodes run at once. A value is evaluated in one of four contexts,
@@ -22,7 +30,10 @@ from recdsl.errors import RecError
 from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.torch_expr import compile_nodes
 
-GRAPH_KERNELS = ("torch.wavefront", "torch.level_sync")
+from .fused_loop import NotEligible
+from .grid_loop import GridLoop
+
+GRAPH_KERNELS = ("torch.c_grid", "torch.wavefront", "torch.level_sync")
 
 
 class GraphProgram:
@@ -43,10 +54,9 @@ class GraphProgram:
         self.fused: list = []      # as an emitter: no C loop
         self.kernels: list = []    # as the triton emitter (which borrows these kernels): no Triton kernel
         if self.ir.over == "grid2d":
-            order = toposort(list(self.ir.updates.values()) + list(self.ir.outputs.values()))
-            self.leaves = [n for n in order if n.op in (Op.INPUT, Op.PARAM, Op.STATE)]
             self.roots = list(self.ir.updates.values()) + list(self.ir.outputs.values())
-            self.step = compile_nodes(self.roots, self.leaves)
+            self.seq_fn = None
+            self._grid_plan()
 
     def run(self, *args, **kw):
         raise RecError(f"a cell over {self.ir.over} runs through forward(...) on grids / DAGs")
@@ -59,54 +69,177 @@ class GraphProgram:
         return run_dag(self.ir, xs, params, init, edges, dtype)
 
     # ------------------------------------------------------------------ grid2d
+    def _grid_plan(self):
+        """The wavefront's two parts (grid_split) as torch functions, and the C loop where
+        the selection runs it."""
+        ir = self.ir
+        order, pre_nodes, core = grid_split(ir)
+        pre = {n.id for n in pre_nodes}
+        self.pre_nodes = pre_nodes
+        static_leaves = [n for n in order if n.op in (Op.INPUT, Op.PARAM)]
+        self.pre_fn = compile_nodes(self.pre_nodes, static_leaves) if self.pre_nodes else None
+        self.pre_leaves = static_leaves
+        self.step_leaves = self.pre_nodes + [n for n in order if n.op in (Op.PARAM, Op.STATE) and n.id not in pre]
+        self.step = compile_nodes(self.roots, self.step_leaves)
+        self.grid_loop, self.grid_loop_why = None, "the selection runs the wavefront"
+        if self.kernel == "torch.c_grid":       # the registry checked it can (c_grid_why_not)
+            self.grid_loop, self.grid_loop_why = GridLoop(ir, list(ir.updates), core, list(ir.outputs.values())), None
+
     def _grid(self, xs, params, init, dtype):
+        loop = self.grid_loop
+        if loop is not None and loop.usable(dtype, *xs.values(), *params.values(), *init.values()):
+            return self._grid_c(xs, params, init, dtype)
+        # not a CPU float tensor, or the C did not build (warned): recorded, never silent
+        self.ran[:] = ["torch.wavefront" if k == "torch.c_grid" else k for k in self.ran]
+        return self._grid_wavefront(xs, params, init, dtype)
+
+    def _grid_c(self, xs, params, init, dtype):
+        """The C raster loop: its per-cell leaves (inputs, state-free values) computed over
+        the whole grid at once, row-major [B, X*Y, ...], then one C call."""
+        ir, loop = self.ir, self.grid_loop
+        X0 = next(iter(xs.values()))
+        B, NX, NY = X0.shape[:3]
+        n_cells = B * NX * NY
+        flat = {n: x.reshape((n_cells,) + x.shape[3:]) for n, x in xs.items()}
+        P = {n: p[None] for n, p in params.items()}
+        if self.seq_fn is None:
+            self.seq_leaves = [n for n in toposort(loop.seqs) if n.op in (Op.INPUT, Op.PARAM)]
+            self.seq_fn = compile_nodes(loop.seqs, self.seq_leaves)
+        vals = [flat[n.arg] if n.op == Op.INPUT else P[n.arg] for n in self.seq_leaves]
+        seqs = []
+        for v, n in zip(self.seq_fn(vals, 1, dtype, X0.device), loop.seqs):
+            shape = ir.shape_of(n)
+            v = torch.as_tensor(v, dtype=dtype)
+            if v.dim() > len(shape):   # per cell (or a param's leading 1)
+                v = _full(v, (n_cells,) + shape).reshape((B, NX * NY) + shape)
+            seqs.append(v)
+        states, reads = loop.run(seqs, params, init, B, NX, NY, dtype)
+        return dict(zip(ir.outputs, reads)), states
+
+    def _grid_wavefront(self, xs, params, init, dtype):
         ir = self.ir
         X0 = next(iter(xs.values()))
         B, NX, NY = X0.shape[:3]
         device = X0.device
         P = {n: p[None] for n, p in params.items()}
         upd = list(ir.updates)
-        prev: dict[str, torch.Tensor] = {}      # state -> [B, NX + 1, ...]: diagonal d-1 by x + 1 (init elsewhere)
-        per_diag: list[list[torch.Tensor]] = []
-        cells_x = []
-        for d in range(NX + NY - 1):
-            lo, hi = max(0, d - NY + 1), min(d, NX - 1)
-            xi = torch.arange(lo, hi + 1, device=device)
-            yi = d - xi
-            L = hi - lo + 1
+        nd = NX + NY - 1
+        lo = [max(0, d - NY + 1) for d in range(nd)]
+        Ls = [min(d, NX - 1) - lo[d] + 1 for d in range(nd)]
+        maps = _grid_maps(NX, NY, B, device)
+        # 1. everything that reads no state, over the whole grid at once, in diagonal order
+        #    (rows: cell of diagonal 0, 1, ... by x, then b), split into one view per diagonal
+        flat_in = {n: x.reshape((B * NX * NY,) + x.shape[3:]).index_select(0, maps.to_diag)
+                   for n, x in xs.items()}
+        pre_parts: list[list[torch.Tensor]] = []
+        if self.pre_fn is not None:
+            vals = [flat_in[n.arg] if n.op == Op.INPUT else P[n.arg] for n in self.pre_leaves]
+            got = self.pre_fn(vals, 1, dtype, device)
+            rows = [L * B for L in Ls]
+            for v, n in zip(got, self.pre_nodes):
+                v = _full(v, (B * NX * NY,) + ir.shape_of(n))
+                pre_parts.append(torch.split(v, rows, 0))   # one SplitBackward for all diagonals
+        # 2. the recurrent rest, one anti-diagonal at a time; a diagonal's states are kept
+        #    with a guard cell (the initial state) at each end, so that the left and up
+        #    neighbours of diagonal d are two contiguous slices of diagonal d-1's
+        shapes = {s: ir.shape_of(ir.updates[s]) for s in upd}
+        guard = {s: _full(init[s], (B,) + shapes[s]) for s in upd}
+        grad = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in list(xs.values()) + list(params.values()) + list(init.values())))
+        starts = [0]
+        for L in Ls:
+            starts.append(starts[-1] + (L + 2) * B)
+        if not grad:   # one buffer per state, written in place (guards filled once)
+            bufs = {}
+            for s in upd:
+                buf = torch.empty((starts[-1],) + shapes[s], dtype=dtype, device=device)
+                g = guard[s].to(dtype)
+                for d in range(nd):
+                    buf[starts[d]:starts[d] + B] = g
+                    buf[starts[d + 1] - B:starts[d + 1]] = g
+                bufs[s] = buf
+        padded_parts: dict[str, list] = {s: [] for s in upd}
+        out_parts: list[list] = [[] for _ in ir.outputs]
+        prev = {s: torch.cat([guard[s], guard[s]], 0) for s in upd}   # diagonal -1: two guards
+        for d in range(nd):
+            L = Ls[d]
+            off = (lo[d] - (lo[d - 1] if d else 0)) * B      # the left neighbour of the first cell
             vals = []
-            for n in self.leaves:
-                if n.op == Op.INPUT:
-                    v = xs[n.arg][:, xi, yi]
-                    vals.append(v.reshape((B * L,) + v.shape[2:]))
-                elif n.op == Op.PARAM:
+            k = 0
+            for n in self.step_leaves:
+                if n.op == Op.PARAM:
                     vals.append(P[n.arg])
-                else:
+                elif n.op == Op.STATE:
                     name, where = n.arg
                     if where not in ("left", "up"):
                         raise RecError(f"over grid2d a state is read as {name}.left or {name}.up")
-                    if d == 0:
-                        vals.append(init[name])
-                        continue
-                    v = prev[name][:, xi if where == "left" else xi + 1]   # left: x-1 (+1 offset); up: x
-                    vals.append(v.reshape((B * L,) + v.shape[2:]))
+                    a = off + (0 if where == "left" else B)
+                    vals.append(prev[name][a:a + L * B])
+                else:
+                    vals.append(pre_parts[k][d])
+                    k += 1
             got = self.step(vals, 1, dtype, device)
-            full = [_full(v, (B * L,) + ir.shape_of(r)).reshape((B, L) + ir.shape_of(r)) for v, r in zip(got, self.roots)]
-            per_diag.append(full)
-            cells_x.append(xi)
-            for s, v in zip(upd, full[:len(upd)]):
-                base = _full(init[s], (B,) + ir.shape_of(ir.updates[s]))[:, None]
-                pieces = [base.expand((B, lo + 1) + v.shape[2:]), v, base.expand((B, NX - hi) + v.shape[2:])]
-                prev[s] = torch.cat(pieces, 1)[:, :NX + 1]
-        # diagonal order -> row-major [B, X, Y]
-        x_all = torch.cat(cells_x)
-        d_all = torch.cat([torch.full_like(x, d) for d, x in enumerate(cells_x)])
-        perm = torch.empty_like(x_all)
-        perm[x_all * NY + (d_all - x_all)] = torch.arange(x_all.numel(), device=device)
-        outs = [torch.cat([f[i] for f in per_diag], 1)[:, perm] for i in range(len(self.roots))]
-        outs = [o.reshape((B, NX, NY) + o.shape[2:]) for o in outs]
-        states = dict(zip(upd, outs[:len(upd)]))
-        return dict(zip(ir.outputs, outs[len(upd):])), states
+            for s, v in zip(upd, got):
+                v = _full(v, (L * B,) + shapes[s])
+                if grad:
+                    prev[s] = torch.cat([guard[s], v, guard[s]], 0)
+                    padded_parts[s].append(prev[s])
+                else:
+                    region = bufs[s][starts[d]:starts[d + 1]]
+                    region[B:B + L * B] = v
+                    prev[s] = region
+            for i, (o, v) in enumerate(zip(ir.outputs, got[len(upd):])):
+                out_parts[i].append(_full(v, (L * B,) + ir.shape_of(ir.outputs[o])))
+        # 3. diagonal order -> row-major [B, X, Y, ...]
+        states = {}
+        for s in upd:
+            whole = torch.cat(padded_parts[s], 0) if grad else bufs[s]
+            states[s] = whole.index_select(0, maps.from_padded).reshape((B, NX, NY) + shapes[s])
+        outs = {}
+        for o, parts in zip(ir.outputs, out_parts):
+            whole = torch.cat(parts, 0)
+            outs[o] = whole.index_select(0, maps.from_diag).reshape((B, NX, NY) + whole.shape[1:])
+        return outs, states
+
+
+class _GridMaps:
+    pass
+
+
+_MAPS: dict = {}
+
+
+def _grid_maps(NX: int, NY: int, B: int, device) -> _GridMaps:
+    """Row maps between row-major [B, X, Y] and diagonal order (cell of diagonal 0, 1, ...
+    by x, then b), with and without a guard cell at each end of every diagonal."""
+    key = (NX, NY, B, str(device))
+    got = _MAPS.get(key)
+    if got is not None:
+        return got
+    x = torch.arange(NX)[:, None].expand(NX, NY)
+    y = torch.arange(NY)[None, :].expand(NX, NY)
+    d = (x + y).reshape(-1)
+    xf = x.reshape(-1)
+    order = torch.argsort(d * NX + xf)                # row-major cell index, in diagonal order
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(NX * NY)                # row-major cell -> its place in diagonal order
+    b = torch.arange(B)
+    m = _GridMaps()
+    m.to_diag = (b[None, :] * (NX * NY) + order[:, None]).reshape(-1).to(device)     # diag row -> input row
+    m.from_diag = (pos[None, :] * B + b[:, None]).reshape(-1).to(device)             # output row -> diag row
+    ppos = pos + 2 * d + 1                            # the guards before this cell: 2 per diagonal before, 1 of its own
+    m.from_padded = (ppos[None, :] * B + b[:, None]).reshape(-1).to(device)
+    if len(_MAPS) > 64:
+        _MAPS.clear()
+    _MAPS[key] = m
+    return m
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _full(v: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -151,6 +284,74 @@ class _Ctx:
         self.node, self.ein, self.eout = node, ein, eout
         self.size = node.numel()
 
+
+
+def grid_split(ir: IRCell) -> tuple[list[Node], list[Node], list[Node]]:
+    """(the step's nodes in order, what reads no state, the C loop's core) of a grid cell.
+
+    The step splits into what reads no state (per cell: evaluated over the whole grid at
+    once, before the wavefront or the C loop) and the recurrent rest. A state-free node
+    that depends on an input is precomputed when a state-reading node (or a root) uses it,
+    unless it is larger per cell than the inputs it is made of (an outer product k vᵀ):
+    those stay in the step, made from their smaller sources, so that the grid-wide buffers
+    hold no more than the inputs do. The core: the updates' nodes short of the precomputed
+    ones (the outputs are the C loop's readouts)."""
+    roots = list(ir.updates.values()) + list(ir.outputs.values())
+    order = toposort(roots)
+    dyn: dict[int, bool] = {}
+    cell: dict[int, bool] = {}      # depends on an input (has a value per cell)
+    for n in order:
+        dyn[n.id] = n.op == Op.STATE or any(dyn[s.id] for s in n.srcs)
+        cell[n.id] = n.op == Op.INPUT or (not dyn[n.id] and any(cell[s.id] for s in n.srcs))
+    size = lambda n: _numel(ir.shape_of(n))  # noqa: E731
+
+    def input_size(n, seen):
+        if n.id in seen:
+            return 0
+        seen.add(n.id)
+        if n.op == Op.INPUT:
+            return size(n)
+        return sum(input_size(s, seen) for s in n.srcs)
+
+    pre: dict[int, Node] = {}
+    visited: set[int] = set()
+
+    def choose(n):
+        if n.id in visited or not cell[n.id] or dyn[n.id]:
+            return
+        visited.add(n.id)
+        if n.op != Op.INPUT and size(n) > max(input_size(n, set()), 1):
+            for s in n.srcs:
+                choose(s)
+        else:
+            pre[n.id] = n
+
+    for n in order:
+        if dyn[n.id]:
+            for s in n.srcs:
+                choose(s)
+    for r in roots:
+        choose(r)
+    core, seen, stack = [], set(pre), [ir.updates[s] for s in ir.updates]
+    while stack:
+        n = stack.pop()
+        if n.id in seen:
+            continue
+        seen.add(n.id)
+        core.append(n)
+        stack.extend(n.srcs)
+    core_ids = {n.id for n in core}
+    return order, list(pre.values()), [n for n in order if n.id in core_ids]
+
+
+def c_grid_why_not(ir: IRCell) -> str | None:
+    """Why the grid's C loop (grid_loop.py) cannot run this cell, or None (the registry's check)."""
+    _, _, core = grid_split(ir)
+    try:
+        GridLoop(ir, list(ir.updates), core, list(ir.outputs.values()))
+    except NotEligible as e:
+        return f"no C grid loop: {e}"
+    return None
 
 def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype):
     cell = ir.checked

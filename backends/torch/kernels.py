@@ -67,6 +67,12 @@ def _c_loop_why_not(form: SequentialLoop, ctx) -> str | None:
     return None
 
 
+def _c_grid_why_not(form, ctx) -> str | None:
+    from .fused_loop import toolchain_missing
+    from .graph import c_grid_why_not
+    return toolchain_missing() or c_grid_why_not(ctx.ir)
+
+
 def _c_loop_explain(form: SequentialLoop, ctx) -> str:
     from .fused_loop import FusedLoop
     kind = ("lane loop: recurrent GEMMs batched over rows, gates per lane"
@@ -105,6 +111,11 @@ REGISTRY = Registry("torch", (
            "_stage_dense_semiring", CAPS, explain=_dense_semiring_explain),
     Kernel(SequentialLoop, "torch.c_loop", "the stage's time loop as generated C (OpenMP), forward and backward "
            "(hoisted work precomputed)", "_stage_c_loop", CAPS, accepts=_c_loop_why_not, explain=_c_loop_explain),
+    Kernel(Wavefront, "torch.c_grid", "grid2d as one generated C loop over the cells in raster order (left = "
+           "the state row Y cells back, up = the row before), the state-free work over the whole grid first; "
+           "derived reverse-raster backward (grid_loop.py); on a non-CPU tensor, or if its build fails (warned), "
+           "the anti-diagonal wavefront, and layer.ran says torch.wavefront", "_stage_graph", CAPS,
+           accepts=_c_grid_why_not),
     Kernel(Wavefront, "torch.wavefront", "grid2d by anti-diagonals: all cells x + y = d in one set of torch ops "
            "over B x the diagonal's cells, d = 0 .. X+Y-2, left/up from diagonal d-1 (graph.py); autograd backward",
            "_stage_graph", CAPS),
