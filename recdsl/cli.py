@@ -94,7 +94,7 @@ def check(files, quiet, dims, no_plan):
     sys.exit(1 if failed else 0)
 
 
-STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch", "c", "triton", "ttir", "ttgir", "ptx")
+STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch", "c", "triton", "ttir", "ttgir", "ptx", "newton")
 
 
 @main.command()
@@ -102,7 +102,8 @@ STAGES = ("ast", "source", "ir", "passes", "plan", "reference", "torch", "c", "t
 @click.option("--stage", type=click.Choice(STAGES), default="plan", show_default=True,
               help="ast: syntax tree with spans; source: the tree printed back; ir: one step as a graph; "
                    "passes: each analysis pass; plan: classes, coefficients, checks, and per backend the form and kernel of "
-                   "every stage; reference/torch/triton: generated code; c: the generated C of the torch backend's "
+                   "every stage; reference/torch/triton/newton: generated code (newton: the forward with each "
+                   "Newton stage's step and forward-mode Jacobian); c: the generated C of the torch backend's "
                    "fused loops; ttir/ttgir/ptx: the Triton kernels compiled ahead of time (no GPU needed), with registers, "
                    "spills and shared memory per kernel.")
 @click.option("--dims", default=None, help=DIMS_HELP)
@@ -154,6 +155,12 @@ def inspect(file, stage, dims, arch, html_out, aot):
                 del os.environ["TRITON_INTERPRET"]
                 click.echo(f"recdsl: TRITON_INTERPRET ignored: --stage {stage} compiles for {arch}, it runs nothing", err=True)
             _inspect_triton(s, mine, stage, int(arch[3:]))
+        elif stage == "newton":
+            from .pipeline import emit_cell
+            emitted = emit_cell(s.lower(**s.analysis_dims(**mine)), "newton")
+            click.echo("\n".join(f"# stage {c.stage}: {c.summary()}" + "".join(
+                f"\n#     passed over: {p.summary()}" for p in c.passed) for c in emitted.selection.stages))
+            click.echo(emitted.source, nl=False)
         else:
             from .pipeline import emit_cell
             emitted = emit_cell(s.lower(**s.analysis_dims(**mine)), "torch")
@@ -421,6 +428,11 @@ def _inspect_triton(s, dims: dict, stage: str, arch: int):
     if stage == "triton":
         emitted = emit_cell(ir, "triton")
         click.echo(emitted.kernels)
+        if any(c.kernel.name == "triton.chunk_diag" for c in emitted.selection.stages):
+            from .backends.triton import chunk_kernels
+            click.echo("# ---- the chunkwise kernels (backends/triton/chunk_kernels.py; one set for every cell, "
+                       "called by the driver below):")
+            click.echo(chunk_kernels.SOURCE)
         click.echo("# ---- driver (torch): launches the kernels above; what runs each stage (the selection):")
         for c in emitted.selection.stages:
             click.echo(f"# stage {c.stage}: {c.summary()}" + (f" -- {c.note}" if c.note else ""))

@@ -109,4 +109,19 @@ def compile_cell(emitted, arch: int = 90):
             out.append(aot.compile_kernel(ns[k.name + suffix], sig, const, arch=arch,
                                           num_warps=getattr(k, "gpu_warps", 4),   # as launch runs it
                                           extra_options={"maxnreg": launch.MAXNREG}))
+    out += _chunk_kernels(emitted, arch)
     return text, out
+
+
+def _chunk_kernels(emitted, arch: int) -> list:
+    """The chunkwise kernels (chunk_kernels.py, one set for every cell) of the stages that
+    run them, compiled at each such stage's K x V."""
+    from . import chunk_kernels
+    ir, out, seen = emitted.plan.ir, [], set()
+    for c in emitted.selection.stages:
+        if c.kernel.name == "triton.chunk_diag":
+            K, V = ir.shape_of(ir.states[c.form.states[0]])[-2:]
+            if (K, V) not in seen:
+                seen.add((K, V))
+                out += chunk_kernels.compile_ahead(arch, K, V)
+    return out

@@ -166,6 +166,21 @@ class TritonEmitter(Emitter):
                   f"store=@STORE{idx}@)  # triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
 
+    def _triton_chunk_diag(self, choice: Choice):
+        """A ChunkDiag stage (log decay: the registry declines a signed one) on the Triton
+        chunkwise kernels of chunk_kernels.py, called as the torch backend calls its form."""
+        form = choice.form
+        s = form.states[0]
+        k, v, g = self._tensor(form.k), self._tensor(form.v), self._opt(form.log_decay)
+        qs = [f"({self.seq_name(r.q)}, {r.inclusive})" for r in form.readouts]
+        outs, fin = self.fresh("reads"), self.fresh("fin", s)
+        flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernels run on the transposed state
+        self.emit(f"from {__package__}.chunk_kernels import diag_matrix_stage as chunk_diag_stage")
+        self.emit(f"{outs}, {fin} = chunk_diag_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, "
+                  f"{self.seq_dims()})  # triton kernels chunk_diag_*", self.ir.updates[s])
+        self._bind_readouts(form.readouts, outs)
+        self.final[s] = fin + flip
+
     # ------------------------------------------------------------------ the kernel module
     def kernel_module(self) -> str:
         from .texpr import PREAMBLE

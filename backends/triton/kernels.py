@@ -20,6 +20,15 @@ STEPWISE = torch_kernels.CAPS
 CHUNKWISE = (ChunkDiag, ChunkDelta, HouseholderProducts, ChunkDPLR)
 
 
+def _chunk_diag_fits(form: ChunkDiag, ctx) -> str | None:
+    """The Triton chunk kernels take the decay in log space; a form of one of unknown sign
+    (log|d| and a running sign) is passed over: the stage's next candidate runs, else the
+    borrowed torch form."""
+    if form.signed:
+        return "a decay of unknown sign (log|d| and its running sign): the Triton chunk kernels take log decays"
+    return None
+
+
 def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
     """The sequential kernel holds the stage's states and recurrent weights in registers.
     A linear stage with a chunkwise form keeps that form (borrowed from torch until the
@@ -39,6 +48,15 @@ def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
     return None
 
 
+def _seq_kernel_mode(form: SequentialLoop, ctx) -> str:
+    """The plan's line for a stage the sequential kernel runs: its weights held in registers
+    or streamed from global memory per step (SeqKernel.mode)."""
+    from recdsl.torch_expr import SourceNotes
+
+    from .seq_kernels import SeqKernel
+    return SeqKernel(ctx.ir, ctx.plan.stages[form.stage], list(form.core), SourceNotes(ctx.ir)).mode()
+
+
 def _borrowed(form: type, name: str | None = None, emit: str | None = None) -> Kernel:
     """The torch kernel of `form` (the one called `name`, else its first), run by the
     triton backend's driver."""
@@ -56,12 +74,16 @@ REGISTRY = Registry("triton", (
     Kernel(BlockScan, "triton.block_scan", "generated k x k block scan kernel, derived backward", "_stage_block", OWN),
     Kernel(SequentialLoop, "triton.sequential", "generated sequential kernel: time loop on chip, states and "
            "recurrent weights in registers; backward a reverse-time loop of the step's VJP", "_stage_loop", OWN,
-           accepts=_seq_kernel_fits),
+           accepts=_seq_kernel_fits, explain=_seq_kernel_mode),
     _borrowed(SequentialLoop, "torch.loop", emit="_torch_loop"),   # a device's tensors: not the C loop
-    _borrowed(ChunkDiag),
+    Kernel(ChunkDiag, "triton.chunk_diag", "Triton chunkwise kernels (chunk_kernels.py, MATH.md §3): the state "
+           "before every chunk by a pass over chunks, outputs by tl.dot with exponents <= 0 (per-key decay exact on "
+           "the diagonal sub-blocks); backward the reverse chunk pass and per-chunk dq, dk, dv, dg kernels",
+           "_triton_chunk_diag", torch_kernels.CAPS, accepts=_chunk_diag_fits),   # reverse/varlen: the runtime's
+    _borrowed(ChunkDiag),   # a signed decay, when no other candidate of its stage has a Triton kernel
     _borrowed(ChunkDelta),
     _borrowed(HouseholderProducts),
     _borrowed(ChunkDPLR),
     _borrowed(torch_kernels.DenseSemiringScan),
-    _borrowed(torch_kernels.Wavefront), _borrowed(torch_kernels.LevelSync),   # grids and DAGs: torch's graph.py
+    _borrowed(torch_kernels.Wavefront, "torch.wavefront"), _borrowed(torch_kernels.LevelSync),   # grids and DAGs: torch's graph.py
 ))

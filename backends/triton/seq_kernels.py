@@ -4,10 +4,25 @@ One program per (block of BLOCK_B batch rows, head). The states live in register
 whole sequence: a vector state as a [BLOCK_B, n] tile, a scalar as [BLOCK_B, 1], a matrix
 state S[K, V] as [BLOCK_B, K, V] (a matrix state's kernel runs fewer rows per program on a
 GPU: `gpu_rows`). The recurrent weights are loaded once, before the loop, and held in
-registers (per head, as FlashRNN does); a stage whose weights do not fit (HOLD_LIMIT) runs
-the torch loop instead, and says so -- splitting the hidden units across programs is not
-built. The hoisted projections are read per step. Each step is the stage's recurrent core,
-generated from the IR.
+registers (per head, as FlashRNN does) -- up to HOLD_LIMIT elements per head. Above it the
+same kernel *streams* them (`streamed`; the plan's line for the stage says which mode runs,
+`mode()`): no weight is held across the loop; every step loads each weight tile again from
+global memory (on a GPU the weights of all programs stay in L2: one copy per head), in
+K-tiles of at most STREAM_CHUNK elements, and accumulates x @ W over them. The GEMM input x
+is split into the same K-tiles in registers (Triton cannot slice a register tile: halves by
+reshape + permute + tl.split, `_split_lines`); all the products of one x run K-tile by
+K-tile together (`_gemm_group`: one K-tile of x live at a time); each K-tile's address is
+a scalar corner plus offsets shared by all K-tiles of its shape, with a per-step zero the
+compiler cannot prove (else it hoists every tile's pointers out of the loop and holds
+them); the time loop is not software-pipelined (the pipeliner would prefetch the next
+steps' tiles into shared memory). Why streaming, not FlashRNN's split of the hidden units
+across programs: that split needs a grid-wide barrier every step, which Triton does not
+have (a spin barrier on a global counter would deadlock in Triton's interpreter, which runs
+the programs one after another, and on a GPU whenever the programs do not all fit at once);
+one program per (row block, head) reading its weights from L2 needs none. Matrix values
+above MATRIX_LIMIT still run the torch loop (their columns are not streamed). The hoisted
+projections are read per step. Each step is the stage's recurrent core, generated from the
+IR.
 
 Every value of the step is a tile with the batch rows first: [BLOCK_B, 1] for a scalar
 (broadcast against vectors by Triton's rules), [BLOCK_B, lanes] for a vector, [BLOCK_B, R,
@@ -31,7 +46,22 @@ the sequences anyway); each step's intermediates are recomputed from h_{t-1}, th
 step's reverse mode (texpr.vjp for elementwise ops, the transposed weight tile for
 GEMMs, the rules below for the rest) gives the adjoint of h_{t-1} (the carry), of each
 leaf at t (written per element) and of the params (accumulated in registers over the loop,
-written once per program and summed in torch: deterministic, no atomics)."""
+written once per program and summed in torch: deterministic, no atomics). With streamed
+weights the weight gradients are not accumulated in registers either: each step, per
+K-tile, the program adds x_tile^T @ g to its own slice of the [programs, NH, *shape]
+partials in global memory (read, add, store; L2-resident on a GPU) and reloads the weight
+K-tile for the input's adjoint g @ W_tile^T (the K-tiles joined back by tl.join); a
+debug_barrier ends the step so the next step's read sees every thread's store. Registers
+stay bounded by one K-tile. (The alternative -- writing the GEMM outputs' adjoints [T, B,
+L] per GEMM and forming dW as one matmul after the kernel -- moves less data on a large
+GPU but needs scratch buffers the launcher does not allocate yet.)
+
+Registers on a GPU (ahead-of-time compiles, no GPU): the streamed LSTM at D = H = 64 still
+spills (ptxas at 255 registers; 8 warps, K-tiles of 16 rows; spill bytes forward / backward:
+780 / 3424 on sm_90, 272 / 3968 on sm_80). The bulk is the fp32 FMA tl.dot's operands, which
+each thread holds whole along K for its rows and columns (B replicated over the warps);
+measured, not yet solved: smaller K-tiles, barriers between tiles and volatile loads do not
+remove it, and the kernel without any weight load sits at ~230 registers already."""
 from __future__ import annotations
 
 import re
@@ -45,7 +75,12 @@ from .fusion import annotate, is_view, kernel_name, sum_text, vjp_reading
 from .fusion import pow2 as _pow2
 
 HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
-                          # the backward spills on sm_80/sm_90 (LSTM H = 32: 4096 spill-free forward only)
+                          # the backward spills on sm_80/sm_90 (LSTM H = 32: 4096 spill-free forward only),
+                          # so the weights are streamed from global memory every step instead
+STREAM_WARPS = 8          # warps of a kernel streaming its weights (LSTM H = 64 on sm_90: 4 warps spill
+                          # ~2 KB forward / ~11 KB backward, 8 warps ~0.8 KB / ~3.4 KB: see the module doc)
+STREAM_CHUNK = 1024       # weight elements (padded) of one streamed K-tile (an fp32 tl.dot's operands are
+                          # held whole along K per thread: smaller K-tiles, fewer registers)
 DOT_MIN = 16              # tl.dot needs every side >= 16 on a GPU; below, multiply and sum
 GPU_ROWS = 16             # batch rows per program on a GPU: tl.dot's smallest tile
 MATRIX_LIMIT = 4096       # padded elements of a matrix value per batch row (64 x 64): above, it does not fit
@@ -58,6 +93,11 @@ NEG_INF = 'float("-inf")'
 
 class NotEligible(Exception):
     pass
+
+
+def _noted(line: str, note: str) -> str:
+    """The line with its .rec note, unless it has its comment (which starts with the note)."""
+    return line if "  # " in line else annotate(line, note)
 
 
 def _plus(offset: int, lanes: str) -> str:
@@ -117,6 +157,32 @@ class WeightTile:
         cond = f"(cols{_pow2(self.K)}[:, None] < {self.K}) & ({j} < {hi})"
         return cond + (f" & ({j} >= {lo})" if lo else "")
 
+    def corner(self, lo: int) -> tuple[int, int]:
+        """(row, column) of P of the K-tile's element [0, 0] (K-tile from row lo)."""
+        along_k = (self.c if self.swap else self.r) + self.k0 + lo
+        along_j = (self.r if self.swap else self.c) + self.win.off
+        return (along_j, along_k) if self.swap else (along_k, along_j)
+
+    def grid(self, rows: int) -> tuple[str, str]:
+        """(row, column) of P for K-tile element [k, j] relative to its corner."""
+        along_k, along_j = f"cols{rows}[:, None]", f"cols{self.win.width}[None, :]"
+        return (along_j, along_k) if self.swap else (along_k, along_j)
+
+    def chunk_mask(self, lo: int, rows: int) -> str | None:
+        """The K-tile's valid elements; None when all are (no mask to hold)."""
+        lo_j = max(0, -self.win.off)
+        hi_j = min(self.win.len, self.N - self.win.off)
+        j = f"cols{self.win.width}[None, :]"
+        conds = [f"({_plus(lo, f'cols{rows}[:, None]')} < {self.K})"] if lo + rows > self.K else []
+        conds += [f"({j} < {hi_j})"] if hi_j < self.win.width else []
+        conds += [f"({j} >= {lo_j})"] if lo_j else []
+        return " & ".join(conds) or None
+
+    def what(self, lo: int = 0, rows: int | None = None) -> str:
+        """The part of the weight as the .rec writes it, e.g. (W_hh^T)[0:32, 48:64]."""
+        a, b = self.k0 + lo, self.k0 + min(lo + (rows or _pow2(self.K)), self.K)
+        return f"({self.param.arg}{'^T' if self.swap else ''})[{a}:{b}, {self.win.off}:{self.win.off + self.win.len}]"
+
     def extent(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """The rectangle of P (rows, columns) the tile's valid elements cover."""
         lo, hi = self.win.covers(self.N)
@@ -158,6 +224,47 @@ class SeqKernel:
             self._visit(ir.updates[s], self._full(ir.updates[s]))
         self._check_reads()
         self.gpu_rows, self.gpu_warps = self._gpu_rows()
+        # the weights: held in registers across the loop, or streamed from memory every step
+        self.weight_elements = sum(_pow2(t.K) * t.win.width for t in self.tiles)
+        self.streamed = self.weight_elements > HOLD_LIMIT
+        self.ktile = self._k_tiles() if self.streamed else {}
+        if self.streamed:   # the per-step K-tiles' dot operands: spread over 8 warps (fewer spills than 4)
+            self.gpu_warps = max(self.gpu_warps, STREAM_WARPS)
+        self._chunked: dict = {}                    # key of a GEMM input split into K-tiles -> (node, window)
+        self._split_note: dict = {}                 # their .rec line (the first product that reads them)
+
+    def mode(self) -> str:
+        """What the kernel does, in the mode it runs (the plan's line for the stage)."""
+        if not self.tiles:
+            held = "states in registers (no recurrent weight)"
+        elif self.streamed:
+            held = (f"states in registers; recurrent weights ({self.weight_elements} elements per head, over the "
+                    f"{HOLD_LIMIT} held in registers) streamed from global memory per step in K-tiles of "
+                    f"<= {STREAM_CHUNK} elements (L2-resident on a GPU)")
+        else:
+            held = f"states and recurrent weights ({self.weight_elements} elements per head) in registers"
+        back = ("; backward a reverse-time loop of the step's VJP"
+                + (", weight gradients added per step to the program's slice in global memory" if self.streamed
+                   else ""))
+        return "generated sequential kernel: time loop on chip, " + held + back
+
+    def _k_tiles(self) -> dict:
+        """Rows per K-tile for each streamed GEMM input (key of x -> rows): a power of two,
+        at least 16 (tl.dot's smallest side) where x has that many, tiles of at most
+        STREAM_CHUNK elements otherwise; one split of x serves every product reading it."""
+        widest: dict = {}
+        for key, step in self.how.items():
+            if step.kind == "gemm":
+                for ti, (x, xw) in step.data:
+                    k = self.key(x, xw)
+                    widest[k] = max(widest.get(k, 1), self.tiles[ti].win.width)
+        out = {}
+        for k, width in widest.items():
+            KP = k[1].width   # (node id, window): x's lanes
+            rows = max(1, STREAM_CHUNK // width)
+            rows = 1 << (rows.bit_length() - 1)   # a power of two
+            out[k] = min(KP, max(rows, min(DOT_MIN, KP)))
+        return out
 
     # ------------------------------------------------------------------ shapes and windows
     def dims(self, n: Node) -> tuple[int, ...]:
@@ -469,11 +576,6 @@ class SeqKernel:
             for b in self.tiles[i + 1:]:
                 if a.param is b.param and all(x[0] < y[1] and y[0] < x[1] for x, y in zip(a.extent(), b.extent())):
                     raise NotEligible(f"two products read overlapping parts of the weight {a.param.arg}")
-        weights = sum(_pow2(t.K) * t.win.width for t in self.tiles)
-        if weights > HOLD_LIMIT:
-            raise NotEligible(f"the recurrent weights ({weights} elements per head) do not fit one program's "
-                              f"registers (<= {HOLD_LIMIT}); splitting the hidden units across programs "
-                              "(FlashRNN-style) is not built")
 
     def _gpu_rows(self) -> tuple[int, int]:
         """(batch rows, warps) per program on a GPU: 16 rows and 4 warps, fewer rows when the
@@ -573,8 +675,11 @@ class SeqKernel:
                 masked = f", mask={lanes}, other=0.0" if lanes else ""
                 L.append(annotate(f"    {self.vname(p, w)} = tl.load(p{j} + hd * p{j}_sh + {self._param_index(p, w, j)}"
                                   f"{masked}).to(ACC)", self.notes(p, with_text=False)))
-        for ti in range(len(self.tiles)):   # the recurrent weights: loaded once, held in registers
-            L.append("    " + self._weight_load(ti))
+        if not self.streamed:
+            for ti in range(len(self.tiles)):   # the recurrent weights: loaded once, held in registers
+                L.append("    " + self._weight_load(ti))
+        else:
+            L += self._grids()
         return at
 
     def _param_index(self, p: Node, w: Win, j: int) -> str:
@@ -585,13 +690,112 @@ class SeqKernel:
             return f"{self._elements(p, w)} * p{j}_sr"
         return "cols1[None, :]"
 
-    def _weight_load(self, ti: int) -> str:
+    def _weight_load(self, ti: int, lo: int = 0, rows: int | None = None) -> str:
+        """The load of weight tile ti (held), or of its K-tile of `rows` rows from row `lo`
+        (streamed: loaded in the step, where it is used)."""
         t = self.tiles[ti]
         p = self.params_all().index(t.param)
+        shape = f"[{rows or _pow2(t.K)}, {t.win.width}]"
+        if rows:   # streamed: the K-tile's corner (per step) + the offsets of a K-tile (see _zero)
+            r0, c0 = t.corner(lo)
+            corner = " + ".join([f"hd * p{p}_sh"] + [f"{v} * p{p}_{s}" for v, s in ((r0, "sr"), (c0, "sc")) if v])
+            mask = t.chunk_mask(lo, rows)
+            mask = f", mask={mask}, other=0.0" if mask else ""
+            return (f"{self._chunk_name(ti, lo, rows)} = tl.load(p{p} + ({corner} + zero) + "
+                    f"{self._grid_name(ti, rows)}{mask}).to(ACC)  # {t.note}: {t.what(lo, rows)} as {shape} streamed "
+                    "(x @ tile)")
         row, col = t.coords()
-        what = f"({t.param.arg}{'^T' if t.swap else ''})[{t.k0}:{t.k0 + t.K}, {t.win.off}:{t.win.off + t.win.len}]"
-        return (f"w{ti} = tl.load(p{p} + hd * p{p}_sh + ({row}) * p{p}_sr + ({col}) * p{p}_sc, mask={t.mask()}, "
-                f"other=0.0).to(ACC)  # {t.note}: {what} as [{_pow2(t.K)}, {t.win.width}] (x @ tile)")
+        return (f"w{ti} = tl.load(p{p} + hd * p{p}_sh + ({row}) * p{p}_sr + ({col}) * "
+                f"p{p}_sc, mask={t.mask()}, other=0.0).to(ACC)  # {t.note}: {t.what()} as "
+                f"{shape} (x @ tile)")
+
+    def _grid_key(self, ti: int, rows: int) -> tuple:
+        t = self.tiles[ti]
+        return (self.params_all().index(t.param), t.swap, rows, t.win.width)
+
+    def _grid_name(self, ti: int, rows: int) -> str:
+        j, swap, rows, width = self._grid_key(ti, rows)
+        return f"p{j}_{'t' if swap else ''}k{rows}x{width}"
+
+    def _grids(self) -> list[str]:
+        """Before the loop: the element offsets of each shape of streamed K-tile, relative to
+        its corner: every K-tile of that shape adds its corner (a scalar) to them."""
+        out, seen = [], set()
+        for key, step in self.how.items():
+            if step.kind != "gemm":
+                continue
+            for ti, (x, xw) in step.data:
+                rows = self.ktile[self.key(x, xw)]
+                name = self._grid_name(ti, rows)
+                if name in seen:
+                    continue
+                seen.add(name)
+                t, j = self.tiles[ti], self._grid_key(ti, rows)[0]
+                row, col = t.grid(rows)
+                out.append(f"    {name} = {row} * p{j}_sr + {col} * p{j}_sc  # offsets in a [{rows}, {t.win.width}] "
+                           f"K-tile of {t.param.arg}{'^T' if t.swap else ''}")
+        return out
+
+    @staticmethod
+    def _zero(var: str) -> str:
+        """A zero the compiler cannot prove (var < TL in the loop): added to each K-tile's
+        corner, it keeps the streamed tiles' addresses computed per step -- loop-invariant,
+        they would be hoisted and held across the loop, a pointer per element."""
+        return f"        zero = {var} // TL  # 0 (the weights' addresses are computed per step, not held)"
+
+    @staticmethod
+    def _chunk_name(ti: int, lo: int, rows: int | None) -> str:
+        """Weight tile ti (held), or its K-tile of rows [lo, lo + rows) (streamed)."""
+        return f"w{ti}_k{lo}_{lo + rows}" if rows else f"w{ti}"
+
+    # ------------------------------------------------------------------ streamed weights: K-tiles
+    def _k_starts(self, ti: int, x: Node, xw: Win) -> list[int]:
+        """The first rows of the K-tiles of streamed tile ti (read by x) that hold weights."""
+        rows = self.ktile[self.key(x, xw)]
+        return [lo for lo in range(0, _pow2(self.tiles[ti].K), rows) if lo < self.tiles[ti].K]
+
+    def _x_chunk(self, x: Node, xw: Win, lo: int) -> str:
+        """Lanes [lo, lo + rows) of the GEMM input x, rows not running and invalid lanes zero
+        (x whole, masked, when it is one K-tile)."""
+        rows, name = self.ktile[self.key(x, xw)], self.vname(x, xw)
+        if rows >= xw.width:
+            return f"tl.where({self.running(x, xw)}, {name}, 0.0)"
+        return f"{name}_k{lo}_{lo + rows}"
+
+    def _chunk_input(self, x: Node, xw: Win, n: Node):
+        """x is read in K-tiles (by the product n): its split goes after its value."""
+        key = self.key(x, xw)
+        if self.ktile[key] < xw.width:
+            self._chunked.setdefault(key, (x, xw))
+            self._split_note.setdefault(key, self.notes(n, with_text=False))
+
+    def _split_lines(self, key) -> list[str]:
+        """x split into its K-tiles by halving (Triton cannot slice a register tile: a
+        reshape to [rows, 2, half], a permute and tl.split give the two halves); a half
+        past x's elements is not kept."""
+        x, xw = self._chunked[key]
+        name, rows, K = self.vname(x, xw), self.ktile[key], self.dims(x)[0]
+        lines, todo = [], [(f"tl.where({self.running(x, xw)}, {name}, 0.0)", 0, xw.width)]
+        while todo:
+            src, lo, size = todo.pop(0)
+            half, names = size // 2, []
+            for a in (lo, lo + half):
+                names.append("_" if a >= K else f"{name}_k{a}_{a + half}")
+                if a < K and half > rows:
+                    todo.append((names[-1], a, half))
+            lines.append(f"{names[0]}, {names[1]} = tl.split(tl.permute(tl.reshape({src}, [BLOCK_B, 2, {half}]), "
+                         "(0, 2, 1)))")
+        note = self._split_note[key]
+        lines[0] += f"  # {note}: {name} in K-tiles of {rows} lanes (the streamed weights' rows)"
+        return ["        " + x if i == 0 else "        " + annotate(x, note) for i, x in enumerate(lines)]
+
+    def _join(self, parts: list[str], rows: int) -> str:
+        """The K-tiles (in order, each [BLOCK_B, rows]) as one [BLOCK_B, rows * len] tile."""
+        while len(parts) > 1:
+            parts = [f"tl.reshape(tl.permute(tl.join({a}, {b}), (0, 2, 1)), [BLOCK_B, {2 * rows}])"
+                     for a, b in zip(parts[::2], parts[1::2])]
+            rows *= 2
+        return parts[0]
 
     def _state_ptr(self, k: int, base: str, t: str | None) -> tuple[str, str]:
         """Pointers and mask of state k's tile: per row at memory step t (rows not running
@@ -620,14 +824,34 @@ class SeqKernel:
     def _step(self, L: list[str], need: set | None = None):
         """The step's values in order (leaves are loaded already); only those in `need`,
         when given (the backward recomputes what its adjoint reads)."""
+        body: list[str] = []
+        groups, done = self._gemm_groups(need), set()
         for n, w in self.order:
             key = self.key(n, w)
-            if key not in self.how or (need is not None and key not in need):
+            if key not in self.how or (need is not None and key not in need) or key in done:
+                continue
+            if key in groups:   # every streamed product of x, K-tile by K-tile
+                body += self._gemm_group(groups[key])
+                done |= {self.key(m, mw) for m, mw in groups[key]}
+                body += [self.key(m, mw) for m, mw in groups[key]]   # where their splits go
                 continue
             name = self.vname(n, w)
             pre, rhs = self._forward(n, w, self.how[key], name)
-            L += [annotate(f"        {x}", self.notes(n, with_text=False)) for x in pre]
-            L.append(annotate(f"        {name} = {rhs}", self.notes(n)))
+            body += [_noted(f"        {x}", self.notes(n, with_text=False)) for x in pre]
+            body.append(annotate(f"        {name} = {rhs}", self.notes(n)))
+            body.append(key)   # where a split of the value goes
+        # the streamed products' inputs in K-tiles: a state's or a leaf's first, a computed one after it
+        for k in range(len(self.states)):
+            if self._state_key(k) in self._chunked:
+                L += self._split_lines(self._state_key(k))
+        for n, w in self.order:
+            if self.key(n, w) in self._chunked and self.key(n, w) not in self.how:
+                L += self._split_lines(self.key(n, w))
+        for x in body:
+            if isinstance(x, str):
+                L.append(x)
+            elif x in self._chunked:
+                L += self._split_lines(x)
 
     # ------------------------------------------------------------------ forward rules
     def _forward(self, n: Node, w: Win, st: Step, name: str) -> tuple[list[str], str]:
@@ -648,6 +872,8 @@ class SeqKernel:
             src, sw = st.reads[0]
             return [], (f"tl.sum(tl.where({self._move_mask(sw, w)}[None, :, :], {self.vname(src, sw)}[:, :, None], "
                         "0.0), 1)")
+        if kind == "gemm" and self.streamed:
+            return self._gemm_streamed(n, st, name)
         if kind == "gemm":
             return [], " + ".join(self._gemm_term(ti, x, xw) for ti, (x, xw) in st.data)
         if kind in ("vecmat", "matvec", "outer", "dot"):
@@ -685,6 +911,55 @@ class SeqKernel:
         a = f"({src.off} + cols{src.width})" if src.off else f"cols{src.width}"
         b = f"({dst.off} + cols{dst.width})" if dst.off else f"cols{dst.width}"
         return f"({a}[:, None] == {b}[None, :])"
+
+    def _gemm_groups(self, need: set | None) -> dict:
+        """Streamed products of one input x (W_i @ x, one term each): key of the first in the
+        order -> all of them, computed together where the first is (they read only x)."""
+        if not self.streamed:
+            return {}
+        by_x: dict = {}
+        for n, w in self.order:
+            key = self.key(n, w)
+            st = self.how.get(key)
+            if st is None or st.kind != "gemm" or len(st.data) != 1 or (need is not None and key not in need):
+                continue
+            by_x.setdefault(self.key(*st.data[0][1]), []).append((n, w))
+        return {self.key(*members[0]): members for members in by_x.values()}
+
+    def _gemm_group(self, members: list) -> list[str]:
+        """The products of x, K-tile by K-tile: each K-tile of x is read by all of them while
+        it is live (product by product, every K-tile of x would be live across them all)."""
+        _, (x, xw) = self.how[self.key(*members[0])].data[0]
+        rows = self.ktile[self.key(x, xw)]
+        starts = self._k_starts(self.how[self.key(*members[0])].data[0][0], x, xw)
+        lines = []
+        for i, lo in enumerate(starts):
+            for n, w in members:
+                (ti, _), = self.how[self.key(n, w)].data
+                self._chunk_input(x, xw, n)
+                name, note = self.vname(n, w), self.notes(n, with_text=False)
+                lines.append(_noted("        " + self._weight_load(ti, lo, rows), note))
+                term = self._matmul(self._x_chunk(x, xw, lo), self._chunk_name(ti, lo, rows), rows,
+                                    self.tiles[ti].win.width)
+                last = i == len(starts) - 1
+                lines.append(annotate(f"        {name} = " + (f"{name} + " if i else "") + term,
+                                      self.notes(n) if last else note))
+        return lines
+
+    def _gemm_streamed(self, n: Node, st: Step, name: str) -> tuple[list[str], str]:
+        """x @ W accumulated over the K-tiles of the weight, each loaded where it is used."""
+        pieces = [(ti, x, xw, lo) for ti, (x, xw) in st.data for lo in self._k_starts(ti, x, xw)]
+        pre, rhs = [], ""
+        for i, (ti, x, xw, lo) in enumerate(pieces):
+            rows = self.ktile[self.key(x, xw)]
+            self._chunk_input(x, xw, n)
+            pre.append(self._weight_load(ti, lo, rows))
+            term = self._matmul(self._x_chunk(x, xw, lo), self._chunk_name(ti, lo, rows), rows,
+                                self.tiles[ti].win.width)
+            rhs = (f"{name} + " if i else "") + term
+            if i < len(pieces) - 1:
+                pre.append(f"{name} = {rhs}")
+        return pre, rhs
 
     def _gemm_term(self, ti: int, x: Node, xw: Win) -> str:
         t = self.tiles[ti]
@@ -741,14 +1016,16 @@ class SeqKernel:
              f"def {self.name}_fwd({', '.join(self.arg_names(False))},",
              "        ACC: tl.constexpr, BLOCK_B: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr, "
              + ", ".join(f"STORE{k}: tl.constexpr" for k in range(len(self.states))) + "):",
-             f"    # stage {', '.join(self.states)}: the time loop on chip; weights held in registers"]
+             f"    # stage {', '.join(self.states)}: the time loop on chip; "
+             + ("weights streamed from global memory per step" if self.streamed else "weights held in registers")]
+        self._chunked, self._split_note = {}, {}
         at = self._setup(L)
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"hinit{k}", None)
             L.append(f"    h{k} = tl.load({ptr}, mask={mask}, other=0.0).to(ACC)")
-        L += ["    for t in range(0, TL):",
+        L += ["    for t in " + self._time_range() + ":",
               "        act = bm & (t < Tn)  # the rows still running (cu_seqlens: sequences differ in length)",
-              "        tm = bos + t  # the step in memory",
+              "        tm = bos + t  # the step in memory"] + ([self._zero("t")] if self.streamed else []) + [
               "        if REVERSE:",
               "            tm = bos + Tn - 1 - t"]
         self._leaf_loads(L, "tm")
@@ -775,7 +1052,7 @@ class SeqKernel:
              " REVERSE: tl.constexpr):",
              f"    # adjoint of stage {', '.join(self.states)}: reverse-time loop of the step's VJP (states saved, "
              "the step recomputed)"]
-        params = self.params_all()
+        self._chunked, self._split_note = {}, {}
         # the step's reverse mode first: the forward values it reads are all the step recomputes
         reads: set = set()
         adjoint = self._adjoint(reads)
@@ -788,10 +1065,10 @@ class SeqKernel:
             for w in self.param_wins[p.id]:
                 L.append(f"    acc_{self.vname(p, w)} = tl.zeros([{self._tile_text(p, w).replace('BLOCK_B', '1')}], "
                          "dtype=ACC)")
-        for ti, t in enumerate(self.tiles):
+        for ti, t in enumerate(self.tiles if not self.streamed else []):
             L.append(f"    dw{ti} = tl.zeros([{_pow2(t.K)}, {t.win.width}], dtype=ACC)")
-        L += ["    for r in range(0, TL):",
-              "        t = TL - 1 - r",
+        L += ["    for r in " + self._time_range() + ":",
+              "        t = TL - 1 - r"] + ([self._zero("r")] if self.streamed else []) + [
               "        act = bm & (t < Tn)",
               "        tm = bos + t"]
         h_read = [k for k in range(len(self.states)) if self._state_key(k) in need]
@@ -809,6 +1086,8 @@ class SeqKernel:
         self._leaf_loads(L, "tm", need)
         self._step(L, need)
         L += adjoint
+        if self.streamed:   # this step's weight gradients are in memory before the next step adds to them
+            L.append("        tl.debug_barrier()")
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"dh0{k}", None)
             L.append(f"    tl.store({ptr}, lam{k}, mask={mask})")
@@ -819,13 +1098,15 @@ class SeqKernel:
                 lanes = self.valid(p, w)
                 L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {self._count(p)} + {idx}, "
                          f"acc_{self.vname(p, w)}" + (f", mask={lanes})" if lanes else ")"))
-        for ti, t in enumerate(self.tiles):
-            j = params.index(t.param)
-            R, C = self.dims(t.param)
-            row, col = t.coords()
-            L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {R * C} + ({row}) * {C} + ({col}), dw{ti}, "
-                     f"mask={t.mask()})")
+        for ti, t in enumerate(self.tiles if not self.streamed else []):   # streamed: added per step
+            L.append(f"    tl.store({self._grad_ptr(ti)}, dw{ti}, mask={t.mask()})")
         return "\n".join(self._with_lanes(L, at)) + "\n"
+
+    def _time_range(self) -> str:
+        """The time loop's range: with streamed weights, not software-pipelined (the pipeliner
+        would prefetch every K-tile of the next steps into shared memory: the weights held
+        again, in shared memory and registers)."""
+        return "tl.range(0, TL, num_stages=1)" if self.streamed else "range(0, TL)"
 
     def _state_key(self, k: int):
         st = self.ir.states[self.states[k]]
@@ -858,7 +1139,7 @@ class SeqKernel:
                 self._leaf_grad(L, n, w, g)
                 continue
             lines, contribs = self._vjp(n, w, step, g, reads)
-            L += [annotate(f"        {x}", self.notes(n, with_text=False)) for x in lines]
+            L += [_noted(f"        {x}", self.notes(n, with_text=False)) for x in lines]
             for (src, sw), term in contribs:
                 if term is not None and texpr.literal(src) is None and src.op not in (Op.CONST, Op.EYE):
                     adj.add(self.key(src, sw), term)
@@ -933,6 +1214,8 @@ class SeqKernel:
         if kind == "move":
             (s, sw), = st.reads
             return [], [((s, sw), f"tl.sum(tl.where({self._move_mask(sw, w)}[None, :, :], {g}[:, None, :], 0.0), 2)")]
+        if kind == "gemm" and self.streamed:
+            return self._gemm_vjp_streamed(n, st, g, reads)
         if kind == "gemm":
             return self._gemm_vjp(st, g, reads)
         if kind in ("vecmat", "matvec", "outer", "dot"):
@@ -972,6 +1255,53 @@ class SeqKernel:
             term = f"tl.where((({lane} >= {off}) & ({lane} < {off + size}))[None, :], {g}, 0.0)"
             out.append(((s, sw), self._unbroadcast(term, n, w, s)))
         return out
+
+    def _grad_ptr(self, ti: int, lo: int = 0, rows: int | None = None) -> str:
+        """Pointers to this program's partial gradient of weight tile ti (its K-tile from row
+        lo when streamed): [programs, NH, *shape], summed over the programs in torch."""
+        t = self.tiles[ti]
+        j = self.params_all().index(t.param)
+        R, C = self.dims(t.param)
+        if rows:   # streamed: as the weight's K-tile, a corner per step and the offsets in a K-tile
+            r0, c0 = t.corner(lo)
+            row, col = t.grid(rows)
+            return f"dp{j} + ((pid * NH + hd) * {R * C} + {r0 * C + c0} + zero) + ({row} * {C} + {col})"
+        row, col = t.coords()
+        return f"dp{j} + (pid * NH + hd) * {R * C} + ({row}) * {C} + ({col})"
+
+    def _gemm_vjp_streamed(self, n: Node, st: Step, g: str, reads: set):
+        """Per K-tile of the weight, loaded again: its gradient added to the program's slice
+        in memory (read, add, store: registers stay bounded), and the input's adjoint
+        g @ tile^T, the K-tiles joined back into x's lanes."""
+        lines, out = [], []
+        for ti, (x, xw) in st.data:
+            t, key = self.tiles[ti], self.key(x, xw)
+            rows = self.ktile[key]
+            reads.add(key)
+            self._chunk_input(x, xw, n)
+            parts = []
+            for lo in range(0, xw.width, rows):
+                if lo >= t.K:
+                    parts.append(f"tl.zeros([BLOCK_B, {rows}], dtype=ACC)")
+                    continue
+                w, xc = self._chunk_name(ti, lo, rows), self._x_chunk(x, xw, lo)
+                lines.append(self._weight_load(ti, lo, rows))
+                mask = t.chunk_mask(lo, rows)
+                if min(rows, t.win.width) >= DOT_MIN and self.gpu_rows >= DOT_MIN:
+                    dw = f"tl.dot(tl.trans({xc}), {g}, input_precision=\"ieee\")"
+                else:
+                    dw = f"tl.sum({xc}[:, :, None] * {g}[:, None, :], 0)"
+                lines.append(f"{w}_grad = {self._grad_ptr(ti, lo, rows)}  # this program's gradient of {w}")
+                masked = f", mask={mask}" if mask else ""
+                lines.append(f"tl.store({w}_grad, tl.load({w}_grad{masked}) + {dw}{masked})")
+                parts.append(f"{g}_dx{ti}_k{lo}_{lo + rows}")
+                lines.append(f"{parts[-1]} = tl.sum({g}[:, None, :] * {w}[None, :, :], 2)")
+            if len(parts) == 1:
+                out.append(((x, xw), parts[0]))
+                continue
+            lines.append(f"{g}_dx{ti} = {self._join(parts, rows)}")
+            out.append(((x, xw), f"{g}_dx{ti}"))
+        return lines, out
 
     def _gemm_vjp(self, st: Step, g: str, reads: set):
         lines, out = [], []

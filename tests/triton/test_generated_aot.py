@@ -63,10 +63,10 @@ def test_sequential_kernel_with_tensor_core_tiles(arch):
     assert all(c.spills == 0 for c in compiled), [(c.name, c.spills) for c in compiled]
 
 
-def test_weights_too_big_for_one_program_fall_back_and_say_why():
-    spec = recdsl.load("lstm")
-    choice = emit_cell(spec.lower(D=32, H=32), "triton").selection.choice(0)
-    assert isinstance(choice.form, SequentialLoop) and choice.kernel.borrowed == "torch"
-    assert [p.reason for p in choice.passed] == [
-        "the recurrent weights (4096 elements per head) do not fit one program's registers (<= 2048); splitting "
-        "the hidden units across programs (FlashRNN-style) is not built"]
+def test_weights_too_big_to_hold_are_streamed_not_a_fallback():
+    """Above HOLD_LIMIT the sequential kernel streams its weights (tests/triton/test_seq_streamed.py)."""
+    emitted = emit_cell(recdsl.load("lstm").lower(D=32, H=32), "triton")
+    choice = emitted.selection.choice(0)
+    assert isinstance(choice.form, SequentialLoop) and choice.kernel.name == "triton.sequential"
+    assert choice.kernel.borrowed is None and choice.passed == []
+    assert emitted.emitter.kernels[0].streamed and emitted.emitter.kernels[0].weight_elements == 4096

@@ -1,0 +1,226 @@
+"""The Triton chunkwise kernels of the diagonal-decay form (backends/triton/chunk_kernels.py,
+registry entry triton.chunk_diag): the stdlib cells whose matrix state matches ChunkDiag
+select and run them on the triton backend, and agree with the reference backend (outputs,
+final states, gradients of inputs, params and the initial state) in Triton's interpreter;
+the kernels against the torch chunk form directly (several readouts, strong decays, V
+blocks, unread outputs); and the kernels compile for sm_80 / sm_90 without spills."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+import recdsl
+from helpers import paired_layers, random_inputs
+from recdsl.backends.torch import scans
+from recdsl.backends.triton import chunk_kernels
+from recdsl.lowering import ChunkDiag
+from recdsl.pipeline import emit_cell
+
+# Every stdlib cell with a ChunkDiag stage of a log decay (a decay of unknown sign keeps the torch form).
+CELLS = ["gla", "gsa", "hgrn2", "lightnet", "lightning_attention", "linear_attention", "linear_attention_nonorm",
+         "mamba2", "mlstm", "rwkv6"]
+# Their key / value sizes at the interpreter's shapes (K and V are the state's sides).
+SIZES = {"mamba2": ("N", "P")}
+KERNEL = "triton.chunk_diag"
+
+
+def _dims(name, K, V):
+    spec = recdsl.load(name)
+    k_name, v_name = SIZES.get(name, ("K", "V"))
+    return spec, spec.analysis_dims(**{k_name: K, v_name: V})
+
+
+def _chunk_stages(selection):
+    return [c for c in selection.stages if isinstance(c.form, ChunkDiag)]
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_cells_select_and_run_the_triton_chunk_kernels(name):
+    spec, dims = _dims(name, 16, 16)
+    sel = emit_cell(spec.lower(**dims), "triton").selection
+    stages = _chunk_stages(sel)
+    assert stages and all(c.kernel.name == KERNEL and c.kernel.borrowed is None for c in stages), sel
+    layer = spec(backend="triton", **dims).double()
+    layer(**random_inputs(spec, layer, 1, 5, torch.float64))
+    assert KERNEL in layer.ran
+
+
+def test_a_signed_decay_is_declined_with_its_reason():
+    """The kernels take log decays: a decay of unknown sign is passed over, and the plan says why."""
+    src = """
+cell Signed(K, V):
+    input q[K], k[K], v[V], d[]
+    state S[K, V] = 0
+    S' = tanh(d) * S + outer(k, v)
+    output o = q @ S'
+"""
+    spec = recdsl.load(src)
+    sel = emit_cell(spec.lower(K=4, V=4), "triton").selection
+    (choice,) = sel.stages
+    assert choice.kernel.name != KERNEL
+    assert any(p.kernel == KERNEL and "sign" in p.reason for p in choice.passed), choice.passed
+
+
+def _compare(spec, dims, B, T, dtype, heads=None, seed=0, **call):
+    """Max abs errors (outputs, states, grads) of triton vs reference, from a random initial
+    state whose gradient is compared too; and the scale of the outputs."""
+    ref, tri = paired_layers(spec, "triton", dims, heads, dtype, seed)
+    xs = {k: v.requires_grad_() for k, v in random_inputs(spec, ref, B, T, dtype, seed).items()}
+    _, shapes = ref(**{k: v[:, :1].detach() for k, v in xs.items()})
+    n_rows = len(call["cu_seqlens"]) - 1 if "cu_seqlens" in call else B
+    g = torch.Generator().manual_seed(seed + 2)
+    st = {k: (0.5 * torch.randn((n_rows,) + v.shape[1:], generator=g, dtype=torch.float64)).to(dtype)
+          .requires_grad_() for k, v in shapes.items() if torch.is_floating_point(v)}
+    (o1, s1), (o2, s2) = ref(**xs, state=st, **call), tri(**xs, state=st, **call)
+    assert KERNEL in tri.ran
+    o1, o2 = (o1 if isinstance(o1, tuple) else (o1,)), (o2 if isinstance(o2, tuple) else (o2,))
+    errs = {"out": max(float((a - b).detach().abs().max()) for a, b in zip(o1, o2)),
+            "state": max(float((s1[k] - s2[k]).detach().abs().max()) for k in s1)}
+    w = [torch.randn(a.shape, generator=g, dtype=torch.float64).to(dtype) for a in o1]
+    leaves = list(xs.values()) + list(st.values())
+    grads = []
+    for layer, os_, ss in ((ref, o1, s1), (tri, o2, s2)):
+        loss = sum((a * c).sum() for a, c in zip(os_, w)) + sum(v.sum() for v in ss.values())
+        grads.append(torch.autograd.grad(loss, leaves + list(layer.parameters()), allow_unused=True))
+    errs["grad"] = max((float((a - b).abs().max()) for a, b in zip(*grads) if a is not None and b is not None),
+                       default=0.0)
+    assert all((a is None) == (b is None) for a, b in zip(*grads))
+    errs["scale"] = max(1.0, max(float(a.detach().abs().max()) for a in o1))
+    return errs
+
+
+def _assert_close(e, tol):
+    assert e["out"] <= tol * e["scale"] and e["state"] <= tol * e["scale"] and e["grad"] <= 10 * tol * e["scale"], e
+
+
+@pytest.mark.parametrize("T", [1, 37, 64])
+@pytest.mark.parametrize("name", CELLS)
+def test_cells_match_reference_fp64(name, T):
+    spec, dims = _dims(name, 16, 16)
+    _assert_close(_compare(spec, dims, 2, T, torch.float64), 1e-10)
+
+
+@pytest.mark.parametrize("name", ["gla", "mamba2", "rwkv6"])
+def test_sizes_not_a_power_of_two(name):
+    """K = V = 60: padded key tiles and two V blocks."""
+    spec, dims = _dims(name, 60, 60)
+    _assert_close(_compare(spec, dims, 2, 37, torch.float64), 1e-10)
+
+
+@pytest.mark.parametrize("name", ["gla", "lightning_attention", "mamba2"])
+def test_float32_within_fla_style_tolerance(name):
+    spec, dims = _dims(name, 16, 16)
+    e = _compare(spec, dims, 2, 37, torch.float32)
+    assert e["out"] <= 2e-5 * e["scale"] and e["state"] <= 2e-5 * e["scale"] and e["grad"] <= 2e-4 * e["scale"], e
+
+
+@pytest.mark.parametrize("name", ["gla", "hgrn2"])
+def test_heads(name):
+    spec, dims = _dims(name, 16, 16)
+    _assert_close(_compare(spec, dims, 2, 37, torch.float64, heads=2), 1e-10)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", ["gla", "mamba2", "rwkv6"])
+def test_reverse_and_cu_seqlens_by_the_runtime(name, reverse):
+    """The runtime flips / splits around the kernels (Caps: reverse and varlen "runtime"):
+    an empty and a one-step sequence among them, per-sequence initial states."""
+    spec, dims = _dims(name, 16, 16)
+    _assert_close(_compare(spec, dims, 2, 37, torch.float64, reverse=reverse), 1e-10)
+    cu = torch.tensor([0, 7, 7, 8, 40])
+    _assert_close(_compare(spec, dims, 1, 40, torch.float64, cu_seqlens=cu, reverse=reverse), 1e-10)
+
+
+# ------------------------------------------------------------------ the kernels themselves
+def _inputs(BH, T, K, V, per_key, reads, dtype=torch.float64, decay=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    k, v, S0 = rnd(BH, T, K), rnd(BH, T, V), rnd(BH, K, V)
+    gl = -decay * torch.rand(BH, T, *((K,) if per_key else ()), generator=g, dtype=torch.float64).to(dtype)
+    qs = [(rnd(BH, T, K), inclusive) for inclusive in reads]
+    return k, v, gl, S0, qs
+
+
+def _against_torch(k, v, g, S0, qs, read=None):
+    """Outputs, final state and every gradient of chunk_kernels.chunk_diag and of the torch
+    form: max abs difference, and whether the Triton ones are finite. `read`: which outputs
+    the loss reads (default all)."""
+    leaves = [x.clone().requires_grad_() for x in (k, v, g, S0, *(q for q, _ in qs))]
+    res = []
+    for f in (chunk_kernels.chunk_diag, scans.chunk_diag):
+        outs, S = f([(q, inc) for q, (_, inc) in zip(leaves[4:], qs)], *leaves[:4])
+        w = torch.Generator().manual_seed(5)
+        loss = (S * torch.randn(S.shape, generator=w, dtype=S.dtype)).sum()
+        for i, o in enumerate(outs):
+            if read is None or i in read:
+                loss = loss + (o * torch.randn(o.shape, generator=w, dtype=o.dtype)).sum()
+        res.append([*outs, S, *torch.autograd.grad(loss, leaves, allow_unused=True)])
+    diff = max(float((a - b).abs().max()) for a, b in zip(*res) if a is not None and b is not None)
+    assert all((a is None) == (b is None) for a, b in zip(*res))
+    return diff, all(bool(torch.isfinite(x).all()) for x in res[0] if x is not None)
+
+
+@pytest.mark.parametrize("per_key", [True, False])
+@pytest.mark.parametrize("reads", [(True,), (False,), (True, False), ()])
+def test_kernels_match_the_torch_form(per_key, reads):
+    """Inclusive and strict readouts, two readouts of one state, only the final state read;
+    T = 45 over two chunks of 32 with a short last one, V = 40 in two V blocks."""
+    diff, finite = _against_torch(*_inputs(2, 45, 20, 40, per_key, reads))
+    assert finite and diff <= 1e-10, diff
+
+
+@pytest.mark.parametrize("per_key", [True, False])
+def test_the_gpu_chunk_size_in_the_interpreter(per_key, monkeypatch):
+    """BT = 64 as on a GPU (four sub-blocks a chunk), T = 100: a short last chunk."""
+    monkeypatch.setattr(chunk_kernels, "chunk_size", lambda device: 64)
+    diff, finite = _against_torch(*_inputs(1, 100, 16, 16, per_key, (True, False)))
+    assert finite and diff <= 1e-10, diff
+
+
+def test_an_unread_output_gets_no_cotangent():
+    diff, finite = _against_torch(*_inputs(2, 40, 16, 16, True, (True, False)), read={1})
+    assert finite and diff <= 1e-10, diff
+
+
+def test_strong_decay_stays_finite():
+    """Log decays down to -100 per step (and below the floor of -80): every exponent the
+    kernels take is <= 0, so nothing overflows, and the floor's gradient is clamp's. T = 45:
+    the second chunk's last sub-block holds no step."""
+    k, v, g, S0, qs = _inputs(2, 45, 16, 16, True, (True, False), decay=60.0)
+    g[0, 3] = -100.0
+    diff, finite = _against_torch(k, v, g - 30.0, S0, qs)
+    assert finite and diff <= 1e-10, diff
+
+
+def test_double_backward_differentiates_the_torch_twin():
+    """create_graph=True: the backward is autograd's derivative of the torch form, so second
+    derivatives equal the torch form's own."""
+    k, v, g, S0, qs = _inputs(1, 20, 16, 16, False, (True,))
+    res = []
+    for f in (chunk_kernels.chunk_diag, scans.chunk_diag):
+        xs = [x.clone().requires_grad_() for x in (k, v, g, S0, qs[0][0])]
+        (o,), S = f([(xs[4], True)], *xs[:4])
+        first = torch.autograd.grad((o ** 2).sum() + S.sum(), xs, create_graph=True)
+        res.append(torch.autograd.grad(sum((d ** 2).sum() for d in first), xs))
+    for a, b in zip(*res):
+        assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max())
+
+
+# ------------------------------------------------------------------ ahead of time
+STDLIB_COMPILES = isinstance(triton.language.standard.zeros, triton.runtime.JITFunction)
+
+
+@pytest.mark.skipif(not STDLIB_COMPILES, reason="TRITON_INTERPRET was set at import")
+@pytest.mark.parametrize("scalar", [False, True])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_without_spills(arch, scalar, tmp_path, monkeypatch):
+    """K = V = 64 float32, as a GPU launches them (BT 64, chunk_kernels.LAUNCH's warps)."""
+    monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
+    compiled = chunk_kernels.compile_ahead(arch, K=64, V=64, scalar=scalar)
+    assert len(compiled) == len(chunk_kernels.AOT_VARIANTS)
+    for c in compiled:
+        assert f"sm_{arch}" in c.asm["ptx"] and c.registers > 0, c.name
+        assert c.spills == 0, f"{c.name} spills {c.spills} bytes on sm_{arch}"
