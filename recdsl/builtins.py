@@ -122,7 +122,7 @@ share_memory state_dict to to_empty train training type xpu zero_grad
 """.split())
 LAYER_API = frozenset("""
 _GENERATED _build_program _check_inputs _check_state _compute_dtype _forward_graph _forward_varlen _lowered_with _pack
-_compile_sig _param_shape _params _state_shapes
+_compile_sig _param_shape _params _state_shapes _stored_params last_solve newton_options
 _pick_backend _program _resolve_heads _run _step_fn backend_name compiled default_reverse dims generated
 heads initial_state ir plan ran reset_parameters selection spec step
 """.split())

@@ -126,7 +126,7 @@ class IRCell:
     # complex state -> the IR names of its parts (`h` -> ("h.re", "h.im")); complex params
     complex_states: dict[str, tuple[str, str]] = field(default_factory=dict)
     complex_params: set = field(default_factory=set)
-    _sizes: dict = field(default_factory=dict, repr=False, compare=False)   # concrete()'s memo
+    _sizes: dict = field(default_factory=dict, repr=False, compare=False)   # concrete()'s and shape_of()'s memo
 
     @property
     def name(self) -> str:
@@ -140,7 +140,10 @@ class IRCell:
         return toposort(list(self.updates.values()) + list(self.outputs.values()))
 
     def shape_of(self, node: Node) -> tuple[int, ...]:
-        return self.concrete(node.shape)
+        got = self._sizes.get(node.id)     # by node (a decode step asks every call; Dim hashing is slow)
+        if got is None:
+            got = self._sizes[node.id] = self.concrete(node.shape)
+        return got
 
     def concrete(self, shape) -> tuple[int, ...]:
         """The sizes of a symbolic shape under self.dims (remembered: a decode step asks for

@@ -19,6 +19,9 @@ from .errors import RecError
 from .ir import IRCell
 
 BUILT = ("reference", "torch", "triton")
+# Built, but selected only when asked for (a module, `emit_cell`): the newton backend solves
+# to a tolerance, so it is not in every plan, the fuzzer's backends or the parity matrix.
+OPT_IN = ("newton",)
 
 
 def backend_module(name: str):
@@ -31,6 +34,9 @@ def backend_module(name: str):
     if name == "triton":
         from .backends import triton as triton_backend
         return triton_backend
+    if name == "newton":
+        from .backends import newton as newton_backend
+        return newton_backend
     raise RecError(f"no backend {name}", hint="built: " + ", ".join(BUILT))
 
 
@@ -56,7 +62,7 @@ class Compiled:
         return out
 
 
-def plan_cell(ir: IRCell, verify: bool = True, trace: dict | None = None):
+def plan_cell(ir: IRCell, verify: bool = True, trace: dict | None = None, also: tuple = ()):
     """Rewrite, analyse, then select for every built backend: the Plan with its selections.
     The rewrites run before the analysis's own passes (reassociate first) and the plan keeps
     the rewritten cell (`plan.ir`, what the compiled backends run; the reference runs `ir`
@@ -73,7 +79,7 @@ def plan_cell(ir: IRCell, verify: bool = True, trace: dict | None = None):
                              + "".join(f"\n{line}" for line in split))
     plan = analyze(ir, trace, verify=verify)
     ctx, plan.candidates = lower(plan)
-    for name in BUILT:
+    for name in BUILT + tuple(b for b in also if b in OPT_IN):   # `also`: opt-in backends to select for too
         mod = backend_module(name)
         why = mod.supports(ir)
         plan.selections[name] = Selection(name, [], cannot=why) if why else select(mod.REGISTRY, plan.candidates, ctx)
@@ -85,7 +91,7 @@ def plan_cell(ir: IRCell, verify: bool = True, trace: dict | None = None):
 
 def _selected(ir: IRCell, backend: str, verify: bool, trace: dict):
     """The plan and `backend`'s selection; a located error if the backend cannot run the cell."""
-    plan = plan_cell(ir, verify, trace)
+    plan = plan_cell(ir, verify, trace, also=(backend,))
     sel = plan.selections[backend]
     if sel.cannot:
         raise RecError(sel.cannot, ir.checked.span)

@@ -29,7 +29,7 @@ from .builtins import DISTRIBUTIONS
 from .checker import MAX_DIM, MAX_NUMEL, ConstFolder, NotConstant
 from .errors import RecError
 from .ir import IRCell, lower
-from .pipeline import BUILT, backend_module, compile_cell
+from .pipeline import BUILT, OPT_IN, backend_module, compile_cell
 
 BACKENDS = ("auto", "reference", "torch", "triton", "newton")
 
@@ -124,9 +124,9 @@ class RecModule(nn.Module):
                 if backend_module(name).supports(self.ir) is None:
                     return name
             return "reference"
-        if backend not in BUILT:
+        if backend not in BUILT + OPT_IN:
             raise RecError(f"the {backend} backend is not built yet",
-                           hint="built: " + ", ".join(BUILT) + " (or 'auto')")
+                           hint="built: " + ", ".join(BUILT + OPT_IN) + " (or 'auto')")
         return backend
 
     def _param_shape(self, var) -> tuple[int, ...]:
@@ -172,6 +172,18 @@ class RecModule(nn.Module):
     def selection(self):
         """Which form and kernel run each stage on this module's backend."""
         return self.compiled.selection
+
+    @property
+    def newton_options(self):
+        """backend="newton": how it solves (backends/newton/solve.py NewtonOptions: max_iters,
+        tol, damping), mutable between calls; None on other backends."""
+        return getattr(self._program, "options", None)
+
+    @property
+    def last_solve(self) -> list:
+        """backend="newton": per Newton stage of the last forward, its iterations and final
+        residual (solve.SolveReport); empty on other backends."""
+        return list(getattr(self._program, "last_solve", []))
 
     @property
     def ran(self) -> list[str]:
@@ -278,6 +290,15 @@ class RecModule(nn.Module):
         if extra:
             raise RecError(f"state dict has unknown entries {', '.join(extra)}")
         return out
+
+    def _stored_params(self, dtype) -> dict[str, torch.Tensor]:
+        """The params as stored, in dtype (a registered param read from the module's dict)."""
+        got = {}
+        for n in self.spec.cell.params:
+            p = self._parameters.get(n)
+            p = getattr(self, n) if p is None else p
+            got[n] = p if p.dtype == dtype else p.to(dtype)
+        return got
 
     def _params(self, dtype) -> dict[str, torch.Tensor]:
         # One leading axis of 1 for the batch: every tensor in the step has the same prefix rank.
@@ -427,8 +448,10 @@ class RecModule(nn.Module):
         dtype = self._compute_dtype(inputs.values())
         st = self._check_state(state, B, dtype, first.device)
         nb = 2 if self.heads else 1
-        X = {n: x.to(dtype) for n, x in inputs.items()}
-        st, outs = self._step_fn(X, st, self._params(dtype), nb, dtype, first.device)
+        X = {n: x if x.dtype == dtype else x.to(dtype) for n, x in inputs.items()}
+        # a compiled step (backends/torch: FusedStep) takes the params as stored
+        params = self._stored_params(dtype) if getattr(self._step_fn, "stored_params", False) else self._params(dtype)
+        st, outs = self._step_fn(X, st, params, nb, dtype, first.device)
         shaped = {}
         for o, v in outs.items():
             want = (B,) + ((self.heads,) if self.heads else ()) + self.ir.shape_of(self.ir.outputs[o])

@@ -445,7 +445,7 @@ void step_SFX({sig}) {{
     #pragma omp barrier
     #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * NH; bh++) {{
-      int64_t b = bh / NH, hd = bh % NH;
+{_row_index(rows + body)}
 {rows}
       #pragma omp simd
       for (int64_t i = 0; i < H; i++) {{
@@ -678,6 +678,12 @@ void grad_SFX({sig}) {{
     def _scalar_slot(self, kind: str, k: int) -> bool:
         return kind != "gemm" and (self.param_len if kind == "param" else self.seq_len)[k] == 1 and \
             self.leaf_rank[(kind, k)] == 0
+
+
+def _row_index(text: str) -> str:
+    """The declaration of a row's batch index b and head hd, as far as `text` reads them."""
+    parts = [d for d, name in (("b = bh / NH", "b"), ("hd = bh % NH", "hd")) if re.search(rf"\b{name}\b", text)]
+    return f"      int64_t {', '.join(parts)};" if parts else ""
 
 
 def _used(text: str, decls: list[str]) -> str:
@@ -1311,8 +1317,13 @@ class FusedStep:
     call cannot run (not CPU float, gradients wanted, the build failed), the reference
     step runs, as before."""
 
+    stored_params = True     # the runtime passes the params as stored (the reference step: a batch axis first)
+
     def __init__(self, ir: IRCell, loop: FusedLoop, fallback):
-        self.ir, self.loop, self.fallback = ir, loop, fallback
+        self.ir, self.loop = ir, loop
+        # the reference step reads P with a leading batch axis
+        self.fallback = lambda X, S, P, nb, dtype, device: fallback(X, S, {n: p[None] for n, p in P.items()}, nb,
+                                                                      dtype, device)
         self.outputs = {o: next(s for s in loop.states if ir.updates[s] is n) for o, n in ir.outputs.items()}
 
     @staticmethod
@@ -1336,7 +1347,7 @@ class FusedStep:
         tensors = [*X.values(), *P.values(), *S.values()]
         if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or not loop.usable(dtype, *tensors):
             return self.fallback(X, S, P, nb, dtype, device)
-        new = loop.step(X, S, {n: p[0] for n, p in P.items()}, nb == 2, dtype)   # params as stored (P: a batch axis first)
+        new = loop.step(X, S, P, nb == 2, dtype)
         return new, {o: new[s] for o, s in self.outputs.items()}
 
 

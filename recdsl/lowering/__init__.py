@@ -12,7 +12,7 @@ emitters dispatch on it. Nothing here imports a backend."""
 from __future__ import annotations
 
 from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, DenseSemiringScan, ElementScan, Form,
-                    HouseholderProducts, LevelSync, Readout, Rejection, SequentialLoop, Vectorised, Wavefront)
+                    HouseholderProducts, LevelSync, NewtonSolve, Readout, Rejection, SequentialLoop, Vectorised, Wavefront)
 from .match import Context, candidates
 from .select import Caps, Choice, Kernel, NoKernel, Passed, Registry, Selection, select
 
@@ -24,5 +24,5 @@ def lower(plan) -> tuple[Context, list[list]]:
 
 
 __all__ = ["BlockScan", "ChunkDelta", "ChunkDiag", "ChunkDPLR", "DenseSemiringScan", "ElementScan", "Form",
-           "HouseholderProducts", "LevelSync", "Readout", "Rejection", "SequentialLoop", "Vectorised", "Wavefront", "Context", "candidates", "Caps",
+           "HouseholderProducts", "LevelSync", "NewtonSolve", "Readout", "Rejection", "SequentialLoop", "Vectorised", "Wavefront", "Context", "candidates", "Caps",
            "Choice", "Kernel", "NoKernel", "Passed", "Registry", "Selection", "select", "lower"]

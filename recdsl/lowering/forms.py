@@ -196,6 +196,23 @@ class SequentialLoop(Form):
 
 
 @dataclass(frozen=True)
+class NewtonSolve(Form):
+    """A nonlinear stage h_t = f(h_{t-1}, x_t) solved for all t at once by Newton's method
+    (DEER / ParaRNN, MATH.md §5): each iteration evaluates f and its Jacobian w.r.t. the
+    stage's own states over all steps, then solves the linearised recurrence with a scan.
+    `block`: 1 when the Jacobian is diagonal (one state, elementwise), k for k coupled states
+    of one shape whose Jacobian is k x k per element (block-diagonal). `core`: the nodes the
+    step computes (the same as the sequential loop's)."""
+    title: ClassVar[str] = "parallel Newton"
+    core: tuple = field(hash=False, compare=False)
+    block: int = 1
+
+    def summary(self) -> str:
+        how = "diagonal Jacobian" if self.block == 1 else f"{self.block}x{self.block} Jacobian blocks"
+        return f"{self.title} ({how}, linearised steps by a scan)"
+
+
+@dataclass(frozen=True)
 class Wavefront(Form):
     """A cell `over grid2d` (any update, nonlinear too) by anti-diagonals: every cell (x, y)
     with x + y = d at once, d = 0 .. X+Y-2, reading its left / up neighbours' new states

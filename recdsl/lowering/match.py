@@ -1,8 +1,9 @@
 """Matchers: a classified stage -> its candidate lowering forms, in preference order.
 
 Each candidate is a form (forms.py) holding the nodes its kernel reads, or a Rejection
-saying which construct of the update (and its line) keeps the form from applying. The
-last candidate of every sequence stage is the sequential loop, which runs anything. The
+saying which construct of the update (and its line) keeps the form from applying. Every
+sequence stage has the sequential loop, which runs anything: its last candidate, except
+that a nonlinear stage's parallel Newton form (or its rejection) follows it. The
 matchers read the Plan (classes, coefficients derived by the analysis) and the IR; they
 know no backend: which candidate runs is `select`'s decision, per backend."""
 from __future__ import annotations
@@ -12,7 +13,7 @@ from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.types import ONE, broadcast
 
 from .forms import (BlockScan, ChunkDelta, ChunkDiag, ChunkDPLR, DenseSemiringScan, ElementScan, HouseholderProducts,
-                    LevelSync, Readout, Rejection, SequentialLoop, Vectorised, Wavefront)
+                    LevelSync, NewtonSolve, Readout, Rejection, SequentialLoop, Vectorised, Wavefront)
 
 # The largest state a dense semiring stage scans in parallel as [N, N] matrix products (N^3
 # work a step against the matrix-vector loop's N^2, for log T depth instead of T).
@@ -187,7 +188,24 @@ def candidates(ctx: Context, sp: P.StagePlan) -> list:
         return [BlockScan(*key, A=dict(sp.nodes["A"]), b=dict(sp.nodes["b"])), loop]
     if sp.cls == P.LOW_RANK:
         return [_delta_rule(ctx, sp, core), _delta_product(ctx, sp, core), _dplr(ctx, sp, core), loop]
+    if sp.cls == P.NONLINEAR:
+        # After the loop: a Newton solve is an iterative approximation (to a tolerance), run
+        # only by a backend whose own kernel takes it (select tries a backend's own kernels
+        # on every candidate before its fallbacks, so `newton` picks it over its borrowed loop,
+        # and the exact backends never reach it).
+        return [loop, _newton(sp, loop)]
     return [loop]
+
+
+def _newton(sp: P.StagePlan, loop: SequentialLoop):
+    """Parallel Newton (MATH.md §5) where the analysis proved the Jacobian w.r.t. the
+    stage's states diagonal or k x k per element; a rejection naming why otherwise."""
+    jac = sp.jacobian or "unknown"
+    if jac == "diagonal" or jac.startswith("block-diagonal (k="):
+        return NewtonSolve(sp.index, tuple(sp.states), core=loop.core, block=len(sp.states))
+    why = f"{jac} Jacobian" + (f": {sp.jacobian_reason}" if sp.jacobian_reason else "")
+    return Rejection(NewtonSolve.title, why + "; a diagonal or per-element block Jacobian is needed (quasi-Newton "
+                     "with a dense Jacobian's diagonal is not implemented)", sp.line)
 
 
 def _dense_semiring(sp: P.StagePlan) -> list:

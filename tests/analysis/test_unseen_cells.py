@@ -122,7 +122,8 @@ def test_gru_and_elman_are_nonlinear_with_a_dense_jacobian():
 def test_indrnn_has_a_diagonal_jacobian():
     s = _plan("indrnn").stage_of("h")
     assert s.cls == P.NONLINEAR and s.jacobian == "diagonal"
-    assert isinstance(_plan("indrnn").form(s.index), L.SequentialLoop)  # parallel Newton: the newton backend
+    assert isinstance(_plan("indrnn").form(s.index), L.SequentialLoop)  # the loop first; then, for backend="newton":
+    assert isinstance(_plan("indrnn").candidates[s.index][-1], L.NewtonSolve)
     assert "relu" in s.reason
 
 

@@ -53,7 +53,7 @@ def test_user_cells_and_replay(tmp_path):
 def test_user_mistakes_are_recerrors(tmp_path):
     r = _run(["--cells", str(tmp_path / "missing.rec")], tmp_path)
     assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
-    r = _run(["--seconds", "1", "--backends", "newton"], tmp_path)   # planned, not built
+    r = _run(["--seconds", "1", "--backends", "newton"], tmp_path)   # opt-in (solves to a tolerance): not fuzzed
     assert r.returncode == 1 and "backend" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.rec"
     bad.write_text("cell A(D):\n    input x[D]\n    output y = x +\n")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recdsl.lowering import SequentialLoop
+from recdsl.lowering import NewtonSolve, SequentialLoop
 from recdsl import plan as PL
 
 from .common import B, T, ORACLE, P, against, check_backends, check_loads, family_cells, make, rn, run_both
@@ -45,7 +45,8 @@ def test_loads_and_classes(name):
     s = plan.stages[-1]
     assert s.jacobian == JACOBIAN[name], (name, s.jacobian)
     if JACOBIAN[name] != "dense":
-        assert isinstance(plan.form(s.index), SequentialLoop)  # parallel Newton: the newton backend's issue
+        assert isinstance(plan.form(s.index), SequentialLoop)  # exact backends: the loop first
+        assert isinstance(plan.candidates[s.index][-1], NewtonSolve)   # then parallel Newton (backend="newton")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

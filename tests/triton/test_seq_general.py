@@ -273,9 +273,9 @@ def test_kernels_compile_for_a_gpu_without_spills(name, arch):
 def test_a_matrix_too_big_for_one_program_falls_back_and_says_why():
     choice = emit_cell(recdsl.load(YAAD_LIKE).lower(K=128, V=64), "triton").selection.choice(0)
     assert isinstance(choice.form, SequentialLoop) and choice.kernel.name == "torch.loop"
-    assert [p.reason for p in choice.passed] == [
+    assert [p.reason for p in choice.passed][0] == (
         "a matrix of 8192 elements (padded) per batch row does not fit one program's registers (<= 4096); "
-        "splitting its columns across programs is not built"]
+        "splitting its columns across programs is not built")   # (then the newton form's: not this backend's)
 
 
 @pytest.mark.parametrize("name", CELLS)
