@@ -221,8 +221,10 @@ class RecModule(nn.Module):
         return out
 
     def _compute_dtype(self, tensors) -> torch.dtype:
-        dts = [p.dtype for p in self.parameters()] + [t.dtype for t in tensors]
-        return torch.float64 if torch.float64 in dts else torch.float32
+        if any(t.dtype == torch.float64 for t in tensors):
+            return torch.float64
+        # the cell's params are this module's own (no submodules): its dict, not parameters()'s walk
+        return torch.float64 if any(p.dtype == torch.float64 for p in self._parameters.values()) else torch.float32
 
     def _check_inputs(self, inputs: dict, per_step: bool):
         cell = self.spec.cell
@@ -285,7 +287,7 @@ class RecModule(nn.Module):
                 raise RecError(f"state {name} must be floating point, got {t.dtype}")
             if tuple(t.shape) != shape:
                 raise RecError(f"state {name} has shape {list(t.shape)}, expected {list(shape)}")
-            out[name] = t.to(dtype)
+            out[name] = t if t.dtype == dtype else t.to(dtype)
         extra = [n for n in state if n not in want]
         if extra:
             raise RecError(f"state dict has unknown entries {', '.join(extra)}")
@@ -455,7 +457,7 @@ class RecModule(nn.Module):
         shaped = {}
         for o, v in outs.items():
             want = (B,) + ((self.heads,) if self.heads else ()) + self.ir.shape_of(self.ir.outputs[o])
-            shaped[o] = v.expand(want)
+            shaped[o] = v if tuple(v.shape) == want else v.expand(want)
         return self._pack(shaped, first.dtype), st
 
     def extra_repr(self) -> str:

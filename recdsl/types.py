@@ -12,10 +12,11 @@ from fractions import Fraction
 
 
 class Dim:
-    __slots__ = ("terms",)
+    __slots__ = ("terms", "_hash")
 
     def __init__(self, terms: dict[tuple[str, ...], Fraction] | None = None):
         self.terms = {m: Fraction(c) for m, c in (terms or {}).items() if c != 0}
+        self._hash = None       # terms never change after construction: hashed once (shape memo keys)
 
     @staticmethod
     def const(n: int | Fraction) -> "Dim":
@@ -117,8 +118,13 @@ class Dim:
             other = Dim.const(other)
         return isinstance(other, Dim) and self.terms == other.terms
 
+    def __reduce__(self):
+        return (Dim, (self.terms,))     # not the cached hash: str hashes differ between processes
+
     def __hash__(self) -> int:
-        return hash(frozenset(self.terms.items()))
+        if self._hash is None:
+            self._hash = hash(frozenset(self.terms.items()))
+        return self._hash
 
     def __str__(self) -> str:
         if not self.terms:

@@ -1345,7 +1345,11 @@ class FusedStep:
     def __call__(self, X, S, P, nb, dtype, device):
         loop = self.loop
         tensors = [*X.values(), *P.values(), *S.values()]
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or not loop.usable(dtype, *tensors):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return self.fallback(X, S, P, nb, dtype, device)
+        # the library loaded already: the per-token checks are the dtype and the devices
+        ready = loop.lib is not None and dtype in (torch.float32, torch.float64) and all(t.is_cpu for t in tensors)
+        if not ready and not loop.usable(dtype, *tensors):
             return self.fallback(X, S, P, nb, dtype, device)
         new = loop.step(X, S, P, nb == 2, dtype)
         return new, {o: new[s] for o, s in self.outputs.items()}
