@@ -415,7 +415,9 @@ def _generated_c(emitted) -> str:
         kernels = ", ".join(sorted({c.kernel.name for c in emitted.selection.stages}))
         return (f"// {emitted.plan.cell}: no generated C (its stages run {kernels}; the scan and chunkwise "
                 "C kernels are the fixed library backends/torch/csrc/scans.c)\n")
-    return "".join(f"// ==== fused loop of stage(s) {', '.join(fl.states)} ====\n{fl.source}\n" for fl in loops)
+    return "".join(f"// ==== fused loop of stage(s) {', '.join(fl.states)} ====\n{fl.source}\n"
+                   + (f"// ==== its decode step (layer.step()) ====\n{fl.step_source}\n"
+                      if getattr(fl, "step_source", None) else "") for fl in loops)
 
 
 def _inspect_triton(s, dims: dict, stage: str, arch: int):

@@ -256,18 +256,9 @@ class _Gen:
         self.nparams, self.nseq = nparams, nseq
         outs = [self.val(u, 0) for u in updates]
         body = "\n".join(self.lines)   # one lane of the step
-        fn = self._forward_fn(outs, body) + self._backward_fn() + self._step_fn(outs, body)
-        halves = []
-        for sfx, T_, macros, lae in (("f32", "float", _MACROS32, "LAE_f"), ("f64", "double", _MACROS64, "LAE_d")):
-            halves.append(macros + f"#define LAE {lae}\n" + (GEMM + fn).replace("SFX", sfx).replace("T_", T_)
-                          + "".join(f"#undef {m}\n" for m in _MACRO_NAMES) + "#undef LAE\n")
-        # vmath.h: vexpf / vtanhf, which vectorise across lanes (libm's are scalar calls, and
-        # the gates of a 4096-lane step would cost more than the step's GEMM)
-        return ('#include "vmath.h"\n#include <omp.h>\n'
-                "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n"
-                "/* one SIMD register: the GEMM panels are NR outputs wide */\n"
-                "#if defined(__AVX512F__)\n#define VBYTES 64\n#define VPP 2\n#else\n#define VBYTES 32\n#define VPP 1\n#endif\n"
-                + _LAE + "".join(halves))
+        fn = self._forward_fn(outs, body) + self._backward_fn()
+        self.step_source = _c_file(DOTS, self._step_fn(outs, body))
+        return _c_file(GEMM, fn)
 
     def _gemm_calls(self, fwd: bool) -> str:
         """Per step, W @ state (forward) or adjoint @ W (backward) for every GEMM, the threads
@@ -680,6 +671,22 @@ void grad_SFX({sig}) {{
             self.leaf_rank[(kind, k)] == 0
 
 
+def _c_file(helpers: str, fn: str) -> str:
+    """A C file of generated functions `fn` (written with SFX and T_) and their `helpers`,
+    in float and double."""
+    halves = []
+    for sfx, T_, macros, lae in (("f32", "float", _MACROS32, "LAE_f"), ("f64", "double", _MACROS64, "LAE_d")):
+        halves.append(macros + f"#define LAE {lae}\n" + (helpers + fn).replace("SFX", sfx).replace("T_", T_)
+                      + "".join(f"#undef {m}\n" for m in _MACRO_NAMES) + "#undef LAE\n")
+    # vmath.h: vexpf / vtanhf, which vectorise across lanes (libm's are scalar calls, and
+    # the gates of a 4096-lane step would cost more than the step's GEMM)
+    return ('#include "vmath.h"\n#include <omp.h>\n'
+            "typedef struct { const void* p; int64_t sb, sh, st, sf; } view_t;\n"
+            "/* one SIMD register: the GEMM panels are NR outputs wide */\n"
+            "#if defined(__AVX512F__)\n#define VBYTES 64\n#define VPP 2\n#else\n#define VBYTES 32\n#define VPP 1\n#endif\n"
+            + _LAE + "".join(halves))
+
+
 def _row_index(text: str) -> str:
     """The declaration of a row's batch index b and head hd, as far as `text` reads them."""
     parts = [d for d, name in (("b = bh / NH", "b"), ("hd = bh % NH", "hd")) if re.search(rf"\b{name}\b", text)]
@@ -778,6 +785,40 @@ static void row1_SFX(const T_* restrict a, int64_t K, const T_* restrict wp, T_*
   store_SFX(c, acc[0], nc);
 }
 
+/* forward panel p of a weight W [N, K] (rows contiguous): out[k][j] = W[p * NR + j][k], zero past row N */
+static void pack_rows_SFX(const T_* restrict w, int64_t N, int64_t K, int64_t p, T_* restrict out) {
+  for (int64_t j = 0; j < NR_SFX; j++) {
+    int64_t n = p * NR_SFX + j;
+    for (int64_t k = 0; k < K; k++) out[k * NR_SFX + j] = n < N ? w[n * K + k] : 0;
+  }
+}
+
+/* backward panel p of W [L, H]: out[l][j] = W[l][p * NR + j], zero past column H */
+static void pack_cols_SFX(const T_* restrict w, int64_t L, int64_t H, int64_t p, T_* restrict out) {
+  int64_t nc = H - p * NR_SFX < NR_SFX ? H - p * NR_SFX : NR_SFX;
+  for (int64_t l = 0; l < L; l++)
+    for (int64_t j = 0; j < NR_SFX; j++) out[l * NR_SFX + j] = j < nc ? w[l * H + p * NR_SFX + j] : 0;
+}
+
+/* c[r, 0:nc] = (c[r] if accumulate, else bias if given, else 0) + a[r, :] @ wp for m rows */
+static void panel_SFX(const T_* restrict a, int64_t lda, int64_t m, int64_t K, const T_* restrict wp,
+                      T_* restrict c, int64_t ldc, int64_t nc, const T_* bias, int accumulate) {
+  int64_t r = 0;
+  for (; r + 8 <= m; r += 8) rows_SFX(8, a + r * lda, lda, K, wp, c + r * ldc, ldc, nc, bias, accumulate);
+  if (r + 4 <= m) { rows_SFX(4, a + r * lda, lda, K, wp, c + r * ldc, ldc, nc, bias, accumulate); r += 4; }
+  for (; r < m; r++) row1_SFX(a + r * lda, K, wp, c + r * ldc, nc, bias, accumulate);
+}
+"""
+
+
+# The decode step's GEMMs (step_*): dot products on the weights as stored (a library of its own,
+# built on the first layer.step(): a sequence forward never pays for its compile).
+DOTS = """
+#define VL_SFX ((int64_t)(VBYTES / sizeof(T_)))
+#define NR_SFX (VPP * VL_SFX)
+typedef T_ vec_SFX __attribute__((vector_size(VBYTES)));
+typedef T_ uvec_SFX __attribute__((vector_size(VBYTES), aligned(sizeof(T_))));  /* unaligned rows of c */
+
 /* c[r][j] = (c[r][j] if accumulate, else bias[j] if given, else 0) + a[r, :] . w[j, :] for m rows
    of a and n rows of w (both K long, rows contiguous): the decode step's GEMMs, on weights as
    stored. mr rows of a against 4 rows of w, vectors along k; then one horizontal sum each. */
@@ -817,29 +858,6 @@ static void dots_SFX(const T_* restrict a, int64_t lda, int64_t m, const T_* res
   }
 }
 
-/* forward panel p of a weight W [N, K] (rows contiguous): out[k][j] = W[p * NR + j][k], zero past row N */
-static void pack_rows_SFX(const T_* restrict w, int64_t N, int64_t K, int64_t p, T_* restrict out) {
-  for (int64_t j = 0; j < NR_SFX; j++) {
-    int64_t n = p * NR_SFX + j;
-    for (int64_t k = 0; k < K; k++) out[k * NR_SFX + j] = n < N ? w[n * K + k] : 0;
-  }
-}
-
-/* backward panel p of W [L, H]: out[l][j] = W[l][p * NR + j], zero past column H */
-static void pack_cols_SFX(const T_* restrict w, int64_t L, int64_t H, int64_t p, T_* restrict out) {
-  int64_t nc = H - p * NR_SFX < NR_SFX ? H - p * NR_SFX : NR_SFX;
-  for (int64_t l = 0; l < L; l++)
-    for (int64_t j = 0; j < NR_SFX; j++) out[l * NR_SFX + j] = j < nc ? w[l * H + p * NR_SFX + j] : 0;
-}
-
-/* c[r, 0:nc] = (c[r] if accumulate, else bias if given, else 0) + a[r, :] @ wp for m rows */
-static void panel_SFX(const T_* restrict a, int64_t lda, int64_t m, int64_t K, const T_* restrict wp,
-                      T_* restrict c, int64_t ldc, int64_t nc, const T_* bias, int accumulate) {
-  int64_t r = 0;
-  for (; r + 8 <= m; r += 8) rows_SFX(8, a + r * lda, lda, K, wp, c + r * ldc, ldc, nc, bias, accumulate);
-  if (r + 4 <= m) { rows_SFX(4, a + r * lda, lda, K, wp, c + r * ldc, ldc, nc, bias, accumulate); r += 4; }
-  for (; r < m; r++) row1_SFX(a + r * lda, K, wp, c + r * ldc, nc, bias, accumulate);
-}
 """
 
 
@@ -870,8 +888,7 @@ def build_library(src: str, stem: str, symbols: tuple[str, ...]) -> ctypes.CDLL:
 
 def _compile(src: str) -> ctypes.CDLL:
     """The lane loop's library (forward, backward, panel width; float and double)."""
-    return build_library(src, "loop", ("loop_f32", "loop_f64", "grad_f32", "grad_f64", "step_f32", "step_f64",
-                                       "nr_f32", "nr_f64"))
+    return build_library(src, "loop", ("loop_f32", "loop_f64", "grad_f32", "grad_f64", "nr_f32", "nr_f64"))
 
 
 def usable(dtype, *tensors) -> bool:
@@ -945,6 +962,7 @@ class FusedLoop(CompiledLoop):
         self.seq_args = [folded.get(n.id, n) for n in self.seqs]
         gen = _Gen(ir, states, self.gemms, self.params + self.seqs, self.folds)
         self.source = gen.source([ir.updates[s] for s in states], len(self.params), len(self.seqs))
+        self.step_source, self.step_lib = gen.step_source, None    # layer.step()'s library, built on first use
         self.gemm_src = gen.gemm_src
         self.covered = gen.covered
         self.aliases = gen.aliases     # {input k: GEMM j}: the input's gradient is dgm_j
@@ -1118,6 +1136,21 @@ class FusedLoop(CompiledLoop):
         d_x = [dx.sum_to_size(x.shape) for dx, x in zip(dxs, xs)]
         return d_x + d_p + d_w + d_s0 + d_proj
 
+    def step_usable(self, dtype, *tensors) -> bool:
+        """`usable` for layer.step(): its own library (step_*), built on the first call; a
+        build that fails warns once and the reference step runs."""
+        if not usable(dtype, *tensors) or self.error is not None:
+            return False
+        if self.step_lib is None:
+            try:
+                self.step_lib = build_library(self.step_source, "lstep", ("step_f32", "step_f64"))
+            except (kcache.BuildError, OSError) as e:
+                self.error = str(e)
+                warnings.warn(f"recdsl: the C step of {', '.join(self.states)} could not be built ({self.error}); "
+                              "step() runs the reference step instead", kcache.CacheWarning, stacklevel=3)
+                return False
+        return True
+
     def step(self, X: dict, S: dict, P0: dict, heads: bool, dtype) -> dict:
         """One step for decoding, in one C call (step_*): X the step's inputs [B, (NH,) ...],
         S the states [B, (NH,) H]; returns the new states. The caller (FusedStep) checked
@@ -1160,7 +1193,8 @@ class FusedLoop(CompiledLoop):
             args.append(cpu_kernels.View(rows.data_ptr(), *(st if size > 1 else 0 for st, size in
                                                             zip(rows.stride()[:2], rows.shape[:2])), 0, 1))
         threads = torch.get_num_threads() if B * NH * self.step_work >= 1 << 18 else 1
-        self._fn("step", dtype)(*args, c_int(B), c_int(NH), c_int(threads))
+        getattr(self.step_lib, f"step_{'f32' if dtype == torch.float32 else 'f64'}")(*args, c_int(B), c_int(NH),
+                                                                                      c_int(threads))
         del keep
         return {s: v.view(B, NH, H) if heads else v for s, v in zip(self.states, nxt)}
 
@@ -1348,8 +1382,8 @@ class FusedStep:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self.fallback(X, S, P, nb, dtype, device)
         # the library loaded already: the per-token checks are the dtype and the devices
-        ready = loop.lib is not None and dtype in (torch.float32, torch.float64) and all(t.is_cpu for t in tensors)
-        if not ready and not loop.usable(dtype, *tensors):
+        ready = loop.step_lib is not None and dtype in (torch.float32, torch.float64) and all(t.is_cpu for t in tensors)
+        if not ready and not loop.step_usable(dtype, *tensors):
             return self.fallback(X, S, P, nb, dtype, device)
         new = loop.step(X, S, P, nb == 2, dtype)
         return new, {o: new[s] for o, s in self.outputs.items()}

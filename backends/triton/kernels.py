@@ -30,10 +30,11 @@ def _chunk_diag_fits(form: ChunkDiag, ctx) -> str | None:
 
 
 def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
-    """The sequential kernel holds the stage's states and recurrent weights in registers.
-    A linear stage with a chunkwise form keeps that form (borrowed from torch until the
-    Triton chunkwise kernels exist): a time loop with one program per row and head
-    leaves most of a GPU idle and trains far slower than chunks of matmuls."""
+    """The sequential kernel holds the stage's states in registers, and its recurrent
+    weights too up to a budget (streamed from global memory per step above it). A linear
+    stage with a chunkwise form keeps that form (chunk_kernels.py, or torch's for the forms
+    without a Triton kernel yet): a time loop with one program per row and head leaves
+    most of a GPU idle and trains far slower than chunks of matmuls."""
     from recdsl.torch_expr import SourceNotes
 
     from .seq_kernels import NotEligible, SeqKernel

@@ -20,7 +20,9 @@ def _unknown(report):
 
 def test_fixed_seed_bounded_run():
     report = fuzz(seconds=25, seed=0, shrink=False, mutants_per_cell=2)
-    assert report.cells >= 100 and report.runs >= report.cells
+    # a cell with a new sequential stage compiles its C loop first (0.4-0.7 s with a cold
+    # kernel cache): 66-108 cells here, by cache and machine load
+    assert report.cells >= 50 and report.runs >= report.cells
     assert report.skipped <= report.cells // 50
     assert not report.frontend_crashes, report.frontend_crashes[:1]
     assert not _unknown(report), [f.summary() + "\n" + f.case.to_file() for f in _unknown(report)][:2]

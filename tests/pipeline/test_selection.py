@@ -45,10 +45,13 @@ def test_every_decay_spelling_runs_chunkwise(name):
     assert isinstance(form, L.ChunkDiag), (name, form)
     assert form.signed == (SPELLINGS[name][3] == "signed"), name
     assert (form.log_decay is not None) == (SPELLINGS[name][3] == "log"), name
-    # triton: its own scan kernel (q @ S' fused, no [B, T, K, V] written) before torch's chunkwise fallback
     choice = plan.selections["triton"].choice(0)
-    assert isinstance(choice.form, L.ElementScan) and choice.form.flattened and choice.kernel.borrowed is None
-    assert choice.passed[0].form == form
+    if form.signed:   # the Triton chunk kernels take log decays: its own scan kernel, the chunkwise form passed over
+        assert isinstance(choice.form, L.ElementScan) and choice.form.flattened and choice.kernel.borrowed is None
+        assert choice.passed[0].form == form
+    else:             # Triton's chunkwise kernels (chunk_kernels.py)
+        assert isinstance(choice.form, L.ChunkDiag) and choice.kernel.name == "triton.chunk_diag"
+        assert choice.kernel.borrowed is None
 
 
 @pytest.mark.parametrize("name", ["raw param", "signed", "constant"])
