@@ -539,9 +539,21 @@ def chunk_diag(readouts, k, v, g, S0):
     return list(outs), ST
 
 
-def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
+def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None):
     """The triton backend's ChunkDiag stage (log decay), from the driver's whole-sequence
-    values as backends/torch/scans.diag_matrix_stage takes them: heads folded into the rows."""
+    values as backends/torch/scans.diag_matrix_stage takes them: heads folded into the rows.
+
+    A non-finite input runs torch's chunk form for this call instead, and `ran` (the
+    driver's record) says so: the kernels' tile products multiply the masked pairs
+    (i, j > i) of a chunk too, and 0 * NaN = NaN would carry a later step's NaN into the
+    earlier outputs and gradients of its chunk; scans.py's form never touches a masked
+    pair (the causality the tests hold every chunkwise form to). One check per call."""
+    tensors = [t for t in (k, v, g, *(q for q, _ in reads)) if isinstance(t, torch.Tensor)]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        from ..torch import scans
+        if ran is not None:
+            ran[-1] = "torch.chunk_diag"
+        return scans.diag_matrix_stage(reads, k, v, g, S0, X0, ns)
     g_rank = None if g is None else g.dim() - ns
     kb, vb = rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns)
     gb = rt.to_bt(g, g_rank, X0, ns) if g is not None else kb.new_zeros(kb.shape[:2])

@@ -177,7 +177,7 @@ class TritonEmitter(Emitter):
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernels run on the transposed state
         self.emit(f"from {__package__}.chunk_kernels import diag_matrix_stage as chunk_diag_stage")
         self.emit(f"{outs}, {fin} = chunk_diag_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, "
-                  f"{self.seq_dims()})  # triton kernels chunk_diag_*", self.ir.updates[s])
+                  f"{self.seq_dims()}, ran=RAN)  # triton kernels chunk_diag_*", self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 

@@ -79,7 +79,8 @@ REGISTRY = Registry("triton", (
     _borrowed(SequentialLoop, "torch.loop", emit="_torch_loop"),   # a device's tensors: not the C loop
     Kernel(ChunkDiag, "triton.chunk_diag", "Triton chunkwise kernels (chunk_kernels.py, MATH.md §3): the state "
            "before every chunk by a pass over chunks, outputs by tl.dot with exponents <= 0 (per-key decay exact on "
-           "the diagonal sub-blocks); backward the reverse chunk pass and per-chunk dq, dk, dv, dg kernels",
+           "the diagonal sub-blocks); backward the reverse chunk pass and per-chunk dq, dk, dv, dg kernels; a call "
+           "with a non-finite input runs torch's chunk form (causal under NaN; layer.ran says so)",
            "_triton_chunk_diag", torch_kernels.CAPS, accepts=_chunk_diag_fits),   # reverse/varlen: the runtime's
     _borrowed(ChunkDiag),   # a signed decay, when no other candidate of its stage has a Triton kernel
     _borrowed(ChunkDelta),
