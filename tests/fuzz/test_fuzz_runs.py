@@ -33,8 +33,9 @@ def test_fixed_seed_bounded_run():
 @pytest.mark.slow
 def test_fixed_seed_two_minutes():
     report = fuzz(seconds=120, seed=1, shrink=False)
-    # every new sequential stage compiles its C loop (about 0.4 s): ~560 cells here, was ~1,000
-    assert report.cells >= 450
+    # every new sequential stage compiles its C loop (0.4-0.7 s with a cold kernel cache):
+    # 272-560 cells here, by machine load and phase
+    assert report.cells >= 200
     assert not report.frontend_crashes and not _unknown(report)
 
 

@@ -21,7 +21,8 @@ def _compile(name, arch):
     ir = spec.lower(**spec.analysis_dims())
     emitted = emit_cell(ir, "triton")
     text, compiled = triton_backend.compile_cell(emitted, arch)
-    assert len(compiled) == 2 * len(emitted.emitter.kernels) and compiled
+    generated = [c for c in compiled if not c.name.startswith("chunk_diag_")]   # and the chunk kernels it calls
+    assert len(generated) == 2 * len(emitted.emitter.kernels) and compiled
     for c in compiled:
         assert c.asm["ptx"] and c.asm["cubin"] and c.registers > 0, c.name
         assert f"sm_{arch}" in c.asm["ptx"], c.name
