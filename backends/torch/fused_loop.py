@@ -164,6 +164,8 @@ class _Gen:
         self.seq_len = [self.length(n) for n in seqs]
         self.leaf_rank = {(self.kinds[n.id], self.leaf[n.id]): n.rank for n in leaves}
         self.fold_seq = {self.leaf[f.seq.id]: k for k, f in folds.items()}   # seq leaf -> the GEMM it is folded into
+        # the decode step computes the input projections its seq leaves read (step_projections)
+        self.step_proj, self.seq_proj = step_projections(seqs, set(self.fold_seq))
         self.memo: dict = {}
         self.lines: list[str] = []
         self.order: list = []          # (key, node, name, source keys) per line: the lane graph, for the adjoint
@@ -418,14 +420,20 @@ void loop_SFX({sig}) {{
                             if k in self.folds else "") for k in range(ng)]
                         + [f"const void* pp_{k}" for k in range(self.nparams)]
                         + [f"view_t in_{k}" for k in range(self.nseq)]
+                        + [f"const T_* sx_{m}, const T_* sw_{m}, int64_t swh_{m}, const T_* sb_{m}, int64_t sbs_{m}, "
+                           f"T_* sp_{m}" for m in range(len(self.step_proj))]
                         + ["int64_t B", "int64_t NH", "int64_t nthreads"])
-        split = "\n".join(self._step_gemm(k, L, j) for k, (L, j) in enumerate(zip(self.gemm_len, self.gemm_src)))
+        split = "\n".join([self._step_projection(m) for m in range(len(self.step_proj))]
+                          + [self._step_gemm(k, L, j) for k, (L, j) in enumerate(zip(self.gemm_len, self.gemm_src))])
         stores = "\n".join(f"          row_next_{k}[i] = {v};" for k, v in enumerate(outs))
         rows = _used(body + stores,
                      [f"const T_* restrict row_prev_{k} = prev_{k} + bh * H;" for k in range(ns)]
                      + [f"T_* restrict row_next_{k} = next_{k} + bh * H;" for k in range(ns)]
                      + [f"const T_* restrict row_gm_{k} = gm_{k} + bh * {L};" for k, L in enumerate(self.gemm_len)]
-                     + [f"const T_* restrict row_in_{k} = (const T_*)in_{k}.p + b * in_{k}.sb + hd * in_{k}.sh;"
+                     + [f"const T_* restrict row_in_{k} = sp_{self.seq_proj[k][0]} + bh * "
+                        f"{self.ir.shape_of(self.step_proj[self.seq_proj[k][0]][0])[0]} + {self.seq_proj[k][1]};"
+                        if k in self.seq_proj else
+                        f"const T_* restrict row_in_{k} = (const T_*)in_{k}.p + b * in_{k}.sb + hd * in_{k}.sh;"
                         for k in range(self.nseq)])
         return f"""
 void step_SFX({sig}) {{
@@ -447,6 +455,21 @@ void step_SFX({sig}) {{
   }}
 }}
 """
+
+    def _step_projection(self, m: int) -> str:
+        """Input projection m of one step, sp = b + x W^T (the gate inputs a GRU reads as
+        slices), the threads splitting its outputs as the GEMMs'."""
+        node, _, x, _ = self.step_proj[m]
+        L, D = self.ir.shape_of(node)[0], self.ir.shape_of(x)[0]
+        return f"""    {{  /* the step's input projection {m}: b + x W^T */
+      const int64_t L = {L}, D = {D}, blocks = (L + 15) / 16;
+      #pragma omp for schedule(static) nowait
+      for (int64_t job = 0; job < NH * blocks; job++) {{
+        int64_t hd = job / blocks, c0 = (job % blocks) * 16, c1 = c0 + 16 < L ? c0 + 16 : L;
+        dots_SFX(sx_{m} + hd * D, NH * D, B, sw_{m} + (swh_{m} == 1 ? 0 : hd) * L * D + c0 * D, D, c1 - c0, D,
+                 sp_{m} + hd * L + c0, NH * L, sb_{m} + hd * sbs_{m} + c0, 0);
+      }}
+    }}"""
 
     def _step_gemm(self, k: int, L: int, j: int) -> str:
         """GEMM k of one step: gm [B * NH, L] = state j @ W^T (+ a folded projection's
@@ -967,9 +990,11 @@ class FusedLoop(CompiledLoop):
         self.covered = gen.covered
         self.aliases = gen.aliases     # {input k: GEMM j}: the input's gradient is dgm_j
         self.fold_seq = gen.fold_seq   # {seq leaf k: GEMM j}: the leaf is j's projection, computed by the loop
+        self.step_proj, self.seq_proj = gen.step_proj, gen.seq_proj   # the decode step's own projections
         self.gemm_lengths = [ir.shape_of(g)[0] for g in self.gemms]
         # a step's multiply-adds per (batch, head) row: threads pay for their barriers above 2^18 in all
-        self.step_work = sum(L * (gen.H + (gen.folds.get(k, 0))) for k, L in enumerate(self.gemm_lengths))
+        self.step_work = (sum(L * (gen.H + (gen.folds.get(k, 0))) for k, L in enumerate(self.gemm_lengths))
+                          + sum(ir.shape_of(p)[0] * ir.shape_of(x)[0] for p, _, x, _ in gen.step_proj))
         self.keep = set(states)   # states whose whole sequence the forward reads (codegen narrows it)
         self._twin = None
         self._require_toolchain()
@@ -1183,15 +1208,23 @@ class FusedLoop(CompiledLoop):
         params = [_per_head(_dense(P0[n.arg], dtype), n.rank, heads, NH) for n in self.params]
         keep += params
         args += [vp(p.data_ptr()) for p in params]
-        memo: dict = {}
         for k, n in enumerate(self.seqs):
-            if k in self.fold_seq:          # not read: its GEMM holds the projection
+            if k in self.fold_seq or k in self.seq_proj:   # not a view: its GEMM or projection holds it
                 args.append(cpu_kernels.View(0, 0, 0, 0, 0))
                 continue
-            rows = _step_rows(_dense(_step_value(n, X, P0, dtype, memo), dtype), heads, B, NH, n.rank)
+            rows = _step_rows(_dense(X[n.arg], dtype), heads, B, NH, n.rank)     # an input (FusedStep.eligible)
             keep.append(rows)
             args.append(cpu_kernels.View(rows.data_ptr(), *(st if size > 1 else 0 for st, size in
                                                             zip(rows.stride()[:2], rows.shape[:2])), 0, 1))
+        for node, W, x, biases in self.step_proj:    # the gate inputs the step computes: b + x W^T
+            xr = _dense(_step_rows(X[x.arg], heads, B, NH), dtype)
+            w = _dense(P0[W.arg], dtype)
+            bias = [P0[b.arg] for b in biases]
+            bias = _dense(sum(bias[1:], bias[0]) if bias else torch.zeros(w.shape[-2]), dtype)
+            out = torch.empty((B * NH, w.shape[-2]), dtype=dtype)
+            keep += [xr, w, bias, out]
+            args += [vp(xr.data_ptr()), vp(w.data_ptr()), c_int(1 if w.dim() == 2 else w.shape[0]),
+                     vp(bias.data_ptr()), c_int(bias.shape[-1] if bias.dim() == 2 else 0), vp(out.data_ptr())]
         threads = torch.get_num_threads() if B * NH * self.step_work >= 1 << 18 else 1
         getattr(self.step_lib, f"step_{'f32' if dtype == torch.float32 else 'f64'}")(*args, c_int(B), c_int(NH),
                                                                                       c_int(threads))
@@ -1320,29 +1353,28 @@ def _step_rows(x: torch.Tensor, heads: bool, B: int, NH: int, rank: int = 1) -> 
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _step_value(n: Node, X: dict, P0: dict, dtype, memo: dict) -> torch.Tensor:
-    """A seq leaf at one step, where FusedStep.eligible allows it: an input, a projection
-    W @ x + b of one, or a slice of the last axis of either (a GRU's gate slices)."""
-    if n.id not in memo:
-        if n.op == Op.INPUT:
-            memo[n.id] = X[n.arg].to(dtype)
-        elif n.op == Op.INDEX:
-            memo[n.id] = _step_value(n.srcs[0], X, P0, dtype, memo)[..., n.arg[0]]
-        else:
-            W, x, biases = projection(n)
-            bias = sum(P0[b.arg].to(dtype) for b in biases) if biases else None
-            memo[n.id] = torch.nn.functional.linear(_step_value(x, X, P0, dtype, memo), P0[W.arg].to(dtype), bias)
-    return memo[n.id]
+def step_projections(seqs: list[Node], folded: set) -> tuple[list, dict]:
+    """The decode step's input projections: ([(P, W, x, biases)] for every projection P =
+    W @ x + b of an input that a seq leaf is, or slices along its last axis (a GRU's
+    gates), {seq leaf k: (projection index, offset)}. Leaves that are neither stay views."""
+    projs, index, where = [], {}, {}
+    for k, n in enumerate(seqs):
+        if k in folded or n.op == Op.INPUT:
+            continue
+        base, off = (n.srcs[0], n.arg[0].start or 0) if _last_axis_slice(n) else (n, 0)
+        parts = projection(base)
+        if parts is None or parts[1].op != Op.INPUT:
+            continue
+        if base.id not in index:
+            index[base.id] = len(projs)
+            projs.append((base, *parts))
+        where[k] = (index[base.id], off)
+    return projs, where
 
 
-def _step_leaf(n: Node) -> bool:
-    """_step_value can compute n."""
-    if n.op == Op.INPUT:
-        return True
-    if n.op == Op.INDEX:
-        return len(n.arg) == 1 and isinstance(n.arg[0], slice) and n.rank == 1 and _step_leaf(n.srcs[0])
-    parts = projection(n)
-    return parts is not None and parts[0].op == Op.PARAM and _step_leaf(parts[1])
+def _last_axis_slice(n: Node) -> bool:
+    return n.op == Op.INDEX and len(n.arg) == 1 and isinstance(n.arg[0], slice) and n.rank == 1 \
+        and n.arg[0].step in (None, 1)
 
 
 class FusedStep:
@@ -1370,7 +1402,7 @@ class FusedStep:
         news = {id(ir.updates[s]) for s in loop.states}
         if not ir.outputs or any(id(n) not in news for n in ir.outputs.values()):
             return None
-        if not all(k in loop.fold_seq or _step_leaf(n) for k, n in enumerate(loop.seqs)):
+        if not all(k in loop.fold_seq or k in loop.seq_proj or n.op == Op.INPUT for k, n in enumerate(loop.seqs)):
             return None
         if any(f.x.op != Op.INPUT for f in loop.folds.values()):
             return None
