@@ -45,6 +45,9 @@ def _worker(rank: int, model: Model, port: int, out: str):
         ddp(_data(rank, step)).pow(2).mean().backward()
         opt.step()
     torch.save({k: v.detach() for k, v in model.state_dict().items()}, f"{out}.{rank}")
+    # both ranks done before either tears gloo down: a rank exiting while its peer still
+    # talks to it aborts the peer ("terminate called without an active exception", seen once)
+    dist.barrier()
     dist.destroy_process_group()
 
 
