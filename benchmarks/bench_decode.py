@@ -24,30 +24,21 @@ torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lstm(B, H):
-    layer = recdsl.load("lstm")(D=H, H=H, backend="torch")
-    cell = torch.nn.LSTMCell(H, H)
-    with torch.no_grad():
-        for a, b in (("W_ih", "weight_ih"), ("W_hh", "weight_hh"), ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
-            getattr(layer, a).copy_(getattr(cell, b))
+def _torch_cell(name: str, cell_type):
+    """A recdsl stdlib cell and the torch.nn cell of the same layout and weights (LSTM, GRU)."""
+    def make(B, H):
+        layer = recdsl.load(name)(D=H, H=H, backend="torch")
+        cell = cell_type(H, H)
+        with torch.no_grad():
+            for a, b in (("W_ih", "weight_ih"), ("W_hh", "weight_hh"), ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                getattr(layer, a).copy_(getattr(cell, b))
 
-    def anchor(x, st):
-        h, c = cell(x, st) if st is not None else cell(x)
-        return h, (h, c)
-    return layer, anchor, {"x": (H,)}, lambda st: st[0]
-
-
-def _gru(B, H):
-    layer = recdsl.load("gru")(D=H, H=H, backend="torch")
-    cell = torch.nn.GRUCell(H, H)
-    with torch.no_grad():
-        for a, b in (("W_ih", "weight_ih"), ("W_hh", "weight_hh"), ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
-            getattr(layer, a).copy_(getattr(cell, b))
-
-    def anchor(x, st):
-        h = cell(x, st)
-        return h, h
-    return layer, anchor, {"x": (H,)}, lambda st: st
+        def anchor(x, st):
+            st = cell(x, st) if st is not None else cell(x)
+            return st, st
+        # the state compared: h (an LSTMCell returns (h, c))
+        return layer, anchor, {"x": (H,)}, lambda st: st[0] if isinstance(st, tuple) else st
+    return make
 
 
 def _gla(B, H, NH=4):
@@ -75,7 +66,8 @@ def _deltanet(B, H, NH=4):
     return layer, anchor, {"q": (NH, K), "k": (NH, K), "v": (NH, V), "beta": (NH,)}, lambda S: S
 
 
-CASES = (("LSTM", _lstm, "torch.nn.LSTMCell"), ("GRU", _gru, "torch.nn.GRUCell"),
+CASES = (("LSTM", _torch_cell("lstm", torch.nn.LSTMCell), "torch.nn.LSTMCell"),
+         ("GRU", _torch_cell("gru", torch.nn.GRUCell), "torch.nn.GRUCell"),
          ("GLA", _gla, "per-token torch update"), ("DeltaNet", _deltanet, "per-token torch update"))
 
 

@@ -82,3 +82,31 @@ def compare_backends(spec, dims, backend, B=2, T=11, dtype=None, seed=0, grads=T
     scale = max(float(a.detach().abs().max()) for a in o1) if o1 else 1.0
     errs["scale"] = scale
     return errs
+
+
+def grad_inputs(spec, layer, B, T, seed=0):
+    """random_inputs in float64, each requiring grad."""
+    import torch
+    return {k: v.requires_grad_() for k, v in random_inputs(spec, layer, B, T, torch.float64, seed).items()}
+
+
+def random_initial_state(spec, layer, B, seed=5):
+    """A random float64 initial state (requiring grad) of the shapes `layer` returns."""
+    import torch
+    _, shapes = layer(**grad_inputs(spec, layer, B, 1))
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+            for k, v in shapes.items()}
+
+
+def outputs_and_grads(layer, xs, state, **call):
+    """Outputs, final states and the gradients (inputs, initial state, params) of a random
+    linear function of both."""
+    import torch
+    out, fin = layer(**xs, state=state, **call)
+    out = as_tuple(out)
+    g = torch.Generator().manual_seed(7)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in out)
+    loss = loss + sum((s * 0.3).sum() for s in fin.values())
+    wrt = list(xs.values()) + list(state.values()) + list(layer.parameters())
+    return out, fin, torch.autograd.grad(loss, wrt, allow_unused=True)

@@ -305,17 +305,17 @@ class Emitter:
         fl, reads = compiled_loop(self.ir, states, core), []
         if not isinstance(fl, FusedLoop):
             fl, reads = self._with_readouts(choice, fl)
-        for fold in getattr(fl, "folds", {}).values():
+        for fold in fl.folds.values():
             self._bind_folded(fold)
         fn = None if reads else _StepFunction(self, states, core)   # binds the values the torch step reads
         self.fused.append(fl)
         k = len(self.fused) - 1
         fvar, ffin = self.fresh("fused"), self.fresh("fused", "final")
-        args = ", ".join(self.seq_name(n) for n in getattr(fl, "seq_args", fl.seqs))
+        args = ", ".join(self.seq_name(n) for n in fl.seq_args)
         self.header_reads |= {"X0", "NS"}   # FL[k].run reads them
         self.emit(f"{fvar} = None")
         self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
-        folds = list(getattr(fl, "folds", {}).values())   # the run computes these projections: their .rec line
+        folds = list(fl.folds.values())   # the run computes these projections: their .rec line
         self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", folds[0].seq if folds else None,
                   indent=2)
         if fn is not None:

@@ -941,7 +941,7 @@ class CompiledLoop:
         if why:
             raise NotEligible(why)
         self.lib = None
-        self.error: str | None = None
+        self.failed: dict[str, str] = {}    # library attribute -> why its build failed (not tried again)
 
     def build(self) -> ctypes.CDLL:
         raise NotImplementedError
@@ -950,16 +950,20 @@ class CompiledLoop:
         """`usable` for this loop, and its library loads (built on first use). A build that
         fails here (the generated C does not compile, the disk is full) warns once and the
         forward runs the per-step torch loop instead."""
-        if not usable(dtype, *tensors) or self.error is not None:
-            return False
-        if self.lib is None:
+        return usable(dtype, *tensors) and self._loaded("lib", self.build, "C loop", "running the per-step torch loop")
+
+    def _loaded(self, attr: str, build, what: str, instead: str) -> bool:
+        """self.<attr> holds the library `build` makes, built on first use; a build that fails
+        warns once (naming `what` runs `instead`) and is not tried again."""
+        if getattr(self, attr) is None:
+            if attr in self.failed:
+                return False
             try:
-                self.lib = self.build()
+                setattr(self, attr, build())
             except (kcache.BuildError, OSError) as e:
-                self.error = str(e)
-                warnings.warn(f"recdsl: the C loop of {', '.join(self.states)} could not be built "
-                              f"({self.error}); running the per-step torch loop instead", kcache.CacheWarning,
-                              stacklevel=2)
+                self.failed[attr] = str(e)
+                warnings.warn(f"recdsl: the {what} of {', '.join(self.states)} could not be built ({e}); {instead} "
+                              "instead", kcache.CacheWarning, stacklevel=3)
                 return False
         return True
 
@@ -1037,10 +1041,7 @@ class FusedLoop(CompiledLoop):
     def _projection(self, fold: Fold, P0: dict, dtype, heads: bool, NH: int) -> list[torch.Tensor]:
         """A folded projection's (W [L, D] or per head [NH, L, D], the sum of its biases [L] or
         [NH, L]) for the C call; the biases are summed here, under autograd."""
-        W = _dense(P0[fold.weight.arg], dtype)
-        biases = [P0[b.arg] for b in fold.biases]
-        bias = sum(biases[1:], biases[0]) if biases else torch.zeros(W.shape[-2])
-        return [W, _dense(bias, dtype)]
+        return list(_weight_and_bias(P0, fold.weight, fold.biases, dtype))
 
     def chunk_steps(self, B: int, T: int, NH: int) -> int:
         """Steps per input projection of a folded GEMM: its rows of a chunk (half a
@@ -1164,17 +1165,9 @@ class FusedLoop(CompiledLoop):
     def step_usable(self, dtype, *tensors) -> bool:
         """`usable` for layer.step(): its own library (step_*), built on the first call; a
         build that fails warns once and the reference step runs."""
-        if not usable(dtype, *tensors) or self.error is not None:
-            return False
-        if self.step_lib is None:
-            try:
-                self.step_lib = build_library(self.step_source, "lstep", ("step_f32", "step_f64"))
-            except (kcache.BuildError, OSError) as e:
-                self.error = str(e)
-                warnings.warn(f"recdsl: the C step of {', '.join(self.states)} could not be built ({self.error}); "
-                              "step() runs the reference step instead", kcache.CacheWarning, stacklevel=3)
-                return False
-        return True
+        return usable(dtype, *tensors) and self._loaded(
+            "step_lib", lambda: build_library(self.step_source, "lstep", ("step_f32", "step_f64")), "C step",
+            "step() runs the reference step")
 
     def step(self, X: dict, S: dict, P0: dict, heads: bool, dtype) -> dict:
         """One step for decoding, in one C call (step_*): X the step's inputs [B, (NH,) ...],
@@ -1218,9 +1211,7 @@ class FusedLoop(CompiledLoop):
                                                             zip(rows.stride()[:2], rows.shape[:2])), 0, 1))
         for node, W, x, biases in self.step_proj:    # the gate inputs the step computes: b + x W^T
             xr = _dense(_step_rows(X[x.arg], heads, B, NH), dtype)
-            w = _dense(P0[W.arg], dtype)
-            bias = [P0[b.arg] for b in biases]
-            bias = _dense(sum(bias[1:], bias[0]) if bias else torch.zeros(w.shape[-2]), dtype)
+            w, bias = _weight_and_bias(P0, W, biases, dtype)
             out = torch.empty((B * NH, w.shape[-2]), dtype=dtype)
             keep += [xr, w, bias, out]
             args += [vp(xr.data_ptr()), vp(w.data_ptr()), c_int(1 if w.dim() == 2 else w.shape[0]),
@@ -1327,6 +1318,14 @@ def _split(tensors, counts):
         out.append(list(tensors[i:i + c]))
         i += c
     return out
+
+
+def _weight_and_bias(P0: dict, W: Node, biases: list[Node], dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection's weight and the sum of its biases (zeros without any), dense in dtype;
+    summed in torch, so under autograd the sum's gradient reaches every bias."""
+    w = _dense(P0[W.arg], dtype)
+    bs = [P0[b.arg] for b in biases]
+    return w, _dense(sum(bs[1:], bs[0]) if bs else torch.zeros(w.shape[-2]), dtype)
 
 
 def _dense(x: torch.Tensor, dtype) -> torch.Tensor:

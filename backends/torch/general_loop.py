@@ -825,6 +825,7 @@ class GeneralLoop(CompiledLoop):
         self.readouts = list(readouts)
         self.params = gen.params       # PARAM leaves the loop reads
         self.seqs = gen.seqs           # other leaves: whole-sequence values read per step
+        self.seq_args, self.folds = self.seqs, {}   # as FusedLoop's: what the forward passes; no folded projection
         self.state_leaves = gen.state_leaves
         self.transposed = gen.transposed_params   # indices of the params the C also reads transposed
         self.shapes = gen.state_shapes
@@ -952,6 +953,11 @@ class GeneralLoop(CompiledLoop):
             g_params.append(g.view(p.shape) if self._head_stride(p, n) else g.sum(0).view(p.shape))
         return g_seqs, g_params, [g.view(x.shape) for g, x in zip(gs0, s0)]
 
+    def _autograd_forward(self, seqs, params, s0, meta):
+        """For _LoopFunction: (what the call returns, the state sequences its backward reads)."""
+        outs, reads, _ = self._forward(seqs, params, s0, meta, set(self.states))
+        return tuple(outs) + tuple(reads), outs
+
     def _torch_loop(self, tensors, meta):
         """The same stage as a differentiable per-step torch loop over the IR (TorchExpr, the
         reference's semantics): what create_graph=True differentiates. Returns the outputs
@@ -985,11 +991,11 @@ class _LoopFunction(torch.autograd.Function):
     def forward(ctx, loop: GeneralLoop, meta, *tensors):
         nq, np_ = len(loop.seqs), len(loop.params)
         seqs, params, s0 = list(tensors[:nq]), list(tensors[nq:nq + np_]), list(tensors[nq + np_:])
-        outs, reads, _ = loop._forward(seqs, params, s0, meta, set(loop.states))
+        returned, states = loop._autograd_forward(seqs, params, s0, meta)
         ctx.loop, ctx.meta = loop, meta
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*tensors, *outs)
-        return tuple(outs) + tuple(reads)
+        ctx.save_for_backward(*tensors, *states)
+        return returned
 
     @staticmethod
     def backward(ctx, *grads):

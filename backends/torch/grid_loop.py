@@ -33,10 +33,9 @@ import torch
 from recdsl.ir import IRCell, Node, Op
 from recdsl.torch_expr import compile_nodes
 
-from .double_backward import recompute_vjp, wants_graph
 from .fused_loop import NotEligible, as_bool, build_library
 from .general_loop import (ALIGN, MAX_SCRATCH, PRELUDE, SYMBOLS, _MATH32, _MATH64, _UNDEF, GeneralLoop, Val,
-                           _Gen, _dtype, _numel, _pruned, _slots, nest)
+                           _Gen, _LoopFunction, _dtype, _numel, _pruned, _slots, nest)
 
 
 # ---------------------------------------------------------------------- output buffers
@@ -265,7 +264,7 @@ class GridLoop(GeneralLoop):
         tensors = seqs + params + s0
         meta = (B, NX, NY, dtype)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            outs = _GridFunction.apply(self, meta, *tensors)
+            outs = _LoopFunction.apply(self, meta, *tensors)
         else:
             outs = self._forward(seqs, params, s0, meta)
         grid = lambda o: o.reshape((B, NX, NY) + o.shape[3:])  # noqa: E731
@@ -291,6 +290,10 @@ class GridLoop(GeneralLoop):
         self._call("loop", dtype, ptrs, self._strides(seqs, params), meta)
         return tuple(outs + reads)
 
+    def _autograd_forward(self, seqs, params, s0, meta):
+        outs = self._forward(seqs, params, s0, meta)
+        return outs, outs[:len(self.states)]
+
     def _backward(self, seqs, params, s0, outs, g_states, g_reads, meta):
         B, NX, NY, dtype = meta
         T = NX * NY
@@ -306,9 +309,9 @@ class GridLoop(GeneralLoop):
         g_params = [g.sum(0).view(p.shape) for g, p in zip(gpar, params)]
         return g_seqs, g_params, [g.view(x.shape) for g, x in zip(gs0, s0)]
 
-    def _torch_grid(self, tensors, meta):
+    def _torch_loop(self, tensors, meta):
         """The same grid as a per-cell torch loop over the IR (what create_graph=True
-        differentiates); the outputs of _GridFunction."""
+        differentiates); the outputs of _LoopFunction."""
         B, NX, NY, dtype = meta
         nq, np_ = len(self.seqs), len(self.params)
         seqs, params, s0 = tensors[:nq], tensors[nq:nq + np_], tensors[nq + np_:]
@@ -332,34 +335,3 @@ class GridLoop(GeneralLoop):
             new = self._torch_step(prev + as_bool(P, self.params) + as_bool(xs, self.seqs), 1, dtype, s0[0].device)
             done.append([torch.as_tensor(v, dtype=dtype).expand((B,) + shape) for v, shape in zip(new, shapes)])
         return tuple(torch.stack([c[i] for c in done], 1)[:, :, None] for i in range(ns + len(self.readouts)))
-
-
-class _GridFunction(torch.autograd.Function):
-    """The grid with its reverse-raster C backward. Inputs: the prepared seqs, params and
-    initial states; outputs: every state's grid, then every readout's, [B, X*Y, 1, *shape]."""
-
-    @staticmethod
-    def forward(ctx, loop: GridLoop, meta, *tensors):
-        nq, np_ = len(loop.seqs), len(loop.params)
-        seqs, params, s0 = list(tensors[:nq]), list(tensors[nq:nq + np_]), list(tensors[nq + np_:])
-        outs = loop._forward(seqs, params, s0, meta)
-        ctx.loop, ctx.meta = loop, meta
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*tensors, *outs[:len(loop.states)])
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        loop, meta = ctx.loop, ctx.meta
-        nq, np_, ns = len(loop.seqs), len(loop.params), len(loop.states)
-        saved = ctx.saved_tensors
-        tensors, outs = list(saved[:nq + np_ + ns]), saved[nq + np_ + ns:]
-        needs = ctx.needs_input_grad[2:]
-        if wants_graph(tensors, grads):
-            got = recompute_vjp(lambda *xs: loop._torch_grid(list(xs), meta), tensors, needs, grads)
-            return (None, None) + tuple(got)
-        if all(g is None for g in grads):
-            return (None, None) + (None,) * len(tensors)
-        g_seqs, g_params, g_s0 = loop._backward(tensors[:nq], tensors[nq:nq + np_], tensors[nq + np_:], outs,
-                                                grads[:ns], grads[ns:], meta)
-        return (None, None) + tuple(g if need else None for g, need in zip(g_seqs + g_params + g_s0, needs))

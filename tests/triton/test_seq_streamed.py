@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import recdsl
-from helpers import as_tuple, paired_layers, random_inputs
+from helpers import grad_inputs, outputs_and_grads, paired_layers, random_initial_state
 from recdsl.lowering import SequentialLoop
 from recdsl.pipeline import emit_cell
 
@@ -68,39 +68,16 @@ def _pair(name, heads=None):
     return (spec, *paired_layers(spec, "triton", dims, heads))
 
 
-def _inputs(spec, layer, B, T, seed=0):
-    return {k: v.requires_grad_() for k, v in random_inputs(spec, layer, B, T, torch.float64, seed).items()}
-
-
-def _initial_state(spec, ref, B, seed=5):
-    _, shapes = ref(**_inputs(spec, ref, B, 1))
-    g = torch.Generator().manual_seed(seed)
-    return {k: (torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
-            for k, v in shapes.items()}
-
-
-def _run(layer, xs, state, **call):
-    """Outputs, final states and the gradients (inputs, initial state, params) of a random
-    linear function of both."""
-    out, fin = layer(**xs, state=state, **call)
-    out = as_tuple(out)
-    g = torch.Generator().manual_seed(7)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in out)
-    loss = loss + sum((s * 0.3).sum() for s in fin.values())
-    wrt = list(xs.values()) + list(state.values()) + list(layer.parameters())
-    return out, fin, torch.autograd.grad(loss, wrt, allow_unused=True)
-
-
 def _compare(name, B=3, T=5, heads=None, cu=None, **call):
     """Max differences (outputs, final states, gradients; _err) of triton against the
     reference, and the triton module."""
     spec, ref, tri = _pair(name, heads)
-    xs = _inputs(spec, ref, B, T)
-    state = _initial_state(spec, ref, B if cu is None else len(cu) - 1)
+    xs = grad_inputs(spec, ref, B, T)
+    state = random_initial_state(spec, ref, B if cu is None else len(cu) - 1)
     if cu is not None:
         call["cu_seqlens"] = torch.tensor(cu)
-    o_ref, s_ref, g_ref = _run(ref, xs, state, **call)
-    o_tri, s_tri, g_tri = _run(tri, xs, state, **call)
+    o_ref, s_ref, g_ref = outputs_and_grads(ref, xs, state, **call)
+    o_tri, s_tri, g_tri = outputs_and_grads(tri, xs, state, **call)
     assert [a is None for a in g_ref] == [a is None for a in g_tri], name
     assert tri.ran == ["triton.sequential"], tri.ran
     return (max(_err(a, b) for a, b in zip(o_ref, o_tri)),
