@@ -98,7 +98,7 @@ INIT_COMPLEX_FUNCS = ("complex", "real", "imag", "conj")
 # Dimensions and hyper-parameters are keyword arguments of `spec(...)`, next to its options.
 SPEC_OPTIONS = ("backend", "heads", "reverse", "dtype", "device")
 # Inputs (edge and pair inputs too) are keyword arguments of `forward(...)` and `step(...)`.
-FORWARD_OPTIONS = ("state", "reverse", "cu_seqlens", "edges")
+FORWARD_OPTIONS = ("state", "reverse", "cu_seqlens", "edges", "flip")
 # Params are attributes of the module (a torch.nn.Module): a param cannot take the name of an
 # attribute it already has. TORCH_MODULE_API: every attribute of a torch.nn.Module instance
 # (torch 2.x, dunders aside); LAYER_API: those recdsl's layer (recdsl.runtime.RecModule) adds.

@@ -13,6 +13,13 @@ fp32 (fp64 after `.double()` or with fp64 inputs); bf16/fp16 inputs give outputs
 dtype.
 `reverse=True` runs right to left; `cu_seqlens` packs variable-length sequences into a
 batch of one, as flash-linear-attention does.
+
+Over grids and DAGs (docs/LANGUAGE.md, *Grids and DAGs at call time*):
+    y, cells = layer(x=x)                        # over grid2d: inputs [B, X, Y, (heads,) *shape]
+    y, cells = layer(x=x, flip=(True, False))    # scanned from the last row of X
+    y, st = layer(x=x, s=s, t=t, edges=edges)    # over dag: edges [E, 2], node inputs [B, N, ...],
+                                                 # edge inputs [B, E, ...], pair inputs [B, NP, ...]
+                                                 # in recdsl.graph.line_pairs(edges)' order
 """
 from __future__ import annotations
 
@@ -47,8 +54,6 @@ class RecModule(nn.Module):
         self.ir: IRCell = lower(cell, dims)
         self.dims = dict(self.ir.dims)
         self.backend_name = self._pick_backend(backend)
-        if self.ir.over != "seq" and self.heads:
-            raise RecError(f"heads are not supported over {self.ir.over} yet", cell.span)
         self._build_program()
         for name, var in cell.params.items():
             shape = self._param_shape(var)
@@ -307,15 +312,25 @@ class RecModule(nn.Module):
         return {n: getattr(self, n).to(dtype)[None] for n in self.spec.cell.params}
 
     def forward(self, state: dict | None = None, reverse: bool | None = None, cu_seqlens=None, edges=None,
-                **inputs):
+                flip=None, **inputs):
         if isinstance(state, torch.Tensor) or isinstance(reverse, torch.Tensor) and reverse.dim() > 0:
             names = ", ".join(f"{n}=..." for n in self.spec.cell.inputs)
             raise RecError(f"cell {self.spec.name} takes its inputs by name, not by position",
                            hint=f"call it as layer({names}), with state=, reverse=, cu_seqlens= by name too")
+        if flip is not None and self.ir.over != "grid2d":
+            raise RecError(f"flip= is for cells that run `over grid2d`; this one runs over {self.ir.over}",
+                           hint="over seq, reverse=True scans right to left" if self.ir.over == "seq" else None)
         if torch.compiler.is_compiling():   # one opaque op per call: recdsl/torch_compile.py
+            if flip is not None:            # a grid runs eagerly there: flip travels with the inputs
+                inputs = {**inputs, "flip": flip}
             return torch_compile.forward(self, state, reverse, cu_seqlens, edges, inputs)
         if self.ir.over != "seq":
-            return self._forward_graph(inputs, edges)
+            for name, given in (("reverse", reverse), ("cu_seqlens", cu_seqlens), ("state", state)):
+                if given is not None:
+                    raise RecError(f"{name}= is for cells that run over sequences; this one runs over {self.ir.over}",
+                                   hint="over grid2d, flip=(bool, bool) sets the scan's direction"
+                                   if name == "reverse" and self.ir.over == "grid2d" else None)
+            return self._forward_graph(inputs, edges, flip)
         if edges is not None:
             raise RecError("edges= is for cells that run `over dag`")
         (B, T) = self._check_inputs(inputs, per_step=False)
@@ -400,8 +415,10 @@ class RecModule(nn.Module):
             vals.append(v)
         return vals[0] if len(vals) == 1 else tuple(vals)
 
-    def _forward_graph(self, inputs: dict, edges):
-        """Grids and DAGs (reference backend): see backends/reference/graph.py for layouts."""
+    def _forward_graph(self, inputs: dict, edges, flip):
+        """Grids and DAGs: layouts in backends/reference/graph.py (the oracle), pair inputs in
+        recdsl/graph.py. Runs the compiled backend's graph kernels where it has them."""
+        from . import graph as dag
         from .backends.reference import graph
         cell = self.spec.cell
         names = list(cell.inputs) + list(cell.edges) + list(cell.pairs)
@@ -411,33 +428,82 @@ class RecModule(nn.Module):
             raise RecError(f"cell {cell.name}: " + (f"missing inputs {', '.join(missing)}" if missing else
                                                      f"unknown inputs {', '.join(unknown)}"),
                            hint="inputs: " + ", ".join(names))
+        for n, x in inputs.items():
+            if not isinstance(x, torch.Tensor):
+                raise RecError(f"input {n} must be a torch.Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise RecError(f"input {n} must be floating point, got {x.dtype}")
         first = inputs[next(iter(cell.inputs))] if cell.inputs else next(iter(inputs.values()))
+        heads = (self.heads,) if self.heads else ()
         dtype = self._compute_dtype(inputs.values())
         xs = {n: x.to(dtype) for n, x in inputs.items()}
-        B = first.shape[0]
+        grid = self.ir.over == "grid2d"
+        if grid and edges is not None:
+            raise RecError("edges= is for cells that run `over dag`; this one runs over grid2d")
+        lead_names = ["B", "X", "Y"] if grid else ["B", "N"]
+        lead = tuple(first.shape[:len(lead_names)])
+        for n, var in cell.inputs.items():
+            self._check_graph_input(n, xs[n], lead_names, lead, heads + self.ir.concrete(var.shape))
+        B = lead[0]
         init = self.initial_state(B, dtype, first.device)
         params = {n: getattr(self, n).to(dtype) for n in cell.params}
-        if self.ir.over == "grid2d":
-            for n, var in cell.inputs.items():
-                want = self.ir.concrete(var.shape)
-                if xs[n].dim() != 3 + len(want) or tuple(xs[n].shape[3:]) != want or xs[n].shape[:3] != first.shape[:3]:
-                    raise RecError(f"input {n} has shape {list(xs[n].shape)}, expected [B, X, Y"
-                                   + "".join(f", {d}" for d in var.shape) + "]")
-            if hasattr(self._program, "run_graph"):   # a compiled backend's grid kernel (torch.wavefront)
-                outs, states = self._program.run_graph(xs, params, init, None, dtype)
+        program = self._program if hasattr(self._program, "run_graph") else None   # torch.wavefront / level_sync
+        kw = {"heads": self.heads} if self.heads else {}
+        if grid:
+            axes = _grid_flip(flip)
+            if axes:   # scan from another corner: flip the grid, scan, flip every result back
+                xs = {n: x.flip(axes) for n, x in xs.items()}
+            if program is not None:
+                outs, states = program.run_graph(xs, params, init, None, dtype, **kw)
             else:
                 outs, states = graph.run_grid(self.ir, xs, params, init, dtype, bool(self.heads))
+            if axes:
+                outs = {o: v.flip(axes) for o, v in outs.items()}
+                states = {s: v.flip(axes) for s, v in states.items()}
         else:
-            if edges is None:
-                raise RecError(f"cell {cell.name} runs over a DAG: give its edges, forward(..., edges=[[src, dst], ...])")
-            edges = torch.as_tensor(edges, dtype=torch.long)
-            if edges.dim() != 2 or edges.shape[-1] != 2:
-                raise RecError(f"edges must be [E, 2] (source, target), got shape {list(edges.shape)}")
-            if hasattr(self._program, "run_graph"):   # a compiled backend's DAG kernel (torch.level_sync)
-                outs, states = self._program.run_graph(xs, params, init, edges, dtype)
+            edges = dag.as_edges(edges, lead[1])
+            E = edges.shape[0]
+            for n, var in cell.edges.items():
+                self._check_graph_input(n, xs[n], ["B", "E"], (B, E), heads + self.ir.concrete(var.shape),
+                                        what="edge input", hint=f"the edge list has E = {E} edges")
+            if cell.pairs:
+                pairs = dag.line_pairs(edges)
+                for n, var in cell.pairs.items():
+                    xs[n] = self._pair_input(n, xs[n], B, E, pairs, heads + self.ir.concrete(var.shape))
+            if program is not None:
+                outs, states = program.run_graph(xs, params, init, edges, dtype, **kw)
             else:
-                outs, states = graph.run_dag(self.ir, xs, params, init, edges, dtype)
+                outs, states = graph.run_dag(self.ir, xs, params, init, edges, dtype, **kw)
         return self._pack(outs, first.dtype), states
+
+    @staticmethod
+    def _check_graph_input(name, x, lead_names, lead, want, what="input", hint=None):
+        """x is [*lead, *want], or a RecError naming the layout."""
+        layout = "[" + ", ".join(lead_names + [str(d) for d in want]) + "]"
+        if x.dim() != len(lead) + len(want) or tuple(x.shape[len(lead):]) != tuple(want) \
+                or tuple(x.shape[:len(lead)]) != tuple(lead):
+            got = ", ".join(f"{a}={b}" for a, b in zip(lead_names, lead))
+            raise RecError(f"{what} {name} has shape {list(x.shape)}, expected {layout} "
+                           f"= {list(lead) + list(want)} ({got})",
+                           hint=hint or f"the inputs share their leading axes [{', '.join(lead_names)}], "
+                                        f"taken from the first input's")
+
+    @staticmethod
+    def _pair_input(name, x, B, E, pairs, want):
+        """A pair input as [B, NP, ...] in line_pairs' order; a dense [B, E, E, ...] table
+        (O(E²) memory, the caller's) is gathered into it once."""
+        NP = pairs.shape[0]
+        want = tuple(want)
+        if x.dim() == 2 + len(want) and tuple(x.shape) == (B, NP) + want:
+            return x
+        if x.dim() == 3 + len(want) and tuple(x.shape) == (B, E, E) + want:
+            index = pairs.to(x.device)
+            return x[:, index[:, 0], index[:, 1]]
+        raise RecError(f"pair input {name} has shape {list(x.shape)}, expected [B, NP"
+                       + "".join(f", {d}" for d in want) + f"] = {[B, NP] + list(want)}: one value per "
+                       f"(in-edge, out-edge) pair meeting at a node, NP = {NP} for these edges",
+                       hint="recdsl.graph.line_pairs(edges) lists the pairs in order "
+                            "(by node, then in-edge, then out-edge)")
 
     def step(self, state: dict | None = None, **inputs):
         """One step: inputs [B, (heads,) *shape]; returns (outputs, new state)."""
@@ -473,6 +539,17 @@ def _flag(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise RecError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def _grid_flip(flip) -> tuple[int, ...]:
+    """The axes of [B, X, Y, ...] a grid scan flips: flip=(along X, along Y), two bools."""
+    if flip is None:
+        return ()
+    if not isinstance(flip, (tuple, list)) or len(flip) != 2:
+        raise RecError(f"flip must be a pair of bools (along X, along Y), got {flip!r}"[:200],
+                       hint="flip=(True, False) scans X from its last row: s.left is then the cell at x+1")
+    along_x, along_y = (_flag(f, "each entry of flip") for f in flip)
+    return tuple(axis for axis, on in ((1, along_x), (2, along_y)) if on)
 
 
 def _offsets(cu_seqlens) -> list[int]:

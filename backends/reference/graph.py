@@ -3,11 +3,13 @@ nodes in dependency order, each evaluating the IR with the torch meaning of ever
 
 grid2d: inputs [B, X, Y, (heads,) *shape]; cell (x, y) reads `s.left` = the state at
 (x-1, y) and `s.up` = the state at (x, y-1), or the initial value off the grid. Returns
-outputs [B, X, Y, ...] and the state of every cell, [B, X, Y, ...].
+outputs [B, X, Y, ...] and the state of every cell, [B, X, Y, ...]. (forward(flip=...) scans
+from another corner by flipping the grid around this scan: recdsl/runtime.py.)
 
 dag: forward(edges=LongTensor [E, 2] of (source, target) node pairs) with node inputs
-[B, N, ...], `edge` inputs [B, E, ...] and `pair` inputs [B, E, E, ...] indexed (in-edge,
-out-edge). Nodes run in topological order. Inside sum_in(...) a node state is the
+[B, N, (heads,) ...], `edge` inputs [B, E, ...] and `pair` inputs [B, NP, ...], one value per
+(in-edge, out-edge) pair meeting at a node in the order of recdsl.graph.line_pairs(edges)
+(by node, then in-edge, then out-edge). Nodes run in topological order. Inside sum_in(...) a node state is the
 predecessor's, an `on edge` state and edge inputs are the in-edge's, pair inputs the
 (in-edge, out-edge) pair's; an `on edge` state's update runs once per out-edge (edge
 inputs outside sum_in are the out-edge's); a node with no in-edges sees sum_in = 0.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from recdsl.errors import RecError
+from recdsl.graph import as_edges, line_pairs, ordered_levels
 from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.torch_expr import compile_nodes
 
@@ -28,15 +31,17 @@ class _Eval:
         self.ir = ir
         self.fns: dict[int, object] = {}
 
-    def op(self, n: Node, args: list, dtype, device):
+    def op(self, n: Node, args: list, dtype, device, batch_axes: int = 1):
         fn = self.fns.get(n.id)
         if fn is None:
             fn = self.fns[n.id] = compile_nodes([n], list(n.srcs))
-        return fn(args, 1, dtype, device)[0]
+        return fn(args, batch_axes, dtype, device)[0]
 
 
 def run_grid(ir: IRCell, xs: dict, params: dict, init: dict, dtype, heads: bool):
+    """With heads, values are [B, heads, ...] per cell and params [1, heads, ...]: two batch axes."""
     ev = _Eval(ir)
+    batch_axes = 2 if heads else 1
     X0 = next(iter(xs.values()))
     B, NX, NY = X0.shape[:3]
     device = X0.device
@@ -61,7 +66,7 @@ def run_grid(ir: IRCell, xs: dict, params: dict, init: dict, dtype, heads: bool)
                 elif n.op == Op.CONST and not n.shape:
                     vals[n.id] = torch.tensor(n.arg, dtype=dtype, device=device)
                 else:
-                    vals[n.id] = ev.op(n, [vals[s.id] for s in n.srcs], dtype, device)
+                    vals[n.id] = ev.op(n, [vals[s.id] for s in n.srcs], dtype, device, batch_axes)
             grid[(x, y)] = {s: vals[u.id] for s, u in ir.updates.items()}
             for o, n in ir.outputs.items():
                 outs[o][x][y] = vals[n.id]
@@ -73,8 +78,10 @@ def run_grid(ir: IRCell, xs: dict, params: dict, init: dict, dtype, heads: bool)
     return out, states
 
 
-def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor, dtype):
+def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor, dtype, heads: int = 0):
     ev = _Eval(ir)
+    batch_axes = 2 if heads else 1
+    head_shape = (heads,) if heads else ()
     cell = ir.checked
     node_inputs = [n for n in cell.inputs]
     if not node_inputs:
@@ -82,17 +89,16 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor,
     X0 = xs[node_inputs[0]]
     B, N = X0.shape[:2]
     device = X0.device
-    edges = torch.as_tensor(edges, dtype=torch.long).tolist()
+    edge_tensor = as_edges(edges, N)
+    order = [int(v) for level in ordered_levels(N, edge_tensor) for v in level]
+    pair_of = {(int(a), int(b)): p for p, (a, b) in enumerate(line_pairs(edge_tensor).tolist())}
+    edges = edge_tensor.tolist()
     E = len(edges)
-    for e, (u, v) in enumerate(edges):
-        if not (0 <= u < N and 0 <= v < N) or u == v:
-            raise RecError(f"edge {e} = ({u}, {v}) is not between two distinct nodes of 0..{N - 1}")
     ins = [[] for _ in range(N)]
     outs_e = [[] for _ in range(N)]
     for e, (u, v) in enumerate(edges):
         ins[v].append(e)
         outs_e[u].append(e)
-    order = _topo(N, edges)
     P = {n: p[None] for n, p in params.items()}
     on_edge = {s for s, var in cell.states.items() if var.decl.on_edge}
     node_state: dict[int, dict] = {}
@@ -116,7 +122,7 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor,
                 e = in_edge if in_edge is not None else out_edge
                 return xs[n.arg][:, e]
             if n.arg in pair_names:
-                return xs[n.arg][:, in_edge, out_edge]
+                return xs[n.arg][:, pair_of[(in_edge, out_edge)]]
             return xs[n.arg][:, node]
         if n.op == Op.PARAM:
             return P[n.arg]
@@ -133,10 +139,10 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor,
                 part = memo[(n.srcs[0].id, e)]
                 acc = part if acc is None else acc + part
             if acc is None:
-                shape = (B,) + ir.shape_of(n)
+                shape = (B,) + head_shape + ir.shape_of(n)
                 acc = torch.zeros(shape, dtype=dtype, device=device)
             return acc
-        return ev.op(n, [memo[(s.id, in_edge)] for s in n.srcs], dtype, device)
+        return ev.op(n, [memo[(s.id, in_edge)] for s in n.srcs], dtype, device, batch_axes)
 
     def evaluate(root: Node, node: int, out_edge: int | None, in_edge: int | None, memo: dict):
         """root's value at `node` (memo: (node id, in-edge) -> value), with an explicit
@@ -170,22 +176,3 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor,
     states.update({s: stack([edge_state[e][s] for e in range(E)], None) for s in on_edge})
     return out, states
 
-
-def _topo(N: int, edges: list) -> list[int]:
-    indeg = [0] * N
-    succ = [[] for _ in range(N)]
-    for u, v in edges:
-        indeg[v] += 1
-        succ[u].append(v)
-    ready = [v for v in range(N) if indeg[v] == 0]
-    order = []
-    while ready:
-        v = ready.pop(0)
-        order.append(v)
-        for w in succ[v]:
-            indeg[w] -= 1
-            if indeg[w] == 0:
-                ready.append(w)
-    if len(order) != N:
-        raise RecError("the edges contain a cycle: over dag the graph must be acyclic")
-    return order

@@ -21,12 +21,20 @@ a node value), their out-edges (O: an `on edge` state's update), and (in-edge, o
 pairs meeting at a node (IO: inside sum_in of an `on edge` update). sum_in reduces I -> N
 (or IO -> O) with index_add. States are written into [B, N, ...] / [B, E, ...] buffers as
 levels finish and read by index: memory O(N + E) (plus the IO pairs when a pair or edge
-state is read inside sum_in of an edge update). Backward: autograd through these ops."""
+state is read inside sum_in of an edge update). Backward: autograd through these ops.
+A `pair` input is [B, NP, ...] in recdsl.graph.line_pairs' order (by node, in-edge,
+out-edge): the IO context of a level is the pairs at its nodes, read by pair id; nothing
+is [E, E].
+
+Heads ([B, ..., heads, *shape] inputs, [heads, *shape] params): values carry the heads axis
+after the flat batch axis, two batch axes for the generated ops. The C grid loop runs one
+head at a time (its params are per call); the wavefront and the DAG run all heads at once."""
 from __future__ import annotations
 
 import torch
 
 from recdsl.errors import RecError
+from recdsl.graph import as_edges, line_pairs, ordered_levels
 from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.torch_expr import compile_nodes
 
@@ -61,12 +69,12 @@ class GraphProgram:
     def run(self, *args, **kw):
         raise RecError(f"a cell over {self.ir.over} runs through forward(...) on grids / DAGs")
 
-    def run_graph(self, xs: dict, params: dict, init: dict, edges, dtype):
+    def run_graph(self, xs: dict, params: dict, init: dict, edges, dtype, heads: int = 0):
         self.ran.clear()
         self.ran.extend(c.kernel.name for c in self.selection.stages)
         if self.ir.over == "grid2d":
-            return self._grid(xs, params, init, dtype)
-        return run_dag(self.ir, xs, params, init, edges, dtype)
+            return self._grid(xs, params, init, dtype, heads)
+        return run_dag(self.ir, xs, params, init, edges, dtype, heads)
 
     # ------------------------------------------------------------------ grid2d
     def _grid_plan(self):
@@ -85,13 +93,26 @@ class GraphProgram:
         if self.kernel == "torch.c_grid":       # the registry checked it can (c_grid_why_not)
             self.grid_loop, self.grid_loop_why = GridLoop(ir, list(ir.updates), core, list(ir.outputs.values())), None
 
-    def _grid(self, xs, params, init, dtype):
+    def _grid(self, xs, params, init, dtype, heads: int = 0):
         loop = self.grid_loop
         if loop is not None and loop.usable(dtype, *xs.values(), *params.values(), *init.values()):
+            if heads:
+                return self._grid_c_per_head(xs, params, init, dtype, heads)
             return self._grid_c(xs, params, init, dtype)
         # not a CPU float tensor, or the C did not build (warned): recorded, never silent
         self.ran[:] = ["torch.wavefront" if k == "torch.c_grid" else k for k in self.ran]
-        return self._grid_wavefront(xs, params, init, dtype)
+        return self._grid_wavefront(xs, params, init, dtype, heads)
+
+    def _grid_c_per_head(self, xs, params, init, dtype, heads: int):
+        """The C loop once per head (inputs [B, X, Y, heads, ...], params [heads, ...], states
+        [B, heads, ...]), results stacked back on the heads axis."""
+        runs = [self._grid_c({n: x[:, :, :, h] for n, x in xs.items()},
+                             {n: p[h] for n, p in params.items()},
+                             {s: v[:, h].contiguous() for s, v in init.items()}, dtype)
+                for h in range(heads)]
+        outs = {o: torch.stack([r[0][o] for r in runs], 3) for o in self.ir.outputs}
+        states = {s: torch.stack([r[1][s] for r in runs], 3) for s in runs[0][1]}
+        return outs, states
 
     def _grid_c(self, xs, params, init, dtype):
         """The C raster loop: its per-cell leaves (inputs, state-free values) computed over
@@ -116,8 +137,10 @@ class GraphProgram:
         states, reads = loop.run(seqs, params, init, B, NX, NY, dtype)
         return dict(zip(ir.outputs, reads)), states
 
-    def _grid_wavefront(self, xs, params, init, dtype):
+    def _grid_wavefront(self, xs, params, init, dtype, heads: int = 0):
         ir = self.ir
+        batch_axes = 2 if heads else 1
+        head_shape = (heads,) if heads else ()
         X0 = next(iter(xs.values()))
         B, NX, NY = X0.shape[:3]
         device = X0.device
@@ -134,15 +157,15 @@ class GraphProgram:
         pre_parts: list[list[torch.Tensor]] = []
         if self.pre_fn is not None:
             vals = [flat_in[n.arg] if n.op == Op.INPUT else P[n.arg] for n in self.pre_leaves]
-            got = self.pre_fn(vals, 1, dtype, device)
+            got = self.pre_fn(vals, batch_axes, dtype, device)
             rows = [L * B for L in Ls]
             for v, n in zip(got, self.pre_nodes):
-                v = _full(v, (B * NX * NY,) + ir.shape_of(n))
+                v = _full(v, (B * NX * NY,) + head_shape + ir.shape_of(n))
                 pre_parts.append(torch.split(v, rows, 0))   # one SplitBackward for all diagonals
         # 2. the recurrent rest, one anti-diagonal at a time; a diagonal's states are kept
         #    with a guard cell (the initial state) at each end, so that the left and up
         #    neighbours of diagonal d are two contiguous slices of diagonal d-1's
-        shapes = {s: ir.shape_of(ir.updates[s]) for s in upd}
+        shapes = {s: head_shape + ir.shape_of(ir.updates[s]) for s in upd}
         guard = {s: _full(init[s], (B,) + shapes[s]) for s in upd}
         grad = torch.is_grad_enabled() and (
             any(t.requires_grad for t in list(xs.values()) + list(params.values()) + list(init.values())))
@@ -178,7 +201,7 @@ class GraphProgram:
                 else:
                     vals.append(pre_parts[k][d])
                     k += 1
-            got = self.step(vals, 1, dtype, device)
+            got = self.step(vals, batch_axes, dtype, device)
             for s, v in zip(upd, got):
                 v = _full(v, (L * B,) + shapes[s])
                 if grad:
@@ -189,7 +212,7 @@ class GraphProgram:
                     region[B:B + L * B] = v
                     prev[s] = region
             for i, (o, v) in enumerate(zip(ir.outputs, got[len(upd):])):
-                out_parts[i].append(_full(v, (L * B,) + ir.shape_of(ir.outputs[o])))
+                out_parts[i].append(_full(v, (L * B,) + head_shape + ir.shape_of(ir.outputs[o])))
         # 3. diagonal order -> row-major [B, X, Y, ...]
         states = {}
         for s in upd:
@@ -250,38 +273,12 @@ def _full(v: torch.Tensor, shape: tuple) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- dag
-def levels(N: int, edges: torch.Tensor) -> list[torch.Tensor]:
-    """The nodes of each topological level (level 0: no in-edges), as index tensors."""
-    E = edges.shape[0]
-    if E:
-        u, v = edges[:, 0], edges[:, 1]
-        if bool(((u < 0) | (u >= N) | (v < 0) | (v >= N) | (u == v)).any()):
-            e = int(((u < 0) | (u >= N) | (v < 0) | (v >= N) | (u == v)).nonzero()[0])
-            raise RecError(f"edge {e} = ({int(u[e])}, {int(v[e])}) is not between two distinct nodes of 0..{N - 1}")
-    indeg = torch.zeros(N, dtype=torch.long).index_add_(0, edges[:, 1], torch.ones(E, dtype=torch.long))
-    order = torch.argsort(edges[:, 0], stable=True)      # out-edges grouped by source
-    start = torch.zeros(N + 1, dtype=torch.long)
-    start[1:] = torch.cumsum(torch.bincount(edges[:, 0], minlength=N), 0)
-    out, frontier, done = [], (indeg == 0).nonzero()[:, 0], 0
-    while frontier.numel():
-        out.append(frontier)
-        done += frontier.numel()
-        counts = start[frontier + 1] - start[frontier]
-        idx = torch.repeat_interleave(start[frontier], counts) + (
-            torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts))
-        succ = edges[order[idx], 1]
-        indeg.index_add_(0, succ, -torch.ones_like(succ))
-        frontier = torch.unique(succ[indeg[succ] == 0])
-    if done != N:
-        raise RecError("the edges contain a cycle: over dag the graph must be acyclic")
-    return out
-
-
 class _Ctx:
-    """A context of evaluation: per flat position, the node it is at, its in-edge, out-edge."""
+    """A context of evaluation: per flat position, the node it is at, its in-edge, out-edge
+    and (in the IO context) its line pair's id."""
 
-    def __init__(self, node, ein=None, eout=None):
-        self.node, self.ein, self.eout = node, ein, eout
+    def __init__(self, node, ein=None, eout=None, pair=None):
+        self.node, self.ein, self.eout, self.pair = node, ein, eout, pair
         self.size = node.numel()
 
 
@@ -353,17 +350,19 @@ def c_grid_why_not(ir: IRCell) -> str | None:
         return f"no C grid loop: {e}"
     return None
 
-def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype):
+def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype, heads: int = 0):
     cell = ir.checked
+    batch_axes = 2 if heads else 1
+    head_shape = (heads,) if heads else ()
     node_inputs = list(cell.inputs)
     if not node_inputs:
         raise RecError(f"cell {cell.name} runs over a DAG but has no node input to give the node count")
     X0 = xs[node_inputs[0]]
     B, N = X0.shape[:2]
     device = X0.device
-    edges = torch.as_tensor(edges, dtype=torch.long).reshape(-1, 2).cpu()
+    edges = as_edges(edges, N)
     E = edges.shape[0]
-    lv = levels(N, edges)
+    lv = ordered_levels(N, edges)
     src, dst = edges[:, 0], edges[:, 1]
     on_edge = {s for s, var in cell.states.items() if var.decl.on_edge}
     edge_names, pair_names = set(cell.edges), set(cell.pairs)
@@ -371,9 +370,13 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype):
     fns: dict[int, object] = {}
     node_upd = {s: u for s, u in ir.updates.items() if s not in on_edge}
     edge_upd = {s: u for s, u in ir.updates.items() if s in on_edge}
+    shape_of = lambda n: head_shape + ir.shape_of(n)  # noqa: E731   a value's shape per batch row
+    if edge_upd:   # the line graph's pairs, and each pair's node: a level's IO context is its nodes' pairs
+        pairs = line_pairs(edges) if E else torch.zeros((0, 2), dtype=torch.long)
+        pair_node = dst[pairs[:, 0]]
     # state buffers (written in place per level; reads are index_select, which keeps no values)
     def buffer(s, n):
-        b = _full(init[s], (B,) + ir.shape_of(ir.updates[s]))
+        b = _full(init[s], (B,) + shape_of(ir.updates[s]))
         return b[:, None].expand((B, n) + b.shape[1:]).clone()
     nbuf = {s: buffer(s, N) for s in node_upd}
     ebuf = {s: buffer(s, E) for s in edge_upd}
@@ -388,7 +391,7 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype):
             if n.arg in edge_names:
                 return flat(xs[n.arg][:, dev(c.ein if c.ein is not None else c.eout)])
             if n.arg in pair_names:
-                return flat(xs[n.arg][:, dev(c.ein), dev(c.eout)])
+                return flat(xs[n.arg][:, dev(c.pair)])
             return flat(xs[n.arg][:, dev(c.node)])
         if n.op == Op.PARAM:
             return P[n.arg]
@@ -418,7 +421,7 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype):
                 continue
             if n.op == Op.SUM_IN:
                 part = memo[(n.srcs[0].id, True)]
-                shape = ir.shape_of(n)
+                shape = shape_of(n)
                 part = _full(part, (B * inner.size,) + shape).reshape((B, inner.size) + shape)
                 acc = torch.zeros((B, c.size) + shape, dtype=part.dtype, device=device)
                 memo[key] = flat(acc.index_add(1, dev(seg), part))
@@ -426,43 +429,54 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype):
             fn = fns.get(n.id)
             if fn is None:
                 fn = fns[n.id] = compile_nodes([n], list(n.srcs))
-            memo[key] = fn([memo[(s.id, inside)] for s in n.srcs], 1, dtype, device)[0]
+            memo[key] = fn([memo[(s.id, inside)] for s in n.srcs], batch_axes, dtype, device)[0]
         return memo[(root.id, False)]
 
+    # each level's in-edges, out-edges and pairs, found once by sorting on the level (O(E log E)
+    # in all, not a pass over every edge per level)
+    level_of = torch.empty(N, dtype=torch.long)
+    for i, nodes in enumerate(lv):
+        level_of[nodes] = i
+
+    def by_level(level_keys):
+        order = torch.argsort(level_keys, stable=True)
+        return torch.split(order, torch.bincount(level_keys, minlength=len(lv)).tolist())
+    in_edges_of = by_level(level_of[dst])
+    if edge_upd:
+        out_edges_of, pairs_of = by_level(level_of[src]), by_level(level_of[pair_node])
     out_parts: dict[str, list] = {o: [] for o in ir.outputs}
     out_nodes: list[torch.Tensor] = []
     pos = torch.empty(N, dtype=torch.long)
-    for nodes in lv:
+    for level, nodes in enumerate(lv):
         L = nodes.numel()
         pos[nodes] = torch.arange(L)
-        in_level = torch.zeros(N, dtype=torch.bool)
-        in_level[nodes] = True
-        ein = in_level[dst].nonzero()[:, 0]
+        ein = in_edges_of[level]
         ctxN = _Ctx(nodes)
         ctxI = _Ctx(dst[ein], ein=ein)
         memo: dict = {}
         new = {s: evaluate(u, ctxN, ctxI, pos[dst[ein]], memo) for s, u in node_upd.items()}
         outs = {o: evaluate(n, ctxN, ctxI, pos[dst[ein]], memo) for o, n in ir.outputs.items()}
         if edge_upd:
-            eout = in_level[src].nonzero()[:, 0]
+            eout = out_edges_of[level]
             if eout.numel():
-                # pairs (in-edge e, out-edge o) with dst(e) = src(o): grouped by node
+                # the pairs (in-edge e, out-edge o) meeting at this level's nodes
                 opos = torch.empty(E, dtype=torch.long)
                 opos[eout] = torch.arange(eout.numel())
-                pe, po = _pairs(ein, dst[ein], eout, src[eout])
+                here = pairs_of[level]
+                pe, po = pairs[here, 0], pairs[here, 1]
                 ctxO = _Ctx(src[eout], eout=eout)
-                ctxIO = _Ctx(src[po], ein=pe, eout=po)
+                ctxIO = _Ctx(src[po], ein=pe, eout=po, pair=here)
                 m2: dict = {}
                 for s, u in edge_upd.items():
                     v = evaluate(u, ctxO, ctxIO, opos[po], m2)
-                    shape = ir.shape_of(u)
+                    shape = shape_of(u)
                     v = _full(v, (B * eout.numel(),) + shape).reshape((B, eout.numel()) + shape)
                     ebuf[s].index_copy_(1, dev(eout), v)
         for s, v in new.items():
-            shape = ir.shape_of(node_upd[s])
+            shape = shape_of(node_upd[s])
             nbuf[s].index_copy_(1, dev(nodes), _full(v, (B * L,) + shape).reshape((B, L) + shape))
         for o, v in outs.items():
-            shape = ir.shape_of(ir.outputs[o])
+            shape = shape_of(ir.outputs[o])
             out_parts[o].append(_full(v, (B * L,) + shape).reshape((B, L) + shape))
         out_nodes.append(nodes)
     order = torch.cat(out_nodes)
@@ -473,16 +487,3 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype):
     states = {**{s: nbuf[s] for s in node_upd}, **{s: ebuf[s] for s in edge_upd}}
     return outs, states
 
-
-def _pairs(ein, ein_node, eout, eout_node):
-    """All (in-edge, out-edge) pairs meeting at a node: the in-edges ein at ein_node and the
-    out-edges eout at eout_node, joined on the node (sorted-merge, no dense [E, E])."""
-    oi = torch.argsort(eout_node, stable=True)
-    on = eout_node[oi]
-    first = torch.searchsorted(on, ein_node)
-    last = torch.searchsorted(on, ein_node, right=True)
-    counts = last - first
-    rep_in = torch.repeat_interleave(ein, counts)
-    off = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    rep_out = eout[oi[torch.repeat_interleave(first, counts) + off]]
-    return rep_in, rep_out

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import recdsl
+from recdsl.graph import line_pairs
 from helpers import language_examples
 
 DT = torch.float64
@@ -52,7 +53,8 @@ def test_plstm_graph_matches_the_dag_equations():
     q, k, v, d = (torch.randn(B, N, K, dtype=DT), torch.randn(B, N, K, dtype=DT), torch.randn(B, N, V, dtype=DT),
                   torch.rand(B, N, dtype=DT))
     s, m = torch.rand(B, E, dtype=DT), torch.rand(B, E, dtype=DT)
-    t = torch.rand(B, E, E, dtype=DT)
+    pair = {(a, o): p for p, (a, o) in enumerate(line_pairs(edges).tolist())}   # (in-edge, out-edge) -> index
+    t = torch.rand(B, len(pair), dtype=DT)
     y, st = layer(q=q, k=k, v=v, d=d, s=s, m=m, t=t, edges=edges)
     C = {}
     for node in range(N):  # nodes are numbered in a topological order here
@@ -60,7 +62,7 @@ def test_plstm_graph_matches_the_dag_equations():
         outs = [e for e, (a, b) in enumerate(edges) if a == node]
         kv = k[:, node, :, None] * v[:, node, None, :]
         for o in outs:
-            acc = sum((t[:, e, o, None, None] * C[e] for e in ins), torch.zeros(B, K, V, dtype=DT))
+            acc = sum((t[:, pair[(e, o)], None, None] * C[e] for e in ins), torch.zeros(B, K, V, dtype=DT))
             C[o] = acc + s[:, o, None, None] * kv
         read = sum((m[:, e, None, None] * C[e] for e in ins), torch.zeros(B, K, V, dtype=DT))
         expect = (q[:, node, None, :] @ read)[:, 0] + d[:, node, None] * (q[:, node] * k[:, node]).sum(-1, True) * v[:, node]
