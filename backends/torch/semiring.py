@@ -41,10 +41,12 @@ PRODUCT_ELEMS = 1 << 22
 # --------------------------------------------------------------------------- the stage
 
 def dense_semiring_stage(kind: str, A: torch.Tensor, b: torch.Tensor | None, h0: torch.Tensor, X0: torch.Tensor,
-                         ns: int, products: bool, ran: list | None = None) -> torch.Tensor:
+                         ns: int, products: bool, ran: list | None = None, loop=None) -> torch.Tensor:
     """The state sequence [B, T, (H,) N] of a dense semiring stage. A: the transition's
     whole-sequence value (ns prefix axes, possibly of size 1; node axes [N, N] in (from, to)
-    layout or broadcastable to it); b: [..., N] the same way, or None; h0 [B, (H,) N]."""
+    layout or broadcastable to it); b: [..., N] the same way, or None; h0 [B, (H,) N].
+    `loop`: another backend's sequential loop, called as _Loop.apply (the triton backend's
+    kernel), instead of the C loop."""
     B, T = X0.shape[:2]
     H = X0.shape[2] if ns == 3 else 1
     N = h0.shape[-1]
@@ -61,7 +63,9 @@ def dense_semiring_stage(kind: str, A: torch.Tensor, b: torch.Tensor | None, h0:
     else:
         As = A[0, 0].expand(((H,) if ns == 3 else ()) + (N, N)).reshape(H, N, N) if shared \
             else _rows(A, B, T, H, N, ns, node=(N, N))
-        if _c_usable(As, bs, h0r):
+        if loop is not None:
+            h = loop(kind, As, shared, bs, h0r)
+        elif _c_usable(As, bs, h0r):
             h = _Loop.apply(kind, As, shared, bs, h0r)
         else:
             if ran:

@@ -19,6 +19,17 @@ def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor) -> tor
     return torch_rt.param_linear(W, x, *biases, linear=gemm.linear)
 
 
+def all_finite(*tensors) -> bool:
+    """Whether every element of the given tensors (None and Python numbers skipped) is
+    finite: one multi-tensor max-norm (a NaN or inf anywhere makes its tensor's norm
+    non-finite; fused into few launches on a GPU) and one host read for all of them, not
+    an isfinite/all pair per tensor."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor) and t.numel()]
+    if not ts:
+        return True
+    return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(ts, float("inf"))])).all())
+
+
 def lift(x: torch.Tensor, r_from: int, r_to: int) -> torch.Tensor:
     """Insert r_to - r_from node axes right after the prefix (numpy broadcasting of node shapes)."""
     k = r_to - r_from

@@ -22,9 +22,11 @@ decay whose gradient reaches steps outside (j, i] (as a difference of cumulative
 A loss over all outputs is NaN as soon as one later output is, and so is every gradient:
 there is nothing to compare there.
 
-The triton backend borrows torch's ChunkDelta / HouseholderProducts / ChunkDPLR kernels (the
-same code as here) and runs ChunkDiag cells on its own scan kernel: those are checked in
-Triton's interpreter under `slow` (NaN, five positions across both chunks)."""
+The triton backend runs these stages on its own kernels (chunk_kernels, delta_kernels:
+a call with a non-finite input runs torch's chunk form, which `layer.ran` records;
+dplr_kernels: a recurrence, causal by construction; a scan where the plan prefers one):
+those are checked in Triton's interpreter under `slow` (NaN, five positions across both
+chunks)."""
 from __future__ import annotations
 
 import functools

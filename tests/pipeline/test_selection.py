@@ -86,12 +86,14 @@ def test_no_stdlib_cell_is_warned_about(name):
     assert recdsl.load(name).plan().warnings == []
 
 
-def test_a_borrowed_kernel_makes_the_runtime_flip_and_split():
-    """DeltaProduct's stage runs torch code on the triton backend: reverse and cu_seqlens
-    must not be handed to its driver (they were, and were ignored)."""
+def test_a_kernel_without_reverse_or_varlen_makes_the_runtime_flip_and_split():
+    """DeltaProduct's stage runs a kernel that leaves reverse and cu_seqlens to the runtime
+    (Caps "runtime"): they must not be handed to its driver (they once were, to a borrowed
+    torch kernel, and were ignored)."""
     plan = recdsl.load("deltaproduct").plan()
     sel = plan.selections["triton"]
-    assert sel.choice(0).kernel.borrowed == "torch" and not sel.native
+    caps = sel.choice(0).kernel.caps
+    assert (caps.reverse, caps.varlen) == ("runtime", "runtime") and not sel.native
     assert plan.selections["triton"].native is False
     assert recdsl.load("lstm").plan().selections["triton"].native
 
