@@ -302,6 +302,12 @@ def _seq_gpu_opts(device, stage) -> dict:
     return {**_gpu_opts(device), "num_warps": stage.kernel.gpu_warps} if device.type == "cuda" else {}
 
 
+def _split_programs(kernel) -> int:
+    """Programs per block of batch rows and head: one per block of a matrix state's columns
+    (rows) when it is split across programs (SeqKernel.split), else one."""
+    return getattr(kernel, "programs_per_rows", 1)
+
+
 def _block_b(B: int, device, kernel) -> int:
     if device.type == "cuda":
         return kernel.gpu_rows   # 16 (tl.dot's smallest tile); fewer when the step holds matrices
@@ -323,7 +329,7 @@ class _SeqFn(torch.autograd.Function):
         for h, s, f in zip(h0, hseq, hfin):
             state_args += [h, s, f]
         BB = _block_b(NB, dev, stage.kernel)
-        grid = (triton.cdiv(NB, BB), NH)
+        grid = (triton.cdiv(NB, BB) * _split_programs(stage.kernel), NH)
         _record(stage.name + "_fwd", [*h0, *views, *params], [*(s for s, st in zip(hseq, stores) if st), *hfin])
         stage.fwd(dev)[grid](*_seq_leaf_args(views), *_param_args(params, heads), *state_args, NB, T, NH, TL, cu,
                              ACC=_acc(dt), BLOCK_B=BB, VARLEN=varlen, REVERSE=rev, **_seq_gpu_opts(dev, stage),
@@ -351,8 +357,10 @@ class _SeqFn(torch.autograd.Function):
         rev, cu, TL, varlen = ctx.run
         NB = h0[0].shape[0]
         BB = _block_b(NB, dev, stage.kernel)
-        nprog = triton.cdiv(NB, BB)
-        dleaf = [torch.zeros(v.shape, dtype=dt, device=dev) for v in views]   # lanes no window reads stay 0
+        nprog = triton.cdiv(NB, BB) * _split_programs(stage.kernel)
+        copies = [getattr(stage.kernel, "leaf_copies", lambda i: 1)(i) for i in range(len(views))]
+        dleaf = [torch.zeros(v.shape[:3] + ((c,) if c > 1 else ()) + v.shape[3:], dtype=dt, device=dev)
+                 for v, c in zip(views, copies)]   # lanes no window reads stay 0; copies: one part per program
         dpart = [torch.zeros((nprog, NH) + (tuple(p.shape[1:]) if heads else tuple(p.shape)), dtype=dt, device=dev)
                  for p in params]
         state_args = []
@@ -362,4 +370,5 @@ class _SeqFn(torch.autograd.Function):
                                     *dleaf, *dpart, NB, T, NH, TL, cu, ACC=_acc(dt), BLOCK_B=BB, HAS_DSEQ=has_dseq,
                                     VARLEN=varlen, REVERSE=rev, **_seq_gpu_opts(dev, stage))
         dparams = [d.sum(0) if heads else d.sum(0)[0] for d in dpart]
+        dleaf = [d.sum(3) if c > 1 else d for d, c in zip(dleaf, copies)]
         return (None, None, None, None, None) + tuple(dh0) + tuple(dleaf) + tuple(dparams)

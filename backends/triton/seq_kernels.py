@@ -12,17 +12,34 @@ K-tiles of at most STREAM_CHUNK elements, and accumulates x @ W over them. The G
 is split into the same K-tiles in registers (Triton cannot slice a register tile: halves by
 reshape + permute + tl.split, `_split_lines`); all the products of one x run K-tile by
 K-tile together (`_gemm_group`: one K-tile of x live at a time); each K-tile's address is
-a scalar corner plus offsets shared by all K-tiles of its shape, with a per-step zero the
-compiler cannot prove (else it hoists every tile's pointers out of the loop and holds
-them); the time loop is not software-pipelined (the pipeliner would prefetch the next
-steps' tiles into shared memory). Why streaming, not FlashRNN's split of the hidden units
+a scalar corner plus offsets shared by all K-tiles of its shape, in the forward with a
+per-step zero the compiler cannot prove (else it hoists every tile's pointers out of the
+loop and holds them; the backward spills less with them hoisted: `_zero`); the time loop
+is not software-pipelined (the pipeliner would prefetch the next steps' tiles into shared
+memory). Why streaming, not FlashRNN's split of the hidden units
 across programs: that split needs a grid-wide barrier every step, which Triton does not
 have (a spin barrier on a global counter would deadlock in Triton's interpreter, which runs
 the programs one after another, and on a GPU whenever the programs do not all fit at once);
-one program per (row block, head) reading its weights from L2 needs none. Matrix values
-above MATRIX_LIMIT still run the torch loop (their columns are not streamed). The hoisted
-projections are read per step. Each step is the stage's recurrent core, generated from the
-IR.
+one program per (row block, head) reading its weights from L2 needs none. The hoisted
+projections are read per step.
+
+A matrix state above MATRIX_LIMIT (padded elements per batch row) is split across programs
+when its step acts on it column by column (`split_plan`): every value holding the state's
+column index keeps it on one axis, and nothing contracts, reduces or moves that axis --
+then column j of S' reads column j of S and column-free values only (the block-diagonal
+Jacobian by columns of recdsl/analysis/locality.py, checked on the values: a comparison or
+a where's condition reading all columns, as the stdlib Yaad's norm(e), mixes them too).
+The grid's first axis then holds (row block, column block): each program keeps its block
+of columns of S, and of every value along them (`dims`), loads and stores them at their
+global columns (split0 + lanes), and recomputes the column-free values (k, gates: cheap).
+No program reads another's columns, so no barrier is needed, forward or backward. The
+backward's adjoints split the same way; a column-free value's adjoint is a sum over the
+column blocks: each program writes its part (a column-free leaf: one copy per block,
+`leaf_copies`; a param: the per-program partials), summed by the launcher. The same by rows
+when the step acts row by row. A step that mixes its columns and rows keeps the torch
+loop, with the node that mixes them in the reason.
+
+Each step is the stage's recurrent core, generated from the IR.
 
 Every value of the step is a tile with the batch rows first: [BLOCK_B, 1] for a scalar
 (broadcast against vectors by Triton's rules), [BLOCK_B, lanes] for a vector, [BLOCK_B, R,
@@ -56,18 +73,21 @@ stay bounded by one K-tile. (The alternative -- writing the GEMM outputs' adjoin
 L] per GEMM and forming dW as one matmul after the kernel -- moves less data on a large
 GPU but needs scratch buffers the launcher does not allocate yet.)
 
-Registers on a GPU (ahead-of-time compiles, no GPU): the streamed LSTM at D = H = 64 still
-spills (ptxas at 255 registers; 8 warps, K-tiles of 16 rows; spill bytes forward / backward:
-780 / 3424 on sm_90, 272 / 3968 on sm_80). The bulk is the fp32 FMA tl.dot's operands, which
-each thread holds whole along K for its rows and columns (B replicated over the warps);
-measured, not yet solved: smaller K-tiles, barriers between tiles and volatile loads do not
-remove it, and the kernel without any weight load sits at ~230 registers already."""
+Registers on a GPU (ahead-of-time compiles, no GPU): a kernel streaming its weights runs 4
+batch rows per program (STREAM_ROWS) in 8 warps, its products as multiply-and-sum (tl.dot
+needs 16 rows, and its fp32 FMA operands are held whole along K per thread: 0.3-4 KB of
+spills), K-tiles of 2048 elements; the forward pins the tiles' addresses per step (`_zero`),
+the backward lets them be hoisted. The LSTM at D = H = 64 then spills nothing on sm_80 and
+sm_90, forward (151 / 128 registers) or backward (255); the GRU at H = 48 and the deep
+transition neither; the Elman RNN at H = 80 (956 bytes) and the sLSTM (288) still spill
+in the backward on sm_90. More programs (4 rows each) read the weights from L2 each step:
+no GPU here to measure what that costs against 16 rows."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-from recdsl.ir import Node, Op
+from recdsl.ir import ELEMENTWISE, Node, Op, toposort
 from recdsl.torch_expr import SourceNotes
 
 from . import texpr
@@ -77,13 +97,17 @@ from .fusion import pow2 as _pow2
 HOLD_LIMIT = 2048         # weight elements (padded) per head held in registers across the loop: above it
                           # the backward spills on sm_80/sm_90 (LSTM H = 32: 4096 spill-free forward only),
                           # so the weights are streamed from global memory every step instead
-STREAM_WARPS = 8          # warps of a kernel streaming its weights (LSTM H = 64 on sm_90: 4 warps spill
-                          # ~2 KB forward / ~11 KB backward, 8 warps ~0.8 KB / ~3.4 KB: see the module doc)
-STREAM_CHUNK = 1024       # weight elements (padded) of one streamed K-tile (an fp32 tl.dot's operands are
-                          # held whole along K per thread: smaller K-tiles, fewer registers)
+STREAM_WARPS = 8          # warps of a kernel streaming its weights (LSTM H = 64, 4 rows: 4 warps spill ~2 KB
+                          # backward on sm_90, 16 warps would need 241 x 512 registers, over an SM's 64 K)
+STREAM_ROWS = 4           # batch rows per program of a kernel streaming its weights, on a GPU: its products are
+                          # multiply-and-sum, not tl.dot (whose fp32 FMA operands, 16 rows at least, are held
+                          # whole along K per thread: LSTM H = 64 spilled 0.3-0.8 KB forward, 3.4-4 KB backward)
+STREAM_CHUNK = 2048       # weight elements (padded) of one streamed K-tile (LSTM H = 64, 4 rows: 1024 spills
+                          # 176 bytes backward on sm_90, 2048 none; 4096 spills again)
 DOT_MIN = 16              # tl.dot needs every side >= 16 on a GPU; below, multiply and sum
 GPU_ROWS = 16             # batch rows per program on a GPU: tl.dot's smallest tile
-MATRIX_LIMIT = 4096       # padded elements of a matrix value per batch row (64 x 64): above, it does not fit
+MATRIX_LIMIT = 4096       # padded elements of a matrix value per batch row (64 x 64): above, a state is split
+                          # by columns (rows) across programs when its step allows (split_plan), else no kernel
 ROW_BUDGET = 1024         # padded matrix elements per program on a GPU: a matrix state's kernel runs fewer rows
 WIDE_TILE = 2048          # from this many matrix elements per program, 8 warps: at 64 x 64 with 4 warps the
                           # backward spills (Yaad, TTT-Linear: none with 8; 16 would need 512 x 200+ registers)
@@ -93,6 +117,188 @@ NEG_INF = 'float("-inf")'
 
 class NotEligible(Exception):
     pass
+
+
+# ---------------------------------------------------------------------- matrix states split across programs
+class _Axes:
+    """Union-find over (node id, axis): the axes of the step's values that hold the same
+    index (an elementwise op's aligned axes, a product's kept axes, a transpose's swapped
+    ones), and the axes that mix their index (contracted, reduced, picked, moved): `bad`."""
+
+    def __init__(self):
+        self.parent: dict = {}
+        self.bad: dict = {}          # (node id, axis) -> the node that mixes it
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def unite(self, a, b):
+        self.parent[self.find(a)] = self.find(b)
+
+    def mix(self, a, why: Node):
+        self.bad.setdefault(a, why)
+
+
+def _align(ir, n: Node, axes: _Axes):
+    """Record how n's axes relate to its sources' (sizes as the IR gives them)."""
+    shape = ir.shape_of(n)
+    srcs = n.srcs
+    if not srcs:   # a leaf: a state, a constant
+        return
+    if n.op in ELEMENTWISE or n.op == Op.EXPAND:   # aligned from the right, as numpy broadcasts
+        for s in srcs:
+            ss = ir.shape_of(s)
+            for i, d in enumerate(ss):
+                j = len(shape) - len(ss) + i
+                if d == shape[j]:
+                    axes.unite((s.id, i), (n.id, j))
+        return
+    if n.op == Op.MATMUL:   # a's last axis meets b's first: contracted
+        a, b = srcs
+        axes.unite((a.id, a.rank - 1), (b.id, 0))
+        axes.mix((a.id, a.rank - 1), n)
+        if a.rank == 2:
+            axes.unite((a.id, 0), (n.id, 0))
+        if b.rank == 2:
+            axes.unite((b.id, 1), (n.id, n.rank - 1))
+        return
+    if n.op == Op.OUTER and all(s.rank == 1 for s in srcs):
+        axes.unite((srcs[0].id, 0), (n.id, 0))
+        axes.unite((srcs[1].id, 0), (n.id, 1))
+        return
+    if n.op == Op.TRANSPOSE and n.rank == 2:
+        axes.unite((srcs[0].id, 0), (n.id, 1))
+        axes.unite((srcs[0].id, 1), (n.id, 0))
+        return
+    if n.op in REDUCTIONS:
+        s = srcs[0]
+        axis, keep = n.arg
+        reduced = range(s.rank) if axis is None else [axis % s.rank]
+        out = 0
+        for i in range(s.rank):
+            if i in reduced:
+                axes.mix((s.id, i), n)
+                out += 1 if keep else 0
+            else:
+                axes.unite((s.id, i), (n.id, out))
+                out += 1
+        return
+    if n.op == Op.INDEX:
+        _align_index(ir, n, axes)
+        return
+    for i in range(n.rank):   # concat, reshape, dot, ...: every axis moved or contracted
+        axes.mix((n.id, i), n)
+    for s in srcs:
+        for i in range(s.rank):
+            axes.mix((s.id, i), n)
+
+
+def _align_index(ir, n: Node, axes: _Axes):
+    """x[...]: a whole slice keeps its axis, None adds one; an int or a partial slice picks
+    or moves the elements of its axis (mixed)."""
+    s = n.srcs[0]
+    items = list(n.arg) + [slice(None)] * (s.rank - sum(1 for a in n.arg if a is not None))
+    out = src = 0
+    for item in items:
+        if item is None:
+            out += 1
+            continue
+        whole = isinstance(item, slice) and item.step in (None, 1) and (item.start or 0) == 0 \
+            and ir.shape_of(n)[out] == ir.shape_of(s)[src]
+        if whole:
+            axes.unite((s.id, src), (n.id, out))
+        else:
+            axes.mix((s.id, src), n)
+            if not isinstance(item, int):
+                axes.mix((n.id, out), n)
+        out += 0 if isinstance(item, int) else 1
+        src += 1
+
+
+@dataclass(frozen=True)
+class Split:
+    """The step runs on a block of the states' columns (axis 1) or rows (axis 0) per
+    program: `blocks` programs per (row block, head), each `size` lanes of the `length`
+    the split axis has; `axes`: node id -> its axis holding the split index (the values
+    without one are column-free: every program computes them whole)."""
+    axis: int
+    length: int
+    size: int
+    blocks: int
+    axes: dict
+
+    @property
+    def along(self) -> str:
+        return "column" if self.axis == 1 else "row"
+
+
+def _why(n: Node) -> str:
+    where = f" (line {n.span.line})" if getattr(n, "span", None) else ""
+    return f"{n.op.name.lower()}{where}"
+
+
+def split_plan(ir, states: list[str], core_ids: set) -> Split | None:
+    """How a step whose matrix state does not fit one program (MATRIX_LIMIT) splits across
+    programs: by columns when every value that holds a state's column index keeps it on
+    one axis and nothing contracts, reduces or moves that axis (then each column of S'
+    reads only that column of S and column-free values: the block-diagonal Jacobian by
+    columns of recdsl/analysis/locality.py, here on the values themselves -- a comparison
+    or a where's condition counts, since the kernel computes them); else by rows; None when
+    nothing needs splitting. Raises NotEligible when it would be needed and is not possible."""
+    mats = [ir.states[s] for s in states if ir.states[s].rank == 2]
+    biggest = max((_pow2(ir.shape_of(m)[0]) * _pow2(ir.shape_of(m)[1]) for m in mats), default=0)
+    if biggest <= MATRIX_LIMIT:
+        return None
+    axes = _Axes()
+    nodes = toposort([ir.updates[s] for s in states])
+    for n in nodes:
+        if n.id in core_ids:
+            _align(ir, n, axes)
+    for s in states:   # S' replaces S: the same index on the same axes
+        for i in range(ir.states[s].rank):
+            axes.unite((ir.states[s].id, i), (ir.updates[s].id, i))
+    reasons = []
+    for axis in (1, 0):
+        plan = _split_along(ir, states, nodes, axes, mats[0], axis)
+        if isinstance(plan, Split):
+            return plan
+        reasons.append(plan)
+    raise NotEligible(f"a matrix state of {biggest} elements (padded) per batch row does not fit one program's "
+                      f"registers (<= {MATRIX_LIMIT}), and its step is not separable by columns ({reasons[0]}) "
+                      f"nor by rows ({reasons[1]})")
+
+
+def _split_along(ir, states, nodes, axes: _Axes, first: Node, axis: int):
+    """The Split by `axis` of the first matrix state, or why not (a string)."""
+    root = axes.find((first.id, axis))
+    held: dict = {}
+    for n in nodes:
+        mine = [i for i in range(n.rank) if (n.id, i) in axes.parent and axes.find((n.id, i)) == root]
+        if len(mine) > 1:
+            return f"{_why(n)} holds the index on two axes"
+        if mine and n.op == Op.EYE:
+            return "an identity matrix along the split axis"
+        if mine:
+            held[n.id] = mine[0]
+    for (nid, i), why in axes.bad.items():
+        if axes.find((nid, i)) == root:
+            return f"{_why(why)} mixes them"
+    for s in states:
+        if ir.states[s].id not in held:
+            return f"the state {s} does not hold the index"
+    length = ir.shape_of(first)[axis]
+    others = max(_pow2(d) for n in nodes if n.id in held
+                 for d in [1] + [x for i, x in enumerate(ir.shape_of(n)) if i != held[n.id]])
+    size = 1
+    while length % (2 * size) == 0 and others * 2 * size <= MATRIX_LIMIT:
+        size *= 2
+    if size < 2:
+        return f"{length} does not split into blocks of a power of two that fit"
+    return Split(axis, length, size, length // size, held)
 
 
 def _noted(line: str, note: str) -> str:
@@ -217,6 +423,8 @@ class SeqKernel:
         self.param_wins: dict[int, list[Win]] = {}
         self.tiles: list[WeightTile] = []           # the weight tiles of the step's GEMMs
         self._tile_index: dict = {}
+        # a matrix state too big for one program: a block of its columns (or rows) per program
+        self.split = split_plan(ir, self.states, self.core_ids)
         for s in self.states:
             st = ir.states[s]
             if st.rank > 2:
@@ -228,9 +436,11 @@ class SeqKernel:
         self.weight_elements = sum(_pow2(t.K) * t.win.width for t in self.tiles)
         self.streamed = self.weight_elements > HOLD_LIMIT
         self.ktile = self._k_tiles() if self.streamed else {}
-        if self.streamed:   # the per-step K-tiles' dot operands: spread over 8 warps (fewer spills than 4)
+        if self.streamed:   # few rows, 8 warps: the per-step K-tile products fit the registers (module doc)
+            self.gpu_rows = min(self.gpu_rows, STREAM_ROWS)
             self.gpu_warps = max(self.gpu_warps, STREAM_WARPS)
         self._chunked: dict = {}                    # key of a GEMM input split into K-tiles -> (node, window)
+        self._pin = ""                              # " + zero": the streamed addresses computed per step (_zero)
         self._split_note: dict = {}                 # their .rec line (the first product that reads them)
 
     def mode(self) -> str:
@@ -243,6 +453,11 @@ class SeqKernel:
                     f"<= {STREAM_CHUNK} elements (L2-resident on a GPU)")
         else:
             held = f"states and recurrent weights ({self.weight_elements} elements per head) in registers"
+        if self.split:
+            sp = self.split
+            held += (f"; the matrix state split by {sp.along}s across programs ({sp.blocks} blocks of {sp.size} "
+                     f"{sp.along}s of {sp.length}: the step acts {sp.along} by {sp.along}), {sp.along}-free values "
+                     "recomputed per program")
         back = ("; backward a reverse-time loop of the step's VJP"
                 + (", weight gradients added per step to the program's slice in global memory" if self.streamed
                    else ""))
@@ -268,7 +483,31 @@ class SeqKernel:
 
     # ------------------------------------------------------------------ shapes and windows
     def dims(self, n: Node) -> tuple[int, ...]:
-        return self.ir.shape_of(n)
+        """The value's shape in the program: a split axis holds the program's block."""
+        shape = self.ir.shape_of(n)
+        if self.split and n.id in self.split.axes:
+            axis = self.split.axes[n.id]
+            return shape[:axis] + (self.split.size,) + shape[axis + 1:]
+        return shape
+
+    def _index(self, n: Node, axis: int, lanes: str) -> str:
+        """Element indices along the value's axis from tile lanes: offset by the program's
+        first column (row) when the axis is split."""
+        if self.split and self.split.axes.get(n.id) == axis:
+            return f"(split0 + {lanes})"
+        return lanes
+
+    @property
+    def programs_per_rows(self) -> int:
+        """Programs per block of batch rows and head (the launcher's grid): one per block
+        of a split state's columns (rows)."""
+        return self.split.blocks if self.split else 1
+
+    def leaf_copies(self, i: int) -> int:
+        """How many partial gradients of leaf i the backward writes per element (the
+        launcher sums them): one per program of a split state when the leaf is column-free
+        (each program gives the part through its columns), else one."""
+        return self.split.blocks if self.split and self.leaves[i].id not in self.split.axes else 1
 
     def _full(self, n: Node) -> Win:
         if n.rank == 0:
@@ -346,9 +585,11 @@ class SeqKernel:
         if n.rank == 0:
             return "cols1[None, :]"
         if n.rank == 1:
-            return f"({w.off} + cols{w.width})[None, :]" if w.off else f"cols{w.width}[None, :]"
+            lanes = self._index(n, 0, f"cols{w.width}")
+            return f"({w.off} + {lanes})[None, :]" if w.off else f"{lanes}[None, :]"
         R, C = self.dims(n)
-        return f"(cols{_pow2(R)}[:, None] * {C} + cols{_pow2(C)}[None, :])[None, :, :]"
+        rows, cols = self._index(n, 0, f"cols{_pow2(R)}"), self._index(n, 1, f"cols{_pow2(C)}")
+        return f"({rows}[:, None] * {self.ir.shape_of(n)[1]} + {cols}[None, :])[None, :, :]"
 
     @staticmethod
     def _lift(text: str, rank: int, to: int) -> str:
@@ -487,6 +728,8 @@ class SeqKernel:
     # ------------------------------------------------------------------ matmuls
     def _plan_matmul(self, n: Node, w: Win) -> Step:
         found = self._weight_product(n)
+        if found is not None and self.split and n.id in self.split.axes:
+            raise NotEligible(f"a product with the weight {found[0].arg} along the split {self.split.along}s")
         if found is not None:
             param, swap, r, c, x = found
             terms = []
@@ -588,7 +831,7 @@ class SeqKernel:
                 biggest = max(biggest, _pow2(self.dims(st)[0]) * _pow2(self.dims(st)[1]))
         if biggest > MATRIX_LIMIT:
             raise NotEligible(f"a matrix of {biggest} elements (padded) per batch row does not fit one program's "
-                              f"registers (<= {MATRIX_LIMIT}); splitting its columns across programs is not built")
+                              f"registers (<= {MATRIX_LIMIT}); only a state's columns (rows) split across programs")
         rows = GPU_ROWS
         while rows > 1 and rows * biggest > ROW_BUDGET:
             rows //= 2
@@ -631,10 +874,14 @@ class SeqKernel:
         return args + ["B", "T", "NH", "TL", "cu"]
 
     def slen(self, k: int) -> int:
-        n = 1
-        for d in self.dims(self.ir.states[self.states[k]]):
-            n *= d
-        return n
+        return self._size(self.ir.states[self.states[k]])
+
+    def _size(self, n: Node) -> int:
+        """The value's elements in memory (all of them: a split program stores its block)."""
+        out = 1
+        for d in self.ir.shape_of(n):
+            out *= d
+        return out
 
     def _count(self, n: Node) -> int:
         out = 1
@@ -654,18 +901,7 @@ class SeqKernel:
         """The kernel's prologue: program ids, rows, the params held in registers (the
         elementwise params' windows in `need` only, when given). Returns where the lane
         ranges go."""
-        L += ["    pid = tl.program_id(0)",
-              "    hd = tl.program_id(1).to(tl.int64)",
-              "    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)",
-              "    bm = rb < B",
-              "    if VARLEN:  # row rb is sequence rb of cu_seqlens, packed along T of a batch of one",
-              "        bos = tl.load(cu + rb, mask=bm, other=0).to(tl.int64)",
-              "        Tn = tl.load(cu + rb + 1, mask=bm, other=0).to(tl.int64) - bos",
-              "        bb = rb.to(tl.int64) * 0",
-              "    else:",
-              "        bos = rb.to(tl.int64) * 0",
-              "        Tn = bos + T",
-              "        bb = rb.to(tl.int64)"]
+        L += self._program_rows()
         at = len(L)
         for j, p in enumerate(self.params):   # elementwise params: loaded once
             for w in self.param_wins[p.id]:
@@ -682,10 +918,36 @@ class SeqKernel:
             L += self._grids()
         return at
 
+    def _program_rows(self) -> list[str]:
+        """The prologue's first lines: the program's ids and its rows (batch rows and their
+        sequences here; a grid kernel's are the cells of a diagonal, grid_kernels.py)."""
+        return ["    pid = tl.program_id(0)",
+                "    hd = tl.program_id(1).to(tl.int64)",
+                *self._split_rows(),
+                "    bm = rb < B",
+                "    if VARLEN:  # row rb is sequence rb of cu_seqlens, packed along T of a batch of one",
+                "        bos = tl.load(cu + rb, mask=bm, other=0).to(tl.int64)",
+                "        Tn = tl.load(cu + rb + 1, mask=bm, other=0).to(tl.int64) - bos",
+                "        bb = rb.to(tl.int64) * 0",
+                "    else:",
+                "        bos = rb.to(tl.int64) * 0",
+                "        Tn = bos + T",
+                "        bb = rb.to(tl.int64)"]
+
+    def _split_rows(self) -> list[str]:
+        """The program's batch rows, and its block of a split state's columns (rows)."""
+        if not self.split:
+            return ["    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)"]
+        sp = self.split
+        return [f"    split0 = pid % {sp.blocks} * {sp.size}  # the first of this program's {sp.size} {sp.along}s "
+                f"of the states ({sp.length}, {sp.blocks} programs)",
+                f"    rb = pid // {sp.blocks} * BLOCK_B + tl.arange(0, BLOCK_B)"]
+
     def _param_index(self, p: Node, w: Win, j: int) -> str:
         if p.rank == 2:
             R, C = self.dims(p)
-            return f"(cols{_pow2(R)}[:, None] * p{j}_sr + cols{_pow2(C)}[None, :] * p{j}_sc)[None, :, :]"
+            rows, cols = self._index(p, 0, f"cols{_pow2(R)}"), self._index(p, 1, f"cols{_pow2(C)}")
+            return f"({rows}[:, None] * p{j}_sr + {cols}[None, :] * p{j}_sc)[None, :, :]"
         if p.rank == 1:
             return f"{self._elements(p, w)} * p{j}_sr"
         return "cols1[None, :]"
@@ -701,7 +963,7 @@ class SeqKernel:
             corner = " + ".join([f"hd * p{p}_sh"] + [f"{v} * p{p}_{s}" for v, s in ((r0, "sr"), (c0, "sc")) if v])
             mask = t.chunk_mask(lo, rows)
             mask = f", mask={mask}, other=0.0" if mask else ""
-            return (f"{self._chunk_name(ti, lo, rows)} = tl.load(p{p} + ({corner} + zero) + "
+            return (f"{self._chunk_name(ti, lo, rows)} = tl.load(p{p} + ({corner}{self._pin}) + "
                     f"{self._grid_name(ti, rows)}{mask}).to(ACC)  # {t.note}: {t.what(lo, rows)} as {shape} streamed "
                     "(x @ tile)")
         row, col = t.coords()
@@ -740,7 +1002,9 @@ class SeqKernel:
     def _zero(var: str) -> str:
         """A zero the compiler cannot prove (var < TL in the loop): added to each K-tile's
         corner, it keeps the streamed tiles' addresses computed per step -- loop-invariant,
-        they would be hoisted and held across the loop, a pointer per element."""
+        they would be hoisted and held across the loop, a pointer per element. The forward
+        only (`_pin`): LSTM H = 64 on sm_80/sm_90 runs 128-151 registers with it, 237-242
+        without; its backward spills 56 bytes on sm_80 with it, none without (255)."""
         return f"        zero = {var} // TL  # 0 (the weights' addresses are computed per step, not held)"
 
     @staticmethod
@@ -1018,7 +1282,7 @@ class SeqKernel:
              + ", ".join(f"STORE{k}: tl.constexpr" for k in range(len(self.states))) + "):",
              f"    # stage {', '.join(self.states)}: the time loop on chip; "
              + ("weights streamed from global memory per step" if self.streamed else "weights held in registers")]
-        self._chunked, self._split_note = {}, {}
+        self._chunked, self._split_note, self._pin = {}, {}, " + zero" if self.streamed else ""
         at = self._setup(L)
         for k in range(len(self.states)):
             ptr, mask = self._state_ptr(k, f"hinit{k}", None)
@@ -1052,7 +1316,7 @@ class SeqKernel:
              " REVERSE: tl.constexpr):",
              f"    # adjoint of stage {', '.join(self.states)}: reverse-time loop of the step's VJP (states saved, "
              "the step recomputed)"]
-        self._chunked, self._split_note = {}, {}
+        self._chunked, self._split_note, self._pin = {}, {}, ""   # addresses hoisted (see _zero)
         # the step's reverse mode first: the forward values it reads are all the step recomputes
         reads: set = set()
         adjoint = self._adjoint(reads)
@@ -1068,7 +1332,7 @@ class SeqKernel:
         for ti, t in enumerate(self.tiles if not self.streamed else []):
             L.append(f"    dw{ti} = tl.zeros([{_pow2(t.K)}, {t.win.width}], dtype=ACC)")
         L += ["    for r in " + self._time_range() + ":",
-              "        t = TL - 1 - r"] + ([self._zero("r")] if self.streamed else []) + [
+              "        t = TL - 1 - r"] + [
               "        act = bm & (t < Tn)",
               "        tm = bos + t"]
         h_read = [k for k in range(len(self.states)) if self._state_key(k) in need]
@@ -1096,7 +1360,7 @@ class SeqKernel:
             for w in self.param_wins[p.id]:
                 idx = self._elements(p, w)
                 lanes = self.valid(p, w)
-                L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {self._count(p)} + {idx}, "
+                L.append(f"    tl.store(dp{j} + (pid * NH + hd) * {self._size(p)} + {idx}, "
                          f"acc_{self.vname(p, w)}" + (f", mask={lanes})" if lanes else ")"))
         for ti, t in enumerate(self.tiles if not self.streamed else []):   # streamed: added per step
             L.append(f"    tl.store({self._grad_ptr(ti)}, dw{ti}, mask={t.mask()})")
@@ -1181,7 +1445,10 @@ class SeqKernel:
             return
         i = self.leaves.index(n)
         rows = self._rows_of(n)
-        ptr = f"dl{i} + ((bb{rows} * T + tm{rows}) * NH + hd) * {self._count(n)} + {self._elements(n, w)}"
+        row = f"(bb{rows} * T + tm{rows}) * NH + hd"
+        if self.leaf_copies(i) > 1:   # a column-free leaf: this program's part, in its own copy
+            row = f"({row}) * {self.leaf_copies(i)} + pid % {self.leaf_copies(i)}"
+        ptr = f"dl{i} + ({row}) * {self._size(n)} + {self._elements(n, w)}"
         L.append(f"        tl.store({ptr}, {g} + tl.zeros([{self._tile_text(n, w)}], dtype=ACC), "
                  f"mask={self.running(n, w)})")
 
@@ -1265,7 +1532,7 @@ class SeqKernel:
         if rows:   # streamed: as the weight's K-tile, a corner per step and the offsets in a K-tile
             r0, c0 = t.corner(lo)
             row, col = t.grid(rows)
-            return f"dp{j} + ((pid * NH + hd) * {R * C} + {r0 * C + c0} + zero) + ({row} * {C} + {col})"
+            return f"dp{j} + ((pid * NH + hd) * {R * C} + {r0 * C + c0}{self._pin}) + ({row} * {C} + {col})"
         row, col = t.coords()
         return f"dp{j} + (pid * NH + hd) * {R * C} + ({row}) * {C} + ({col})"
 

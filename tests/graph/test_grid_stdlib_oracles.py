@@ -1,7 +1,7 @@
 """The grid cells of stdlib/dag/ against oracles written here from the papers' equations
 (plain float64 raster loops over the grid, x first, then y; not generated code): the 2-D
 LSTM (Graves, Fernández & Schmidhuber, 2007) and pLSTM 2-D in D-mode (Pöppel et al., 2025).
-Every backend (reference; torch and triton, which on CPU run the grid as one generated C loop)
+Every backend (reference; torch, one generated C loop on CPU; triton, its wavefront kernel)
 on 8x8 and 13x7 grids: outputs, the states of every cell, and the gradients of a random
 projection of them with respect to every input and param (autograd through the oracle)."""
 import pytest
@@ -85,8 +85,8 @@ def _check(layer, oracle, inputs, params):
 def _ran(layer, backend):
     if backend != "reference":
         # what the plan selected ran: on torch the C raster loop (grid_loop.py), on triton the
-        # borrowed wavefront (a GPU's grid)
-        want = {"torch": "torch.c_grid", "triton": "torch.wavefront"}[backend]
+        # generated wavefront kernel (backends/triton/grid_kernels.py)
+        want = {"torch": "torch.c_grid", "triton": "triton.wavefront"}[backend]
         assert {c.kernel.name for c in layer.plan.selections[backend].stages} == {want}
         assert set(layer.ran) == {want}, layer.ran
 

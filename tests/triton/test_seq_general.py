@@ -247,12 +247,14 @@ def test_kernels_compile_for_a_gpu_without_spills(name, arch):
     assert compiled and all(c.spills == 0 for c in compiled), [(c.name, c.registers, c.spills) for c in compiled]
 
 
-def test_a_matrix_too_big_for_one_program_falls_back_and_says_why():
-    choice = emit_cell(recdsl.load(YAAD_LIKE).lower(K=128, V=64), "triton").selection.choice(0)
+def test_a_matrix_too_big_for_one_program_splits_by_columns_or_falls_back():
+    """Yaad-like acts on M column by column: a block of columns per program (the numbers:
+    tests/triton/test_seq_columns.py); MatrixTanh's S.T and sum(S, axis=0) mix them: the torch loop."""
+    emitted = emit_cell(recdsl.load(YAAD_LIKE).lower(K=128, V=64), "triton")
+    kern, = emitted.emitter.kernels
+    assert emitted.selection.choice(0).kernel.name == "triton.sequential" and kern.split.axis == 1
+    choice = emit_cell(recdsl.load(MATRIX_NONLINEAR).lower(K=96), "triton").selection.choice(0)
     assert isinstance(choice.form, SequentialLoop) and choice.kernel.name == "torch.loop"
-    assert [p.reason for p in choice.passed][0] == (
-        "a matrix of 8192 elements (padded) per batch row does not fit one program's registers (<= 4096); "
-        "splitting its columns across programs is not built")   # (then the newton form's: not this backend's)
 
 
 @pytest.mark.parametrize("name", CELLS)
