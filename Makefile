@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED := ../shared
 
-.PHONY: demo test test-slow setup browser clean
+.PHONY: demo test test-slow setup browser clean gpu-check
 
 setup: $(VENV)/.installed browser
 
@@ -39,6 +39,13 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# On a CUDA machine (not part of `test`): the triton backend against `reference` on every stdlib
+# matrix / delta cell, then timed against fla's chunk ops and cuDNN's LSTM; writes
+# benchmarks/gpu_latest.txt. GPU_PYTHON: a Python whose torch has CUDA (setup installs a CPU build).
+GPU_PYTHON ?= $(BIN)/python
+gpu-check:
+	$(GPU_PYTHON) benchmarks/bench_gpu.py $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
