@@ -14,9 +14,10 @@ before the chunk:
 (for a strict readout b_i is read as b_{i-1} = b_i - g_i and s = 1). The kernels:
 
   chunk_diag_cumsum      b per chunk, once (every other kernel loads it: rows, tiles)
-  chunk_diag_fwd_states  the state before every chunk [BH, NT, K, V] and the last one, by a
-                         sequential pass over the chunks; one program per (row, V block)
-  chunk_diag_fwd_output  a readout's outputs; one program per (row, sub-block of BC rows,
+  chunk_diag_fwd_states  the state before every chunk [BH, NT, K, V] and each sequence's
+                         last, by a sequential pass over the chunks; one program per
+                         (V block, sequence)
+  chunk_diag_fwd_output  a readout's outputs; one program per (sub-block of BC rows, row,
                          V block): the state term, the earlier sub-blocks of the chunk as
                          tl.dot with the decay factored through a reference r (below), and
                          the diagonal sub-block as the exact per-key contraction
@@ -37,11 +38,44 @@ Several readouts of one state (e.g. q_t @ S' and q_t @ S) run the per-readout ke
 each: the adjoint is linear in the readouts' cotangents, so the later launches accumulate
 (ACCUMULATE) and only the first adds the state's own terms (WITH_STATE).
 
-Reverse and cu_seqlens are the runtime's (it flips / splits around the stage); a signed
-decay (log|d| and a running sign) is declined in the registry (kernels.py), with its reason.
-The exponent-bounding masks keep every exponent <= 0 also for rows past T (they read b = 0).
-A tl.dot of float32 tiles runs in TF32 on a GPU, as fla's chunk kernels."""
+Reverse and cu_seqlens are the kernels' own (registry caps "kernel": the runtime neither
+flips nor splits). Every kernel addresses step t of a sequence as row at + dt * t of its
+row's memory (_span): dt = -1 under REVERSE, so the recurrence runs right to left with no
+copy. Under VARLEN the rows hold sequences packed along T (cu_seqlens, as fla's); the host
+numbers every chunk of every sequence once (_Sequences: a table of (sequence, chunk), as
+fla's prepare_chunk_indices, and each sequence's first chunk), so one launch per kernel
+covers all sequences, no chunk straddles two, and the state kernels run one program per
+(V block, sequence) with its own initial and final state (sequence-major, heads inner,
+as the runtime orders them).
+
+Dtypes: bf16 / fp16 (and fp32) inputs are loaded and widened to fp32 (_widen), float64
+stays float64; sums, exponents, the chunk states and the gradient buffers are in that
+accumulation dtype, outputs and gradients are returned in their inputs' dtypes. A tl.dot of
+float32 tiles runs in TF32 on a GPU, as fla's chunk kernels.
+
+Block sizes and warps (choose_blocks, shown in `recdsl inspect --stage triton`), per shape:
+  BK = the keys padded to a power of two >= 16: the state kernels hold whole [BK, BV]
+       columns of the state, every other kernel [BT or BC, BK] tiles;
+  BT = 64 on a GPU (fla's chunk for GLA), 32 when BK > 128 (the [BT, BK] tiles of q, k, b
+       and their products would not fit the registers); never more than the longest
+       sequence rounded up to a power of two (>= BC): a short T wastes no padded rows.
+       In the interpreter 32 (a chunk's tile ops are numpy calls; the tests' short
+       sequences still cross chunks);
+  BC = 16, tl.dot's smallest side: the exact per-key contraction runs over BC x BC pairs;
+  BV = V padded, at most 32 (16 when BK > 64, or for float64 state tiles on a GPU): the
+       state kernels run one program per V block, so a smaller BV means more programs and
+       smaller [BK, BV] tiles;
+  warps: 16 when BK >= 128, 8 when a [BT, BK] tile has 64 x 64 elements or more, else 4
+       (fewer registers per thread for the same tiles: no spills at K = 128); num_stages 1
+       (multi-buffered loops spill the [64, 64] tiles on sm_80 / sm_90) except the dk/dv
+       kernel's 2 on sm_80 and newer (compute capability known; 1 below sm_80, whose
+       shared memory is smaller). tests/triton/test_chunk_diag.py compiles the kernels
+       ahead of time at K = V = 64 and 128 for sm_80 / sm_90: no spills.
+The exponent-bounding masks keep every exponent <= 0 also for rows past Tn (they read b = 0)."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
 
 import torch
 import triton
@@ -50,436 +84,626 @@ from ..torch import seq_rt as rt
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.scans import LOG_DECAY_FLOOR
 from .launch import Kernels
-
 SOURCE = r'''
 @triton.jit
-def _tile(ptr, bh, rows, cols, T, W):
-    """The [rows, cols] tile of a contiguous [BH, T, W] tensor at row bh; zeros outside."""
-    mask = (rows[:, None] < T) & (rows[:, None] >= 0) & (cols[None, :] < W)
-    return tl.load(ptr + bh * T * W + rows[:, None] * W + cols[None, :], mask=mask, other=0.0)
+def _widen(x):
+    """A load in the accumulation dtype: bf16 / fp16 to fp32, fp32 and fp64 as they are."""
+    if x.dtype.is_fp64():
+        y = x
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
-def _row(ptr, bh, t, cols, T, W):
-    """Step t of a contiguous [BH, T, W] tensor at row bh; zeros outside."""
+def _span(i, bh, cu, T, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """(at, dt, Tn): step t (in the recurrence's order, t < Tn) of sequence i of row bh is
+    row at + dt * t of the BH * T steps of a contiguous [BH, T, ..] tensor. VARLEN: the
+    sequences of cu_seqlens packed along T (else the row is one sequence of T steps);
+    REVERSE: the recurrence runs right to left, so step 0 is the sequence's last row."""
+    if VARLEN:
+        bos = tl.load(cu + i)
+        Tn = tl.load(cu + i + 1) - bos
+    else:
+        bos = i * 0
+        Tn = T + i * 0
+    if REVERSE:
+        at = bh * T + bos + Tn - 1
+        dt = -1
+    else:
+        at = bh * T + bos
+        dt = 1
+    return at, dt, Tn
+
+
+@triton.jit
+def _chunk(c, chunks, VARLEN: tl.constexpr):
+    """(sequence, chunk of that sequence) of a row's c-th chunk: under VARLEN the host's
+    table (every chunk of every sequence, in order; none straddles two), else (0, c)."""
+    if VARLEN:
+        i = tl.load(chunks + 2 * c)
+        n = tl.load(chunks + 2 * c + 1)
+    else:
+        i = c * 0
+        n = c
+    return i, n
+
+
+@triton.jit
+def _sequence(sid, offsets, BH, VARLEN: tl.constexpr):
+    """(sequence, row, its first chunk in the row's chunk list) of the program for initial
+    state sid: sid = sequence * BH + row under VARLEN (the initial states' order), else the row."""
+    if VARLEN:
+        i = sid // BH
+        bh = sid % BH
+        c0 = tl.load(offsets + i)
+    else:
+        i = sid * 0
+        bh = sid
+        c0 = sid * 0
+    return i, bh, c0
+
+
+@triton.jit
+def _tile(ptr, at, dt, rows, cols, Tn, W):
+    """The [rows, cols] tile of a contiguous [BH, T, W] tensor, rows the steps of the sequence
+    at (at, dt) (see _span); zeros outside. In the accumulation dtype (see _widen)."""
+    mask = (rows[:, None] < Tn) & (rows[:, None] >= 0) & (cols[None, :] < W)
+    return _widen(tl.load(ptr + (at + dt * rows[:, None]) * W + cols[None, :], mask=mask, other=0.0))
+
+
+@triton.jit
+def _row(ptr, at, dt, t, cols, Tn, W):
+    """Step t of the sequence at (at, dt) of a contiguous [BH, T, W] tensor; zeros outside."""
     steps = t + 0 * cols        # a vector: the interpreter rejects a scalar & vector mask
-    mask = (cols < W) & (steps < T) & (steps >= 0)
-    return tl.load(ptr + bh * T * W + t * W + cols, mask=mask, other=0.0)
+    mask = (cols < W) & (steps < Tn) & (steps >= 0)
+    return _widen(tl.load(ptr + (at + dt * t) * W + cols, mask=mask, other=0.0))
 
 
 @triton.jit
-def _decay_tile(ptr, bh, rows, keys, T, K, SCALAR: tl.constexpr):
+def _decay_tile(ptr, at, dt, rows, keys, Tn, K, SCALAR: tl.constexpr):
     """A [rows, keys] tile of a log decay (or its cumulative sum): [BH, T] broadcast over the
     keys when SCALAR, else [BH, T, K]."""
     if SCALAR:
-        mask = (rows[:, None] < T) & (rows[:, None] >= 0) & (keys[None, :] < K)
-        x = tl.load(ptr + bh * T + rows[:, None] + 0 * keys[None, :], mask=mask, other=0.0)
+        mask = (rows[:, None] < Tn) & (rows[:, None] >= 0) & (keys[None, :] < K)
+        x = _widen(tl.load(ptr + at + dt * rows[:, None] + 0 * keys[None, :], mask=mask, other=0.0))
     else:
-        x = _tile(ptr, bh, rows, keys, T, K)
+        x = _tile(ptr, at, dt, rows, keys, Tn, K)
     return x
 
 
 @triton.jit
-def _decay_row(ptr, bh, t, keys, T, K, SCALAR: tl.constexpr):
+def _decay_row(ptr, at, dt, t, keys, Tn, K, SCALAR: tl.constexpr):
     if SCALAR:
         steps = t + 0 * keys
-        x = tl.load(ptr + bh * T + steps, mask=(keys < K) & (steps < T) & (steps >= 0), other=0.0)
+        x = _widen(tl.load(ptr + at + dt * steps, mask=(keys < K) & (steps < Tn) & (steps >= 0), other=0.0))
     else:
-        x = _row(ptr, bh, t, keys, T, K)
+        x = _row(ptr, at, dt, t, keys, Tn, K)
     return x
 
 
 @triton.jit
 def _state_tile(ptr, index, keys, vals, K, V):
-    """The [K, V] state `index` (row * NT + chunk, or the row) of a contiguous [.., K, V] tensor."""
+    """The [K, V] state `index` (row * NT + chunk, or the sequence) of a contiguous [.., K, V] tensor."""
     mask = (keys[:, None] < K) & (vals[None, :] < V)
-    return tl.load(ptr + index * K * V + keys[:, None] * V + vals[None, :], mask=mask, other=0.0)
+    return _widen(tl.load(ptr + index * K * V + keys[:, None] * V + vals[None, :], mask=mask, other=0.0))
 
 
 @triton.jit
 def _store_state(ptr, index, keys, vals, K, V, x, ACCUMULATE: tl.constexpr):
     mask = (keys[:, None] < K) & (vals[None, :] < V)
-    at = ptr + index * K * V + keys[:, None] * V + vals[None, :]
+    to = ptr + index * K * V + keys[:, None] * V + vals[None, :]
     if ACCUMULATE:
-        x += tl.load(at, mask=mask, other=0.0)
-    tl.store(at, x, mask=mask)
+        x += tl.load(to, mask=mask, other=0.0)
+    tl.store(to, x, mask=mask)
 
 
 @triton.jit
-def _store_tile(ptr, bh, rows, cols, T, W, x, ACCUMULATE: tl.constexpr):
-    mask = (rows[:, None] < T) & (cols[None, :] < W)
-    at = ptr + bh * T * W + rows[:, None] * W + cols[None, :]
+def _store_tile(ptr, at, dt, rows, cols, Tn, W, x, ACCUMULATE: tl.constexpr):
+    """x into the [rows, cols] tile of the sequence at (at, dt); tl.store casts to ptr's dtype."""
+    mask = (rows[:, None] < Tn) & (rows[:, None] >= 0) & (cols[None, :] < W)
+    to = ptr + (at + dt * rows[:, None]) * W + cols[None, :]
     if ACCUMULATE:
-        x += tl.load(at, mask=mask, other=0.0)
-    tl.store(at, x, mask=mask)
+        x += tl.load(to, mask=mask, other=0.0)
+    tl.store(to, x, mask=mask)
 
 
 @triton.jit
-def _chunk_end(n, T, BT: tl.constexpr):
+def _chunk_end(n, Tn, BT: tl.constexpr):
     """The last step of chunk n (the last chunk may be short)."""
-    return tl.minimum(n * BT + BT, T) - 1
+    return tl.minimum(n * BT + BT, Tn) - 1
 
 
 @triton.jit
-def _sub_blocks_in(n, T, BT: tl.constexpr, BC: tl.constexpr):
-    """How many sub-blocks of chunk n hold steps. Rows past T read b = 0, so a reference r
-    read there would not bound the exponents: no loop pairs a block past T with another."""
-    return tl.minimum(BT // BC, tl.cdiv(T - n * BT, BC))
+def _sub_blocks_in(n, Tn, BT: tl.constexpr, BC: tl.constexpr):
+    """How many sub-blocks of chunk n hold steps. Rows past Tn read b = 0, so a reference r
+    read there would not bound the exponents: no loop pairs a block past Tn with another."""
+    return tl.minimum(BT // BC, tl.cdiv(Tn - n * BT, BC))
 
 
 @triton.jit
-def _readout_decay(gcum, g, bh, rows, keys, T, K, SCALAR: tl.constexpr, STRICT: tl.constexpr):
+def _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR: tl.constexpr, STRICT: tl.constexpr):
     """The readout's exponent b_i, or b_{i-1} = b_i - g_i when it reads the state before step i."""
-    b = _decay_tile(gcum, bh, rows, keys, T, K, SCALAR)
+    b = _decay_tile(gcum, at, dt, rows, keys, Tn, K, SCALAR)
     if STRICT:
-        b -= _decay_tile(g, bh, rows, keys, T, K, SCALAR)
+        b -= _decay_tile(g, at, dt, rows, keys, Tn, K, SCALAR)
     return b
 
 
 @triton.jit
-def _scalar_pair_decay(gcum, g, bh, steps, T, STRICT: tl.constexpr):
+def _scalar_pair_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr):
     """e^{b_i - b_j} for the pairs j <= i - s of one sub-block's steps (rows i, columns j),
     zero elsewhere: a scalar decay's diagonal sub-block is then (Q Kᵀ ⊙ D) V, two tl.dot."""
-    live = steps < T
-    b_i = tl.load(gcum + bh * T + steps, mask=live, other=0.0)
+    live = steps < Tn
+    b_i = _widen(tl.load(gcum + at + dt * steps, mask=live, other=0.0))
     if STRICT:
-        b_i -= tl.load(g + bh * T + steps, mask=live, other=0.0)
-    b_j = tl.load(gcum + bh * T + steps, mask=live, other=0.0)
+        b_i -= _widen(tl.load(g + at + dt * steps, mask=live, other=0.0))
+    b_j = _widen(tl.load(gcum + at + dt * steps, mask=live, other=0.0))
     seen = (steps[None, :] <= steps[:, None] - STRICT) & live[:, None]
     return tl.exp(tl.where(seen, b_i[:, None] - b_j[None, :], float("-inf")))
 
 
 @triton.jit
-def chunk_diag_cumsum(g, gcum, T, K, BT: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr):
-    """b: the inclusive cumulative sum of g inside each chunk. Program (chunk, row)."""
-    n, bh = tl.program_id(0), tl.program_id(1)
+def chunk_diag_cumsum(g, gcum, cu, chunks, offsets, T, K, NT, BH,
+                      BT: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr,
+                      VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """b: the inclusive cumulative sum of g inside each chunk, in the recurrence's order,
+    stored where g is. Program (chunk, row)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    i, n = _chunk(c, chunks, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
     rows = n * BT + tl.arange(0, BT)
     if SCALAR:
-        x = tl.load(g + bh * T + rows, mask=rows < T, other=0.0)
-        tl.store(gcum + bh * T + rows, tl.cumsum(x, 0), mask=rows < T)
+        live = rows < Tn
+        x = _widen(tl.load(g + at + dt * rows, mask=live, other=0.0))
+        tl.store(gcum + at + dt * rows, tl.cumsum(x, 0), mask=live)
     else:
         keys = tl.arange(0, BK)
-        x = _tile(g, bh, rows, keys, T, K)
-        _store_tile(gcum, bh, rows, keys, T, K, tl.cumsum(x, 0), False)
+        x = _tile(g, at, dt, rows, keys, Tn, K)
+        _store_tile(gcum, at, dt, rows, keys, Tn, K, tl.cumsum(x, 0), False)
 
 
 @triton.jit
-def chunk_diag_fwd_states(k, v, gcum, S0, states, ST, T, K, V, NT,
-                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr):
-    """The state before every chunk (states [BH, NT, K, V]) and after the last (ST), from S0.
-    Program (V block, row): the columns of a V block evolve independently."""
-    pid_v, bh = tl.program_id(0), tl.program_id(1)
+def chunk_diag_fwd_states(k, v, gcum, S0, states, ST, cu, chunks, offsets, T, K, V, NT, BH,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
+                          VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """The state before every chunk (states [BH, NT, K, V], NT the row's chunks over all its
+    sequences) and after each sequence's last (ST), from S0 (one per sequence).
+    Program (V block, sequence): the columns of a V block evolve independently."""
+    pid_v, sid = tl.program_id(0), tl.program_id(1)
+    i, bh, c0 = _sequence(sid, offsets, BH, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
-    S = _state_tile(S0, bh, keys, vals, K, V)
-    for n in range(NT):
-        _store_state(states, bh * NT + n, keys, vals, K, V, S, False)
+    S = _state_tile(S0, sid, keys, vals, K, V)
+    for n in range(0, tl.cdiv(Tn, BT)):
+        _store_state(states, bh * NT + c0 + n, keys, vals, K, V, S, False)
         rows = n * BT + tl.arange(0, BT)
-        b = _decay_tile(gcum, bh, rows, keys, T, K, SCALAR)
-        b_end = _decay_row(gcum, bh, _chunk_end(n, T, BT), keys, T, K, SCALAR)
+        b = _decay_tile(gcum, at, dt, rows, keys, Tn, K, SCALAR)
+        b_end = _decay_row(gcum, at, dt, _chunk_end(n, Tn, BT), keys, Tn, K, SCALAR)
         # k_j e^{b_C - b_j}: exponents <= 0 (padded rows have k = 0)
-        k_to_end = _tile(k, bh, rows, keys, T, K) * tl.exp(b_end[None, :] - b)
-        S = S * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_to_end), _tile(v, bh, rows, vals, T, V))
-    _store_state(ST, bh, keys, vals, K, V, S, False)
+        k_to_end = _tile(k, at, dt, rows, keys, Tn, K) * tl.exp(b_end[None, :] - b)
+        S = S * tl.exp(b_end)[:, None] + tl.dot(tl.trans(k_to_end), _tile(v, at, dt, rows, vals, Tn, V))
+    _store_state(ST, sid, keys, vals, K, V, S, False)
 
 
 @triton.jit
-def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, T, K, V, NT,
+def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH,
                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          SCALAR: tl.constexpr, STRICT: tl.constexpr):
+                          SCALAR: tl.constexpr, STRICT: tl.constexpr, VARLEN: tl.constexpr,
+                          REVERSE: tl.constexpr):
     """o for the BC rows of one sub-block and one V block. Program (sub-block, row, V block)."""
     sub, bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, ib = sub // (BT // BC), sub % (BT // BC)
+    c, ib = sub // (BT // BC), sub % (BT // BC)
+    i, n = _chunk(c, chunks, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
     row0 = n * BT + ib * BC
     rows = row0 + tl.arange(0, BC)
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
-    q_i = _tile(q, bh, rows, keys, T, K)
-    b_i = _readout_decay(gcum, g, bh, rows, keys, T, K, SCALAR, STRICT)
+    q_i = _tile(q, at, dt, rows, keys, Tn, K)
+    b_i = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT)
     # the state before the chunk, decayed to each row
-    out = tl.dot(q_i * tl.exp(b_i), _state_tile(states, bh * NT + n, keys, vals, K, V))
+    out = tl.dot(q_i * tl.exp(b_i), _state_tile(states, bh * NT + c, keys, vals, K, V))
     # the chunk's earlier sub-blocks: every pair is below the diagonal; r = b at row0 - 1
-    r = _decay_row(gcum, bh, row0 - 1, keys, T, K, SCALAR) * (ib > 0)
-    q_r = q_i * tl.exp(tl.where(rows[:, None] < T, b_i - r[None, :], 0.0))    # rows past T: b = 0, q = 0
-    for jb in range(0, tl.where(ib < _sub_blocks_in(n, T, BT, BC), ib, 0)):
+    r = _decay_row(gcum, at, dt, row0 - 1, keys, Tn, K, SCALAR) * (ib > 0)
+    q_r = q_i * tl.exp(tl.where(rows[:, None] < Tn, b_i - r[None, :], 0.0))    # rows past Tn: b = 0, q = 0
+    for jb in range(0, tl.where(ib < _sub_blocks_in(n, Tn, BT, BC), ib, 0)):
         cols = n * BT + jb * BC + tl.arange(0, BC)
-        k_r = _tile(k, bh, cols, keys, T, K) * tl.exp(r[None, :] - _decay_tile(gcum, bh, cols, keys, T, K, SCALAR))
-        out += tl.dot(tl.dot(q_r, tl.trans(k_r)), _tile(v, bh, cols, vals, T, V))
+        k_r = _tile(k, at, dt, cols, keys, Tn, K) * tl.exp(r[None, :] - _decay_tile(gcum, at, dt, cols, keys, Tn, K,
+                                                                                   SCALAR))
+        out += tl.dot(tl.dot(q_r, tl.trans(k_r)), _tile(v, at, dt, cols, vals, Tn, V))
     if SCALAR:   # the diagonal sub-block: (Q Kᵀ ⊙ D) V
-        A = tl.dot(q_i, tl.trans(_tile(k, bh, rows, keys, T, K))) * _scalar_pair_decay(gcum, g, bh, rows, T, STRICT)
-        out += tl.dot(A, _tile(v, bh, rows, vals, T, V))
+        A = tl.dot(q_i, tl.trans(_tile(k, at, dt, rows, keys, Tn, K))) * _scalar_pair_decay(gcum, g, at, dt, rows,
+                                                                                             Tn, STRICT)
+        out += tl.dot(A, _tile(v, at, dt, rows, vals, Tn, V))
     else:        # the diagonal sub-block, column by column: the exact contraction over keys
         for jj in range(0, BC):
             col = row0 + jj
-            seen = (rows >= col + STRICT) & (rows < T)  # j <= i - s (rows past T read b = 0: masked too)
-            exponent = tl.where(seen[:, None], b_i - _decay_row(gcum, bh, col, keys, T, K, SCALAR)[None, :],
+            seen = (rows >= col + STRICT) & (rows < Tn)  # j <= i - s (rows past Tn read b = 0: masked too)
+            exponent = tl.where(seen[:, None], b_i - _decay_row(gcum, at, dt, col, keys, Tn, K, SCALAR)[None, :],
                                 float("-inf"))
-            a = tl.sum(q_i * _row(k, bh, col, keys, T, K)[None, :] * tl.exp(exponent), 1)
-            out += a[:, None] * _row(v, bh, col, vals, T, V)[None, :]
-    _store_tile(o, bh, rows, vals, T, V, out, False)
+            a = tl.sum(q_i * _row(k, at, dt, col, keys, Tn, K)[None, :] * tl.exp(exponent), 1)
+            out += a[:, None] * _row(v, at, dt, col, vals, Tn, V)[None, :]
+    _store_tile(o, at, dt, rows, vals, Tn, V, out, False)
 
 
 @triton.jit
-def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, T, K, V, NT,
+def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offsets, T, K, V, NT, BH,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
                            STRICT: tl.constexpr, HAS_READOUT: tl.constexpr, HAS_DST: tl.constexpr,
-                           ACCUMULATE: tl.constexpr):
-    """Λ_n, the gradient of the state after chunk n (dstates [BH, NT, K, V]), and dS0, by the
-    reverse pass Λ_{n-1} = e^{b_C} ⊙ Λ_n + Σ_i (q_i ⊙ e^{b_i}) do_iᵀ. Program (V block, row)."""
-    pid_v, bh = tl.program_id(0), tl.program_id(1)
+                           ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """Λ_n, the gradient of the state after chunk n (dstates [BH, NT, K, V]), and dS0 per
+    sequence, by the reverse pass Λ_{n-1} = e^{b_C} ⊙ Λ_n + Σ_i (q_i ⊙ e^{b_i}) do_iᵀ.
+    Program (V block, sequence)."""
+    pid_v, sid = tl.program_id(0), tl.program_id(1)
+    i, bh, c0 = _sequence(sid, offsets, BH, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
     if HAS_DST:
-        lam = _state_tile(dST, bh, keys, vals, K, V)
+        lam = _state_tile(dST, sid, keys, vals, K, V)
     else:
         lam = tl.zeros([BK, BV], dtype=dS0.dtype.element_ty)
-    for back in range(NT):
-        n = NT - 1 - back
-        _store_state(dstates, bh * NT + n, keys, vals, K, V, lam, ACCUMULATE)
-        lam = lam * tl.exp(_decay_row(gcum, bh, _chunk_end(n, T, BT), keys, T, K, SCALAR))[:, None]
+    chunks_in = tl.cdiv(Tn, BT)
+    for back in range(0, chunks_in):
+        n = chunks_in - 1 - back
+        _store_state(dstates, bh * NT + c0 + n, keys, vals, K, V, lam, ACCUMULATE)
+        lam = lam * tl.exp(_decay_row(gcum, at, dt, _chunk_end(n, Tn, BT), keys, Tn, K, SCALAR))[:, None]
         if HAS_READOUT:
             rows = n * BT + tl.arange(0, BT)
-            b = _readout_decay(gcum, g, bh, rows, keys, T, K, SCALAR, STRICT)
-            q_b = _tile(q, bh, rows, keys, T, K) * tl.exp(b)
-            lam += tl.dot(tl.trans(q_b), _tile(do, bh, rows, vals, T, V))
-    _store_state(dS0, bh, keys, vals, K, V, lam, ACCUMULATE)
+            b = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT)
+            q_b = _tile(q, at, dt, rows, keys, Tn, K) * tl.exp(b)
+            lam += tl.dot(tl.trans(q_b), _tile(do, at, dt, rows, vals, Tn, V))
+    _store_state(dS0, sid, keys, vals, K, V, lam, ACCUMULATE)
 
 
 @triton.jit
-def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, T, K, V, NT,
+def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SCALAR: tl.constexpr, STRICT: tl.constexpr):
+                      SCALAR: tl.constexpr, STRICT: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """dq_i = (do_i Sᵀ) ⊙ e^{b_i} + Σ_{j <= i-s} (do_i · v_j) k_j ⊙ e^{b_i - b_j} for one
     sub-block of rows. Program (sub-block, row); the V blocks are summed in a loop."""
     sub, bh = tl.program_id(0), tl.program_id(1)
-    n, ib = sub // (BT // BC), sub % (BT // BC)
+    c, ib = sub // (BT // BC), sub % (BT // BC)
+    i, n = _chunk(c, chunks, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
     row0 = n * BT + ib * BC
     rows = row0 + tl.arange(0, BC)
     cols_in_block = tl.arange(0, BC)
     keys = tl.arange(0, BK)
-    b_i = _readout_decay(gcum, g, bh, rows, keys, T, K, SCALAR, STRICT)
-    r = _decay_row(gcum, bh, row0 - 1, keys, T, K, SCALAR) * (ib > 0)
+    b_i = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT)
+    r = _decay_row(gcum, at, dt, row0 - 1, keys, Tn, K, SCALAR) * (ib > 0)
     from_state = tl.zeros([BC, BK], dtype=b_i.dtype)
     below = tl.zeros([BC, BK], dtype=b_i.dtype)     # pairs of earlier sub-blocks, still times e^{-(b_i - r)}
     diag = tl.zeros([BC, BK], dtype=b_i.dtype)
+    dA = tl.zeros([BC, BC], dtype=b_i.dtype)        # the diagonal sub-block's do_i · v_j, over all V blocks
     for vb in range(0, tl.cdiv(V, BV)):
         vals = vb * BV + tl.arange(0, BV)
-        do_i = _tile(do, bh, rows, vals, T, V)
-        from_state += tl.dot(do_i, tl.trans(_state_tile(states, bh * NT + n, keys, vals, K, V)))
-        for jb in range(0, tl.where(ib < _sub_blocks_in(n, T, BT, BC), ib, 0)):
+        do_i = _tile(do, at, dt, rows, vals, Tn, V)
+        from_state += tl.dot(do_i, tl.trans(_state_tile(states, bh * NT + c, keys, vals, K, V)))
+        for jb in range(0, tl.where(ib < _sub_blocks_in(n, Tn, BT, BC), ib, 0)):
             cols = n * BT + jb * BC + tl.arange(0, BC)
-            k_r = _tile(k, bh, cols, keys, T, K) * tl.exp(r[None, :] - _decay_tile(gcum, bh, cols, keys, T, K, SCALAR))
-            below += tl.dot(tl.dot(do_i, tl.trans(_tile(v, bh, cols, vals, T, V))), k_r)
-        # the diagonal sub-block's do_i · v_j, then (scalar) one tl.dot with the pair decays,
-        # or column by column with the exact exponents
-        dA = tl.dot(do_i, tl.trans(_tile(v, bh, rows, vals, T, V)))
+            k_r = _tile(k, at, dt, cols, keys, Tn, K) * tl.exp(r[None, :] - _decay_tile(gcum, at, dt, cols, keys, Tn,
+                                                                                       K, SCALAR))
+            below += tl.dot(tl.dot(do_i, tl.trans(_tile(v, at, dt, cols, vals, Tn, V))), k_r)
+        # the diagonal sub-block's do_i · v_j: a scalar decay's pairs as one tl.dot per V block
+        # (the fewest live registers), a per-key decay's summed over V blocks first
+        dA_block = tl.dot(do_i, tl.trans(_tile(v, at, dt, rows, vals, Tn, V)))
         if SCALAR:
-            diag += tl.dot(dA * _scalar_pair_decay(gcum, g, bh, rows, T, STRICT), _tile(k, bh, rows, keys, T, K))
+            diag += tl.dot(dA_block * _scalar_pair_decay(gcum, g, at, dt, rows, Tn, STRICT),
+                           _tile(k, at, dt, rows, keys, Tn, K))
         else:
-            for jj in range(0, BC):
-                col = row0 + jj
-                seen = (rows >= col + STRICT) & (rows < T)
-                exponent = tl.where(seen[:, None], b_i - _decay_row(gcum, bh, col, keys, T, K, SCALAR)[None, :],
-                                    float("-inf"))
-                dA_col = tl.sum(tl.where(cols_in_block[None, :] == jj, dA, 0.0), 1)
-                diag += dA_col[:, None] * _row(k, bh, col, keys, T, K)[None, :] * tl.exp(exponent)
-    out = from_state * tl.exp(b_i) + below * tl.exp(tl.where(rows[:, None] < T, b_i - r[None, :], 0.0)) + diag
-    _store_tile(dq, bh, rows, keys, T, K, out, False)
+            dA += dA_block
+    if not SCALAR:   # then column by column with the exact exponents, once
+        for jj in range(0, BC):
+            col = row0 + jj
+            seen = (rows >= col + STRICT) & (rows < Tn)
+            exponent = tl.where(seen[:, None], b_i - _decay_row(gcum, at, dt, col, keys, Tn, K, SCALAR)[None, :],
+                                float("-inf"))
+            dA_col = tl.sum(tl.where(cols_in_block[None, :] == jj, dA, 0.0), 1)
+            diag += dA_col[:, None] * _row(k, at, dt, col, keys, Tn, K)[None, :] * tl.exp(exponent)
+    out = from_state * tl.exp(b_i) + below * tl.exp(tl.where(rows[:, None] < Tn, b_i - r[None, :], 0.0)) + diag
+    _store_tile(dq, at, dt, rows, keys, Tn, K, out, False)
 
 
 @triton.jit
-def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, T, K, V, NT,
+def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offsets, T, K, V, NT, BH,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        SCALAR: tl.constexpr, STRICT: tl.constexpr, HAS_READOUT: tl.constexpr,
-                       WITH_STATE: tl.constexpr, ACCUMULATE: tl.constexpr):
+                       WITH_STATE: tl.constexpr, ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr,
+                       REVERSE: tl.constexpr):
     """dk, dv for one sub-block of keys j: from the readouts' pairs i >= j + s (HAS_READOUT)
     and, WITH_STATE, from the state after the chunk, (k_j e^{b_C - b_j}) Λ_n.
     Program (sub-block, row); the V blocks in a loop (dk sums over them)."""
     sub, bh = tl.program_id(0), tl.program_id(1)
-    n, jb = sub // (BT // BC), sub % (BT // BC)
+    c, jb = sub // (BT // BC), sub % (BT // BC)
+    i, n = _chunk(c, chunks, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
     row0 = n * BT + jb * BC
     cols = row0 + tl.arange(0, BC)
     keys = tl.arange(0, BK)
-    k_j = _tile(k, bh, cols, keys, T, K)
-    b_j = _decay_tile(gcum, bh, cols, keys, T, K, SCALAR)
-    to_end = tl.exp(_decay_row(gcum, bh, _chunk_end(n, T, BT), keys, T, K, SCALAR)[None, :] - b_j)
+    k_j = _tile(k, at, dt, cols, keys, Tn, K)
+    b_j = _decay_tile(gcum, at, dt, cols, keys, Tn, K, SCALAR)
+    to_end = tl.exp(_decay_row(gcum, at, dt, _chunk_end(n, Tn, BT), keys, Tn, K, SCALAR)[None, :] - b_j)
     dk_j = tl.zeros([BC, BK], dtype=b_j.dtype)
     for vb in range(0, tl.cdiv(V, BV)):
         vals = vb * BV + tl.arange(0, BV)
-        v_j = _tile(v, bh, cols, vals, T, V)
+        v_j = _tile(v, at, dt, cols, vals, Tn, V)
         dv_j = tl.zeros([BC, BV], dtype=b_j.dtype)
         if WITH_STATE:
-            lam = _state_tile(dstates, bh * NT + n, keys, vals, K, V)
+            lam = _state_tile(dstates, bh * NT + c, keys, vals, K, V)
             dv_j += tl.dot(k_j * to_end, lam)
             dk_j += tl.dot(v_j, tl.trans(lam)) * to_end
         if HAS_READOUT:
             # later sub-blocks of rows: r = b at the row before each
-            for ib in range(jb + 1, _sub_blocks_in(n, T, BT, BC)):
+            for ib in range(jb + 1, _sub_blocks_in(n, Tn, BT, BC)):
                 rows = n * BT + ib * BC + tl.arange(0, BC)
-                r = _decay_row(gcum, bh, n * BT + ib * BC - 1, keys, T, K, SCALAR)
-                # (rows past T read b = 0: their exponent is masked, not just their q = 0, as inf * 0 is NaN)
-                q_r = _tile(q, bh, rows, keys, T, K) * tl.exp(tl.where(
-                    rows[:, None] < T, _readout_decay(gcum, g, bh, rows, keys, T, K, SCALAR, STRICT) - r[None, :], 0.0))
+                r = _decay_row(gcum, at, dt, n * BT + ib * BC - 1, keys, Tn, K, SCALAR)
+                # (rows past Tn read b = 0: their exponent is masked, not just their q = 0, as inf * 0 is NaN)
+                q_r = _tile(q, at, dt, rows, keys, Tn, K) * tl.exp(tl.where(
+                    rows[:, None] < Tn, _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT) - r[None, :],
+                    0.0))
                 k_r_factor = tl.exp(r[None, :] - b_j)
-                do_i = _tile(do, bh, rows, vals, T, V)
+                do_i = _tile(do, at, dt, rows, vals, Tn, V)
                 A = tl.dot(q_r, tl.trans(k_j * k_r_factor))                  # [rows, cols]
                 dv_j += tl.dot(tl.trans(A), do_i)
                 dA = tl.dot(do_i, tl.trans(v_j))
                 dk_j += tl.dot(tl.trans(dA), q_r) * k_r_factor
             if SCALAR:   # the diagonal sub-block (rows i and keys j the same steps): D ⊙ (Q Kᵀ), D ⊙ (dO Vᵀ)
-                D = _scalar_pair_decay(gcum, g, bh, cols, T, STRICT)
-                q_d, do_d = _tile(q, bh, cols, keys, T, K), _tile(do, bh, cols, vals, T, V)
+                D = _scalar_pair_decay(gcum, g, at, dt, cols, Tn, STRICT)
+                q_d, do_d = _tile(q, at, dt, cols, keys, Tn, K), _tile(do, at, dt, cols, vals, Tn, V)
                 dv_j += tl.dot(tl.trans(tl.dot(q_d, tl.trans(k_j)) * D), do_d)
                 dk_j += tl.dot(tl.trans(tl.dot(do_d, tl.trans(v_j)) * D), q_d)
             else:        # a per-key decay's diagonal sub-block, row by row with the exact exponents
                 for ii in range(0, BC):
                     row = row0 + ii
-                    seen = (cols <= row - STRICT) & (cols * 0 + row < T)      # j <= i - s, and row i exists
-                    b_row = _decay_row(gcum, bh, row, keys, T, K, SCALAR)
+                    seen = (cols <= row - STRICT) & (cols * 0 + row < Tn)      # j <= i - s, and row i exists
+                    b_row = _decay_row(gcum, at, dt, row, keys, Tn, K, SCALAR)
                     if STRICT:
-                        b_row -= _decay_row(g, bh, row, keys, T, K, SCALAR)
-                    q_row = _row(q, bh, row, keys, T, K)
-                    do_row = _row(do, bh, row, vals, T, V)
+                        b_row -= _decay_row(g, at, dt, row, keys, Tn, K, SCALAR)
+                    q_row = _row(q, at, dt, row, keys, Tn, K)
+                    do_row = _row(do, at, dt, row, vals, Tn, V)
                     e = tl.exp(tl.where(seen[:, None], b_row[None, :] - b_j, float("-inf")))
                     a = tl.sum(q_row[None, :] * k_j * e, 1)
                     dv_j += a[:, None] * do_row[None, :]
                     dk_j += tl.sum(v_j * do_row[None, :], 1)[:, None] * q_row[None, :] * e
-        _store_tile(dv, bh, cols, vals, T, V, dv_j, ACCUMULATE)
-    _store_tile(dk, bh, cols, keys, T, K, dk_j, ACCUMULATE)
+        _store_tile(dv, at, dt, cols, vals, Tn, V, dv_j, ACCUMULATE)
+    _store_tile(dk, at, dt, cols, keys, Tn, K, dk_j, ACCUMULATE)
 
 
 @triton.jit
-def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, T, K, V, NT,
+def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, cu, chunks, offsets, T, K, V, NT, BH,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
                       STRICT: tl.constexpr, HAS_READOUT: tl.constexpr, WITH_STATE: tl.constexpr,
-                      ACCUMULATE: tl.constexpr):
+                      ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """dg_t = Σ_{i >= t+s} q_i ⊙ dq_i (HAS_READOUT) - Σ_{j >= t} k_j ⊙ dk_j + Σ_V Λ_n ⊙ S_after
     (WITH_STATE): each exponent's gradient reaches the steps its cumulative sum spans; the
     state after the chunk carries e^{b_C}, hence the last term for every step. SCALAR sums
     over keys. Program (chunk, row)."""
-    n, bh = tl.program_id(0), tl.program_id(1)
+    c, bh = tl.program_id(0), tl.program_id(1)
+    i, n = _chunk(c, chunks, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
     rows = n * BT + tl.arange(0, BT)
     keys = tl.arange(0, BK)
     grad = tl.zeros([BT, BK], dtype=dg.dtype.element_ty)
     if HAS_READOUT:
-        x = _tile(q, bh, rows, keys, T, K) * _tile(dq, bh, rows, keys, T, K)
+        x = _tile(q, at, dt, rows, keys, Tn, K) * _tile(dq, at, dt, rows, keys, Tn, K)
         grad += tl.sum(x, 0)[None, :] - tl.cumsum(x, 0)       # Σ_{i > t}
         if not STRICT:
             grad += x
     if WITH_STATE:
-        x = _tile(k, bh, rows, keys, T, K) * _tile(dk, bh, rows, keys, T, K)
+        x = _tile(k, at, dt, rows, keys, Tn, K) * _tile(dk, at, dt, rows, keys, Tn, K)
         grad -= tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x   # Σ_{j >= t}
         end = tl.zeros([BK], dtype=dg.dtype.element_ty)
+        last = n + 1 == tl.cdiv(Tn, BT)      # the state after the sequence's last chunk is its ST
         for vb in range(0, tl.cdiv(V, BV)):
             vals = vb * BV + tl.arange(0, BV)
-            at = keys[:, None] * V + vals[None, :]
-            following = at * 0 + n + 1                  # the next chunk, as a tile (see _row)
+            kv = keys[:, None] * V + vals[None, :]
+            is_last = kv * 0 + last                      # a tile (see _row)
             mask = (keys[:, None] < K) & (vals[None, :] < V)
-            after = (tl.load(states + (bh * NT + n + 1) * K * V + at, mask=mask & (following < NT), other=0.0)
-                     + tl.load(ST + bh * K * V + at, mask=mask & (following == NT), other=0.0))
-            end += tl.sum(_state_tile(dstates, bh * NT + n, keys, vals, K, V) * after, 1)
+            after = (tl.load(states + (bh * NT + c + 1) * K * V + kv, mask=mask & (is_last == 0), other=0.0)
+                     + tl.load(ST + (i * BH + bh) * K * V + kv, mask=mask & (is_last != 0), other=0.0))
+            end += tl.sum(_state_tile(dstates, bh * NT + c, keys, vals, K, V) * after, 1)
         grad += end[None, :]
     if SCALAR:
-        at = dg + bh * T + rows
+        to = dg + at + dt * rows
         total = tl.sum(grad, 1)
         if ACCUMULATE:
-            total += tl.load(at, mask=rows < T, other=0.0)
-        tl.store(at, total, mask=rows < T)
+            total += tl.load(to, mask=rows < Tn, other=0.0)
+        tl.store(to, total, mask=rows < Tn)
     else:
-        _store_tile(dg, bh, rows, keys, T, K, grad, ACCUMULATE)
+        _store_tile(dg, at, dt, rows, keys, Tn, K, grad, ACCUMULATE)
 '''
 
 SUB_BLOCK = 16      # BC: rows of the exact diagonal contraction; tl.dot's smallest side
 MAX_BV = 32         # V blocks: the state kernels run one program per V block; the others loop over them
+KERNEL_NAMES = ("chunk_diag_cumsum", "chunk_diag_fwd_states", "chunk_diag_fwd_output", "chunk_diag_bwd_dstates",
+                "chunk_diag_bwd_dq", "chunk_diag_bwd_dkv", "chunk_diag_bwd_dg")
 
 _KERNELS = Kernels(SOURCE, "recdsl-triton-chunk-diag")
 
-# (num_warps, num_stages) per kernel on a GPU: with 4 warps, or with loads multi-buffered
-# across loop iterations, the [64, 64] tiles of K = V = 64 spill on sm_80 / sm_90
-# (tests/triton/test_chunk_diag.py compiles them: no spills).
-LAUNCH = {"chunk_diag_cumsum": (4, 1), "chunk_diag_fwd_states": (8, 1), "chunk_diag_fwd_output": (8, 1),
-          "chunk_diag_bwd_dstates": (8, 1), "chunk_diag_bwd_dq": (8, 1), "chunk_diag_bwd_dkv": (8, 2),
-          "chunk_diag_bwd_dg": (8, 1)}
 
+@dataclass(frozen=True)
+class Blocks:
+    """One shape's block sizes and launch options, by choose_blocks' rule."""
+    BT: int
+    BC: int
+    BK: int
+    BV: int
+    num_warps: int
+    dkv_stages: int                 # num_stages of chunk_diag_bwd_dkv (every other kernel: 1)
+    rule: str = field(compare=False)
 
-def _launcher(ns: dict, device):
-    """kernel name, grid -> the launch, with LAUNCH's options on a GPU (the interpreter takes none)."""
-    def launch(name, grid):
-        if device.type != "cuda":
-            return ns[name][grid]
-        warps, stages = LAUNCH[name]
-        kernel = ns[name][grid]
-        return lambda *args, **kw: kernel(*args, num_warps=warps, num_stages=stages, **kw)
-    return launch
+    def launch_options(self, name: str) -> dict:
+        """num_warps / num_stages of kernel `name` on a GPU."""
+        warps = 4 if name == "chunk_diag_cumsum" else self.num_warps
+        return {"num_warps": warps, "num_stages": self.dkv_stages if name == "chunk_diag_bwd_dkv" else 1}
+
+    def header(self) -> str:
+        """The comment line `recdsl inspect` prints above the kernel listing."""
+        return (f"# chunk_diag: BT={self.BT} BC={self.BC} BK={self.BK} BV={self.BV} num_warps={self.num_warps} "
+                f"(rule: {self.rule})")
 
 
 def chunk_size(device) -> int:
-    """BT: 64 on a GPU (fla's choice for chunk GLA); 32 in the interpreter, where a chunk's
-    tile ops are numpy calls and the tests' short sequences still cross chunks."""
+    """BT's upper bound: 64 on a GPU (fla's choice for chunk GLA); 32 in the interpreter, where
+    a chunk's tile ops are numpy calls and the tests' short sequences still cross chunks."""
     return 64 if device.type == "cuda" else 32
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
+def choose_blocks(K: int, V: int, T: int | None = None, dtype=torch.float32, device=torch.device("cuda"),
+                  capability: tuple[int, int] | None = None) -> Blocks:
+    """The module docstring's cost rule for K keys, V values, the longest sequence T (None:
+    unknown, long), the inputs' dtype and the device (its compute capability when known)."""
+    gpu = device.type == "cuda"
     BK = max(16, triton.next_power_of_2(K))
-    return BK, min(max(16, triton.next_power_of_2(V)), MAX_BV)
+    BT = chunk_size(device)
+    why = [f"BK=pow2(K); BT {BT} on {'a GPU' if gpu else 'the interpreter'}"]
+    if gpu and BK > 128:
+        BT = 32
+        why.append("32 as BK > 128")
+    if T is not None and BT > max(SUB_BLOCK, triton.next_power_of_2(T)):
+        BT = max(SUB_BLOCK, triton.next_power_of_2(T))
+        why.append(f"{BT} for T={T}")
+    BV = min(max(16, triton.next_power_of_2(V)), MAX_BV)
+    if gpu and BV > 16 and (BK > 64 or dtype == torch.float64):
+        BV = 16
+        why.append("BV 16 as " + ("BK > 64" if BK > 64 else "float64 tiles"))
+    else:
+        why.append(f"BV=min(pow2(V), {MAX_BV})")
+    warps = 16 if BK >= 128 else 8 if BT * BK >= 64 * 64 else 4
+    why.append(f"{warps} warps for [{BT}, {BK}] tiles")
+    dkv_stages = 2 if capability is None or capability >= (8, 0) else 1
+    return Blocks(BT, SUB_BLOCK, BK, BV, warps, dkv_stages, "; ".join(why))
 
 
-def _geometry(k, v, BT):
+def header(K: int, V: int) -> str:
+    """The inspect line for a K x V state on a GPU, the sequence length unknown."""
+    return choose_blocks(K, V).header()
+
+
+def _launcher(ns: dict, device, blocks: Blocks):
+    """kernel name, grid -> the launch, with the blocks' options on a GPU (the interpreter takes none)."""
+    def launch(name, grid):
+        kernel = ns[name][grid]
+        if device.type != "cuda":
+            return kernel
+        options = blocks.launch_options(name)
+        return lambda *args, **kw: kernel(*args, **options, **kw)
+    return launch
+
+
+_DUMMY: dict = {}   # device -> the int32 table a launch without cu_seqlens passes (never read)
+
+
+def _dummy(device) -> torch.Tensor:
+    if device not in _DUMMY:
+        _DUMMY[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _DUMMY[device]
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """How each row's steps split into sequences and chunks, as the kernels take them."""
+    cu: torch.Tensor         # int32 [N + 1]: cu_seqlens (a dummy without)
+    chunks: torch.Tensor     # int32 [NT, 2]: (sequence, chunk of it) of each chunk of a row (VARLEN)
+    offsets: torch.Tensor    # int32 [N + 1]: each sequence's first chunk in that list (VARLEN)
+    NT: int                  # chunks per row, over all its sequences
+    count: int               # initial / final states: N * BH (sequence-major), or BH
+    varlen: bool
+    reverse: bool
+
+    def args(self) -> tuple:
+        return self.cu, self.chunks, self.offsets
+
+    def flags(self) -> dict:
+        return {"VARLEN": self.varlen, "REVERSE": self.reverse}
+
+
+def longest(T: int, cu_seqlens) -> int:
+    return T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def sequences(BH: int, T: int, BT: int, reverse: bool, cu_seqlens, device) -> Sequences:
+    """The chunk tables, computed once per call on the device (fla's prepare_chunk_indices
+    and prepare_chunk_offsets): every chunk of every sequence, none straddling two."""
+    if cu_seqlens is None:
+        dummy = _dummy(device)
+        return Sequences(dummy, dummy, dummy, triton.cdiv(T, BT), BH, False, bool(reverse))
+    cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+    per_sequence = (cu[1:] - cu[:-1]).long().add(BT - 1).div(BT, rounding_mode="floor")
+    offsets = torch.cat([per_sequence.new_zeros(1), per_sequence.cumsum(0)])
+    NT = int(offsets[-1])
+    owner = torch.repeat_interleave(torch.arange(len(per_sequence), device=device), per_sequence)
+    chunks = torch.stack([owner, torch.arange(NT, device=device) - offsets[owner]], 1)
+    return Sequences(cu, chunks.to(torch.int32).contiguous(), offsets.to(torch.int32), NT, (len(cu) - 1) * BH,
+                     True, bool(reverse))
+
+
+def _acc_dtype(*tensors) -> torch.dtype:
+    """The accumulation dtype: float64 if any input is, else float32 (bf16 / fp16 widen)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _forward(launch, strict, k, v, g, S0, qs, blocks: Blocks, seqs: Sequences):
+    """(outputs, S_T per sequence, gcum, states) on contiguous [BH, T, .] tensors, g already
+    floored: outputs in the inputs' dtype, the rest in the accumulation dtype."""
     BH, T, K = k.shape
     V = v.shape[-1]
-    BK, BV = _blocks(K, V)
-    return BH, T, K, V, triton.cdiv(T, BT), BK, BV
-
-
-def _forward(launch, strict, k, v, g, S0, qs, BT):
-    """(outputs, S_T, gcum, states) on contiguous [BH, T, .] tensors, g already floored."""
-    BH, T, K, V, NT, BK, BV = _geometry(k, v, BT)
-    common = dict(BT=BT, BK=BK, SCALAR=g.dim() == 2)
-    gcum = torch.empty_like(g)
-    launch("chunk_diag_cumsum", (NT, BH))(g, gcum, T, K, **common)
-    states, ST = k.new_empty(BH, NT, K, V), k.new_empty(BH, K, V)
-    launch("chunk_diag_fwd_states", (triton.cdiv(V, BV), BH))(k, v, gcum, S0, states, ST, T, K, V, NT, BV=BV,
-                                                              **common)
+    acc, io = _acc_dtype(k, v, g, S0, *qs), reduce(torch.promote_types, [k.dtype, v.dtype] + [q.dtype for q in qs])
+    BT, BV, NT = blocks.BT, blocks.BV, seqs.NT
+    common = dict(BT=BT, BK=blocks.BK, SCALAR=g.dim() == 2, **seqs.flags())
+    gcum = torch.empty(g.shape, dtype=acc, device=g.device)
+    launch("chunk_diag_cumsum", (NT, BH))(g, gcum, *seqs.args(), T, K, NT, BH, **common)
+    states = torch.empty(BH, NT, K, V, dtype=acc, device=k.device)
+    ST = torch.empty(seqs.count, K, V, dtype=acc, device=k.device)
+    launch("chunk_diag_fwd_states", (triton.cdiv(V, BV), seqs.count))(
+        k, v, gcum, S0, states, ST, *seqs.args(), T, K, V, NT, BH, BV=BV, **common)
     outs = []
     for q, s in zip(qs, strict):
-        o = v.new_empty(BH, T, V)
-        launch("chunk_diag_fwd_output", (NT * (BT // SUB_BLOCK), BH, triton.cdiv(V, BV)))(
-            q, k, v, gcum, g, states, o, T, K, V, NT, BC=SUB_BLOCK, BV=BV, STRICT=int(s), **common)
+        o = torch.empty(BH, T, V, dtype=io, device=v.device)
+        launch("chunk_diag_fwd_output", (NT * (BT // blocks.BC), BH, triton.cdiv(V, BV)))(
+            q, k, v, gcum, g, states, o, *seqs.args(), T, K, V, NT, BH, BC=blocks.BC, BV=BV, STRICT=int(s), **common)
         outs.append(o)
     return outs, ST, gcum, states
 
 
-def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, BT):
-    """(dk, dv, dg, dS0, [dq per readout]) of _forward for the cotangents dos (None: an
-    unread output) and dST (None: the final state unread). One launch of each per-readout
-    kernel per read output (the first adds the state's terms, the others accumulate); with
-    no output read, one launch without readout terms (q and do then unused)."""
-    BH, T, K, V, NT, BK, BV = _geometry(k, v, BT)
-    common = dict(BT=BT, BK=BK, BV=BV, SCALAR=g.dim() == 2)
+def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, blocks: Blocks, seqs: Sequences):
+    """(dk, dv, dg, dS0, [dq per readout]) of _forward, in the accumulation dtype, for the
+    cotangents dos (None: an unread output) and dST (None: the final state unread). One
+    launch of each per-readout kernel per read output (the first adds the state's terms, the
+    others accumulate); with no output read, one launch without readout terms (q and do
+    then unused)."""
+    BH, T, K = k.shape
+    V = v.shape[-1]
+    BT, BV, NT, acc = blocks.BT, blocks.BV, seqs.NT, states.dtype
+    where = (*seqs.args(), T, K, V, NT, BH)
+    common = dict(BT=BT, BK=blocks.BK, BV=BV, SCALAR=g.dim() == 2, **seqs.flags())
     reads = [(q, int(s), do.contiguous()) for q, s, do in zip(qs, strict, dos) if do is not None]
     launches = [dict(STRICT=s, HAS_READOUT=True, WITH_STATE=i == 0, ACCUMULATE=i > 0, **common)
                 for i, (_, s, _) in enumerate(reads)] or [dict(STRICT=0, HAS_READOUT=False, WITH_STATE=True,
                                                                 ACCUMULATE=False, **common)]
     readouts = reads or [(k, 0, v)]
-    sub_grid = (NT * (BT // SUB_BLOCK), BH)
+    sub_grid = (NT * (BT // blocks.BC), BH)
     dstates, dS0 = torch.empty_like(states), torch.empty_like(ST)
     for (q, _, do), flags in zip(readouts, launches):
         first = not flags["ACCUMULATE"]
-        launch("chunk_diag_bwd_dstates", (triton.cdiv(V, BV), BH))(
-            q, do, gcum, g, dstates, ST if dST is None else dST.contiguous(), dS0, T, K, V, NT,
+        launch("chunk_diag_bwd_dstates", (triton.cdiv(V, BV), seqs.count))(
+            q, do, gcum, g, dstates, ST if dST is None else dST.contiguous(), dS0, *where,
             HAS_DST=first and dST is not None, **{f: x for f, x in flags.items() if f != "WITH_STATE"})
     dqs = []
     for q, s, do in reads:
-        dqs.append(torch.empty_like(q))
-        launch("chunk_diag_bwd_dq", sub_grid)(q, k, v, gcum, g, states, do, dqs[-1], T, K, V, NT, BC=SUB_BLOCK,
+        dqs.append(torch.empty(q.shape, dtype=acc, device=q.device))
+        launch("chunk_diag_bwd_dq", sub_grid)(q, k, v, gcum, g, states, do, dqs[-1], *where, BC=blocks.BC,
                                               STRICT=s, **common)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk = torch.empty(k.shape, dtype=acc, device=k.device)
+    dv = torch.empty(v.shape, dtype=acc, device=v.device)
     for (q, _, do), flags in zip(readouts, launches):
-        launch("chunk_diag_bwd_dkv", sub_grid)(q, k, v, gcum, g, do, dstates, dk, dv, T, K, V, NT, BC=SUB_BLOCK,
-                                               **flags)
-    dg = torch.empty_like(g)
+        launch("chunk_diag_bwd_dkv", sub_grid)(q, k, v, gcum, g, do, dstates, dk, dv, *where, BC=blocks.BC, **flags)
+    dg = torch.empty(g.shape, dtype=acc, device=g.device)
     for (q, _, _), dq, flags in zip(readouts, dqs or [k], launches):
-        launch("chunk_diag_bwd_dg", (NT, BH))(q, dq, k, dk, states, ST, dstates, dg, T, K, V, NT, **flags)
+        launch("chunk_diag_bwd_dg", (NT, BH))(q, dq, k, dk, states, ST, dstates, dg, *where, **flags)
     return dk, dv, dg, dS0, _per_readout(dqs, dos)
 
 
@@ -489,81 +713,116 @@ def _per_readout(dqs: list, dos) -> list:
     return [None if do is None else next(it) for do in dos]
 
 
+def by_torch(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
+    """chunk_diag's result by the torch chunk form (backends/torch/scans.py), one call per
+    sequence, flipped for reverse: the double backward's twin and the non-finite inputs'
+    path (the torch form is causal under NaN)."""
+    from ..torch import scans
+
+    def one(steps: slice, s0):
+        def flip(x):
+            return x[:, steps].flip(1) if reverse else x[:, steps]
+        if flip(k).shape[1] == 0:
+            return [v.new_zeros(v.shape[0], 0, v.shape[-1]) for _ in readouts], s0
+        outs, S = scans.chunk_diag([(flip(q), inc) for q, inc in readouts], flip(k), flip(v), flip(g), s0)
+        return [o.flip(1) if reverse else o for o in outs], S
+    if cu_seqlens is None:
+        return one(slice(None), S0)
+    BH, bounds = k.shape[0], [int(x) for x in cu_seqlens]
+    parts = [one(slice(a, b), S0[i * BH:(i + 1) * BH]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    outs = [torch.cat([p[0][r] for p in parts], 1) for r in range(len(readouts))]
+    return outs, torch.cat([p[1] for p in parts])
+
+
 class ChunkDiagFunction(torch.autograd.Function):
     """chunk_diag on the Triton kernels: saves the inputs, the cumulative decays and the
     state before every chunk; the backward runs the adjoint kernels. Under create_graph=True
     the backward differentiates the torch chunk form instead (second derivatives are autograd's)."""
 
     @staticmethod
-    def forward(ctx, strict, k, v, g, S0, *qs):
-        BT = chunk_size(k.device)
-        launch = _launcher(_KERNELS.ns(k.device), k.device)
-        outs, ST, gcum, states = _forward(launch, strict, k, v, g.clamp(min=LOG_DECAY_FLOOR), S0, qs, BT)
+    def forward(ctx, strict, reverse, cu_seqlens, k, v, g, S0, *qs):
+        BH, T, K = k.shape
+        blocks = choose_blocks(K, v.shape[-1], longest(T, cu_seqlens), k.dtype, k.device,
+                               torch.cuda.get_device_capability(k.device) if k.device.type == "cuda" else None)
+        seqs = sequences(BH, T, blocks.BT, reverse, cu_seqlens, k.device)
+        launch = _launcher(_KERNELS.ns(k.device), k.device, blocks)
+        outs, ST, gcum, states = _forward(launch, strict, k, v, g.clamp(min=LOG_DECAY_FLOOR), S0, qs, blocks, seqs)
         ctx.set_materialize_grads(False)
-        ctx.strict, ctx.BT = strict, BT
+        ctx.strict, ctx.blocks, ctx.seqs, ctx.reverse, ctx.cu = strict, blocks, seqs, reverse, cu_seqlens
         ctx.save_for_backward(k, v, g, S0, gcum, states, ST, *qs)
-        return (*outs, ST)
+        return (*outs, ST.to(S0.dtype))
 
     @staticmethod
     def backward(ctx, *grads):
         k, v, g, S0, gcum, states, ST, *qs = ctx.saved_tensors
-        inputs, needs = (k, v, g, S0, *qs), ctx.needs_input_grad[1:]
+        inputs, needs = (k, v, g, S0, *qs), ctx.needs_input_grad[3:]
+        none = (None, None, None)
         if wants_graph(inputs, grads):
-            from ..torch.scans import chunk_diag
-
             def twin(k, v, g, S0, *qs):
-                outs, S = chunk_diag([(q, not s) for q, s in zip(qs, ctx.strict)], k, v, g, S0)
+                outs, S = by_torch([(q, not s) for q, s in zip(qs, ctx.strict)], k, v, g, S0, ctx.reverse, ctx.cu)
                 return (*outs, S)
-            return (None,) + tuple(recompute_vjp(twin, inputs, needs, grads))
+            return none + tuple(recompute_vjp(twin, inputs, needs, grads))
         if all(d is None for d in grads):
-            return (None,) * (1 + len(inputs))
-        launch = _launcher(_KERNELS.ns(k.device), k.device)
+            return none + (None,) * len(inputs)
+        launch = _launcher(_KERNELS.ns(k.device), k.device, ctx.blocks)
         gf = g.clamp(min=LOG_DECAY_FLOOR)
         dk, dv, dg, dS0, dqs = _backward(launch, ctx.strict, k, v, gf, gcum, states, ST, qs, grads[:-1], grads[-1],
-                                         ctx.BT)
+                                         ctx.blocks, ctx.seqs)
         dg = torch.where(g >= LOG_DECAY_FLOOR, dg, 0)            # as torch.clamp's gradient
         got = (dk, dv, dg, dS0, *dqs)
-        return (None,) + tuple(d if need else None for d, need in zip(got, needs))
+        return none + tuple(d.to(x.dtype) if need and d is not None else None
+                            for d, x, need in zip(got, inputs, needs))
 
 
-def chunk_diag(readouts, k, v, g, S0):
+def chunk_diag(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
     """As backends/torch/scans.chunk_diag, on the Triton kernels: readouts [(q [BH, T, K],
     inclusive)], k [BH, T, K], v [BH, T, V], g [BH, T] or [BH, T, K] (log decays), S0
-    [BH, K, V]. Returns ([o [BH, T, V]], S_T)."""
+    [BH, K, V]. `reverse`: right to left; `cu_seqlens` (N + 1 offsets): sequences packed
+    along T, S0 then [N * BH, K, V] (sequence-major). Returns ([o [BH, T, V]], S_T), S_T
+    one per sequence; outputs in the inputs' dtype, S_T in S0's."""
     BH, T, K = k.shape
+    if cu_seqlens is not None:
+        cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int32, device=k.device)
+    count = BH if cu_seqlens is None else (len(cu_seqlens) - 1) * BH
+    if S0.shape[0] != count:
+        raise ValueError(f"chunk_diag: {count} initial states expected (one per row and sequence), got {S0.shape[0]}")
     if T == 0:
         return [v.new_zeros(BH, 0, v.shape[-1]) for _ in readouts], S0
     strict = tuple(not inclusive for _, inclusive in readouts)
-    *outs, ST = ChunkDiagFunction.apply(strict, k.contiguous(), v.contiguous(), g.contiguous(), S0.contiguous(),
-                                        *(q.contiguous() for q, _ in readouts))
+    *outs, ST = ChunkDiagFunction.apply(strict, bool(reverse), cu_seqlens, k.contiguous(), v.contiguous(),
+                                        g.contiguous(), S0.contiguous(), *(q.contiguous() for q, _ in readouts))
     return list(outs), ST
 
 
-def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None):
+def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, rev: bool = False, cu=None):
     """The triton backend's ChunkDiag stage (log decay), from the driver's whole-sequence
-    values as backends/torch/scans.diag_matrix_stage takes them: heads folded into the rows.
+    values as backends/torch/scans.diag_matrix_stage takes them: heads folded into the rows;
+    `rev` and `cu` (cu_seqlens, int32: sequences packed along T of a batch of one, S0 one
+    per sequence) as the runtime hands them to kernels that index time themselves.
 
-    A non-finite input runs torch's chunk form for this call instead, and `ran` (the
-    driver's record) says so: the kernels' tile products multiply the masked pairs
+    A non-finite input runs torch's chunk form for this call instead (by_torch), and `ran`
+    (the driver's record) says so: the kernels' tile products multiply the masked pairs
     (i, j > i) of a chunk too, and 0 * NaN = NaN would carry a later step's NaN into the
     earlier outputs and gradients of its chunk; scans.py's form never touches a masked
     pair (the causality the tests hold every chunkwise form to). One check per call."""
     tensors = [t for t in (k, v, g, *(q for q, _ in reads)) if isinstance(t, torch.Tensor)]
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        from ..torch import scans
-        if ran is not None:
-            ran[-1] = "torch.chunk_diag"
-        return scans.diag_matrix_stage(reads, k, v, g, S0, X0, ns)
+    finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     g_rank = None if g is None else g.dim() - ns
     kb, vb = rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns)
     gb = rt.to_bt(g, g_rank, X0, ns) if g is not None else kb.new_zeros(kb.shape[:2])
-    outs, ST = chunk_diag([(rt.to_bt(q, 1, X0, ns), incl) for q, incl in reads], kb, vb, gb, rt.to_b(S0, ns - 1))
+    qbs = [(rt.to_bt(q, 1, X0, ns), incl) for q, incl in reads]
+    run = chunk_diag
+    if not finite:
+        if ran is not None:
+            ran[-1] = "torch.chunk_diag"
+        run = by_torch
+    outs, ST = run(qbs, kb, vb, gb, rt.to_b(S0, ns - 1), rev, cu)
     return [rt.from_bt(o, X0, ns) for o in outs], rt.from_b(ST, S0)
 
 
-# Every kernel as the GPU launches it (BT 64, BC 16, LAUNCH's warps), for ahead-of-time
-# compiles: (name, the constexprs beyond the block sizes and SCALAR); the readouts' pair
-# kernels in both readout modes, the accumulating launches of a second readout.
+# Every kernel as the GPU launches it (choose_blocks' sizes and options), for ahead-of-time
+# compiles: (name, the constexprs beyond the block sizes, SCALAR, VARLEN and REVERSE); the
+# readouts' pair kernels in both readout modes, the accumulating launches of a second readout.
 _ONE_READOUT = {"HAS_READOUT": True, "WITH_STATE": True, "ACCUMULATE": False}
 AOT_VARIANTS = [
     ("chunk_diag_cumsum", {}),
@@ -579,24 +838,28 @@ AOT_VARIANTS = [
     ("chunk_diag_bwd_dg", {"STRICT": 0, **_ONE_READOUT}),
     ("chunk_diag_bwd_dg", {"STRICT": 1, "HAS_READOUT": True, "WITH_STATE": False, "ACCUMULATE": True}),
 ]
-_INTS = {"T", "K", "V", "NT"}
+_INTS = {"T", "K", "V", "NT", "BH"}
+_TABLES = {"cu", "chunks", "offsets"}
 
 
-def compile_ahead(arch: int = 90, K: int = 64, V: int = 64, scalar: bool = False) -> list:
-    """The kernels compiled for sm_<arch> at K x V float32 states (aot.py: no GPU needed):
-    [aot.Compiled] with registers, spills and shared memory."""
+def compile_ahead(arch: int = 90, K: int = 64, V: int = 64, scalar: bool = False, varlen: bool = False,
+                  reverse: bool = False) -> list:
+    """The kernels compiled for sm_<arch> at K x V float32 states with choose_blocks' sizes
+    and options (aot.py: no GPU needed): [aot.Compiled] with registers, spills and shared memory."""
     from . import aot
     from .jit import module_from_source
     from .launch import MAXNREG
     ns = module_from_source(SOURCE, "recdsl-triton-chunk-diag-aot", interpret=False)
-    BK, BV = _blocks(K, V)
+    blocks = choose_blocks(K, V, None, torch.float32, torch.device("cuda"), (arch // 10, arch % 10))
+    sizes = {"BT": blocks.BT, "BC": blocks.BC, "BK": blocks.BK, "BV": blocks.BV}
     out = []
     for name, flags in AOT_VARIANTS:
         fn = ns[name]
-        blocks = {"BT": chunk_size(torch.device("cuda")), "BC": SUB_BLOCK, "BK": BK, "BV": BV}
-        const = {k: v for k, v in blocks.items() if k in fn.arg_names} | {"SCALAR": scalar} | flags
-        sig = {a: ("i32" if a in _INTS else "*fp32") for a in fn.arg_names if a not in const}
-        warps, stages = LAUNCH[name]
-        out.append(aot.compile_kernel(fn, sig, const, arch=arch, num_warps=warps, num_stages=stages,
-                                      extra_options={"maxnreg": MAXNREG}))
+        const = ({k: v for k, v in sizes.items() if k in fn.arg_names}
+                 | {"SCALAR": scalar, "VARLEN": varlen, "REVERSE": reverse} | flags)
+        sig = {a: ("i32" if a in _INTS else "*i32" if a in _TABLES else "*fp32")
+               for a in fn.arg_names if a not in const}
+        options = blocks.launch_options(name)
+        out.append(aot.compile_kernel(fn, sig, const, arch=arch, num_warps=options["num_warps"],
+                                      num_stages=options["num_stages"], extra_options={"maxnreg": MAXNREG}))
     return out

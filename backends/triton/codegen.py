@@ -177,14 +177,87 @@ class TritonEmitter(Emitter):
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernels run on the transposed state
         self.emit(f"from {__package__}.chunk_kernels import diag_matrix_stage as chunk_diag_stage")
         self.emit(f"{outs}, {fin} = chunk_diag_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, "
-                  f"{self.seq_dims()}, ran=RAN)  # triton kernels chunk_diag_*", self.ir.updates[s])
+                  f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels chunk_diag_*", self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 
+    def _triton_dplr(self, choice: Choice):
+        """A ChunkDPLR stage (KDA, RWKV-7) on the Triton fused-recurrent kernels of
+        dplr_kernels.py, called as the torch backend calls its chunk form (_stage_dplr)."""
+        form = choice.form
+        s = form.states[0]
+        q, k, v, a, b, g = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.a, form.b,
+                                                       form.log_decay))
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
+        self.emit(f"from {__package__}.dplr_kernels import dplr_stage as triton_dplr_stage")
+        self.emit(f"{o}, {fin} = triton_dplr_stage({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()})"
+                  f"  # triton kernels dplr_fwd / dplr_bwd", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
+        self.final[s] = fin
+
+    def _triton_dense_semiring(self, choice: Choice):
+        """A dense semiring stage (HMM forward, Viterbi) on the Triton loop of semiring_kernels.py,
+        its operands lifted as the torch backend lifts them (_stage_dense_semiring)."""
+        form = choice.form
+        s = form.states[0]
+        upd = self.ir.updates[s]
+        A, b = self._lifted(form.A, 2, ""), self._lifted(form.b, 1, "None")
+        name = self.fresh("seq", s)
+        self.emit(f"from {__package__}.semiring_kernels import dense_semiring_stage as triton_semiring_stage")
+        self.emit(f"{name} = triton_semiring_stage({form.kind!r}, {A}, {b}, S0[{s!r}], {self.seq_dims()}, ran=RAN)"
+                  f"  # triton kernels dense_semiring_fwd / _bwd", upd)
+        self.seq[upd.id] = name
+
+    def _triton_chunk_delta(self, choice: Choice):
+        """A ChunkDelta stage (DeltaNet, Gated DeltaNet) on the Triton chunkwise kernels of
+        delta_kernels.py, called as the torch backend calls its form (_stage_chunk_delta)."""
+        form = choice.form
+        s = form.states[0]
+        q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
+        g = self._opt(form.log_decay)
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
+        self.emit(f"from {__package__}.delta_kernels import delta_stage as triton_delta_stage")
+        self.emit(f"{o}, {fin} = triton_delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], {self.seq_dims()}, "
+                  f"ran=RAN)  # triton kernels delta_*", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
+        self.final[s] = fin
+
+    def _triton_delta_product(self, choice: Choice):
+        """A HouseholderProducts stage (DeltaProduct): its steps interleaved onto the same
+        kernels (delta_kernels.delta_product_stage), as torch's _stage_chunk_delta_product."""
+        form = choice.form
+        s = form.states[0]
+        ks, vs, bs = (", ".join(self._tensor(st[x]) for st in form.steps) for x in ("k", "v", "beta"))
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
+        self.emit(f"from {__package__}.delta_kernels import delta_product_stage as triton_delta_product_stage")
+        self.emit(f"{o}, {fin} = triton_delta_product_stage({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], "
+                  f"[{bs}], S0[{s!r}], {self.seq_dims()}, ran=RAN)  # triton kernels delta_*", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
+        self.final[s] = fin
+
+    def _triton_wavefront(self, choice: Choice):
+        """A grid runs in grid_kernels.GridProgram (its kernel and its torch driver), not in
+        generated sequence code: build() makes one for a selection with triton.wavefront."""
+        self.emit(f"raise RuntimeError('over {self.ir.over}: {choice.kernel.name} runs in "
+                  "backends/triton/grid_kernels.py')")
+
     # ------------------------------------------------------------------ the kernel module
+    def _chunk_diag_headers(self) -> list[str]:
+        """The chunk kernels' block sizes and warps for each K x V of the cell's ChunkDiag
+        stages (chunk_kernels.choose_blocks on a GPU, the sequence length unknown)."""
+        from .chunk_kernels import header
+        lines = []
+        for c in self.selection.stages:
+            if c.kernel.name == "triton.chunk_diag":
+                K, V = self.ir.shape_of(self.ir.states[c.form.states[0]])[-2:]
+                line = header(*((V, K) if c.form.transposed else (K, V)))   # the kernels run the transposed state
+                if line not in lines:
+                    lines.append(line)
+        return lines
+
     def kernel_module(self) -> str:
         from .texpr import PREAMBLE
-        head = [self.note.header(self.ir, "triton"),
+        head = [self.note.header(self.ir, "triton"), *self._chunk_diag_headers(),
                 "import triton", "import triton.language as tl", "", ""]
         parts = ["\n".join(head) + PREAMBLE]
         combines = []

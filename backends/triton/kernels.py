@@ -12,6 +12,9 @@ from ..torch import kernels as torch_kernels
 
 # The scan and sequential kernels index time themselves (REVERSE / VARLEN constexprs).
 OWN = Caps(reverse="kernel", varlen="kernel", heads=True, grad=True, dtypes=("float32", "float64"))
+# The diagonal-decay chunk kernels too, and they widen bf16 / fp16 inputs to fp32 themselves.
+CHUNK_DIAG_CAPS = Caps(reverse="kernel", varlen="kernel", heads=True, grad=True,
+                       dtypes=("float32", "float64", "bfloat16", "float16"))
 # A stage with no recurrence is torch ops in the driver, as on the torch backend: its final
 # state is the value at the last step, which only the runtime knows per direction and sequence.
 STEPWISE = torch_kernels.CAPS
@@ -29,6 +32,14 @@ def _chunk_diag_fits(form: ChunkDiag, ctx) -> str | None:
     return None
 
 
+def _dense_semiring_fits(form, ctx) -> str | None:
+    """The Triton kernel is the sequential semiring loop; the parallel scan of [N, N] semiring
+    matrix products (small N) has none: the stage's next candidate runs."""
+    if form.products:
+        return "the parallel scan of semiring matrix products has no Triton kernel (the loop variant has)"
+    return None
+
+
 def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
     """The sequential kernel holds the stage's states in registers, and its recurrent
     weights too up to a budget (streamed from global memory per step above it). A linear
@@ -38,7 +49,7 @@ def _seq_kernel_fits(form: SequentialLoop, ctx) -> str | None:
     from recdsl.torch_expr import SourceNotes
 
     from .seq_kernels import NotEligible, SeqKernel
-    if ctx.ir.over != "seq":   # a grid / DAG runs on the borrowed torch.wavefront / torch.level_sync
+    if ctx.ir.over != "seq":   # a grid runs triton.wavefront (else torch.wavefront), a DAG torch.level_sync
         return f"over {ctx.ir.over}: the sequential kernel runs sequences"
     if any(isinstance(c, CHUNKWISE) for c in ctx.plan.candidates[form.stage]):   # matched once, by lower()
         return "a linear stage with a chunkwise form: that form runs (a time loop would leave the GPU idle)"
@@ -56,6 +67,20 @@ def _seq_kernel_mode(form: SequentialLoop, ctx) -> str:
 
     from .seq_kernels import SeqKernel
     return SeqKernel(ctx.ir, ctx.plan.stages[form.stage], list(form.core), SourceNotes(ctx.ir)).mode()
+
+
+def _wavefront_fits(form, ctx) -> str | None:
+    """The generated wavefront kernel takes a grid cell whose step seq_kernels' generator
+    expresses (grid_kernels.py); else the borrowed torch.wavefront runs, the reason in the plan."""
+    from .grid_kernels import wavefront_why_not
+    return wavefront_why_not(ctx.ir)
+
+
+def _wavefront_mode(form, ctx) -> str:
+    from recdsl.torch_expr import SourceNotes
+
+    from .grid_kernels import GridKernel
+    return GridKernel(ctx.ir, SourceNotes(ctx.ir)).mode()
 
 
 def _borrowed(form: type, name: str | None = None, emit: str | None = None) -> Kernel:
@@ -81,11 +106,34 @@ REGISTRY = Registry("triton", (
            "before every chunk by a pass over chunks, outputs by tl.dot with exponents <= 0 (per-key decay exact on "
            "the diagonal sub-blocks); backward the reverse chunk pass and per-chunk dq, dk, dv, dg kernels; a call "
            "with a non-finite input runs torch's chunk form (causal under NaN; layer.ran says so)",
-           "_triton_chunk_diag", torch_kernels.CAPS, accepts=_chunk_diag_fits),   # reverse/varlen: the runtime's
+           "_triton_chunk_diag", CHUNK_DIAG_CAPS, accepts=_chunk_diag_fits),   # reverse/varlen: the kernels'
     _borrowed(ChunkDiag),   # a signed decay, when no other candidate of its stage has a Triton kernel
+    Kernel(ChunkDelta, "triton.chunk_delta", "Triton chunkwise delta-rule kernels (delta_kernels.py, MATH.md §4 "
+           "WY/UT): per chunk (I + A)⁻¹ by forward substitution, W and U; the state before every chunk and the new "
+           "values by a pass over chunks; outputs by tl.dot with exponents <= 0; backward the reverse chunk pass and "
+           "per-chunk adjoint kernels (dq, dk, dv, dβ, dg); a call with a non-finite input runs torch's chunk form "
+           "(layer.ran says so)",
+           "_triton_chunk_delta", torch_kernels.CAPS),   # reverse/varlen: the runtime's
+    Kernel(HouseholderProducts, "triton.delta_product", "the steps interleaved into one delta rule over T*n steps on "
+           "the Triton chunkwise delta-rule kernels (delta_kernels.py), read after each token's last step",
+           "_triton_delta_product", torch_kernels.CAPS),   # reverse/varlen: the runtime's
     _borrowed(ChunkDelta),
     _borrowed(HouseholderProducts),
-    _borrowed(ChunkDPLR),
+    Kernel(ChunkDPLR, "triton.dplr_recurrent", "Triton fused-recurrent kernels (dplr_kernels.py), not the chunkwise "
+           "WY form: one program per (row, V block), state [K, BV] in registers, time loop in the kernel; backward a "
+           "reverse-time loop recomputing states from checkpoints stored every 16 steps (adjoint Λ_{t-1} = "
+           "(diag(e^{g_t}) + a_t b_tᵀ)ᵀ Λ_t + q_{t-1} do_{t-1}ᵀ), gradients of q, k, v, a, b, g and the initial state",
+           "_triton_dplr", torch_kernels.CAPS),   # reverse/varlen: the runtime's
+    _borrowed(ChunkDPLR),   # kept: the fallback should the entry above decline
+    Kernel(torch_kernels.DenseSemiringScan, "triton.dense_semiring", "Triton semiring matrix-vector loop "
+           "(semiring_kernels.py): one program per row walks time, the transition streamed in tiles of source states "
+           "with an online (+) (any N); backward the reverse loop of the posterior / argmax weights",
+           "_triton_dense_semiring", torch_kernels.CAPS, accepts=_dense_semiring_fits),   # reverse/varlen: the runtime's
     _borrowed(torch_kernels.DenseSemiringScan),
+    Kernel(torch_kernels.Wavefront, "triton.wavefront", "generated wavefront kernel (grid_kernels.py): one program "
+           "per batch row walks the anti-diagonals d = 0 .. X+Y-2, a diagonal's cells as tile rows, left / up states "
+           "from the state grid written at d-1 (a barrier per diagonal); the state-free work and the outputs torch "
+           "ops over the whole grid; backward the reverse sweep of the step's VJP", "_triton_wavefront", STEPWISE,
+           accepts=_wavefront_fits, explain=_wavefront_mode),
     _borrowed(torch_kernels.Wavefront, "torch.wavefront"), _borrowed(torch_kernels.LevelSync),   # grids and DAGs: torch's graph.py
 ))

@@ -123,13 +123,20 @@ def test_heads(name):
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("name", ["gla", "mamba2", "rwkv6"])
-def test_reverse_and_cu_seqlens_by_the_runtime(name, reverse):
-    """The runtime flips / splits around the kernels (Caps: reverse and varlen "runtime"):
-    an empty and a one-step sequence among them, per-sequence initial states."""
+def test_reverse_and_cu_seqlens_through_the_layer(name, reverse, monkeypatch):
+    """The kernels index reverse and cu_seqlens themselves (Caps "kernel": the selection is
+    native, one launch of the state pass for all sequences); rwkv6's token shift keeps the
+    runtime's flip / split around them. An empty and a one-step sequence among them,
+    per-sequence initial states."""
     spec, dims = _dims(name, 16, 16)
+    native = emit_cell(spec.lower(**dims), "triton").selection.native
+    assert native == (name != "rwkv6")
     _assert_close(_compare(spec, dims, 2, 37, torch.float64, reverse=reverse), 1e-10)
+    counts = _launch_counter(monkeypatch)
     cu = torch.tensor([0, 7, 7, 8, 40])
     _assert_close(_compare(spec, dims, 1, 40, torch.float64, cu_seqlens=cu, reverse=reverse), 1e-10)
+    # the runtime's split: one call per non-empty sequence
+    assert counts["chunk_diag_fwd_states"] == (1 if native else 3), counts
 
 
 # ------------------------------------------------------------------ the kernels themselves
@@ -214,13 +221,157 @@ STDLIB_COMPILES = isinstance(triton.language.standard.zeros, triton.runtime.JITF
 
 
 @pytest.mark.skipif(not STDLIB_COMPILES, reason="TRITON_INTERPRET was set at import")
+@pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("scalar", [False, True])
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_without_spills(arch, scalar, tmp_path, monkeypatch):
-    """K = V = 64 float32, as a GPU launches them (BT 64, chunk_kernels.LAUNCH's warps)."""
+def test_kernels_compile_without_spills(arch, scalar, size, tmp_path, monkeypatch):
+    """K = V = 64 and 128 float32, as a GPU launches them (chunk_kernels.choose_blocks' sizes
+    and warps)."""
     monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
-    compiled = chunk_kernels.compile_ahead(arch, K=64, V=64, scalar=scalar)
+    compiled = chunk_kernels.compile_ahead(arch, K=size, V=size, scalar=scalar)
     assert len(compiled) == len(chunk_kernels.AOT_VARIANTS)
     for c in compiled:
         assert f"sm_{arch}" in c.asm["ptx"] and c.registers > 0, c.name
         assert c.spills == 0, f"{c.name} spills {c.spills} bytes on sm_{arch}"
+
+
+# ------------------------------------------------------------------ reverse, cu_seqlens, dtypes in the kernels
+def _loop_oracle(readouts, k, v, g, S0, reverse=False, cu_seqlens=None):
+    """The recurrence step by step in float64, independent of every chunk form: per sequence
+    of cu_seqlens (its own initial state, sequence-major) and right to left for reverse."""
+    BH, T, _ = k.shape
+    bounds = [0, T] if cu_seqlens is None else [int(x) for x in cu_seqlens]
+    outs, finals = [[None] * T for _ in readouts], []
+    for i, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        S = S0[i * BH:(i + 1) * BH]
+        for t in (range(stop - 1, start - 1, -1) if reverse else range(start, stop)):
+            decay = g[:, t].exp()
+            before = S
+            S = (decay[:, None, None] if g.dim() == 2 else decay[:, :, None]) * S + k[:, t, :, None] * v[:, t, None, :]
+            for r, (q, inclusive) in enumerate(readouts):
+                outs[r][t] = torch.einsum("bk,bkv->bv", q[:, t], S if inclusive else before)
+        finals.append(S)
+    return [torch.stack(o, 1) for o in outs], torch.cat(finals)
+
+
+def _launch_counter(monkeypatch) -> dict:
+    """kernel name -> launches of chunk_kernels' kernels from now on (a spy on its launcher)."""
+    counts: dict = {}
+    real = chunk_kernels._launcher
+
+    def spying(ns, device, blocks):
+        launch = real(ns, device, blocks)
+
+        def counted(name, grid):
+            counts[name] = counts.get(name, 0) + 1
+            return launch(name, grid)
+        return counted
+    monkeypatch.setattr(chunk_kernels, "_launcher", spying)
+    return counts
+
+
+def _against_oracle(k, v, g, S0, qs, reverse=False, cu=None):
+    """Max abs errors of chunk_kernels.chunk_diag (in its inputs' dtype) against the float64
+    loop oracle on the same (rounded) inputs: outputs and final states, every gradient; the
+    scales of both; and the dtypes the kernels returned."""
+    leaves = [x.clone().requires_grad_() for x in (k, v, g, S0, *(q for q, _ in qs))]
+    exact = [x.detach().double().requires_grad_() for x in leaves]
+    res, dtypes = [], []
+    for f, xs in ((chunk_kernels.chunk_diag, leaves), (_loop_oracle, exact)):
+        outs, S = f([(q, inc) for q, (_, inc) in zip(xs[4:], qs)], *xs[:4], reverse, cu)
+        w = torch.Generator().manual_seed(5)
+        loss = 0
+        for i, o in enumerate((*outs, S)):   # the same cotangents, rounded to the kernels' output dtypes
+            weight = torch.randn(o.shape, generator=w, dtype=torch.float64)
+            loss = loss + (o * weight.to(dtypes[0][i] if dtypes else o.dtype).to(o.dtype)).sum()
+        grads = torch.autograd.grad(loss, xs)
+        res.append([x.detach().double() for x in (*outs, S)] + [d.double() for d in grads])
+        dtypes.append([x.dtype for x in (*outs, S, *grads)])
+    n_fwd = len(qs) + 1
+    err = [float((a - b).abs().max()) for a, b in zip(*res)]
+    scale = [max(1.0, float(b.abs().max())) for b in res[1]]
+    return {"fwd": max(e / s for e, s in zip(err[:n_fwd], scale)), "grad": max(e / s for e, s in
+                                                                           zip(err[n_fwd:], scale[n_fwd:])),
+            "dtypes": dtypes[0]}
+
+
+LENGTHS_5_37_64 = torch.tensor([0, 5, 42, 106], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("per_key, reverse, cu", [(False, True, None), (False, False, LENGTHS_5_37_64),
+                                                  (False, True, LENGTHS_5_37_64), (True, True, LENGTHS_5_37_64)],
+                         ids=["reverse", "cu_seqlens", "reverse+cu_seqlens", "per_key-reverse+cu_seqlens"])
+def test_reverse_and_cu_seqlens_in_the_kernels(per_key, reverse, cu, monkeypatch):
+    """Three sequences of 5, 37 and 64 steps packed along T, each with its own initial and
+    final state, right to left too: one launch of every kernel for all of them (the state
+    pass included), against the float64 step loop with every gradient."""
+    counts = _launch_counter(monkeypatch)
+    sequences = 1 if cu is None else len(cu) - 1
+    k, v, g, _, qs = _inputs(1, 106 if cu is not None else 45, 16, 16, per_key, (True, False) if not per_key
+                             else (False,))
+    S0 = torch.randn(sequences, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    e = _against_oracle(k, v, g, S0, qs, reverse, cu)
+    assert e["fwd"] <= 1e-12 and e["grad"] <= 1e-12, e
+    # one launch for all sequences: the state pass once; the per-readout kernels once per readout
+    assert counts["chunk_diag_cumsum"] == 1 and counts["chunk_diag_fwd_states"] == 1, counts
+    assert all(counts[f"chunk_diag_{name}"] == len(qs) for name in ("fwd_output", "bwd_dstates", "bwd_dq",
+                                                                     "bwd_dkv", "bwd_dg")), counts
+
+
+def test_heads_and_sizes_not_a_power_of_two_with_cu_seqlens():
+    """K = 60, V = 100 (padded keys, four V blocks), two rows (heads) per sequence: the
+    initial states sequence-major, as the runtime orders them."""
+    k, v, g, _, qs = _inputs(2, 40, 60, 100, False, (True,))
+    cu = torch.tensor([0, 17, 17, 40], dtype=torch.int32)
+    S0 = torch.randn(3 * 2, 60, 100, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    e = _against_oracle(k, v, g, S0, qs, True, cu)
+    assert e["fwd"] <= 1e-12 and e["grad"] <= 1e-12, e
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_float32(dtype):
+    """bf16 / fp16 inputs: loads widen to fp32 and everything sums in fp32, so the errors
+    against float64 on the same rounded inputs are the outputs' own rounding (bf16 keeps 8
+    bits: 2^-8 relative), not T steps of half-precision sums; outputs and gradients come
+    back in the inputs' dtype, the final state in S0's."""
+    k, v, g, S0, qs = _inputs(1, 40, 16, 16, False, (True, False), dtype=dtype)
+    cu = torch.tensor([0, 9, 40], dtype=torch.int32)
+    S0 = torch.cat([S0, S0]).float()
+    e = _against_oracle(k, v, g, S0, qs, True, cu)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    assert e["fwd"] <= tol and e["grad"] <= tol, e
+    outs_and_grads = e["dtypes"]
+    assert outs_and_grads[:2] == [dtype, dtype] and outs_and_grads[2] == torch.float32, outs_and_grads
+    assert outs_and_grads[3:6] == [dtype, dtype, dtype] and outs_and_grads[6] == torch.float32, outs_and_grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_key", [False, True])
+def test_half_inputs_per_key_and_inclusive_readout(per_key):
+    k, v, g, S0, qs = _inputs(2, 50, 16, 32, per_key, (True,), dtype=torch.bfloat16)
+    e = _against_oracle(k, v, g, S0.float(), qs, False, None)
+    assert e["fwd"] <= 2 ** -7 and e["grad"] <= 2 ** -7, e
+
+
+def test_cost_rule_and_inspect_header():
+    """The chosen sizes by shape, and the line `recdsl inspect --stage triton` prints."""
+    cuda = torch.device("cuda")
+    assert chunk_kernels.choose_blocks(64, 64) == chunk_kernels.Blocks(64, 16, 64, 32, 8, 2, "")
+    big = chunk_kernels.choose_blocks(128, 128)
+    assert (big.BT, big.BK, big.BV, big.num_warps) == (64, 128, 16, 16)
+    assert chunk_kernels.choose_blocks(256, 64).BT == 32
+    assert chunk_kernels.choose_blocks(60, 100, T=20).BT == 32 and chunk_kernels.choose_blocks(16, 16, T=5).BT == 16
+    assert chunk_kernels.choose_blocks(16, 16, device=cuda).num_warps == 4
+    assert chunk_kernels.choose_blocks(64, 64, capability=(7, 5)).dkv_stages == 1
+    assert chunk_kernels.choose_blocks(64, 64, device=torch.device("cpu")).BT == 32
+    spec, dims = _dims("gla", 64, 64)
+    text = emit_cell(spec.lower(**dims), "triton").kernels
+    assert chunk_kernels.header(64, 64) in text.splitlines()
+
+
+@pytest.mark.skipif(not STDLIB_COMPILES, reason="TRITON_INTERPRET was set at import")
+def test_packed_right_to_left_kernels_compile_without_spills(tmp_path, monkeypatch):
+    """VARLEN and REVERSE (the chunk table's loads, the backwards addressing) cost no spills."""
+    monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
+    for c in chunk_kernels.compile_ahead(90, K=64, V=64, scalar=False, varlen=True, reverse=True):
+        assert c.spills == 0, f"{c.name} spills {c.spills} bytes on sm_90"
