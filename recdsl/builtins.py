@@ -121,7 +121,7 @@ register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ set_ex
 share_memory state_dict to to_empty train training type xpu zero_grad
 """.split())
 LAYER_API = frozenset("""
-_GENERATED _build_program _check_inputs _check_state _compute_dtype _forward_graph _forward_varlen _lowered_with _pack
+_GENERATED _build_program _check_graph_input _check_inputs _check_state _pair_input _compute_dtype _forward_graph _forward_varlen _lowered_with _pack
 _compile_sig _param_shape _params _state_shapes _stored_params last_solve newton_options
 _pick_backend _program _resolve_heads _run _step_fn backend_name compiled default_reverse dims generated
 heads initial_state ir plan ran reset_parameters selection spec step

@@ -430,11 +430,10 @@ def _inspect_triton(s, dims: dict, stage: str, arch: int):
     if stage == "triton":
         emitted = emit_cell(ir, "triton")
         click.echo(emitted.kernels)
-        if any(c.kernel.name == "triton.chunk_diag" for c in emitted.selection.stages):
-            from .backends.triton import chunk_kernels
-            click.echo("# ---- the chunkwise kernels (backends/triton/chunk_kernels.py; one set for every cell, "
-                       "called by the driver below):")
-            click.echo(chunk_kernels.SOURCE)
+        for module in triton_backend.fixed_kernel_modules(emitted.selection):
+            path = module.__name__.replace("recdsl.", "").replace(".", "/")
+            click.echo(f"# ---- {path}.py: one kernel set for every cell, called by the driver below")
+            click.echo(module.SOURCE)
         click.echo("# ---- driver (torch): launches the kernels above; what runs each stage (the selection):")
         for c in emitted.selection.stages:
             click.echo(f"# stage {c.stage}: {c.summary()}" + (f" -- {c.note}" if c.note else ""))

@@ -29,6 +29,9 @@ def supports(ir: IRCell) -> str | None:
 
 def emit(plan, selection):
     """(kernel module text, driver source, emitter)."""
+    if _wavefront(selection):   # a grid on the generated wavefront kernel (grid_kernels.py)
+        gp = _grid_program(plan, selection)
+        return gp.kernels_source, gp.source, gp
     if plan.ir.over != "seq":   # grids and DAGs: the borrowed torch graph kernels (backends/torch/graph.py)
         from ..torch.graph import GraphProgram
         gp = GraphProgram(plan, selection)
@@ -75,14 +78,25 @@ class Program:
         return self.fn(xs, st, params, P1, P2, nb, dtype, device, reverse, cu_seqlens)   # cu: int32, on device
 
 
+def _wavefront(selection) -> bool:
+    return any(c.kernel.name == "triton.wavefront" for c in selection.stages)
+
+
+def _grid_program(plan, selection):
+    from .grid_kernels import GridProgram
+    return GridProgram(plan, selection)
+
+
 def build(ir: IRCell, plan, selection) -> Program:
+    if _wavefront(selection):
+        return _grid_program(plan, selection)
     if ir.over != "seq":
         from ..torch.graph import GraphProgram
         return GraphProgram(plan, selection)
     return Program(plan, selection)
 
 
-SCALARS = {"T", "C", "C1", "C2", "B", "NH", "TL"}
+SCALARS = {"T", "C", "C1", "C2", "B", "NH", "TL", "X", "Y"}   # X, Y: a grid kernel's sides
 
 
 def _arg_type(name: str) -> str:
@@ -113,15 +127,30 @@ def compile_cell(emitted, arch: int = 90):
     return text, out
 
 
+# The fixed kernel sets (one module each, the same text for every cell) and the registry
+# entries that run them: `recdsl inspect --stage triton` prints them, compile_cell compiles them.
+FIXED_KERNELS = {"triton.chunk_diag": "chunk_kernels", "triton.chunk_delta": "delta_kernels",
+                 "triton.delta_product": "delta_kernels", "triton.dplr_recurrent": "dplr_kernels",
+                 "triton.dense_semiring": "semiring_kernels"}
+
+
+def fixed_kernel_modules(selection) -> list:
+    """The fixed kernel modules the selection's stages run, in stage order, each once."""
+    import importlib
+    names = dict.fromkeys(FIXED_KERNELS[c.kernel.name] for c in selection.stages if c.kernel.name in FIXED_KERNELS)
+    return [importlib.import_module(f"{__name__}.{n}") for n in names]
+
+
 def _chunk_kernels(emitted, arch: int) -> list:
-    """The chunkwise kernels (chunk_kernels.py, one set for every cell) of the stages that
-    run them, compiled at each such stage's K x V."""
-    from . import chunk_kernels
+    """The fixed kernel sets of the stages that run them, compiled at each such stage's state
+    shape (K x V for the matrix states, N for a semiring's vector)."""
+    import importlib
     ir, out, seen = emitted.plan.ir, [], set()
     for c in emitted.selection.stages:
-        if c.kernel.name == "triton.chunk_diag":
-            K, V = ir.shape_of(ir.states[c.form.states[0]])[-2:]
-            if (K, V) not in seen:
-                seen.add((K, V))
-                out += chunk_kernels.compile_ahead(arch, K, V)
+        if c.kernel.name in FIXED_KERNELS:
+            module = importlib.import_module(f"{__name__}.{FIXED_KERNELS[c.kernel.name]}")
+            shape = tuple(ir.shape_of(ir.states[c.form.states[0]]))[-2:]
+            if (module.__name__, shape) not in seen:
+                seen.add((module.__name__, shape))
+                out += module.compile_ahead(arch, *shape)
     return out

@@ -34,9 +34,15 @@ def _chunk_diag_fits(form: ChunkDiag, ctx) -> str | None:
 
 def _dense_semiring_fits(form, ctx) -> str | None:
     """The Triton kernel is the sequential semiring loop; the parallel scan of [N, N] semiring
-    matrix products (small N) has none: the stage's next candidate runs."""
+    matrix products (small N) has none: the stage's next candidate runs. Where the generated
+    sequential kernel can hold the transition in registers, that one runs."""
     if form.products:
         return "the parallel scan of semiring matrix products has no Triton kernel (the loop variant has)"
+    from .seq_kernels import MATRIX_LIMIT
+    loop = next((c for c in ctx.plan.candidates[form.stage] if isinstance(c, SequentialLoop)), None)
+    if form.n * form.n <= MATRIX_LIMIT and loop is not None and _seq_kernel_fits(loop, ctx) is None:
+        return (f"the generated sequential kernel holds the [{form.n}, {form.n}] transition in registers "
+                "(this kernel streams it from memory every step: for larger N)")
     return None
 
 

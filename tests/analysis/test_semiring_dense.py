@@ -205,9 +205,9 @@ def test_torch_loop_without_a_c_compiler(case, monkeypatch):
 @pytest.mark.parametrize("case", ["hmm", "viterbi", "transposed", "per_step"])
 @pytest.mark.parametrize("own", [True, False])
 def test_triton_matches_the_hand_loop(case, own, monkeypatch):
-    """On triton its own kernels come first (the sequential kernel, where the step fits its
-    registers); the stage runs the borrowed torch kernel once that declines (here: made to,
-    by a matrix budget of 0)."""
+    """On triton the generated sequential kernel runs where the step fits its registers;
+    once that declines (here: made to, by a matrix budget of 0), the dense semiring kernel
+    (semiring_kernels.py), never the borrowed torch kernel."""
     from recdsl.backends.triton import seq_kernels
     if not own:
         monkeypatch.setattr(seq_kernels, "MATRIX_LIMIT", 0)
@@ -215,8 +215,10 @@ def test_triton_matches_the_hand_loop(case, own, monkeypatch):
     choice = layer.selection.choice(0)
     assert layer.ran == [choice.kernel.name]
     if not own:
-        assert isinstance(choice.form, L.DenseSemiringScan) and choice.kernel.borrowed == "torch"
-        assert layer.ran == ["torch.dense_semiring"]
+        assert isinstance(choice.form, L.DenseSemiringScan) and choice.kernel.borrowed is None
+        assert layer.ran == ["triton.dense_semiring"]
+    else:
+        assert choice.kernel.name == "triton.sequential"
 
 
 @pytest.mark.parametrize("kind", ["lse", "maxplus"])

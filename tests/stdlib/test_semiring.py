@@ -42,10 +42,12 @@ def test_loads_and_classes(name):
     assert isinstance(form, DenseSemiringScan) and form.semiring == SEMIRING[name] and form.products
     choice = plan.selections["torch"].choice(0)
     assert choice.form is form and choice.kernel.name == "torch.dense_semiring"
-    # triton: its own kernels come before the borrowed torch kernel (the sequential kernel, when
-    # the transition fits its registers)
+    # triton: the generated sequential kernel while the transition fits its registers, the
+    # dense semiring kernel above (never the borrowed torch kernel)
     choice = plan.selections["triton"].choice(0)
-    assert choice.kernel.name in ("triton.sequential", "torch.dense_semiring"), choice.kernel.name
+    assert choice.kernel.name == "triton.sequential", choice.kernel.name
+    big = recdsl.load(name).plan(N=128).selections["triton"].choice(0)
+    assert big.kernel.name == "triton.dense_semiring" and big.kernel.borrowed is None
     assert plan.backends.get("reference") is None and plan.backends.get("torch") is None
 
 

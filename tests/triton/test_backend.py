@@ -62,9 +62,13 @@ LANG = {n: src for n, src in language_examples().items()}
 @pytest.mark.parametrize("name", sorted(LANG))
 def test_language_examples(name):
     spec = recdsl.load(LANG[name])
-    if spec.cell.over != "seq":   # grids / DAGs: the borrowed torch graph kernels (tests/graph/test_torch_grid_dag.py)
+    if spec.cell.over != "seq":   # grids: the wavefront kernel (test_grid_kernels.py); DAGs: torch's level_sync
         layer = spec(backend="triton", **spec.analysis_dims())
-        assert all(c.kernel.borrowed == "torch" for c in layer.plan.selections["triton"].stages)
+        stages = layer.plan.selections["triton"].stages
+        if spec.cell.over == "grid2d":
+            assert all(c.kernel.name == "triton.wavefront" and c.kernel.borrowed is None for c in stages)
+        else:
+            assert all(c.kernel.borrowed == "torch" for c in stages)
         return
     _check(spec, spec.analysis_dims(), FP64_TOL.get(name.lower(), 1e-10), B=2, T=19, dtype=torch.float64)
 

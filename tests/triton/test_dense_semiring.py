@@ -29,14 +29,24 @@ cell PerStepHMM(N):
 """
 
 
-@pytest.mark.parametrize("N", [3, 70])
 @pytest.mark.parametrize("name", CELLS)
-def test_cells_select_the_kernel(name, N):
+def test_cells_select_the_kernel_above_the_sequential_kernels_reach(name):
+    """N = 3: the generated sequential kernel holds the transition in registers; N = 70:
+    it cannot, and this kernel runs (never the borrowed torch loop)."""
     spec = recdsl.load(name)
-    sel = emit_cell(spec.lower(N=N), "triton").selection
-    (choice,) = sel.stages
-    assert isinstance(choice.form, DenseSemiringScan) and choice.kernel.name == KERNEL
-    assert choice.kernel.borrowed is None
+    (small,) = emit_cell(spec.lower(N=3), "triton").selection.stages
+    assert small.kernel.name == "triton.sequential"
+    assert any(p.kernel == KERNEL and "registers" in p.reason for p in small.passed), small.passed
+    (big,) = emit_cell(spec.lower(N=70), "triton").selection.stages
+    assert isinstance(big.form, DenseSemiringScan) and big.kernel.name == KERNEL and big.kernel.borrowed is None
+
+
+@pytest.fixture
+def no_sequential_kernel(monkeypatch):
+    """The sequential kernel declines every matrix (as it does above 64 x 64), so this kernel
+    runs the small interpreter shapes."""
+    from recdsl.backends.triton import seq_kernels
+    monkeypatch.setattr(seq_kernels, "MATRIX_LIMIT", 0)
 
 
 def _max_errors(spec, dims, B, T, heads=None, **call):
@@ -57,20 +67,20 @@ def _max_errors(spec, dims, B, T, heads=None, **call):
 @pytest.mark.parametrize("T", [1, 9])
 @pytest.mark.parametrize("N", [5, 70])
 @pytest.mark.parametrize("name", CELLS)
-def test_cells_match_reference(name, N, T):
+def test_cells_match_reference(name, N, T, no_sequential_kernel):
     assert _max_errors(recdsl.load(name), {"N": N}, 2, T) <= 1e-10
 
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("name", CELLS)
-def test_reverse_cu_seqlens_and_heads(name, reverse):
+def test_reverse_cu_seqlens_and_heads(name, reverse, no_sequential_kernel):
     spec = recdsl.load(name)
     assert _max_errors(spec, {"N": 6}, 2, 7, reverse=reverse) <= 1e-10
     assert _max_errors(spec, {"N": 6}, 1, 12, cu_seqlens=torch.tensor([0, 5, 5, 12]), reverse=reverse) <= 1e-10
     assert _max_errors(spec, {"N": 6}, 2, 5, heads=3, reverse=reverse) <= 1e-10
 
 
-def test_a_per_step_transition():
+def test_a_per_step_transition(no_sequential_kernel):
     """The transition an input of every step: a [R, T, N, N] operand, its gradient per step."""
     spec = recdsl.load(PER_STEP)
     assert _max_errors(spec, {"N": 20}, 2, 6) <= 1e-10
