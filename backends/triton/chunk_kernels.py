@@ -805,8 +805,7 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, 
     (i, j > i) of a chunk too, and 0 * NaN = NaN would carry a later step's NaN into the
     earlier outputs and gradients of its chunk; scans.py's form never touches a masked
     pair (the causality the tests hold every chunkwise form to). One check per call."""
-    tensors = [t for t in (k, v, g, *(q for q, _ in reads)) if isinstance(t, torch.Tensor)]
-    finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    finite = rt.all_finite(k, v, g, *(q for q, _ in reads))
     g_rank = None if g is None else g.dim() - ns
     kb, vb = rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns)
     gb = rt.to_bt(g, g_rank, X0, ns) if g is not None else kb.new_zeros(kb.shape[:2])
