@@ -21,9 +21,18 @@ before the chunk:
                          V block): the state term, the earlier sub-blocks of the chunk as
                          tl.dot with the decay factored through a reference r (below), and
                          the diagonal sub-block as the exact per-key contraction
+  chunk_diag_fwd_output_scalar  the same under a SCALAR decay, one program per (chunk, row,
+                         V block): q, k, v of the chunk read once (the sub-block kernel
+                         re-reads each earlier sub-block's k and v per sub-block of rows):
+                         (q_i e^{b_i}) S + ((Q Kᵀ) ⊙ D) V, D_ij = e^{b_i - b_j} for j <= i - s,
+                         its exponent masked to -inf elsewhere before the exponential
   chunk_diag_bwd_dstates the adjoint recurrence, a reverse pass over chunks:
                          Λ_{n-1} = e^{b_C} ⊙ Λ_n + Σ_i (q_i ⊙ e^{b_i}) do_iᵀ
   chunk_diag_bwd_dq      dq per sub-block of rows
+  chunk_diag_bwd_dq_scalar  the same under a SCALAR decay per whole chunk (one program per
+                         (chunk, row)): dq = (dO Sᵀ) ⊙ e^{b_i} + ((dO Vᵀ) ⊙ D) K. dk / dv keep
+                         the sub-block kernel for both decays: one program per chunk holding
+                         q, k, dk and the [BT, BT] pair tiles spilled on sm_80 at BT = 64
   chunk_diag_bwd_dkv     dk, dv per sub-block of keys (the readouts' pairs and the state's Λ)
   chunk_diag_bwd_dg      the log decays' gradient: with db the gradient of the cumulative b,
                          dg_t = Σ_{s ≥ t} db_s, which sums to
@@ -239,8 +248,16 @@ def _scalar_pair_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr):
     if STRICT:
         b_i -= _widen(tl.load(g + at + dt * steps, mask=live, other=0.0))
     b_j = _widen(tl.load(gcum + at + dt * steps, mask=live, other=0.0))
-    seen = (steps[None, :] <= steps[:, None] - STRICT) & live[:, None]
-    return tl.exp(tl.where(seen, b_i[:, None] - b_j[None, :], float("-inf")))
+    return _causal_decay(b_i, b_j, steps, Tn, STRICT)
+
+
+@triton.jit
+def _causal_decay(b_read, b, steps, Tn, STRICT: tl.constexpr):
+    """e^{b_read_i - b_j} for the pairs j <= i - s of `steps` (rows i, columns j), zero
+    elsewhere: the exponent is masked to -inf before the exponential, so every exponent
+    taken is <= 0 (rows past Tn read b = 0 and are masked too)."""
+    seen = (steps[None, :] <= steps[:, None] - STRICT) & (steps[:, None] < Tn)
+    return tl.exp(tl.where(seen, b_read[:, None] - b[None, :], float("-inf")))
 
 
 @triton.jit
@@ -329,6 +346,30 @@ def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K
 
 
 @triton.jit
+def chunk_diag_fwd_output_scalar(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH,
+                                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRICT: tl.constexpr,
+                                 VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """o for a whole chunk and one V block under a scalar decay, q, k, v of the chunk read
+    once: (q_i e^{b_i}) S + ((Q Kᵀ) ⊙ D) V with D_ij = e^{b_i - b_j} for j <= i - s (b_i
+    the readout's exponent, _readout_decay): a scalar pair exponent needs no sub-block
+    factoring, it is masked to <= 0 before the exponential. Program (chunk, row, V block)."""
+    c, bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i, n = _chunk(c, chunks, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    steps = n * BT + tl.arange(0, BT)
+    keys = tl.arange(0, BK)
+    vals = pid_v * BV + tl.arange(0, BV)
+    b, b_read = _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT)
+    q_c = _tile(q, at, dt, steps, keys, Tn, K)
+    # the state before the chunk, decayed to each row (b_read <= 0; rows past Tn: q = 0)
+    out = tl.dot(q_c * tl.exp(b_read)[:, None], _state_tile(states, bh * NT + c, keys, vals, K, V))
+    scores = tl.dot(q_c, tl.trans(_tile(k, at, dt, steps, keys, Tn, K))) * _causal_decay(b_read, b, steps, Tn,
+                                                                                          STRICT)
+    out += tl.dot(scores, _tile(v, at, dt, steps, vals, Tn, V))
+    _store_tile(o, at, dt, steps, vals, Tn, V, out, False)
+
+
+@triton.jit
 def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offsets, T, K, V, NT, BH,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
                            STRICT: tl.constexpr, HAS_READOUT: tl.constexpr, HAS_DST: tl.constexpr,
@@ -405,6 +446,44 @@ def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, 
             diag += dA_col[:, None] * _row(k, at, dt, col, keys, Tn, K)[None, :] * tl.exp(exponent)
     out = from_state * tl.exp(b_i) + below * tl.exp(tl.where(rows[:, None] < Tn, b_i - r[None, :], 0.0)) + diag
     _store_tile(dq, at, dt, rows, keys, Tn, K, out, False)
+
+
+@triton.jit
+def _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr):
+    """(b, b_read) of a scalar decay over `steps`: the cumulative b, and the readout's
+    exponent (b_{i-1} = b_i - g_i when STRICT); 0 past Tn."""
+    live = steps < Tn
+    b = _widen(tl.load(gcum + at + dt * steps, mask=live, other=0.0))
+    if STRICT:
+        b_read = b - _widen(tl.load(g + at + dt * steps, mask=live, other=0.0))
+    else:
+        b_read = b
+    return b, b_read
+
+
+@triton.jit
+def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH,
+                             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRICT: tl.constexpr,
+                             VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+    """dq for a whole chunk under a scalar decay, do, v, k and the state read once:
+    dq = (dO Sᵀ) ⊙ e^{b_read} + ((dO Vᵀ) ⊙ D) K, D as in chunk_diag_fwd_output_scalar.
+    Program (chunk, row); the V blocks in a loop (both products sum over them)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    i, n = _chunk(c, chunks, VARLEN)
+    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    steps = n * BT + tl.arange(0, BT)
+    keys = tl.arange(0, BK)
+    b, b_read = _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT)
+    from_state = tl.zeros([BT, BK], dtype=b.dtype)
+    dA = tl.zeros([BT, BT], dtype=b.dtype)           # do_i · v_j over all V blocks
+    for vb in range(0, tl.cdiv(V, BV)):
+        vals = vb * BV + tl.arange(0, BV)
+        do_c = _tile(do, at, dt, steps, vals, Tn, V)
+        from_state += tl.dot(do_c, tl.trans(_state_tile(states, bh * NT + c, keys, vals, K, V)))
+        dA += tl.dot(do_c, tl.trans(_tile(v, at, dt, steps, vals, Tn, V)))
+    out = from_state * tl.exp(b_read)[:, None] + tl.dot(dA * _causal_decay(b_read, b, steps, Tn, STRICT),
+                                                        _tile(k, at, dt, steps, keys, Tn, K))
+    _store_tile(dq, at, dt, steps, keys, Tn, K, out, False)
 
 
 @triton.jit
@@ -518,8 +597,9 @@ def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, cu, chunks, offsets
 
 SUB_BLOCK = 16      # BC: rows of the exact diagonal contraction; tl.dot's smallest side
 MAX_BV = 32         # V blocks: the state kernels run one program per V block; the others loop over them
-KERNEL_NAMES = ("chunk_diag_cumsum", "chunk_diag_fwd_states", "chunk_diag_fwd_output", "chunk_diag_bwd_dstates",
-                "chunk_diag_bwd_dq", "chunk_diag_bwd_dkv", "chunk_diag_bwd_dg")
+KERNEL_NAMES = ("chunk_diag_cumsum", "chunk_diag_fwd_states", "chunk_diag_fwd_output",
+                "chunk_diag_fwd_output_scalar", "chunk_diag_bwd_dstates", "chunk_diag_bwd_dq",
+                "chunk_diag_bwd_dq_scalar", "chunk_diag_bwd_dkv", "chunk_diag_bwd_dg")
 
 _KERNELS = Kernels(SOURCE, "recdsl-triton-chunk-diag")
 
@@ -663,8 +743,13 @@ def _forward(launch, strict, k, v, g, S0, qs, blocks: Blocks, seqs: Sequences):
     outs = []
     for q, s in zip(qs, strict):
         o = torch.empty(BH, T, V, dtype=io, device=v.device)
-        launch("chunk_diag_fwd_output", (NT * (BT // blocks.BC), BH, triton.cdiv(V, BV)))(
-            q, k, v, gcum, g, states, o, *seqs.args(), T, K, V, NT, BH, BC=blocks.BC, BV=BV, STRICT=int(s), **common)
+        where = (q, k, v, gcum, g, states, o, *seqs.args(), T, K, V, NT, BH)
+        if common["SCALAR"]:    # the whole chunk in one program: q, k, v read once per V block
+            launch("chunk_diag_fwd_output_scalar", (NT, BH, triton.cdiv(V, BV)))(
+                *where, BT=BT, BK=blocks.BK, BV=BV, STRICT=int(s), **seqs.flags())
+        else:                   # a per-key decay: sub-blocks (the decay factored through r)
+            launch("chunk_diag_fwd_output", (NT * (BT // blocks.BC), BH, triton.cdiv(V, BV)))(
+                *where, BC=blocks.BC, BV=BV, STRICT=int(s), **common)
         outs.append(o)
     return outs, ST, gcum, states
 
@@ -686,6 +771,11 @@ def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, blocks: B
                                                                 ACCUMULATE=False, **common)]
     readouts = reads or [(k, 0, v)]
     sub_grid = (NT * (BT // blocks.BC), BH)
+    if common["SCALAR"]:    # dq: the whole chunk in one program (do, v, k and the state read once)
+        dq_kernel, dq_grid = "chunk_diag_bwd_dq_scalar", (NT, BH)
+        dq_flags = {f: x for f, x in common.items() if f != "SCALAR"}
+    else:                   # a per-key decay: sub-blocks of BC rows
+        dq_kernel, dq_grid, dq_flags = "chunk_diag_bwd_dq", sub_grid, dict(BC=blocks.BC, **common)
     dstates, dS0 = torch.empty_like(states), torch.empty_like(ST)
     for (q, _, do), flags in zip(readouts, launches):
         first = not flags["ACCUMULATE"]
@@ -695,10 +785,11 @@ def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, blocks: B
     dqs = []
     for q, s, do in reads:
         dqs.append(torch.empty(q.shape, dtype=acc, device=q.device))
-        launch("chunk_diag_bwd_dq", sub_grid)(q, k, v, gcum, g, states, do, dqs[-1], *where, BC=blocks.BC,
-                                              STRICT=s, **common)
+        launch(dq_kernel, dq_grid)(q, k, v, gcum, g, states, do, dqs[-1], *where, STRICT=s, **dq_flags)
     dk = torch.empty(k.shape, dtype=acc, device=k.device)
     dv = torch.empty(v.shape, dtype=acc, device=v.device)
+    # dk, dv keep the sub-block kernel for both decays: a whole chunk's [BT, BT] pair tiles,
+    # forward and by key, with q, k and dk live, spill on sm_80 at BT = 64 (tried)
     for (q, _, do), flags in zip(readouts, launches):
         launch("chunk_diag_bwd_dkv", sub_grid)(q, k, v, gcum, g, do, dstates, dk, dv, *where, BC=blocks.BC, **flags)
     dg = torch.empty(g.shape, dtype=acc, device=g.device)
@@ -828,12 +919,16 @@ AOT_VARIANTS = [
     ("chunk_diag_fwd_states", {}),
     ("chunk_diag_fwd_output", {"STRICT": 0}),
     ("chunk_diag_fwd_output", {"STRICT": 1}),
+    ("chunk_diag_fwd_output_scalar", {"STRICT": 0}),
+    ("chunk_diag_fwd_output_scalar", {"STRICT": 1}),
     ("chunk_diag_bwd_dstates", {"STRICT": 0, "HAS_READOUT": True, "HAS_DST": True, "ACCUMULATE": False}),
     ("chunk_diag_bwd_dstates", {"STRICT": 1, "HAS_READOUT": True, "HAS_DST": False, "ACCUMULATE": True}),
     ("chunk_diag_bwd_dq", {"STRICT": 0}),
     ("chunk_diag_bwd_dq", {"STRICT": 1}),
     ("chunk_diag_bwd_dkv", {"STRICT": 0, **_ONE_READOUT}),
     ("chunk_diag_bwd_dkv", {"STRICT": 1, "HAS_READOUT": True, "WITH_STATE": False, "ACCUMULATE": True}),
+    ("chunk_diag_bwd_dq_scalar", {"STRICT": 0}),
+    ("chunk_diag_bwd_dq_scalar", {"STRICT": 1}),
     ("chunk_diag_bwd_dg", {"STRICT": 0, **_ONE_READOUT}),
     ("chunk_diag_bwd_dg", {"STRICT": 1, "HAS_READOUT": True, "WITH_STATE": False, "ACCUMULATE": True}),
 ]
@@ -854,8 +949,8 @@ def compile_ahead(arch: int = 90, K: int = 64, V: int = 64, scalar: bool = False
     out = []
     for name, flags in AOT_VARIANTS:
         fn = ns[name]
-        const = ({k: v for k, v in sizes.items() if k in fn.arg_names}
-                 | {"SCALAR": scalar, "VARLEN": varlen, "REVERSE": reverse} | flags)
+        const = {k: v for k, v in (sizes | {"SCALAR": scalar, "VARLEN": varlen, "REVERSE": reverse}).items()
+                 if k in fn.arg_names} | flags     # (the scalar-only kernel takes no SCALAR)
         sig = {a: ("i32" if a in _INTS else "*i32" if a in _TABLES else "*fp32")
                for a in fn.arg_names if a not in const}
         options = blocks.launch_options(name)

@@ -187,6 +187,33 @@ def test_the_gpu_chunk_size_in_the_interpreter(per_key, monkeypatch):
     assert finite and diff <= 1e-10, diff
 
 
+@pytest.mark.parametrize("per_key", [True, False])
+def test_a_scalar_decay_runs_the_one_pass_kernels(per_key, monkeypatch):
+    """A scalar decay's outputs and dq come from one program per chunk (and row, V block for
+    the outputs), which reads the chunk's inputs once; a per-key decay keeps the sub-block
+    kernels; dk / dv run the sub-block kernel for both. Once per readout."""
+    counts = _launch_counter(monkeypatch)
+    diff, finite = _against_torch(*_inputs(1, 40, 16, 16, per_key, (True, False)))
+    assert finite and diff <= 1e-10, diff
+    assert counts.get("chunk_diag_bwd_dkv") == 2, counts
+    for name in ("chunk_diag_fwd_output", "chunk_diag_bwd_dq"):
+        chosen, other = (name, name + "_scalar")[::1 if per_key else -1]
+        assert counts.get(chosen) == 2 and other not in counts, counts
+
+
+@pytest.mark.parametrize("reads", [(True,), (False,)])
+def test_the_one_pass_kernels_at_the_gpu_chunk_size(reads, monkeypatch):
+    """The scalar-decay one-pass kernels over whole chunks of BT = 64 (a [64, 64] pair decay),
+    T = 100: a short last chunk whose padded rows must add nothing; strong decays (down to
+    -40 per step) so that e^{-b} over a chunk would overflow, inclusive and strict readouts."""
+    monkeypatch.setattr(chunk_kernels, "chunk_size", lambda device: 64)
+    counts = _launch_counter(monkeypatch)
+    k, v, g, S0, qs = _inputs(1, 100, 16, 16, False, reads, decay=40.0)
+    diff, finite = _against_torch(k, v, g, S0, qs)
+    assert finite and diff <= 1e-10, diff
+    assert all(counts.get(name) == 1 for name in ("chunk_diag_fwd_output_scalar", "chunk_diag_bwd_dq_scalar")), counts
+
+
 def test_an_unread_output_gets_no_cotangent():
     diff, finite = _against_torch(*_inputs(2, 40, 16, 16, True, (True, False)), read={1})
     assert finite and diff <= 1e-10, diff
@@ -314,8 +341,10 @@ def test_reverse_and_cu_seqlens_in_the_kernels(per_key, reverse, cu, monkeypatch
     assert e["fwd"] <= 1e-12 and e["grad"] <= 1e-12, e
     # one launch for all sequences: the state pass once; the per-readout kernels once per readout
     assert counts["chunk_diag_cumsum"] == 1 and counts["chunk_diag_fwd_states"] == 1, counts
-    assert all(counts[f"chunk_diag_{name}"] == len(qs) for name in ("fwd_output", "bwd_dstates", "bwd_dq",
-                                                                     "bwd_dkv", "bwd_dg")), counts
+    whole_chunk = "" if per_key else "_scalar"      # a scalar decay's one-pass output and dq kernels
+    assert all(counts[f"chunk_diag_{name}"] == len(qs) for name in ("fwd_output" + whole_chunk, "bwd_dstates",
+                                                                     "bwd_dq" + whole_chunk, "bwd_dkv",
+                                                                     "bwd_dg")), counts
 
 
 def test_heads_and_sizes_not_a_power_of_two_with_cu_seqlens():
