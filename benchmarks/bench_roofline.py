@@ -197,6 +197,22 @@ def _run(call, xs: dict, backward: bool):
     return o, state
 
 
+@contextlib.contextmanager
+def gpu_chunk_sizes():
+    """recdsl's chunk kernels at the chunk length they take on a GPU (64 up to K = 64), not
+    the interpreter's 32: the bytes of the state passes and the launch grids depend on it,
+    and fla's kernels run at their GPU chunk length (64) here too."""
+    from recdsl.backends.triton import chunk_kernels, delta_kernels
+    gpu = torch.device("cuda")
+    saved = chunk_kernels.chunk_size, delta_kernels.chunk_size
+    chunk_kernels.chunk_size = lambda device, _size=saved[0]: _size(gpu)
+    delta_kernels.chunk_size = lambda device, K, _size=saved[1]: _size(gpu, K)
+    try:
+        yield
+    finally:
+        chunk_kernels.chunk_size, delta_kernels.chunk_size = saved
+
+
 def measure(impl: str, cell: str, B: int, T: int, H: int, K: int, V: int, backward: bool) -> Row:
     spec = recdsl.load(CELLS[cell])
     xs = cell_inputs(spec, B, T, H, {"K": K, "V": V}, torch.float32)
@@ -207,11 +223,12 @@ def measure(impl: str, cell: str, B: int, T: int, H: int, K: int, V: int, backwa
         def call(x):
             o, state = layer(**x)
             return o, next(iter(state.values()))
-        with torch.no_grad():
-            call(xs)  # build the kernels outside the count
-        counts = traffic.count_traffic(lambda: _run(call, xs, backward), torch_ops=True)
-        ran = ",".join(layer.ran)
-        o, state = _run(call, xs, False)
+        with gpu_chunk_sizes():
+            with torch.no_grad():
+                call(xs)  # build the kernels outside the count
+            counts = traffic.count_traffic(lambda: _run(call, xs, backward), torch_ops=True)
+            ran = ",".join(layer.ran)
+            o, state = _run(call, xs, False)
     else:
         call = fla_op(cell)
         with fla_in_interpreter():
