@@ -105,23 +105,25 @@ def _widen(x):
 
 
 @triton.jit
-def _span(i, bh, cu, T, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+def _span(i, bh, cu, T, HEADS, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """(at, dt, Tn): step t (in the recurrence's order, t < Tn) of sequence i of row bh is
-    row at + dt * t of the BH * T steps of a contiguous [BH, T, ..] tensor. VARLEN: the
-    sequences of cu_seqlens packed along T (else the row is one sequence of T steps);
-    REVERSE: the recurrence runs right to left, so step 0 is the sequence's last row."""
+    row at + dt * t of a contiguous [B, T, HEADS, ..] tensor seen as B * T * HEADS rows (bh =
+    b * HEADS + head: the layout the driver holds, read in place -- no copy to [B * HEADS, T]).
+    VARLEN: the sequences of cu_seqlens packed along T (else the row is one sequence of T
+    steps); REVERSE: the recurrence runs right to left, so step 0 is the sequence's last row."""
     if VARLEN:
         bos = tl.load(cu + i)
         Tn = tl.load(cu + i + 1) - bos
     else:
         bos = i * 0
         Tn = T + i * 0
+    first = (bh // HEADS) * T + bos
     if REVERSE:
-        at = bh * T + bos + Tn - 1
-        dt = -1
+        at = (first + Tn - 1) * HEADS + bh % HEADS
+        dt = -HEADS
     else:
-        at = bh * T + bos
-        dt = 1
+        at = first * HEADS + bh % HEADS
+        dt = HEADS
     return at, dt, Tn
 
 
@@ -155,7 +157,7 @@ def _sequence(sid, offsets, BH, VARLEN: tl.constexpr):
 
 @triton.jit
 def _tile(ptr, at, dt, rows, cols, Tn, W):
-    """The [rows, cols] tile of a contiguous [BH, T, W] tensor, rows the steps of the sequence
+    """The [rows, cols] tile of a contiguous [B, T, HEADS, W] tensor, rows the steps of the sequence
     at (at, dt) (see _span); zeros outside. In the accumulation dtype (see _widen)."""
     mask = (rows[:, None] < Tn) & (rows[:, None] >= 0) & (cols[None, :] < W)
     return _widen(tl.load(ptr + (at + dt * rows[:, None]) * W + cols[None, :], mask=mask, other=0.0))
@@ -163,7 +165,7 @@ def _tile(ptr, at, dt, rows, cols, Tn, W):
 
 @triton.jit
 def _row(ptr, at, dt, t, cols, Tn, W):
-    """Step t of the sequence at (at, dt) of a contiguous [BH, T, W] tensor; zeros outside."""
+    """Step t of the sequence at (at, dt) of a contiguous [B, T, HEADS, W] tensor; zeros outside."""
     steps = t + 0 * cols        # a vector: the interpreter rejects a scalar & vector mask
     mask = (cols < W) & (steps < Tn) & (steps >= 0)
     return _widen(tl.load(ptr + (at + dt * t) * W + cols, mask=mask, other=0.0))
@@ -171,8 +173,8 @@ def _row(ptr, at, dt, t, cols, Tn, W):
 
 @triton.jit
 def _decay_tile(ptr, at, dt, rows, keys, Tn, K, SCALAR: tl.constexpr):
-    """A [rows, keys] tile of a log decay (or its cumulative sum): [BH, T] broadcast over the
-    keys when SCALAR, else [BH, T, K]."""
+    """A [rows, keys] tile of a log decay (or its cumulative sum): [B, T, HEADS] broadcast over
+    the keys when SCALAR, else [B, T, HEADS, K]."""
     if SCALAR:
         mask = (rows[:, None] < Tn) & (rows[:, None] >= 0) & (keys[None, :] < K)
         x = _widen(tl.load(ptr + at + dt * rows[:, None] + 0 * keys[None, :], mask=mask, other=0.0))
@@ -261,14 +263,14 @@ def _causal_decay(b_read, b, steps, Tn, STRICT: tl.constexpr):
 
 
 @triton.jit
-def chunk_diag_cumsum(g, gcum, cu, chunks, offsets, T, K, NT, BH,
+def chunk_diag_cumsum(g, gcum, cu, chunks, offsets, T, K, NT, BH, HEADS,
                       BT: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr,
                       VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """b: the inclusive cumulative sum of g inside each chunk, in the recurrence's order,
     stored where g is. Program (chunk, row)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     rows = n * BT + tl.arange(0, BT)
     if SCALAR:
         live = rows < Tn
@@ -281,7 +283,7 @@ def chunk_diag_cumsum(g, gcum, cu, chunks, offsets, T, K, NT, BH,
 
 
 @triton.jit
-def chunk_diag_fwd_states(k, v, gcum, S0, states, ST, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_fwd_states(k, v, gcum, S0, states, ST, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
                           VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """The state before every chunk (states [BH, NT, K, V], NT the row's chunks over all its
@@ -289,7 +291,7 @@ def chunk_diag_fwd_states(k, v, gcum, S0, states, ST, cu, chunks, offsets, T, K,
     Program (V block, sequence): the columns of a V block evolve independently."""
     pid_v, sid = tl.program_id(0), tl.program_id(1)
     i, bh, c0 = _sequence(sid, offsets, BH, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
     S = _state_tile(S0, sid, keys, vals, K, V)
@@ -305,7 +307,7 @@ def chunk_diag_fwd_states(k, v, gcum, S0, states, ST, cu, chunks, offsets, T, K,
 
 
 @triton.jit
-def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           SCALAR: tl.constexpr, STRICT: tl.constexpr, VARLEN: tl.constexpr,
                           REVERSE: tl.constexpr):
@@ -313,7 +315,7 @@ def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K
     sub, bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, ib = sub // (BT // BC), sub % (BT // BC)
     i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     row0 = n * BT + ib * BC
     rows = row0 + tl.arange(0, BC)
     keys = tl.arange(0, BK)
@@ -346,7 +348,7 @@ def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K
 
 
 @triton.jit
-def chunk_diag_fwd_output_scalar(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_fwd_output_scalar(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRICT: tl.constexpr,
                                  VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """o for a whole chunk and one V block under a scalar decay, q, k, v of the chunk read
@@ -355,7 +357,7 @@ def chunk_diag_fwd_output_scalar(q, k, v, gcum, g, states, o, cu, chunks, offset
     factoring, it is masked to <= 0 before the exponential. Program (chunk, row, V block)."""
     c, bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     steps = n * BT + tl.arange(0, BT)
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
@@ -370,7 +372,7 @@ def chunk_diag_fwd_output_scalar(q, k, v, gcum, g, states, o, cu, chunks, offset
 
 
 @triton.jit
-def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
                            STRICT: tl.constexpr, HAS_READOUT: tl.constexpr, HAS_DST: tl.constexpr,
                            ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
@@ -379,7 +381,7 @@ def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offset
     Program (V block, sequence)."""
     pid_v, sid = tl.program_id(0), tl.program_id(1)
     i, bh, c0 = _sequence(sid, offsets, BH, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
     if HAS_DST:
@@ -400,7 +402,7 @@ def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offset
 
 
 @triton.jit
-def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       SCALAR: tl.constexpr, STRICT: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """dq_i = (do_i Sᵀ) ⊙ e^{b_i} + Σ_{j <= i-s} (do_i · v_j) k_j ⊙ e^{b_i - b_j} for one
@@ -408,7 +410,7 @@ def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, 
     sub, bh = tl.program_id(0), tl.program_id(1)
     c, ib = sub // (BT // BC), sub % (BT // BC)
     i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     row0 = n * BT + ib * BC
     rows = row0 + tl.arange(0, BC)
     cols_in_block = tl.arange(0, BC)
@@ -462,7 +464,7 @@ def _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr):
 
 
 @triton.jit
-def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRICT: tl.constexpr,
                              VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """dq for a whole chunk under a scalar decay, do, v, k and the state read once:
@@ -470,7 +472,7 @@ def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, cu, chunks, offse
     Program (chunk, row); the V blocks in a loop (both products sum over them)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     steps = n * BT + tl.arange(0, BT)
     keys = tl.arange(0, BK)
     b, b_read = _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT)
@@ -487,7 +489,7 @@ def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, cu, chunks, offse
 
 
 @triton.jit
-def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        SCALAR: tl.constexpr, STRICT: tl.constexpr, HAS_READOUT: tl.constexpr,
                        WITH_STATE: tl.constexpr, ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr,
@@ -498,7 +500,7 @@ def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offset
     sub, bh = tl.program_id(0), tl.program_id(1)
     c, jb = sub // (BT // BC), sub % (BT // BC)
     i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     row0 = n * BT + jb * BC
     cols = row0 + tl.arange(0, BC)
     keys = tl.arange(0, BK)
@@ -552,7 +554,7 @@ def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offset
 
 
 @triton.jit
-def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, cu, chunks, offsets, T, K, V, NT, BH,
+def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
                       STRICT: tl.constexpr, HAS_READOUT: tl.constexpr, WITH_STATE: tl.constexpr,
                       ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
@@ -562,7 +564,7 @@ def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, cu, chunks, offsets
     over keys. Program (chunk, row)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, VARLEN, REVERSE)
+    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     rows = n * BT + tl.arange(0, BT)
     keys = tl.arange(0, BK)
     grad = tl.zeros([BT, BK], dtype=dg.dtype.element_ty)
@@ -727,23 +729,23 @@ def _acc_dtype(*tensors) -> torch.dtype:
 
 
 def _forward(launch, strict, k, v, g, S0, qs, blocks: Blocks, seqs: Sequences):
-    """(outputs, S_T per sequence, gcum, states) on contiguous [BH, T, .] tensors, g already
+    """(outputs, S_T per sequence, gcum, states) on contiguous [B, T, H, .] tensors, g already
     floored: outputs in the inputs' dtype, the rest in the accumulation dtype."""
-    BH, T, K = k.shape
-    V = v.shape[-1]
+    B, T, H, K = k.shape
+    BH, V = B * H, v.shape[-1]
     acc, io = _acc_dtype(k, v, g, S0, *qs), reduce(torch.promote_types, [k.dtype, v.dtype] + [q.dtype for q in qs])
     BT, BV, NT = blocks.BT, blocks.BV, seqs.NT
-    common = dict(BT=BT, BK=blocks.BK, SCALAR=g.dim() == 2, **seqs.flags())
+    common = dict(BT=BT, BK=blocks.BK, SCALAR=g.dim() == 3, **seqs.flags())
     gcum = torch.empty(g.shape, dtype=acc, device=g.device)
-    launch("chunk_diag_cumsum", (NT, BH))(g, gcum, *seqs.args(), T, K, NT, BH, **common)
+    launch("chunk_diag_cumsum", (NT, BH))(g, gcum, *seqs.args(), T, K, NT, BH, H, **common)
     states = torch.empty(BH, NT, K, V, dtype=acc, device=k.device)
     ST = torch.empty(seqs.count, K, V, dtype=acc, device=k.device)
     launch("chunk_diag_fwd_states", (triton.cdiv(V, BV), seqs.count))(
-        k, v, gcum, S0, states, ST, *seqs.args(), T, K, V, NT, BH, BV=BV, **common)
+        k, v, gcum, S0, states, ST, *seqs.args(), T, K, V, NT, BH, H, BV=BV, **common)
     outs = []
     for q, s in zip(qs, strict):
-        o = torch.empty(BH, T, V, dtype=io, device=v.device)
-        where = (q, k, v, gcum, g, states, o, *seqs.args(), T, K, V, NT, BH)
+        o = torch.empty(B, T, H, V, dtype=io, device=v.device)
+        where = (q, k, v, gcum, g, states, o, *seqs.args(), T, K, V, NT, BH, H)
         if common["SCALAR"]:    # the whole chunk in one program: q, k, v read once per V block
             launch("chunk_diag_fwd_output_scalar", (NT, BH, triton.cdiv(V, BV)))(
                 *where, BT=BT, BK=blocks.BK, BV=BV, STRICT=int(s), **seqs.flags())
@@ -760,11 +762,11 @@ def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, blocks: B
     launch of each per-readout kernel per read output (the first adds the state's terms, the
     others accumulate); with no output read, one launch without readout terms (q and do
     then unused)."""
-    BH, T, K = k.shape
-    V = v.shape[-1]
+    B, T, H, K = k.shape
+    BH, V = B * H, v.shape[-1]
     BT, BV, NT, acc = blocks.BT, blocks.BV, seqs.NT, states.dtype
-    where = (*seqs.args(), T, K, V, NT, BH)
-    common = dict(BT=BT, BK=blocks.BK, BV=BV, SCALAR=g.dim() == 2, **seqs.flags())
+    where = (*seqs.args(), T, K, V, NT, BH, H)
+    common = dict(BT=BT, BK=blocks.BK, BV=BV, SCALAR=g.dim() == 3, **seqs.flags())
     reads = [(q, int(s), do.contiguous()) for q, s, do in zip(qs, strict, dos) if do is not None]
     launches = [dict(STRICT=s, HAS_READOUT=True, WITH_STATE=i == 0, ACCUMULATE=i > 0, **common)
                 for i, (_, s, _) in enumerate(reads)] or [dict(STRICT=0, HAS_READOUT=False, WITH_STATE=True,
@@ -807,8 +809,28 @@ def _per_readout(dqs: list, dos) -> list:
 def by_torch(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
     """chunk_diag's result by the torch chunk form (backends/torch/scans.py), one call per
     sequence, flipped for reverse: the double backward's twin and the non-finite inputs'
-    path (the torch form is causal under NaN)."""
+    path (the torch form is causal under NaN). Tensors [B, T, H, .] as the kernels take them
+    (g [B, T, H] or [B, T, H, K]); the torch form runs on [B * H, T, .] rows."""
     from ..torch import scans
+    B, T, H = k.shape[:3]
+    readouts = [(_rows(q), inc) for q, inc in readouts]
+    k, v, g = _rows(k), _rows(v), _rows(g)
+    outs, S = _by_torch_rows(scans, readouts, k, v, g, S0, reverse, cu_seqlens)
+    return [_unrows(o, B, H) for o in outs], S
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, *] -> [B * H, T, *]."""
+    B, T, H = x.shape[:3]
+    return x.transpose(1, 2).reshape((B * H, T) + tuple(x.shape[3:]))
+
+
+def _unrows(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """[B * H, T, *] -> [B, T, H, *]."""
+    return x.reshape((B, H) + tuple(x.shape[1:])).transpose(1, 2)
+
+
+def _by_torch_rows(scans, readouts, k, v, g, S0, reverse, cu_seqlens):
 
     def one(steps: slice, s0):
         def flip(x):
@@ -832,10 +854,10 @@ class ChunkDiagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, strict, reverse, cu_seqlens, k, v, g, S0, *qs):
-        BH, T, K = k.shape
+        B, T, H, K = k.shape
         blocks = choose_blocks(K, v.shape[-1], longest(T, cu_seqlens), k.dtype, k.device,
                                torch.cuda.get_device_capability(k.device) if k.device.type == "cuda" else None)
-        seqs = sequences(BH, T, blocks.BT, reverse, cu_seqlens, k.device)
+        seqs = sequences(B * H, T, blocks.BT, reverse, cu_seqlens, k.device)
         launch = _launcher(_KERNELS.ns(k.device), k.device, blocks)
         outs, ST, gcum, states = _forward(launch, strict, k, v, g.clamp(min=LOG_DECAY_FLOOR), S0, qs, blocks, seqs)
         ctx.set_materialize_grads(False)
@@ -870,26 +892,44 @@ def chunk_diag(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
     inclusive)], k [BH, T, K], v [BH, T, V], g [BH, T] or [BH, T, K] (log decays), S0
     [BH, K, V]. `reverse`: right to left; `cu_seqlens` (N + 1 offsets): sequences packed
     along T, S0 then [N * BH, K, V] (sequence-major). Returns ([o [BH, T, V]], S_T), S_T
-    one per sequence; outputs in the inputs' dtype, S_T in S0's."""
-    BH, T, K = k.shape
+    one per sequence; outputs in the inputs' dtype, S_T in S0's. (The rows as one head each
+    of the kernels' [B, T, H, .] layout: chunk_diag_heads.)"""
+    outs, ST = chunk_diag_heads([(q[:, :, None], inc) for q, inc in readouts], k[:, :, None], v[:, :, None],
+                                g[:, :, None], S0, reverse, cu_seqlens)
+    return [o[:, :, 0] for o in outs], ST
+
+
+def chunk_diag_heads(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
+    """chunk_diag on the layout the driver holds, read in place: q, k [B, T, H, K], v
+    [B, T, H, V], g [B, T, H] or [B, T, H, K], S0 [B * H, K, V] (b-major, heads inner; with
+    cu_seqlens [N * H, K, V] over B = 1). Returns ([o [B, T, H, V]], S_T [B * H or N * H, K, V])."""
+    B, T, H, K = k.shape
     if cu_seqlens is not None:
         cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int32, device=k.device)
-    count = BH if cu_seqlens is None else (len(cu_seqlens) - 1) * BH
+    count = B * H if cu_seqlens is None else (len(cu_seqlens) - 1) * B * H
     if S0.shape[0] != count:
         raise ValueError(f"chunk_diag: {count} initial states expected (one per row and sequence), got {S0.shape[0]}")
     if T == 0:
-        return [v.new_zeros(BH, 0, v.shape[-1]) for _ in readouts], S0
+        return [v.new_zeros(B, 0, H, v.shape[-1]) for _ in readouts], S0
     strict = tuple(not inclusive for _, inclusive in readouts)
     *outs, ST = ChunkDiagFunction.apply(strict, bool(reverse), cu_seqlens, k.contiguous(), v.contiguous(),
                                         g.contiguous(), S0.contiguous(), *(q.contiguous() for q, _ in readouts))
     return list(outs), ST
 
 
+def _heads_layout(x, rank: int, X0, ns: int) -> torch.Tensor:
+    """A driver's whole-sequence value as [B, T, H, *node] (H = 1 without heads), in place
+    when it already is one (no transpose to rows: the kernels index heads themselves)."""
+    x = rt.full_seq(x, X0, ns, rank)
+    return x if ns == 3 else x.unsqueeze(2)
+
+
 def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, rev: bool = False, cu=None):
     """The triton backend's ChunkDiag stage (log decay), from the driver's whole-sequence
-    values as backends/torch/scans.diag_matrix_stage takes them: heads folded into the rows;
-    `rev` and `cu` (cu_seqlens, int32: sequences packed along T of a batch of one, S0 one
-    per sequence) as the runtime hands them to kernels that index time themselves.
+    values as backends/torch/scans.diag_matrix_stage takes them ([B, T, (H), .]: read as they
+    are, heads indexed by the kernels); `rev` and `cu` (cu_seqlens, int32: sequences packed
+    along T of a batch of one, S0 one per sequence) as the runtime hands them to kernels
+    that index time themselves.
 
     A non-finite input runs torch's chunk form for this call instead (by_torch), and `ran`
     (the driver's record) says so: the kernels' tile products multiply the masked pairs
@@ -897,17 +937,16 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, 
     earlier outputs and gradients of its chunk; scans.py's form never touches a masked
     pair (the causality the tests hold every chunkwise form to). One check per call."""
     finite = rt.all_finite(k, v, g, *(q for q, _ in reads))
-    g_rank = None if g is None else g.dim() - ns
-    kb, vb = rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns)
-    gb = rt.to_bt(g, g_rank, X0, ns) if g is not None else kb.new_zeros(kb.shape[:2])
-    qbs = [(rt.to_bt(q, 1, X0, ns), incl) for q, incl in reads]
-    run = chunk_diag
+    kh, vh = _heads_layout(k, 1, X0, ns), _heads_layout(v, 1, X0, ns)
+    gh = _heads_layout(g, g.dim() - ns, X0, ns) if g is not None else kh.new_zeros(kh.shape[:3])
+    qhs = [(_heads_layout(q, 1, X0, ns), incl) for q, incl in reads]
+    run = chunk_diag_heads
     if not finite:
         if ran is not None:
             ran[-1] = "torch.chunk_diag"
         run = by_torch
-    outs, ST = run(qbs, kb, vb, gb, rt.to_b(S0, ns - 1), rev, cu)
-    return [rt.from_bt(o, X0, ns) for o in outs], rt.from_b(ST, S0)
+    outs, ST = run(qhs, kh, vh, gh, rt.to_b(S0, ns - 1), rev, cu)
+    return [o if ns == 3 else o[:, :, 0] for o in outs], rt.from_b(ST, S0)
 
 
 # Every kernel as the GPU launches it (choose_blocks' sizes and options), for ahead-of-time
@@ -932,7 +971,7 @@ AOT_VARIANTS = [
     ("chunk_diag_bwd_dg", {"STRICT": 0, **_ONE_READOUT}),
     ("chunk_diag_bwd_dg", {"STRICT": 1, "HAS_READOUT": True, "WITH_STATE": False, "ACCUMULATE": True}),
 ]
-_INTS = {"T", "K", "V", "NT", "BH"}
+_INTS = {"T", "K", "V", "NT", "BH", "HEADS"}
 _TABLES = {"cu", "chunks", "offsets"}
 
 

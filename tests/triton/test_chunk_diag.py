@@ -404,3 +404,22 @@ def test_packed_right_to_left_kernels_compile_without_spills(tmp_path, monkeypat
     monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
     for c in chunk_kernels.compile_ahead(90, K=64, V=64, scalar=False, varlen=True, reverse=True):
         assert c.spills == 0, f"{c.name} spills {c.spills} bytes on sm_90"
+
+
+def test_heads_are_read_in_place():
+    """With heads, the kernels index [B, T, H, .] themselves: a forward of GLA copies none of
+    its inputs into [B * H, T, .] rows and back (the torch ops outside the launches, counted
+    as traffic.py counts them for the roofline, are the cell's own math, the non-finite
+    check, the decay's floor and the zero initial state's copy)."""
+    from recdsl.backends.triton import traffic
+    spec, dims = _dims("gla", 16, 16)
+    layer = spec(backend="triton", heads=2, **dims)
+    xs = random_inputs(spec, layer, 2, 37, torch.float32)
+    with torch.no_grad():
+        layer(**xs)
+        counted = traffic.count_traffic(lambda: layer(**xs), torch_ops=True)
+    assert KERNEL in layer.ran
+    one_input = xs["q"].numel() * xs["q"].element_size()
+    copies = [(x.kernel, x.store_bytes) for x in counted.launch_log
+              if x.torch_op and x.kernel in ("aten.clone", "aten.copy_", "aten._to_copy")]
+    assert copies and all(written < one_input for _, written in copies), copies   # the initial state's only
