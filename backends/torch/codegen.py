@@ -209,8 +209,8 @@ class Emitter:
         A = self._lifted(form.A, 2, "")
         b = self._lifted(form.b, 1, "None")
         name = self.fresh("seq", s)
-        self.emit(f"from {__package__}.semiring import dense_semiring_stage")
-        self.emit(f"{name} = dense_semiring_stage({form.kind!r}, {A}, {b}, S0[{s!r}], {self.seq_dims()}, "
+        call = self.form_stage(choice, "semiring", "dense_semiring_stage")
+        self.emit(f"{name} = {call}({form.kind!r}, {A}, {b}, S0[{s!r}], {self.seq_dims()}, "
                   f"products={form.products}, ran=RAN)", upd)
         self.seq[upd.id] = name
 
@@ -252,13 +252,25 @@ class Emitter:
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 
+    def form_stage(self, choice: Choice, module: str, name: str) -> str:
+        """The function a matrix-state or semiring stage calls (the driver's record `ran=RAN`
+        its last argument): torch's `name` of backends/torch/<module>.py (scans.py is `K`). A
+        backend with kernels of its own for these forms overrides this (TritonEmitter), and
+        keeps the operands, bindings and final states of the methods here."""
+        if module == "scans":
+            return f"K.{name}"
+        self.emit(f"from {__package__}.{module} import {name}")
+        return name
+
     def _stage_chunk_delta(self, choice: Choice):
         form = choice.form
         s = form.states[0]
         q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
         g = self._opt(form.log_decay)
         o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"{o}, {fin} = K.delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], {self.seq_dims()})", self.ir.updates[s])
+        call = self.form_stage(choice, "scans", "delta_stage")
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], {self.seq_dims()}, ran=RAN)",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -269,8 +281,9 @@ class Emitter:
         vs = ", ".join(self._tensor(st["v"]) for st in form.steps)
         bs = ", ".join(self._tensor(st["beta"]) for st in form.steps)
         o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"{o}, {fin} = K.delta_product_stage({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], "
-                  f"S0[{s!r}], {self.seq_dims()})", self.ir.updates[s])
+        call = self.form_stage(choice, "scans", "delta_product_stage")
+        self.emit(f"{o}, {fin} = {call}({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], "
+                  f"S0[{s!r}], {self.seq_dims()}, ran=RAN)", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -280,7 +293,9 @@ class Emitter:
         q, k, v, a, b, g = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.a, form.b,
                                                        form.log_decay))
         o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"{o}, {fin} = K.dplr_stage({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()})", self.ir.updates[s])
+        call = self.form_stage(choice, "scans", "dplr_stage")
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()}, ran=RAN)",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 

@@ -857,8 +857,10 @@ def signed_decay(reads, k, v, d, S0, X0, ns: int):
     return outs, ST * (last[..., None, None] if rank == 0 else last[..., None])
 
 
-def delta_stage(q, k, v, beta, g, S0, X0, ns: int):
-    """The (gated) delta-rule stage: inference kernel in place, or chunkwise with gradients."""
+def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None):
+    """The (gated) delta-rule stage: inference kernel in place, or chunkwise with gradients.
+    `ran` (here and in dplr_stage, delta_product_stage): the driver's record of what ran,
+    which every form's stage function takes (codegen's form_stage); these leave it as is."""
     from . import seq_rt as rt
     heads = ns == 3
     tensors = [q, k, v, beta, S0] + ([g] if g is not None else [])
@@ -875,7 +877,7 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int):
     return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
 
 
-def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int):
+def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int, ran: list | None = None):
     """Diagonal plus low rank (KDA, RWKV-7): S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} + k_t v_t^T,
     read out as q_t^T S_t, chunkwise (dplr.py) on [B*heads, T, ...]."""
     from . import seq_rt as rt
@@ -890,10 +892,12 @@ def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int):
     return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
 
 
-def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int):
+def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None,
+                        delta=None):
     """DeltaProduct: n delta-rule steps per token. The steps are interleaved into one
     sequence n times as long ([B, T, n, ...] -> [B, T * n, ...]); the delta rule runs over
-    it and the readout of each token is the one after its last step."""
+    it (`delta`: a stage function as delta_stage, by default that one; the triton backend
+    passes its kernels') and the readout of each token is the one after its last step."""
     from . import seq_rt as rt
     n = len(ks)
     B, T = X0.shape[:2]
@@ -903,5 +907,5 @@ def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int):
         return full.reshape((B, T * n) + tuple(full.shape[3:]))
     Xn = X0[:, :1].expand((B, T * n) + tuple(X0.shape[2:]))   # the longer sequence's shape (a view)
     qn = interleave([q] * n, 1)
-    o, ST = delta_stage(qn, interleave(ks, 1), interleave(vs, 1), interleave(betas, 0), None, S0, Xn, ns)
+    o, ST = (delta or delta_stage)(qn, interleave(ks, 1), interleave(vs, 1), interleave(betas, 0), None, S0, Xn, ns)
     return o.reshape((B, T, n) + tuple(o.shape[2:]))[:, :, -1], ST

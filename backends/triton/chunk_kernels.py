@@ -92,7 +92,7 @@ import triton
 from ..torch import seq_rt as rt
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.scans import LOG_DECAY_FLOOR
-from .launch import Kernels
+from .launch import Kernels, launcher
 SOURCE = r'''
 @triton.jit
 def _widen(x):
@@ -666,14 +666,8 @@ def header(K: int, V: int) -> str:
 
 
 def _launcher(ns: dict, device, blocks: Blocks):
-    """kernel name, grid -> the launch, with the blocks' options on a GPU (the interpreter takes none)."""
-    def launch(name, grid):
-        kernel = ns[name][grid]
-        if device.type != "cuda":
-            return kernel
-        options = blocks.launch_options(name)
-        return lambda *args, **kw: kernel(*args, **options, **kw)
-    return launch
+    """kernel name, grid -> the launch, with the blocks' options on a GPU."""
+    return launcher(ns, device, blocks.launch_options)
 
 
 _DUMMY: dict = {}   # device -> the int32 table a launch without cu_seqlens passes (never read)

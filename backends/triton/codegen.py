@@ -181,59 +181,32 @@ class TritonEmitter(Emitter):
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 
+    # The forms whose torch emitters (operands, readouts, final states) run unchanged on this
+    # backend's own kernels: form_stage names the kernel module's stage function instead.
+    OWN_STAGES = {"delta_stage": "delta_kernels", "delta_product_stage": "delta_kernels",
+                  "dplr_stage": "dplr_kernels", "dense_semiring_stage": "semiring_kernels"}
+
+    def form_stage(self, choice: Choice, module: str, name: str) -> str:
+        if choice.kernel.borrowed:
+            return super().form_stage(choice, module, name)
+        self.emit(f"from {__package__}.{self.OWN_STAGES[name]} import {name} as triton_{name}")
+        return f"triton_{name}"
+
     def _triton_dplr(self, choice: Choice):
-        """A ChunkDPLR stage (KDA, RWKV-7) on the Triton fused-recurrent kernels of
-        dplr_kernels.py, called as the torch backend calls its chunk form (_stage_dplr)."""
-        form = choice.form
-        s = form.states[0]
-        q, k, v, a, b, g = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.a, form.b,
-                                                       form.log_decay))
-        o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"from {__package__}.dplr_kernels import dplr_stage as triton_dplr_stage")
-        self.emit(f"{o}, {fin} = triton_dplr_stage({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()})"
-                  f"  # triton kernels dplr_fwd / dplr_bwd", self.ir.updates[s])
-        self._bind_readouts(form.readouts, f"[{o}]")
-        self.final[s] = fin
+        """KDA, RWKV-7 on dplr_kernels.py (the fused recurrence)."""
+        self._stage_dplr(choice)
 
     def _triton_dense_semiring(self, choice: Choice):
-        """A dense semiring stage (HMM forward, Viterbi) on the Triton loop of semiring_kernels.py,
-        its operands lifted as the torch backend lifts them (_stage_dense_semiring)."""
-        form = choice.form
-        s = form.states[0]
-        upd = self.ir.updates[s]
-        A, b = self._lifted(form.A, 2, ""), self._lifted(form.b, 1, "None")
-        name = self.fresh("seq", s)
-        self.emit(f"from {__package__}.semiring_kernels import dense_semiring_stage as triton_semiring_stage")
-        self.emit(f"{name} = triton_semiring_stage({form.kind!r}, {A}, {b}, S0[{s!r}], {self.seq_dims()}, ran=RAN)"
-                  f"  # triton kernels dense_semiring_fwd / _bwd", upd)
-        self.seq[upd.id] = name
+        """HMM forward, Viterbi on semiring_kernels.py (the streamed loop)."""
+        self._stage_dense_semiring(choice)
 
     def _triton_chunk_delta(self, choice: Choice):
-        """A ChunkDelta stage (DeltaNet, Gated DeltaNet) on the Triton chunkwise kernels of
-        delta_kernels.py, called as the torch backend calls its form (_stage_chunk_delta)."""
-        form = choice.form
-        s = form.states[0]
-        q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
-        g = self._opt(form.log_decay)
-        o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"from {__package__}.delta_kernels import delta_stage as triton_delta_stage")
-        self.emit(f"{o}, {fin} = triton_delta_stage({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], {self.seq_dims()}, "
-                  f"ran=RAN)  # triton kernels delta_*", self.ir.updates[s])
-        self._bind_readouts(form.readouts, f"[{o}]")
-        self.final[s] = fin
+        """DeltaNet, Gated DeltaNet on delta_kernels.py."""
+        self._stage_chunk_delta(choice)
 
     def _triton_delta_product(self, choice: Choice):
-        """A HouseholderProducts stage (DeltaProduct): its steps interleaved onto the same
-        kernels (delta_kernels.delta_product_stage), as torch's _stage_chunk_delta_product."""
-        form = choice.form
-        s = form.states[0]
-        ks, vs, bs = (", ".join(self._tensor(st[x]) for st in form.steps) for x in ("k", "v", "beta"))
-        o, fin = self.fresh("reads"), self.fresh("fin", s)
-        self.emit(f"from {__package__}.delta_kernels import delta_product_stage as triton_delta_product_stage")
-        self.emit(f"{o}, {fin} = triton_delta_product_stage({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], "
-                  f"[{bs}], S0[{s!r}], {self.seq_dims()}, ran=RAN)  # triton kernels delta_*", self.ir.updates[s])
-        self._bind_readouts(form.readouts, f"[{o}]")
-        self.final[s] = fin
+        """DeltaProduct: its steps interleaved onto delta_kernels.py's kernels."""
+        self._stage_chunk_delta_product(choice)
 
     def _triton_wavefront(self, choice: Choice):
         """A grid runs in grid_kernels.GridProgram (its kernel and its torch driver), not in

@@ -58,7 +58,7 @@ import triton
 from ..torch import seq_rt as rt
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.scans import LOG_DECAY_FLOOR
-from .launch import Kernels
+from .launch import Kernels, launcher
 
 SOURCE = r'''
 @triton.jit
@@ -430,14 +430,8 @@ LAUNCH = {name: (8, 1) for name in (
 
 
 def _launcher(ns: dict, device):
-    """kernel name, grid -> the launch, with LAUNCH's options on a GPU (the interpreter takes none)."""
-    def launch(name, grid):
-        if device.type != "cuda":
-            return ns[name][grid]
-        warps, stages = LAUNCH[name]
-        kernel = ns[name][grid]
-        return lambda *args, **kw: kernel(*args, num_warps=warps, num_stages=stages, **kw)
-    return launch
+    """kernel name, grid -> the launch, with LAUNCH's options on a GPU."""
+    return launcher(ns, device, lambda name: dict(zip(("num_warps", "num_stages"), LAUNCH[name])))
 
 
 def chunk_size(device, K: int) -> int:
@@ -567,6 +561,11 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None):
         if ran is not None:
             ran[-1] = "torch.chunk_delta"
         return scans.delta_stage(q, k, v, beta, g, S0, X0, ns)
+    return _on_kernels(q, k, v, beta, g, S0, X0, ns)
+
+
+def _on_kernels(q, k, v, beta, g, S0, X0, ns: int):
+    """delta_stage's kernel path (inputs known finite), in scans.delta_stage's signature."""
     o, ST = chunk_delta(rt.to_bt(q, 1, X0, ns), rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns),
                         rt.to_bt(beta, 0, X0, ns), None if g is None else rt.to_bt(g, 0, X0, ns),
                         rt.to_b(S0, ns - 1))
@@ -574,25 +573,16 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None):
 
 
 def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None):
-    """DeltaProduct (HouseholderProducts) on the same kernels, as scans.delta_product_stage:
-    the n steps of every token interleaved into one delta rule over T * n steps, whose
-    readout is taken after each token's last step (q is read at every step; the others'
-    outputs are dropped, so their cotangents are zero)."""
+    """DeltaProduct (HouseholderProducts) on the same kernels: scans.delta_product_stage's
+    interleaving of the n steps of every token into one delta rule over T * n steps (read
+    out after each token's last step), that delta rule run here; a non-finite input runs
+    torch's form, as delta_stage does."""
+    from ..torch import scans
     if not rt.all_finite(q, *ks, *vs, *betas):
-        from ..torch import scans
         if ran is not None:
             ran[-1] = "torch.delta_product"
         return scans.delta_product_stage(q, ks, vs, betas, S0, X0, ns)
-    n = len(ks)
-    B, T = X0.shape[:2]
-
-    def interleave(xs, rank):
-        full = torch.stack([rt.full_seq(x, X0, ns, rank) for x in xs], 2)   # [B, T, n, (H), ...]
-        return full.reshape((B, T * n) + tuple(full.shape[3:]))
-    Xn = X0[:, :1].expand((B, T * n) + tuple(X0.shape[2:]))   # the longer sequence's shape (a view)
-    o, ST = delta_stage(interleave([q] * n, 1), interleave(ks, 1), interleave(vs, 1), interleave(betas, 0), None,
-                        S0, Xn, ns)
-    return o.reshape((B, T, n) + tuple(o.shape[2:]))[:, :, -1], ST
+    return scans.delta_product_stage(q, ks, vs, betas, S0, X0, ns, delta=_on_kernels)
 
 
 # Every kernel as the GPU launches it (chunk_size's BT, LAUNCH's warps), for ahead-of-time compiles:

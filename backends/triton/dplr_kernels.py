@@ -38,7 +38,7 @@ import triton
 
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.dplr import LOG_DECAY_FLOOR
-from .launch import Kernels
+from .launch import Kernels, launcher
 
 SOURCE = r'''
 @triton.jit
@@ -160,12 +160,8 @@ LAUNCH = {"dplr_fwd": 4, "dplr_bwd": 8}
 
 
 def _launcher(ns: dict, device):
-    def launch(name, grid):
-        kernel = ns[name][grid]
-        if device.type != "cuda":
-            return kernel
-        return lambda *args, **kw: kernel(*args, num_warps=LAUNCH[name], num_stages=1, **kw)
-    return launch
+    """kernel name, grid -> the launch, with LAUNCH's warps on a GPU."""
+    return launcher(ns, device, lambda name: {"num_warps": LAUNCH[name], "num_stages": 1})
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
@@ -243,7 +239,7 @@ def fused_recurrent_dplr(q, k, v, a, b, g, S0):
     return DPLRFunction.apply(*(x.contiguous() for x in (q, k, v, a, b, g, S0)))
 
 
-def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int):
+def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int, ran: list | None = None):
     """The triton backend's ChunkDPLR stage, from the driver's whole-sequence values as
     backends/torch/scans.dplr_stage takes them: heads folded into the rows, a scalar decay
     broadcast over the keys."""

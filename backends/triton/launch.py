@@ -36,6 +36,19 @@ class Kernels:
         return self._ns[interpret]
 
 
+def launcher(ns: dict, device, options):
+    """kernel name, grid -> the launch of a kernel of a fixed set (chunk, delta, DPLR,
+    semiring kernels), with options(name) (num_warps, num_stages) on a GPU; the
+    interpreter takes none."""
+    def launch(name, grid):
+        kernel = ns[name][grid]
+        if device.type != "cuda":
+            return kernel
+        chosen = options(name)
+        return lambda *args, **kw: kernel(*args, **chosen, **kw)
+    return launch
+
+
 RECORD: list | None = None   # set to a list to record (kernel, minimum bytes) per forward launch
 
 

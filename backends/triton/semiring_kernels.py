@@ -36,7 +36,7 @@ import triton
 
 from ..torch import semiring
 from ..torch.double_backward import recompute_vjp, wants_graph
-from .launch import Kernels
+from .launch import Kernels, launcher
 
 SOURCE = r'''
 @triton.jit
@@ -162,10 +162,8 @@ def _tiles(N: int, device) -> tuple[int, int]:
 
 
 def _launch(name: str, R: int, device):
-    kernel = _KERNELS.ns(device)[name][(R,)]
-    if device.type != "cuda":
-        return kernel
-    return lambda *args, **kw: kernel(*args, num_warps=NUM_WARPS, **kw)
+    """One program per row; NUM_WARPS on a GPU."""
+    return launcher(_KERNELS.ns(device), device, lambda _: {"num_warps": NUM_WARPS})(name, (R,))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -216,9 +214,11 @@ def _backward(kind: str, shared: bool, A, b, h0, h, gh):
     return dA, db, dh0
 
 
-def dense_semiring_stage(kind: str, A, b, h0, X0, ns: int, ran: list | None = None):
-    """The triton backend's dense semiring stage (sequential variant), from the driver's
-    whole-sequence values as backends/torch/semiring.dense_semiring_stage takes them."""
+def dense_semiring_stage(kind: str, A, b, h0, X0, ns: int, products: bool = False, ran: list | None = None):
+    """The triton backend's dense semiring stage, from the driver's whole-sequence values as
+    backends/torch/semiring.dense_semiring_stage takes them: the sequential variant (the
+    registry declines `products`, which has no Triton kernel)."""
+    assert not products, "triton.dense_semiring runs the loop variant only (kernels.py)"
     return semiring.dense_semiring_stage(kind, A, b, h0, X0, ns, products=False, ran=ran,
                                          loop=DenseSemiringLoop.apply)
 
