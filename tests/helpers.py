@@ -110,3 +110,41 @@ def outputs_and_grads(layer, xs, state, **call):
     loss = loss + sum((s * 0.3).sum() for s in fin.values())
     wrt = list(xs.values()) + list(state.values()) + list(layer.parameters())
     return out, fin, torch.autograd.grad(loss, wrt, allow_unused=True)
+
+
+def reference_errors(spec, dims, B, T, dtype, heads=None, seed=0, *, kernel, backend="triton", **call):
+    """Max abs errors {"out", "state", "grad"} of `backend` against the reference backend, from
+    a random initial state whose gradient is compared too, and the outputs' scale ("scale",
+    at least 1). Asserts that `kernel` ran and that every input and the initial state get a
+    gradient (on both sides alike). `call`: reverse=, cu_seqlens= (one initial state per
+    sequence then)."""
+    import torch
+    ref, other = paired_layers(spec, backend, dims, heads, dtype, seed)
+    xs = {k: v.requires_grad_() for k, v in random_inputs(spec, ref, B, T, dtype, seed).items()}
+    _, shapes = ref(**{k: v[:, :1].detach() for k, v in xs.items()})
+    n_rows = len(call["cu_seqlens"]) - 1 if "cu_seqlens" in call else B
+    g = torch.Generator().manual_seed(seed + 2)
+    st = {k: (0.5 * torch.randn((n_rows,) + v.shape[1:], generator=g, dtype=torch.float64)).to(dtype)
+          .requires_grad_() for k, v in shapes.items() if torch.is_floating_point(v)}
+    (o1, s1), (o2, s2) = ref(**xs, state=st, **call), other(**xs, state=st, **call)
+    assert kernel in other.ran, other.ran
+    o1, o2 = as_tuple(o1), as_tuple(o2)
+    errs = {"out": max(float((a - b).detach().abs().max()) for a, b in zip(o1, o2)),
+            "state": max(float((s1[k] - s2[k]).detach().abs().max()) for k in s1)}
+    w = [torch.randn(a.shape, generator=g, dtype=torch.float64).to(dtype) for a in o1]
+    leaves = list(xs.values()) + list(st.values())
+    grads = []
+    for layer, outs, states in ((ref, o1, s1), (other, o2, s2)):
+        loss = sum((a * c).sum() for a, c in zip(outs, w)) + sum(v.sum() for v in states.values())
+        grads.append(torch.autograd.grad(loss, leaves + list(layer.parameters()), allow_unused=True))
+    assert all((a is None) == (b is None) for a, b in zip(*grads))
+    assert all(a is not None for a in grads[0][:len(leaves)])      # every input and the initial state
+    errs["grad"] = max((float((a - b).abs().max()) for a, b in zip(*grads) if a is not None), default=0.0)
+    errs["scale"] = max(1.0, max(float(a.detach().abs().max()) for a in o1))
+    return errs
+
+
+def assert_close(errs, tol=1e-10):
+    """reference_errors within tol of the outputs' scale (gradients within 10 tol)."""
+    scale = errs["scale"]
+    assert errs["out"] <= tol * scale and errs["state"] <= tol * scale and errs["grad"] <= 10 * tol * scale, errs

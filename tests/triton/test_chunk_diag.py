@@ -6,12 +6,14 @@ the kernels against the torch chunk form directly (several readouts, strong deca
 blocks, unread outputs); and the kernels compile for sm_80 / sm_90 without spills."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import triton
 
 import recdsl
-from helpers import paired_layers, random_inputs
+from helpers import assert_close, random_inputs, reference_errors
 from recdsl.backends.torch import scans
 from recdsl.backends.triton import chunk_kernels
 from recdsl.lowering import ChunkDiag
@@ -62,50 +64,21 @@ cell Signed(K, V):
     assert any(p.kernel == KERNEL and "sign" in p.reason for p in choice.passed), choice.passed
 
 
-def _compare(spec, dims, B, T, dtype, heads=None, seed=0, **call):
-    """Max abs errors (outputs, states, grads) of triton vs reference, from a random initial
-    state whose gradient is compared too; and the scale of the outputs."""
-    ref, tri = paired_layers(spec, "triton", dims, heads, dtype, seed)
-    xs = {k: v.requires_grad_() for k, v in random_inputs(spec, ref, B, T, dtype, seed).items()}
-    _, shapes = ref(**{k: v[:, :1].detach() for k, v in xs.items()})
-    n_rows = len(call["cu_seqlens"]) - 1 if "cu_seqlens" in call else B
-    g = torch.Generator().manual_seed(seed + 2)
-    st = {k: (0.5 * torch.randn((n_rows,) + v.shape[1:], generator=g, dtype=torch.float64)).to(dtype)
-          .requires_grad_() for k, v in shapes.items() if torch.is_floating_point(v)}
-    (o1, s1), (o2, s2) = ref(**xs, state=st, **call), tri(**xs, state=st, **call)
-    assert KERNEL in tri.ran
-    o1, o2 = (o1 if isinstance(o1, tuple) else (o1,)), (o2 if isinstance(o2, tuple) else (o2,))
-    errs = {"out": max(float((a - b).detach().abs().max()) for a, b in zip(o1, o2)),
-            "state": max(float((s1[k] - s2[k]).detach().abs().max()) for k in s1)}
-    w = [torch.randn(a.shape, generator=g, dtype=torch.float64).to(dtype) for a in o1]
-    leaves = list(xs.values()) + list(st.values())
-    grads = []
-    for layer, os_, ss in ((ref, o1, s1), (tri, o2, s2)):
-        loss = sum((a * c).sum() for a, c in zip(os_, w)) + sum(v.sum() for v in ss.values())
-        grads.append(torch.autograd.grad(loss, leaves + list(layer.parameters()), allow_unused=True))
-    errs["grad"] = max((float((a - b).abs().max()) for a, b in zip(*grads) if a is not None and b is not None),
-                       default=0.0)
-    assert all((a is None) == (b is None) for a, b in zip(*grads))
-    errs["scale"] = max(1.0, max(float(a.detach().abs().max()) for a in o1))
-    return errs
-
-
-def _assert_close(e, tol):
-    assert e["out"] <= tol * e["scale"] and e["state"] <= tol * e["scale"] and e["grad"] <= 10 * tol * e["scale"], e
+_compare = functools.partial(reference_errors, kernel=KERNEL)
 
 
 @pytest.mark.parametrize("T", [1, 37, 64])
 @pytest.mark.parametrize("name", CELLS)
 def test_cells_match_reference_fp64(name, T):
     spec, dims = _dims(name, 16, 16)
-    _assert_close(_compare(spec, dims, 2, T, torch.float64), 1e-10)
+    assert_close(_compare(spec, dims, 2, T, torch.float64), 1e-10)
 
 
 @pytest.mark.parametrize("name", ["gla", "mamba2", "rwkv6"])
 def test_sizes_not_a_power_of_two(name):
     """K = V = 60: padded key tiles and two V blocks."""
     spec, dims = _dims(name, 60, 60)
-    _assert_close(_compare(spec, dims, 2, 37, torch.float64), 1e-10)
+    assert_close(_compare(spec, dims, 2, 37, torch.float64), 1e-10)
 
 
 @pytest.mark.parametrize("name", ["gla", "lightning_attention", "mamba2"])
@@ -118,7 +91,7 @@ def test_float32_within_fla_style_tolerance(name):
 @pytest.mark.parametrize("name", ["gla", "hgrn2"])
 def test_heads(name):
     spec, dims = _dims(name, 16, 16)
-    _assert_close(_compare(spec, dims, 2, 37, torch.float64, heads=2), 1e-10)
+    assert_close(_compare(spec, dims, 2, 37, torch.float64, heads=2), 1e-10)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -131,10 +104,10 @@ def test_reverse_and_cu_seqlens_through_the_layer(name, reverse, monkeypatch):
     spec, dims = _dims(name, 16, 16)
     native = emit_cell(spec.lower(**dims), "triton").selection.native
     assert native == (name != "rwkv6")
-    _assert_close(_compare(spec, dims, 2, 37, torch.float64, reverse=reverse), 1e-10)
+    assert_close(_compare(spec, dims, 2, 37, torch.float64, reverse=reverse), 1e-10)
     counts = _launch_counter(monkeypatch)
     cu = torch.tensor([0, 7, 7, 8, 40])
-    _assert_close(_compare(spec, dims, 1, 40, torch.float64, cu_seqlens=cu, reverse=reverse), 1e-10)
+    assert_close(_compare(spec, dims, 1, 40, torch.float64, cu_seqlens=cu, reverse=reverse), 1e-10)
     # the runtime's split: one call per non-empty sequence
     assert counts["chunk_diag_fwd_states"] == (1 if native else 3), counts
 

@@ -7,12 +7,14 @@ dplr.naive_dplr directly (V blocks, checkpoint segments, unread outputs, strong 
 and the kernels compile for sm_80 / sm_90 without spills."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import triton
 
 import recdsl
-from helpers import paired_layers, random_inputs
+from helpers import assert_close, random_inputs, reference_errors
 from recdsl.backends.torch import dplr
 from recdsl.backends.triton import dplr_kernels
 from recdsl.lowering import ChunkDPLR
@@ -39,36 +41,7 @@ def test_cells_select_and_run_the_triton_dplr_kernels(name):
     assert KERNEL in layer.ran
 
 
-def _compare(spec, dims, B, T, dtype, heads=None, seed=0, **call):
-    """Max abs errors (outputs, states, grads) of triton vs reference, from a random initial
-    state whose gradient is compared too; and the scale of the outputs."""
-    ref, tri = paired_layers(spec, "triton", dims, heads, dtype, seed)
-    xs = {k: v.requires_grad_() for k, v in random_inputs(spec, ref, B, T, dtype, seed).items()}
-    _, shapes = ref(**{k: v[:, :1].detach() for k, v in xs.items()})
-    n_rows = len(call["cu_seqlens"]) - 1 if "cu_seqlens" in call else B
-    g = torch.Generator().manual_seed(seed + 2)
-    st = {k: (0.5 * torch.randn((n_rows,) + v.shape[1:], generator=g, dtype=torch.float64)).to(dtype)
-          .requires_grad_() for k, v in shapes.items() if torch.is_floating_point(v)}
-    (o1, s1), (o2, s2) = ref(**xs, state=st, **call), tri(**xs, state=st, **call)
-    assert KERNEL in tri.ran
-    o1, o2 = (o1 if isinstance(o1, tuple) else (o1,)), (o2 if isinstance(o2, tuple) else (o2,))
-    errs = {"out": max(float((a - b).detach().abs().max()) for a, b in zip(o1, o2)),
-            "state": max(float((s1[k] - s2[k]).detach().abs().max()) for k in s1)}
-    w = [torch.randn(a.shape, generator=g, dtype=torch.float64).to(dtype) for a in o1]
-    leaves = list(xs.values()) + list(st.values())
-    grads = []
-    for layer, os_, ss in ((ref, o1, s1), (tri, o2, s2)):
-        loss = sum((a * c).sum() for a, c in zip(os_, w)) + sum(v.sum() for v in ss.values())
-        grads.append(torch.autograd.grad(loss, leaves + list(layer.parameters()), allow_unused=True))
-    assert all((a is None) == (b is None) for a, b in zip(*grads))
-    assert all(a is not None for a in grads[0][:len(leaves)])      # every input and the initial state
-    errs["grad"] = max((float((a - b).abs().max()) for a, b in zip(*grads) if a is not None), default=0.0)
-    errs["scale"] = max(1.0, max(float(a.detach().abs().max()) for a in o1))
-    return errs
-
-
-def _assert_close(e, tol=1e-10):
-    assert e["out"] <= tol * e["scale"] and e["state"] <= tol * e["scale"] and e["grad"] <= 10 * tol * e["scale"], e
+_compare = functools.partial(reference_errors, kernel=KERNEL)
 
 
 # Triton's interpreter runs the time loops step by step (a few seconds per 40 steps of one
@@ -78,7 +51,7 @@ def _assert_close(e, tol=1e-10):
 def test_cells_match_reference_fp64(name, T):
     """T = 37, 64: three and four checkpoint segments of the backward (the last one short at 37)."""
     spec, dims = _dims(name, 16, 16)
-    _assert_close(_compare(spec, dims, 1, T, torch.float64))
+    assert_close(_compare(spec, dims, 1, T, torch.float64))
 
 
 @pytest.mark.parametrize("name,K,V", [("kda", 60, 60), pytest.param("rwkv7", 16, 60, marks=pytest.mark.slow),
@@ -86,13 +59,13 @@ def test_cells_match_reference_fp64(name, T):
 def test_sizes_not_a_power_of_two(name, K, V):
     """K, V = 60: padded key tiles, two V blocks (the key-side gradients summed over them)."""
     spec, dims = _dims(name, K, V)
-    _assert_close(_compare(spec, dims, 1, 20, torch.float64))
+    assert_close(_compare(spec, dims, 1, 20, torch.float64))
 
 
 @pytest.mark.parametrize("name", ["kda", pytest.param("rwkv7", marks=pytest.mark.slow)])
 def test_heads(name):
     spec, dims = _dims(name, 16, 16, heads=2)
-    _assert_close(_compare(spec, dims, 2, 12, torch.float64, heads=2))
+    assert_close(_compare(spec, dims, 2, 12, torch.float64, heads=2))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -100,9 +73,9 @@ def test_reverse_and_cu_seqlens_by_the_runtime(reverse):
     """The runtime flips / splits around the kernels (Caps: reverse and varlen "runtime"):
     an empty and a one-step sequence among them, per-sequence initial states."""
     spec, dims = _dims("kda", 16, 16)
-    _assert_close(_compare(spec, dims, 1, 20, torch.float64, reverse=reverse))
+    assert_close(_compare(spec, dims, 1, 20, torch.float64, reverse=reverse))
     cu = torch.tensor([0, 7, 7, 8, 24])
-    _assert_close(_compare(spec, dims, 1, 24, torch.float64, cu_seqlens=cu, reverse=reverse))
+    assert_close(_compare(spec, dims, 1, 24, torch.float64, cu_seqlens=cu, reverse=reverse))
 
 
 @pytest.mark.slow
