@@ -47,7 +47,7 @@ from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.torch_expr import compile_nodes
 
 from ..torch.double_backward import unsupported, wants_graph
-from .fusion import annotate, kernel_name
+from .fusion import kernel_name
 from .fusion import pow2 as _pow2
 from .seq_kernels import NotEligible, SeqKernel
 
@@ -137,20 +137,15 @@ class GridKernel(SeqKernel):
             return f"{base} + (bb * NH + hd) * {self.slen(k)} + {idx} + 0 * cx{rows}", f"act{rows}{lanes}"
         return f"{base} + ({self._cell('cx', 'cy')}){rows} * {self.slen(k)} + {idx}", f"act{rows}{lanes}"
 
-    def _leaf_loads(self, L: list[str], t: str, need: set | None = None):
-        for i, x in enumerate(self.leaves):
-            for w in self.leaf_wins[x.id]:
-                if need is not None and self.key(x, w) not in need:
-                    continue
-                rows = self._rows_of(x)
-                if x.op == Op.STATE:
-                    val = self._neighbour_load(x, w)
-                else:
-                    ptr = (f"l{i} + bb * l{i}_sb + cx{rows} * l{i}_sx + cy{rows} * l{i}_sy + hd * l{i}_sh + "
-                           f"{self._elements(x, w)} * l{i}_sn")
-                    val = f"tl.load({ptr}, mask={self.running(x, w)}, other=0.0)"
-                    val = f"{val} != 0" if x.is_bool else f"{val}.to(ACC)"
-                L.append(annotate(f"        {self.vname(x, w)} = {val}", self.notes(x, with_text=False)))
+    def _leaf_value(self, i: int, x: Node, w, t: str) -> str:
+        """A state read is a neighbour's (`.left` / `.up`); other leaves load as in SeqKernel."""
+        return self._neighbour_load(x, w) if x.op == Op.STATE else super()._leaf_value(i, x, w, t)
+
+    def _leaf_ptr(self, i: int, x: Node, w, t: str) -> str:
+        """Leaf i at the diagonal's cells (strides: batch, x, y, head, element)."""
+        rows = self._rows_of(x)
+        return (f"l{i} + bb * l{i}_sb + cx{rows} * l{i}_sx + cy{rows} * l{i}_sy + hd * l{i}_sh + "
+                f"{self._elements(x, w)} * l{i}_sn")
 
     def _neighbour_load(self, x: Node, w) -> str:
         """A `.left` / `.up` read: the neighbour's new state (written at diagonal d-1), or the

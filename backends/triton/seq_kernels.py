@@ -1078,12 +1078,18 @@ class SeqKernel:
             for w in self.leaf_wins[x.id]:
                 if need is not None and self.key(x, w) not in need:
                     continue
-                rows = self._rows_of(x)
-                ptr = (f"l{i} + bb{rows} * l{i}_sb + {t}{rows} * l{i}_st + hd * l{i}_sh + "
-                       f"{self._elements(x, w)} * l{i}_sn")
-                val = f"tl.load({ptr}, mask={self.running(x, w)}, other=0.0)"
-                val = f"{val} != 0" if x.is_bool else f"{val}.to(ACC)"
+                val = self._leaf_value(i, x, w, t)
                 L.append(annotate(f"        {self.vname(x, w)} = {val}", self.notes(x, with_text=False)))
+
+    def _leaf_value(self, i: int, x: Node, w, t: str) -> str:
+        """Leaf i's tile at window w of this step, loaded in the accumulation dtype."""
+        val = f"tl.load({self._leaf_ptr(i, x, w, t)}, mask={self.running(x, w)}, other=0.0)"
+        return f"{val} != 0" if x.is_bool else f"{val}.to(ACC)"
+
+    def _leaf_ptr(self, i: int, x: Node, w, t: str) -> str:
+        """Leaf i's addresses at step t (its strides: batch, time, head, element)."""
+        rows = self._rows_of(x)
+        return f"l{i} + bb{rows} * l{i}_sb + {t}{rows} * l{i}_st + hd * l{i}_sh + {self._elements(x, w)} * l{i}_sn"
 
     def _step(self, L: list[str], need: set | None = None):
         """The step's values in order (leaves are loaded already); only those in `need`,
