@@ -466,14 +466,15 @@ class RecModule(nn.Module):
             for n, var in cell.edges.items():
                 self._check_graph_input(n, xs[n], ["B", "E"], (B, E), heads + self.ir.concrete(var.shape),
                                         what="edge input", hint=f"the edge list has E = {E} edges")
+            pairs = None
             if cell.pairs:
                 pairs = dag.line_pairs(edges)
                 for n, var in cell.pairs.items():
                     xs[n] = self._pair_input(n, xs[n], B, E, pairs, heads + self.ir.concrete(var.shape))
             if program is not None:
-                outs, states = program.run_graph(xs, params, init, edges, dtype, **kw)
+                outs, states = program.run_graph(xs, params, init, edges, dtype, pairs=pairs, **kw)
             else:
-                outs, states = graph.run_dag(self.ir, xs, params, init, edges, dtype, **kw)
+                outs, states = graph.run_dag(self.ir, xs, params, init, edges, dtype, pairs=pairs, **kw)
         return self._pack(outs, first.dtype), states
 
     @staticmethod

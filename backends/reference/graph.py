@@ -78,7 +78,7 @@ def run_grid(ir: IRCell, xs: dict, params: dict, init: dict, dtype, heads: bool)
     return out, states
 
 
-def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor, dtype, heads: int = 0):
+def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor, dtype, heads: int = 0, pairs=None):
     ev = _Eval(ir)
     batch_axes = 2 if heads else 1
     head_shape = (heads,) if heads else ()
@@ -91,7 +91,8 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor,
     device = X0.device
     edge_tensor = as_edges(edges, N)
     order = [int(v) for level in ordered_levels(N, edge_tensor) for v in level]
-    pair_of = {(int(a), int(b)): p for p, (a, b) in enumerate(line_pairs(edge_tensor).tolist())}
+    pairs = line_pairs(edge_tensor) if pairs is None else pairs   # the runtime's, when it has them
+    pair_of = {(int(a), int(b)): p for p, (a, b) in enumerate(pairs.tolist())}
     edges = edge_tensor.tolist()
     E = len(edges)
     ins = [[] for _ in range(N)]

@@ -69,12 +69,12 @@ class GraphProgram:
     def run(self, *args, **kw):
         raise RecError(f"a cell over {self.ir.over} runs through forward(...) on grids / DAGs")
 
-    def run_graph(self, xs: dict, params: dict, init: dict, edges, dtype, heads: int = 0):
+    def run_graph(self, xs: dict, params: dict, init: dict, edges, dtype, heads: int = 0, pairs=None):
         self.ran.clear()
         self.ran.extend(c.kernel.name for c in self.selection.stages)
         if self.ir.over == "grid2d":
             return self._grid(xs, params, init, dtype, heads)
-        return run_dag(self.ir, xs, params, init, edges, dtype, heads)
+        return run_dag(self.ir, xs, params, init, edges, dtype, heads, pairs)
 
     # ------------------------------------------------------------------ grid2d
     def _grid_plan(self):
@@ -350,7 +350,8 @@ def c_grid_why_not(ir: IRCell) -> str | None:
         return f"no C grid loop: {e}"
     return None
 
-def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype, heads: int = 0):
+def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype, heads: int = 0, pairs=None):
+    """`pairs`: line_pairs(edges) when the caller has it already (the runtime, for pair inputs)."""
     cell = ir.checked
     batch_axes = 2 if heads else 1
     head_shape = (heads,) if heads else ()
@@ -372,7 +373,8 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype, heads:
     edge_upd = {s: u for s, u in ir.updates.items() if s in on_edge}
     shape_of = lambda n: head_shape + ir.shape_of(n)  # noqa: E731   a value's shape per batch row
     if edge_upd:   # the line graph's pairs, and each pair's node: a level's IO context is its nodes' pairs
-        pairs = line_pairs(edges) if E else torch.zeros((0, 2), dtype=torch.long)
+        if pairs is None:
+            pairs = line_pairs(edges) if E else torch.zeros((0, 2), dtype=torch.long)
         pair_node = dst[pairs[:, 0]]
     # state buffers (written in place per level; reads are index_select, which keeps no values)
     def buffer(s, n):
