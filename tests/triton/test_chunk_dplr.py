@@ -1,13 +1,16 @@
-"""The Triton kernels of the diagonal-plus-low-rank delta rule (backends/triton/dplr_kernels.py,
-registry entry triton.dplr_recurrent: a fused recurrence, forward and reverse-time backward
-from checkpoints): KDA and RWKV-7 select and run them on the triton backend and agree with
-the reference backend (outputs, final states, gradients of every input, parameter and the
-initial state) in Triton's interpreter; the kernels against the per-step torch oracle
-dplr.naive_dplr directly (V blocks, checkpoint segments, unread outputs, strong decays);
-and the kernels compile for sm_80 / sm_90 without spills."""
+"""The Triton kernels of the diagonal-plus-low-rank delta rule (the ChunkDPLR form):
+backends/triton/chunk_dplr_kernels.py (registry entry triton.chunk_dplr: the chunkwise WY/UT
+form, forward and backward) and dplr_kernels.py (triton.dplr_recurrent: the fused recurrence,
+the next candidate). KDA, RWKV-7 and the unseen tests/analysis/cells/kda.rec select the
+chunkwise kernels and agree with the reference backend (outputs, final states, gradients of
+every input, parameter and the initial state) in Triton's interpreter; both kernel sets
+against torch's forms directly (chunk_dplr, the per-step naive_dplr: V blocks, chunks and
+checkpoint segments, unread outputs, strong decays, bf16); and the kernels compile for
+sm_80 / sm_90 without spills."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,50 +19,66 @@ import triton
 import recdsl
 from helpers import assert_close, random_inputs, reference_errors
 from recdsl.backends.torch import dplr
-from recdsl.backends.triton import dplr_kernels
+from recdsl.backends.triton import chunk_dplr_kernels, dplr_kernels
+from recdsl.backends.triton.kernels import REGISTRY
 from recdsl.lowering import ChunkDPLR
 from recdsl.pipeline import emit_cell
 
-CELLS = ["kda", "rwkv7"]
-KERNEL = "triton.dplr_recurrent"
+UNSEEN_KDA = Path(__file__).resolve().parents[1] / "analysis" / "cells" / "kda.rec"
+CELLS = ["kda", "rwkv7", "unseen_kda"]
+KERNEL = "triton.chunk_dplr"
+RECURRENT = "triton.dplr_recurrent"
 
 
 def _dims(name, K, V, heads=1):
     """The cell at K x V; RWKV-7 declares its heads (NH): one unless `heads` says otherwise."""
-    spec = recdsl.load(name)
+    spec = recdsl.load(UNSEEN_KDA if name == "unseen_kda" else name)
     return spec, spec.analysis_dims(K=K, V=V, **({"NH": heads} if name == "rwkv7" else {}))
 
 
 @pytest.mark.parametrize("name", CELLS)
-def test_cells_select_and_run_the_triton_dplr_kernels(name):
+def test_cells_select_and_run_the_chunkwise_dplr_kernels(name):
     spec, dims = _dims(name, 16, 16)
     sel = emit_cell(spec.lower(**dims), "triton").selection
     stages = [c for c in sel.stages if isinstance(c.form, ChunkDPLR)]
     assert stages and all(c.kernel.name == KERNEL and c.kernel.borrowed is None for c in stages), sel
     layer = spec(backend="triton", **dims).double()
     layer(**random_inputs(spec, layer, 1, 5, torch.float64))
-    assert KERNEL in layer.ran
+    assert KERNEL in layer.ran and RECURRENT not in layer.ran, layer.ran
+
+
+def test_the_recurrent_kernels_are_the_next_candidate():
+    names = [k.name for k in REGISTRY.kernels if k.form is ChunkDPLR]
+    assert names[:3] == [KERNEL, RECURRENT, "torch.chunk_dplr"], names
 
 
 _compare = functools.partial(reference_errors, kernel=KERNEL)
 
 
-# Triton's interpreter runs the time loops step by step (a few seconds per 40 steps of one
-# row): the longer shapes are `slow`.
-@pytest.mark.parametrize("name,T", [("kda", 1), ("kda", 37), ("kda", 64), ("rwkv7", 1), ("rwkv7", 37),
-                                    pytest.param("rwkv7", 64, marks=pytest.mark.slow)])
+# The interpreter's chunk is 32 steps (chunk_dplr_kernels.chunk_size): T = 37 two chunks, the
+# last short; 64 two full ones; 200 seven; each with two sub-blocks of 16 (the factored pairs).
+# T = 1: one chunk of 16 (a short sequence's chunk is T rounded up to a power of two, >= 16).
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("T", [1, 37, 64, pytest.param(200, marks=pytest.mark.slow)])
 def test_cells_match_reference_fp64(name, T):
-    """T = 37, 64: three and four checkpoint segments of the backward (the last one short at 37)."""
     spec, dims = _dims(name, 16, 16)
     assert_close(_compare(spec, dims, 1, T, torch.float64))
 
 
-@pytest.mark.parametrize("name,K,V", [("kda", 60, 60), pytest.param("rwkv7", 16, 60, marks=pytest.mark.slow),
-                                      pytest.param("rwkv7", 60, 16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,K,V", [("kda", 60, 60), ("rwkv7", 16, 60), ("unseen_kda", 60, 16),
+                                      pytest.param("rwkv7", 60, 60, marks=pytest.mark.slow)])
 def test_sizes_not_a_power_of_two(name, K, V):
-    """K, V = 60: padded key tiles, two V blocks (the key-side gradients summed over them)."""
+    """K, V = 60: padded key tiles, two V blocks."""
     spec, dims = _dims(name, K, V)
-    assert_close(_compare(spec, dims, 1, 20, torch.float64))
+    assert_close(_compare(spec, dims, 1, 37, torch.float64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("K,V", [(16, 60), (60, 16)])
+def test_long_sequences_not_a_power_of_two(name, K, V):
+    spec, dims = _dims(name, K, V)
+    assert_close(_compare(spec, dims, 1, 200, torch.float64))
 
 
 @pytest.mark.parametrize("name", ["kda", pytest.param("rwkv7", marks=pytest.mark.slow)])
@@ -74,8 +93,22 @@ def test_reverse_and_cu_seqlens_by_the_runtime(reverse):
     an empty and a one-step sequence among them, per-sequence initial states."""
     spec, dims = _dims("kda", 16, 16)
     assert_close(_compare(spec, dims, 1, 20, torch.float64, reverse=reverse))
-    cu = torch.tensor([0, 7, 7, 8, 24])
-    assert_close(_compare(spec, dims, 1, 24, torch.float64, cu_seqlens=cu, reverse=reverse))
+    cu = torch.tensor([0, 7, 7, 8, 40])
+    assert_close(_compare(spec, dims, 1, 40, torch.float64, cu_seqlens=cu, reverse=reverse))
+
+
+def test_a_non_finite_input_runs_the_torch_chunk_form():
+    """chunk_dplr_kernels.dplr_stage hands a call with a NaN input to torch's chunk form (the
+    kernels' tile products would carry it into earlier steps of its chunk): layer.ran says so."""
+    spec, dims = _dims("kda", 16, 16)
+    layer = spec(backend="triton", **dims).double()
+    xs = random_inputs(spec, layer, 1, 40, torch.float64)
+    name = next(iter(xs))
+    xs[name][0, 35] = float("nan")
+    out = layer(**xs)[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert layer.ran == ["torch.chunk_dplr"], layer.ran
+    assert bool(torch.isfinite(out[:, :35]).all())
 
 
 @pytest.mark.slow
@@ -99,12 +132,12 @@ def _inputs(BH, T, K, V, decay=2.0, seed=0):
     return rnd(BH, T, K), rnd(BH, T, K), rnd(BH, T, V), -beta * kappa, kappa, g, rnd(BH, K, V)
 
 
-def _against_naive(q, k, v, a, b, g, S0, read_out=True, read_state=True):
-    """Outputs, final state and every gradient of the Triton kernels and of naive_dplr: the
-    max abs difference, its scale, and whether the Triton ones are finite."""
+def _against(kernels, oracle, inputs, read_out=True, read_state=True):
+    """Outputs, final state and every gradient of `kernels` and of `oracle`: the max abs
+    difference, its scale, and whether the kernels' are finite."""
     res = []
-    for f in (dplr_kernels.fused_recurrent_dplr, dplr.naive_dplr):
-        xs = [x.clone().requires_grad_() for x in (q, k, v, a, b, g, S0)]
+    for f in (kernels, oracle):
+        xs = [x.clone().requires_grad_() for x in inputs]
         o, S = f(*xs)
         w = torch.Generator().manual_seed(5)
         loss = (o * torch.randn(o.shape, generator=w, dtype=o.dtype)).sum() if read_out else 0
@@ -116,32 +149,59 @@ def _against_naive(q, k, v, a, b, g, S0, read_out=True, read_state=True):
     return diff, scale, all(bool(torch.isfinite(x).all()) for x in res[0])
 
 
-def test_kernels_match_the_per_step_oracle():
-    """T = 37: three checkpoint segments, a short last one; V = 40 in two V blocks; K = 20 padded."""
-    diff, scale, finite = _against_naive(*_inputs(1, 37, 20, 40))
+_chunked = functools.partial(_against, chunk_dplr_kernels.chunk_dplr, dplr.chunk_dplr)
+_recurrent = functools.partial(_against, dplr_kernels.fused_recurrent_dplr, dplr.naive_dplr)
+
+
+def test_chunk_size():
+    """64 on a GPU up to K = 64, 32 above; 32 in the interpreter; a short T's power of two (>= 16)."""
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [chunk_dplr_kernels.chunk_size(gpu, K) for K in (16, 64, 128)] == [64, 64, 32]
+    assert [chunk_dplr_kernels.chunk_size(cpu, 64, T) for T in (1, 12, 17, 37)] == [16, 16, 32, 32]
+    assert chunk_dplr_kernels.chunk_size(gpu, 64, 40) == 64
+
+
+@pytest.mark.parametrize("BH,T,K,V", [(1, 37, 20, 40), (2, 64, 16, 16), (1, 1, 16, 16), (1, 12, 16, 24),
+                                      (1, 70, 60, 60)])
+def test_chunk_kernels_match_torchs_chunk_form(BH, T, K, V):
+    """Chunks of 32 (the last short or full), two sub-blocks each, or one chunk of 16 (T = 1,
+    12); V = 40, 60 in two V blocks; K = 20, 60 padded."""
+    diff, scale, finite = _chunked(_inputs(BH, T, K, V))
     assert finite and diff <= 1e-12 * scale, (diff, scale)
 
 
 @pytest.mark.parametrize("read_out,read_state", [(True, False), (False, True)])
-def test_an_unread_output_or_state_gets_no_cotangent(read_out, read_state):
-    diff, scale, finite = _against_naive(*_inputs(1, 18, 16, 16), read_out=read_out, read_state=read_state)
+def test_chunk_kernels_an_unread_output_or_state_gets_no_cotangent(read_out, read_state):
+    diff, scale, finite = _chunked(_inputs(1, 40, 16, 16), read_out=read_out, read_state=read_state)
     assert finite and diff <= 1e-12 * scale, (diff, scale)
 
 
-def test_strong_decay_stays_finite():
-    """Log decays down to -20 per step, one below the floor of -80 (clamped, gradient zero as
-    clamp's): every exponent the kernels take is one step's g <= 0."""
-    q, k, v, a, b, g, S0 = _inputs(1, 20, 16, 16, decay=20.0)
+def test_chunk_kernels_strong_decay_stays_finite():
+    """Log decays down to -20 per step (the pair exponents over a chunk reach -600), one below
+    the floor of -80 (clamped, gradient zero as clamp's): every exponent is <= 0."""
+    q, k, v, a, b, g, S0 = _inputs(2, 45, 16, 16, decay=20.0)
     g[0, 3, :4] = -100.0
-    diff, scale, finite = _against_naive(q, k, v, a, b, g, S0)
+    g[1, 20:] = -20.0
+    diff, scale, finite = _chunked((q, k, v, a, b, g, S0))
     assert finite and diff <= 1e-12 * scale, (diff, scale)
 
 
-def test_double_backward_differentiates_the_torch_form():
+def test_chunk_kernels_bf16_inputs_accumulate_in_fp32():
+    """bf16 inputs are widened to fp32: the results are the fp32 kernels' on the same rounded
+    inputs, returned in the inputs' dtypes."""
+    inputs = [x.to(torch.bfloat16) for x in _inputs(1, 40, 16, 16)]
+    o, S = chunk_dplr_kernels.chunk_dplr(*inputs)
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.bfloat16
+    o64, S64 = dplr.chunk_dplr(*(x.double() for x in inputs))
+    scale = float(o64.abs().max())
+    assert float((o.double() - o64).abs().max()) <= 2 ** -7 * scale
+
+
+def test_chunk_kernels_double_backward_differentiates_the_torch_form():
     """create_graph=True: the backward is autograd's derivative of dplr.chunk_dplr."""
-    inputs = _inputs(1, 12, 16, 16)
+    inputs = _inputs(1, 40, 16, 16)
     res = []
-    for f in (dplr_kernels.fused_recurrent_dplr, dplr.chunk_dplr):
+    for f in (chunk_dplr_kernels.chunk_dplr, dplr.chunk_dplr):
         xs = [x.clone().requires_grad_() for x in inputs]
         o, S = f(*xs)
         first = torch.autograd.grad((o ** 2).sum() + S.sum(), xs, create_graph=True)
@@ -150,29 +210,50 @@ def test_double_backward_differentiates_the_torch_form():
         assert float((x - y).abs().max()) <= 1e-9 * max(1.0, float(y.abs().max()))
 
 
+def test_recurrent_kernels_match_the_per_step_oracle():
+    """T = 37: three checkpoint segments, a short last one; V = 40 in two V blocks; K = 20 padded."""
+    diff, scale, finite = _recurrent(_inputs(1, 37, 20, 40))
+    assert finite and diff <= 1e-12 * scale, (diff, scale)
+
+
+@pytest.mark.parametrize("read_out,read_state", [(True, False), (False, True)])
+def test_recurrent_kernels_an_unread_output_or_state_gets_no_cotangent(read_out, read_state):
+    diff, scale, finite = _recurrent(_inputs(1, 18, 16, 16), read_out=read_out, read_state=read_state)
+    assert finite and diff <= 1e-12 * scale, (diff, scale)
+
+
+def test_recurrent_kernels_strong_decay_stays_finite():
+    q, k, v, a, b, g, S0 = _inputs(1, 20, 16, 16, decay=20.0)
+    g[0, 3, :4] = -100.0
+    diff, scale, finite = _recurrent((q, k, v, a, b, g, S0))
+    assert finite and diff <= 1e-12 * scale, (diff, scale)
+
+
 # ------------------------------------------------------------------ ahead of time
 STDLIB_COMPILES = isinstance(triton.language.standard.zeros, triton.runtime.JITFunction)
 
 
 @pytest.mark.skipif(not STDLIB_COMPILES, reason="TRITON_INTERPRET was set at import")
+@pytest.mark.parametrize("module", [chunk_dplr_kernels, dplr_kernels], ids=["chunk", "recurrent"])
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_without_spills(arch, size, tmp_path, monkeypatch):
-    """K = V = 64 and 128 float32, as a GPU launches them (dplr_kernels.LAUNCH's warps)."""
+def test_kernels_compile_without_spills(arch, size, module, tmp_path, monkeypatch):
+    """K = V = 64 and 128 float32, as a GPU launches them (each module's LAUNCH and chunk size)."""
     monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
-    compiled = dplr_kernels.compile_ahead(arch, K=size, V=size)
-    assert len(compiled) == len(dplr_kernels.AOT_VARIANTS)
+    compiled = module.compile_ahead(arch, K=size, V=size)
+    assert len(compiled) == len(module.AOT_VARIANTS)
     for c in compiled:
         assert f"sm_{arch}" in c.asm["ptx"] and c.registers > 0, c.name
         assert c.spills == 0, f"{c.name} spills {c.spills} bytes on sm_{arch}"
 
 
 @pytest.mark.skipif(not STDLIB_COMPILES, reason="TRITON_INTERPRET was set at import")
-def test_compile_cell_compiles_the_dplr_kernels_of_kda(tmp_path, monkeypatch):
+def test_compile_cell_compiles_the_chunk_dplr_kernels_of_kda(tmp_path, monkeypatch):
     """`recdsl inspect --stage ptx` (compile_cell) compiles the kernels of the stage that runs them."""
     from recdsl.backends import triton as triton_backend
     monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
     spec, dims = _dims("kda", 16, 16)
     _, compiled = triton_backend.compile_cell(emit_cell(spec.lower(**dims), "triton"), 90)
-    assert sorted(c.name for c in compiled) == sorted(name for name, _ in dplr_kernels.AOT_VARIANTS)
-    assert all(c.spills == 0 for c in compiled)
+    names = [c.name for c in compiled if c.name.startswith("chunk_dplr_")]
+    assert sorted(names) == sorted(name for name, _ in chunk_dplr_kernels.AOT_VARIANTS)
+    assert all(c.spills == 0 for c in compiled), [(c.name, c.spills) for c in compiled]
