@@ -385,3 +385,88 @@ class _SeqFn(torch.autograd.Function):
         dparams = [d.sum(0) if heads else d.sum(0)[0] for d in dpart]
         dleaf = [d.sum(3) if c > 1 else d for d, c in zip(dleaf, copies)]
         return (None, None, None, None, None) + tuple(dh0) + tuple(dleaf) + tuple(dparams)
+
+
+# --------------------------------------------------------------------------- chunk stages' operands
+
+def prologue(stage: Stage, leaves: list, X0: torch.Tensor, ns: int) -> list:
+    """Run a chunkwise stage's generated operand kernel (prologue.py): its outputs, each
+    [B, T, (heads,) *shape] contiguous (the driver's layout). Each leaf is read through its
+    [B, T, NH, n] view (expanded where it broadcasts: a param, a per-head value)."""
+    kern = stage.kernel
+    prefix = tuple(X0.shape[:ns])
+    B, T = prefix[:2]
+    NH = prefix[2] if ns == 3 else 1
+    views = [_row_view(x, shape, X0, ns, (B, T, NH)) for x, shape in zip(leaves, kern.leaf_shapes)]
+    return list(_PrologueFn.apply(stage, (B, T, NH, prefix), *views))
+
+
+def _row_view(x, shape: tuple, X0: torch.Tensor, ns: int, rows: tuple) -> torch.Tensor:
+    """A whole-sequence leaf as a [B, T, NH, n] view (n: its elements per step)."""
+    from ..torch.seq_rt import full_seq
+    if not torch.is_tensor(x):
+        x = torch.tensor(float(x), dtype=X0.dtype, device=X0.device)
+    if x.dtype == torch.bool:
+        x = x.to(X0.dtype)
+    x = full_seq(x, X0, ns, len(shape))
+    x = x.expand(tuple(X0.shape[:ns]) + shape)
+    n = 1
+    for size in shape:
+        n *= size
+    return x.reshape(rows + (n,))
+
+
+def _prologue_rows(kern, rows: int, device, backward: bool) -> int:
+    """Rows per program: the GPU's (PrologueKernel.gpu_rows); in the interpreter, where each
+    tile op is one numpy call, as many as ~16K tile elements hold."""
+    if device.type == "cuda":
+        return kern.gpu_rows(backward)
+    return min(pow2(rows), max(16, 16384 // kern.max_lanes))
+
+
+class _PrologueFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stage, dims, *views):
+        B, T, NH, prefix = dims
+        kern = stage.kernel
+        dev = views[0].device
+        dt = views[0].dtype
+        for v in views[1:]:   # the operands' dtype: as torch's ops on the leaves would give
+            dt = torch.promote_types(dt, v.dtype)
+        outs = [torch.empty(prefix + shape, dtype=dt, device=dev) for shape in kern.out_shapes]
+        rows = B * T * NH
+        BR = _prologue_rows(kern, rows, dev, False)
+        _record(stage.name + "_fwd", list(views), outs)
+        stage.fwd(dev)[(triton.cdiv(rows, BR),)](*_row_args(views), *outs, B, T, NH, ACC=_acc(dt), BLOCK_R=BR,
+                                                  **_gpu_opts(dev))
+        ctx.stage, ctx.dims, ctx.dt = stage, dims, dt
+        ctx.save_for_backward(*views)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *douts):
+        stage, (B, T, NH, _) = ctx.stage, ctx.dims
+        kern = stage.kernel
+        views = ctx.saved_tensors
+        if wants_graph(views, douts):
+            # create_graph=True: autograd's derivative of the same math in torch ops (see _ScanFn)
+            fn = lambda *xs: tuple(kern.torch_values(list(xs), ctx.dt))   # noqa: E731
+            grads = [None if g is None else g.reshape(B, T, NH, -1) for g in douts]
+            return (None, None) + tuple(recompute_vjp(fn, list(views), ctx.needs_input_grad[2:], grads))
+        dev = views[0].device
+        prefix = ctx.dims[3]
+        douts = [(g.contiguous() if g is not None else torch.zeros(prefix + shape, dtype=ctx.dt, device=dev))
+                 for g, shape in zip(douts, kern.out_shapes)]
+        grads = [torch.empty(v.shape, dtype=v.dtype, device=dev) for v in views]
+        rows = B * T * NH
+        BR = _prologue_rows(kern, rows, dev, True)
+        stage.bwd(dev)[(triton.cdiv(rows, BR),)](*_row_args(views), *douts, *grads, B, T, NH, ACC=_acc(ctx.dt),
+                                                  BLOCK_R=BR, **_gpu_opts(dev))
+        return (None, None) + tuple(grads)
+
+
+def _row_args(views) -> list:
+    args = []
+    for x in views:
+        args += [x, x.stride(0), x.stride(1), x.stride(2), x.stride(3)]
+    return args
