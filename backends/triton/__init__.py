@@ -130,7 +130,8 @@ def compile_cell(emitted, arch: int = 90):
 # The fixed kernel sets (one module each, the same text for every cell) and the registry
 # entries that run them: `recdsl inspect --stage triton` prints them, compile_cell compiles them.
 FIXED_KERNELS = {"triton.chunk_diag": "chunk_kernels", "triton.chunk_delta": "delta_kernels",
-                 "triton.delta_product": "delta_kernels", "triton.dplr_recurrent": "dplr_kernels",
+                 "triton.delta_product": "delta_kernels", "triton.chunk_dplr": "chunk_dplr_kernels",
+                 "triton.dplr_recurrent": "dplr_kernels",
                  "triton.dense_semiring": "semiring_kernels"}
 
 

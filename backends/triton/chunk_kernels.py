@@ -943,6 +943,52 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, 
     return [o if ns == 3 else o[:, :, 0] for o in outs], rt.from_b(ST, S0)
 
 
+def running_signs(d: torch.Tensor, rev: bool = False, cu=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, whole) for decays d [B, T, ...] of unknown sign: sigma_t the product of sign(d)
+    over the steps of t's sequence up to t in the recurrence's order (right to left under
+    `rev`; each sequence of cu_seqlens on its own), and whole the product over each sequence
+    ([B, ...], or [N, ...] for the N sequences of cu_seqlens over B = 1). From counts of
+    negative decays (a prefix sum over all of T, differenced at the sequence bounds), so it
+    is one pass whatever the packing, and exact (integers)."""
+    negative = (d < 0).to(torch.int64)
+    B, T = negative.shape[:2]
+    counts = torch.cat([negative.new_zeros((B, 1) + negative.shape[2:]), negative.cumsum(1)], 1)   # before t: [:, t]
+    steps = torch.arange(T, device=d.device)
+    bounds = torch.tensor([0, T], device=d.device) if cu is None else cu.to(device=d.device, dtype=torch.int64)
+    seq = torch.searchsorted(bounds[1:], steps, right=True).clamp(max=len(bounds) - 2)
+    if rev:
+        count = counts[:, bounds[seq + 1]] - counts[:, steps]
+    else:
+        count = counts[:, steps + 1] - counts[:, bounds[seq]]
+    whole = counts[:, bounds[1:]] - counts[:, bounds[:-1]]               # [B, N, ...]
+    whole = whole[:, 0] if cu is None else whole[0]
+
+    def parity(n):
+        return (1 - 2 * (n % 2)).to(d.dtype)
+    return parity(count), parity(whole)
+
+
+def signed_matrix_stage(reads, k, v, d, S0, X0, ns: int, ran: list | None = None, rev: bool = False, cu=None):
+    """A ChunkDiag stage whose decay d has no proven sign (a raw param, tanh(.)), on the same
+    kernels (backends/torch/scans.signed_decay's transform, per sequence and direction): with
+    sigma_t the running product of sign(d), S~_t = diag(sigma_t) S_t obeys the recurrence with
+    |d| and keys sigma_t k_t, a read of S_t is (sigma_t q)ᵀ S~_t (sigma_{t-1} = sigma_t sign(d_t)
+    for a read of S_{t-1}), and each sequence's final state gets its sigma back. The kernels
+    run on log|d| (a zero decay clamped, as every log decay is). d: [B, T, (H)] scalar or
+    [B, T, (H), K] per key."""
+    rank = d.dim() - ns if d.dim() > ns else 0
+    full = rt.full_seq(d, X0, ns, rank)
+    sigma, whole = running_signs(full, rev, cu)
+    before = sigma * torch.where(full < 0, -1.0, 1.0).to(full.dtype)
+
+    def signed(x, s):
+        return rt.full_seq(x, X0, ns, 1) * (s[..., None] if rank == 0 else s)
+    reads = [(signed(q, sigma if inclusive else before), inclusive) for q, inclusive in reads]
+    log_abs = torch.log(full.abs())
+    outs, ST = diag_matrix_stage(reads, signed(k, sigma), v, log_abs, S0, X0, ns, ran, rev, cu)
+    return outs, ST * (whole[..., None, None] if rank == 0 else whole[..., None])
+
+
 # Every kernel as the GPU launches it (choose_blocks' sizes and options), for ahead-of-time
 # compiles: (name, the constexprs beyond the block sizes, SCALAR, VARLEN and REVERSE); the
 # readouts' pair kernels in both readout modes, the accumulating launches of a second readout.

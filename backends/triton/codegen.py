@@ -169,13 +169,16 @@ class TritonEmitter(Emitter):
     def _triton_chunk_diag(self, choice: Choice):
         """A ChunkDiag stage (log decay: the registry declines a signed one) on the Triton
         chunkwise kernels of chunk_kernels.py, called as the torch backend calls its form."""
+        self._operand_prologue(choice)
         form = choice.form
         s = form.states[0]
-        k, v, g = self._tensor(form.k), self._tensor(form.v), self._opt(form.log_decay)
+        k, v = self._tensor(form.k), self._tensor(form.v)
+        g = self._opt(form.decay if form.signed else form.log_decay)
+        stage = "signed_matrix_stage" if form.signed else "diag_matrix_stage"   # signed: log|d| and its sign
         qs = [f"({self.seq_name(r.q)}, {r.inclusive})" for r in form.readouts]
         outs, fin = self.fresh("reads"), self.fresh("fin", s)
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernels run on the transposed state
-        self.emit(f"from {__package__}.chunk_kernels import diag_matrix_stage as chunk_diag_stage")
+        self.emit(f"from {__package__}.chunk_kernels import {stage} as chunk_diag_stage")
         self.emit(f"{outs}, {fin} = chunk_diag_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, "
                   f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels chunk_diag_*", self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
@@ -186,14 +189,24 @@ class TritonEmitter(Emitter):
     OWN_STAGES = {"delta_stage": "delta_kernels", "delta_product_stage": "delta_kernels",
                   "dplr_stage": "dplr_kernels", "dense_semiring_stage": "semiring_kernels"}
 
+    # The kernels whose module is not the form's usual one (OWN_STAGES) for the same stage function.
+    KERNEL_STAGES = {"triton.chunk_dplr": "chunk_dplr_kernels"}
+
     def form_stage(self, choice: Choice, module: str, name: str) -> str:
         if choice.kernel.borrowed:
             return super().form_stage(choice, module, name)
-        self.emit(f"from {__package__}.{self.OWN_STAGES[name]} import {name} as triton_{name}")
+        own = self.KERNEL_STAGES.get(choice.kernel.name, self.OWN_STAGES[name])
+        self.emit(f"from {__package__}.{own} import {name} as triton_{name}")
         return f"triton_{name}"
 
     def _triton_dplr(self, choice: Choice):
         """KDA, RWKV-7 on dplr_kernels.py (the fused recurrence)."""
+        self._operand_prologue(choice)
+        self._stage_dplr(choice)
+
+    def _triton_chunk_dplr(self, choice: Choice):
+        """KDA, RWKV-7 on chunk_dplr_kernels.py (the chunkwise WY/UT form)."""
+        self._operand_prologue(choice)
         self._stage_dplr(choice)
 
     def _triton_dense_semiring(self, choice: Choice):
@@ -201,11 +214,22 @@ class TritonEmitter(Emitter):
         self._stage_dense_semiring(choice)
 
     def _triton_chunk_delta(self, choice: Choice):
-        """DeltaNet, Gated DeltaNet on delta_kernels.py."""
-        self._stage_chunk_delta(choice)
+        """DeltaNet, Gated DeltaNet on delta_kernels.py, called as the torch backend calls its
+        form, with the direction and cu_seqlens (the kernels index time themselves)."""
+        self._operand_prologue(choice)
+        form = choice.form
+        s = form.states[0]
+        q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
+        call = self.form_stage(choice, "scans", "delta_stage")
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {beta}, {self._opt(form.log_decay)}, S0[{s!r}], "
+                  f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels delta_*", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
+        self.final[s] = fin
 
     def _triton_delta_product(self, choice: Choice):
         """DeltaProduct: its steps interleaved onto delta_kernels.py's kernels."""
+        self._operand_prologue(choice)
         self._stage_chunk_delta_product(choice)
 
     def _triton_wavefront(self, choice: Choice):
@@ -213,6 +237,29 @@ class TritonEmitter(Emitter):
         generated sequence code: build() makes one for a selection with triton.wavefront."""
         self.emit(f"raise RuntimeError('over {self.ir.over}: {choice.kernel.name} runs in "
                   "backends/triton/grid_kernels.py')")
+
+    def _operand_prologue(self, choice: Choice):
+        """A chunkwise stage's operand math (l2norm(q) * K**-0.5, beta * -1.0 * -1.0, ...) as one
+        generated kernel (prologue.py) whose outputs the stage's kernels read; an operand it
+        cannot take stays torch ops, and the driver says why."""
+        from .prologue import PrologueKernel, chunk_operands
+        opaque = {n.id for core in self.cores for n in core}   # recurrent values: read, never recomputed
+        kern = PrologueKernel(self.ir, choice.stage, chunk_operands(choice.form), set(self.seq), opaque, self.note,
+                              self.ir.updates[choice.form.states[0]])
+        for remark in kern.remarks:
+            self.emit(f"# operand prologue: {remark}")
+        for node, leaf in kern.aliases:   # x[:, None][:, 0]: x itself, read in place
+            self.seq[node.id] = self.seq_name(leaf)
+        if not kern.outputs:
+            return
+        idx = len(self.kernels)
+        self.kernels.append(kern)
+        leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
+        outs = self.fresh("operands")
+        self.emit(f"{outs} = TK.prologue(KS[{idx}], [{leaves}], {self.seq_dims()})  # triton kernel {kern.name}_fwd",
+                  kern.outputs[0])
+        for i, o in enumerate(kern.outputs):
+            self.seq[o.id] = f"{outs}[{i}]"
 
     # ------------------------------------------------------------------ the kernel module
     def _chunk_diag_headers(self) -> list[str]:

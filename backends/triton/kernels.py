@@ -23,15 +23,6 @@ STEPWISE = torch_kernels.CAPS
 CHUNKWISE = (ChunkDiag, ChunkDelta, HouseholderProducts, ChunkDPLR)
 
 
-def _chunk_diag_fits(form: ChunkDiag, ctx) -> str | None:
-    """The Triton chunk kernels take the decay in log space; a form of one of unknown sign
-    (log|d| and a running sign) is passed over: the stage's next candidate runs, else the
-    borrowed torch form."""
-    if form.signed:
-        return "a decay of unknown sign (log|d| and its running sign): the Triton chunk kernels take log decays"
-    return None
-
-
 def _dense_semiring_fits(form, ctx) -> str | None:
     """The Triton kernel is the sequential semiring loop; the parallel scan of [N, N] semiring
     matrix products (small N) has none: the stage's next candidate runs. Where the generated
@@ -110,21 +101,30 @@ REGISTRY = Registry("triton", (
     _borrowed(SequentialLoop, "torch.loop", emit="_torch_loop"),   # a device's tensors: not the C loop
     Kernel(ChunkDiag, "triton.chunk_diag", "Triton chunkwise kernels (chunk_kernels.py, MATH.md §3): the state "
            "before every chunk by a pass over chunks, outputs by tl.dot with exponents <= 0 (per-key decay exact on "
-           "the diagonal sub-blocks); backward the reverse chunk pass and per-chunk dq, dk, dv, dg kernels; a call "
+           "the diagonal sub-blocks; a decay of unknown sign as log|d| with its running sign on queries, keys and the final "
+           "state); backward the reverse chunk pass and per-chunk dq, dk, dv, dg kernels; a call "
            "with a non-finite input runs torch's chunk form (causal under NaN; layer.ran says so)",
-           "_triton_chunk_diag", CHUNK_DIAG_CAPS, accepts=_chunk_diag_fits),   # reverse/varlen: the kernels'
-    _borrowed(ChunkDiag),   # a signed decay, when no other candidate of its stage has a Triton kernel
+           "_triton_chunk_diag", CHUNK_DIAG_CAPS),   # reverse/varlen: the kernels'
+    _borrowed(ChunkDiag),   # kept: the fallback should the entry above ever decline
     Kernel(ChunkDelta, "triton.chunk_delta", "Triton chunkwise delta-rule kernels (delta_kernels.py, MATH.md §4 "
            "WY/UT): per chunk (I + A)⁻¹ by forward substitution, W and U; the state before every chunk and the new "
            "values by a pass over chunks; outputs by tl.dot with exponents <= 0; backward the reverse chunk pass and "
            "per-chunk adjoint kernels (dq, dk, dv, dβ, dg); a call with a non-finite input runs torch's chunk form "
            "(layer.ran says so)",
-           "_triton_chunk_delta", torch_kernels.CAPS),   # reverse/varlen: the runtime's
+           "_triton_chunk_delta", CHUNK_DIAG_CAPS),   # reverse/varlen: the kernels'; half inputs widened
     Kernel(HouseholderProducts, "triton.delta_product", "the steps interleaved into one delta rule over T*n steps on "
            "the Triton chunkwise delta-rule kernels (delta_kernels.py), read after each token's last step",
-           "_triton_delta_product", torch_kernels.CAPS),   # reverse/varlen: the runtime's
+           "_triton_delta_product", torch_kernels.CAPS),   # the runtime's: REVERSE would reverse a token's n steps too
     _borrowed(ChunkDelta),
     _borrowed(HouseholderProducts),
+    Kernel(ChunkDPLR, "triton.chunk_dplr", "Triton chunkwise DPLR kernels (chunk_dplr_kernels.py, the WY/UT form of "
+           "dplr.py): per chunk Γ, the four decayed scores (per-key decay exact on the diagonal sub-blocks), "
+           "(I - A_ba)⁻¹ by forward substitution, W and Ũ; U and the state before every chunk by a pass over chunks; "
+           "outputs by tl.dot with exponents <= 0; backward the reverse chunk pass (dU, the state adjoints before "
+           "every chunk, dS0) and per-chunk kernels for dv, the scores' cotangents, dq / db by rows, dk / da by key "
+           "rows, dg by a reverse cumulative sum; a call with a non-finite input runs torch's chunk form (layer.ran "
+           "says so)",
+           "_triton_chunk_dplr", torch_kernels.CAPS),   # reverse/varlen: the runtime's
     Kernel(ChunkDPLR, "triton.dplr_recurrent", "Triton fused-recurrent kernels (dplr_kernels.py), not the chunkwise "
            "WY form: one program per (row, V block), state [K, BV] in registers, time loop in the kernel; backward a "
            "reverse-time loop recomputing states from checkpoints stored every 16 steps (adjoint Λ_{t-1} = "

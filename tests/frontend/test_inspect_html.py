@@ -120,13 +120,13 @@ def test_plan_and_selections_appear(page):
     assert "passed over" in words
 
 
-def test_chunkwise_page_shows_the_rejected_candidate(tmp_path):
-    # retnet on triton: the chunkwise form (a decay of unknown sign) is passed over by
-    # triton.chunk_diag, with its reason, and the element scan runs
-    dom, _ = _page("retnet", tmp_path)
+def test_page_shows_the_rejected_candidate(tmp_path):
+    # hmm_forward on triton: the streamed semiring kernel is passed over with its reason
+    # (the generated sequential kernel holds the small transition in registers), which runs
+    dom, _ = _page("hmm_forward", tmp_path)
     words = "".join(dom.text)
-    assert "chunkwise diagonal decay" in words and "a decay of unknown sign" in words
-    assert "torch.chunk_diag" in words and "triton.scan" in words
+    assert "triton.dense_semiring" in words and "holds the [3, 3] transition" in words
+    assert "triton.sequential" in words
 
 
 def test_aot_figures(tmp_path):

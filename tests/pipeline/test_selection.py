@@ -46,12 +46,8 @@ def test_every_decay_spelling_runs_chunkwise(name):
     assert form.signed == (SPELLINGS[name][3] == "signed"), name
     assert (form.log_decay is not None) == (SPELLINGS[name][3] == "log"), name
     choice = plan.selections["triton"].choice(0)
-    if form.signed:   # the Triton chunk kernels take log decays: its own scan kernel, the chunkwise form passed over
-        assert isinstance(choice.form, L.ElementScan) and choice.form.flattened and choice.kernel.borrowed is None
-        assert choice.passed[0].form == form
-    else:             # Triton's chunkwise kernels (chunk_kernels.py)
-        assert isinstance(choice.form, L.ChunkDiag) and choice.kernel.name == "triton.chunk_diag"
-        assert choice.kernel.borrowed is None
+    # Triton's chunkwise kernels (chunk_kernels.py), a signed decay as log|d| and its running sign
+    assert choice.form == form and choice.kernel.name == "triton.chunk_diag" and choice.kernel.borrowed is None
 
 
 @pytest.mark.parametrize("name", ["raw param", "signed", "constant"])

@@ -48,20 +48,36 @@ def test_cells_select_and_run_the_triton_chunk_kernels(name):
     assert KERNEL in layer.ran
 
 
-def test_a_signed_decay_is_declined_with_its_reason():
-    """The kernels take log decays: a decay of unknown sign is passed over, and the plan says why."""
-    src = """
-cell Signed(K, V):
+SIGNED = {"scalar": """
+cell SignedScalar(K, V):
     input q[K], k[K], v[V], d[]
     state S[K, V] = 0
     S' = tanh(d) * S + outer(k, v)
     output o = q @ S'
-"""
-    spec = recdsl.load(src)
-    sel = emit_cell(spec.lower(K=4, V=4), "triton").selection
-    (choice,) = sel.stages
-    assert choice.kernel.name != KERNEL
-    assert any(p.kernel == KERNEL and "sign" in p.reason for p in choice.passed), choice.passed
+""", "per_key": """
+cell SignedPerKey(K, V):
+    input q[K], k[K], v[V], d[K]
+    state S[K, V] = 0
+    S' = tanh(d)[:, None] * S + outer(k, v)
+    output o = q @ S
+    output p = q @ S'
+"""}
+
+
+@pytest.mark.parametrize("call", [{}, {"reverse": True}, {"cu_seqlens": torch.tensor([0, 5, 5, 6, 37])},
+                                  {"cu_seqlens": torch.tensor([0, 5, 5, 6, 37]), "reverse": True}],
+                         ids=["plain", "reverse", "cu_seqlens", "cu_seqlens-reverse"])
+@pytest.mark.parametrize("kind", SIGNED)
+def test_a_decay_of_unknown_sign_runs_the_kernels(kind, call):
+    """tanh(d) may be negative: log|d| on the kernels, the running sign (per sequence, in the
+    recurrence's order) on queries, keys and each sequence's final state; both readouts
+    (S_{t-1} and S_t); many sign flips (tanh of a standard normal is negative half the time)."""
+    spec = recdsl.load(SIGNED[kind])
+    dims = {"K": 16, "V": 16}
+    (choice,) = emit_cell(spec.lower(**dims), "triton").selection.stages
+    assert isinstance(choice.form, ChunkDiag) and choice.form.signed and choice.kernel.name == KERNEL
+    B = 1 if "cu_seqlens" in call else 2
+    assert_close(_compare(spec, dims, B, 37, torch.float64, **call), 1e-10)
 
 
 _compare = functools.partial(reference_errors, kernel=KERNEL)
