@@ -892,12 +892,11 @@ def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int, ran: list | None = None):
     return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
 
 
-def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None,
-                        delta=None):
+def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None):
     """DeltaProduct: n delta-rule steps per token. The steps are interleaved into one
     sequence n times as long ([B, T, n, ...] -> [B, T * n, ...]); the delta rule runs over
-    it (`delta`: a stage function as delta_stage, by default that one; the triton backend
-    passes its kernels') and the readout of each token is the one after its last step."""
+    it and the readout of each token is the one after its last step (the triton backend's
+    delta_kernels.delta_product_stage lays the steps out for its kernels itself)."""
     from . import seq_rt as rt
     n = len(ks)
     B, T = X0.shape[:2]
@@ -907,5 +906,5 @@ def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran
         return full.reshape((B, T * n) + tuple(full.shape[3:]))
     Xn = X0[:, :1].expand((B, T * n) + tuple(X0.shape[2:]))   # the longer sequence's shape (a view)
     qn = interleave([q] * n, 1)
-    o, ST = (delta or delta_stage)(qn, interleave(ks, 1), interleave(vs, 1), interleave(betas, 0), None, S0, Xn, ns)
+    o, ST = delta_stage(qn, interleave(ks, 1), interleave(vs, 1), interleave(betas, 0), None, S0, Xn, ns)
     return o.reshape((B, T, n) + tuple(o.shape[2:]))[:, :, -1], ST

@@ -685,27 +685,48 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None, rev:
     return (o if ns == 3 else o[:, :, 0]), rt.from_b(ST, S0)
 
 
-def _on_kernels(q, k, v, beta, g, S0, X0, ns: int):
-    """delta_stage's kernel path (inputs known finite, left to right, one sequence a row),
-    in scans.delta_stage's signature: DeltaProduct's interleaved delta rule."""
-    heads = [chunk_kernels._heads_layout(x, rank, X0, ns) for x, rank in ((q, 1), (k, 1), (v, 1), (beta, 0))]
-    o, ST = chunk_delta_heads(*heads, None if g is None else chunk_kernels._heads_layout(g, 0, X0, ns),
-                              rt.to_b(S0, ns - 1))
-    return (o if ns == 3 else o[:, :, 0]), rt.from_b(ST, S0)
+def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None,
+                        rev: bool = False, cu=None):
+    """DeltaProduct (HouseholderProducts) on the same kernels: the n steps of every token
+    interleaved into one delta rule over T * n steps (one launch for all sequences), read out
+    after each token's last applied step. `rev` and `cu` as delta_stage takes them.
 
+    The kernels walk the interleaved rows in their own direction, so under reverse (right to
+    left) a token's steps are laid out last first ([t0 s_{n-1} .. t0 s0, t1 s_{n-1} ..]): the
+    walk then applies s0 .. s_{n-1} in order, and the token's last applied step is the first
+    of its n rows. Under cu_seqlens a sequence [a, b) of tokens is rows [a * n, b * n).
 
-def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None):
-    """DeltaProduct (HouseholderProducts) on the same kernels: scans.delta_product_stage's
-    interleaving of the n steps of every token into one delta rule over T * n steps (read
-    out after each token's last step), that delta rule run here; a non-finite input runs
-    torch's form, as delta_stage does. Reverse and cu_seqlens stay the runtime's (registry
-    caps): the kernels' REVERSE would also reverse the n steps inside each token."""
-    from ..torch import scans
+    A non-finite input runs torch's chunk form on the same interleaved rows (by_torch,
+    causal under NaN), and `ran` says so, as delta_stage does."""
+    steps = len(ks)
+    order = slice(None, None, -1) if rev else slice(None)
+
+    def interleaved(xs, rank):
+        return _interleave_steps([chunk_kernels._heads_layout(x, rank, X0, ns) for x in xs[order]])
+    queries = chunk_kernels._heads_layout(q, 1, X0, ns)
+    run = chunk_delta_heads
     if not rt.all_finite(q, *ks, *vs, *betas):
         if ran is not None:
             ran[-1] = "torch.delta_product"
-        return scans.delta_product_stage(q, ks, vs, betas, S0, X0, ns)
-    return scans.delta_product_stage(q, ks, vs, betas, S0, X0, ns, delta=_on_kernels)
+        run = by_torch
+    o, ST = run(_repeat_steps(queries, steps), interleaved(ks, 1), interleaved(vs, 1), interleaved(betas, 0), None,
+                rt.to_b(S0, ns - 1), rev, None if cu is None else cu * steps)
+    last_applied = 0 if rev else steps - 1
+    o = o.reshape((o.shape[0], -1, steps) + tuple(o.shape[2:]))[:, :, last_applied]
+    return (o if ns == 3 else o[:, :, 0]), rt.from_b(ST, S0)
+
+
+def _interleave_steps(steps: list) -> torch.Tensor:
+    """n tensors [B, T, H, *node] (a token's steps, in the order the rows are to hold them)
+    as one sequence [B, T * n, H, *node]: token t's steps are rows t * n .. t * n + n - 1."""
+    stacked = torch.stack(steps, 2)   # [B, T, n, H, *node]
+    return stacked.reshape((stacked.shape[0], -1) + tuple(stacked.shape[3:]))
+
+
+def _repeat_steps(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x [B, T, H, *node] on every one of a token's rows: only the last applied step's
+    readout is kept, the others read the same query for nothing."""
+    return _interleave_steps([x] * steps)
 
 
 # Every kernel as the GPU launches it (chunk_size's BT, LAUNCH's warps), for ahead-of-time compiles:

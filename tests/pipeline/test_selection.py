@@ -83,13 +83,14 @@ def test_no_stdlib_cell_is_warned_about(name):
 
 
 def test_a_kernel_without_reverse_or_varlen_makes_the_runtime_flip_and_split():
-    """DeltaProduct's stage runs a kernel that leaves reverse and cu_seqlens to the runtime
-    (Caps "runtime"): they must not be handed to its driver (they once were, to a borrowed
-    torch kernel, and were ignored)."""
-    plan = recdsl.load("deltaproduct").plan()
+    """A large HMM forward's stage runs a kernel that leaves reverse and cu_seqlens to the
+    runtime (triton.dense_semiring, Caps "runtime"): they must not be handed to its driver
+    (they once were, to a borrowed torch kernel, and were ignored)."""
+    plan = recdsl.load("hmm_forward").plan(N=128)
     sel = plan.selections["triton"]
-    caps = sel.choice(0).kernel.caps
-    assert (caps.reverse, caps.varlen) == ("runtime", "runtime") and not sel.native
+    kernel = sel.choice(0).kernel
+    assert kernel.name == "triton.dense_semiring" and kernel.borrowed is None, kernel.name
+    assert (kernel.caps.reverse, kernel.caps.varlen) == ("runtime", "runtime") and not sel.native
     assert plan.selections["triton"].native is False
     assert recdsl.load("lstm").plan().selections["triton"].native
 

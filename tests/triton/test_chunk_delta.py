@@ -6,7 +6,8 @@ state) in Triton's interpreter; the kernels against the torch chunk form directl
 and not, V blocks, short last chunks, the GPU's chunk size, an unread output, strong
 decays); reverse, cu_seqlens and heads indexed by the kernels themselves (the driver's
 [B, T, H, .] tensors read in place) against a float64 step loop, half inputs summed in
-float32; a non-finite input runs torch's form; and the kernels compile for sm_80 / sm_90
+float32, DeltaProduct's interleaved steps too (a token's steps last first under reverse);
+a non-finite input runs torch's form; and the kernels compile for sm_80 / sm_90
 without spills, packed and right to left too."""
 from __future__ import annotations
 
@@ -89,23 +90,59 @@ def _launch_counter(monkeypatch) -> dict:
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("name", CELLS)
 def test_reverse_and_cu_seqlens_through_the_layer(name, reverse, monkeypatch):
-    """DeltaNet and Gated DeltaNet: the kernels index reverse and cu_seqlens themselves (Caps
-    "kernel": the selection is native, one launch of the state pass for all sequences);
-    DeltaProduct's interleaved steps keep the runtime's flip / split (one call per non-empty
-    sequence). An empty and a one-step sequence among them, per-sequence initial states, heads."""
+    """The kernels index reverse and cu_seqlens themselves (Caps "kernel": the selection is
+    native, one launch of the state pass for all sequences), DeltaProduct's interleaved steps
+    too. An empty and a one-step sequence among them, per-sequence initial states, heads."""
     spec, dims = _dims(name, 16, 16)
     selection = emit_cell(spec.lower(**dims), "triton").selection
     (stage,) = [c for c in selection.stages if isinstance(c.form, (ChunkDelta, HouseholderProducts))]
-    native = name != "deltaproduct"
-    assert stage.kernel.name == CELLS[name] and selection.native == native
-    assert (stage.kernel.caps.reverse, stage.kernel.caps.varlen) == (("kernel",) * 2 if native else ("runtime",) * 2)
+    assert stage.kernel.name == CELLS[name] and selection.native
+    assert (stage.kernel.caps.reverse, stage.kernel.caps.varlen) == ("kernel", "kernel")
     assert_close(_compare(name, 16, 16, 2, 37, torch.float64, reverse=reverse), 1e-10)
     counts = _launch_counter(monkeypatch)
     cu = torch.tensor([0, 7, 7, 8, 40])
     for heads in (None, 2):
         counts.clear()
         assert_close(_compare(name, 16, 16, 1, 40, torch.float64, heads=heads, cu_seqlens=cu, reverse=reverse), 1e-10)
-        assert counts["delta_fwd_states"] == counts["delta_bwd_dstates"] == (1 if native else 3), counts
+        assert counts["delta_fwd_states"] == counts["delta_bwd_dstates"] == 1, counts
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+@pytest.mark.parametrize("reverse, cu", [(True, None), (False, [0, 7, 7, 8, 30]), (True, [0, 7, 7, 8, 30])],
+                         ids=["reverse", "cu_seqlens", "reverse+cu_seqlens"])
+def test_deltaproduct_steps_in_order_under_reverse_and_cu_seqlens(reverse, cu, heads, monkeypatch):
+    """DeltaProduct with three Householder steps per token (NH = 3: a token's steps reversed
+    for the kernels' right-to-left walk is more than a swap), reverse and cu_seqlens (an empty
+    and a one-step sequence among them) handed to the kernels: one launch of each pass over
+    T * 3 interleaved rows for all sequences, against the reference backend in float64."""
+    spec = recdsl.load("deltaproduct")
+    dims = spec.analysis_dims(K=16, V=16, NH=3)
+    selection = emit_cell(spec.lower(**dims), "triton").selection
+    assert selection.native and [c.kernel.name for c in selection.stages] == ["triton.delta_product"], selection
+    counts = _launch_counter(monkeypatch)
+    call = {"reverse": reverse} if cu is None else {"reverse": reverse, "cu_seqlens": torch.tensor(cu)}
+    batch, steps = (1, 30) if cu is not None else (2, 13)
+    assert_close(reference_errors(spec, dims, batch, steps, torch.float64, heads, kernel="triton.delta_product",
+                                  **call), 1e-10)
+    assert counts["delta_fwd_states"] == counts["delta_bwd_dstates"] == 1, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deltaproduct_half_inputs_on_the_kernels(dtype):
+    """bf16 / fp16 DeltaProduct packed right to left runs the kernels (they widen half inputs),
+    its outputs in the inputs' dtype within their rounding of the float64 reference's on the
+    same rounded inputs and parameters."""
+    spec, dims = _dims("deltaproduct", 16, 16)
+    layer = spec(backend="triton", **dims).to(dtype)
+    reference = spec(backend="reference", **dims).double()
+    reference.load_state_dict(layer.state_dict())
+    xs = random_inputs(spec, layer, 1, 20, dtype)
+    packed = {"reverse": True, "cu_seqlens": torch.tensor([0, 9, 9, 20])}
+    o, _ = layer(**xs, **packed)
+    exact, _ = reference(**{n: x.double() for n, x in xs.items()}, **packed)
+    assert layer.ran == ["triton.delta_product"] and o.dtype == dtype, (layer.ran, o.dtype)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    assert float((o.double() - exact).abs().max()) <= tol * max(1.0, float(exact.abs().max()))
 
 
 @pytest.mark.slow
@@ -138,6 +175,20 @@ def test_a_non_finite_input_packed_right_to_left_runs_the_torch_form():
     xs["v"][0, 30] = float("nan")
     o, _ = layer(**xs, reverse=True, cu_seqlens=torch.tensor([0, 9, 40]))
     assert "torch.chunk_delta" in layer.ran and "triton.chunk_delta" not in layer.ran, layer.ran
+    finite = torch.isfinite(o[0]).all(-1)
+    assert bool(finite[:9].all()) and bool(finite[31:].all()) and not bool(finite[9:31].any()), finite
+
+
+def test_a_non_finite_deltaproduct_input_packed_right_to_left_runs_the_torch_form():
+    """DeltaProduct likewise: torch's form on the same interleaved rows (layer.ran says
+    torch.delta_product), a NaN in a step of token 30 reaching tokens <= 30 of its sequence
+    [9, 40) only."""
+    spec, dims = _dims("deltaproduct", 16, 16)
+    layer = spec(backend="triton", **dims).double()
+    xs = random_inputs(spec, layer, 1, 40, torch.float64)
+    xs["v"][0, 30, 1] = float("nan")
+    o, _ = layer(**xs, reverse=True, cu_seqlens=torch.tensor([0, 9, 40]))
+    assert layer.ran == ["torch.delta_product"], layer.ran
     finite = torch.isfinite(o[0]).all(-1)
     assert bool(finite[:9].all()) and bool(finite[31:].all()) and not bool(finite[9:31].any()), finite
 
