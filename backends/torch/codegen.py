@@ -144,6 +144,7 @@ class Emitter:
             self.emit(f"RAN.append({choice.kernel.name!r})  # what ran, for tests and layer.ran")
             self.stage_method(choice)(choice)
         self.emit("# --- outputs")
+        self.outputs_epilogue()
         # a constant output (`output 7`) is a number in the code: returned as a tensor
         outs = {o: self.expr_seq.operand(n, 0, as_tensor=True) if n.op == Op.CONST and not n.shape
                 else self.seq_name(n) for o, n in ir.outputs.items()}
@@ -164,6 +165,11 @@ class Emitter:
             self.header_reads.add("NS")
         head += [f"    {name} = {rhs}" for name, rhs in HEADER.items() if name in self.header_reads]
         return "\n".join(head + self.lines) + "\n"
+
+    def outputs_epilogue(self):
+        """Where a backend computes the outputs' remaining math in kernels of its own (the
+        triton backend: one generated kernel); here each op is one torch operator, emitted
+        as the return line reads it."""
 
     def stage_method(self, choice: Choice):
         """The method that emits the selected kernel (the registry names it)."""

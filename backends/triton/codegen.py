@@ -205,9 +205,19 @@ class TritonEmitter(Emitter):
         self._stage_dplr(choice)
 
     def _triton_chunk_dplr(self, choice: Choice):
-        """KDA, RWKV-7 on chunk_dplr_kernels.py (the chunkwise WY/UT form)."""
+        """KDA, RWKV-7 on chunk_dplr_kernels.py (the chunkwise WY/UT form), called as the torch
+        backend calls its form, with the direction and cu_seqlens (the kernels index time themselves)."""
         self._operand_prologue(choice)
-        self._stage_dplr(choice)
+        form = choice.form
+        s = form.states[0]
+        q, k, v, a, b, g = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.a, form.b,
+                                                       form.log_decay))
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
+        call = self.form_stage(choice, "scans", "dplr_stage")
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()}, ran=RAN, "
+                  f"rev=REV, cu=CU)  # triton kernels chunk_dplr_*", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
+        self.final[s] = fin
 
     def _triton_dense_semiring(self, choice: Choice):
         """HMM forward, Viterbi on semiring_kernels.py (the streamed loop)."""
@@ -228,9 +238,18 @@ class TritonEmitter(Emitter):
         self.final[s] = fin
 
     def _triton_delta_product(self, choice: Choice):
-        """DeltaProduct: its steps interleaved onto delta_kernels.py's kernels."""
+        """DeltaProduct: its steps interleaved onto delta_kernels.py's kernels, with the direction
+        and cu_seqlens (the kernels index time themselves; a token's steps laid out for them)."""
         self._operand_prologue(choice)
-        self._stage_chunk_delta_product(choice)
+        form = choice.form
+        s = form.states[0]
+        ks, vs, bs = (", ".join(self._tensor(st[part]) for st in form.steps) for part in ("k", "v", "beta"))
+        o, fin = self.fresh("reads"), self.fresh("fin", s)
+        call = self.form_stage(choice, "scans", "delta_product_stage")
+        self.emit(f"{o}, {fin} = {call}({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], S0[{s!r}], "
+                  f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels delta_*", self.ir.updates[s])
+        self._bind_readouts(form.readouts, f"[{o}]")
+        self.final[s] = fin
 
     def _triton_wavefront(self, choice: Choice):
         """A grid runs in grid_kernels.GridProgram (its kernel and its torch driver), not in
@@ -246,20 +265,41 @@ class TritonEmitter(Emitter):
         opaque = {n.id for core in self.cores for n in core}   # recurrent values: read, never recomputed
         kern = PrologueKernel(self.ir, choice.stage, chunk_operands(choice.form), set(self.seq), opaque, self.note,
                               self.ir.updates[choice.form.states[0]])
+        self._row_kernel(kern, "operand prologue", "operands")
+
+    def _row_kernel(self, kern, what: str, values: str):
+        """Launch a PrologueKernel (a stage's operands, or the outputs' epilogue) and bind what
+        it computes; what it leaves to torch ops is said in the driver, and an operand that is
+        its leaf's elements (x[:, None][:, 0]) is read in place."""
         for remark in kern.remarks:
-            self.emit(f"# operand prologue: {remark}")
-        for node, leaf in kern.aliases:   # x[:, None][:, 0]: x itself, read in place
+            self.emit(f"# {what}: {remark}")
+        for node, leaf in kern.aliases:
             self.seq[node.id] = self.seq_name(leaf)
         if not kern.outputs:
             return
         idx = len(self.kernels)
         self.kernels.append(kern)
         leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
-        outs = self.fresh("operands")
+        outs = self.fresh(values)
         self.emit(f"{outs} = TK.prologue(KS[{idx}], [{leaves}], {self.seq_dims()})  # triton kernel {kern.name}_fwd",
                   kern.outputs[0])
         for i, o in enumerate(kern.outputs):
             self.seq[o.id] = f"{outs}[{i}]"
+
+    def outputs_epilogue(self):
+        """The outputs' math after the stages (mLSTM's h = (q @ C') / max(|q · n'|, e^{-m'}),
+        a normaliser's division, a skip term) as one generated kernel forward and one
+        backward, prologue.py's generator over the values the stages left: one launch where
+        each op would be a torch operator (and autograd's several backward). Outputs a
+        stage's kernel already wrote, and math it cannot take, stay as they are (said)."""
+        from .prologue import PrologueKernel
+        pending = [(name, n) for name, n in self.ir.outputs.items() if n.id not in self.seq and n.op != Op.CONST]
+        if not pending:
+            return
+        opaque = {n.id for core in self.cores for n in core}
+        kern = PrologueKernel(self.ir, len(self.plan.stages), pending, set(self.seq) | set(self.lazy), opaque,
+                              self.note, pending[0][1], part="epilogue")
+        self._row_kernel(kern, "outputs epilogue", "outputs")
 
     # ------------------------------------------------------------------ the kernel module
     def _chunk_diag_headers(self) -> list[str]:

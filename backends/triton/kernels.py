@@ -113,8 +113,9 @@ REGISTRY = Registry("triton", (
            "(layer.ran says so)",
            "_triton_chunk_delta", CHUNK_DIAG_CAPS),   # reverse/varlen: the kernels'; half inputs widened
     Kernel(HouseholderProducts, "triton.delta_product", "the steps interleaved into one delta rule over T*n steps on "
-           "the Triton chunkwise delta-rule kernels (delta_kernels.py), read after each token's last step",
-           "_triton_delta_product", torch_kernels.CAPS),   # the runtime's: REVERSE would reverse a token's n steps too
+           "the Triton chunkwise delta-rule kernels (delta_kernels.py), a token's steps last first under reverse, read after "
+           "each token's last applied step; cu_seqlens as the kernels' offsets times n (one launch for all sequences)",
+           "_triton_delta_product", CHUNK_DIAG_CAPS),   # reverse/varlen: the kernels'; half inputs widened
     _borrowed(ChunkDelta),
     _borrowed(HouseholderProducts),
     Kernel(ChunkDPLR, "triton.chunk_dplr", "Triton chunkwise DPLR kernels (chunk_dplr_kernels.py, the WY/UT form of "
@@ -124,7 +125,7 @@ REGISTRY = Registry("triton", (
            "every chunk, dS0) and per-chunk kernels for dv, the scores' cotangents, dq / db by rows, dk / da by key "
            "rows, dg by a reverse cumulative sum; a call with a non-finite input runs torch's chunk form (layer.ran "
            "says so)",
-           "_triton_chunk_dplr", torch_kernels.CAPS),   # reverse/varlen: the runtime's
+           "_triton_chunk_dplr", CHUNK_DIAG_CAPS),   # reverse/varlen: the kernels'; half inputs widened
     Kernel(ChunkDPLR, "triton.dplr_recurrent", "Triton fused-recurrent kernels (dplr_kernels.py), not the chunkwise "
            "WY form: one program per (row, V block), state [K, BV] in registers, time loop in the kernel; backward a "
            "reverse-time loop recomputing states from checkpoints stored every 16 steps (adjoint Λ_{t-1} = "

@@ -97,13 +97,14 @@ class PrologueKernel:
     only), read in place with no kernel; remarks: what stays torch ops, and why."""
 
     def __init__(self, ir, stage: int, operands: list[tuple[str, Node]], bound: set, opaque: set,
-                 notes: SourceNotes, anchor: Node | None = None):
+                 notes: SourceNotes, anchor: Node | None = None, part: str = "prologue"):
         """operands: (role, node) (chunk_operands); bound: ids of the values the driver has
         (leaves); opaque: ids read as leaves even if elementwise (recurrent values); anchor:
         the stage's update, whose .rec line annotates the lines of nodes the lowering made
-        (beta * -1.0) with no line of their own."""
-        self.ir, self._notes, self.anchor = ir, notes, anchor
-        self.name = kernel_name(ir.name, stage, ["prologue"])
+        (beta * -1.0) with no line of their own. part: "prologue" (a stage's operands) or
+        "epilogue" (the cell's outputs after its last stage, `stage` then the stage count)."""
+        self.ir, self._notes, self.anchor, self.part = ir, notes, anchor, part
+        self.name = kernel_name(ir.name, stage, [part])
         self.bound, self.opaque = bound, opaque
         self.outputs: list[Node] = []
         self.aliases: list[tuple[Node, Node]] = []
@@ -116,7 +117,7 @@ class PrologueKernel:
         self._select(list({n.id: n for _, n in operands}.values()))
         self.ops = sum(n.op != Op.INDEX for n in self.nodes)   # reshapes are views: no torch op to save
         if self.outputs and self.ops < MIN_OPS:
-            self._remark(f"{self.ops} op to fuse: the operands stay torch ops")
+            self._remark(f"{self.ops} op to fuse: the {'operands' if self.part == 'prologue' else 'outputs'} stay torch ops")
             self.outputs, self.nodes, self.leaves = [], [], []
         self._foreign_leaves()
         self.value_names = {}
@@ -148,6 +149,9 @@ class PrologueKernel:
                        for s in n.srcs)
         if n.op == Op.SUM:     # over all of a step's elements only (a row of the tile)
             return self.width(n) == 1 and not n.srcs[0].is_bool
+        if n.op == Op.DOT:     # dot(a, b) of two vectors: the row total of a * b
+            a, b = n.srcs
+            return self.ir.shape_of(a) == self.ir.shape_of(b) and not (a.is_bool or b.is_bool)
         return n.op == Op.INDEX and unit_reshape(n, self.ir.shape_of(n.srcs[0]))
 
     def base(self, n: Node) -> Node:
@@ -264,11 +268,12 @@ class PrologueKernel:
     def _signature(self, backward: bool) -> list[str]:
         suffix = "_bwd" if backward else "_fwd"
         what = ", ".join(self._what(o) for o in self.outputs)
+        what = (f"the operands {what} of a chunkwise stage's kernels" if self.part == "prologue"
+                else f"the outputs {what}, after the stages")
         return ["@triton.jit",
                 f"def {self.name}{suffix}({', '.join(self.arg_names(backward))},",
                 "        ACC: tl.constexpr, BLOCK_R: tl.constexpr):",
-                f"    # the operands {what} of a chunkwise stage's kernels: rows = the B*T*NH steps, a "
-                "value of n elements a [BLOCK_R, pow2(n)] tile"]
+                f"    # {what}: rows = the B*T*NH steps, a value of n elements a [BLOCK_R, pow2(n)] tile"]
 
     def _mask(self, width: int) -> str:
         return f"mask{width}"
@@ -303,11 +308,11 @@ class PrologueKernel:
         for n in self.nodes:
             if n.op == Op.INDEX:
                 continue   # a unit reshape: the source's tile
-            if n.op == Op.SUM:
+            if n.op in (Op.SUM, Op.DOT):
                 src = n.srcs[0]
                 w = self.width(src)
-                rhs = self.value_of(src) if w == 1 else \
-                    f"tl.sum(tl.where(cols{w}, {self.value_of(src)}, 0.0), axis=1)[:, None]"
+                row = self.value_of(src) if n.op == Op.SUM else f"{self.value_of(src)} * {self.value_of(n.srcs[1])}"
+                rhs = row if w == 1 else f"tl.sum(tl.where(cols{w}, {row}, 0.0), axis=1)[:, None]"
             else:
                 rhs = texpr.expr(n, self.value_of)
             lines.append(annotate(f"    {self.value_names[n.id]} = {rhs}", self.notes(n)))
@@ -321,10 +326,14 @@ class PrologueKernel:
 
     def _contributions(self, n: Node, g: str) -> list[tuple[Node, str]]:
         """(source, its adjoint contribution) of the fused node n with adjoint g."""
-        if n.op == Op.SUM:
-            src = n.srcs[0]
-            w = self.width(src)
-            return [(src, g if w == 1 else f"tl.broadcast_to({g}, (BLOCK_R, {pow2(w)}))")]
+        if n.op in (Op.SUM, Op.DOT):
+            w = self.width(n.srcs[0])
+            wide = g if w == 1 else f"tl.broadcast_to({g}, (BLOCK_R, {pow2(w)}))"
+            if n.op == Op.SUM:
+                return [(n.srcs[0], wide)]
+            a, b = n.srcs   # d(a · b) = b da + a db
+            return [(s, f"{wide} * {self.value_of(other)}") for s, other in ((a, b), (b, a))
+                    if texpr.literal(s) is None]
         out = []
         wide = self.width(n)
         for s, c in zip(n.srcs, texpr.vjp(n, g, self.value_of, self.value_of(n))):
@@ -383,6 +392,8 @@ class PrologueKernel:
                 continue
             if n.op == Op.SUM:
                 vals[n.id] = value(n.srcs[0]).sum(-1, keepdim=True)
+            elif n.op == Op.DOT:
+                vals[n.id] = (value(n.srcs[0]) * value(n.srcs[1])).sum(-1, keepdim=True)
             else:
                 vals[n.id] = _apply(n, [value(s) for s in n.srcs], dt)
         B, T, NH = views[0].shape[:3]

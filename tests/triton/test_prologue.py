@@ -48,8 +48,8 @@ def _emitted(cell, K=12, V=5):
     return spec, dims, emit_cell(spec.lower(**dims), "triton")
 
 
-def _prologue(emitted) -> PrologueKernel:
-    kernels = [k for k in emitted.emitter.kernels if isinstance(k, PrologueKernel)]
+def _prologue(emitted, part: str = "prologue") -> PrologueKernel:
+    kernels = [k for k in emitted.emitter.kernels if isinstance(k, PrologueKernel) and k.part == part]
     assert len(kernels) == 1, emitted.emitter.kernels
     return kernels[0]
 
@@ -63,7 +63,7 @@ def test_the_chunk_stage_reads_the_prologue_outputs(cell):
     assert kern.name == f"{cell_name}_stage0_prologue"
     assert [kern.roles[o.id] for o in kern.outputs] == roles
     driver = emitted.source.splitlines()
-    launch_line, = [ln for ln in driver if "TK.prologue(" in ln]
+    launch_line, = [ln for ln in driver if "TK.prologue(" in ln and "_prologue_fwd" in ln]
     assert f"TK.prologue(KS[0], {leaves}, X0, NS)" in launch_line
     outs = launch_line.split("=")[0].strip()
     stage_line, = [ln for ln in driver if ln.strip().startswith("reads")]
@@ -195,3 +195,50 @@ def test_prologue_compiles_without_spills(cell, arch, monkeypatch):
     for c in ours:
         assert f"sm_{arch}" in c.asm["ptx"] and c.registers > 0, c.name
         assert c.spills == 0, f"{c.name} spills {c.spills} bytes on sm_{arch}"
+
+
+# ------------------------------------------------------------------ the outputs' epilogue
+# cell -> (its chunk kernel, the leaves of its outputs' epilogue in the driver: the stages' values)
+EPILOGUES = {"mlstm": ("triton.chunk_diag", 4), "linear_attention": ("triton.chunk_diag", 3)}
+
+
+@pytest.mark.parametrize("cell", EPILOGUES)
+def test_outputs_after_the_stages_are_one_kernel(cell):
+    """mLSTM's h = (q @ C') / max(|q · n'|, e^{-m'}) and linear attention's normalised output:
+    one generated kernel over the stages' values (the dot a step total in it), the return
+    line reads its outputs, and no torch op of that math is left in the driver."""
+    _, _, emitted = _emitted(cell)
+    kern = _prologue(emitted, "epilogue")
+    assert [o.id for o in kern.outputs] == [n.id for n in emitted.plan.ir.outputs.values()]
+    assert len(kern.leaves) == EPILOGUES[cell][1]
+    tail = emitted.source[emitted.source.index("# --- outputs"):]
+    launch_line, = [ln for ln in tail.splitlines() if "TK.prologue(" in ln]
+    outs = launch_line.split("=")[0].strip()
+    assert f"{{'{next(iter(emitted.plan.ir.outputs))}': {outs}[0]}}" in tail
+    for op in ("torch.abs", "torch.maximum", ".sum(-1)", " / "):
+        assert op not in tail, op
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+@pytest.mark.parametrize("cell", EPILOGUES)
+def test_epilogue_matches_reference_fp64(cell, heads):
+    spec, dims, emitted = _emitted(cell)
+    name = _prologue(emitted, "epilogue").name
+    launch.RECORD = []
+    try:
+        errs = reference_errors(spec, dims, 2, 37, torch.float64, heads=heads, kernel=EPILOGUES[cell][0])
+        launched = [k for k, _ in launch.RECORD]
+    finally:
+        launch.RECORD = None
+    assert launched.count(f"{name}_fwd") == 1, launched
+    assert_close(errs, 1e-10)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_epilogue_compiles_without_spills(arch, monkeypatch):
+    monkeypatch.setattr(triton_backend, "_chunk_kernels", lambda emitted, arch: [])
+    _, _, emitted = _emitted("mlstm", K=128, V=128)
+    name = _prologue(emitted, "epilogue").name
+    _, compiled = triton_backend.compile_cell(emitted, arch)
+    ours = [c for c in compiled if c.name in (f"{name}_fwd", f"{name}_bwd")]
+    assert len(ours) == 2 and all(c.spills == 0 for c in ours), [(c.name, c.registers, c.spills) for c in ours]
