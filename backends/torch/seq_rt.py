@@ -4,6 +4,8 @@ Sequence tensors carry NS = NB + 1 prefix axes: [B, T] or [B, T, heads]; values 
 not vary over some prefix axis keep size 1 there until a kernel needs them full."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from recdsl import torch_rt
@@ -22,12 +24,16 @@ def param_linear(W: torch.Tensor, x: torch.Tensor, *biases: torch.Tensor) -> tor
 def all_finite(*tensors) -> bool:
     """Whether every element of the given tensors (None and Python numbers skipped) is
     finite: one multi-tensor max-norm (a NaN or inf anywhere makes its tensor's norm
-    non-finite; fused into few launches on a GPU) and one host read for all of them, not
-    an isfinite/all pair per tensor."""
+    non-finite; fused into few launches on a GPU), their sum (non-negative terms: finite
+    iff every one is) and one host read for all of them -- three launches, not an
+    isfinite/all pair per tensor."""
     ts = [t for t in tensors if isinstance(t, torch.Tensor) and t.numel()]
     if not ts:
         return True
-    return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(ts, float("inf"))])).all())
+    norms = torch._foreach_norm(ts, float("inf"))
+    total = torch.stack(norms).sum(dtype=torch.float64) if len({n.dtype for n in norms}) == 1 \
+        else sum(n.double() for n in norms)
+    return math.isfinite(total.item())
 
 
 def lift(x: torch.Tensor, r_from: int, r_to: int) -> torch.Tensor:

@@ -239,7 +239,8 @@ class _TorchOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if self.outside_launch() and name not in self.FREE and not name.endswith("_meta"):
+        launched = any(True for _ in _tensors(out))   # an op with no tensor result (a dtype, a bool) runs on the host
+        if self.outside_launch() and launched and name not in self.FREE and not name.endswith("_meta"):
             read = sum(_tensor_bytes(x) for x in _tensors((args, kwargs)))
             written = sum(_tensor_bytes(x) for x in _tensors(out))
             if name.endswith("_") or "out" in (kwargs or {}):
