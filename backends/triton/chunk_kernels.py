@@ -47,6 +47,13 @@ Several readouts of one state (e.g. q_t @ S' and q_t @ S) run the per-readout ke
 each: the adjoint is linear in the readouts' cotangents, so the later launches accumulate
 (ACCUMULATE) and only the first adds the state's own terms (WITH_STATE).
 
+The log decays are floored at LOG_DECAY_FLOOR in the kernels' loads of g (FLOOR, as
+delta_kernels and chunk_dplr_kernels: no clamped copy of g), and dg is zero where g < FLOOR
+(torch.clamp's gradient), in chunk_diag_bwd_dg. A readout may read c q for a constant c (the
+driver's `q * K**-0.5`, passed as (q, inclusive, c)): the output kernels store c (q S), and the
+backward kernels scale do at its load, as every gradient pairing q' = c q with do is the same
+with (q, c do), and dq = c dq'(do) = dq'(c do); dg's q' ⊙ dq' = q ⊙ dq needs nothing.
+
 Reverse and cu_seqlens are the kernels' own (registry caps "kernel": the runtime neither
 flips nor splits). Every kernel addresses step t of a sequence as row at + dt * t of its
 row's memory (_span): dt = -1 under REVERSE, so the recurrence runs right to left with no
@@ -194,6 +201,19 @@ def _decay_row(ptr, at, dt, t, keys, Tn, K, SCALAR: tl.constexpr):
 
 
 @triton.jit
+def _log_decay_tile(g, at, dt, rows, keys, Tn, K, SCALAR: tl.constexpr, FLOOR: tl.constexpr):
+    """A [rows, keys] tile of the raw log decay g floored at FLOOR: the floor is taken in the
+    load (g read in place, no clamped copy); its gradient is masked in chunk_diag_bwd_dg."""
+    return tl.maximum(_decay_tile(g, at, dt, rows, keys, Tn, K, SCALAR), FLOOR)
+
+
+@triton.jit
+def _log_decay_steps(g, at, dt, steps, Tn, FLOOR: tl.constexpr):
+    """A scalar log decay g at `steps`, floored at FLOOR in the load; 0 past Tn."""
+    return tl.maximum(_widen(tl.load(g + at + dt * steps, mask=steps < Tn, other=0.0)), FLOOR)
+
+
+@triton.jit
 def _state_tile(ptr, index, keys, vals, K, V):
     """The [K, V] state `index` (row * NT + chunk, or the sequence) of a contiguous [.., K, V] tensor."""
     mask = (keys[:, None] < K) & (vals[None, :] < V)
@@ -233,22 +253,23 @@ def _sub_blocks_in(n, Tn, BT: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR: tl.constexpr, STRICT: tl.constexpr):
+def _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR: tl.constexpr, STRICT: tl.constexpr,
+                   FLOOR: tl.constexpr):
     """The readout's exponent b_i, or b_{i-1} = b_i - g_i when it reads the state before step i."""
     b = _decay_tile(gcum, at, dt, rows, keys, Tn, K, SCALAR)
     if STRICT:
-        b -= _decay_tile(g, at, dt, rows, keys, Tn, K, SCALAR)
+        b -= _log_decay_tile(g, at, dt, rows, keys, Tn, K, SCALAR, FLOOR)
     return b
 
 
 @triton.jit
-def _scalar_pair_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr):
+def _scalar_pair_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr, FLOOR: tl.constexpr):
     """e^{b_i - b_j} for the pairs j <= i - s of one sub-block's steps (rows i, columns j),
     zero elsewhere: a scalar decay's diagonal sub-block is then (Q Kᵀ ⊙ D) V, two tl.dot."""
     live = steps < Tn
     b_i = _widen(tl.load(gcum + at + dt * steps, mask=live, other=0.0))
     if STRICT:
-        b_i -= _widen(tl.load(g + at + dt * steps, mask=live, other=0.0))
+        b_i -= _log_decay_steps(g, at, dt, steps, Tn, FLOOR)
     b_j = _widen(tl.load(gcum + at + dt * steps, mask=live, other=0.0))
     return _causal_decay(b_i, b_j, steps, Tn, STRICT)
 
@@ -264,21 +285,21 @@ def _causal_decay(b_read, b, steps, Tn, STRICT: tl.constexpr):
 
 @triton.jit
 def chunk_diag_cumsum(g, gcum, cu, chunks, offsets, T, K, NT, BH, HEADS,
-                      BT: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, SCALAR: tl.constexpr, FLOOR: tl.constexpr,
                       VARLEN: tl.constexpr, REVERSE: tl.constexpr):
-    """b: the inclusive cumulative sum of g inside each chunk, in the recurrence's order,
-    stored where g is. Program (chunk, row)."""
+    """b: the inclusive cumulative sum of g (floored at FLOOR) inside each chunk, in the
+    recurrence's order, stored where g is. Program (chunk, row)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     i, n = _chunk(c, chunks, VARLEN)
     at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     rows = n * BT + tl.arange(0, BT)
     if SCALAR:
         live = rows < Tn
-        x = _widen(tl.load(g + at + dt * rows, mask=live, other=0.0))
+        x = _log_decay_steps(g, at, dt, rows, Tn, FLOOR)
         tl.store(gcum + at + dt * rows, tl.cumsum(x, 0), mask=live)
     else:
         keys = tl.arange(0, BK)
-        x = _tile(g, at, dt, rows, keys, Tn, K)
+        x = _log_decay_tile(g, at, dt, rows, keys, Tn, K, False, FLOOR)
         _store_tile(gcum, at, dt, rows, keys, Tn, K, tl.cumsum(x, 0), False)
 
 
@@ -307,11 +328,12 @@ def chunk_diag_fwd_states(k, v, gcum, S0, states, ST, cu, chunks, offsets, T, K,
 
 
 @triton.jit
-def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
+def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, SCALE, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          SCALAR: tl.constexpr, STRICT: tl.constexpr, VARLEN: tl.constexpr,
+                          SCALAR: tl.constexpr, STRICT: tl.constexpr, FLOOR: tl.constexpr, VARLEN: tl.constexpr,
                           REVERSE: tl.constexpr):
-    """o for the BC rows of one sub-block and one V block. Program (sub-block, row, V block)."""
+    """o for the BC rows of one sub-block and one V block, times the readout's constant
+    SCALE (q' = SCALE q: o = SCALE (q S), taken at the store). Program (sub-block, row, V block)."""
     sub, bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, ib = sub // (BT // BC), sub % (BT // BC)
     i, n = _chunk(c, chunks, VARLEN)
@@ -321,7 +343,7 @@ def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
     q_i = _tile(q, at, dt, rows, keys, Tn, K)
-    b_i = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT)
+    b_i = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT, FLOOR)
     # the state before the chunk, decayed to each row
     out = tl.dot(q_i * tl.exp(b_i), _state_tile(states, bh * NT + c, keys, vals, K, V))
     # the chunk's earlier sub-blocks: every pair is below the diagonal; r = b at row0 - 1
@@ -334,7 +356,7 @@ def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K
         out += tl.dot(tl.dot(q_r, tl.trans(k_r)), _tile(v, at, dt, cols, vals, Tn, V))
     if SCALAR:   # the diagonal sub-block: (Q Kᵀ ⊙ D) V
         A = tl.dot(q_i, tl.trans(_tile(k, at, dt, rows, keys, Tn, K))) * _scalar_pair_decay(gcum, g, at, dt, rows,
-                                                                                             Tn, STRICT)
+                                                                                             Tn, STRICT, FLOOR)
         out += tl.dot(A, _tile(v, at, dt, rows, vals, Tn, V))
     else:        # the diagonal sub-block, column by column: the exact contraction over keys
         for jj in range(0, BC):
@@ -344,41 +366,42 @@ def chunk_diag_fwd_output(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K
                                 float("-inf"))
             a = tl.sum(q_i * _row(k, at, dt, col, keys, Tn, K)[None, :] * tl.exp(exponent), 1)
             out += a[:, None] * _row(v, at, dt, col, vals, Tn, V)[None, :]
-    _store_tile(o, at, dt, rows, vals, Tn, V, out, False)
+    _store_tile(o, at, dt, rows, vals, Tn, V, out * SCALE, False)
 
 
 @triton.jit
-def chunk_diag_fwd_output_scalar(q, k, v, gcum, g, states, o, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
+def chunk_diag_fwd_output_scalar(q, k, v, gcum, g, states, o, SCALE, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRICT: tl.constexpr,
-                                 VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+                                 FLOOR: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """o for a whole chunk and one V block under a scalar decay, q, k, v of the chunk read
     once: (q_i e^{b_i}) S + ((Q Kᵀ) ⊙ D) V with D_ij = e^{b_i - b_j} for j <= i - s (b_i
     the readout's exponent, _readout_decay): a scalar pair exponent needs no sub-block
-    factoring, it is masked to <= 0 before the exponential. Program (chunk, row, V block)."""
+    factoring, it is masked to <= 0 before the exponential; times SCALE at the store (as
+    chunk_diag_fwd_output). Program (chunk, row, V block)."""
     c, bh, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i, n = _chunk(c, chunks, VARLEN)
     at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     steps = n * BT + tl.arange(0, BT)
     keys = tl.arange(0, BK)
     vals = pid_v * BV + tl.arange(0, BV)
-    b, b_read = _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT)
+    b, b_read = _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT, FLOOR)
     q_c = _tile(q, at, dt, steps, keys, Tn, K)
     # the state before the chunk, decayed to each row (b_read <= 0; rows past Tn: q = 0)
     out = tl.dot(q_c * tl.exp(b_read)[:, None], _state_tile(states, bh * NT + c, keys, vals, K, V))
     scores = tl.dot(q_c, tl.trans(_tile(k, at, dt, steps, keys, Tn, K))) * _causal_decay(b_read, b, steps, Tn,
                                                                                           STRICT)
     out += tl.dot(scores, _tile(v, at, dt, steps, vals, Tn, V))
-    _store_tile(o, at, dt, steps, vals, Tn, V, out, False)
+    _store_tile(o, at, dt, steps, vals, Tn, V, out * SCALE, False)
 
 
 @triton.jit
-def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
+def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, SCALE, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
-                           STRICT: tl.constexpr, HAS_READOUT: tl.constexpr, HAS_DST: tl.constexpr,
+                           STRICT: tl.constexpr, FLOOR: tl.constexpr, HAS_READOUT: tl.constexpr, HAS_DST: tl.constexpr,
                            ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """Λ_n, the gradient of the state after chunk n (dstates [BH, NT, K, V]), and dS0 per
-    sequence, by the reverse pass Λ_{n-1} = e^{b_C} ⊙ Λ_n + Σ_i (q_i ⊙ e^{b_i}) do_iᵀ.
-    Program (V block, sequence)."""
+    sequence, by the reverse pass Λ_{n-1} = e^{b_C} ⊙ Λ_n + Σ_i (q_i ⊙ e^{b_i}) do_iᵀ (a
+    readout q' = SCALE q pairs as q with SCALE do: do scaled at its load). Program (V block, sequence)."""
     pid_v, sid = tl.program_id(0), tl.program_id(1)
     i, bh, c0 = _sequence(sid, offsets, BH, VARLEN)
     at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
@@ -395,18 +418,20 @@ def chunk_diag_bwd_dstates(q, do, gcum, g, dstates, dST, dS0, cu, chunks, offset
         lam = lam * tl.exp(_decay_row(gcum, at, dt, _chunk_end(n, Tn, BT), keys, Tn, K, SCALAR))[:, None]
         if HAS_READOUT:
             rows = n * BT + tl.arange(0, BT)
-            b = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT)
+            b = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT, FLOOR)
             q_b = _tile(q, at, dt, rows, keys, Tn, K) * tl.exp(b)
-            lam += tl.dot(tl.trans(q_b), _tile(do, at, dt, rows, vals, Tn, V))
+            lam += tl.dot(tl.trans(q_b), _tile(do, at, dt, rows, vals, Tn, V) * SCALE)
     _store_state(dS0, sid, keys, vals, K, V, lam, ACCUMULATE)
 
 
 @triton.jit
-def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
+def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, SCALE, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SCALAR: tl.constexpr, STRICT: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+                      SCALAR: tl.constexpr, STRICT: tl.constexpr, FLOOR: tl.constexpr, VARLEN: tl.constexpr,
+                      REVERSE: tl.constexpr):
     """dq_i = (do_i Sᵀ) ⊙ e^{b_i} + Σ_{j <= i-s} (do_i · v_j) k_j ⊙ e^{b_i - b_j} for one
-    sub-block of rows. Program (sub-block, row); the V blocks are summed in a loop."""
+    sub-block of rows, with do scaled by SCALE at its load: for a readout q' = SCALE q this
+    is dq = SCALE dq'(do) = dq'(SCALE do). Program (sub-block, row); the V blocks are summed in a loop."""
     sub, bh = tl.program_id(0), tl.program_id(1)
     c, ib = sub // (BT // BC), sub % (BT // BC)
     i, n = _chunk(c, chunks, VARLEN)
@@ -415,7 +440,7 @@ def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, 
     rows = row0 + tl.arange(0, BC)
     cols_in_block = tl.arange(0, BC)
     keys = tl.arange(0, BK)
-    b_i = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT)
+    b_i = _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT, FLOOR)
     r = _decay_row(gcum, at, dt, row0 - 1, keys, Tn, K, SCALAR) * (ib > 0)
     from_state = tl.zeros([BC, BK], dtype=b_i.dtype)
     below = tl.zeros([BC, BK], dtype=b_i.dtype)     # pairs of earlier sub-blocks, still times e^{-(b_i - r)}
@@ -423,7 +448,7 @@ def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, 
     dA = tl.zeros([BC, BC], dtype=b_i.dtype)        # the diagonal sub-block's do_i · v_j, over all V blocks
     for vb in range(0, tl.cdiv(V, BV)):
         vals = vb * BV + tl.arange(0, BV)
-        do_i = _tile(do, at, dt, rows, vals, Tn, V)
+        do_i = _tile(do, at, dt, rows, vals, Tn, V) * SCALE
         from_state += tl.dot(do_i, tl.trans(_state_tile(states, bh * NT + c, keys, vals, K, V)))
         for jb in range(0, tl.where(ib < _sub_blocks_in(n, Tn, BT, BC), ib, 0)):
             cols = n * BT + jb * BC + tl.arange(0, BC)
@@ -434,7 +459,7 @@ def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, 
         # (the fewest live registers), a per-key decay's summed over V blocks first
         dA_block = tl.dot(do_i, tl.trans(_tile(v, at, dt, rows, vals, Tn, V)))
         if SCALAR:
-            diag += tl.dot(dA_block * _scalar_pair_decay(gcum, g, at, dt, rows, Tn, STRICT),
+            diag += tl.dot(dA_block * _scalar_pair_decay(gcum, g, at, dt, rows, Tn, STRICT, FLOOR),
                            _tile(k, at, dt, rows, keys, Tn, K))
         else:
             dA += dA_block
@@ -451,36 +476,37 @@ def chunk_diag_bwd_dq(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, 
 
 
 @triton.jit
-def _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr):
+def _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT: tl.constexpr, FLOOR: tl.constexpr):
     """(b, b_read) of a scalar decay over `steps`: the cumulative b, and the readout's
     exponent (b_{i-1} = b_i - g_i when STRICT); 0 past Tn."""
     live = steps < Tn
     b = _widen(tl.load(gcum + at + dt * steps, mask=live, other=0.0))
     if STRICT:
-        b_read = b - _widen(tl.load(g + at + dt * steps, mask=live, other=0.0))
+        b_read = b - _log_decay_steps(g, at, dt, steps, Tn, FLOOR)
     else:
         b_read = b
     return b, b_read
 
 
 @triton.jit
-def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
+def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, SCALE, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRICT: tl.constexpr,
-                             VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+                             FLOOR: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """dq for a whole chunk under a scalar decay, do, v, k and the state read once:
-    dq = (dO Sᵀ) ⊙ e^{b_read} + ((dO Vᵀ) ⊙ D) K, D as in chunk_diag_fwd_output_scalar.
+    dq = (dO Sᵀ) ⊙ e^{b_read} + ((dO Vᵀ) ⊙ D) K, D as in chunk_diag_fwd_output_scalar, dO
+    scaled by SCALE at its load (as chunk_diag_bwd_dq).
     Program (chunk, row); the V blocks in a loop (both products sum over them)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     i, n = _chunk(c, chunks, VARLEN)
     at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
     steps = n * BT + tl.arange(0, BT)
     keys = tl.arange(0, BK)
-    b, b_read = _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT)
+    b, b_read = _scalar_chunk_decay(gcum, g, at, dt, steps, Tn, STRICT, FLOOR)
     from_state = tl.zeros([BT, BK], dtype=b.dtype)
     dA = tl.zeros([BT, BT], dtype=b.dtype)           # do_i · v_j over all V blocks
     for vb in range(0, tl.cdiv(V, BV)):
         vals = vb * BV + tl.arange(0, BV)
-        do_c = _tile(do, at, dt, steps, vals, Tn, V)
+        do_c = _tile(do, at, dt, steps, vals, Tn, V) * SCALE
         from_state += tl.dot(do_c, tl.trans(_state_tile(states, bh * NT + c, keys, vals, K, V)))
         dA += tl.dot(do_c, tl.trans(_tile(v, at, dt, steps, vals, Tn, V)))
     out = from_state * tl.exp(b_read)[:, None] + tl.dot(dA * _causal_decay(b_read, b, steps, Tn, STRICT),
@@ -489,13 +515,14 @@ def chunk_diag_bwd_dq_scalar(q, k, v, gcum, g, states, do, dq, cu, chunks, offse
 
 
 @triton.jit
-def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
+def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, SCALE, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       SCALAR: tl.constexpr, STRICT: tl.constexpr, HAS_READOUT: tl.constexpr,
+                       SCALAR: tl.constexpr, STRICT: tl.constexpr, FLOOR: tl.constexpr, HAS_READOUT: tl.constexpr,
                        WITH_STATE: tl.constexpr, ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr,
                        REVERSE: tl.constexpr):
     """dk, dv for one sub-block of keys j: from the readouts' pairs i >= j + s (HAS_READOUT)
-    and, WITH_STATE, from the state after the chunk, (k_j e^{b_C - b_j}) Λ_n.
+    and, WITH_STATE, from the state after the chunk, (k_j e^{b_C - b_j}) Λ_n. A readout
+    q' = SCALE q pairs as q with SCALE do (do scaled at its loads).
     Program (sub-block, row); the V blocks in a loop (dk sums over them)."""
     sub, bh = tl.program_id(0), tl.program_id(1)
     c, jb = sub // (BT // BC), sub % (BT // BC)
@@ -523,17 +550,17 @@ def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offset
                 r = _decay_row(gcum, at, dt, n * BT + ib * BC - 1, keys, Tn, K, SCALAR)
                 # (rows past Tn read b = 0: their exponent is masked, not just their q = 0, as inf * 0 is NaN)
                 q_r = _tile(q, at, dt, rows, keys, Tn, K) * tl.exp(tl.where(
-                    rows[:, None] < Tn, _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT) - r[None, :],
-                    0.0))
+                    rows[:, None] < Tn,
+                    _readout_decay(gcum, g, at, dt, rows, keys, Tn, K, SCALAR, STRICT, FLOOR) - r[None, :], 0.0))
                 k_r_factor = tl.exp(r[None, :] - b_j)
-                do_i = _tile(do, at, dt, rows, vals, Tn, V)
+                do_i = _tile(do, at, dt, rows, vals, Tn, V) * SCALE
                 A = tl.dot(q_r, tl.trans(k_j * k_r_factor))                  # [rows, cols]
                 dv_j += tl.dot(tl.trans(A), do_i)
                 dA = tl.dot(do_i, tl.trans(v_j))
                 dk_j += tl.dot(tl.trans(dA), q_r) * k_r_factor
             if SCALAR:   # the diagonal sub-block (rows i and keys j the same steps): D ⊙ (Q Kᵀ), D ⊙ (dO Vᵀ)
-                D = _scalar_pair_decay(gcum, g, at, dt, cols, Tn, STRICT)
-                q_d, do_d = _tile(q, at, dt, cols, keys, Tn, K), _tile(do, at, dt, cols, vals, Tn, V)
+                D = _scalar_pair_decay(gcum, g, at, dt, cols, Tn, STRICT, FLOOR)
+                q_d, do_d = _tile(q, at, dt, cols, keys, Tn, K), _tile(do, at, dt, cols, vals, Tn, V) * SCALE
                 dv_j += tl.dot(tl.trans(tl.dot(q_d, tl.trans(k_j)) * D), do_d)
                 dk_j += tl.dot(tl.trans(tl.dot(do_d, tl.trans(v_j)) * D), q_d)
             else:        # a per-key decay's diagonal sub-block, row by row with the exact exponents
@@ -542,9 +569,9 @@ def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offset
                     seen = (cols <= row - STRICT) & (cols * 0 + row < Tn)      # j <= i - s, and row i exists
                     b_row = _decay_row(gcum, at, dt, row, keys, Tn, K, SCALAR)
                     if STRICT:
-                        b_row -= _decay_row(g, at, dt, row, keys, Tn, K, SCALAR)
+                        b_row -= tl.maximum(_decay_row(g, at, dt, row, keys, Tn, K, SCALAR), FLOOR)
                     q_row = _row(q, at, dt, row, keys, Tn, K)
-                    do_row = _row(do, at, dt, row, vals, Tn, V)
+                    do_row = _row(do, at, dt, row, vals, Tn, V) * SCALE
                     e = tl.exp(tl.where(seen[:, None], b_row[None, :] - b_j, float("-inf")))
                     a = tl.sum(q_row[None, :] * k_j * e, 1)
                     dv_j += a[:, None] * do_row[None, :]
@@ -554,14 +581,16 @@ def chunk_diag_bwd_dkv(q, k, v, gcum, g, do, dstates, dk, dv, cu, chunks, offset
 
 
 @triton.jit
-def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
+def chunk_diag_bwd_dg(q, dq, k, dk, g, states, ST, dstates, dg, cu, chunks, offsets, T, K, V, NT, BH, HEADS,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCALAR: tl.constexpr,
-                      STRICT: tl.constexpr, HAS_READOUT: tl.constexpr, WITH_STATE: tl.constexpr,
+                      STRICT: tl.constexpr, FLOOR: tl.constexpr, HAS_READOUT: tl.constexpr, WITH_STATE: tl.constexpr,
                       ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """dg_t = Σ_{i >= t+s} q_i ⊙ dq_i (HAS_READOUT) - Σ_{j >= t} k_j ⊙ dk_j + Σ_V Λ_n ⊙ S_after
     (WITH_STATE): each exponent's gradient reaches the steps its cumulative sum spans; the
     state after the chunk carries e^{b_C}, hence the last term for every step. SCALAR sums
-    over keys. Program (chunk, row)."""
+    over keys. Zero where g < FLOOR (the floor taken in the loads: clamp's gradient). dq is
+    the gradient of the q the kernels read, so a readout q' = SCALE q needs nothing more:
+    q' ⊙ dq' = q ⊙ dq. Program (chunk, row)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     i, n = _chunk(c, chunks, VARLEN)
     at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
@@ -589,11 +618,12 @@ def chunk_diag_bwd_dg(q, dq, k, dk, states, ST, dstates, dg, cu, chunks, offsets
         grad += end[None, :]
     if SCALAR:
         to = dg + at + dt * rows
-        total = tl.sum(grad, 1)
+        total = tl.where(_widen(tl.load(g + at + dt * rows, mask=rows < Tn, other=0.0)) >= FLOOR, tl.sum(grad, 1), 0.0)
         if ACCUMULATE:
             total += tl.load(to, mask=rows < Tn, other=0.0)
         tl.store(to, total, mask=rows < Tn)
     else:
+        grad = tl.where(_tile(g, at, dt, rows, keys, Tn, K) >= FLOOR, grad, 0.0)
         _store_tile(dg, at, dt, rows, keys, Tn, K, grad, ACCUMULATE)
 '''
 
@@ -722,37 +752,39 @@ def _acc_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _forward(launch, strict, k, v, g, S0, qs, blocks: Blocks, seqs: Sequences):
-    """(outputs, S_T per sequence, gcum, states) on contiguous [B, T, H, .] tensors, g already
-    floored: outputs in the inputs' dtype, the rest in the accumulation dtype."""
+def _forward(launch, strict, scales, k, v, g, S0, qs, blocks: Blocks, seqs: Sequences):
+    """(outputs, S_T per sequence, gcum, states) on contiguous [B, T, H, .] tensors, g raw
+    (the kernels floor it in their loads), readout r reading scales[r] * qs[r]: outputs in
+    the inputs' dtype, the rest in the accumulation dtype."""
     B, T, H, K = k.shape
     BH, V = B * H, v.shape[-1]
     acc, io = _acc_dtype(k, v, g, S0, *qs), reduce(torch.promote_types, [k.dtype, v.dtype] + [q.dtype for q in qs])
     BT, BV, NT = blocks.BT, blocks.BV, seqs.NT
     common = dict(BT=BT, BK=blocks.BK, SCALAR=g.dim() == 3, **seqs.flags())
     gcum = torch.empty(g.shape, dtype=acc, device=g.device)
-    launch("chunk_diag_cumsum", (NT, BH))(g, gcum, *seqs.args(), T, K, NT, BH, H, **common)
+    launch("chunk_diag_cumsum", (NT, BH))(g, gcum, *seqs.args(), T, K, NT, BH, H, FLOOR=LOG_DECAY_FLOOR, **common)
     states = torch.empty(BH, NT, K, V, dtype=acc, device=k.device)
     ST = torch.empty(seqs.count, K, V, dtype=acc, device=k.device)
     launch("chunk_diag_fwd_states", (triton.cdiv(V, BV), seqs.count))(
         k, v, gcum, S0, states, ST, *seqs.args(), T, K, V, NT, BH, H, BV=BV, **common)
     outs = []
-    for q, s in zip(qs, strict):
+    for q, s, scale in zip(qs, strict, scales):
         o = torch.empty(B, T, H, V, dtype=io, device=v.device)
-        where = (q, k, v, gcum, g, states, o, *seqs.args(), T, K, V, NT, BH, H)
+        where = (q, k, v, gcum, g, states, o, scale, *seqs.args(), T, K, V, NT, BH, H)
         if common["SCALAR"]:    # the whole chunk in one program: q, k, v read once per V block
             launch("chunk_diag_fwd_output_scalar", (NT, BH, triton.cdiv(V, BV)))(
-                *where, BT=BT, BK=blocks.BK, BV=BV, STRICT=int(s), **seqs.flags())
+                *where, BT=BT, BK=blocks.BK, BV=BV, STRICT=int(s), FLOOR=LOG_DECAY_FLOOR, **seqs.flags())
         else:                   # a per-key decay: sub-blocks (the decay factored through r)
             launch("chunk_diag_fwd_output", (NT * (BT // blocks.BC), BH, triton.cdiv(V, BV)))(
-                *where, BC=blocks.BC, BV=BV, STRICT=int(s), **common)
+                *where, BC=blocks.BC, BV=BV, STRICT=int(s), FLOOR=LOG_DECAY_FLOOR, **common)
         outs.append(o)
     return outs, ST, gcum, states
 
 
-def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, blocks: Blocks, seqs: Sequences):
+def _backward(launch, strict, scales, k, v, g, gcum, states, ST, qs, dos, dST, blocks: Blocks, seqs: Sequences):
     """(dk, dv, dg, dS0, [dq per readout]) of _forward, in the accumulation dtype, for the
-    cotangents dos (None: an unread output) and dST (None: the final state unread). One
+    cotangents dos (None: an unread output) and dST (None: the final state unread): dq the
+    gradient of qs[r] (the scale applied), dg masked below the floor as clamp's. One
     launch of each per-readout kernel per read output (the first adds the state's terms, the
     others accumulate); with no output read, one launch without readout terms (q and do
     then unused)."""
@@ -760,12 +792,12 @@ def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, blocks: B
     BH, V = B * H, v.shape[-1]
     BT, BV, NT, acc = blocks.BT, blocks.BV, seqs.NT, states.dtype
     where = (*seqs.args(), T, K, V, NT, BH, H)
-    common = dict(BT=BT, BK=blocks.BK, BV=BV, SCALAR=g.dim() == 3, **seqs.flags())
-    reads = [(q, int(s), do.contiguous()) for q, s, do in zip(qs, strict, dos) if do is not None]
+    common = dict(BT=BT, BK=blocks.BK, BV=BV, SCALAR=g.dim() == 3, FLOOR=LOG_DECAY_FLOOR, **seqs.flags())
+    reads = [(q, int(s), do.contiguous(), scale) for q, s, do, scale in zip(qs, strict, dos, scales) if do is not None]
     launches = [dict(STRICT=s, HAS_READOUT=True, WITH_STATE=i == 0, ACCUMULATE=i > 0, **common)
-                for i, (_, s, _) in enumerate(reads)] or [dict(STRICT=0, HAS_READOUT=False, WITH_STATE=True,
-                                                                ACCUMULATE=False, **common)]
-    readouts = reads or [(k, 0, v)]
+                for i, (_, s, _, _) in enumerate(reads)] or [dict(STRICT=0, HAS_READOUT=False, WITH_STATE=True,
+                                                                   ACCUMULATE=False, **common)]
+    readouts = reads or [(k, 0, v, 1.0)]
     sub_grid = (NT * (BT // blocks.BC), BH)
     if common["SCALAR"]:    # dq: the whole chunk in one program (do, v, k and the state read once)
         dq_kernel, dq_grid = "chunk_diag_bwd_dq_scalar", (NT, BH)
@@ -773,24 +805,25 @@ def _backward(launch, strict, k, v, g, gcum, states, ST, qs, dos, dST, blocks: B
     else:                   # a per-key decay: sub-blocks of BC rows
         dq_kernel, dq_grid, dq_flags = "chunk_diag_bwd_dq", sub_grid, dict(BC=blocks.BC, **common)
     dstates, dS0 = torch.empty_like(states), torch.empty_like(ST)
-    for (q, _, do), flags in zip(readouts, launches):
+    for (q, _, do, scale), flags in zip(readouts, launches):
         first = not flags["ACCUMULATE"]
         launch("chunk_diag_bwd_dstates", (triton.cdiv(V, BV), seqs.count))(
-            q, do, gcum, g, dstates, ST if dST is None else dST.contiguous(), dS0, *where,
+            q, do, gcum, g, dstates, ST if dST is None else dST.contiguous(), dS0, scale, *where,
             HAS_DST=first and dST is not None, **{f: x for f, x in flags.items() if f != "WITH_STATE"})
     dqs = []
-    for q, s, do in reads:
+    for q, s, do, scale in reads:
         dqs.append(torch.empty(q.shape, dtype=acc, device=q.device))
-        launch(dq_kernel, dq_grid)(q, k, v, gcum, g, states, do, dqs[-1], *where, STRICT=s, **dq_flags)
+        launch(dq_kernel, dq_grid)(q, k, v, gcum, g, states, do, dqs[-1], scale, *where, STRICT=s, **dq_flags)
     dk = torch.empty(k.shape, dtype=acc, device=k.device)
     dv = torch.empty(v.shape, dtype=acc, device=v.device)
     # dk, dv keep the sub-block kernel for both decays: a whole chunk's [BT, BT] pair tiles,
     # forward and by key, with q, k and dk live, spill on sm_80 at BT = 64 (tried)
-    for (q, _, do), flags in zip(readouts, launches):
-        launch("chunk_diag_bwd_dkv", sub_grid)(q, k, v, gcum, g, do, dstates, dk, dv, *where, BC=blocks.BC, **flags)
+    for (q, _, do, scale), flags in zip(readouts, launches):
+        launch("chunk_diag_bwd_dkv", sub_grid)(q, k, v, gcum, g, do, dstates, dk, dv, scale, *where, BC=blocks.BC,
+                                               **flags)
     dg = torch.empty(g.shape, dtype=acc, device=g.device)
-    for (q, _, _), dq, flags in zip(readouts, dqs or [k], launches):
-        launch("chunk_diag_bwd_dg", (NT, BH))(q, dq, k, dk, states, ST, dstates, dg, *where, **flags)
+    for (q, _, _, _), dq, flags in zip(readouts, dqs or [k], launches):
+        launch("chunk_diag_bwd_dg", (NT, BH))(q, dq, k, dk, g, states, ST, dstates, dg, *where, **flags)
     return dk, dv, dg, dS0, _per_readout(dqs, dos)
 
 
@@ -800,14 +833,23 @@ def _per_readout(dqs: list, dos) -> list:
     return [None if do is None else next(it) for do in dos]
 
 
+def readout_parts(readout) -> tuple:
+    """(q, inclusive, scale) of a readout given as (q, inclusive) or (q, inclusive, scale):
+    scale a constant the output is multiplied by (the readout's q' = scale * q, applied in
+    the kernels instead of as a torch op on q; 1.0 when absent)."""
+    q, inclusive, *scale = readout
+    return q, inclusive, float(scale[0]) if scale else 1.0
+
+
 def by_torch(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
     """chunk_diag's result by the torch chunk form (backends/torch/scans.py), one call per
     sequence, flipped for reverse: the double backward's twin and the non-finite inputs'
     path (the torch form is causal under NaN). Tensors [B, T, H, .] as the kernels take them
-    (g [B, T, H] or [B, T, H, K]); the torch form runs on [B * H, T, .] rows."""
+    (g [B, T, H] or [B, T, H, K]); the torch form runs on [B * H, T, .] rows. A readout's
+    scale (readout_parts) multiplies its q here."""
     from ..torch import scans
     B, T, H = k.shape[:3]
-    readouts = [(_rows(q), inc) for q, inc in readouts]
+    readouts = [(_rows(q if scale == 1.0 else q * scale), inc) for q, inc, scale in map(readout_parts, readouts)]
     k, v, g = _rows(k), _rows(v), _rows(g)
     outs, S = _by_torch_rows(scans, readouts, k, v, g, S0, reverse, cu_seqlens)
     return [_unrows(o, B, H) for o in outs], S
@@ -847,35 +889,35 @@ class ChunkDiagFunction(torch.autograd.Function):
     the backward differentiates the torch chunk form instead (second derivatives are autograd's)."""
 
     @staticmethod
-    def forward(ctx, strict, reverse, cu_seqlens, k, v, g, S0, *qs):
+    def forward(ctx, strict, scales, reverse, cu_seqlens, k, v, g, S0, *qs):
         B, T, H, K = k.shape
         blocks = choose_blocks(K, v.shape[-1], longest(T, cu_seqlens), k.dtype, k.device,
                                torch.cuda.get_device_capability(k.device) if k.device.type == "cuda" else None)
         seqs = sequences(B * H, T, blocks.BT, reverse, cu_seqlens, k.device)
         launch = _launcher(_KERNELS.ns(k.device), k.device, blocks)
-        outs, ST, gcum, states = _forward(launch, strict, k, v, g.clamp(min=LOG_DECAY_FLOOR), S0, qs, blocks, seqs)
+        outs, ST, gcum, states = _forward(launch, strict, scales, k, v, g, S0, qs, blocks, seqs)
         ctx.set_materialize_grads(False)
-        ctx.strict, ctx.blocks, ctx.seqs, ctx.reverse, ctx.cu = strict, blocks, seqs, reverse, cu_seqlens
+        ctx.strict, ctx.scales, ctx.blocks, ctx.seqs = strict, scales, blocks, seqs
+        ctx.reverse, ctx.cu = reverse, cu_seqlens
         ctx.save_for_backward(k, v, g, S0, gcum, states, ST, *qs)
         return (*outs, ST.to(S0.dtype))
 
     @staticmethod
     def backward(ctx, *grads):
         k, v, g, S0, gcum, states, ST, *qs = ctx.saved_tensors
-        inputs, needs = (k, v, g, S0, *qs), ctx.needs_input_grad[3:]
-        none = (None, None, None)
+        inputs, needs = (k, v, g, S0, *qs), ctx.needs_input_grad[4:]
+        none = (None, None, None, None)
         if wants_graph(inputs, grads):
             def twin(k, v, g, S0, *qs):
-                outs, S = by_torch([(q, not s) for q, s in zip(qs, ctx.strict)], k, v, g, S0, ctx.reverse, ctx.cu)
+                outs, S = by_torch([(q, not s, c) for q, s, c in zip(qs, ctx.strict, ctx.scales)], k, v, g, S0,
+                                   ctx.reverse, ctx.cu)
                 return (*outs, S)
             return none + tuple(recompute_vjp(twin, inputs, needs, grads))
         if all(d is None for d in grads):
             return none + (None,) * len(inputs)
         launch = _launcher(_KERNELS.ns(k.device), k.device, ctx.blocks)
-        gf = g.clamp(min=LOG_DECAY_FLOOR)
-        dk, dv, dg, dS0, dqs = _backward(launch, ctx.strict, k, v, gf, gcum, states, ST, qs, grads[:-1], grads[-1],
-                                         ctx.blocks, ctx.seqs)
-        dg = torch.where(g >= LOG_DECAY_FLOOR, dg, 0)            # as torch.clamp's gradient
+        dk, dv, dg, dS0, dqs = _backward(launch, ctx.strict, ctx.scales, k, v, g, gcum, states, ST, qs, grads[:-1],
+                                         grads[-1], ctx.blocks, ctx.seqs)
         got = (dk, dv, dg, dS0, *dqs)
         return none + tuple(d.to(x.dtype) if need and d is not None else None
                             for d, x, need in zip(got, inputs, needs))
@@ -883,20 +925,23 @@ class ChunkDiagFunction(torch.autograd.Function):
 
 def chunk_diag(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
     """As backends/torch/scans.chunk_diag, on the Triton kernels: readouts [(q [BH, T, K],
-    inclusive)], k [BH, T, K], v [BH, T, V], g [BH, T] or [BH, T, K] (log decays), S0
+    inclusive)] or [(q, inclusive, scale)] (reading scale * q), k [BH, T, K], v [BH, T, V],
+    g [BH, T] or [BH, T, K] (log decays), S0
     [BH, K, V]. `reverse`: right to left; `cu_seqlens` (N + 1 offsets): sequences packed
     along T, S0 then [N * BH, K, V] (sequence-major). Returns ([o [BH, T, V]], S_T), S_T
     one per sequence; outputs in the inputs' dtype, S_T in S0's. (The rows as one head each
     of the kernels' [B, T, H, .] layout: chunk_diag_heads.)"""
-    outs, ST = chunk_diag_heads([(q[:, :, None], inc) for q, inc in readouts], k[:, :, None], v[:, :, None],
-                                g[:, :, None], S0, reverse, cu_seqlens)
+    readouts = [readout_parts(r) for r in readouts]
+    outs, ST = chunk_diag_heads([(q[:, :, None], inc, scale) for q, inc, scale in readouts], k[:, :, None],
+                                v[:, :, None], g[:, :, None], S0, reverse, cu_seqlens)
     return [o[:, :, 0] for o in outs], ST
 
 
 def chunk_diag_heads(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=None):
     """chunk_diag on the layout the driver holds, read in place: q, k [B, T, H, K], v
     [B, T, H, V], g [B, T, H] or [B, T, H, K], S0 [B * H, K, V] (b-major, heads inner; with
-    cu_seqlens [N * H, K, V] over B = 1). Returns ([o [B, T, H, V]], S_T [B * H or N * H, K, V])."""
+    cu_seqlens [N * H, K, V] over B = 1); readouts (q, inclusive) or (q, inclusive, scale)
+    (readout_parts). Returns ([o [B, T, H, V]], S_T [B * H or N * H, K, V])."""
     B, T, H, K = k.shape
     if cu_seqlens is not None:
         cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.int32, device=k.device)
@@ -905,9 +950,11 @@ def chunk_diag_heads(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=No
         raise ValueError(f"chunk_diag: {count} initial states expected (one per row and sequence), got {S0.shape[0]}")
     if T == 0:
         return [v.new_zeros(B, 0, H, v.shape[-1]) for _ in readouts], S0
-    strict = tuple(not inclusive for _, inclusive in readouts)
-    *outs, ST = ChunkDiagFunction.apply(strict, bool(reverse), cu_seqlens, k.contiguous(), v.contiguous(),
-                                        g.contiguous(), S0.contiguous(), *(q.contiguous() for q, _ in readouts))
+    readouts = [readout_parts(r) for r in readouts]
+    strict = tuple(not inclusive for _, inclusive, _ in readouts)
+    scales = tuple(scale for _, _, scale in readouts)
+    *outs, ST = ChunkDiagFunction.apply(strict, scales, bool(reverse), cu_seqlens, k.contiguous(), v.contiguous(),
+                                        g.contiguous(), S0.contiguous(), *(q.contiguous() for q, _, _ in readouts))
     return list(outs), ST
 
 
@@ -923,17 +970,19 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, 
     values as backends/torch/scans.diag_matrix_stage takes them ([B, T, (H), .]: read as they
     are, heads indexed by the kernels); `rev` and `cu` (cu_seqlens, int32: sequences packed
     along T of a batch of one, S0 one per sequence) as the runtime hands them to kernels
-    that index time themselves.
+    that index time themselves. reads: (q, inclusive) or (q, inclusive, scale), the latter
+    reading scale * q with the scale applied in the kernels (readout_parts).
 
     A non-finite input runs torch's chunk form for this call instead (by_torch), and `ran`
     (the driver's record) says so: the kernels' tile products multiply the masked pairs
     (i, j > i) of a chunk too, and 0 * NaN = NaN would carry a later step's NaN into the
     earlier outputs and gradients of its chunk; scans.py's form never touches a masked
     pair (the causality the tests hold every chunkwise form to). One check per call."""
-    finite = rt.all_finite(k, v, g, *(q for q, _ in reads))
+    reads = [readout_parts(r) for r in reads]
+    finite = rt.all_finite(k, v, g, *(q for q, _, _ in reads))
     kh, vh = _heads_layout(k, 1, X0, ns), _heads_layout(v, 1, X0, ns)
     gh = _heads_layout(g, g.dim() - ns, X0, ns) if g is not None else kh.new_zeros(kh.shape[:3])
-    qhs = [(_heads_layout(q, 1, X0, ns), incl) for q, incl in reads]
+    qhs = [(_heads_layout(q, 1, X0, ns), incl, scale) for q, incl, scale in reads]
     run = chunk_diag_heads
     if not finite:
         if ran is not None:
@@ -983,14 +1032,15 @@ def signed_matrix_stage(reads, k, v, d, S0, X0, ns: int, ran: list | None = None
 
     def signed(x, s):
         return rt.full_seq(x, X0, ns, 1) * (s[..., None] if rank == 0 else s)
-    reads = [(signed(q, sigma if inclusive else before), inclusive) for q, inclusive in reads]
+    reads = [(signed(q, sigma if inclusive else before), inclusive, scale)
+             for q, inclusive, scale in map(readout_parts, reads)]
     log_abs = torch.log(full.abs())
     outs, ST = diag_matrix_stage(reads, signed(k, sigma), v, log_abs, S0, X0, ns, ran, rev, cu)
     return outs, ST * (whole[..., None, None] if rank == 0 else whole[..., None])
 
 
 # Every kernel as the GPU launches it (choose_blocks' sizes and options), for ahead-of-time
-# compiles: (name, the constexprs beyond the block sizes, SCALAR, VARLEN and REVERSE); the
+# compiles: (name, the constexprs beyond the block sizes, SCALAR, FLOOR, VARLEN and REVERSE); the
 # readouts' pair kernels in both readout modes, the accumulating launches of a second readout.
 _ONE_READOUT = {"HAS_READOUT": True, "WITH_STATE": True, "ACCUMULATE": False}
 AOT_VARIANTS = [
@@ -1013,6 +1063,7 @@ AOT_VARIANTS = [
 ]
 _INTS = {"T", "K", "V", "NT", "BH", "HEADS"}
 _TABLES = {"cu", "chunks", "offsets"}
+_FLOATS = {"SCALE"}
 
 
 def compile_ahead(arch: int = 90, K: int = 64, V: int = 64, scalar: bool = False, varlen: bool = False,
@@ -1028,9 +1079,10 @@ def compile_ahead(arch: int = 90, K: int = 64, V: int = 64, scalar: bool = False
     out = []
     for name, flags in AOT_VARIANTS:
         fn = ns[name]
-        const = {k: v for k, v in (sizes | {"SCALAR": scalar, "VARLEN": varlen, "REVERSE": reverse}).items()
+        const = {k: v for k, v in (sizes | {"SCALAR": scalar, "FLOOR": LOG_DECAY_FLOOR, "VARLEN": varlen,
+                                            "REVERSE": reverse}).items()
                  if k in fn.arg_names} | flags     # (the scalar-only kernel takes no SCALAR)
-        sig = {a: ("i32" if a in _INTS else "*i32" if a in _TABLES else "*fp32")
+        sig = {a: ("i32" if a in _INTS else "*i32" if a in _TABLES else "fp32" if a in _FLOATS else "*fp32")
                for a in fn.arg_names if a not in const}
         options = blocks.launch_options(name)
         out.append(aot.compile_kernel(fn, sig, const, arch=arch, num_warps=options["num_warps"],

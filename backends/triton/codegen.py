@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..torch.codegen import Emitter
 from recdsl.ir import Node, Op
-from recdsl.lowering import Choice
+from recdsl.lowering import Choice, ChunkDiag
 from recdsl.lowering.match import stage_core
 
 from . import texpr
@@ -175,7 +175,7 @@ class TritonEmitter(Emitter):
         k, v = self._tensor(form.k), self._tensor(form.v)
         g = self._opt(form.decay if form.signed else form.log_decay)
         stage = "signed_matrix_stage" if form.signed else "diag_matrix_stage"   # signed: log|d| and its sign
-        qs = [f"({self.seq_name(r.q)}, {r.inclusive})" for r in form.readouts]
+        qs = [self._scaled_readout(r) for r in form.readouts]
         outs, fin = self.fresh("reads"), self.fresh("fin", s)
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernels run on the transposed state
         self.emit(f"from {__package__}.chunk_kernels import {stage} as chunk_diag_stage")
@@ -183,6 +183,24 @@ class TritonEmitter(Emitter):
                   f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels chunk_diag_*", self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
+
+    def _scaled_readout(self, readout) -> str:
+        """A ChunkDiag readout as chunk_kernels takes it: (x, inclusive, c) when its q is x * c
+        with c a scalar constant not yet computed (the kernels scale the output tile, and do in
+        the backward: no torch op over q), else (q, inclusive)."""
+        scaled = self._query_scale(readout.q)
+        if scaled:
+            return f"({self.seq_name(scaled[0])}, {readout.inclusive}, {scaled[1]})"
+        return f"({self.seq_name(readout.q)}, {readout.inclusive})"
+
+    def _query_scale(self, q: Node):
+        """(x, c) when the readout query q is x * c, c a scalar constant, and q not computed yet."""
+        if q.id not in self.seq and q.op == Op.MUL:
+            for x, c in (q.srcs, q.srcs[::-1]):
+                scale = texpr.literal(c)
+                if scale is not None and self.ir.shape_of(x) == self.ir.shape_of(q):
+                    return x, scale
+        return None
 
     # The forms whose torch emitters (operands, readouts, final states) run unchanged on this
     # backend's own kernels: form_stage names the kernel module's stage function instead.
@@ -263,7 +281,10 @@ class TritonEmitter(Emitter):
         cannot take stays torch ops, and the driver says why."""
         from .prologue import PrologueKernel, chunk_operands
         opaque = {n.id for core in self.cores for n in core}   # recurrent values: read, never recomputed
-        kern = PrologueKernel(self.ir, choice.stage, chunk_operands(choice.form), set(self.seq), opaque, self.note,
+        operands = chunk_operands(choice.form)
+        if isinstance(choice.form, ChunkDiag):   # a readout's constant scale is the chunk kernels' (SCALE)
+            operands = [(role, (self._query_scale(n) or (n,))[0] if role == "q" else n) for role, n in operands]
+        kern = PrologueKernel(self.ir, choice.stage, operands, set(self.seq), opaque, self.note,
                               self.ir.updates[choice.form.states[0]])
         self._row_kernel(kern, "operand prologue", "operands")
 

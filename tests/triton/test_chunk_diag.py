@@ -286,15 +286,22 @@ def _launch_counter(monkeypatch) -> dict:
     return counts
 
 
-def _against_oracle(k, v, g, S0, qs, reverse=False, cu=None):
+def _against_oracle(k, v, g, S0, qs, reverse=False, cu=None, scales=None):
     """Max abs errors of chunk_kernels.chunk_diag (in its inputs' dtype) against the float64
     loop oracle on the same (rounded) inputs: outputs and final states, every gradient; the
-    scales of both; and the dtypes the kernels returned."""
+    scales of both; and the dtypes the kernels returned. `scales`: a constant per readout,
+    passed to the kernels as (q, inclusive, scale) and to the oracle as q * scale."""
     leaves = [x.clone().requires_grad_() for x in (k, v, g, S0, *(q for q, _ in qs))]
     exact = [x.detach().double().requires_grad_() for x in leaves]
     res, dtypes = [], []
     for f, xs in ((chunk_kernels.chunk_diag, leaves), (_loop_oracle, exact)):
-        outs, S = f([(q, inc) for q, (_, inc) in zip(xs[4:], qs)], *xs[:4], reverse, cu)
+        if scales is None:
+            readouts = [(q, inc) for q, (_, inc) in zip(xs[4:], qs)]
+        elif f is _loop_oracle:
+            readouts = [(q * c, inc) for q, (_, inc), c in zip(xs[4:], qs, scales)]
+        else:
+            readouts = [(q, inc, c) for q, (_, inc), c in zip(xs[4:], qs, scales)]
+        outs, S = f(readouts, *xs[:4], reverse, cu)
         w = torch.Generator().manual_seed(5)
         loss = 0
         for i, o in enumerate((*outs, S)):   # the same cotangents, rounded to the kernels' output dtypes
@@ -398,8 +405,8 @@ def test_packed_right_to_left_kernels_compile_without_spills(tmp_path, monkeypat
 def test_heads_are_read_in_place():
     """With heads, the kernels index [B, T, H, .] themselves: a forward of GLA copies none of
     its inputs into [B * H, T, .] rows and back (the torch ops outside the launches, counted
-    as traffic.py counts them for the roofline, are the cell's own math, the non-finite
-    check, the decay's floor and the zero initial state's copy)."""
+    as traffic.py counts them for the roofline, are the non-finite check and the zero
+    initial state's copy: the decay's floor and the query scale are the kernels')."""
     from recdsl.backends.triton import traffic
     spec, dims = _dims("gla", 16, 16)
     layer = spec(backend="triton", heads=2, **dims)
@@ -412,3 +419,74 @@ def test_heads_are_read_in_place():
     copies = [(x.kernel, x.store_bytes) for x in counted.launch_log
               if x.torch_op and x.kernel in ("aten.clone", "aten.copy_", "aten._to_copy")]
     assert copies and all(written < one_input for _, written in copies), copies   # the initial state's only
+
+
+# ------------------------------------------------------------------ the floor and a constant query scale in the kernels
+@pytest.mark.parametrize("per_key, reverse, cu", [(True, False, None), (False, False, None), (True, True, None),
+                                                  (False, True, LENGTHS_5_37_64), (True, False, LENGTHS_5_37_64)],
+                         ids=["per_key", "scalar", "per_key-reverse", "scalar-reverse+cu_seqlens",
+                              "per_key-cu_seqlens"])
+def test_a_scaled_readout_matches_the_step_loop(per_key, reverse, cu, monkeypatch):
+    """A readout (q, inclusive, c) reads c * q: the kernels scale the output at its store and
+    do at its loads in the backward (dq is then the gradient of q itself). One scaled and
+    one unscaled readout, inclusive and strict, with every gradient against the float64 loop,
+    each kernel launched as often as without the scale (no extra pass)."""
+    counts = _launch_counter(monkeypatch)
+    sequences = 1 if cu is None else len(cu) - 1
+    k, v, g, _, qs = _inputs(1, 106 if cu is not None else 45, 16, 16, per_key, (True, False))
+    S0 = torch.randn(sequences, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    e = _against_oracle(k, v, g, S0, qs, reverse, cu, scales=(0.125 ** 0.5, 1.0))
+    assert e["fwd"] <= 1e-12 and e["grad"] <= 1e-12, e
+    scaled_counts = dict(counts)
+    counts.clear()
+    _against_oracle(k, v, g, S0, qs, reverse, cu)
+    assert scaled_counts == counts and counts["chunk_diag_bwd_dkv"] == 2, (scaled_counts, counts)
+
+
+def test_a_scaled_readout_below_the_floor_and_twice_differentiated():
+    """The scale with log decays below the floor against the torch chunk form: the kernels'
+    backward (dg zero below the floor, as clamp's), and create_graph=True (the torch twin,
+    given the scale too)."""
+    k, v, g, S0, qs = _inputs(2, 45, 16, 16, True, (True, False), decay=60.0)
+    g = g - 30.0
+    c = 0.25
+    leaves = [x.clone().requires_grad_() for x in (k, v, g, S0, qs[0][0], qs[1][0])]
+    res = []
+    for f, reads in ((chunk_kernels.chunk_diag, lambda a, b: [(a, True, c), (b, False)]),
+                     (scans.chunk_diag, lambda a, b: [(a * c, True), (b, False)])):
+        def loss():
+            outs, S = f(reads(*leaves[4:]), *leaves[:4])
+            return outs, S, S.sum() + sum((o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() for o in outs)
+        outs, S, first_loss = loss()
+        first = torch.autograd.grad(first_loss, leaves)
+        twice = torch.autograd.grad(loss()[2], leaves, create_graph=True)
+        second = torch.autograd.grad(sum((d ** 2).sum() for d in twice), leaves)
+        res.append([*outs, S, *first, *second])
+    below = g < scans.LOG_DECAY_FLOOR
+    dg = res[0][3 + 2]          # after the two outputs and S: dk, dv, dg
+    assert bool(below.any()) and bool((dg[below] == 0).all()) and bool((dg[~below] != 0).any())
+    for a, b in zip(*res):
+        assert float((a - b).abs().max()) <= 1e-10 * max(1.0, float(b.abs().max()))
+
+
+def test_gla_runs_its_query_scale_and_the_floor_in_the_kernels():
+    """GLA reads o = (q * K**-0.5) @ S': the driver hands (q, True, K**-0.5) to the stage (no
+    `* 0.57...` torch op over q), and neither the forward nor the backward runs a torch
+    clamp / ge / where for the log decay's floor (the kernels floor g in their loads)."""
+    from recdsl.backends.triton import traffic
+    spec, dims = _dims("gla", 16, 16)
+    emitted = emit_cell(spec.lower(**dims), "triton")
+    assert "* 0.25" not in emitted.source and "(X['q'], True, 0.25)" in emitted.source, emitted.source
+    assert [c.kernel.name for c in _chunk_stages(emitted.selection)] == [KERNEL]
+    layer = spec(backend="triton", **dims)
+    xs = {name: x.requires_grad_() for name, x in random_inputs(spec, layer, 2, 37, torch.float32).items()}
+
+    def forward_backward():
+        out, _ = layer(**xs)
+        out.sum().backward()
+    counted = traffic.count_traffic(forward_backward, torch_ops=True)
+    assert KERNEL in layer.ran
+    torch_ops = {x.kernel for x in counted.launch_log if x.torch_op}
+    launched = {x.kernel for x in counted.launch_log if not x.torch_op}
+    assert {"chunk_diag_fwd_output", "chunk_diag_bwd_dg"} <= launched, launched
+    assert not torch_ops & {"aten.clamp", "aten.ge", "aten.where", "aten.mul"}, torch_ops

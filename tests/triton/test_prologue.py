@@ -168,17 +168,28 @@ def test_bfloat16_inputs_are_widened():
 
 
 @pytest.mark.parametrize("cell, remark", [
-    ("lightning_attention", "operand g (lightning_attention.rec:8) is constant over time: torch ops on its own shape"),
-    ("linear_attention_nonorm", "1 op to fuse: the operands stay torch ops"),
-    ("gla", "1 op to fuse: the operands stay torch ops"),   # q * scale; gk[:, None][:, 0] is a view of gk
-    ("gsa", "amax at gsa.rec:9 (not elementwise, nor a step's total): torch ops, read as a leaf"),
+    ("lightning_attention", "operand prologue: operand g (lightning_attention.rec:8) is constant over time: torch ops "
+     "on its own shape"),
+    ("gsa", "operand prologue: amax at gsa.rec:9 (not elementwise, nor a step's total): torch ops, read as a leaf"),
+    ("lru", "outputs epilogue: 1 op to fuse: the outputs stay torch ops"),
 ])
 def test_what_stays_torch_ops_is_said(cell, remark):
     spec = recdsl.load(cell)
     emitted = emit_cell(spec.lower(**spec.analysis_dims()), "triton")
-    assert f"# operand prologue: {remark}" in emitted.source
+    assert f"# {remark}" in emitted.source
     has_kernel = any(isinstance(k, PrologueKernel) for k in emitted.emitter.kernels)
     assert has_kernel == (cell == "gsa")   # gsa's softmax around the amax still runs in the kernel
+
+
+@pytest.mark.parametrize("cell", ["gla", "linear_attention_nonorm"])
+def test_a_constant_query_scale_is_the_chunk_kernels(cell):
+    """q * c with c a constant: no prologue kernel and no torch op for it; the chunk kernels
+    take c (chunk_kernels' SCALE), and the driver says nothing is left to torch ops."""
+    spec = recdsl.load(cell)
+    emitted = emit_cell(spec.lower(**spec.analysis_dims()), "triton")
+    assert not any(isinstance(k, PrologueKernel) for k in emitted.emitter.kernels)
+    call, = [ln for ln in emitted.source.splitlines() if "chunk_diag_stage([" in ln]
+    assert "(X['q'], True, " in call and "operand prologue" not in emitted.source
 
 
 @pytest.mark.parametrize("arch", [80, 90])
