@@ -162,9 +162,23 @@ class Context:
             if self.free(other, state) and reads and all(
                     r.op == Op.MATMUL and r.srcs[1] is u and r.srcs[0].rank == 1 and self.free(r.srcs[0], state)
                     for r in reads):
-                return [Readout(r, r.srcs[0], inclusive, extra=_mk(Op.MATMUL, [r.srcs[0], other], r.shape))
+                return [Readout(r, r.srcs[0], inclusive, extra=_vector_times(r.srcs[0], other, r.shape))
                         for r in reads]
         return None
+
+
+def _vector_times(q: Node, y: Node, shape) -> Node:
+    """q @ y, a readout's state-free extra term: for y = s * outer(u, w) (RWKV-6's bonus
+    u[:, None] * outer(k, v)) the per-step scalar s (q · u) times w, so that no backend forms
+    the [K, V] outer product of every step only to reduce it again; else the matmul."""
+    split = split_outer(y)
+    if split is None:
+        return _mk(Op.MATMUL, [q, y], shape)
+    s, u, w = split
+    total = _mk(Op.DOT, [q, u], ())
+    if s is not None:
+        total = _mk(Op.MUL, [total, s], ())
+    return _mk(Op.MUL, [total, w], shape)
 
 
 def candidates(ctx: Context, sp: P.StagePlan) -> list:
