@@ -2,8 +2,8 @@
 fixed and a learned decay, SSD, linear attention with its normaliser, RWKV-6 with its bonus,
 DeltaNet, KDA) on the triton backend, against the reference backend in Triton's interpreter.
 
-The grid is the structure, not a hand list: every cell at T in {1, 37, 64, 200}, and under
-each of {reverse, cu_seqlens, heads} at T in {37, 64}, the state's sides (K, V) rotating
+The grid is the structure, not a hand list: every cell at T in {1, 37, 200} as it is, and
+under each of {reverse, cu_seqlens, heads} at T in {37, 64} (so at all four lengths), the state's sides (K, V) rotating
 over {16, 60}^2 so every cell meets every size; always from a random initial state (whose
 gradient is compared too), float64 to 1e-10 of the outputs' scale; float32 and bfloat16
 inputs at fla-style tolerances. Each case asserts first that its chunkwise stage is planned on one of
