@@ -92,36 +92,20 @@ import triton
 from ..torch import seq_rt as rt
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.dplr import LOG_DECAY_FLOOR
-from . import chunk_kernels
+from . import chunk_kernels, delta_kernels
 from .chunk_kernels import Sequences, longest, sequences
+from .jit import jit_functions
 from .launch import Kernels, launcher
 
 # chunk_kernels' jit helpers, included as text: the in-place [B, T, H, .] addressing (_span),
-# the chunk table (_chunk, _sequence), widening loads and the tile / state loads and stores.
+# the chunk table (_chunk, _sequence), widening loads and the tile / state loads and stores;
+# and delta_kernels' _locate (a chunk's sequence and span).
 SHARED_HELPERS = ("_widen", "_span", "_chunk", "_sequence", "_tile", "_row", "_store_tile", "_state_tile",
                   "_store_state", "_chunk_end", "_sub_blocks_in")
 
 
-def _jit_functions(source: str, names: tuple) -> str:
-    """The @triton.jit functions `names` of a kernel module's source, as text."""
-    parts = {part.split("(", 1)[0].removeprefix("def ").strip(): "@triton.jit\n" + part
-             for part in source.split("@triton.jit\n")[1:]}
-    missing = [name for name in names if name not in parts]
-    if missing:
-        raise ImportError(f"chunk_dplr_kernels includes chunk_kernels' jit helpers {missing}, which its SOURCE lacks")
-    return "\n".join(parts[name].rstrip() + "\n\n" for name in names)
-
-
-SOURCE = _jit_functions(chunk_kernels.SOURCE, SHARED_HELPERS) + r'''
-@triton.jit
-def _locate(c, bh, cu, chunks, T, HEADS, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
-    """(n, at, dt, Tn): row bh's c-th chunk (over all its sequences) is chunk n of the
-    sequence of Tn steps whose step t is row at + dt * t (_span)."""
-    i, n = _chunk(c, chunks, VARLEN)
-    at, dt, Tn = _span(i, bh, cu, T, HEADS, VARLEN, REVERSE)
-    return n, at, dt, Tn
-
-
+SOURCE = (jit_functions(chunk_kernels.SOURCE, SHARED_HELPERS, __name__)
+          + jit_functions(delta_kernels.SOURCE, ("_locate",), __name__)) + r'''
 @triton.jit
 def _tile_t(ptr, at, dt, rows, cols, Tn, W):
     """_tile transposed, [cols, rows], loaded as such (a tl.dot operand with no transpose

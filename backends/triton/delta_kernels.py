@@ -84,6 +84,7 @@ from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.scans import LOG_DECAY_FLOOR
 from . import chunk_kernels
 from .chunk_kernels import Sequences, longest, sequences
+from .jit import jit_functions
 from .launch import Kernels, launcher
 
 # chunk_kernels' jit helpers, included as text: the in-place [B, T, H, .] addressing (_span),
@@ -92,16 +93,7 @@ SHARED_HELPERS = ("_widen", "_span", "_chunk", "_sequence", "_tile", "_store_til
                   "_store_state", "_chunk_end")
 
 
-def _jit_functions(source: str, names: tuple) -> str:
-    """The @triton.jit functions `names` of a kernel module's source, as text."""
-    parts = {part.split("(", 1)[0].removeprefix("def ").strip(): "@triton.jit\n" + part
-             for part in source.split("@triton.jit\n")[1:]}
-    missing = [name for name in names if name not in parts]
-    if missing:
-        raise ImportError(f"delta_kernels includes chunk_kernels' jit helpers {missing}, which its SOURCE lacks")
-    return "\n".join(parts[name].rstrip() + "\n\n" for name in names)
-
-SOURCE = _jit_functions(chunk_kernels.SOURCE, SHARED_HELPERS) + r'''
+SOURCE = jit_functions(chunk_kernels.SOURCE, SHARED_HELPERS, __name__) + r'''
 @triton.jit
 def _locate(c, bh, cu, chunks, T, HEADS, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
     """(n, at, dt, Tn): row bh's c-th chunk (over all its sequences) is chunk n of the

@@ -140,3 +140,15 @@ def module_from_source(src: str, filename: str = "recdsl-triton", interpret: boo
             if type(obj) is InterpretedFunction:
                 obj.__class__ = _IsolatedInterpretedFunction  # adds no state, only wraps run()
     return namespace
+
+
+def jit_functions(source: str, names: tuple, module: str) -> str:
+    """The @triton.jit functions `names` of a kernel module's source text, as text, for another
+    fixed kernel module to include (one copy of each helper in the repository, not one per
+    module); `module` names the includer in the error when a helper is missing."""
+    parts = {part.split("(", 1)[0].removeprefix("def ").strip(): "@triton.jit\n" + part
+             for part in source.split("@triton.jit\n")[1:]}
+    missing = [name for name in names if name not in parts]
+    if missing:
+        raise ImportError(f"{module} includes the jit helpers {missing}, which the source it reads lacks")
+    return "\n".join(parts[name].rstrip() + "\n\n" for name in names)
