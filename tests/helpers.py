@@ -148,3 +148,20 @@ def assert_close(errs, tol=1e-10):
     """reference_errors within tol of the outputs' scale (gradients within 10 tol)."""
     scale = errs["scale"]
     assert errs["out"] <= tol * scale and errs["state"] <= tol * scale and errs["grad"] <= 10 * tol * scale, errs
+
+
+def launch_counter(module, monkeypatch) -> dict:
+    """kernel name -> launches of a fixed Triton kernel module's kernels from now on (a spy on
+    its `_launcher`, the one place its kernels are launched from)."""
+    counts: dict = {}
+    real = module._launcher
+
+    def spying(*how):   # (ns, device[, blocks]): as the module's own _launcher takes them
+        launch = real(*how)
+
+        def counted(name, grid):
+            counts[name] = counts.get(name, 0) + 1
+            return launch(name, grid)
+        return counted
+    monkeypatch.setattr(module, "_launcher", spying)
+    return counts

@@ -16,7 +16,7 @@ import torch
 import triton
 
 import recdsl
-from helpers import assert_close, random_inputs, reference_errors
+from helpers import assert_close, launch_counter, random_inputs, reference_errors
 from recdsl.backends.torch import scans
 from recdsl.backends.triton import delta_kernels
 from recdsl.lowering import ChunkDelta, HouseholderProducts
@@ -72,19 +72,7 @@ def test_heads(name):
 
 
 def _launch_counter(monkeypatch) -> dict:
-    """kernel name -> launches of delta_kernels' kernels from now on (a spy on its launcher)."""
-    counts: dict = {}
-    real = delta_kernels._launcher
-
-    def spying(ns, device):
-        launch = real(ns, device)
-
-        def counted(name, grid):
-            counts[name] = counts.get(name, 0) + 1
-            return launch(name, grid)
-        return counted
-    monkeypatch.setattr(delta_kernels, "_launcher", spying)
-    return counts
+    return launch_counter(delta_kernels, monkeypatch)
 
 
 @pytest.mark.parametrize("reverse", [False, True])

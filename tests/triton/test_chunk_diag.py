@@ -13,7 +13,7 @@ import torch
 import triton
 
 import recdsl
-from helpers import assert_close, random_inputs, reference_errors
+from helpers import assert_close, launch_counter, random_inputs, reference_errors
 from recdsl.backends.torch import scans
 from recdsl.backends.triton import chunk_kernels
 from recdsl.lowering import ChunkDiag
@@ -271,19 +271,7 @@ def _loop_oracle(readouts, k, v, g, S0, reverse=False, cu_seqlens=None):
 
 
 def _launch_counter(monkeypatch) -> dict:
-    """kernel name -> launches of chunk_kernels' kernels from now on (a spy on its launcher)."""
-    counts: dict = {}
-    real = chunk_kernels._launcher
-
-    def spying(ns, device, blocks):
-        launch = real(ns, device, blocks)
-
-        def counted(name, grid):
-            counts[name] = counts.get(name, 0) + 1
-            return launch(name, grid)
-        return counted
-    monkeypatch.setattr(chunk_kernels, "_launcher", spying)
-    return counts
+    return launch_counter(chunk_kernels, monkeypatch)
 
 
 def _against_oracle(k, v, g, S0, qs, reverse=False, cu=None, scales=None):

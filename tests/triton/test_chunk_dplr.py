@@ -21,7 +21,7 @@ import torch
 import triton
 
 import recdsl
-from helpers import assert_close, random_inputs, reference_errors
+from helpers import assert_close, launch_counter, random_inputs, reference_errors
 from recdsl.backends.torch import dplr
 from recdsl.backends.triton import chunk_dplr_kernels, dplr_kernels
 from recdsl.backends.triton.kernels import REGISTRY
@@ -92,19 +92,7 @@ def test_heads(name):
 
 
 def _launch_counter(monkeypatch) -> dict:
-    """kernel name -> launches of chunk_dplr_kernels' kernels from now on (a spy on its launcher)."""
-    counts: dict = {}
-    real = chunk_dplr_kernels._launcher
-
-    def spying(ns, device):
-        launch = real(ns, device)
-
-        def counted(name, grid):
-            counts[name] = counts.get(name, 0) + 1
-            return launch(name, grid)
-        return counted
-    monkeypatch.setattr(chunk_dplr_kernels, "_launcher", spying)
-    return counts
+    return launch_counter(chunk_dplr_kernels, monkeypatch)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
