@@ -12,6 +12,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.indenter import Indenter
 
 from . import ast as A
+from .ast_lock import AST_LOCK
 from .errors import RecError, Source, Span
 
 GRAMMAR_FILE = Path(__file__).resolve().parent / "grammar" / "rec.lark"
@@ -131,8 +132,9 @@ def _lark() -> Lark:
 
 
 def _new_lark() -> Lark:
-    return Lark(_grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True,
-                maybe_placeholders=True, postlex=RecIndenter(), cache=False)
+    with AST_LOCK:   # lark compiles the grammar's literals with ast.literal_eval
+        return Lark(_grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True,
+                    maybe_placeholders=True, postlex=RecIndenter(), cache=False)
 
 
 # Deeper expression (or for) nesting than this is refused with a RecError: the builder, the

@@ -28,12 +28,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import linecache
-import threading
-
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+
+from recdsl.ast_lock import AST_LOCK
 
 
 def register_source(src: str, filename: str) -> str:
@@ -91,8 +91,10 @@ def _method(twin):
 # triton.language's attributes and the interpret knob are process-wide: threads take turns
 # to swap them (an interpreted launch runs on CPU tensors, one at a time anyway) -- without
 # the lock, a thread's launch met another's restored JITFunctions ("Did you forget to add
-# @triton.jit ?") or its grid ("x >= grid_dim[0]").
-_LANGUAGE_LOCK = threading.RLock()
+# @triton.jit ?") or its grid ("x >= grid_dim[0]"). It is the parser's AST lock: Triton's JIT
+# and its interpreter's rewriter call ast.parse, which CPython 3.11 cannot run in two threads
+# at once (see recdsl/ast_lock.py).
+_LANGUAGE_LOCK = AST_LOCK
 
 
 @contextlib.contextmanager
