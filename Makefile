@@ -4,6 +4,8 @@ TORCH  ?= torch==2.13.0
 VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED := ../shared
+# pytest workers (pytest-xdist): one per core, at most 4 -- each worker imports torch and triton.
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test test-slow setup browser clean gpu-check
 
@@ -31,14 +33,14 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
-	$(BIN)/python -m pytest -q -m slow   # the long suites (20k frontend mutants, 3k stdlib mutants end to end, fuzz runs, every Triton kernel compiled for sm_80/sm_90, the wheel in a fresh venv): ~10 min
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m slow   # the long suites (20k frontend mutants, 3k stdlib mutants end to end, fuzz runs, every Triton kernel compiled for sm_80/sm_90, the wheel in a fresh venv): ~10 min
 	@if [ -f $(SHARED)/tools/conformance.py ]; then \
 		$(BIN)/python $(SHARED)/tools/conformance.py --python $(BIN)/python; \
 	else echo "conformance: $(SHARED) not found, skipped"; fi
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m slow
 
 # On a CUDA machine (not part of `test`): the triton backend against `reference` on every stdlib
 # matrix / delta cell, then timed against fla's chunk ops and cuDNN's LSTM; writes
