@@ -89,6 +89,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from recdsl.memory import recomputing_chunk_states
+
 from ..torch import seq_rt as rt
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.dplr import LOG_DECAY_FLOOR
@@ -635,12 +637,28 @@ def _forward(launch, q, k, v, a, b, g, S0, BT: int, seqs: Sequences):
     launch("chunk_dplr_fwd_solve", (NT, BH))(scores, solve, NT, BT=BT)
     launch("chunk_dplr_fwd_wu", (NT, BH))(v, b, g, gcum, scores, solve, w, u_tilde, *where,
                                           FLOOR=LOG_DECAY_FLOOR, **blocks)
-    states, u, ST = buffer(BH, NT, K, V), buffer(*v.shape), buffer(seqs.count, K, V)
-    launch("chunk_dplr_fwd_states", (triton.cdiv(V, BV), seqs.count))(k_end, a_end, v, gcum, w, u_tilde, S0, states,
-                                                                      u, ST, *where, **blocks)
+    states, u, ST = _states(launch, k_end, a_end, v, gcum, w, u_tilde, S0, BT, seqs)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     launch("chunk_dplr_fwd_output", (NT, BH, triton.cdiv(V, BV)))(q, v, gcum, scores, states, u, o, *where, **blocks)
+    if recomputing_chunk_states():   # the backward runs the state pass again from Ũ
+        return o, ST, (gcum, k_end, a_end, scores, solve, w, u_tilde, None)
     return o, ST, (gcum, k_end, a_end, scores, solve, w, u, states)
+
+
+def _states(launch, k_end, a_end, v, gcum, w, u_tilde, S0, BT: int, seqs: Sequences):
+    """(the state before every chunk [BH, NT, K, V], U, S_T per sequence): the forward's
+    state pass, and the backward's when it recomputes them (recdsl.recompute_chunk_states)."""
+    B, T, H, K = k_end.shape
+    V, NT = v.shape[-1], seqs.NT
+    BK, BV = _blocks(K, V)
+
+    def buffer(*shape):
+        return torch.empty(shape, dtype=gcum.dtype, device=v.device)
+    states, u, ST = buffer(B * H, NT, K, V), buffer(*v.shape), buffer(seqs.count, K, V)
+    launch("chunk_dplr_fwd_states", (triton.cdiv(V, BV), seqs.count))(k_end, a_end, v, gcum, w, u_tilde, S0, states,
+                                                                      u, ST, *seqs.args(), T, K, V, NT, B * H, H,
+                                                                      BT=BT, BK=BK, BV=BV, **seqs.flags())
+    return states, u, ST
 
 
 def _backward(launch, q, k, v, a, b, g, saved, do, dST, BT: int, seqs: Sequences):
@@ -681,7 +699,9 @@ def _backward(launch, q, k, v, a, b, g, saved, do, dST, BT: int, seqs: Sequences
 
 
 class ChunkDPLRFunction(torch.autograd.Function):
-    """chunk_dplr on the Triton kernels: saves the inputs and the forward's chunk values;
+    """chunk_dplr on the Triton kernels: saves the inputs and the forward's chunk values
+    (under recdsl.recompute_chunk_states Ũ instead of U and the states: the backward runs
+    the state pass again);
     the backward runs the adjoint kernels. Under create_graph=True the backward
     differentiates the torch chunk form instead (by_torch: second derivatives are autograd's)."""
 
@@ -709,6 +729,10 @@ class ChunkDPLRFunction(torch.autograd.Function):
         if do is None and dST is None:
             return none + (None,) * len(inputs)
         launch = _launcher(_KERNELS.ns(k.device), k.device)
+        if saved[7] is None:     # recdsl.recompute_chunk_states: the state pass again from Ũ
+            gcum, k_end, a_end, scores, solve, w, u_tilde, _, ST = saved
+            states, u, _ = _states(launch, k_end, a_end, v, gcum, w, u_tilde, S0, ctx.BT, ctx.seqs)
+            saved = (gcum, k_end, a_end, scores, solve, w, u, states, ST)
         grads = _backward(launch, q, k, v, a, b, g, saved, do, dST, ctx.BT, ctx.seqs)
         dq, dk, dv, da, db, dg, dS0 = grads
         dg = torch.where(g >= LOG_DECAY_FLOOR, dg, 0)            # as torch.clamp's gradient

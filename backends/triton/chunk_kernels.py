@@ -96,6 +96,8 @@ from functools import reduce
 import torch
 import triton
 
+from recdsl.memory import recomputing_chunk_states
+
 from ..torch import seq_rt as rt
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.scans import LOG_DECAY_FLOOR
@@ -763,10 +765,7 @@ def _forward(launch, strict, scales, k, v, g, S0, qs, blocks: Blocks, seqs: Sequ
     common = dict(BT=BT, BK=blocks.BK, SCALAR=g.dim() == 3, **seqs.flags())
     gcum = torch.empty(g.shape, dtype=acc, device=g.device)
     launch("chunk_diag_cumsum", (NT, BH))(g, gcum, *seqs.args(), T, K, NT, BH, H, FLOOR=LOG_DECAY_FLOOR, **common)
-    states = torch.empty(BH, NT, K, V, dtype=acc, device=k.device)
-    ST = torch.empty(seqs.count, K, V, dtype=acc, device=k.device)
-    launch("chunk_diag_fwd_states", (triton.cdiv(V, BV), seqs.count))(
-        k, v, gcum, S0, states, ST, *seqs.args(), T, K, V, NT, BH, H, BV=BV, **common)
+    states, ST = _states(launch, k, v, gcum, S0, blocks, seqs)
     outs = []
     for q, s, scale in zip(qs, strict, scales):
         o = torch.empty(B, T, H, V, dtype=io, device=v.device)
@@ -779,6 +778,19 @@ def _forward(launch, strict, scales, k, v, g, S0, qs, blocks: Blocks, seqs: Sequ
                 *where, BC=blocks.BC, BV=BV, STRICT=int(s), FLOOR=LOG_DECAY_FLOOR, **common)
         outs.append(o)
     return outs, ST, gcum, states
+
+
+def _states(launch, k, v, gcum, S0, blocks: Blocks, seqs: Sequences):
+    """(the state before every chunk [BH, NT, K, V], S_T per sequence): the forward's state
+    pass, and the backward's when it recomputes them (recdsl.recompute_chunk_states)."""
+    B, T, H, K = k.shape
+    V, acc = v.shape[-1], gcum.dtype
+    states = torch.empty(B * H, seqs.NT, K, V, dtype=acc, device=k.device)
+    ST = torch.empty(seqs.count, K, V, dtype=acc, device=k.device)
+    launch("chunk_diag_fwd_states", (triton.cdiv(V, blocks.BV), seqs.count))(
+        k, v, gcum, S0, states, ST, *seqs.args(), T, K, V, seqs.NT, B * H, H, BT=blocks.BT, BK=blocks.BK,
+        BV=blocks.BV, SCALAR=gcum.dim() == 3, **seqs.flags())
+    return states, ST
 
 
 def _backward(launch, strict, scales, k, v, g, gcum, states, ST, qs, dos, dST, blocks: Blocks, seqs: Sequences):
@@ -885,7 +897,8 @@ def _by_torch_rows(scans, readouts, k, v, g, S0, reverse, cu_seqlens):
 
 class ChunkDiagFunction(torch.autograd.Function):
     """chunk_diag on the Triton kernels: saves the inputs, the cumulative decays and the
-    state before every chunk; the backward runs the adjoint kernels. Under create_graph=True
+    state before every chunk (or not: recdsl.recompute_chunk_states, the backward then runs
+    the state pass again); the backward runs the adjoint kernels. Under create_graph=True
     the backward differentiates the torch chunk form instead (second derivatives are autograd's)."""
 
     @staticmethod
@@ -899,7 +912,7 @@ class ChunkDiagFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.strict, ctx.scales, ctx.blocks, ctx.seqs = strict, scales, blocks, seqs
         ctx.reverse, ctx.cu = reverse, cu_seqlens
-        ctx.save_for_backward(k, v, g, S0, gcum, states, ST, *qs)
+        ctx.save_for_backward(k, v, g, S0, gcum, None if recomputing_chunk_states() else states, ST, *qs)
         return (*outs, ST.to(S0.dtype))
 
     @staticmethod
@@ -916,6 +929,8 @@ class ChunkDiagFunction(torch.autograd.Function):
         if all(d is None for d in grads):
             return none + (None,) * len(inputs)
         launch = _launcher(_KERNELS.ns(k.device), k.device, ctx.blocks)
+        if states is None:      # recdsl.recompute_chunk_states: the state pass again
+            states, _ = _states(launch, k, v, gcum, S0, ctx.blocks, ctx.seqs)
         dk, dv, dg, dS0, dqs = _backward(launch, ctx.strict, ctx.scales, k, v, g, gcum, states, ST, qs, grads[:-1],
                                          grads[-1], ctx.blocks, ctx.seqs)
         got = (dk, dv, dg, dS0, *dqs)

@@ -79,6 +79,8 @@ from functools import reduce
 import torch
 import triton
 
+from recdsl.memory import recomputing_chunk_states
+
 from ..torch import seq_rt as rt
 from ..torch.double_backward import recompute_vjp, wants_graph
 from ..torch.scans import LOG_DECAY_FLOOR
@@ -520,11 +522,27 @@ def _forward(launch, q, k, v, beta, g, S0, BT: int, seqs: Sequences):
     launch("delta_fwd_solve", (NT, BH))(k, beta, g, gcum, solve, *where, FLOOR=LOG_DECAY_FLOOR, **blocks)
     w, u = buffer(*k.shape), buffer(*v.shape)
     launch("delta_fwd_wu", (NT, BH))(k, v, beta, gcum, solve, w, u, *where, **blocks)
-    states, new, ST = buffer(BH, NT, K, V), buffer(*v.shape), buffer(seqs.count, K, V)
-    launch("delta_fwd_states", (triton.cdiv(V, BV), seqs.count))(k, u, w, gcum, S0, states, new, ST, *where, **blocks)
+    states, new, ST = _states(launch, k, u, w, gcum, S0, BT, seqs)
     o = torch.empty(v.shape, dtype=reduce(torch.promote_types, (q.dtype, k.dtype, v.dtype)), device=v.device)
     launch("delta_fwd_output", (NT, BH))(q, k, new, gcum, states, o, *where, **blocks)
     return o, ST, (gcum, solve, u, w, new, states)
+
+
+def _states(launch, k, u, w, gcum, S0, BT: int, seqs: Sequences):
+    """(the state before every chunk [BH, NT, K, V], the chunks' new values Vn, S_T per
+    sequence): the forward's state pass, and the backward's when it recomputes them
+    (recdsl.recompute_chunk_states)."""
+    B, T, H, K = k.shape
+    V, NT = u.shape[-1], seqs.NT
+    BK, BV = _blocks(K, V)
+
+    def buffer(*shape):
+        return torch.empty(shape, dtype=gcum.dtype, device=k.device)
+    states, new, ST = buffer(B * H, NT, K, V), buffer(*u.shape), buffer(seqs.count, K, V)
+    launch("delta_fwd_states", (triton.cdiv(V, BV), seqs.count))(k, u, w, gcum, S0, states, new, ST, *seqs.args(),
+                                                                 T, K, V, NT, B * H, H, BT=BT, BK=BK, BV=BV,
+                                                                 **seqs.flags())
+    return states, new, ST
 
 
 def _backward(launch, q, k, v, beta, g, saved, do, dST, BT: int, seqs: Sequences):
@@ -564,7 +582,8 @@ def _backward(launch, q, k, v, beta, g, saved, do, dST, BT: int, seqs: Sequences
 
 class ChunkDeltaFunction(torch.autograd.Function):
     """chunk_delta on the Triton kernels: saves the inputs, b, T, U, W, Vn and the state
-    before every chunk; the backward runs the adjoint kernels. Under create_graph=True the
+    before every chunk (or, under recdsl.recompute_chunk_states, not the last two: the
+    backward runs the state pass again); the backward runs the adjoint kernels. Under create_graph=True the
     backward differentiates the torch chunk form instead (by_torch: second derivatives are
     autograd's)."""
 
@@ -577,6 +596,8 @@ class ChunkDeltaFunction(torch.autograd.Function):
         o, ST, saved = _forward(launch, q, k, v, beta, g, S0, BT, seqs)
         ctx.set_materialize_grads(False)
         ctx.gated, ctx.reverse, ctx.cu, ctx.BT, ctx.seqs = gated, reverse, cu_seqlens, BT, seqs
+        if recomputing_chunk_states():      # neither the states nor the new values are kept
+            saved = (*saved[:4], None, None)
         ctx.save_for_backward(q, k, v, beta, g, S0, *saved)
         return o, ST.to(S0.dtype)
 
@@ -592,6 +613,10 @@ class ChunkDeltaFunction(torch.autograd.Function):
         if do is None and dST is None:
             return none + (None,) * len(inputs)
         launch = _launcher(_KERNELS.ns(k.device), k.device)
+        if saved[-1] is None:    # recdsl.recompute_chunk_states: the state pass again
+            gcum, solve, u, w = saved[:4]
+            states, new, _ = _states(launch, k, u, w, gcum, S0, ctx.BT, ctx.seqs)
+            saved = (gcum, solve, u, w, new, states)
         dq, dk, dv, dbeta, dg, dS0 = _backward(launch, q, k, v, beta, g, saved, do, dST, ctx.BT, ctx.seqs)
         got = (None if do is None else dq, dk, dv, dbeta, dg if ctx.gated else None, dS0)
         return none + tuple(d.to(x.dtype) if need and d is not None else None
