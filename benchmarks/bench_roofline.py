@@ -217,7 +217,7 @@ def measure(impl: str, cell: str, B: int, T: int, H: int, K: int, V: int, backwa
     spec = recdsl.load(CELLS[cell])
     xs = cell_inputs(spec, B, T, H, {"K": K, "V": V}, torch.float32)
     ran = "fla"
-    if impl == "recdsl":
+    if impl.startswith("recdsl"):   # recdsl-recompute: the backward recomputes the chunk states
         layer = spec(backend="triton", heads=H, K=K, V=V)
 
         def call(x):
@@ -226,7 +226,8 @@ def measure(impl: str, cell: str, B: int, T: int, H: int, K: int, V: int, backwa
         with gpu_chunk_sizes():
             with torch.no_grad():
                 call(xs)  # build the kernels outside the count
-            counts = traffic.count_traffic(lambda: _run(call, xs, backward), torch_ops=True)
+            with recdsl.recompute_chunk_states(impl == "recdsl-recompute"):
+                counts = traffic.count_traffic(lambda: _run(call, xs, backward), torch_ops=True)
             ran = ",".join(layer.ran)
             o, state = _run(call, xs, False)
     else:
@@ -295,7 +296,8 @@ def main(argv=None):
     ap.add_argument("--K", type=int, default=64)
     ap.add_argument("--V", type=int, default=64)
     ap.add_argument("--cells", default=",".join(CELLS))
-    ap.add_argument("--impls", default="recdsl,fla")
+    ap.add_argument("--impls", default="recdsl,fla",
+                    help="recdsl, recdsl-recompute (fwd+bwd only: under recdsl.recompute_chunk_states), fla")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--out", default=str(OUT), help="where the table goes ('' : nowhere)")
     a = ap.parse_args(argv)
@@ -312,6 +314,8 @@ def main(argv=None):
     for cell in a.cells.split(","):
         for backward in ([False] if a.no_backward else [False, True]):
             for impl in a.impls.split(","):
+                if impl == "recdsl-recompute" and not backward:
+                    continue            # the forward is recdsl's
                 r = measure(impl, cell, a.B, a.T, a.H, a.K, a.V, backward)
                 lines.append(format_row(r))
                 print(lines[-1], flush=True)

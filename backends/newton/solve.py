@@ -28,7 +28,7 @@ import torch
 
 from recdsl.errors import RecError
 
-from ..torch import scans as K
+from ..torch import scans
 
 DAMPING = ("auto", "none")
 # damping="auto": the full Newton step unless its residual is not finite or grows past GROWTH x
@@ -114,9 +114,9 @@ def _prev(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
 def _linear_solve(J: list, r: list, h0s: list, k: int) -> list:
     """d_t = J_t d_{t-1} + r_t from d_0 = h0s (the existing C scans: element, or k x k block)."""
     if k == 1:
-        return [K.element_scan("diag", J[0], r[0], h0s[0])]
+        return [scans.element_scan("diag", J[0], r[0], h0s[0])]
     rows = [[J[i * k + j] for j in range(k)] for i in range(k)]
-    return K.block_scan(rows, r, h0s)
+    return scans.block_scan(rows, r, h0s)
 
 
 def _evaluate(jac, ins_f, hs, h0s, P0, P1, B, T, shape_of):
@@ -238,10 +238,10 @@ def adjoint(J: list, gs: list, k: int) -> list:
     zero0 = [torch.zeros_like(g[:, 0]) for g in gs]
     gf = [g.flip(1) for g in gs]
     if k == 1:
-        lam = [K.element_scan("diag", shifted(J[0]), gf[0], zero0[0])]
+        lam = [scans.element_scan("diag", shifted(J[0]), gf[0], zero0[0])]
     else:
         rows = [[shifted(J[j * k + i]) for j in range(k)] for i in range(k)]   # transposed: (i, j) <- J[j][i]
-        lam = K.block_scan(rows, gf, zero0)
+        lam = scans.block_scan(rows, gf, zero0)
     return [l.flip(1) for l in lam]
 
 

@@ -8,7 +8,7 @@ matchers read the Plan (classes, coefficients derived by the analysis) and the I
 know no backend: which candidate runs is `select`'s decision, per backend."""
 from __future__ import annotations
 
-from recdsl import plan as P
+from recdsl.plan import BLOCK_DIAGONAL, DIAGONAL, HOISTED, LOW_RANK, NONLINEAR, Plan, SEMIRING, StagePlan
 from recdsl.ir import IRCell, Node, Op, toposort
 from recdsl.types import ONE, broadcast
 
@@ -103,11 +103,11 @@ class Context:
     """What the matchers and `select` of one cell share, computed once: the IR, which
     states each node reads, where it runs, who reads it, and each stage's recurrent core."""
 
-    def __init__(self, ir: IRCell, plan: P.Plan):
-        from recdsl.analysis import stages as S
+    def __init__(self, ir: IRCell, plan: Plan):
+        from recdsl.analysis.stages import placement, state_reads
         self.ir, self.plan = ir, plan
-        self.reads = S.state_reads(ir)
-        self.place = S.placement(ir, [s.states for s in plan.stages])
+        self.reads = state_reads(ir)
+        self.place = placement(ir, [s.states for s in plan.stages])
         self.users = consumers(ir)
         self.cores = [stage_core(ir, sp.states, self.place, sp.index) for sp in plan.stages]
         self.shifts = self._shifts()
@@ -181,28 +181,28 @@ def _vector_times(q: Node, y: Node, shape) -> Node:
     return _mk(Op.MUL, [total, w], shape)
 
 
-def candidates(ctx: Context, sp: P.StagePlan) -> list:
+def candidates(ctx: Context, sp: StagePlan) -> list:
     """The stage's candidate forms (and rejections), best first."""
     key = (sp.index, tuple(sp.states))
     if ctx.ir.over in ("grid2d", "dag"):   # the whole cell in one sweep (a grid / DAG kernel), else cell by cell
         sweep = Wavefront(*key) if ctx.ir.over == "grid2d" else LevelSync(*key)
         return [sweep, SequentialLoop(*key, core=tuple(ctx.cores[sp.index]))]
-    if sp.cls == P.HOISTED:
+    if sp.cls == HOISTED:
         return [Vectorised(*key)]
     loop = SequentialLoop(*key, core=tuple(ctx.cores[sp.index]))
     core = {n.id for n in loop.core}
-    if sp.cls == P.DIAGONAL:
+    if sp.cls == DIAGONAL:
         return _diagonal(ctx, sp, core) + [loop]
-    if sp.cls == P.SEMIRING and sp.transition == "dense":
+    if sp.cls == SEMIRING and sp.transition == "dense":
         return _dense_semiring(sp) + [loop]
-    if sp.cls == P.SEMIRING:
+    if sp.cls == SEMIRING:
         semiring = {"maxplus": "max-plus", "logsumexp": "log-sum-exp"}[sp.nodes["kind"]]
         return [ElementScan(*key, semiring=semiring, a=sp.nodes["a"], b=sp.nodes["b"]), loop]
-    if sp.cls == P.BLOCK_DIAGONAL:
+    if sp.cls == BLOCK_DIAGONAL:
         return [BlockScan(*key, A=dict(sp.nodes["A"]), b=dict(sp.nodes["b"])), loop]
-    if sp.cls == P.LOW_RANK:
+    if sp.cls == LOW_RANK:
         return [_delta_rule(ctx, sp, core), _delta_product(ctx, sp, core), _dplr(ctx, sp, core), loop]
-    if sp.cls == P.NONLINEAR:
+    if sp.cls == NONLINEAR:
         # After the loop: a Newton solve is an iterative approximation (to a tolerance), run
         # only by a backend whose own kernel takes it (select tries a backend's own kernels
         # on every candidate before its fallbacks, so `newton` picks it over its borrowed loop,
@@ -211,7 +211,7 @@ def candidates(ctx: Context, sp: P.StagePlan) -> list:
     return [loop]
 
 
-def _newton(sp: P.StagePlan, loop: SequentialLoop):
+def _newton(sp: StagePlan, loop: SequentialLoop):
     """Parallel Newton (MATH.md §5) where the analysis proved the Jacobian w.r.t. the
     stage's states diagonal or k x k per element; a rejection naming why otherwise."""
     jac = sp.jacobian or "unknown"
@@ -222,7 +222,7 @@ def _newton(sp: P.StagePlan, loop: SequentialLoop):
                      "with a dense Jacobian's diagonal is not implemented)", sp.line)
 
 
-def _dense_semiring(sp: P.StagePlan) -> list:
+def _dense_semiring(sp: StagePlan) -> list:
     """The parallel scan of semiring matrix products for a small state, then the sequential
     semiring matrix-vector loop."""
     from dataclasses import replace
@@ -246,7 +246,7 @@ def _line(n: Node | None) -> int | None:
     return None
 
 
-def _diagonal(ctx: Context, sp: P.StagePlan, core: set[int]) -> list:
+def _diagonal(ctx: Context, sp: StagePlan, core: set[int]) -> list:
     from recdsl.analysis import has_outer
     s = sp.states[0]
     a, b, log_a = sp.nodes["a"], sp.nodes["b"], sp.nodes.get("log_a")
@@ -260,7 +260,7 @@ def _diagonal(ctx: Context, sp: P.StagePlan, core: set[int]) -> list:
     return out
 
 
-def _chunk_diag(ctx: Context, sp: P.StagePlan, core: set[int], a, b, log_a):
+def _chunk_diag(ctx: Context, sp: StagePlan, core: set[int], a, b, log_a):
     """S' = d S + outer(k, v) with d a scalar or per-key decay, read only through q @ S."""
     title, s = ChunkDiag.title, sp.states[0]
     if a is not None and a.rank not in (0, 2):
@@ -307,7 +307,7 @@ def _log_form(a: Node | None, ir: IRCell) -> Node | None:
     return None if a is None else log_form(a, ir)
 
 
-def _rank_one(ctx: Context, sp: P.StagePlan, title: str):
+def _rank_one(ctx: Context, sp: StagePlan, title: str):
     """(term, decay, log decay) of a stage with one rank-1 term and a decay proven positive,
     else the Rejection."""
     terms = sp.nodes["terms"]
@@ -320,7 +320,7 @@ def _rank_one(ctx: Context, sp: P.StagePlan, title: str):
     return terms[0], decay, g
 
 
-def _delta_rule(ctx: Context, sp: P.StagePlan, core: set[int]):
+def _delta_rule(ctx: Context, sp: StagePlan, core: set[int]):
     """S' = exp(g) (I - beta k k^T) S + beta k v^T (g scalar or absent), read out as q @ S'."""
     title, s = ChunkDelta.title, sp.states[0]
     found = _rank_one(ctx, sp, title)
@@ -364,7 +364,7 @@ def _one_inclusive_readout(ctx: Context, s: str, core: set[int], title: str, lin
     return tuple(reads)
 
 
-def _dplr(ctx: Context, sp: P.StagePlan, core: set[int]):
+def _dplr(ctx: Context, sp: StagePlan, core: set[int]):
     """S' = diag(d) S + outer(a, b @ S) + outer(k, v), d per key (or scalar), proven positive."""
     title, s = ChunkDPLR.title, sp.states[0]
     found = _rank_one(ctx, sp, title)
@@ -467,7 +467,7 @@ def _householder_steps(ir: IRCell, s: str):
     return steps
 
 
-def _delta_product(ctx: Context, sp: P.StagePlan, core: set[int]):
+def _delta_product(ctx: Context, sp: StagePlan, core: set[int]):
     """DeltaProduct: S' is n delta-rule steps applied in turn (Householder products). They
     run as one delta rule over a sequence n times as long (the steps interleaved), read
     out after the last step of each token -- the chunkwise WY/UT form again."""
