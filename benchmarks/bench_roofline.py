@@ -242,8 +242,8 @@ def measure(impl: str, cell: str, B: int, T: int, H: int, K: int, V: int, backwa
 
 # --- the table --------------------------------------------------------------------------------
 
-HEADER = (f"{'':32s} {'Triton kernels only':^40s} | {'+ torch operators around them':^33s} |\n"
-          f"{'cell':15s} {'pass':8s} {'impl':7s} {'B/token':>8s} {'x min':>6s} {'launch':>6s} {'GFLOP':>6s} "
+HEADER = (f"{'':41s} {'Triton kernels only':^40s} | {'+ torch operators around them':^33s} |\n"
+          f"{'cell':15s} {'pass':8s} {'impl':16s} {'B/token':>8s} {'x min':>6s} {'launch':>6s} {'GFLOP':>6s} "
           f"{'chain':>5s} {'H100 us':>7s} | {'B/token':>8s} {'x min':>6s} {'launch':>6s} {'H100 us':>7s} "
           f"{'H200 us':>7s} | kernel")
 
@@ -254,7 +254,7 @@ def format_row(r: Row) -> str:
     kernel_bytes = sum(x.total_bytes for x in kernels)
     only = traffic.roofline(c, traffic.H100, torch_ops=False)
     h100, h200 = traffic.roofline(c, traffic.H100), traffic.roofline(c, traffic.H200)
-    return (f"{r.cell:15s} {r.pass_:8s} {r.impl:7s} {kernel_bytes / r.tokens:8.0f} {kernel_bytes / r.minimum:6.2f} "
+    return (f"{r.cell:15s} {r.pass_:8s} {r.impl:16s} {kernel_bytes / r.tokens:8.0f} {kernel_bytes / r.minimum:6.2f} "
             f"{len(kernels):6d} {c.dot_flops / 1e9:6.3f} {c.chain:5d} {only.us:7.1f} | "
             f"{c.total_bytes / r.tokens:8.0f} {c.total_bytes / r.minimum:6.2f} {len(kernels) + len(ops):6d} "
             f"{h100.us:7.1f} {h200.us:7.1f} | {r.ran}")
