@@ -28,7 +28,7 @@ import torch
 
 from recdsl.errors import RecError
 
-from ..torch import scans as K
+from ..torch import scans
 
 DAMPING = ("auto", "none")
 # damping="auto": the full Newton step unless its residual is not finite or grows past GROWTH x
@@ -114,13 +114,13 @@ def _prev(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
 def _linear_solve(J: list, r: list, h0s: list, k: int) -> list:
     """d_t = J_t d_{t-1} + r_t from d_0 = h0s (the existing C scans: element, or k x k block)."""
     if k == 1:
-        return [K.element_scan("diag", J[0], r[0], h0s[0])]
+        return [scans.element_scan("diag", J[0], r[0], h0s[0])]
     rows = [[J[i * k + j] for j in range(k)] for i in range(k)]
-    return K.block_scan(rows, r, h0s)
+    return scans.block_scan(rows, r, h0s)
 
 
-def _evaluate(jac, ins_f, hs, h0s, P0, P1, B, T, shape_of):
-    out = jac(ins_f, [_prev(h, h0) for h, h0 in zip(hs, h0s)], P0, P1)
+def _evaluate(jac, ins_f, hs, h0s, params, step_params, B, T, shape_of):
+    out = jac(ins_f, [_prev(h, h0) for h, h0 in zip(hs, h0s)], params, step_params)
     k = len(hs)
     flat = [(B * T,) + tuple(s[2:]) for s in shape_of]
     f = [o.expand(flat[i]).reshape(shape_of[i]) for i, o in enumerate(out[:k])]
@@ -133,17 +133,16 @@ def newton_forward(stage: Stage, core, jac, ins, h0s, params, BT, opts: NewtonOp
     opts.check()
     B, T = BT
     k = len(h0s)
-    P0 = params
-    P1 = {n: p[None] for n, p in params.items()}
+    step_params = {n: p[None] for n, p in params.items()}
     ins_f = [_flat(x, B, T) for x in ins]
     dtype = h0s[0].dtype
     tol = opts.tol if opts.tol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     shape_of = [(B, T) + tuple(h0.shape[1:]) for h0 in h0s]
     # warm start: every step from a zero previous state (the first from h_0)
     zeros = [torch.zeros(s, dtype=dtype, device=h0.device) for s, h0 in zip(shape_of, h0s)]
-    out = core(ins_f, [_prev(z, h0) for z, h0 in zip(zeros, h0s)], P0, P1)
+    out = core(ins_f, [_prev(z, h0) for z, h0 in zip(zeros, h0s)], params, step_params)
     hs = [o.expand((B * T,) + tuple(s[2:])).reshape(s) for o, s in zip(out, shape_of)]
-    f, J = _evaluate(jac, ins_f, hs, h0s, P0, P1, B, T, shape_of)
+    f, J = _evaluate(jac, ins_f, hs, h0s, params, step_params, B, T, shape_of)
     evals, damped = 1, 0
     r = [fi - h for fi, h in zip(f, hs)]
     res = _max_abs(r)
@@ -168,7 +167,7 @@ def newton_forward(stage: Stage, core, jac, ins, h0s, params, BT, opts: NewtonOp
             Jd = J if scale is None else [None if j is None else j.clamp(-1.0, 1.0) * scale for j in J]
             d = _linear_solve(Jd, r, zero0, k)
             h_try = [h + w * di for h, di in zip(hs, d)]
-            f_try, J_try = _evaluate(jac, ins_f, h_try, h0s, P0, P1, B, T, shape_of)
+            f_try, J_try = _evaluate(jac, ins_f, h_try, h0s, params, step_params, B, T, shape_of)
             evals += 1
             r_try = [fi - h for fi, h in zip(f_try, h_try)]
             res_try = _max_abs(r_try)
@@ -213,9 +212,9 @@ class _NewtonFunction(torch.autograd.Function):
             h0_l = [h0.detach().requires_grad_(True) for h0 in h0s]
             par_l = [p.detach().requires_grad_(bool(nd)) for p, nd in zip(params, need[n_ins + k:])]
             prev = [_prev(h.detach(), h0) for h, h0 in zip(hs, h0_l)]
-            P0 = dict(zip(ctx.names, par_l))
-            P1 = {n: p[None] for n, p in P0.items()}
-            out = ctx.core([_flat(x, B, T) for x in ins_l], prev, P0, P1)
+            stored = dict(zip(ctx.names, par_l))
+            step_params = {n: p[None] for n, p in stored.items()}
+            out = ctx.core([_flat(x, B, T) for x in ins_l], prev, stored, step_params)
             outs = [o.expand(prev[i].shape) if o.shape != prev[i].shape else o for i, o in enumerate(out)]
             wrt = [x for x in ins_l + h0_l + par_l if isinstance(x, torch.Tensor) and x.requires_grad]
             grads = torch.autograd.grad(outs, wrt, [l.reshape(o.shape) for l, o in zip(lam, outs)],
@@ -238,10 +237,10 @@ def adjoint(J: list, gs: list, k: int) -> list:
     zero0 = [torch.zeros_like(g[:, 0]) for g in gs]
     gf = [g.flip(1) for g in gs]
     if k == 1:
-        lam = [K.element_scan("diag", shifted(J[0]), gf[0], zero0[0])]
+        lam = [scans.element_scan("diag", shifted(J[0]), gf[0], zero0[0])]
     else:
         rows = [[shifted(J[j * k + i]) for j in range(k)] for i in range(k)]   # transposed: (i, j) <- J[j][i]
-        lam = K.block_scan(rows, gf, zero0)
+        lam = scans.block_scan(rows, gf, zero0)
     return [l.flip(1) for l in lam]
 
 
