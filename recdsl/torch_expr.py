@@ -93,8 +93,9 @@ def safe_comment(text: str) -> str:
 # helper is never a user value either: without `_` it is a word of lowercase letters with
 # no digit (or `F`), which no temporary is (they end in a digit) and no user value's name
 # is (it always has a `_`); with `_` its head is a word that is no role (the roles: in, p,
-# s, next) and no kind with a number (no digit), so it is none of the forms above. The Triton kernels and the C loop name their values by number only (v3, x0,
-# row_in_1): no user name reaches them (a kernel's own name, `<cell>_stage<i>_<states>_fwd`,
+# s, next) and no kind with a number (no digit), so it is none of the forms above. The
+# Triton kernels and the C loop name their values by number only (v3, x0, row_in_1): no
+# user name reaches them (a kernel's own name, `<cell>_stage<i>_<states>_fwd`,
 # shows its states to the reader and is unique by i). tests/pipeline/test_name_hygiene.py
 # renames the users' names of every stdlib cell against the names emitters actually write.
 
@@ -208,7 +209,8 @@ class TorchExpr:
         lin = self.linear_parts(n)
         if lin is not None:
             W, x, bs = lin
-            return f"{self.rt}.param_linear({self.param_matrix(W)}, {self.name_of(x)}, {', '.join(self.raw_param(b) for b in bs)})"
+            biases = ", ".join(self.raw_param(b) for b in bs)
+            return f"{self.rt}.param_linear({self.param_matrix(W)}, {self.name_of(x)}, {biases})"
         if op in UNARY_TORCH:   # torch.cos(1.0) is a TypeError: a bare constant goes in as a tensor
             bare = s[0].op == Op.CONST and not s[0].shape
             return f"{UNARY_TORCH[op]}({self.operand(s[0], n.rank, as_tensor=bare)})"
@@ -256,12 +258,14 @@ class TorchExpr:
             head = f"{x}.shape[:-{r}]" if r else f"{x}.shape"
             return f"{x}.reshape({head} + {tuple(n.arg)!r})"
         if op == Op.CONCAT:
-            return f"torch.cat({self.rt}.broadcast_prefix([{', '.join(self.name_of(x) for x in s)}], {self.prefix_rank()}), dim=-1)"
+            parts = ", ".join(self.name_of(x) for x in s)
+            return f"torch.cat({self.rt}.broadcast_prefix([{parts}], {self.prefix_rank()}), dim=-1)"
         if op == Op.EYE:
             size = n.arg if n.arg is not None else None
             return f"{self.rt}.with_prefix(torch.eye({size}, dtype=dtype, device=device), {self.prefix_rank()})"
         if op == Op.CONST:
-            return f"{self.rt}.with_prefix(torch.tensor({list(n.arg)!r}, dtype=dtype, device=device), {self.prefix_rank()})"
+            value = f"torch.tensor({list(n.arg)!r}, dtype=dtype, device=device)"
+            return f"{self.rt}.with_prefix({value}, {self.prefix_rank()})"
         if op == Op.INV:    # params and constants only: the prefix axes are 1s, computed once
             return f"torch.linalg.inv({self.name_of(s[0])})"
         if op == Op.EXPM:

@@ -80,8 +80,10 @@ class NewtonEmitter(Emitter):
         seqs = self.fresh("seqs")
         params = ", ".join(f"{p!r}: params[{p!r}]" for p in fn.params)
         self.header_reads.add("first_input")
-        self.emit(f"{seqs} = newton.solve(newton_stages[{k}], {cname}, {jname}, [{', '.join(seq for _, seq in fn.pre)}], "
-                  f"[{', '.join(f'initial[{s!r}]' for s in states)}], {{{params}}}, first_input.shape[:2])",
+        ins = ", ".join(seq for _, seq in fn.pre)
+        h0s = ", ".join(f"initial[{s!r}]" for s in states)
+        self.emit(f"{seqs} = newton.solve(newton_stages[{k}], {cname}, {jname}, [{ins}], [{h0s}], {{{params}}}, "
+                  "first_input.shape[:2])",
                   self.ir.updates[states[0]])
         for i, s in enumerate(states):
             nm = self.fresh("seq", s)

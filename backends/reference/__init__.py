@@ -68,8 +68,8 @@ def emit_step(ir: IRCell) -> str:
         lines.append(f"{code:<60}  # {note}" if note else code)
     new_states = ", ".join(f"{s!r}: {names[n.id]}" for s, n in ir.updates.items())
     # a constant output (`output 7`) is a number in the code above: returned as a tensor
-    outs = ", ".join(f"{o!r}: torch_rt.with_prefix({expr.operand(n, 0, as_tensor=True)}, prefix_rank)" if n.op == Op.CONST
-                     and not n.shape else f"{o!r}: {names[n.id]}" for o, n in ir.outputs.items())
+    outs = ", ".join(f"{o!r}: torch_rt.with_prefix({expr.operand(n, 0, as_tensor=True)}, prefix_rank)"
+                     if n.op == Op.CONST and not n.shape else f"{o!r}: {names[n.id]}" for o, n in ir.outputs.items())
     lines.append(f"    return {{{new_states}}}, {{{outs}}}")
     return "\n".join(lines) + "\n"
 

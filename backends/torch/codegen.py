@@ -165,7 +165,8 @@ class Emitter:
             "# params: as stored; step_params / seq_params: with 1 (batch) / 2 (batch, time) leading axes,",
             "# laid out as a step's / the sequence's tensors; prefix_rank: a step's prefix axes, [B(, heads)]",
             "# (seq_prefix_rank = prefix_rank + 1: [B, T(, heads)]).",
-            f"def forward(inputs, initial, params, step_params, seq_params, prefix_rank, dtype, device{self.EXTRA_ARGS}):",
+            "def forward(inputs, initial, params, step_params, seq_params, prefix_rank, dtype, device"
+            f"{self.EXTRA_ARGS}):",
         ]
         if self.expr_seq.nb_read:
             self.header_reads.add("seq_prefix_rank")
@@ -205,7 +206,8 @@ class Emitter:
         st = self.ir.states[s]
         upd = self.ir.updates[s]
         kind = form.kind
-        a = self._lifted(form.log_a if kind == "diagexp" else form.a, st.rank, "torch.ones((), dtype=dtype, device=device)")
+        a = self._lifted(form.log_a if kind == "diagexp" else form.a, st.rank,
+                         "torch.ones((), dtype=dtype, device=device)")
         b = self._lifted(form.b, st.rank, "torch.zeros((), dtype=dtype, device=device)"
                          if kind in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=dtype, device=device)")
         name = self.fresh("seq", s)
@@ -234,8 +236,8 @@ class Emitter:
         for i in range(len(states)):
             row = [self._lifted(A.get((i, j)), r, "None") for j in range(len(states))]
             rows.append("[" + ", ".join(row) + "]")
-        xs = [f"seq_rt.full_seq({self._lifted(bs[s], r, 'torch.zeros((), dtype=dtype, device=device)')}, {self.seq_dims()}, {r})"
-              for s in states]
+        zero = "torch.zeros((), dtype=dtype, device=device)"
+        xs = [f"seq_rt.full_seq({self._lifted(bs[s], r, zero)}, {self.seq_dims()}, {r})" for s in states]
         names = [self.fresh("seq", s) for s in states]
         self.emit(f"{', '.join(names)}, = scans.block_scan([{', '.join(rows)}], [{', '.join(xs)}], "
                   f"[{', '.join(f'initial[{s!r}]' for s in states)}])", self.ir.updates[states[0]])
@@ -259,8 +261,8 @@ class Emitter:
         outs, fin = self.fresh("reads"), self.fresh("fin", s)
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernel runs on the transposed state
         kernel = "signed_decay" if form.signed else "diag_matrix_stage"
-        self.emit(f"{outs}, {fin} = scans.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, initial[{s!r}]{flip}, {self.seq_dims()})",
-                  self.ir.updates[s])
+        self.emit(f"{outs}, {fin} = scans.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, initial[{s!r}]{flip}, "
+                  f"{self.seq_dims()})", self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 
@@ -341,10 +343,11 @@ class Emitter:
         args = ", ".join(self.seq_name(n) for n in fl.seq_args)
         self.header_reads |= {"first_input", "seq_prefix_rank"}   # fused_loops[k].run reads them
         self.emit(f"{fvar} = None")
-        self.emit(f"if fused_loops[{k}].usable(dtype, *inputs.values(), *params.values(), *initial.values()):  # the loop in one C call")
+        self.emit(f"if fused_loops[{k}].usable(dtype, *inputs.values(), *params.values(), *initial.values()):"
+                  "  # the loop in one C call")
         folds = list(fl.folds.values())   # the run computes these projections: their .rec line
-        self.emit(f"{fvar}, {ffin} = fused_loops[{k}].run([{args}], params, initial, first_input, seq_prefix_rank, dtype)", folds[0].seq if folds else None,
-                  indent=2)
+        self.emit(f"{fvar}, {ffin} = fused_loops[{k}].run([{args}], params, initial, first_input, seq_prefix_rank, "
+                  "dtype)", folds[0].seq if folds else None, indent=2)
         if fn is not None:
             for s in states:
                 self.emit(f"{fn.svar[s]} = {ffin}[{s!r}]", indent=2)
@@ -354,7 +357,8 @@ class Emitter:
             self._emit_torch_loop(states, core, fn, indent=2, fvar=fvar)
             return
         # readouts in the loop: the torch loop over the same IR returns what the C call does
-        self.emit(f"{fvar}, {ffin} = fused_loops[{k}].run_torch([{args}], params, initial, first_input, seq_prefix_rank, dtype)", indent=2)
+        self.emit(f"{fvar}, {ffin} = fused_loops[{k}].run_torch([{args}], params, initial, first_input, "
+                  "seq_prefix_rank, dtype)", indent=2)
         for s in states:
             nm = self.fresh("seq", s)
             self.lazy[self.ir.updates[s].id] = (nm, f"{nm} = {fvar}[{s!r}]")
@@ -410,7 +414,8 @@ class Emitter:
         self.header_reads.add("first_input")
         params = ", ".join(f"{p!r}: params[{p!r}]" for p in fn.params)   # only those the core reads
         self.emit(f"{seqs} = seq_rt.run_loop({cname}, [{', '.join(seq for _, seq in fn.pre)}], "
-                  f"[{', '.join(f'initial[{s!r}]' for s in states)}], {{{params}}}, first_input.shape[1])", indent=indent)
+                  f"[{', '.join(f'initial[{s!r}]' for s in states)}], {{{params}}}, first_input.shape[1])",
+                  indent=indent)
         for i, s in enumerate(states):
             self.emit(f"{svar[s]} = {seqs}[{i}][:, -1]", indent=indent)
         for i, s in enumerate(states):

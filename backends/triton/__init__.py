@@ -75,7 +75,8 @@ class Program:
         step_params = {n: p[None] for n, p in params.items()}         # [1, (heads,) ...]: a step's layout
         seq_params = {n: p[None, None] for n, p in params.items()}    # [1, 1, (heads,) ...]: the sequence's
         self.ran.clear()
-        return self.fn(xs, st, params, step_params, seq_params, prefix_rank, dtype, device, reverse, cu_seqlens)   # cu: int32, on device
+        return self.fn(xs, st, params, step_params, seq_params, prefix_rank, dtype, device,
+                       reverse, cu_seqlens)   # cu_seqlens: int32, on device
 
 
 def _wavefront(selection) -> bool:

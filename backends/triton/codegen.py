@@ -72,8 +72,9 @@ class TritonEmitter(Emitter):
         shape = ir.shape_of(ir.states[sp.states[0]])
         seqs, fins, outs, reds = self.fresh("seqs"), self.fresh("finals"), self.fresh("outs"), self.fresh("reads")
         h0s = ", ".join(f"initial[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins}, {outs}, {reds} = launch.scan(stage_kernels[{idx}], [{leaves}], [{rleaves}], [{h0s}], {self.seq_dims()}, "
-                  f"{shape!r}, store=@STORE{idx}@, rev=reverse, cu=cu_seqlens)  # triton kernel {spec.name}_fwd",
+        self.emit(f"{seqs}, {fins}, {outs}, {reds} = launch.scan(stage_kernels[{idx}], [{leaves}], [{rleaves}], "
+                  f"[{h0s}], {self.seq_dims()}, {shape!r}, store=@STORE{idx}@, rev=reverse, cu=cu_seqlens)"
+                  f"  # triton kernel {spec.name}_fwd",
                   ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
         for i, o in enumerate(spec.outputs):
@@ -162,8 +163,9 @@ class TritonEmitter(Emitter):
         leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
         seqs, fins = self.fresh("seqs"), self.fresh("finals")
         h0s = ", ".join(f"initial[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins} = launch.seq(stage_kernels[{idx}], [{leaves}], [{h0s}], params, {self.seq_dims()}, rev=reverse, cu=cu_seqlens, "
-                  f"store=@STORE{idx}@)  # triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
+        self.emit(f"{seqs}, {fins} = launch.seq(stage_kernels[{idx}], [{leaves}], [{h0s}], params, {self.seq_dims()}, "
+                  f"rev=reverse, cu=cu_seqlens, store=@STORE{idx}@)  # triton kernel {kern.name}_fwd",
+                  self.ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
 
     def _triton_chunk_diag(self, choice: Choice):
@@ -180,7 +182,8 @@ class TritonEmitter(Emitter):
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernels run on the transposed state
         self.emit(f"from {__package__}.chunk_kernels import {stage} as chunk_diag_stage")
         self.emit(f"{outs}, {fin} = chunk_diag_stage([{', '.join(qs)}], {k}, {v}, {g}, initial[{s!r}]{flip}, "
-                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels chunk_diag_*", self.ir.updates[s])
+                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels chunk_diag_*",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 
@@ -251,7 +254,8 @@ class TritonEmitter(Emitter):
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "delta_stage")
         self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {beta}, {self._opt(form.log_decay)}, initial[{s!r}], "
-                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels delta_*", self.ir.updates[s])
+                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels delta_*",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -265,7 +269,8 @@ class TritonEmitter(Emitter):
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "delta_product_stage")
         self.emit(f"{o}, {fin} = {call}({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], initial[{s!r}], "
-                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels delta_*", self.ir.updates[s])
+                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels delta_*",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -302,8 +307,8 @@ class TritonEmitter(Emitter):
         self.kernels.append(kern)
         leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
         outs = self.fresh(values)
-        self.emit(f"{outs} = launch.prologue(stage_kernels[{idx}], [{leaves}], {self.seq_dims()})  # triton kernel {kern.name}_fwd",
-                  kern.outputs[0])
+        self.emit(f"{outs} = launch.prologue(stage_kernels[{idx}], [{leaves}], {self.seq_dims()})"
+                  f"  # triton kernel {kern.name}_fwd", kern.outputs[0])
         for i, o in enumerate(kern.outputs):
             self.seq[o.id] = f"{outs}[{i}]"
 

@@ -335,7 +335,8 @@ def _constant_builds(text: str) -> list[str]:
         for c in ast.walk(f):
             if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name):
                 owner, attr = c.func.value.id, c.func.attr
-                if (owner == "torch" and attr in CONSTRUCTORS) or (owner in ("seq_rt", "torch_rt") and attr == "with_prefix"):
+                if (owner == "torch" and attr in CONSTRUCTORS) or \
+                        (owner in ("seq_rt", "torch_rt") and attr == "with_prefix"):
                     found.append(f"{f.name}: {lines[c.lineno - 1].strip()}")
     return found
 
