@@ -79,17 +79,23 @@ def safe_comment(text: str) -> str:
 #   user_name(role, name)       `<role>_<name>`           in_x, p_W, s_h, next_h
 #                               (a complex state's part h.re: s___re_h, see user_name)
 #   temp_name(kind, k, hint)    `<kind><k>` or `<kind><k>_<hint>`   t3, t7_f, seq12_h, fused4_final
-#   a fixed helper              X, S, P, NB, DT, DEV, S0, P0, X0, NS, torch, F, rt, step, forward, ...
+#   a fixed helper              inputs, initial, states, params, step_params, seq_params,
+#                               prefix_rank, seq_prefix_rank, dtype, device, first_input,
+#                               reverse, cu_seqlens, ran, scans, launch, stage_kernels,
+#                               fused_loop, fused_loops, newton, newton_stages, seq_rt,
+#                               torch_rt, leaves, torch, F, step, forward, ...
 #
 # Roles and kinds are lowercase letters only; k is a number the emitter hands out once
 # (a counter, or a node's position), so one k never names two values; a hint (the user
 # name the value computes, or a fixed word) is only there for the reader. Split a name at
 # its first `_`: the head is a role (no digit) or a kind and its number (ends in a digit),
-# so the two families never meet, and within them (role, user name) or k is unique. Names
-# without `_` are temporaries without a hint (lowercase letters, then digits) or helpers
-# (they have an uppercase letter, or are lowercase letters with no digit), never a user
-# value. The Triton kernels and the C loop name their values by number only (v3, x0,
-# row_in_1): no user name reaches them (a kernel's own name, `<cell>_stage<i>_<states>_fwd`,
+# so the two families never meet, and within them (role, user name) or k is unique. A
+# helper is never a user value either: without `_` it is a word of lowercase letters with
+# no digit (or `F`), which no temporary is (they end in a digit) and no user value's name
+# is (it always has a `_`); with `_` its head is a word that is no role (the roles: in, p,
+# s, next) and no kind with a number (no digit), so it is none of the forms above. The
+# Triton kernels and the C loop name their values by number only (v3, x0, row_in_1): no
+# user name reaches them (a kernel's own name, `<cell>_stage<i>_<states>_fwd`,
 # shows its states to the reader and is unique by i). tests/pipeline/test_name_hygiene.py
 # renames the users' names of every stdlib cell against the names emitters actually write.
 
@@ -127,9 +133,10 @@ class Temps:
 class TorchExpr:
     """Emits the right-hand side for a node given the names of its sources."""
 
-    def __init__(self, name_of, nb: str = "NB", raw_param=None, const_tensor=None):
+    def __init__(self, name_of, nb: str = "prefix_rank", raw_param=None, const_tensor=None, rt: str = "torch_rt"):
         self.name_of = name_of  # Node -> the Python expression holding its value
         self.nb = nb            # the name of the prefix rank in the generated code
+        self.rt = rt            # the name of the runtime helpers' module in the generated code
         self.nb_read = False    # some expression read it (a driver defines it only then)
         self.raw_param = raw_param  # PARAM node -> its unprefixed tensor's name (one GEMM for W @ x)
         # scalar CONST -> the name of a tensor holding it, made once outside a per-step function
@@ -146,10 +153,10 @@ class TorchExpr:
             if as_tensor and self.const_tensor is not None:
                 return self.const_tensor(src)
             text = const_text(src)
-            return f"torch.tensor({text}, dtype=DT, device=DEV)" if as_tensor else text
+            return f"torch.tensor({text}, dtype=dtype, device=device)" if as_tensor else text
         text = self.name_of(src)
         if src.is_bool and not as_tensor:
-            text = f"{text}.to(DT)"
+            text = f"{text}.to(dtype)"
         k = rank - src.rank
         if k > 0:
             text = f"{text}[..., {', '.join(['None'] * k + [':'] * src.rank)}]"
@@ -202,7 +209,8 @@ class TorchExpr:
         lin = self.linear_parts(n)
         if lin is not None:
             W, x, bs = lin
-            return f"rt.param_linear({self.param_matrix(W)}, {self.name_of(x)}, {', '.join(self.raw_param(b) for b in bs)})"
+            biases = ", ".join(self.raw_param(b) for b in bs)
+            return f"{self.rt}.param_linear({self.param_matrix(W)}, {self.name_of(x)}, {biases})"
         if op in UNARY_TORCH:   # torch.cos(1.0) is a TypeError: a bare constant goes in as a tensor
             bare = s[0].op == Op.CONST and not s[0].shape
             return f"{UNARY_TORCH[op]}({self.operand(s[0], n.rank, as_tensor=bare)})"
@@ -219,7 +227,7 @@ class TorchExpr:
             c = self.operand(s[0], n.rank, True)
             return f"torch.where({c}, {self.operand(s[1], n.rank, True)}, {self.operand(s[2], n.rank, True)})"
         if op == Op.MATMUL and s[1].rank == 1 and self.is_param_matrix(s[0]):
-            return f"rt.param_matvec({self.param_matrix(s[0])}, {self.name_of(s[1])})"
+            return f"{self.rt}.param_matvec({self.param_matrix(s[0])}, {self.name_of(s[1])})"
         if op == Op.MATMUL:
             a, b = self.name_of(s[0]), self.name_of(s[1])
             if s[0].rank == 2 and s[1].rank == 1:
@@ -241,8 +249,8 @@ class TorchExpr:
         if op == Op.EXPAND:
             src = self.operand(s[0], s[0].rank, as_tensor=True)
             if s[0].op == Op.CONST and not s[0].shape:  # a bare constant has no prefix axes yet
-                src = f"rt.with_prefix({src}, {self.prefix_rank()})"
-            return f"rt.expand_to({src}, {s[0].rank}, {tuple(n.arg)!r})"
+                src = f"{self.rt}.with_prefix({src}, {self.prefix_rank()})"
+            return f"{self.rt}.expand_to({src}, {s[0].rank}, {tuple(n.arg)!r})"
         if op == Op.TRANSPOSE:
             return f"{self.name_of(s[0])}.transpose(-1, -2)"
         if op == Op.RESHAPE:
@@ -250,12 +258,14 @@ class TorchExpr:
             head = f"{x}.shape[:-{r}]" if r else f"{x}.shape"
             return f"{x}.reshape({head} + {tuple(n.arg)!r})"
         if op == Op.CONCAT:
-            return f"torch.cat(rt.broadcast_prefix([{', '.join(self.name_of(x) for x in s)}], {self.prefix_rank()}), dim=-1)"
+            parts = ", ".join(self.name_of(x) for x in s)
+            return f"torch.cat({self.rt}.broadcast_prefix([{parts}], {self.prefix_rank()}), dim=-1)"
         if op == Op.EYE:
             size = n.arg if n.arg is not None else None
-            return f"rt.with_prefix(torch.eye({size}, dtype=DT, device=DEV), {self.prefix_rank()})"
+            return f"{self.rt}.with_prefix(torch.eye({size}, dtype=dtype, device=device), {self.prefix_rank()})"
         if op == Op.CONST:
-            return f"rt.with_prefix(torch.tensor({list(n.arg)!r}, dtype=DT, device=DEV), {self.prefix_rank()})"
+            value = f"torch.tensor({list(n.arg)!r}, dtype=dtype, device=device)"
+            return f"{self.rt}.with_prefix({value}, {self.prefix_rank()})"
         if op == Op.INV:    # params and constants only: the prefix axes are 1s, computed once
             return f"torch.linalg.inv({self.name_of(s[0])})"
         if op == Op.EXPM:
@@ -286,13 +296,13 @@ def live_nodes(nodes: list[Node], roots: list[Node], deps) -> list[Node]:
 
 
 def compile_nodes(roots: list[Node], leaves: list[Node]):
-    """A function f(values: list of tensors for `leaves`, NB, DT, DEV) -> list of tensors for
+    """A function f(values: list of tensors for `leaves`, prefix_rank, dtype, device) -> list of tensors for
     `roots`, generated from the IR with the same emitter as the backends (nodes_source)."""
     import torch
     import torch.nn.functional as F
 
     from . import torch_rt as rt
-    ns = {"torch": torch, "F": F, "rt": rt}
+    ns = {"torch": torch, "F": F, "torch_rt": rt}
     exec(compile(nodes_source(roots, leaves), "<recdsl nodes>", "exec"), ns)
     return ns["f"]
 
@@ -300,9 +310,9 @@ def compile_nodes(roots: list[Node], leaves: list[Node]):
 def nodes_source(roots: list[Node], leaves: list[Node]) -> str:
     """The text of compile_nodes' function: the roots' values from the leaves', computing
     only what the roots need (sources first)."""
-    names: dict[int, str] = {n.id: f"L[{i}]" for i, n in enumerate(leaves)}
+    names: dict[int, str] = {n.id: f"leaves[{i}]" for i, n in enumerate(leaves)}
     expr = TorchExpr(lambda n: names[n.id])
-    lines = ["def f(L, NB, DT, DEV):"]
+    lines = ["def f(leaves, prefix_rank, dtype, device):"]
     order, seen, stack = [], set(names), [(r, False) for r in reversed(roots)]
     while stack:  # sources first, not below the given leaves
         n, done = stack.pop()

@@ -28,7 +28,7 @@ def emit(plan, selection):
 
 
 class Program:
-    """The compiled forward of one cell: run(X, S0, params, heads, dtype, device)."""
+    """The compiled forward of one cell: run(inputs, initial, params, heads, dtype, device)."""
 
     def __init__(self, plan, selection):
         import torch
@@ -41,8 +41,8 @@ class Program:
         self.options = solve.NewtonOptions()
         self.last_solve: list = []    # solve.SolveReport per Newton stage, of the last forward
         stages = [solve.Stage(plan.ir.name, s["stage"], s["states"], self) for s in em.newton_stages]
-        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
-              "RAN": self.ran, "NW": solve, "NS_STAGES": stages}
+        ns = {"torch": torch, "F": F, "seq_rt": seq_rt, "scans": scans, "fused_loops": em.fused,
+              "fused_loop": fused_loop, "ran": self.ran, "newton": solve, "newton_stages": stages}
         import linecache
         import zlib
         fname = f"<recdsl newton {plan.ir.name} {zlib.crc32(self.source.encode()):08x}>"   # tracebacks show the line
@@ -51,12 +51,12 @@ class Program:
         self.fn = ns["forward"]
 
     def run(self, xs, st, params, heads, dtype, device):
-        nb = 2 if heads else 1
-        P1 = {n: p[None] for n, p in params.items()}
-        P2 = {n: p[None, None] for n, p in params.items()}
+        prefix_rank = 2 if heads else 1
+        step_params = {n: p[None] for n, p in params.items()}         # [1, (heads,) ...]: a step's layout
+        seq_params = {n: p[None, None] for n, p in params.items()}    # [1, 1, (heads,) ...]: the sequence's
         self.ran.clear()
         self.last_solve.clear()
-        return self.fn(xs, st, params, P1, P2, nb, dtype, device)
+        return self.fn(xs, st, params, step_params, seq_params, prefix_rank, dtype, device)
 
 
 def build(ir: IRCell, plan, selection) -> Program:

@@ -3,8 +3,8 @@ backend's forward (its Emitter: hoisted values over B*T, the borrowed kernels of
 vectorised stages) with each parallel-Newton stage emitted as two functions of one step,
 evaluated over all B*T steps at once, and one call to the solver (solve.py):
 
-    core<k>(ins, st, P0, P1)  -> the new states f(h_{t-1}, x_t)       (the torch loop's step)
-    jac<k>(ins, st, P0, P1)   -> (f_1..f_k, J_11, J_12, .., J_kk)      J_ij = d f_i / d h_j, per element
+    core<k>(ins, st, params, step_params)  -> the new states f(h_{t-1}, x_t)       (the torch loop's step)
+    jac<k>(ins, st, params, step_params)   -> (f_1..f_k, J_11, J_12, .., J_kk)      J_ij = d f_i / d h_j, per element
 
 `jac` is derived from the IR: a forward-mode pass through the step's ops, one unit tangent
 per state (`torch.ones_like(h_j)`), each op's derivative rule written below. Because the
@@ -69,7 +69,7 @@ class NewtonEmitter(Emitter):
         head = [f"{', '.join(nm for nm, _ in fn.pre)}, = ins"] if fn.pre else []
         unpack = f"{', '.join(fn.svar[s] for s in states)}, = st"
         for name, lines, rets in ((cname, body, returns), (jname, jbody, jreturns)):
-            self.emit(f"def {name}(ins, st, P0, P1):")
+            self.emit(f"def {name}(ins, st, params, step_params):")
             for code in head + [unpack]:
                 self.emit(code, indent=2)
             for code, n in lines:
@@ -78,10 +78,12 @@ class NewtonEmitter(Emitter):
         k = len(self.newton_stages)
         self.newton_stages.append({"stage": choice.stage, "states": tuple(states)})
         seqs = self.fresh("seqs")
-        params = ", ".join(f"{p!r}: P0[{p!r}]" for p in fn.params)
-        self.header_reads.add("X0")
-        self.emit(f"{seqs} = NW.solve(NS_STAGES[{k}], {cname}, {jname}, [{', '.join(seq for _, seq in fn.pre)}], "
-                  f"[{', '.join(f'S0[{s!r}]' for s in states)}], {{{params}}}, X0.shape[:2])",
+        params = ", ".join(f"{p!r}: params[{p!r}]" for p in fn.params)
+        self.header_reads.add("first_input")
+        ins = ", ".join(seq for _, seq in fn.pre)
+        h0s = ", ".join(f"initial[{s!r}]" for s in states)
+        self.emit(f"{seqs} = newton.solve(newton_stages[{k}], {cname}, {jname}, [{ins}], [{h0s}], {{{params}}}, "
+                  "first_input.shape[:2])",
                   self.ir.updates[states[0]])
         for i, s in enumerate(states):
             nm = self.fresh("seq", s)
@@ -195,7 +197,7 @@ class _Tangents:
         if op in SUBSTITUTE:   # linear in its sources: the same op on the tangents (zeros where none)
             zeros = {x.id: f"torch.zeros_like({fn.expr.operand(x, x.rank, True)})" for x, t in zip(s, d) if t is None}
             sub = TorchExpr(lambda x: tan.get(x.id) or zeros.get(x.id) or fn.name(x), raw_param=fn.raw,
-                            const_tensor=fn.const_tensor)
+                            const_tensor=fn.const_tensor, rt=fn.expr.rt)
             return sub(n)
         if op in BILINEAR:   # d(a . b) = da . b + a . db
             terms = []
@@ -203,7 +205,7 @@ class _Tangents:
                 if d[i] is None:
                     continue
                 sub = TorchExpr(lambda z, x=x: tan[z.id] if z is x else fn.name(z), raw_param=fn.raw,
-                                const_tensor=fn.const_tensor)
+                                const_tensor=fn.const_tensor, rt=fn.expr.rt)
                 terms.append(sub(n))
             return "(" + " + ".join(terms) + ")"
         raise AssertionError(f"no forward-mode rule for {op.name}")   # refused by kernels.py before emitting

@@ -119,8 +119,8 @@ def _linear_solve(J: list, r: list, h0s: list, k: int) -> list:
     return scans.block_scan(rows, r, h0s)
 
 
-def _evaluate(jac, ins_f, hs, h0s, P0, P1, B, T, shape_of):
-    out = jac(ins_f, [_prev(h, h0) for h, h0 in zip(hs, h0s)], P0, P1)
+def _evaluate(jac, ins_f, hs, h0s, params, step_params, B, T, shape_of):
+    out = jac(ins_f, [_prev(h, h0) for h, h0 in zip(hs, h0s)], params, step_params)
     k = len(hs)
     flat = [(B * T,) + tuple(s[2:]) for s in shape_of]
     f = [o.expand(flat[i]).reshape(shape_of[i]) for i, o in enumerate(out[:k])]
@@ -133,17 +133,16 @@ def newton_forward(stage: Stage, core, jac, ins, h0s, params, BT, opts: NewtonOp
     opts.check()
     B, T = BT
     k = len(h0s)
-    P0 = params
-    P1 = {n: p[None] for n, p in params.items()}
+    step_params = {n: p[None] for n, p in params.items()}
     ins_f = [_flat(x, B, T) for x in ins]
     dtype = h0s[0].dtype
     tol = opts.tol if opts.tol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     shape_of = [(B, T) + tuple(h0.shape[1:]) for h0 in h0s]
     # warm start: every step from a zero previous state (the first from h_0)
     zeros = [torch.zeros(s, dtype=dtype, device=h0.device) for s, h0 in zip(shape_of, h0s)]
-    out = core(ins_f, [_prev(z, h0) for z, h0 in zip(zeros, h0s)], P0, P1)
+    out = core(ins_f, [_prev(z, h0) for z, h0 in zip(zeros, h0s)], params, step_params)
     hs = [o.expand((B * T,) + tuple(s[2:])).reshape(s) for o, s in zip(out, shape_of)]
-    f, J = _evaluate(jac, ins_f, hs, h0s, P0, P1, B, T, shape_of)
+    f, J = _evaluate(jac, ins_f, hs, h0s, params, step_params, B, T, shape_of)
     evals, damped = 1, 0
     r = [fi - h for fi, h in zip(f, hs)]
     res = _max_abs(r)
@@ -168,7 +167,7 @@ def newton_forward(stage: Stage, core, jac, ins, h0s, params, BT, opts: NewtonOp
             Jd = J if scale is None else [None if j is None else j.clamp(-1.0, 1.0) * scale for j in J]
             d = _linear_solve(Jd, r, zero0, k)
             h_try = [h + w * di for h, di in zip(hs, d)]
-            f_try, J_try = _evaluate(jac, ins_f, h_try, h0s, P0, P1, B, T, shape_of)
+            f_try, J_try = _evaluate(jac, ins_f, h_try, h0s, params, step_params, B, T, shape_of)
             evals += 1
             r_try = [fi - h for fi, h in zip(f_try, h_try)]
             res_try = _max_abs(r_try)
@@ -213,9 +212,9 @@ class _NewtonFunction(torch.autograd.Function):
             h0_l = [h0.detach().requires_grad_(True) for h0 in h0s]
             par_l = [p.detach().requires_grad_(bool(nd)) for p, nd in zip(params, need[n_ins + k:])]
             prev = [_prev(h.detach(), h0) for h, h0 in zip(hs, h0_l)]
-            P0 = dict(zip(ctx.names, par_l))
-            P1 = {n: p[None] for n, p in P0.items()}
-            out = ctx.core([_flat(x, B, T) for x in ins_l], prev, P0, P1)
+            stored = dict(zip(ctx.names, par_l))
+            step_params = {n: p[None] for n, p in stored.items()}
+            out = ctx.core([_flat(x, B, T) for x in ins_l], prev, stored, step_params)
             outs = [o.expand(prev[i].shape) if o.shape != prev[i].shape else o for i, o in enumerate(out)]
             wrt = [x for x in ins_l + h0_l + par_l if isinstance(x, torch.Tensor) and x.requires_grad]
             grads = torch.autograd.grad(outs, wrt, [l.reshape(o.shape) for l, o in zip(lam, outs)],

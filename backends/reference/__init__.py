@@ -35,8 +35,9 @@ def emit_step(ir: IRCell) -> str:
     lines = [
         notes.header(ir, "reference"),
         "# One step of the recurrence; the runtime loops it over time.",
-        "# X: inputs at this step, S: previous states, P: params; every tensor has NB prefix axes.",
-        "def step(X, S, P, NB, DT, DEV):",
+        "# inputs: this step's; states: the previous step's; params. Every tensor has prefix_rank",
+        "# leading prefix axes ([B] or [B, heads]; params: size 1 on B).",
+        "def step(inputs, states, params, prefix_rank, dtype, device):",
     ]
     update_of = {n.id: s for s, n in ir.updates.items()}
     output_of = {n.id: o for o, n in ir.outputs.items()}
@@ -48,11 +49,11 @@ def emit_step(ir: IRCell) -> str:
             continue
         # names from the one scheme of recdsl/torch_expr.py: no user name can collide
         if n.op == Op.INPUT:
-            var, rhs = user_name("in", n.arg), f"X[{n.arg!r}]"
+            var, rhs = user_name("in", n.arg), f"inputs[{n.arg!r}]"
         elif n.op == Op.PARAM:
-            var, rhs = user_name("p", n.arg), f"P[{n.arg!r}]"
+            var, rhs = user_name("p", n.arg), f"params[{n.arg!r}]"
         elif n.op == Op.STATE:
-            var, rhs = user_name("s", n.arg[0]), f"S[{n.arg[0]!r}]"
+            var, rhs = user_name("s", n.arg[0]), f"states[{n.arg[0]!r}]"
         else:
             if n.id in update_of:
                 var = user_name("next", update_of[n.id])
@@ -67,8 +68,8 @@ def emit_step(ir: IRCell) -> str:
         lines.append(f"{code:<60}  # {note}" if note else code)
     new_states = ", ".join(f"{s!r}: {names[n.id]}" for s, n in ir.updates.items())
     # a constant output (`output 7`) is a number in the code above: returned as a tensor
-    outs = ", ".join(f"{o!r}: rt.with_prefix({expr.operand(n, 0, as_tensor=True)}, NB)" if n.op == Op.CONST
-                     and not n.shape else f"{o!r}: {names[n.id]}" for o, n in ir.outputs.items())
+    outs = ", ".join(f"{o!r}: torch_rt.with_prefix({expr.operand(n, 0, as_tensor=True)}, prefix_rank)"
+                     if n.op == Op.CONST and not n.shape else f"{o!r}: {names[n.id]}" for o, n in ir.outputs.items())
     lines.append(f"    return {{{new_states}}}, {{{outs}}}")
     return "\n".join(lines) + "\n"
 
@@ -78,9 +79,9 @@ def build_step(ir: IRCell):
     import torch
     import torch.nn.functional as F
 
-    from recdsl import torch_rt as rt
+    from recdsl import torch_rt
     src = emit_step(ir)
-    namespace = {"torch": torch, "F": F, "rt": rt}
+    namespace = {"torch": torch, "F": F, "torch_rt": torch_rt}
     exec(compile(src, f"<recdsl reference {ir.name}>", "exec"), namespace)
     return namespace["step"], src
 
@@ -98,12 +99,12 @@ class Program:
 
     def run(self, xs, st, params, heads, dtype, device):
         import torch
-        P = {n: p[None] for n, p in params.items()}
-        nb = 2 if heads else 1
+        step_params = {n: p[None] for n, p in params.items()}   # one leading (batch) axis, as the step's tensors
+        prefix_rank = 2 if heads else 1
         T = next(iter(xs.values())).shape[1]
         per_t: dict[str, list] = {o: [] for o in self.ir.outputs}
         for t in range(T):
-            st, outs = self.step({n: x[:, t] for n, x in xs.items()}, st, P, nb, dtype, device)
+            st, outs = self.step({n: x[:, t] for n, x in xs.items()}, st, step_params, prefix_rank, dtype, device)
             for o, v in outs.items():
                 per_t[o].append(v)
         stacked = {}

@@ -32,7 +32,7 @@ def emit(plan, selection):
 
 
 class Program:
-    """The compiled forward of one cell: run(X, S0, params, heads, dtype, device)."""
+    """The compiled forward of one cell: run(inputs, initial, params, heads, dtype, device)."""
 
     def __init__(self, plan, selection):
         import torch
@@ -41,8 +41,8 @@ class Program:
         from . import fused_loop, scans, seq_rt
         self.source, em = emit(plan, selection)
         self.ran: list[str] = []      # the kernel of each stage, as the last forward executed them
-        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
-              "RAN": self.ran}
+        ns = {"torch": torch, "F": F, "seq_rt": seq_rt, "scans": scans, "fused_loops": em.fused,
+              "fused_loop": fused_loop, "ran": self.ran}
         exec(compile(self.source, f"<recdsl torch {plan.ir.name}>", "exec"), ns)
         self.fn = ns["forward"]
         # layer.step(): one C call per token where the cell is one lane loop, else (no
@@ -53,11 +53,11 @@ class Program:
             self.step = fused_loop.FusedStep(plan.ir, loop, build_step(plan.ir)[0])
 
     def run(self, xs, st, params, heads, dtype, device):
-        nb = 2 if heads else 1
-        P1 = {n: p[None] for n, p in params.items()}
-        P2 = {n: p[None, None] for n, p in params.items()}
+        prefix_rank = 2 if heads else 1
+        step_params = {n: p[None] for n, p in params.items()}         # [1, (heads,) ...]: a step's layout
+        seq_params = {n: p[None, None] for n, p in params.items()}    # [1, 1, (heads,) ...]: the sequence's
         self.ran.clear()
-        return self.fn(xs, st, params, P1, P2, nb, dtype, device)
+        return self.fn(xs, st, params, step_params, seq_params, prefix_rank, dtype, device)
 
 
 def build(ir: IRCell, plan, selection) -> Program:

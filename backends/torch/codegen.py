@@ -17,13 +17,16 @@ from recdsl.lowering.match import consumers
 from .fused_loop import FusedLoop
 
 
+# The name of the runtime helpers' module (seq_rt.py) in the generated code.
+RT = "seq_rt"
+
 # Values the forward defines first, each only if some line reads it: the sequences' prefix
 # rank (B, T(, heads)) and the first input (its B and T).
-HEADER = {"NS": "NB + 1", "X0": "next(iter(X.values()))"}
+HEADER = {"seq_prefix_rank": "prefix_rank + 1", "first_input": "next(iter(inputs.values()))"}
 
 
 def _raw(n: Node) -> str:
-    return f"P0[{n.arg!r}]"
+    return f"params[{n.arg!r}]"
 
 
 class Emitter:
@@ -35,7 +38,7 @@ class Emitter:
         self.seq: dict[int, str] = {}        # node id -> name of its whole-sequence value
         self.temps = Temps()                 # names: the one scheme of recdsl/torch_expr.py
         self.note = SourceNotes(ir)
-        self.expr_seq = TorchExpr(self.seq_name, nb="NS", raw_param=_raw)
+        self.expr_seq = TorchExpr(self.seq_name, nb="seq_prefix_rank", raw_param=_raw, rt=RT)
         self.place = S.placement(ir, [s.states for s in plan.stages])
         self.users = consumers(ir)
         self.final: dict[str, str] = {}
@@ -58,10 +61,11 @@ class Emitter:
         self.lines.append(f"{line:<64}  # {note}" if note else line)
 
     def seq_dims(self) -> str:
-        """`X0, NS`, as the kernels take the sequences' layout (B and T from X0, the prefix
-        rank NS); the header defines them only if some line reads them."""
-        self.header_reads |= {"X0", "NS"}
-        return "X0, NS"
+        """`first_input, seq_prefix_rank`, as the kernels take the sequences' layout (B and T
+        from first_input, the prefix rank seq_prefix_rank); the header defines them only if
+        some line reads them."""
+        self.header_reads |= {"first_input", "seq_prefix_rank"}
+        return "first_input, seq_prefix_rank"
 
     def seq_name(self, n: Node) -> str:
         """Name of n's value over the whole sequence, emitting it (and its sources) first."""
@@ -79,16 +83,16 @@ class Emitter:
                 self.seq[x.id] = const_text(x)
                 continue
             if x.op == Op.INPUT:
-                self.seq[x.id] = f"X[{x.arg!r}]"
+                self.seq[x.id] = f"inputs[{x.arg!r}]"
                 continue
             if x.op == Op.PARAM:
-                self.seq[x.id] = f"P2[{x.arg!r}]"
+                self.seq[x.id] = f"seq_params[{x.arg!r}]"
                 continue
             if x.op == Op.STATE:
                 name = self.fresh("prev", x.arg[0])
                 self.shifted = True        # a previous state over the whole sequence: a shift in time
                 seq_new = self.seq_name(self.ir.updates[x.arg[0]])   # bound by its stage (maybe lazily)
-                self.emit(f"{name} = rt.shift({seq_new}, S0[{x.arg[0]!r}])", x)
+                self.emit(f"{name} = seq_rt.shift({seq_new}, initial[{x.arg[0]!r}])", x)
                 self.seq[x.id] = name
                 continue
             rhs = self.expr_seq(x)
@@ -98,7 +102,7 @@ class Emitter:
             name = self.fresh("t", x.name)
             self.cse[rhs] = name
             if not x.shape and self._constant(x):
-                rhs = f"torch.as_tensor({rhs}, dtype=DT, device=DEV)"   # constants only: a Python number
+                rhs = f"torch.as_tensor({rhs}, dtype=dtype, device=device)"   # constants only: a Python number
             self.emit(f"{name} = {rhs}", x)
             self.seq[x.id] = name
         return self.seq[n.id]
@@ -141,7 +145,7 @@ class Emitter:
         ir = self.ir
         for sp, choice in zip(self.plan.stages, self.selection.stages):
             self.emit(f"# --- stage {sp.index}: {', '.join(sp.states)} ({sp.cls}) -> {choice.summary()}")
-            self.emit(f"RAN.append({choice.kernel.name!r})  # what ran, for tests and layer.ran")
+            self.emit(f"ran.append({choice.kernel.name!r})  # what ran, for tests and layer.ran")
             self.stage_method(choice)(choice)
         self.emit("# --- outputs")
         self.outputs_epilogue()
@@ -157,12 +161,15 @@ class Emitter:
             fl.keep = {s for s in fl.states if ir.updates[s].id not in self.lazy}
         head = [
             self.note.header(ir, self.BACKEND),
-            "# X: inputs [B, T, (heads,) *shape]; S0: initial states [B, (heads,) *shape];",
-            "# P1/P2: params with 1/2 leading axes; P0: params as stored; NB: per-step prefix rank.",
-            f"def forward(X, S0, P0, P1, P2, NB, DT, DEV{self.EXTRA_ARGS}):",
+            "# inputs [B, T, (heads,) *shape]; initial: the initial states [B, (heads,) *shape];",
+            "# params: as stored; step_params / seq_params: with 1 (batch) / 2 (batch, time) leading axes,",
+            "# laid out as a step's / the sequence's tensors; prefix_rank: a step's prefix axes, [B(, heads)]",
+            "# (seq_prefix_rank = prefix_rank + 1: [B, T(, heads)]).",
+            "def forward(inputs, initial, params, step_params, seq_params, prefix_rank, dtype, device"
+            f"{self.EXTRA_ARGS}):",
         ]
         if self.expr_seq.nb_read:
-            self.header_reads.add("NS")
+            self.header_reads.add("seq_prefix_rank")
         head += [f"    {name} = {rhs}" for name, rhs in HEADER.items() if name in self.header_reads]
         return "\n".join(head + self.lines) + "\n"
 
@@ -190,8 +197,8 @@ class Emitter:
             return default
         name = self.seq_name(n)
         if n.op == Op.CONST and not n.shape:
-            return f"torch.tensor({name}, dtype=DT, device=DEV)"
-        return f"rt.lift({name}, {n.rank}, {rank})"
+            return f"torch.tensor({name}, dtype=dtype, device=device)"
+        return f"seq_rt.lift({name}, {n.rank}, {rank})"
 
     def _stage_element(self, choice: Choice):
         form = choice.form
@@ -199,12 +206,13 @@ class Emitter:
         st = self.ir.states[s]
         upd = self.ir.updates[s]
         kind = form.kind
-        a = self._lifted(form.log_a if kind == "diagexp" else form.a, st.rank, "torch.ones((), dtype=DT, device=DEV)")
-        b = self._lifted(form.b, st.rank, "torch.zeros((), dtype=DT, device=DEV)"
-                         if kind in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=DT, device=DEV)")
+        a = self._lifted(form.log_a if kind == "diagexp" else form.a, st.rank,
+                         "torch.ones((), dtype=dtype, device=device)")
+        b = self._lifted(form.b, st.rank, "torch.zeros((), dtype=dtype, device=device)"
+                         if kind in ("diag", "diagexp") else "torch.tensor(float('-inf'), dtype=dtype, device=device)")
         name = self.fresh("seq", s)
-        self.emit(f"{name} = K.element_scan({kind!r}, rt.full_seq({a}, {self.seq_dims()}, {st.rank}), "
-                  f"rt.full_seq({b}, {self.seq_dims()}, {st.rank}), S0[{s!r}])", upd)
+        self.emit(f"{name} = scans.element_scan({kind!r}, seq_rt.full_seq({a}, {self.seq_dims()}, {st.rank}), "
+                  f"seq_rt.full_seq({b}, {self.seq_dims()}, {st.rank}), initial[{s!r}])", upd)
         self.seq[upd.id] = name
 
     def _stage_dense_semiring(self, choice: Choice):
@@ -216,8 +224,8 @@ class Emitter:
         b = self._lifted(form.b, 1, "None")
         name = self.fresh("seq", s)
         call = self.form_stage(choice, "semiring", "dense_semiring_stage")
-        self.emit(f"{name} = {call}({form.kind!r}, {A}, {b}, S0[{s!r}], {self.seq_dims()}, "
-                  f"products={form.products}, ran=RAN)", upd)
+        self.emit(f"{name} = {call}({form.kind!r}, {A}, {b}, initial[{s!r}], {self.seq_dims()}, "
+                  f"products={form.products}, ran=ran)", upd)
         self.seq[upd.id] = name
 
     def _stage_block(self, choice: Choice):
@@ -228,11 +236,11 @@ class Emitter:
         for i in range(len(states)):
             row = [self._lifted(A.get((i, j)), r, "None") for j in range(len(states))]
             rows.append("[" + ", ".join(row) + "]")
-        xs = [f"rt.full_seq({self._lifted(bs[s], r, 'torch.zeros((), dtype=DT, device=DEV)')}, {self.seq_dims()}, {r})"
-              for s in states]
+        zero = "torch.zeros((), dtype=dtype, device=device)"
+        xs = [f"seq_rt.full_seq({self._lifted(bs[s], r, zero)}, {self.seq_dims()}, {r})" for s in states]
         names = [self.fresh("seq", s) for s in states]
-        self.emit(f"{', '.join(names)}, = K.block_scan([{', '.join(rows)}], [{', '.join(xs)}], "
-                  f"[{', '.join(f'S0[{s!r}]' for s in states)}])", self.ir.updates[states[0]])
+        self.emit(f"{', '.join(names)}, = scans.block_scan([{', '.join(rows)}], [{', '.join(xs)}], "
+                  f"[{', '.join(f'initial[{s!r}]' for s in states)}])", self.ir.updates[states[0]])
         for s, n in zip(states, names):
             self.seq[self.ir.updates[s].id] = n
 
@@ -242,7 +250,7 @@ class Emitter:
     def _tensor(self, n: Node) -> str:
         """n's whole-sequence value as a tensor (seq_name gives a scalar constant as a literal)."""
         name = self.seq_name(n)
-        return f"torch.tensor({name}, dtype=DT, device=DEV)" if n.op == Op.CONST and not n.shape else name
+        return f"torch.tensor({name}, dtype=dtype, device=device)" if n.op == Op.CONST and not n.shape else name
 
     def _stage_chunk_diag(self, choice: Choice):
         form = choice.form
@@ -253,18 +261,18 @@ class Emitter:
         outs, fin = self.fresh("reads"), self.fresh("fin", s)
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernel runs on the transposed state
         kernel = "signed_decay" if form.signed else "diag_matrix_stage"
-        self.emit(f"{outs}, {fin} = K.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, {self.seq_dims()})",
-                  self.ir.updates[s])
+        self.emit(f"{outs}, {fin} = scans.{kernel}([{', '.join(qs)}], {k}, {v}, {g}, initial[{s!r}]{flip}, "
+                  f"{self.seq_dims()})", self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 
     def form_stage(self, choice: Choice, module: str, name: str) -> str:
-        """The function a matrix-state or semiring stage calls (the driver's record `ran=RAN`
+        """The function a matrix-state or semiring stage calls (the driver's record `ran=ran`
         its last argument): torch's `name` of backends/torch/<module>.py (scans.py is `K`). A
         backend with kernels of its own for these forms overrides this (TritonEmitter), and
         keeps the operands, bindings and final states of the methods here."""
         if module == "scans":
-            return f"K.{name}"
+            return f"scans.{name}"
         self.emit(f"from {__package__}.{module} import {name}")
         return name
 
@@ -275,7 +283,7 @@ class Emitter:
         g = self._opt(form.log_decay)
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "delta_stage")
-        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {beta}, {g}, S0[{s!r}], {self.seq_dims()}, ran=RAN)",
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {beta}, {g}, initial[{s!r}], {self.seq_dims()}, ran=ran)",
                   self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
@@ -289,7 +297,7 @@ class Emitter:
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "delta_product_stage")
         self.emit(f"{o}, {fin} = {call}({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], "
-                  f"S0[{s!r}], {self.seq_dims()}, ran=RAN)", self.ir.updates[s])
+                  f"initial[{s!r}], {self.seq_dims()}, ran=ran)", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -300,7 +308,7 @@ class Emitter:
                                                        form.log_decay))
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "dplr_stage")
-        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()}, ran=RAN)",
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {a}, {b}, {g}, initial[{s!r}], {self.seq_dims()}, ran=ran)",
                   self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
@@ -320,7 +328,7 @@ class Emitter:
     def _stage_c_loop(self, choice: Choice):
         """The stage's whole time loop in one generated C call (forward and backward). The
         torch loop stays behind it for what C cannot run (a GPU tensor, a build that
-        failed): then RAN records that the torch loop ran."""
+        failed): then `ran` records that the torch loop ran."""
         from .kernels import compiled_loop
         states, core = list(choice.states), list(choice.form.core)
         fl, reads = compiled_loop(self.ir, states, core), []
@@ -333,22 +341,24 @@ class Emitter:
         k = len(self.fused) - 1
         fvar, ffin = self.fresh("fused"), self.fresh("fused", "final")
         args = ", ".join(self.seq_name(n) for n in fl.seq_args)
-        self.header_reads |= {"X0", "NS"}   # FL[k].run reads them
+        self.header_reads |= {"first_input", "seq_prefix_rank"}   # fused_loops[k].run reads them
         self.emit(f"{fvar} = None")
-        self.emit(f"if FL[{k}].usable(DT, *X.values(), *P0.values(), *S0.values()):  # the loop in one C call")
+        self.emit(f"if fused_loops[{k}].usable(dtype, *inputs.values(), *params.values(), *initial.values()):"
+                  "  # the loop in one C call")
         folds = list(fl.folds.values())   # the run computes these projections: their .rec line
-        self.emit(f"{fvar}, {ffin} = FL[{k}].run([{args}], P0, S0, X0, NS, DT)", folds[0].seq if folds else None,
-                  indent=2)
+        self.emit(f"{fvar}, {ffin} = fused_loops[{k}].run([{args}], params, initial, first_input, seq_prefix_rank, "
+                  "dtype)", folds[0].seq if folds else None, indent=2)
         if fn is not None:
             for s in states:
                 self.emit(f"{fn.svar[s]} = {ffin}[{s!r}]", indent=2)
         self.emit("else:")
-        self.emit("RAN[-1] = 'torch.loop'  # not CPU float32/float64, or the C did not build (warned)", indent=2)
+        self.emit("ran[-1] = 'torch.loop'  # not CPU float32/float64, or the C did not build (warned)", indent=2)
         if fn is not None:
             self._emit_torch_loop(states, core, fn, indent=2, fvar=fvar)
             return
         # readouts in the loop: the torch loop over the same IR returns what the C call does
-        self.emit(f"{fvar}, {ffin} = FL[{k}].run_torch([{args}], P0, S0, X0, NS, DT)", indent=2)
+        self.emit(f"{fvar}, {ffin} = fused_loops[{k}].run_torch([{args}], params, initial, first_input, "
+                  "seq_prefix_rank, dtype)", indent=2)
         for s in states:
             nm = self.fresh("seq", s)
             self.lazy[self.ir.updates[s].id] = (nm, f"{nm} = {fvar}[{s!r}]")
@@ -363,9 +373,9 @@ class Emitter:
         loop is given x; the projection is only built where the torch loop runs instead, so
         its name stands for the expression, written where it is read."""
         x = self.seq_name(fold.x)
-        parts = [f"P0[{fold.weight.arg!r}]", x] + [f"P0[{b.arg!r}]" for b in fold.biases]
-        self.seq[fold.seq.id] = (f"rt.param_linear({', '.join(parts)})" if fold.biases
-                                 else f"rt.param_matvec({parts[0]}, {x})")
+        parts = [f"params[{fold.weight.arg!r}]", x] + [f"params[{b.arg!r}]" for b in fold.biases]
+        self.seq[fold.seq.id] = (f"seq_rt.param_linear({', '.join(parts)})" if fold.biases
+                                 else f"seq_rt.param_matvec({parts[0]}, {x})")
 
     def _with_readouts(self, choice: Choice, loop):
         """(the general loop with the outputs it can compute per step, those outputs): the
@@ -393,7 +403,7 @@ class Emitter:
         once, body, returns = fn.build()
         for code, n in once:
             self.emit(code, n, indent=indent)
-        self.emit(f"def {cname}(ins, st, P0, P1):", indent=indent)
+        self.emit(f"def {cname}(ins, st, params, step_params):", indent=indent)
         if fn.pre:
             self.emit(f"{', '.join(nm for nm, _ in fn.pre)}, = ins", indent=indent + 1)
         self.emit(f"{', '.join(fn.state_targets())}, = st", indent=indent + 1)
@@ -401,10 +411,11 @@ class Emitter:
             self.emit(code, n, indent=indent + 1)
         self.emit(f"return ({', '.join(returns)},)", indent=indent + 1)
         seqs = self.fresh("seqs")
-        self.header_reads.add("X0")
-        params = ", ".join(f"{p!r}: P0[{p!r}]" for p in fn.params)   # only those the core reads
-        self.emit(f"{seqs} = rt.run_loop({cname}, [{', '.join(seq for _, seq in fn.pre)}], "
-                  f"[{', '.join(f'S0[{s!r}]' for s in states)}], {{{params}}}, X0.shape[1])", indent=indent)
+        self.header_reads.add("first_input")
+        params = ", ".join(f"{p!r}: params[{p!r}]" for p in fn.params)   # only those the core reads
+        self.emit(f"{seqs} = seq_rt.run_loop({cname}, [{', '.join(seq for _, seq in fn.pre)}], "
+                  f"[{', '.join(f'initial[{s!r}]' for s in states)}], {{{params}}}, first_input.shape[1])",
+                  indent=indent)
         for i, s in enumerate(states):
             self.emit(f"{svar[s]} = {seqs}[{i}][:, -1]", indent=indent)
         for i, s in enumerate(states):
@@ -422,7 +433,7 @@ class _StepFunction:
     inputs, states and params those read reach the function. What is the same at every
     step is made once per forward, outside it: constant tensors (a `torch.tensor(0.0)`
     operand, a vector constant, an identity) and core values computed from constants only.
-    Params are read as P0 (as stored, for one GEMM) or P1 (one leading axis): views
+    Params are read as `params` (as stored, for one GEMM) or `step_params` (one leading axis): views
     run_loop builds once per loop, of the params in `params` only."""
 
     def __init__(self, em: Emitter, states: list[str], core: list[Node]):
@@ -435,7 +446,7 @@ class _StepFunction:
         self.once: list[tuple[str, Node]] = []   # lines run once per forward, before the loop
         self.consts: dict[str, str] = {}      # scalar literal -> its tensor, made once
         self.states_read: set[str] = set()
-        self.expr = TorchExpr(self.name, raw_param=self.raw, const_tensor=self.const_tensor)
+        self.expr = TorchExpr(self.name, raw_param=self.raw, const_tensor=self.const_tensor, rt=RT)
         self.roots = [self.ir.updates[s] for s in states]
         self.live = live_nodes(core, self.roots, self.expr.deps)
         for n in self.live + self.roots:   # the whole-sequence values read: emitted now, before the loop
@@ -463,7 +474,7 @@ class _StepFunction:
             return const_text(n)
         if n.op == Op.PARAM:
             self._use(n.arg)
-            return f"P1[{n.arg!r}]"
+            return f"step_params[{n.arg!r}]"
         if n.op in (Op.CONST, Op.EYE):   # a constant tensor: made once
             nm = self.em.fresh("c")
             self.once.append((f"{nm} = {self.expr(n)}", n))
@@ -473,13 +484,13 @@ class _StepFunction:
 
     def raw(self, n: Node) -> str:
         self._use(n.arg)
-        return f"P0[{n.arg!r}]"
+        return f"params[{n.arg!r}]"
 
     def const_tensor(self, n: Node) -> str:
         text = const_text(n)
         if text not in self.consts:
             self.consts[text] = self.em.fresh("c")
-            self.once.append((f"{self.consts[text]} = torch.tensor({text}, dtype=DT, device=DEV)", n))
+            self.once.append((f"{self.consts[text]} = torch.tensor({text}, dtype=dtype, device=device)", n))
         return self.consts[text]
 
     def _use(self, param: str):

@@ -1,6 +1,7 @@
 """Helpers the torch backend's generated code calls for whole-sequence tensors.
 
-Sequence tensors carry NS = NB + 1 prefix axes: [B, T] or [B, T, heads]; values that do
+Sequence tensors carry seq_prefix_rank = prefix_rank + 1 prefix axes: [B, T] or [B, T,
+heads]; values that do
 not vary over some prefix axis keep size 1 there until a kernel needs them full."""
 from __future__ import annotations
 
@@ -92,27 +93,28 @@ def from_b(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(like.shape)
 
 
-def run_loop(core, ins: list, s0: list, P0: dict, T: int):
-    """Run a sequential stage's core over time: core(inputs at t, states, P0, P1) -> new
-    states, for P0 the params the core reads. Returns the state sequences [B, T, ...].
-    Whatever does not change over time is set up once per loop, not per step: the
-    params' views (P1: one leading axis) and the inputs' per-step views (one unbind).
+def run_loop(core, ins: list, s0: list, params: dict, T: int):
+    """Run a sequential stage's core over time: core(inputs at t, states, params,
+    step_params) -> new states, for params the params the core reads (as stored). Returns
+    the state sequences [B, T, ...]. Whatever does not change over time is set up once per
+    loop, not per step: the params' views (step_params: one leading axis) and the inputs'
+    per-step views (one unbind).
     With gradients, a custom backward walks time in reverse, recomputing one step at a
     time to get its vector-Jacobian product, so memory is the states, not a graph per
     step. Under create_graph=True the backward re-runs the loop with autograd instead
     (double_backward.py): second derivatives are autograd's."""
-    names = list(P0)
-    params = [P0[n] for n in names]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in list(ins) + s0 + params):
-        return _LoopFunction.apply(core, names, len(ins), len(s0), T, *ins, *s0, *params)
-    return _forward_loop(core, names, ins, s0, params, T)
+    names = list(params)
+    values = [params[n] for n in names]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in list(ins) + s0 + values):
+        return _LoopFunction.apply(core, names, len(ins), len(s0), T, *ins, *s0, *values)
+    return _forward_loop(core, names, ins, s0, values, T)
 
 
 def _param_views(names: list, params: list) -> tuple[dict, dict]:
-    """(P0, P1): the params as stored and with one leading axis (per-step tensors have one
-    prefix axis more), made once per loop; every step reads them."""
-    P0 = dict(zip(names, params))
-    return P0, {n: p[None] for n, p in P0.items()}
+    """(params, step_params): the params as stored and with one leading axis (per-step
+    tensors have one prefix axis more), made once per loop; every step reads them."""
+    stored = dict(zip(names, params))
+    return stored, {n: p[None] for n, p in stored.items()}
 
 
 def _steps(ins: list, T: int) -> list[tuple]:
@@ -130,10 +132,10 @@ def _fit(out, prev: list) -> list:
 
 
 def _forward_loop(core, names, ins, s0, params, T):
-    P0, P1 = _param_views(names, params)
+    stored, step_params = _param_views(names, params)
     st, seqs = list(s0), [[] for _ in s0]
     for x_t in _steps(ins, T):
-        st = _fit(core(x_t, st, P0, P1), st)
+        st = _fit(core(x_t, st, stored, step_params), st)
         for acc, s in zip(seqs, st):
             acc.append(s)
     return tuple(torch.stack(acc, 1) for acc in seqs)
@@ -167,7 +169,7 @@ class _LoopFunction(torch.autograd.Function):
             return (None,) * 5 + tuple(recompute_vjp(loop, inputs, ctx.needs_input_grad[5:], g_seqs))
         leaves_p = [p.detach().requires_grad_(p.requires_grad) for p in params]
         with torch.enable_grad():   # the views carry the graph back to the leaves at every step
-            P0, P1 = _param_views(ctx.names, leaves_p)
+            stored, step_params = _param_views(ctx.names, leaves_p)
         steps = _steps([x.detach() for x in ins], ctx.T)
         g_in = [torch.zeros_like(x) for x in ins]
         g_p = [torch.zeros_like(p) for p in params]
@@ -177,7 +179,7 @@ class _LoopFunction(torch.autograd.Function):
             prev = [(s0[i] if t == 0 else seqs[i][:, t - 1]).detach().requires_grad_() for i in range(n_s)]
             x_t = [v.detach().requires_grad_(x.requires_grad) for v, x in zip(steps[t], ins)]
             with torch.enable_grad():
-                out = _fit(ctx.core(x_t, prev, P0, P1), prev)
+                out = _fit(ctx.core(x_t, prev, stored, step_params), prev)
                 wrt = prev + [x for x in x_t if x.requires_grad] + [p for p in leaves_p if p.requires_grad]
                 grads = torch.autograd.grad(out, wrt, grad_outputs=lam, allow_unused=True)
             it = iter(grads)

@@ -65,17 +65,18 @@ class Program:
         self.module = launch.Kernels(self.kernels_source, f"recdsl-triton-{plan.ir.name}")
         self.stages = [launch.Stage(k, self.module) for k in em.kernels]
         self.ran: list[str] = []
-        ns = {"torch": torch, "F": F, "rt": seq_rt, "K": scans, "FL": em.fused, "FUSED": fused_loop,
-              "TK": launch, "KS": self.stages, "RAN": self.ran}
+        ns = {"torch": torch, "F": F, "seq_rt": seq_rt, "scans": scans, "fused_loops": em.fused,
+              "fused_loop": fused_loop, "launch": launch, "stage_kernels": self.stages, "ran": self.ran}
         exec_source(self.source, f"triton-driver {plan.ir.name}", ns)
         self.fn = ns["forward"]
 
     def run(self, xs, st, params, heads, dtype, device, reverse: bool = False, cu_seqlens=None):
-        nb = 2 if heads else 1
-        P1 = {n: p[None] for n, p in params.items()}
-        P2 = {n: p[None, None] for n, p in params.items()}
+        prefix_rank = 2 if heads else 1
+        step_params = {n: p[None] for n, p in params.items()}         # [1, (heads,) ...]: a step's layout
+        seq_params = {n: p[None, None] for n, p in params.items()}    # [1, 1, (heads,) ...]: the sequence's
         self.ran.clear()
-        return self.fn(xs, st, params, P1, P2, nb, dtype, device, reverse, cu_seqlens)   # cu: int32, on device
+        return self.fn(xs, st, params, step_params, seq_params, prefix_rank, dtype, device,
+                       reverse, cu_seqlens)   # cu_seqlens: int32, on device
 
 
 def _wavefront(selection) -> bool:

@@ -21,7 +21,7 @@ from .scan_kernels import ScanKernel, ScanSpec
 
 class TritonEmitter(Emitter):
     BACKEND = "triton"
-    EXTRA_ARGS = ", REV=False, CU=None"    # reverse and cu_seqlens, passed to the kernels
+    EXTRA_ARGS = ", reverse=False, cu_seqlens=None"    # reverse and cu_seqlens, passed to the kernels
     def __init__(self, ir, plan, selection):
         super().__init__(ir, plan, selection)
         self.kernels: list = []            # ScanKernel / SeqKernel, in stage order
@@ -71,9 +71,10 @@ class TritonEmitter(Emitter):
         rleaves = ", ".join(x.view_text(self.seq_name(x.node)) for x in kern.rleaves)
         shape = ir.shape_of(ir.states[sp.states[0]])
         seqs, fins, outs, reds = self.fresh("seqs"), self.fresh("finals"), self.fresh("outs"), self.fresh("reads")
-        h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins}, {outs}, {reds} = TK.scan(KS[{idx}], [{leaves}], [{rleaves}], [{h0s}], {self.seq_dims()}, "
-                  f"{shape!r}, store=@STORE{idx}@, rev=REV, cu=CU)  # triton kernel {spec.name}_fwd",
+        h0s = ", ".join(f"initial[{s!r}]" for s in sp.states)
+        self.emit(f"{seqs}, {fins}, {outs}, {reds} = launch.scan(stage_kernels[{idx}], [{leaves}], [{rleaves}], "
+                  f"[{h0s}], {self.seq_dims()}, {shape!r}, store=@STORE{idx}@, rev=reverse, cu=cu_seqlens)"
+                  f"  # triton kernel {spec.name}_fwd",
                   ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
         for i, o in enumerate(spec.outputs):
@@ -161,9 +162,10 @@ class TritonEmitter(Emitter):
         self.kernels.append(kern)
         leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
         seqs, fins = self.fresh("seqs"), self.fresh("finals")
-        h0s = ", ".join(f"S0[{s!r}]" for s in sp.states)
-        self.emit(f"{seqs}, {fins} = TK.seq(KS[{idx}], [{leaves}], [{h0s}], P0, {self.seq_dims()}, rev=REV, cu=CU, "
-                  f"store=@STORE{idx}@)  # triton kernel {kern.name}_fwd", self.ir.updates[sp.states[0]])
+        h0s = ", ".join(f"initial[{s!r}]" for s in sp.states)
+        self.emit(f"{seqs}, {fins} = launch.seq(stage_kernels[{idx}], [{leaves}], [{h0s}], params, {self.seq_dims()}, "
+                  f"rev=reverse, cu=cu_seqlens, store=@STORE{idx}@)  # triton kernel {kern.name}_fwd",
+                  self.ir.updates[sp.states[0]])
         self._bind_sequences(idx, sp.states, seqs, fins)
 
     def _triton_chunk_diag(self, choice: Choice):
@@ -179,8 +181,9 @@ class TritonEmitter(Emitter):
         outs, fin = self.fresh("reads"), self.fresh("fin", s)
         flip = ".transpose(-1, -2)" if form.transposed else ""   # the kernels run on the transposed state
         self.emit(f"from {__package__}.chunk_kernels import {stage} as chunk_diag_stage")
-        self.emit(f"{outs}, {fin} = chunk_diag_stage([{', '.join(qs)}], {k}, {v}, {g}, S0[{s!r}]{flip}, "
-                  f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels chunk_diag_*", self.ir.updates[s])
+        self.emit(f"{outs}, {fin} = chunk_diag_stage([{', '.join(qs)}], {k}, {v}, {g}, initial[{s!r}]{flip}, "
+                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels chunk_diag_*",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, outs)
         self.final[s] = fin + flip
 
@@ -232,8 +235,8 @@ class TritonEmitter(Emitter):
                                                        form.log_decay))
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "dplr_stage")
-        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {a}, {b}, {g}, S0[{s!r}], {self.seq_dims()}, ran=RAN, "
-                  f"rev=REV, cu=CU)  # triton kernels chunk_dplr_*", self.ir.updates[s])
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {a}, {b}, {g}, initial[{s!r}], {self.seq_dims()}, ran=ran, "
+                  f"rev=reverse, cu=cu_seqlens)  # triton kernels chunk_dplr_*", self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -250,8 +253,9 @@ class TritonEmitter(Emitter):
         q, k, v, beta = (self._tensor(n) for n in (form.readouts[0].q, form.k, form.v, form.beta))
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "delta_stage")
-        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {beta}, {self._opt(form.log_decay)}, S0[{s!r}], "
-                  f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels delta_*", self.ir.updates[s])
+        self.emit(f"{o}, {fin} = {call}({q}, {k}, {v}, {beta}, {self._opt(form.log_decay)}, initial[{s!r}], "
+                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels delta_*",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -264,8 +268,9 @@ class TritonEmitter(Emitter):
         ks, vs, bs = (", ".join(self._tensor(st[part]) for st in form.steps) for part in ("k", "v", "beta"))
         o, fin = self.fresh("reads"), self.fresh("fin", s)
         call = self.form_stage(choice, "scans", "delta_product_stage")
-        self.emit(f"{o}, {fin} = {call}({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], S0[{s!r}], "
-                  f"{self.seq_dims()}, ran=RAN, rev=REV, cu=CU)  # triton kernels delta_*", self.ir.updates[s])
+        self.emit(f"{o}, {fin} = {call}({self.seq_name(form.readouts[0].q)}, [{ks}], [{vs}], [{bs}], initial[{s!r}], "
+                  f"{self.seq_dims()}, ran=ran, rev=reverse, cu=cu_seqlens)  # triton kernels delta_*",
+                  self.ir.updates[s])
         self._bind_readouts(form.readouts, f"[{o}]")
         self.final[s] = fin
 
@@ -302,8 +307,8 @@ class TritonEmitter(Emitter):
         self.kernels.append(kern)
         leaves = ", ".join(self.seq_name(x) for x in kern.leaves)
         outs = self.fresh(values)
-        self.emit(f"{outs} = TK.prologue(KS[{idx}], [{leaves}], {self.seq_dims()})  # triton kernel {kern.name}_fwd",
-                  kern.outputs[0])
+        self.emit(f"{outs} = launch.prologue(stage_kernels[{idx}], [{leaves}], {self.seq_dims()})"
+                  f"  # triton kernel {kern.name}_fwd", kern.outputs[0])
         for i, o in enumerate(kern.outputs):
             self.seq[o.id] = f"{outs}[{i}]"
 

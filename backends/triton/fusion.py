@@ -55,7 +55,7 @@ class Ref:
         rank = self.node.rank
         for src_rank, arg in reversed(self.view):
             if src_rank > rank:
-                text = f"rt.lift({text}, {rank}, {src_rank})"
+                text = f"seq_rt.lift({text}, {rank}, {src_rank})"
             text += index_text(tuple(None if i is None else slice(None) for i in arg))
             rank = len(arg)
         return text

@@ -111,7 +111,7 @@ def test_matrix_state_outputs_are_computed_in_the_loop(src):
     loop per step, so the [B, T, K, V] state sequence is never written; what runs (C, or
     the torch loop over the same IR for what C cannot run) matches the reference."""
     spec, ref, fast = _pair(src, recdsl.load(src).analysis_dims())
-    loops = fast.compiled.program.fn.__globals__["FL"]
+    loops = fast.compiled.program.fn.__globals__["fused_loops"]
     xs = random_inputs(spec, ref, 2, 5, torch.float64)
     with torch.no_grad():
         (o1, s1), (o2, s2) = ref(**xs), fast(**xs)
@@ -126,7 +126,7 @@ def test_matrix_state_outputs_are_computed_in_the_loop(src):
 def _loop_args(layer, xs):
     """The arguments the generated forward passes to the loop, captured from one call."""
     got = []
-    loop = layer.compiled.program.fn.__globals__["FL"][0]
+    loop = layer.compiled.program.fn.__globals__["fused_loops"][0]
     run = loop.run
 
     def spy(*args):

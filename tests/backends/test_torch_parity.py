@@ -168,7 +168,7 @@ def test_deltaproduct_runs_chunkwise(heads, NH):
     spec = recdsl.load("deltaproduct")
     dims = dict(K=8, V=6, NH=NH)
     layer = spec(backend="torch", heads=heads, **dims)
-    assert "K.delta_product_stage(" in layer.generated and "rt.run_loop(" not in layer.generated
+    assert "scans.delta_product_stage(" in layer.generated and "seq_rt.run_loop(" not in layer.generated
     for grads in (True, False):   # chunkwise with autograd; the C kernel without
         e = compare_backends(spec, dims, "torch", B=2, T=70, dtype=torch.float64, heads=heads, grads=grads)
         assert max(v for k, v in e.items() if k != "scale") <= 1e-11 * max(1.0, e["scale"]), e

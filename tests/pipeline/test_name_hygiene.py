@@ -12,7 +12,7 @@ temporaries), and solves for renamings that would make two different values shar
     prefix2 + b + suffix2 (param `next` and state `p` once both gave `p_next`);
   * pattern against a fixed name: prefix + a + suffix == a helper or a temporary (state
     `h_2` once gave `s_h_2`, a temporary's name);
-  * bare: a user value named exactly like a helper or temporary (`X`, `torch`, `t3`, `F`).
+  * bare: a user value named exactly like a helper or temporary (`inputs`, `torch`, `t3`, `F`).
 
 Each renaming is applied to the parsed cell (recdsl.printer prints the renamed AST: no
 text replacement), every user identifier of the cell (dims, inputs, params, states,
@@ -52,7 +52,7 @@ CELLS = [n for n in stdlib_files() if recdsl.load(n).cell.over == "seq"]
 B, T = 2, 5
 # keyword arguments of CellSpec.__call__: a dim cannot be passed under these names (an API limit, not codegen's)
 CALL_KWARGS = {"backend", "heads", "reverse", "dtype", "device"}
-BARE_ROUNDS = 2   # renamings to helpers' and temporaries' own names (X, S, P, torch, F, rt, t3, ...)
+BARE_ROUNDS = 2   # renamings to helpers' and temporaries' own names (inputs, states, params, torch, F, seq_rt, t3, ...)
 
 
 # ---------------------------------------------------------------------------- renaming the AST
@@ -304,7 +304,7 @@ def study(name: str):
     ok = lambda new, u: allowed(new, users[u], module_attrs()) and new != u  # noqa: E731
     collide = pack(collision_classes(pats, fixed), ok)
     # bare: first the names of the texts user names reach (the Python code, and the kernel
-    # module's own top level: helpers X, S, P, NB, torch, F, rt, tl, step, forward, the
+    # module's own top level: helpers inputs, states, params, prefix_rank, torch, F, seq_rt, tl, step, forward, the
     # temporaries t3, seqs7), rotated per cell so that the cells between them take every
     # one; then the names inside the Triton kernels
     kern = texts["triton kernels"]
@@ -355,7 +355,7 @@ def alpha_equivalent(orig: list, new: list, mapping: dict[str, str]) -> str | No
                 return f"{a!r} is written both {fwd[a]!r} and {b!r}"
             if back.setdefault(b, a) != a:
                 return f"{b!r} names both {back[b]!r} and {a!r} (a collision)"
-        elif t1 == STRING:   # a user name as a key (X['x'], P0['W']) is renamed with the user's
+        elif t1 == STRING:   # a user name as a key (inputs['x'], params['W']) is renamed with the user's
             renamed = a[0] + renamed_key(mapping, a[1:-1]) + a[-1] if a[:1] in "'\"" else a
             if b not in (a, renamed):
                 return f"string {a!r} became {b!r}"

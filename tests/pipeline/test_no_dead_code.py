@@ -15,7 +15,7 @@ absorbed it: a matmul every step for nothing), so the test names each one with i
 Python (the `ast` module), per function scope (a nested `def` is its own scope; the names
 it reads count as reads of its enclosing scope, so a closure keeps its captures alive):
 
-  * roots are statements with an effect: expression statements (`RAN.append(...)`,
+  * roots are statements with an effect: expression statements (`ran.append(...)`,
     `tl.store(...)`), `return`, the tests of `if`/`while`, the iterables of `for`;
   * a name is live if a live statement reads it; an assignment is live if one of its
     targets is live (a least fixpoint: `acc = acc * a` does not keep itself alive, and a
@@ -267,19 +267,19 @@ def test_fused_loop_c_has_no_dead_values(name):
 # ---------------------------------------------------------------------------- the checker itself
 
 def test_python_checker_finds_dead_values():
-    text = ("def f(X, P):\n"
-            "    a = X + 1\n"           # read only by b, which is dead: dead too
+    text = ("def f(inputs, params):\n"
+            "    a = inputs + 1\n"      # read only by b, which is dead: dead too
             "    b = a * 2\n"
-            "    acc = X\n"
+            "    acc = inputs\n"
             "    for t in range(3):\n"
             "        acc = acc * t\n"    # reads itself only: dead
-            "    u, v = X\n"             # a bundle: v unread is dead
-            "    k, _ = P\n"             # `_`: not read, and says so
-            "    p, q = g(X)\n"          # one call's results: q may go unread
+            "    u, v = inputs\n"        # a bundle: v unread is dead
+            "    k, _ = params\n"        # `_`: not read, and says so
+            "    p, q = g(inputs)\n"     # one call's results: q may go unread
             "    def core(s):\n"
             "        w = s + 1\n"       # dead in the nested scope
             "        return s + u + k\n"
-            "    RAN.append(1)\n"
+            "    ran.append(1)\n"
             "    return run(core, p)\n")
     got = {d.split(" ")[1] for d in dead_python(text)}
     assert got == {"'a'", "'b'", "'acc'", "'v'", "'w'"}
@@ -320,7 +320,7 @@ cell Consts(D, H):
     n' = tanh(n @ eye(H) + outer(h, h') * 0.5)
     output h'
 """
-# what builds a tensor from nothing (torch.X(...)), or reshapes a constant (rt.with_prefix)
+# what builds a tensor from nothing (torch.X(...)), or reshapes a constant (seq_rt.with_prefix)
 CONSTRUCTORS = {"tensor", "as_tensor", "eye", "zeros", "ones", "full", "arange", "empty", "linspace"}
 
 
@@ -335,7 +335,8 @@ def _constant_builds(text: str) -> list[str]:
         for c in ast.walk(f):
             if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, ast.Name):
                 owner, attr = c.func.value.id, c.func.attr
-                if (owner == "torch" and attr in CONSTRUCTORS) or (owner == "rt" and attr == "with_prefix"):
+                if (owner == "torch" and attr in CONSTRUCTORS) or \
+                        (owner in ("seq_rt", "torch_rt") and attr == "with_prefix"):
                     found.append(f"{f.name}: {lines[c.lineno - 1].strip()}")
     return found
 
@@ -371,20 +372,20 @@ def test_hoisted_constants_compute_the_same_numbers():
 def test_run_loop_sets_up_params_once():
     """run_loop builds the params' views once per loop (forward, and backward's reverse
     loop), not once per step: the core sees the same dicts at every step."""
-    seen: dict[str, set] = {"P0": set(), "P1": set()}
+    seen: dict[str, set] = {"params": set(), "step_params": set()}
 
-    def core(ins, st, P0, P1):
-        seen["P0"].add(id(P0))
-        seen["P1"].add(id(P1))
+    def core(ins, st, params, step_params):
+        seen["params"].add(id(params))
+        seen["step_params"].add(id(step_params))
         (x,), (h,) = ins, st
-        return (torch.tanh(x + h * P1["w"]),)
+        return (torch.tanh(x + h * step_params["w"]),)
 
     T = 6
     x = torch.randn(2, T, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     h0 = torch.zeros(2, 3, dtype=torch.float64)
     seqs = seq_rt.run_loop(core, [x], [h0], {"w": w}, T)
-    assert len(seen["P0"]) == len(seen["P1"]) == 1
+    assert len(seen["params"]) == len(seen["step_params"]) == 1
     seqs[0].sum().backward()
-    assert len(seen["P0"]) == len(seen["P1"]) == 2   # one more set for the backward's loop
+    assert len(seen["params"]) == len(seen["step_params"]) == 2   # one more set for the backward's loop
     assert w.grad is not None and x.grad is not None

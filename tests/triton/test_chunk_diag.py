@@ -464,7 +464,7 @@ def test_gla_runs_its_query_scale_and_the_floor_in_the_kernels():
     from recdsl.backends.triton import traffic
     spec, dims = _dims("gla", 16, 16)
     emitted = emit_cell(spec.lower(**dims), "triton")
-    assert "* 0.25" not in emitted.source and "(X['q'], True, 0.25)" in emitted.source, emitted.source
+    assert "* 0.25" not in emitted.source and "(inputs['q'], True, 0.25)" in emitted.source, emitted.source
     assert [c.kernel.name for c in _chunk_stages(emitted.selection)] == [KERNEL]
     layer = spec(backend="triton", **dims)
     xs = {name: x.requires_grad_() for name, x in random_inputs(spec, layer, 2, 37, torch.float32).items()}

@@ -35,9 +35,9 @@ cell NormGLA(K, V):
 
 # cell -> (its chunk kernel, the roles of the operands the prologue writes, its leaves in the driver)
 CELLS = {
-    "gated_deltanet": ("triton.chunk_delta", ["q", "k", "beta"], "[X['q'], X['k'], X['beta']]"),
-    "linear_attention": ("triton.chunk_diag", ["q", "k"], "[X['q'], X['k']]"),
-    NORM_GLA: ("triton.chunk_diag", ["q", "k", "g"], "[X['q'], X['k'], X['x'], P2['w']]"),
+    "gated_deltanet": ("triton.chunk_delta", ["q", "k", "beta"], "[inputs['q'], inputs['k'], inputs['beta']]"),
+    "linear_attention": ("triton.chunk_diag", ["q", "k"], "[inputs['q'], inputs['k']]"),
+    NORM_GLA: ("triton.chunk_diag", ["q", "k", "g"], "[inputs['q'], inputs['k'], inputs['x'], seq_params['w']]"),
 }
 IDS = {"gated_deltanet": "gated_deltanet", "linear_attention": "linear_attention", NORM_GLA: "norm_gla"}
 
@@ -63,8 +63,8 @@ def test_the_chunk_stage_reads_the_prologue_outputs(cell):
     assert kern.name == f"{cell_name}_stage0_prologue"
     assert [kern.roles[o.id] for o in kern.outputs] == roles
     driver = emitted.source.splitlines()
-    launch_line, = [ln for ln in driver if "TK.prologue(" in ln and "_prologue_fwd" in ln]
-    assert f"TK.prologue(KS[0], {leaves}, X0, NS)" in launch_line
+    launch_line, = [ln for ln in driver if "launch.prologue(" in ln and "_prologue_fwd" in ln]
+    assert f"launch.prologue(stage_kernels[0], {leaves}, first_input, seq_prefix_rank)" in launch_line
     outs = launch_line.split("=")[0].strip()
     stage_line, = [ln for ln in driver if ln.strip().startswith("reads")]
     assert all(f"{outs}[{i}]" in stage_line for i in range(len(roles)))   # the chunk stage reads every output
@@ -189,7 +189,7 @@ def test_a_constant_query_scale_is_the_chunk_kernels(cell):
     emitted = emit_cell(spec.lower(**spec.analysis_dims()), "triton")
     assert not any(isinstance(k, PrologueKernel) for k in emitted.emitter.kernels)
     call, = [ln for ln in emitted.source.splitlines() if "chunk_diag_stage([" in ln]
-    assert "(X['q'], True, " in call and "operand prologue" not in emitted.source
+    assert "(inputs['q'], True, " in call and "operand prologue" not in emitted.source
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -223,7 +223,7 @@ def test_outputs_after_the_stages_are_one_kernel(cell):
     assert [o.id for o in kern.outputs] == [n.id for n in emitted.plan.ir.outputs.values()]
     assert len(kern.leaves) == EPILOGUES[cell][1]
     tail = emitted.source[emitted.source.index("# --- outputs"):]
-    launch_line, = [ln for ln in tail.splitlines() if "TK.prologue(" in ln]
+    launch_line, = [ln for ln in tail.splitlines() if "launch.prologue(" in ln]
     outs = launch_line.split("=")[0].strip()
     assert f"{{'{next(iter(emitted.plan.ir.outputs))}': {outs}[0]}}" in tail
     for op in ("torch.abs", "torch.maximum", ".sum(-1)", " / "):
