@@ -6,7 +6,7 @@ core); outputs are computed after the last stage they read. Every line carries t
 line it came from."""
 from __future__ import annotations
 
-from recdsl.analysis import stages as S
+from recdsl.analysis.stages import placement
 from recdsl.ir import IRCell, Node, Op
 from recdsl.plan import Plan
 from recdsl.torch_expr import SourceNotes, Temps, TorchExpr, const_text, live_nodes, user_name
@@ -39,7 +39,7 @@ class Emitter:
         self.temps = Temps()                 # names: the one scheme of recdsl/torch_expr.py
         self.note = SourceNotes(ir)
         self.expr_seq = TorchExpr(self.seq_name, nb="seq_prefix_rank", raw_param=_raw, rt=RT)
-        self.place = S.placement(ir, [s.states for s in plan.stages])
+        self.place = placement(ir, [s.states for s in plan.stages])
         self.users = consumers(ir)
         self.final: dict[str, str] = {}
         self.cse: dict[str, str] = {}
