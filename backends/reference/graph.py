@@ -42,9 +42,9 @@ def run_grid(ir: IRCell, xs: dict, params: dict, init: dict, dtype, heads: bool)
     """With heads, values are [B, heads, ...] per cell and params [1, heads, ...]: two batch axes."""
     ev = _Eval(ir)
     batch_axes = 2 if heads else 1
-    X0 = next(iter(xs.values()))
-    B, NX, NY = X0.shape[:3]
-    device = X0.device
+    first_input = next(iter(xs.values()))
+    B, NX, NY = first_input.shape[:3]
+    device = first_input.device
     P = {n: p[None] for n, p in params.items()}
     grid: dict[tuple, dict] = {}
     outs = {o: [[None] * NY for _ in range(NX)] for o in ir.outputs}
@@ -86,9 +86,9 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges: torch.Tensor,
     node_inputs = [n for n in cell.inputs]
     if not node_inputs:
         raise RecError(f"cell {cell.name} runs over a DAG but has no node input to give the node count")
-    X0 = xs[node_inputs[0]]
-    B, N = X0.shape[:2]
-    device = X0.device
+    first_input = xs[node_inputs[0]]
+    B, N = first_input.shape[:2]
+    device = first_input.device
     edge_tensor = as_edges(edges, N)
     order = [int(v) for level in ordered_levels(N, edge_tensor) for v in level]
     pairs = line_pairs(edge_tensor) if pairs is None else pairs   # the runtime's, when it has them

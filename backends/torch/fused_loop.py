@@ -1011,13 +1011,13 @@ class FusedLoop(CompiledLoop):
         fn.restype = ctypes.c_int64
         return int(fn())
 
-    def run(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
+    def run(self, seq_values: list, P0: dict, S0: dict, first_input, ns: int, dtype):
         """seq_values: whole-sequence tensors of self.seq_args (prefix [B, T, (heads)]).
         Returns ({state: sequence [B, T, (heads), H]} for the states in self.keep, {state: final}).
         Differentiable: with gradients the call saves what its C backward needs."""
         heads = ns == 3
-        B, T = X0.shape[:2]
-        NH = X0.shape[2] if heads else 1
+        B, T = first_input.shape[:2]
+        NH = first_input.shape[2] if heads else 1
         H = S0[self.states[0]].shape[-1]
         dims = _Dims(B, T, NH, H, dtype)
         xs = [_as_rows(x.to(dtype), node, ns) for x, node in zip(seq_values, self.seq_args)]

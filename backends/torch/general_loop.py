@@ -838,22 +838,22 @@ class GeneralLoop(CompiledLoop):
         return _compile(self.source)
 
     # ------------------------------------------------------------------ running
-    def run(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
+    def run(self, seq_values: list, P0: dict, S0: dict, first_input, ns: int, dtype):
         """seq_values: whole-sequence tensors of self.seqs (prefix [B, T, (heads)], size-1
         axes broadcast). Returns ({state: sequence [B, T, (heads), *shape]} for the states in
         self.keep, and {i: sequence of readouts[i]}; {state: final
         [B, (heads), *shape]}). Differentiable in every tensor (a reverse-time C backward)."""
-        return self._run(seq_values, P0, S0, X0, ns, dtype, torch_loop=False)
+        return self._run(seq_values, P0, S0, first_input, ns, dtype, torch_loop=False)
 
-    def run_torch(self, seq_values: list, P0: dict, S0: dict, X0, ns: int, dtype):
+    def run_torch(self, seq_values: list, P0: dict, S0: dict, first_input, ns: int, dtype):
         """`run` as a per-step torch loop over the same IR (autograd's derivatives): for what
         the C cannot run (tensors on a GPU)."""
-        return self._run(seq_values, P0, S0, X0, ns, dtype, torch_loop=True)
+        return self._run(seq_values, P0, S0, first_input, ns, dtype, torch_loop=True)
 
-    def _run(self, seq_values, P0, S0, X0, ns, dtype, torch_loop: bool):
+    def _run(self, seq_values, P0, S0, first_input, ns, dtype, torch_loop: bool):
         heads = ns == 3
-        B, T = int(X0.shape[0]), int(X0.shape[1])
-        NH = int(X0.shape[2]) if heads else 1
+        B, T = int(first_input.shape[0]), int(first_input.shape[1])
+        NH = int(first_input.shape[2]) if heads else 1
         seqs = [self._prep_seq(x, n, ns, dtype) for x, n in zip(seq_values, self.seqs)]
         params = [P0[n.arg].to(dtype).contiguous() for n in self.params]
         s0 = [self._prep_state(S0[s], k, B, NH, heads, dtype) for k, s in enumerate(self.states)]

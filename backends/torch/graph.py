@@ -118,8 +118,8 @@ class GraphProgram:
         """The C raster loop: its per-cell leaves (inputs, state-free values) computed over
         the whole grid at once, row-major [B, X*Y, ...], then one C call."""
         ir, loop = self.ir, self.grid_loop
-        X0 = next(iter(xs.values()))
-        B, NX, NY = X0.shape[:3]
+        first_input = next(iter(xs.values()))
+        B, NX, NY = first_input.shape[:3]
         n_cells = B * NX * NY
         flat = {n: x.reshape((n_cells,) + x.shape[3:]) for n, x in xs.items()}
         P = {n: p[None] for n, p in params.items()}
@@ -128,7 +128,7 @@ class GraphProgram:
             self.seq_fn = compile_nodes(loop.seqs, self.seq_leaves)
         vals = [flat[n.arg] if n.op == Op.INPUT else P[n.arg] for n in self.seq_leaves]
         seqs = []
-        for v, n in zip(self.seq_fn(vals, 1, dtype, X0.device), loop.seqs):
+        for v, n in zip(self.seq_fn(vals, 1, dtype, first_input.device), loop.seqs):
             shape = ir.shape_of(n)
             v = torch.as_tensor(v, dtype=dtype)
             if v.dim() > len(shape):   # per cell (or a param's leading 1)
@@ -141,9 +141,9 @@ class GraphProgram:
         ir = self.ir
         batch_axes = 2 if heads else 1
         head_shape = (heads,) if heads else ()
-        X0 = next(iter(xs.values()))
-        B, NX, NY = X0.shape[:3]
-        device = X0.device
+        first_input = next(iter(xs.values()))
+        B, NX, NY = first_input.shape[:3]
+        device = first_input.device
         P = {n: p[None] for n, p in params.items()}
         upd = list(ir.updates)
         nd = NX + NY - 1
@@ -358,9 +358,9 @@ def run_dag(ir: IRCell, xs: dict, params: dict, init: dict, edges, dtype, heads:
     node_inputs = list(cell.inputs)
     if not node_inputs:
         raise RecError(f"cell {cell.name} runs over a DAG but has no node input to give the node count")
-    X0 = xs[node_inputs[0]]
-    B, N = X0.shape[:2]
-    device = X0.device
+    first_input = xs[node_inputs[0]]
+    B, N = first_input.shape[:2]
+    device = first_input.device
     edges = as_edges(edges, N)
     E = edges.shape[0]
     lv = ordered_levels(N, edges)

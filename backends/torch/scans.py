@@ -804,7 +804,7 @@ def _vector_decay_scores(qc, kc, gc, strict: bool):
     return A.transpose(3, 4).reshape(B, N, C, C)
 
 
-def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
+def diag_matrix_stage(reads, k, v, g, S0, first_input, ns: int):
     """A matrix-state stage with key-side decay, from the generated code's whole-sequence
     values (prefix [B, T] or [B, T, heads]): the inference kernel reads them in place; with
     gradients (or without the C library) the chunkwise form runs on [B*heads, T, ...]."""
@@ -813,7 +813,7 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
     tensors = [k, v, S0] + ([g] if g is not None else []) + [q for q, _ in reads]
     if not _needs_grad(*tensors) and use_c(*tensors):
         def bthf(x, rank):
-            x = rt.full_seq(x, X0, ns, rank)
+            x = rt.full_seq(x, first_input, ns, rank)
             return x if heads else x.unsqueeze(2)
         kk, vv = bthf(k, 1), bthf(v, 1)
         gg = bthf(g, g.dim() - ns) if g is not None else torch.zeros((), dtype=k.dtype).expand(kk.shape[:3])
@@ -827,15 +827,16 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int):
             _, ST = cpu_kernels.matdiag(kk, True, kk, vv, gg, S)
         return outs, (ST if heads else ST[:, 0])
     g_rank = None if g is None else g.dim() - ns
-    gb = None if g is None else rt.to_bt(g, g_rank, X0, ns)
-    kb, vb = rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns)
+    gb = None if g is None else rt.to_bt(g, g_rank, first_input, ns)
+    kb, vb = rt.to_bt(k, 1, first_input, ns), rt.to_bt(v, 1, first_input, ns)
     if gb is None:
         gb = torch.zeros(kb.shape[:2], dtype=kb.dtype, device=kb.device)
-    outs, ST = chunk_diag([(rt.to_bt(q, 1, X0, ns), incl) for q, incl in reads], kb, vb, gb, rt.to_b(S0, ns - 1))
-    return [rt.from_bt(o, X0, ns) for o in outs], rt.from_b(ST, S0)
+    qs = [(rt.to_bt(q, 1, first_input, ns), incl) for q, incl in reads]
+    outs, ST = chunk_diag(qs, kb, vb, gb, rt.to_b(S0, ns - 1))
+    return [rt.from_bt(o, first_input, ns) for o in outs], rt.from_b(ST, S0)
 
 
-def signed_decay(reads, k, v, d, S0, X0, ns: int):
+def signed_decay(reads, k, v, d, S0, first_input, ns: int):
     """S_t = diag(d_t) S_{t-1} + k_t v_t^T with d of unknown sign (a raw param, tanh(.)):
     with sigma_t the running product of sign(d) (per key), S~_t = diag(sigma_t) S_t obeys
     the same recurrence with |d| and keys sigma_t k_t, and q^T S_t = (sigma_t q)^T S~_t.
@@ -843,7 +844,7 @@ def signed_decay(reads, k, v, d, S0, X0, ns: int):
     queries and keys times their running sign, and the final state gets sigma_T back."""
     from . import seq_rt as rt
     rank = d.dim() - ns if d.dim() > ns else 0          # 0: scalar decay, 1: per key
-    full = rt.full_seq(d, X0, ns, rank)
+    full = rt.full_seq(d, first_input, ns, rank)
     sign = torch.where(full < 0, -1.0, 1.0).to(full.dtype)
     running = sign.cumprod(1)                           # sigma_t
     before = rt.shift(running, torch.ones_like(running[:, 0]))   # sigma_{t-1}, for reads of S_{t-1}
@@ -851,13 +852,14 @@ def signed_decay(reads, k, v, d, S0, X0, ns: int):
 
     def signed(x, s):
         return x * (rt.lift(s, rank, 1) if rank == 0 else s)
-    reads = [(signed(rt.full_seq(q, X0, ns, 1), running if inc else before), inc) for q, inc in reads]
-    outs, ST = diag_matrix_stage(reads, signed(rt.full_seq(k, X0, ns, 1), running), v, log_abs, S0, X0, ns)
+    reads = [(signed(rt.full_seq(q, first_input, ns, 1), running if inc else before), inc) for q, inc in reads]
+    keys = signed(rt.full_seq(k, first_input, ns, 1), running)
+    outs, ST = diag_matrix_stage(reads, keys, v, log_abs, S0, first_input, ns)
     last = running[:, -1]
     return outs, ST * (last[..., None, None] if rank == 0 else last[..., None])
 
 
-def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None):
+def delta_stage(q, k, v, beta, g, S0, first_input, ns: int, ran: list | None = None):
     """The (gated) delta-rule stage: inference kernel in place, or chunkwise with gradients.
     `ran` (here and in dplr_stage, delta_product_stage): the driver's record of what ran,
     which every form's stage function takes (codegen's form_stage); these leave it as is."""
@@ -866,45 +868,47 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None):
     tensors = [q, k, v, beta, S0] + ([g] if g is not None else [])
     if not _needs_grad(*tensors) and use_c(*tensors):
         def bthf(x, rank):
-            x = rt.full_seq(x, X0, ns, rank)
+            x = rt.full_seq(x, first_input, ns, rank)
             return x if heads else x.unsqueeze(2)
         o, ST = cpu_kernels.delta(bthf(q, 1), bthf(k, 1), bthf(v, 1), bthf(beta, 0),
                                   None if g is None else bthf(g, 0), S0 if heads else S0.unsqueeze(1))
         return (o if heads else o[:, :, 0]), (ST if heads else ST[:, 0])
-    o, ST = chunk_delta(rt.to_bt(q, 1, X0, ns), rt.to_bt(k, 1, X0, ns), rt.to_bt(v, 1, X0, ns),
-                        rt.to_bt(beta, 0, X0, ns), None if g is None else rt.to_bt(g, 0, X0, ns),
+
+    def rows(x, rank):
+        return rt.to_bt(x, rank, first_input, ns)
+    o, ST = chunk_delta(rows(q, 1), rows(k, 1), rows(v, 1), rows(beta, 0), None if g is None else rows(g, 0),
                         rt.to_b(S0, ns - 1))
-    return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
+    return rt.from_bt(o, first_input, ns), rt.from_b(ST, S0)
 
 
-def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int, ran: list | None = None):
+def dplr_stage(q, k, v, a, b, g, S0, first_input, ns: int, ran: list | None = None):
     """Diagonal plus low rank (KDA, RWKV-7): S_t = (diag(exp(g_t)) + a_t b_t^T) S_{t-1} + k_t v_t^T,
     read out as q_t^T S_t, chunkwise (dplr.py) on [B*heads, T, ...]."""
     from . import seq_rt as rt
     from . import dplr
     from .dplr import chunk_dplr
-    vecs = [rt.to_bt(x, 1, X0, ns) for x in (q, k, a, b)]
+    vecs = [rt.to_bt(x, 1, first_input, ns) for x in (q, k, a, b)]
     K = vecs[0].shape[-1]
-    gb = rt.to_bt(g, g.dim() - ns, X0, ns)
+    gb = rt.to_bt(g, g.dim() - ns, first_input, ns)
     gb = gb[..., None].expand(gb.shape[:2] + (K,)) if gb.dim() == 2 else gb   # a scalar decay: the same for every key
-    o, ST = chunk_dplr(vecs[0], vecs[1], rt.to_bt(v, 1, X0, ns), vecs[2], vecs[3], gb.contiguous(),
+    o, ST = chunk_dplr(vecs[0], vecs[1], rt.to_bt(v, 1, first_input, ns), vecs[2], vecs[3], gb.contiguous(),
                        rt.to_b(S0, ns - 1), chunk=dplr.CHUNK)
-    return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
+    return rt.from_bt(o, first_input, ns), rt.from_b(ST, S0)
 
 
-def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None):
+def delta_product_stage(q, ks: list, vs: list, betas: list, S0, first_input, ns: int, ran: list | None = None):
     """DeltaProduct: n delta-rule steps per token. The steps are interleaved into one
     sequence n times as long ([B, T, n, ...] -> [B, T * n, ...]); the delta rule runs over
     it and the readout of each token is the one after its last step (the triton backend's
     delta_kernels.delta_product_stage lays the steps out for its kernels itself)."""
     from . import seq_rt as rt
     n = len(ks)
-    B, T = X0.shape[:2]
+    B, T = first_input.shape[:2]
 
     def interleave(xs, rank):
-        full = torch.stack([rt.full_seq(x, X0, ns, rank) for x in xs], 2)   # [B, T, n, (H), ...]
+        full = torch.stack([rt.full_seq(x, first_input, ns, rank) for x in xs], 2)   # [B, T, n, (H), ...]
         return full.reshape((B, T * n) + tuple(full.shape[3:]))
-    Xn = X0[:, :1].expand((B, T * n) + tuple(X0.shape[2:]))   # the longer sequence's shape (a view)
+    Xn = first_input[:, :1].expand((B, T * n) + tuple(first_input.shape[2:]))   # the longer sequence's shape (a view)
     qn = interleave([q] * n, 1)
     o, ST = delta_stage(qn, interleave(ks, 1), interleave(vs, 1), interleave(betas, 0), None, S0, Xn, ns)
     return o.reshape((B, T, n) + tuple(o.shape[2:]))[:, :, -1], ST

@@ -40,15 +40,16 @@ PRODUCT_ELEMS = 1 << 22
 
 # --------------------------------------------------------------------------- the stage
 
-def dense_semiring_stage(kind: str, A: torch.Tensor, b: torch.Tensor | None, h0: torch.Tensor, X0: torch.Tensor,
-                         ns: int, products: bool, ran: list | None = None, loop=None) -> torch.Tensor:
+def dense_semiring_stage(kind: str, A: torch.Tensor, b: torch.Tensor | None, h0: torch.Tensor,
+                         first_input: torch.Tensor, ns: int, products: bool, ran: list | None = None,
+                         loop=None) -> torch.Tensor:
     """The state sequence [B, T, (H,) N] of a dense semiring stage. A: the transition's
     whole-sequence value (ns prefix axes, possibly of size 1; node axes [N, N] in (from, to)
     layout or broadcastable to it); b: [..., N] the same way, or None; h0 [B, (H,) N].
     `loop`: another backend's sequential loop, called as _Loop.apply (the triton backend's
     kernel), instead of the C loop."""
-    B, T = X0.shape[:2]
-    H = X0.shape[2] if ns == 3 else 1
+    B, T = first_input.shape[:2]
+    H = first_input.shape[2] if ns == 3 else 1
     N = h0.shape[-1]
     A = _prefixed(A, ns, 2)
     shared = A.shape[0] == 1 and A.shape[1] == 1      # a param (per head at most): one matrix a head

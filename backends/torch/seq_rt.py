@@ -45,12 +45,12 @@ def lift(x: torch.Tensor, r_from: int, r_to: int) -> torch.Tensor:
     return x[(Ellipsis,) + (None,) * k + (slice(None),) * r_from]
 
 
-def full_seq(x: torch.Tensor, X0: torch.Tensor, ns: int, rank: int) -> torch.Tensor:
+def full_seq(x: torch.Tensor, first_input: torch.Tensor, ns: int, rank: int) -> torch.Tensor:
     """x with its prefix expanded to the inputs' [B, T, (heads)] and `rank` node axes."""
     x = lift(x, x.dim() - ns, rank) if x.dim() - ns < rank else x
     while x.dim() < ns + rank:
         x = x[None]
-    return x.expand(tuple(X0.shape[:ns]) + tuple(x.shape[ns:]))
+    return x.expand(tuple(first_input.shape[:ns]) + tuple(x.shape[ns:]))
 
 
 def shift(seq: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
@@ -69,9 +69,9 @@ def stack_t(acc: list[torch.Tensor], s0: torch.Tensor) -> torch.Tensor:
     return torch.stack([a.expand(shape) for a in acc], 1)
 
 
-def to_bt(x: torch.Tensor, rank: int, X0: torch.Tensor, ns: int) -> torch.Tensor:
+def to_bt(x: torch.Tensor, rank: int, first_input: torch.Tensor, ns: int) -> torch.Tensor:
     """[B, T, (H), *node] -> [B*H, T, *node] (heads folded into the batch), contiguous."""
-    x = full_seq(x, X0, ns, rank)
+    x = full_seq(x, first_input, ns, rank)
     if ns == 3:
         B, T, H = x.shape[:3]
         x = x.transpose(1, 2).reshape((B * H, T) + tuple(x.shape[3:]))
@@ -82,9 +82,9 @@ def to_b(s0: torch.Tensor, nb: int) -> torch.Tensor:
     return s0.reshape((-1,) + tuple(s0.shape[nb:])) if nb == 2 else s0
 
 
-def from_bt(o: torch.Tensor, X0: torch.Tensor, ns: int) -> torch.Tensor:
+def from_bt(o: torch.Tensor, first_input: torch.Tensor, ns: int) -> torch.Tensor:
     if ns == 3:
-        B, T, H = X0.shape[:3]
+        B, T, H = first_input.shape[:3]
         return o.reshape((B, H, T) + tuple(o.shape[2:])).transpose(1, 2)
     return o
 

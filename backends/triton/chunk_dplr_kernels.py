@@ -796,7 +796,7 @@ def by_torch(q, k, v, a, b, g, S0, reverse: bool = False, cu_seqlens=None):
     return chunk_kernels._unrows(o, B, H), S
 
 
-def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int, ran: list | None = None, rev: bool = False, cu=None):
+def dplr_stage(q, k, v, a, b, g, S0, first_input, ns: int, ran: list | None = None, rev: bool = False, cu=None):
     """The triton backend's ChunkDPLR stage, from the driver's whole-sequence values as
     backends/torch/scans.dplr_stage takes them ([B, T, (H), .]: read as they are, heads
     indexed by the kernels; a scalar decay broadcast over the keys); `rev` and `cu`
@@ -809,8 +809,8 @@ def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int, ran: list | None = None, rev: 
     carry a later step's NaN into the earlier outputs and gradients of its chunk. One check
     per call."""
     finite = rt.all_finite(q, k, v, a, b, g)
-    qh, kh, vh, ah, bh = (chunk_kernels._heads_layout(x, 1, X0, ns) for x in (q, k, v, a, b))
-    gh = chunk_kernels._heads_layout(g, g.dim() - ns, X0, ns)
+    qh, kh, vh, ah, bh = (chunk_kernels._heads_layout(x, 1, first_input, ns) for x in (q, k, v, a, b))
+    gh = chunk_kernels._heads_layout(g, g.dim() - ns, first_input, ns)
     # a scalar decay [B, T, H] broadcast over the keys (the kernels read a per-key one)
     gh = gh[..., None].expand(gh.shape + (kh.shape[-1],)) if gh.dim() == 3 else gh
     run = chunk_dplr_heads

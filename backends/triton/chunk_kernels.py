@@ -973,14 +973,14 @@ def chunk_diag_heads(readouts, k, v, g, S0, reverse: bool = False, cu_seqlens=No
     return list(outs), ST
 
 
-def _heads_layout(x, rank: int, X0, ns: int) -> torch.Tensor:
+def _heads_layout(x, rank: int, first_input, ns: int) -> torch.Tensor:
     """A driver's whole-sequence value as [B, T, H, *node] (H = 1 without heads), in place
     when it already is one (no transpose to rows: the kernels index heads themselves)."""
-    x = rt.full_seq(x, X0, ns, rank)
+    x = rt.full_seq(x, first_input, ns, rank)
     return x if ns == 3 else x.unsqueeze(2)
 
 
-def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, rev: bool = False, cu=None):
+def diag_matrix_stage(reads, k, v, g, S0, first_input, ns: int, ran: list | None = None, rev: bool = False, cu=None):
     """The triton backend's ChunkDiag stage (log decay), from the driver's whole-sequence
     values as backends/torch/scans.diag_matrix_stage takes them ([B, T, (H), .]: read as they
     are, heads indexed by the kernels); `rev` and `cu` (cu_seqlens, int32: sequences packed
@@ -995,9 +995,9 @@ def diag_matrix_stage(reads, k, v, g, S0, X0, ns: int, ran: list | None = None, 
     pair (the causality the tests hold every chunkwise form to). One check per call."""
     reads = [readout_parts(r) for r in reads]
     finite = rt.all_finite(k, v, g, *(q for q, _, _ in reads))
-    kh, vh = _heads_layout(k, 1, X0, ns), _heads_layout(v, 1, X0, ns)
-    gh = _heads_layout(g, g.dim() - ns, X0, ns) if g is not None else kh.new_zeros(kh.shape[:3])
-    qhs = [(_heads_layout(q, 1, X0, ns), incl, scale) for q, incl, scale in reads]
+    kh, vh = _heads_layout(k, 1, first_input, ns), _heads_layout(v, 1, first_input, ns)
+    gh = _heads_layout(g, g.dim() - ns, first_input, ns) if g is not None else kh.new_zeros(kh.shape[:3])
+    qhs = [(_heads_layout(q, 1, first_input, ns), incl, scale) for q, incl, scale in reads]
     run = chunk_diag_heads
     if not finite:
         if ran is not None:
@@ -1032,7 +1032,7 @@ def running_signs(d: torch.Tensor, rev: bool = False, cu=None) -> tuple[torch.Te
     return parity(count), parity(whole)
 
 
-def signed_matrix_stage(reads, k, v, d, S0, X0, ns: int, ran: list | None = None, rev: bool = False, cu=None):
+def signed_matrix_stage(reads, k, v, d, S0, first_input, ns: int, ran: list | None = None, rev: bool = False, cu=None):
     """A ChunkDiag stage whose decay d has no proven sign (a raw param, tanh(.)), on the same
     kernels (backends/torch/scans.signed_decay's transform, per sequence and direction): with
     sigma_t the running product of sign(d), S~_t = diag(sigma_t) S_t obeys the recurrence with
@@ -1041,16 +1041,16 @@ def signed_matrix_stage(reads, k, v, d, S0, X0, ns: int, ran: list | None = None
     run on log|d| (a zero decay clamped, as every log decay is). d: [B, T, (H)] scalar or
     [B, T, (H), K] per key."""
     rank = d.dim() - ns if d.dim() > ns else 0
-    full = rt.full_seq(d, X0, ns, rank)
+    full = rt.full_seq(d, first_input, ns, rank)
     sigma, whole = running_signs(full, rev, cu)
     before = sigma * torch.where(full < 0, -1.0, 1.0).to(full.dtype)
 
     def signed(x, s):
-        return rt.full_seq(x, X0, ns, 1) * (s[..., None] if rank == 0 else s)
+        return rt.full_seq(x, first_input, ns, 1) * (s[..., None] if rank == 0 else s)
     reads = [(signed(q, sigma if inclusive else before), inclusive, scale)
              for q, inclusive, scale in map(readout_parts, reads)]
     log_abs = torch.log(full.abs())
-    outs, ST = diag_matrix_stage(reads, signed(k, sigma), v, log_abs, S0, X0, ns, ran, rev, cu)
+    outs, ST = diag_matrix_stage(reads, signed(k, sigma), v, log_abs, S0, first_input, ns, ran, rev, cu)
     return outs, ST * (whole[..., None, None] if rank == 0 else whole[..., None])
 
 

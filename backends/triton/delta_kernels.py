@@ -678,7 +678,7 @@ def by_torch(q, k, v, beta, g, S0, reverse: bool = False, cu_seqlens=None):
     return chunk_kernels._unrows(o, B, H), S
 
 
-def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None, rev: bool = False, cu=None):
+def delta_stage(q, k, v, beta, g, S0, first_input, ns: int, ran: list | None = None, rev: bool = False, cu=None):
     """The triton backend's ChunkDelta stage, from the driver's whole-sequence values as
     backends/torch/scans.delta_stage takes them ([B, T, (H), .]: read as they are, heads
     indexed by the kernels); `rev` and `cu` (cu_seqlens, int32: sequences packed along T of
@@ -690,9 +690,9 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None, rev:
     masked pairs (i, j > i) of a chunk too, and 0 * NaN = NaN would carry a later step's NaN
     into the earlier outputs and gradients of its chunk. One check per call."""
     finite = rt.all_finite(q, k, v, beta, g)
-    qh, kh, vh = (chunk_kernels._heads_layout(x, 1, X0, ns) for x in (q, k, v))
-    beta_h = chunk_kernels._heads_layout(beta, 0, X0, ns)
-    g_h = None if g is None else chunk_kernels._heads_layout(g, 0, X0, ns)
+    qh, kh, vh = (chunk_kernels._heads_layout(x, 1, first_input, ns) for x in (q, k, v))
+    beta_h = chunk_kernels._heads_layout(beta, 0, first_input, ns)
+    g_h = None if g is None else chunk_kernels._heads_layout(g, 0, first_input, ns)
     run = chunk_delta_heads
     if not finite:
         if ran is not None:
@@ -702,7 +702,7 @@ def delta_stage(q, k, v, beta, g, S0, X0, ns: int, ran: list | None = None, rev:
     return (o if ns == 3 else o[:, :, 0]), rt.from_b(ST, S0)
 
 
-def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran: list | None = None,
+def delta_product_stage(q, ks: list, vs: list, betas: list, S0, first_input, ns: int, ran: list | None = None,
                         rev: bool = False, cu=None):
     """DeltaProduct (HouseholderProducts) on the same kernels: the n steps of every token
     interleaved into one delta rule over T * n steps (one launch for all sequences), read out
@@ -719,8 +719,8 @@ def delta_product_stage(q, ks: list, vs: list, betas: list, S0, X0, ns: int, ran
     order = slice(None, None, -1) if rev else slice(None)
 
     def interleaved(xs, rank):
-        return _interleave_steps([chunk_kernels._heads_layout(x, rank, X0, ns) for x in xs[order]])
-    queries = chunk_kernels._heads_layout(q, 1, X0, ns)
+        return _interleave_steps([chunk_kernels._heads_layout(x, rank, first_input, ns) for x in xs[order]])
+    queries = chunk_kernels._heads_layout(q, 1, first_input, ns)
     run = chunk_delta_heads
     if not rt.all_finite(q, *ks, *vs, *betas):
         if ran is not None:

@@ -239,18 +239,18 @@ def fused_recurrent_dplr(q, k, v, a, b, g, S0):
     return DPLRFunction.apply(*(x.contiguous() for x in (q, k, v, a, b, g, S0)))
 
 
-def dplr_stage(q, k, v, a, b, g, S0, X0, ns: int, ran: list | None = None):
+def dplr_stage(q, k, v, a, b, g, S0, first_input, ns: int, ran: list | None = None):
     """The triton backend's ChunkDPLR stage, from the driver's whole-sequence values as
     backends/torch/scans.dplr_stage takes them: heads folded into the rows, a scalar decay
     broadcast over the keys."""
     from ..torch import seq_rt as rt
-    vecs = [rt.to_bt(x, 1, X0, ns) for x in (q, k, a, b)]
+    vecs = [rt.to_bt(x, 1, first_input, ns) for x in (q, k, a, b)]
     K = vecs[0].shape[-1]
-    gb = rt.to_bt(g, g.dim() - ns, X0, ns)
+    gb = rt.to_bt(g, g.dim() - ns, first_input, ns)
     gb = gb[..., None].expand(gb.shape[:2] + (K,)) if gb.dim() == 2 else gb
-    o, ST = fused_recurrent_dplr(vecs[0], vecs[1], rt.to_bt(v, 1, X0, ns), vecs[2], vecs[3], gb,
+    o, ST = fused_recurrent_dplr(vecs[0], vecs[1], rt.to_bt(v, 1, first_input, ns), vecs[2], vecs[3], gb,
                                  rt.to_b(S0, ns - 1))
-    return rt.from_bt(o, X0, ns), rt.from_b(ST, S0)
+    return rt.from_bt(o, first_input, ns), rt.from_b(ST, S0)
 
 
 # Every kernel as the GPU launches it, for ahead-of-time compiles: (name, constexprs beyond the blocks).

@@ -456,12 +456,12 @@ class GridProgram:
     def run_graph(self, xs: dict, params: dict, init: dict, edges, dtype, heads: int = 0):
         self.ran[:] = [c.kernel.name for c in self.selection.stages]
         ir, kern = self.ir, self.kernel
-        X0 = next(iter(xs.values()))
-        B, NX, NY = X0.shape[:3]
+        first_input = next(iter(xs.values()))
+        B, NX, NY = first_input.shape[:3]
         NH = heads or 1
         lead = (B * NX * NY,) + ((heads,) if heads else ())
         batch_axes = len(lead)
-        device = X0.device
+        device = first_input.device
         P = {name: p[None] for name, p in params.items()}
         flat = {name: x.reshape(lead + tuple(x.shape[len(lead) + 2:])) for name, x in xs.items()}
         statics = [flat[x.arg] if x.op == Op.INPUT else P[x.arg] for x in self.statics]

@@ -152,15 +152,15 @@ def _full_view(x, ns: int, rank: int, B: int, T: int, chan: tuple, c3: tuple, dt
     return x.expand((B, T) + chan).reshape((B, T) + c3)
 
 
-def scan(stage: Stage, leaves: list, rleaves: list, h0s: list, X0: torch.Tensor, ns: int, shape: tuple,
+def scan(stage: Stage, leaves: list, rleaves: list, h0s: list, first_input: torch.Tensor, ns: int, shape: tuple,
          store: bool = True, rev: bool = False, cu=None):
     """Run one scan stage: ([state sequences], [final states], [epilogue outputs],
     [readout-granularity outputs]). The state sequences are written only if `store` (the
     driver reads them) or a gradient will need them. `rev`: right to left; `cu`
     (cu_seqlens, int32): sequences packed along T of a batch of one, one initial and final
     state each -- both handled by the kernels' indexing, no copies."""
-    B, T = X0.shape[:2]
-    chan = tuple(X0.shape[2:ns]) + tuple(shape)
+    B, T = first_input.shape[:2]
+    chan = tuple(first_input.shape[2:ns]) + tuple(shape)
     c3 = channels3(chan)
     dt = h0s[0].dtype
     full = [_full_view(x, ns, len(shape), B, T, chan, c3, dt) for x in leaves]
@@ -257,15 +257,15 @@ def _scan_grid(stage, NB, T, C, Cr, device, backward, rev, cu):
 
 # --------------------------------------------------------------------------- sequential stages
 
-def seq(stage: Stage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: int, rev: bool = False, cu=None,
+def seq(stage: Stage, leaves: list, h0s: list, P0: dict, first_input: torch.Tensor, ns: int, rev: bool = False, cu=None,
         store=None):
     """Run one sequential stage: ([state sequences], [final states]); `rev` and `cu`
     (cu_seqlens) as for scan(); store[k]: the driver reads state k's sequence (else it is
     written only when a gradient needs it; None: all)."""
     kern = stage.kernel
-    B, T = X0.shape[:2]
+    B, T = first_input.shape[:2]
     NB = B if cu is None else cu.numel() - 1
-    NH = X0.shape[2] if ns == 3 else 1
+    NH = first_input.shape[2] if ns == 3 else 1
     dt = h0s[0].dtype
     views = []
     for x, node in zip(leaves, kern.leaves):   # -> [B, T, NH, n] (a matrix's elements row-major)
@@ -280,7 +280,7 @@ def seq(stage: Stage, leaves: list, h0s: list, P0: dict, X0: torch.Tensor, ns: i
     h0 = [h.to(dt).expand((NB,) + ((NH,) if ns == 3 else ()) + tuple(kern.ir.shape_of(kern.ir.states[s])))
           .reshape(NB, NH, kern.slen(k)).contiguous() for k, (h, s) in enumerate(zip(h0s, kern.states))]
     TL = T if cu is None else int((cu[1:] - cu[:-1]).max())
-    run = (bool(rev), _cu_arg(cu, X0.device), TL, cu is not None)
+    run = (bool(rev), _cu_arg(cu, first_input.device), TL, cu is not None)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*h0, *views, *params])
     stores = tuple(True for _ in h0) if store is None or grad else tuple(bool(x) for x in store)
     outs = _SeqFn.apply(stage, (B, T, NH, ns == 3, stores), len(h0), len(views), run, *h0, *views, *params)
@@ -389,27 +389,27 @@ class _SeqFn(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- chunk stages' operands
 
-def prologue(stage: Stage, leaves: list, X0: torch.Tensor, ns: int) -> list:
+def prologue(stage: Stage, leaves: list, first_input: torch.Tensor, ns: int) -> list:
     """Run a chunkwise stage's generated operand kernel (prologue.py): its outputs, each
     [B, T, (heads,) *shape] contiguous (the driver's layout). Each leaf is read through its
     [B, T, NH, n] view (expanded where it broadcasts: a param, a per-head value)."""
     kern = stage.kernel
-    prefix = tuple(X0.shape[:ns])
+    prefix = tuple(first_input.shape[:ns])
     B, T = prefix[:2]
     NH = prefix[2] if ns == 3 else 1
-    views = [_row_view(x, shape, X0, ns, (B, T, NH)) for x, shape in zip(leaves, kern.leaf_shapes)]
+    views = [_row_view(x, shape, first_input, ns, (B, T, NH)) for x, shape in zip(leaves, kern.leaf_shapes)]
     return list(_PrologueFn.apply(stage, (B, T, NH, prefix), *views))
 
 
-def _row_view(x, shape: tuple, X0: torch.Tensor, ns: int, rows: tuple) -> torch.Tensor:
+def _row_view(x, shape: tuple, first_input: torch.Tensor, ns: int, rows: tuple) -> torch.Tensor:
     """A whole-sequence leaf as a [B, T, NH, n] view (n: its elements per step)."""
     from ..torch.seq_rt import full_seq
     if not torch.is_tensor(x):
-        x = torch.tensor(float(x), dtype=X0.dtype, device=X0.device)
+        x = torch.tensor(float(x), dtype=first_input.dtype, device=first_input.device)
     if x.dtype == torch.bool:
-        x = x.to(X0.dtype)
-    x = full_seq(x, X0, ns, len(shape))
-    x = x.expand(tuple(X0.shape[:ns]) + shape)
+        x = x.to(first_input.dtype)
+    x = full_seq(x, first_input, ns, len(shape))
+    x = x.expand(tuple(first_input.shape[:ns]) + shape)
     n = 1
     for size in shape:
         n *= size

@@ -214,12 +214,12 @@ def _backward(kind: str, shared: bool, A, b, h0, h, gh):
     return dA, db, dh0
 
 
-def dense_semiring_stage(kind: str, A, b, h0, X0, ns: int, products: bool = False, ran: list | None = None):
+def dense_semiring_stage(kind: str, A, b, h0, first_input, ns: int, products: bool = False, ran: list | None = None):
     """The triton backend's dense semiring stage, from the driver's whole-sequence values as
     backends/torch/semiring.dense_semiring_stage takes them: the sequential variant (the
     registry declines `products`, which has no Triton kernel)."""
     assert not products, "triton.dense_semiring runs the loop variant only (kernels.py)"
-    return semiring.dense_semiring_stage(kind, A, b, h0, X0, ns, products=False, ran=ran,
+    return semiring.dense_semiring_stage(kind, A, b, h0, first_input, ns, products=False, ran=ran,
                                          loop=DenseSemiringLoop.apply)
 
 
