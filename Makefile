@@ -34,7 +34,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow"
-	$(BIN)/python -m pytest -q -n $(WORKERS) -m slow   # the long suites (20k frontend mutants, 3k stdlib mutants end to end, fuzz runs, every Triton kernel compiled for sm_80/sm_90, the wheel in a fresh venv): ~10 min
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m slow   # the long suites (20k frontend mutants, 3k stdlib mutants end to end, fuzz runs, every Triton kernel compiled for sm_80/sm_90, the wheel in a fresh venv): ~7 min on two cores
 	@if [ -f $(SHARED)/tools/conformance.py ]; then \
 		$(BIN)/python $(SHARED)/tools/conformance.py --python $(BIN)/python; \
 	else echo "conformance: $(SHARED) not found, skipped"; fi
