@@ -1,8 +1,8 @@
 """Helpers the torch backend's generated code calls for whole-sequence tensors.
 
-Sequence tensors carry seq_prefix_rank = prefix_rank + 1 prefix axes: [B, T] or [B, T,
-heads]; values that do
-not vary over some prefix axis keep size 1 there until a kernel needs them full."""
+Sequence tensors carry seq_prefix_rank = prefix_rank + 1 prefix axes: [B, T] or
+[B, T, heads]; values that do not vary over some prefix axis keep size 1 there until a
+kernel needs them full."""
 from __future__ import annotations
 
 import math

@@ -614,9 +614,10 @@ def _acc_dtype(*tensors) -> torch.dtype:
 
 
 def _forward(launch, q, k, v, a, b, g, S0, BT: int, seqs: Sequences):
-    """(o, S_T per sequence, saved) on contiguous [B, T, H, .] tensors (g floored in the loads): o in
-    v's dtype, the rest in the accumulation dtype; saved: what the backward reads (Γ, K̂, Â,
-    the scores, M, W, U and the state before every chunk)."""
+    """(o, S_T per sequence, saved, Ũ) on contiguous [B, T, H, .] tensors (g floored in the
+    loads): o in v's dtype, the rest in the accumulation dtype; saved: what the backward reads
+    (Γ, K̂, Â, the scores, M, W, U and the state before every chunk); Ũ: what the state pass
+    reads besides, for a backward that recomputes it."""
     B, T, H, K = k.shape
     BH, V, NT = B * H, v.shape[-1], seqs.NT
     BK, BV = _blocks(K, V)
@@ -640,9 +641,7 @@ def _forward(launch, q, k, v, a, b, g, S0, BT: int, seqs: Sequences):
     states, u, ST = _states(launch, k_end, a_end, v, gcum, w, u_tilde, S0, BT, seqs)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     launch("chunk_dplr_fwd_output", (NT, BH, triton.cdiv(V, BV)))(q, v, gcum, scores, states, u, o, *where, **blocks)
-    if recomputing_chunk_states():   # the backward runs the state pass again from Ũ
-        return o, ST, (gcum, k_end, a_end, scores, solve, w, u_tilde, None)
-    return o, ST, (gcum, k_end, a_end, scores, solve, w, u, states)
+    return o, ST, (gcum, k_end, a_end, scores, solve, w, u, states), u_tilde
 
 
 def _states(launch, k_end, a_end, v, gcum, w, u_tilde, S0, BT: int, seqs: Sequences):
@@ -711,7 +710,9 @@ class ChunkDPLRFunction(torch.autograd.Function):
         BT = chunk_size(k.device, K, longest(T, cu_seqlens))
         seqs = sequences(B * H, T, BT, reverse, cu_seqlens, k.device)
         launch = _launcher(_KERNELS.ns(k.device), k.device)
-        o, ST, saved = _forward(launch, q, k, v, a, b, g, S0, BT, seqs)
+        o, ST, saved, u_tilde = _forward(launch, q, k, v, a, b, g, S0, BT, seqs)
+        if recomputing_chunk_states():   # Ũ instead of U and the states: the backward's state pass
+            saved = (*saved[:6], u_tilde, None)
         ctx.set_materialize_grads(False)
         ctx.reverse, ctx.cu, ctx.BT, ctx.seqs = reverse, cu_seqlens, BT, seqs
         ctx.save_for_backward(q, k, v, a, b, g, S0, *saved, ST)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import recdsl
-from helpers import as_tuple, random_inputs
+from helpers import as_tuple, outputs_and_grads, random_inputs
 
 NAMES = '''
 cell Names(seq_rt):
@@ -42,18 +42,6 @@ GENERATED = ("inputs", "initial", "params", "step_params", "prefix_rank", "dtype
 B, T = 2, 6
 
 
-def _run(layer, xs, state, **call):
-    """Outputs, final states and the gradients (inputs, initial state, params) of a random
-    linear function of both."""
-    out, fin = layer(**xs, state=state, **call)
-    out = as_tuple(out)
-    g = torch.Generator().manual_seed(7)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in out)
-    loss = loss + sum((s * 0.3).sum() for s in fin.values())
-    wrt = list(xs.values()) + list(state.values()) + list(layer.parameters())
-    return out, fin, torch.autograd.grad(loss, wrt, allow_unused=True)
-
-
 @pytest.mark.parametrize("call", [{}, {"reverse": True}], ids=["forward", "reverse"])
 @pytest.mark.parametrize("backend", ["torch", "newton", "triton"])
 def test_user_values_named_like_generated_names(backend, call):
@@ -76,8 +64,8 @@ def test_user_values_named_like_generated_names(backend, call):
              "reverse": torch.randn(B, 3, generator=g, dtype=torch.float64) * 0.5,
              "cu_seqlens": torch.randn(B, 3, 3, generator=g, dtype=torch.float64) * 0.5}
     state = {k: v.requires_grad_() for k, v in state.items()}
-    o1, s1, g1 = _run(ref, xs, state, **call)
-    o2, s2, g2 = _run(layer, xs, state, **call)
+    o1, s1, g1 = outputs_and_grads(ref, xs, state, **call)
+    o2, s2, g2 = outputs_and_grads(layer, xs, state, **call)
     assert layer.ran == [c.kernel.name for c in layer.selection.stages], (layer.ran, layer.selection.stages)
     assert len(layer.ran) == 3                          # a scan, a chunkwise matrix stage and a loop
     assert set(s2) == {"ran", "reverse", "cu_seqlens"}
